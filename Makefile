@@ -1,0 +1,56 @@
+# Two commands on a fresh machine (each sets itself up):
+#   make bench   microbenchmarks of every backend against the baselines
+#   make test    the test suite (CPU: Triton kernels run in the interpreter)
+# On a machine with a GPU:
+#   make gpu-check   build in place against $(PYTHON), GPU tests + benchmarks
+#                    into benchmarks/results/ (no venv, no downloads)
+
+PYTHON ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+# The CUDA build of torch is needed to compile the CUDA extension (headers, nvcc flags).
+TORCH_SPEC ?= torch==2.14.1
+DEV_DEPS := numpy pytest pytest-benchmark hypothesis matplotlib ninja setuptools wheel ruff
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h csrc/*.cuh)
+
+.PHONY: setup test bench bench-pytest gpu-check compile-check lint info clean
+
+$(VENV)/.deps: Makefile
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q "$(TORCH_SPEC)" $(DEV_DEPS)
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	MAX_JOBS=$(JOBS) $(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.built
+
+test: setup
+	$(VPY) -m pytest -q tests
+
+bench: setup
+	$(VPY) -m rlhf_kernels.cli bench --out bench-out
+
+bench-pytest: setup
+	$(VPY) -m pytest -q benchmarks --benchmark-only --benchmark-json=bench-out/pytest-benchmark.json
+
+compile-check: setup
+	env -u TRITON_INTERPRET $(VPY) -m rlhf_kernels.compile_check
+
+lint: setup
+	$(VPY) -m ruff check rlhf_kernels tests benchmarks setup.py
+
+info: setup
+	$(VPY) -m rlhf_kernels.cli info
+
+# For a GPU machine whose Python already has torch and triton: no network needed.
+gpu-check:
+	env -u TRITON_INTERPRET MAX_JOBS=$(JOBS) $(PYTHON) setup.py build_ext --inplace
+	$(PYTHON) -m rlhf_kernels.cli info | tee benchmarks/results/build-info.json
+	env -u TRITON_INTERPRET $(PYTHON) -m pytest -q -p no:cacheprovider tests 2>&1 | tee benchmarks/results/gpu-tests.log
+	env -u TRITON_INTERPRET $(PYTHON) -m rlhf_kernels.cli bench --device cuda --out benchmarks/results
+
+clean:
+	rm -rf build bench-out rlhf_kernels/_C*.so *.egg-info

@@ -1,0 +1,227 @@
+// The one place where the native ops meet torch: op schemas (TORCH_LIBRARY),
+// argument checks with messages naming the argument, tensor -> params
+// translation, and the CPU / CUDA registrations.
+#include <ATen/Config.h>
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "logprobs.h"
+
+#ifdef RLHF_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that pulls in cusparse.h
+#endif
+
+#ifndef RLHF_CUDA_ARCHS
+#define RLHF_CUDA_ARCHS ""
+#endif
+
+namespace rlhf {
+namespace {
+
+ScalarKind scalar_kind(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return ScalarKind::Float32;
+    case at::kHalf: return ScalarKind::Float16;
+    case at::kBFloat16: return ScalarKind::BFloat16;
+    case at::kDouble: return ScalarKind::Float64;
+    default: TORCH_CHECK_TYPE(false, name, ": unsupported dtype ", t.scalar_type());
+  }
+}
+
+// Merge mergeable leading dims of a [..., V] tensor into at most three.
+RowLayout row_layout(const at::Tensor& t, const char* name) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (size, stride), outermost first
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
+    const int64_t size = t.size(d), stride = t.stride(d);
+    if (size == 1) continue;
+    if (!dims.empty() && dims.back().second == stride * size) {
+      dims.back() = {dims.back().first * size, stride};
+    } else {
+      dims.emplace_back(size, stride);
+    }
+  }
+  TORCH_CHECK_VALUE(dims.size() <= 3, name, ": more than three non-mergeable leading dims; pass .contiguous()");
+  while (dims.size() < 3) dims.insert(dims.begin(), {1, 0});
+  RowLayout l;
+  l.size1 = dims[1].first;
+  l.size2 = dims[2].first;
+  l.stride0 = dims[0].second;
+  l.stride1 = dims[1].second;
+  l.stride2 = dims[2].second;
+  return l;
+}
+
+at::ScalarType acc_type(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_logits(const at::Tensor& logits) {
+  TORCH_CHECK_VALUE(logits.dim() >= 1, "logits: expected shape [..., V]");
+  TORCH_CHECK_VALUE(logits.size(-1) > 0, "logits: the vocab (last) dim is empty");
+  TORCH_CHECK_VALUE(logits.size(-1) == 1 || logits.stride(-1) == 1, "logits: the last dim must have stride 1");
+  scalar_kind(logits, "logits");
+}
+
+void check_row_tensor(const at::Tensor& t, const at::Tensor& logits, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(t.device() == logits.device(), name, ": on ", t.device(), " but logits are on ",
+                    logits.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == logits.sizes().slice(0, logits.dim() - 1), name, ": expected shape ",
+                    logits.sizes().slice(0, logits.dim() - 1), ", got ", t.sizes());
+}
+
+bool on_cuda(const at::Tensor& t) { return t.device().is_cuda(); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(const at::Tensor& logits, const at::Tensor& labels,
+                                                                  double temperature, int64_t ignore_index,
+                                                                  bool return_entropy, bool inplace_backward) {
+  (void)inplace_backward;  // used by autograd (Python side) only
+  check_logits(logits);
+  check_row_tensor(labels, logits, "labels", at::kLong);
+  TORCH_CHECK_VALUE(temperature > 0, "temperature: must be positive, got ", temperature);
+  const auto lead = logits.sizes().slice(0, logits.dim() - 1);
+  const auto opts = logits.options().dtype(acc_type(logits));
+  at::Tensor labels_c = labels.contiguous();
+  at::Tensor logprobs = at::empty(lead, opts);
+  at::Tensor lse = at::empty(lead, opts);
+  at::Tensor entropy = return_entropy ? at::empty(lead, opts) : at::empty({0}, opts);
+
+  LogprobsFwdParams p;
+  p.logits = logits.data_ptr();
+  p.logits_layout = row_layout(logits, "logits");
+  p.dtype = scalar_kind(logits, "logits");
+  p.rows = logprobs.numel();
+  p.vocab = logits.size(-1);
+  p.labels = labels_c.data_ptr<int64_t>();
+  p.ignore_index = ignore_index;
+  p.inv_temperature = 1.0 / temperature;
+  p.logprobs = logprobs.data_ptr();
+  p.lse = lse.data_ptr();
+  p.entropy = return_entropy ? entropy.data_ptr() : nullptr;
+  if (p.rows == 0) return {logprobs, lse, entropy};
+  if (on_cuda(logits)) {
+#ifdef RLHF_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(logits.device());
+    logprobs_fwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
+#else
+    TORCH_CHECK(false, "rlhf_kernels._C was built without CUDA");
+#endif
+  } else {
+    logprobs_fwd_cpu(p);
+  }
+  return {logprobs, lse, entropy};
+}
+
+void run_bwd(const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_entropy, const at::Tensor& logits,
+             const at::Tensor& grad_logits, const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& entropy,
+             double temperature, int64_t ignore_index) {
+  check_logits(logits);
+  const auto acc = acc_type(logits);
+  check_row_tensor(labels, logits, "labels", at::kLong);
+  check_row_tensor(lse, logits, "lse", acc);
+  check_row_tensor(grad_logprobs, logits, "grad_logprobs", grad_logprobs.scalar_type());
+  TORCH_CHECK_VALUE(temperature > 0, "temperature: must be positive, got ", temperature);
+  const bool has_entropy = grad_entropy.has_value() && grad_entropy->defined();
+  at::Tensor labels_c = labels.contiguous();
+  at::Tensor lse_c = lse.contiguous();
+  at::Tensor g_c = grad_logprobs.to(acc).contiguous();
+  at::Tensor gh_c, entropy_c;
+  if (has_entropy) {
+    check_row_tensor(*grad_entropy, logits, "grad_entropy", grad_entropy->scalar_type());
+    check_row_tensor(entropy, logits, "entropy", acc);
+    gh_c = grad_entropy->to(acc).contiguous();
+    entropy_c = entropy.contiguous();
+  }
+  LogprobsBwdParams p;
+  p.logits = logits.data_ptr();
+  p.logits_layout = row_layout(logits, "logits");
+  p.grad_logits = grad_logits.data_ptr();
+  p.grad_layout = row_layout(grad_logits, "grad_logits");
+  p.dtype = scalar_kind(logits, "logits");
+  p.rows = lse.numel();
+  p.vocab = logits.size(-1);
+  p.labels = labels_c.data_ptr<int64_t>();
+  p.ignore_index = ignore_index;
+  p.inv_temperature = 1.0 / temperature;
+  p.lse = lse_c.data_ptr();
+  p.entropy = has_entropy ? entropy_c.data_ptr() : nullptr;
+  p.grad_logprobs = g_c.data_ptr();
+  p.grad_entropy = has_entropy ? gh_c.data_ptr() : nullptr;
+  if (p.rows == 0) return;
+  if (on_cuda(logits)) {
+#ifdef RLHF_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(logits.device());
+    logprobs_bwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
+#else
+    TORCH_CHECK(false, "rlhf_kernels._C was built without CUDA");
+#endif
+  } else {
+    logprobs_bwd_cpu(p);
+  }
+}
+
+at::Tensor token_logprobs_bwd(const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_entropy,
+                              const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
+                              const at::Tensor& entropy, double temperature, int64_t ignore_index) {
+  at::Tensor grad = at::empty(logits.sizes(), logits.options());
+  run_bwd(grad_logprobs, grad_entropy, logits, grad, labels, lse, entropy, temperature, ignore_index);
+  return grad;
+}
+
+void token_logprobs_bwd_inplace(const at::Tensor& logits, const at::Tensor& grad_logprobs,
+                                const std::optional<at::Tensor>& grad_entropy, const at::Tensor& labels,
+                                const at::Tensor& lse, const at::Tensor& entropy, double temperature,
+                                int64_t ignore_index) {
+  run_bwd(grad_logprobs, grad_entropy, logits, logits, labels, lse, entropy, temperature, ignore_index);
+}
+
+pybind11::dict build_info() {
+  pybind11::dict d;
+#ifdef RLHF_WITH_CUDA
+  d["cuda"] = true;
+  d["cuda_archs"] = std::string(RLHF_CUDA_ARCHS);
+#else
+  d["cuda"] = false;
+  d["cuda_archs"] = std::string();
+#endif
+  d["cpu_parallel_backend"] = AT_PARALLEL_OPENMP ? "openmp" : (AT_PARALLEL_NATIVE ? "native thread pool" : "other");
+  d["cpu_threads"] = at::get_num_threads();
+  return d;
+}
+
+}  // namespace
+}  // namespace rlhf
+
+TORCH_LIBRARY(rlhf_kernels, m) {
+  m.def(
+      "token_logprobs_fwd_native(Tensor logits, Tensor labels, float temperature, int ignore_index, "
+      "bool return_entropy, bool inplace_backward) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "token_logprobs_bwd_native(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, Tensor labels, "
+      "Tensor lse, Tensor entropy, float temperature, int ignore_index) -> Tensor");
+  m.def(
+      "token_logprobs_bwd_inplace_native(Tensor(a!) logits, Tensor grad_logprobs, Tensor? grad_entropy, "
+      "Tensor labels, Tensor lse, Tensor entropy, float temperature, int ignore_index) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
+  m.impl("token_logprobs_fwd_native", &rlhf::token_logprobs_fwd);
+  m.impl("token_logprobs_bwd_native", &rlhf::token_logprobs_bwd);
+  m.impl("token_logprobs_bwd_inplace_native", &rlhf::token_logprobs_bwd_inplace);
+}
+
+#ifdef RLHF_WITH_CUDA
+TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) {
+  m.impl("token_logprobs_fwd_native", &rlhf::token_logprobs_fwd);
+  m.impl("token_logprobs_bwd_native", &rlhf::token_logprobs_bwd);
+  m.impl("token_logprobs_bwd_inplace_native", &rlhf::token_logprobs_bwd_inplace);
+}
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "rlhf_kernels native ops (CPU and, when built with nvcc, CUDA)";
+  m.def("build_info", &rlhf::build_info, "How this extension was built");
+}

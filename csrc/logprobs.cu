@@ -1,0 +1,421 @@
+// CUDA kernels for token log-probs (+ optional entropy) and their backward.
+// The math and the treatment of ignored / out-of-range labels are stated in
+// logprobs.h; the device helpers (online log-sum-exp state, 16-byte vectors)
+// are in common.cuh.
+//
+// Design:
+//   * One 256-thread block per row, grid-stride over rows. 256 rather than
+//     512: the row loop is bandwidth bound and gets its memory parallelism
+//     from several resident blocks per SM plus two 16-byte loads in flight
+//     per thread; smaller blocks give finer occupancy granularity, a shorter
+//     reduction tail and less idle time on the ragged last iteration of a row
+//     (V = 32k bf16 rows are only 4k vectors, 16 per thread at 256).
+//   * Row starts can have any alignment (odd V, sliced or transposed leading
+//     dims): each row is cut into a scalar head up to the first 16-byte
+//     boundary, an aligned body of 16-byte vectors and a scalar tail
+//     (split_row in common.cuh).
+//   * Row offsets are int64 (rows * V may exceed 2^31), computed as
+//     RowLayout::offset does but with host-precomputed multiply-high
+//     divisions (FastRowLayout in common.cuh): a device int64 division is a
+//     subroutine call. Offsets inside a row are int, which the launchers
+//     guarantee by requiring V <= 2^30 (so that index + 4 * blockDim never
+//     overflows).
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include <cuda_runtime.h>
+
+#include "common.cuh"
+#include "logprobs.h"
+
+namespace rlhf {
+namespace gpu {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxVocab = int64_t(1) << 30;
+constexpr int64_t kMaxGrid = 2147483647;  // gridDim.x limit
+
+// Left to itself ptxas packs the forward kernels into <= 32 registers (full
+// occupancy) without spilling, except for double, whose exp() polynomial then
+// spills a few bytes; asking for 4 resident blocks lets it use up to 64.
+// 0 means "no minimum" (no .minnctapersm is emitted).
+template <typename T>
+constexpr int kFwdMinBlocks = sizeof(T) == 8 ? 4 : 0;
+
+template <typename T>
+struct FwdArgs {
+  const T* logits;
+  FastRowLayout layout;
+  int64_t rows;
+  int vocab;
+  const int64_t* labels;
+  int64_t ignore_index;
+  acc_t<T> inv_t;
+  acc_t<T>* logprobs;
+  acc_t<T>* lse;
+  acc_t<T>* entropy;  // used only when the kernel's kEntropy is true
+};
+
+template <typename T>
+struct BwdArgs {
+  const T* logits;  // not __restrict__: may alias grad (in-place backward)
+  FastRowLayout logits_layout;
+  T* grad;
+  FastRowLayout grad_layout;
+  int64_t rows;
+  int vocab;
+  const int64_t* labels;
+  int64_t ignore_index;
+  acc_t<T> inv_t;
+  const acc_t<T>* lse;
+  const acc_t<T>* entropy;       // used only when kEntropy
+  const acc_t<T>* grad_logprobs;
+  const acc_t<T>* grad_entropy;  // used only when kEntropy
+};
+
+// ---------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------
+// Grid: min(rows, 2^31 - 1) blocks of kThreads threads; block b owns rows
+// b, b + gridDim.x, ... and writes logprobs/lse/entropy[row].
+// Per row: reads V * sizeof(T) bytes of logits (once, plus one scalar re-read
+// of the label's logit, normally an L2 hit) and 8 bytes of label; writes 2 or
+// 3 accumulation-type scalars. Ignored / out-of-range rows read no logits.
+// Each thread streams its share of the row through an OnlineLSE state; the
+// states are merged across the block; thread 0 writes the outputs.
+template <typename T, bool kEntropy>
+__global__ void __launch_bounds__(kThreads, kFwdMinBlocks<T>)
+    logprobs_fwd_kernel(const FwdArgs<T> a) {
+  using Acc = acc_t<T>;
+  using State = OnlineLSE<Acc, kEntropy>;
+  constexpr int kN = Vec<T>::kN;
+  __shared__ State smem[kThreads / kWarpSize];
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int V = a.vocab;
+  const Acc inv_t = a.inv_t;
+
+  for (int64_t row = static_cast<int64_t>(blockIdx.x); row < a.rows; row += gridDim.x) {
+    const int64_t y = a.labels[row];
+    // The branch is uniform over the block (same row), so `continue` keeps
+    // every thread in step for the barriers of block_reduce.
+    if (y == a.ignore_index || y < 0 || y >= V) {
+      if (tid == 0) {
+        const Acc v = (y == a.ignore_index) ? Acc(0) : quiet_nan<Acc>();
+        a.logprobs[row] = v;
+        a.lse[row] = v;
+        if (kEntropy) a.entropy[row] = v;
+      }
+      continue;
+    }
+
+    const T* x = a.logits + a.layout.offset(row);
+    // Issued now so that its latency hides behind the streaming loop.
+    Acc z_label = Acc(0);
+    if (tid == 0) z_label = mul_rn(to_acc(x[static_cast<int>(y)]), inv_t);
+
+    State st;
+    st.reset();
+    const RowSplit sp = split_row(x, V);
+
+    if (tid < sp.head) {  // head < kN <= kThreads
+      const Acc z[1] = {mul_rn(to_acc(x[tid]), inv_t)};
+      st.template push<1>(z);
+    }
+
+    // kU independent 16-byte loads per iteration multiply the bytes in flight
+    // per thread; the kU * kN values are then pushed as one chunk (one max,
+    // at most one rescale). Not for double: its exp() is a long polynomial
+    // whose hoisted constants leave no registers for a second vector.
+    constexpr int kU = sizeof(T) == 8 ? 1 : 2;
+    const T* body = x + sp.head;
+    int i = tid;
+    for (; i + (kU - 1) * kThreads < sp.nvec; i += kU * kThreads) {
+      Acc z[kU * kN];
+#pragma unroll
+      for (int u = 0; u < kU; ++u) Vec<T>::load(body + (i + u * kThreads) * kN, z + u * kN);
+#pragma unroll
+      for (int k = 0; k < kU * kN; ++k) z[k] = mul_rn(z[k], inv_t);
+      st.template push<kU * kN>(z);
+    }
+    if (kU > 1 && i < sp.nvec) {
+      Acc z[kN];
+      Vec<T>::load(body + i * kN, z);
+#pragma unroll
+      for (int k = 0; k < kN; ++k) z[k] = mul_rn(z[k], inv_t);
+      st.template push<kN>(z);
+    }
+
+    if (tid < V - sp.body_end) {  // tail < kN <= kThreads
+      const Acc z[1] = {mul_rn(to_acc(x[sp.body_end + tid]), inv_t)};
+      st.template push<1>(z);
+    }
+
+    block_reduce<kThreads>(st, smem);
+
+    if (tid == 0) {
+      const Acc log_s = log_acc(st.s);
+      const Acc lse = st.m + log_s;
+      a.lse[row] = lse;
+      a.logprobs[row] = z_label - lse;
+      if (kEntropy) a.entropy[row] = log_s - st.w / st.s;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------
+
+// Gradient of one element, in the accumulation type:
+//   d = z - lse, p = exp(d),
+//   grad = ( g * (1[j == y] - p) - gH * p * (d + H) ) / T
+//        = ( 1[j == y] * g  -  p * (g + gH * (d + H)) ) * inv_t.
+// The fma form rounds g * (1 - p) once for the label. A z of -inf has p = 0
+// and contributes nothing else (d + H = -inf would make 0 * -inf = NaN), so it
+// is selected explicitly; that also keeps fully masked entries finite when
+// lse itself is -inf.
+template <typename Acc, bool kEntropy>
+struct GradOp {
+  Acc lse, g, gH, H, inv_t;
+  int y;
+
+  __device__ __forceinline__ Acc operator()(Acc xv, int j) const {
+    const Acc z = mul_rn(xv, inv_t);
+    const Acc d = z - lse;
+    const Acc p = exp_acc(d);
+    const Acc onehot_g = (j == y) ? g : Acc(0);
+    const Acc t = kEntropy ? fma(gH, d + H, g) : g;
+    const Acc r = (z == neg_inf<Acc>()) ? onehot_g : fma(-p, t, onehot_g);
+    return r * inv_t;
+  }
+};
+
+// Writes `value` (0 or NaN) to the n elements of a gradient row.
+template <typename T>
+__device__ __forceinline__ void fill_row(T* out, int n, acc_t<T> value) {
+  using Acc = acc_t<T>;
+  constexpr int kN = Vec<T>::kN;
+  const int tid = static_cast<int>(threadIdx.x);
+  const RowSplit sp = split_row(out, n);
+  const T v = from_acc<T>(value);
+  if (tid < sp.head) out[tid] = v;
+  Acc vals[kN];
+#pragma unroll
+  for (int k = 0; k < kN; ++k) vals[k] = value;
+  T* body = out + sp.head;
+  for (int i = tid; i < sp.nvec; i += kThreads) Vec<T>::store(body + i * kN, vals);
+  if (tid < n - sp.body_end) out[sp.body_end + tid] = v;
+}
+
+// Grid: min(rows, 2^31 - 1) blocks of kThreads threads; block b owns rows
+// b, b + gridDim.x, ... and writes the whole gradient row grad[row, 0:V].
+// Per row: reads V * sizeof(T) bytes of logits and writes V * sizeof(T)
+// bytes of gradient, plus a few scalars (label, lse, g, and H, gH with the
+// entropy term). Ignored / out-of-range rows only write (zeros / NaN).
+// Every element is read and then written by the same thread with no other
+// thread touching it, so grad == logits (in place, same layout) is safe.
+template <typename T, bool kEntropy>
+__global__ void __launch_bounds__(kThreads) logprobs_bwd_kernel(const BwdArgs<T> a) {
+  using Acc = acc_t<T>;
+  constexpr int kN = Vec<T>::kN;
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int V = a.vocab;
+
+  for (int64_t row = static_cast<int64_t>(blockIdx.x); row < a.rows; row += gridDim.x) {
+    const int64_t y = a.labels[row];
+    T* out = a.grad + a.grad_layout.offset(row);
+    if (y == a.ignore_index || y < 0 || y >= V) {
+      fill_row(out, V, (y == a.ignore_index) ? Acc(0) : quiet_nan<Acc>());
+      continue;
+    }
+
+    const T* x = a.logits + a.logits_layout.offset(row);
+    GradOp<Acc, kEntropy> op;
+    op.lse = a.lse[row];
+    op.g = a.grad_logprobs[row];
+    op.gH = kEntropy ? a.grad_entropy[row] : Acc(0);
+    op.H = kEntropy ? a.entropy[row] : Acc(0);
+    op.inv_t = a.inv_t;
+    op.y = static_cast<int>(y);
+
+    const uintptr_t x_mis = reinterpret_cast<uintptr_t>(x) & 15u;
+    const uintptr_t out_mis = reinterpret_cast<uintptr_t>(out) & 15u;
+    if (x_mis == out_mis) {
+      // Same split for both rows, so every vector load pairs with an aligned
+      // vector store at the same element offsets.
+      const RowSplit sp = split_row(x, V);
+      if (tid < sp.head) out[tid] = from_acc<T>(op(to_acc(x[tid]), tid));
+
+      const T* xb = x + sp.head;
+      T* ob = out + sp.head;
+      int i = tid;
+      // Both loads are issued before either store (memory parallelism; also
+      // keeps the read-before-write order per element when in place).
+      for (; i + kThreads < sp.nvec; i += 2 * kThreads) {
+        Acc u[kN], v[kN];
+        Vec<T>::load(xb + i * kN, u);
+        Vec<T>::load(xb + (i + kThreads) * kN, v);
+        const int j0 = sp.head + i * kN;
+        const int j1 = j0 + kThreads * kN;
+#pragma unroll
+        for (int k = 0; k < kN; ++k) {
+          u[k] = op(u[k], j0 + k);
+          v[k] = op(v[k], j1 + k);
+        }
+        Vec<T>::store(ob + i * kN, u);
+        Vec<T>::store(ob + (i + kThreads) * kN, v);
+      }
+      if (i < sp.nvec) {
+        Acc u[kN];
+        Vec<T>::load(xb + i * kN, u);
+        const int j0 = sp.head + i * kN;
+#pragma unroll
+        for (int k = 0; k < kN; ++k) u[k] = op(u[k], j0 + k);
+        Vec<T>::store(ob + i * kN, u);
+      }
+
+      const int j = sp.body_end + tid;
+      if (tid < V - sp.body_end) out[j] = from_acc<T>(op(to_acc(x[j]), j));
+    } else {
+      // Rows misaligned relative to each other: scalar, still coalesced
+      // (consecutive threads, consecutive elements). Four loads in flight
+      // per thread before the stores.
+      constexpr int kU = 4;
+      int j = tid;
+      for (; j + (kU - 1) * kThreads < V; j += kU * kThreads) {
+        Acc u[kU];
+#pragma unroll
+        for (int k = 0; k < kU; ++k) u[k] = to_acc(x[j + k * kThreads]);
+#pragma unroll
+        for (int k = 0; k < kU; ++k) {
+          out[j + k * kThreads] = from_acc<T>(op(u[k], j + k * kThreads));
+        }
+      }
+      for (; j < V; j += kThreads) out[j] = from_acc<T>(op(to_acc(x[j]), j));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Launchers
+// ---------------------------------------------------------------------------
+
+void check_launch(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("rlhf_kernels: ") + what + " failed: " +
+                             cudaGetErrorString(err));
+  }
+}
+
+void check_shape(int64_t rows, int64_t vocab, const char* what) {
+  if (rows < 0 || vocab < 0) {
+    throw std::runtime_error(std::string("rlhf_kernels: ") + what + ": negative rows or vocab");
+  }
+  if (vocab > kMaxVocab) {
+    throw std::runtime_error(std::string("rlhf_kernels: ") + what +
+                             ": vocab size above 2^30 is not supported");
+  }
+}
+
+void check_layout(const RowLayout& l, const char* what) {
+  if (l.size1 < 1 || l.size2 < 1) {
+    throw std::runtime_error(std::string("rlhf_kernels: ") + what +
+                             ": row layout sizes must be >= 1");
+  }
+}
+
+unsigned grid_for(int64_t rows) {
+  return static_cast<unsigned>(rows < kMaxGrid ? rows : kMaxGrid);
+}
+
+template <typename T>
+void launch_fwd(const LogprobsFwdParams& p, cudaStream_t stream) {
+  using Acc = acc_t<T>;
+  FwdArgs<T> a;
+  a.logits = static_cast<const T*>(p.logits);
+  a.layout = FastRowLayout::make(p.logits_layout);
+  a.rows = p.rows;
+  a.vocab = static_cast<int>(p.vocab);
+  a.labels = p.labels;
+  a.ignore_index = p.ignore_index;
+  a.inv_t = static_cast<Acc>(p.inv_temperature);
+  a.logprobs = static_cast<Acc*>(p.logprobs);
+  a.lse = static_cast<Acc*>(p.lse);
+  a.entropy = static_cast<Acc*>(p.entropy);
+  const dim3 grid(grid_for(p.rows));
+  if (p.entropy != nullptr) {
+    logprobs_fwd_kernel<T, true><<<grid, kThreads, 0, stream>>>(a);
+  } else {
+    logprobs_fwd_kernel<T, false><<<grid, kThreads, 0, stream>>>(a);
+  }
+  check_launch("logprobs forward kernel launch");
+}
+
+template <typename T>
+void launch_bwd(const LogprobsBwdParams& p, cudaStream_t stream) {
+  using Acc = acc_t<T>;
+  BwdArgs<T> a;
+  a.logits = static_cast<const T*>(p.logits);
+  a.logits_layout = FastRowLayout::make(p.logits_layout);
+  a.grad = static_cast<T*>(p.grad_logits);
+  a.grad_layout = FastRowLayout::make(p.grad_layout);
+  a.rows = p.rows;
+  a.vocab = static_cast<int>(p.vocab);
+  a.labels = p.labels;
+  a.ignore_index = p.ignore_index;
+  a.inv_t = static_cast<Acc>(p.inv_temperature);
+  a.lse = static_cast<const Acc*>(p.lse);
+  a.entropy = static_cast<const Acc*>(p.entropy);
+  a.grad_logprobs = static_cast<const Acc*>(p.grad_logprobs);
+  a.grad_entropy = static_cast<const Acc*>(p.grad_entropy);
+  const dim3 grid(grid_for(p.rows));
+  if (p.grad_entropy != nullptr) {
+    logprobs_bwd_kernel<T, true><<<grid, kThreads, 0, stream>>>(a);
+  } else {
+    logprobs_bwd_kernel<T, false><<<grid, kThreads, 0, stream>>>(a);
+  }
+  check_launch("logprobs backward kernel launch");
+}
+
+}  // namespace
+}  // namespace gpu
+
+void logprobs_fwd_cuda(const LogprobsFwdParams& p, void* stream) {
+  if (p.rows == 0) return;  // nothing to do (and a 0-block launch is an error)
+  gpu::check_shape(p.rows, p.vocab, "logprobs_fwd_cuda");
+  gpu::check_layout(p.logits_layout, "logprobs_fwd_cuda");
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (p.dtype) {
+    case ScalarKind::Float32: gpu::launch_fwd<float>(p, s); break;
+    case ScalarKind::Float16: gpu::launch_fwd<__half>(p, s); break;
+    case ScalarKind::BFloat16: gpu::launch_fwd<__nv_bfloat16>(p, s); break;
+    case ScalarKind::Float64: gpu::launch_fwd<double>(p, s); break;
+    default: throw std::runtime_error("rlhf_kernels: logprobs_fwd_cuda: unsupported dtype");
+  }
+}
+
+void logprobs_bwd_cuda(const LogprobsBwdParams& p, void* stream) {
+  if (p.rows == 0) return;
+  gpu::check_shape(p.rows, p.vocab, "logprobs_bwd_cuda");
+  if (p.grad_entropy != nullptr && p.entropy == nullptr) {
+    throw std::runtime_error(
+        "rlhf_kernels: logprobs_bwd_cuda: grad_entropy given without entropy");
+  }
+  gpu::check_layout(p.logits_layout, "logprobs_bwd_cuda");
+  gpu::check_layout(p.grad_layout, "logprobs_bwd_cuda");
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (p.dtype) {
+    case ScalarKind::Float32: gpu::launch_bwd<float>(p, s); break;
+    case ScalarKind::Float16: gpu::launch_bwd<__half>(p, s); break;
+    case ScalarKind::BFloat16: gpu::launch_bwd<__nv_bfloat16>(p, s); break;
+    case ScalarKind::Float64: gpu::launch_bwd<double>(p, s); break;
+    default: throw std::runtime_error("rlhf_kernels: logprobs_bwd_cuda: unsupported dtype");
+  }
+}
+
+}  // namespace rlhf

@@ -1,0 +1,87 @@
+// Parameters of the token log-prob kernels, shared by the CUDA launchers
+// (logprobs.cu), the CPU kernels (logprobs_cpu.cpp) and the bindings.
+// No torch headers here, so that nvcc compiles the .cu files quickly.
+//
+// Math (the docstring of rlhf_kernels.token_logprobs is the full statement):
+//   z_j      = logits_j / T
+//   lse      = log sum_j exp(z_j)
+//   logprob  = z_y - lse                                  (y = label)
+//   entropy  = lse - sum_j p_j z_j,   p_j = exp(z_j - lse)
+//   dlogits_j = ( g_lp * (1[j == y] - p_j) - g_H * p_j * (z_j - lse + H) ) / T
+// Rows whose label equals ignore_index: outputs 0 (lse 0, entropy 0), nothing
+// read in forward, zero gradient written in backward.
+// Rows whose label is outside [0, V) and not ignore_index: outputs NaN and a
+// NaN gradient row; the label is never used as an address.
+#pragma once
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define RLHF_HD __host__ __device__ __forceinline__
+#else
+#define RLHF_HD inline
+#endif
+
+namespace rlhf {
+
+enum class ScalarKind : int { Float32 = 0, Float16 = 1, BFloat16 = 2, Float64 = 3 };
+
+// Where row n of a [..., V] tensor starts, for up to three leading dims left
+// after merging the mergeable ones (sizes d0 x d1 x d2, d0 implied by rows).
+// All arithmetic is int64: rows * V may exceed 2^31.
+struct RowLayout {
+  int64_t size1 = 1, size2 = 1;
+  int64_t stride0 = 0, stride1 = 0, stride2 = 0;  // in elements
+
+  RLHF_HD int64_t offset(int64_t n) const {
+    const int64_t i2 = n % size2;
+    n /= size2;
+    const int64_t i1 = n % size1;
+    const int64_t i0 = n / size1;
+    return i0 * stride0 + i1 * stride1 + i2 * stride2;
+  }
+};
+
+// logprobs / lse / entropy are contiguous [rows] in the accumulation type:
+// double when dtype is Float64, else float.
+struct LogprobsFwdParams {
+  const void* logits = nullptr;
+  RowLayout logits_layout;
+  ScalarKind dtype = ScalarKind::Float32;
+  int64_t rows = 0;
+  int64_t vocab = 0;
+  const int64_t* labels = nullptr;  // contiguous [rows]
+  int64_t ignore_index = -100;
+  double inv_temperature = 1.0;
+  void* logprobs = nullptr;
+  void* lse = nullptr;
+  void* entropy = nullptr;  // nullptr: entropy not requested
+};
+
+// grad_logits may equal logits (in-place backward, same layout). grad_entropy
+// nullptr means the entropy term is absent (then entropy may be nullptr too).
+struct LogprobsBwdParams {
+  const void* logits = nullptr;
+  RowLayout logits_layout;
+  void* grad_logits = nullptr;
+  RowLayout grad_layout;
+  ScalarKind dtype = ScalarKind::Float32;
+  int64_t rows = 0;
+  int64_t vocab = 0;
+  const int64_t* labels = nullptr;
+  int64_t ignore_index = -100;
+  double inv_temperature = 1.0;
+  const void* lse = nullptr;
+  const void* entropy = nullptr;
+  const void* grad_logprobs = nullptr;  // contiguous [rows], accumulation type
+  const void* grad_entropy = nullptr;   // contiguous [rows] or nullptr
+};
+
+// CUDA launchers (logprobs.cu). `stream` is a cudaStream_t.
+void logprobs_fwd_cuda(const LogprobsFwdParams& p, void* stream);
+void logprobs_bwd_cuda(const LogprobsBwdParams& p, void* stream);
+
+// CPU kernels (logprobs_cpu.cpp), parallel over rows with OpenMP.
+void logprobs_fwd_cpu(const LogprobsFwdParams& p);
+void logprobs_bwd_cpu(const LogprobsBwdParams& p);
+
+}  // namespace rlhf

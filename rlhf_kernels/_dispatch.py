@@ -1,0 +1,70 @@
+"""Backend selection: the one place that decides which implementation runs.
+
+``"auto"`` picks the fastest available backend for the tensors' device:
+``triton`` on CUDA (then ``native``, then ``torch``), ``native`` on CPU when
+the extension is built (else ``torch``). Triton runs on CPU tensors only under
+``TRITON_INTERPRET=1`` (how CI tests the kernels), and is never picked by
+``"auto"`` there.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from rlhf_kernels import native
+
+BACKENDS = ("torch", "triton", "native")
+
+try:
+    import triton  # noqa: F401
+
+    _TRITON_ERROR: str | None = None
+except ImportError as exc:
+    _TRITON_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot run on ``device``, or ``None`` when it can."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if _TRITON_ERROR is not None:
+            return f"triton is not importable ({_TRITON_ERROR})"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and triton_interpreted():
+            return None
+        return f"triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got device {device}"
+    if backend == "native":
+        if not native.available():
+            return f"the rlhf_kernels._C extension is not built ({native.LOAD_ERROR})"
+        if device.type == "cpu":
+            return None
+        if device.type == "cuda":
+            return None if native.has_cuda() else "rlhf_kernels._C was built without CUDA (no nvcc at build time)"
+        return f"no native kernels for device {device}"
+    raise ValueError(f"backend: unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    device = torch.device(device)
+    return [b for b in BACKENDS if unavailable_reason(b, device) is None]
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """Map a user's ``backend`` argument to the backend that will run."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected a string, got {type(backend).__name__}")
+    if backend == "auto":
+        order = ("triton", "native", "torch") if device.type == "cuda" else ("native", "torch")
+        return next(b for b in order if unavailable_reason(b, device) is None)
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"backend={backend!r} is unavailable: {reason}")
+    return backend

@@ -1,0 +1,51 @@
+"""``rlhf-kernels info | bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _shape(text: str):
+    import torch
+
+    try:
+        n, v, dtype = text.split("x") if text.count("x") == 2 else (*text.split("x"), "bf16")
+        return int(n), int(v), getattr(torch, _DTYPES[dtype])
+    except (ValueError, KeyError) as exc:
+        raise argparse.ArgumentTypeError(f"expected NxV or NxVxDTYPE (dtype bf16|fp16|fp32), got {text!r}") from exc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rlhf-kernels", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="available backends, build configuration and versions (JSON)")
+    bench = sub.add_parser("bench", help="microbenchmarks of every backend against the baselines")
+    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    bench.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for JSON, table and PNG")
+    bench.add_argument("--quick", action="store_true", help="one small shape")
+    bench.add_argument("--shape", type=_shape, action="append", help="NxV[xDTYPE], repeatable")
+    bench.add_argument("--only", action="append", help="only providers whose name contains this, repeatable")
+    bench.add_argument("--repeat", type=int, default=10)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    import rlhf_kernels
+
+    if args.command == "info":
+        print(json.dumps(rlhf_kernels.build_info(), indent=2, default=str))
+        return 0
+    from rlhf_kernels import bench as bench_mod
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    bench_mod.run(device, args.out, quick=args.quick, include=args.only, repeat=args.repeat, shapes=args.shape)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

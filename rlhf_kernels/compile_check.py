@@ -1,0 +1,180 @@
+"""Ahead-of-time compile checks of the GPU code, runnable without a GPU.
+
+* Every Triton kernel configuration the launchers can pick is compiled with
+  ``triton.compile`` for an explicit target (sm_80, sm_90), and the PTX is
+  assembled with ``ptxas -v`` to read registers and spills.
+* ``csrc/*.cu`` is compiled with nvcc for the same architectures with
+  ``-Xptxas -v``.
+
+A kernel that spills registers fails the check. ``rlhf-kernels check-compile``
+runs both and prints a report; the test suite runs it in a subprocess (the
+Triton interpreter, used for the CPU tests, replaces the kernels' JIT objects).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ARCHS = (80, 90)
+_PTXAS_FUNC = re.compile(r"Compiling entry function '(?P<name>[^']+)' for '(?P<arch>sm_\w+)'")
+_PTXAS_SPILL = re.compile(
+    r"(?P<stack>\d+) bytes stack frame, (?P<stores>\d+) bytes spill stores, (?P<loads>\d+) bytes spill loads"
+)
+_PTXAS_REGS = re.compile(r"Used (?P<regs>\d+) registers")
+
+
+@dataclass
+class KernelReport:
+    name: str
+    arch: str
+    registers: int
+    spill_stores: int
+    spill_loads: int
+
+    @property
+    def spills(self) -> bool:
+        return self.spill_stores > 0 or self.spill_loads > 0
+
+
+def parse_ptxas(text: str) -> list[KernelReport]:
+    """Per-kernel registers and spills from ``ptxas -v`` output."""
+    reports, current, spill = [], None, None
+    for line in text.splitlines():
+        if m := _PTXAS_FUNC.search(line):
+            current, spill = (m["name"], m["arch"]), None
+        elif (m := _PTXAS_SPILL.search(line)) and current:
+            spill = (int(m["stores"]), int(m["loads"]))
+        elif (m := _PTXAS_REGS.search(line)) and current and spill is not None:
+            reports.append(KernelReport(current[0], current[1], int(m["regs"]), *spill))
+            current = None
+    return reports
+
+
+def _triton_ptxas() -> str:
+    from triton.backends.nvidia import compiler
+
+    path = Path(compiler.__file__).parent / "bin" / "ptxas"
+    return str(path) if path.exists() else (shutil.which("ptxas") or "ptxas")
+
+
+def check_triton(archs=ARCHS) -> list[KernelReport]:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the kernels that are compiled here")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from rlhf_kernels.triton import logprobs
+
+    ptxas = _triton_ptxas()
+    reports = []
+    seen = set()
+    with tempfile.TemporaryDirectory() as tmp:
+        for kernel, signature, constexprs, num_warps in logprobs.kernel_configs():
+            key = (
+                kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__,
+                tuple(signature.values()),
+                tuple(constexprs.items()),
+                num_warps,
+            )
+            if key in seen:
+                continue
+            seen.add(key)
+            for cc in archs:
+                src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+                compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps})
+                ptx = Path(tmp) / "k.ptx"
+                ptx.write_text(compiled.asm["ptx"])
+                arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
+                out = subprocess.run(
+                    [ptxas, "-v", f"-arch={arch}", str(ptx), "-o", os.devnull],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                for r in parse_ptxas(out.stderr + out.stdout):
+                    dtype = signature["logits_ptr"].lstrip("*")
+                    flags = ",".join(f"{k}={v}" for k, v in constexprs.items())
+                    r.name = f"{key[0]}[{dtype},{flags},warps={num_warps}]"
+                    reports.append(r)
+    return reports
+
+
+def find_nvcc() -> str | None:
+    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if root and (Path(root) / "bin" / "nvcc").exists():
+            return str(Path(root) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def check_cuda(archs=ARCHS, csrc: Path | None = None) -> list[KernelReport]:
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise FileNotFoundError("nvcc not found (set CUDA_HOME)")
+    csrc = csrc or Path(__file__).resolve().parent.parent / "csrc"
+    sources = sorted(csrc.glob("*.cu"))
+    if not sources:
+        raise FileNotFoundError(f"no .cu files under {csrc}")
+    gencode = [f"-gencode=arch=compute_{cc},code=sm_{cc}" for cc in archs]
+    reports = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for src in sources:
+            cmd = [
+                nvcc,
+                "-std=c++17",
+                "-O3",
+                "-DNDEBUG",
+                "--expt-relaxed-constexpr",
+                "-Xptxas",
+                "-v",
+                *gencode,
+                "-I",
+                str(csrc),
+                "-c",
+                str(src),
+                "-o",
+                str(Path(tmp) / "k.o"),
+            ]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                raise RuntimeError(f"nvcc failed on {src.name}:\n{out.stderr[-4000:]}")
+            reports += parse_ptxas(out.stderr + out.stdout)
+    return reports
+
+
+def format_reports(title: str, reports: list[KernelReport]) -> str:
+    lines = [f"{title}: {len(reports)} kernels"]
+    for r in sorted(reports, key=lambda r: (r.name, r.arch)):
+        flag = "  SPILLS" if r.spills else ""
+        lines.append(
+            f"  {r.arch:7s} regs {r.registers:3d} spill st/ld {r.spill_stores}/{r.spill_loads}  {r.name}{flag}"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    failed = False
+    for title, fn in (("triton", check_triton), ("cuda", check_cuda)):
+        try:
+            reports = fn()
+        except FileNotFoundError as exc:
+            print(f"{title}: skipped ({exc})")
+            continue
+        print(format_reports(title, reports))
+        archs_seen = {r.arch.rstrip("a") for r in reports}
+        if archs_seen != {f"sm_{cc}" for cc in ARCHS}:
+            print(f"{title}: expected kernels for {ARCHS}, got {sorted(archs_seen)}")
+            failed = True
+        if any(r.spills for r in reports):
+            failed = True
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,288 @@
+r"""Per-token log-probs (and entropy) of labels under LM logits, fused.
+
+For logits :math:`x \in \mathbb{R}^V` of one token, temperature :math:`T` and
+label :math:`y`, with :math:`z = x / T`:
+
+.. math::
+
+    \operatorname{lse} = \log \sum_j e^{z_j}, \qquad
+    \log p_y = z_y - \operatorname{lse}, \qquad
+    H = -\sum_j p_j \log p_j = \operatorname{lse} - \sum_j p_j z_j .
+
+Gradients, with upstream :math:`g = \partial L / \partial \log p_y` and
+:math:`g_H = \partial L / \partial H`:
+
+.. math::
+
+    \frac{\partial L}{\partial x_j} = \frac{1}{T}\Big( g\,(\mathbb{1}[j = y] - p_j)
+        - g_H\, p_j\, (z_j - \operatorname{lse} + H) \Big).
+
+Forward streams each row once with an online max / log-sum-exp (Milakov &
+Gimelshein, 2018, "Online normalizer calculation for softmax") and keeps only
+``lse`` (and ``H``) per token; backward recomputes :math:`p` from the logits
+and writes the gradient in one pass, so no ``[N, V]`` temporary exists besides
+the gradient itself (none at all with ``inplace_backward=True``).
+
+This is the log-prob gather of PPO/GRPO (``old_log_prob``, ``ref_log_prob``),
+of DPO's sequence log-probs, and TRL's ``selective_log_softmax``.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch.library import triton_op, wrap_triton
+
+from rlhf_kernels import _dispatch, native
+from rlhf_kernels._layout import row_layout
+from rlhf_kernels.reference import logprobs as reference
+
+try:
+    from rlhf_kernels.triton import logprobs as triton_impl
+except ImportError:  # triton missing: the torch and native backends still work
+    triton_impl = None
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    inplace_backward: bool = False,
+    check_labels: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each label under ``softmax(logits / temperature)``.
+
+    Args:
+        logits: ``[..., V]`` float32, bfloat16 or float16 (float64 also works,
+            for gradcheck). The last dim must have stride 1; other strides are
+            used as they are, so ``logits[:, :-1]`` is not copied (only four or
+            more leading dims that cannot be merged force a copy).
+        labels: integer tensor of shape ``logits.shape[:-1]``.
+        mask: optional bool or integer tensor of the same shape; tokens where
+            it is 0 are treated like ``ignore_index``.
+        temperature: positive divisor of the logits.
+        ignore_index: label value of tokens that get 0 and no gradient.
+        return_entropy: also return the entropy of ``softmax(logits / T)``.
+        inplace_backward: write the gradient into ``logits``' own buffer
+            (the logits must not be needed afterwards). Ignored by the
+            ``"torch"`` backend.
+        check_labels: raise if a label of a kept token is outside ``[0, V)``.
+            This costs one device synchronisation; with ``False`` (and always
+            under ``torch.compile``, which cannot trace the check) such tokens
+            get NaN instead, never an out-of-bounds read.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``.
+
+    Returns:
+        ``logprobs`` of shape ``logits.shape[:-1]`` in float32 (float64 for
+        float64 logits), or ``(logprobs, entropy)`` with ``return_entropy``.
+        Ignored and masked tokens are 0 in both.
+    """
+    _check_inputs(logits, labels, mask, temperature, ignore_index, check_labels)
+    impl = _dispatch.resolve(backend, logits.device)
+    if impl == "torch":
+        return reference.token_logprobs(
+            logits,
+            labels,
+            mask,
+            temperature=float(temperature),
+            ignore_index=int(ignore_index),
+            return_entropy=return_entropy,
+        )
+    if row_layout(logits) is None:
+        # Four or more leading dims that no stride trick merges: the one layout
+        # the kernels cannot address in place.
+        logits = logits.contiguous()
+    labels = labels.long()
+    if mask is not None:
+        labels = labels.masked_fill(~mask.bool(), ignore_index)
+    fwd = _FWD_OPS[impl]
+    logprobs, _, entropy = fwd(
+        logits, labels, float(temperature), int(ignore_index), bool(return_entropy), bool(inplace_backward)
+    )
+    return (logprobs, entropy) if return_entropy else logprobs
+
+
+def _check_inputs(logits, labels, mask, temperature, ignore_index, check_labels) -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits: expected a tensor, got {type(logits).__name__}")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels: expected a tensor, got {type(labels).__name__}")
+    if logits.dim() < 1:
+        raise ValueError("logits: expected shape [..., V] with at least one dim, got a scalar")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"logits: dtype {logits.dtype} is not supported; expected float32, bfloat16, float16 or float64"
+        )
+    vocab = logits.shape[-1]
+    if vocab == 0:
+        raise ValueError("logits: the vocab (last) dim is empty")
+    if vocab > 1 and logits.stride(-1) != 1:
+        raise ValueError(
+            f"logits: the last dim must have stride 1 (got stride {logits.stride(-1)}); other dims may have any stride"
+        )
+    lead = tuple(logits.shape[:-1])
+    if labels.dtype not in _INT_DTYPES:
+        raise TypeError(f"labels: expected an integer tensor, got dtype {labels.dtype}")
+    if tuple(labels.shape) != lead:
+        raise ValueError(f"labels: expected shape {lead} (logits.shape[:-1]), got {tuple(labels.shape)}")
+    if labels.device != logits.device:
+        raise ValueError(f"labels: on device {labels.device}, but logits are on {logits.device}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask: expected a tensor or None, got {type(mask).__name__}")
+        if mask.dtype != torch.bool and mask.dtype not in _INT_DTYPES:
+            raise TypeError(f"mask: expected a bool or integer tensor, got dtype {mask.dtype}")
+        if tuple(mask.shape) != lead:
+            raise ValueError(f"mask: expected shape {lead} (logits.shape[:-1]), got {tuple(mask.shape)}")
+        if mask.device != logits.device:
+            raise ValueError(f"mask: on device {mask.device}, but logits are on {logits.device}")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature: expected a number, got {type(temperature).__name__}")
+    if not (temperature > 0 and temperature < float("inf")):
+        raise ValueError(f"temperature: must be positive and finite, got {temperature}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    if check_labels and labels.numel() > 0 and not torch.compiler.is_compiling():
+        kept = labels != ignore_index
+        if mask is not None:
+            kept &= mask.bool()
+        bad = kept & ((labels < 0) | (labels >= vocab))
+        if bool(bad.any()):  # the one device sync that check_labels=False avoids
+            value = int(labels[bad].flatten()[0])
+            raise ValueError(
+                f"labels: value {value} is outside [0, {vocab}) and is not ignore_index={ignore_index} "
+                "(pass check_labels=False to skip this check; such tokens then get NaN)"
+            )
+
+
+# --- torch.library registration ---------------------------------------------
+# Each kernel backend exposes three ops: forward -> (logprobs, lse, entropy),
+# backward -> grad_logits, and an in-place backward that writes into logits.
+# Autograd is registered on the forward op, so torch.compile sees one
+# differentiable op per backend.
+
+
+def _fake_fwd(logits, labels, temperature, ignore_index, return_entropy, inplace_backward):
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    lead = logits.shape[:-1]
+    entropy_shape = lead if return_entropy else (0,)
+    return (
+        logits.new_empty(lead, dtype=acc),
+        logits.new_empty(lead, dtype=acc),
+        logits.new_empty(entropy_shape, dtype=acc),
+    )
+
+
+def _fake_bwd(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, ignore_index):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _fake_bwd_inplace(logits, grad_logprobs, grad_entropy, labels, lse, entropy, temperature, ignore_index):
+    return None
+
+
+if triton_impl is not None:
+
+    @triton_op("rlhf_kernels::token_logprobs_fwd_triton", mutates_args=())
+    def _fwd_triton(
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        temperature: float,
+        ignore_index: int,
+        return_entropy: bool,
+        inplace_backward: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return triton_impl.logprobs_fwd(logits, labels, temperature, ignore_index, return_entropy, launch=wrap_triton)
+
+    @triton_op("rlhf_kernels::token_logprobs_bwd_triton", mutates_args=())
+    def _bwd_triton(
+        grad_logprobs: torch.Tensor,
+        grad_entropy: torch.Tensor | None,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        lse: torch.Tensor,
+        entropy: torch.Tensor,
+        temperature: float,
+        ignore_index: int,
+    ) -> torch.Tensor:
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        triton_impl.logprobs_bwd(
+            grad_logprobs, grad_entropy, logits, grad, labels, lse, entropy, temperature, ignore_index, wrap_triton
+        )
+        return grad
+
+    @triton_op("rlhf_kernels::token_logprobs_bwd_inplace_triton", mutates_args=("logits",))
+    def _bwd_inplace_triton(
+        logits: torch.Tensor,
+        grad_logprobs: torch.Tensor,
+        grad_entropy: torch.Tensor | None,
+        labels: torch.Tensor,
+        lse: torch.Tensor,
+        entropy: torch.Tensor,
+        temperature: float,
+        ignore_index: int,
+    ) -> None:
+        triton_impl.logprobs_bwd(
+            grad_logprobs, grad_entropy, logits, logits, labels, lse, entropy, temperature, ignore_index, wrap_triton
+        )
+
+    _fwd_triton.register_fake(_fake_fwd)
+    _bwd_triton.register_fake(_fake_bwd)
+    _bwd_inplace_triton.register_fake(_fake_bwd_inplace)
+
+if native.available():
+    torch.library.register_fake("rlhf_kernels::token_logprobs_fwd_native")(_fake_fwd)
+    torch.library.register_fake("rlhf_kernels::token_logprobs_bwd_native")(_fake_bwd)
+    torch.library.register_fake("rlhf_kernels::token_logprobs_bwd_inplace_native")(_fake_bwd_inplace)
+
+_FWD_OPS = {}
+_BWD_OPS = {}
+for _name in ("triton", "native"):
+    if hasattr(torch.ops.rlhf_kernels, f"token_logprobs_fwd_{_name}"):
+        _FWD_OPS[_name] = getattr(torch.ops.rlhf_kernels, f"token_logprobs_fwd_{_name}").default
+        _BWD_OPS[_name] = (
+            getattr(torch.ops.rlhf_kernels, f"token_logprobs_bwd_{_name}").default,
+            getattr(torch.ops.rlhf_kernels, f"token_logprobs_bwd_inplace_{_name}").default,
+        )
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, temperature, ignore_index, return_entropy, inplace_backward = inputs
+    _, lse, entropy = output
+    ctx.save_for_backward(logits, labels, lse, entropy)
+    ctx.temperature = temperature
+    ctx.ignore_index = ignore_index
+    ctx.return_entropy = return_entropy
+    ctx.inplace_backward = inplace_backward
+    ctx.mark_non_differentiable(lse)
+
+
+def _make_backward(bwd, bwd_inplace):
+    def backward(ctx, grad_logprobs, grad_lse, grad_entropy):
+        logits, labels, lse, entropy = ctx.saved_tensors
+        if grad_logprobs is None:
+            grad_logprobs = torch.zeros_like(lse)
+        if not ctx.return_entropy:
+            grad_entropy = None
+        args = (grad_logprobs, grad_entropy, labels, lse, entropy, ctx.temperature, ctx.ignore_index)
+        if ctx.inplace_backward:
+            bwd_inplace(logits, *args)
+            grad_logits = logits
+        else:
+            grad_logits = bwd(grad_logprobs, grad_entropy, logits, *args[2:])
+        return grad_logits, None, None, None, None, None
+
+    return backward
+
+
+for _name, _op in _FWD_OPS.items():
+    torch.library.register_autograd(_op, _make_backward(*_BWD_OPS[_name]), setup_context=_setup_context)

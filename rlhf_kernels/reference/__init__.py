@@ -1,0 +1,1 @@
+"""Plain PyTorch oracles of every op, one module per op family."""

@@ -1,0 +1,291 @@
+"""Triton kernels for per-token log-probs (forward and backward) and their launchers.
+
+Layout: logits are ``[rows, V]`` seen through up to three leading dims with any
+strides (see :func:`rlhf_kernels._layout.row_layout`); the last dim has stride 1. Labels are
+contiguous int64 ``[rows]`` with the mask already folded into ``ignore_index``.
+All row offsets are computed in int64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from rlhf_kernels._layout import row_layout
+
+LOG2E = 1.4426950408889634
+# Kernels may only read globals that are constexpr.
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _row_start(row, size1, size2, stride0, stride1, stride2):
+    i2 = row % size2
+    rest = row // size2
+    i1 = rest % size1
+    i0 = rest // size1
+    return i0 * stride0 + i1 * stride1 + i2 * stride2
+
+
+@triton.jit
+def _logprobs_fwd_kernel(
+    logits_ptr,
+    labels_ptr,
+    logprobs_ptr,
+    lse_ptr,
+    entropy_ptr,
+    V,
+    size1,
+    size2,
+    stride0,
+    stride1,
+    stride2,
+    scale2,  # log2(e) / T: logits -> base-2 scaled logits
+    ignore_index,
+    HAS_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    # Grid: (rows,). Each program owns one row: it streams the V logits once
+    # (V * itemsize bytes read) keeping an online max / sum of 2^(u - m)
+    # (u = z * log2 e, z = logits / T) and, for the entropy, a running sum of
+    # 2^(u - m) * u; writes 3 scalars. Ignored rows read nothing.
+    row = tl.program_id(0).to(tl.int64)
+    acc_ty = lse_ptr.dtype.element_ty
+    label = tl.load(labels_ptr + row)
+    if label == ignore_index:
+        tl.store(logprobs_ptr + row, 0.0)
+        tl.store(lse_ptr + row, 0.0)
+        if HAS_ENTROPY:
+            tl.store(entropy_ptr + row, 0.0)
+    elif (label < 0) | (label >= V):
+        tl.store(logprobs_ptr + row, float("nan"))
+        tl.store(lse_ptr + row, float("nan"))
+        if HAS_ENTROPY:
+            tl.store(entropy_ptr + row, float("nan"))
+    else:
+        row_ptr = logits_ptr + _row_start(row, size1, size2, stride0, stride1, stride2)
+        cols = tl.arange(0, BLOCK_V).to(tl.int64)
+        m = tl.full((), float("-inf"), acc_ty)
+        s = tl.zeros((), acc_ty)
+        w = tl.zeros((), acc_ty)
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf"))
+            u = x.to(acc_ty) * scale2
+            m_new = tl.maximum(m, tl.max(u, axis=0))
+            # While every logit seen so far is -inf, use 0 as the pivot so that
+            # no -inf - -inf appears; the sums then stay 0.
+            pivot = tl.where(m_new == float("-inf"), 0.0, m_new).to(acc_ty)
+            alpha = tl.exp2(m - pivot)
+            e = tl.exp2(u - pivot)
+            s = s * alpha + tl.sum(e, axis=0)
+            if HAS_ENTROPY:
+                w = w * alpha + tl.sum(e * tl.where(e > 0, u, 0.0), axis=0)
+            m = m_new
+        lse2 = m + tl.log2(s)
+        x_label = tl.load(row_ptr + label).to(acc_ty)
+        tl.store(lse_ptr + row, lse2 * _LN2)
+        tl.store(logprobs_ptr + row, (x_label * scale2 - lse2) * _LN2)
+        if HAS_ENTROPY:
+            tl.store(entropy_ptr + row, (lse2 - w / s) * _LN2)
+
+
+@triton.jit
+def _logprobs_bwd_kernel(
+    logits_ptr,
+    grad_ptr,
+    labels_ptr,
+    lse_ptr,
+    entropy_ptr,
+    grad_logprobs_ptr,
+    grad_entropy_ptr,
+    V,
+    size1,
+    size2,
+    stride0,
+    stride1,
+    stride2,
+    g_size1,
+    g_size2,
+    g_stride0,
+    g_stride1,
+    g_stride2,
+    scale2,  # log2(e) / T
+    inv_temp,
+    ignore_index,
+    HAS_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    # Grid: (rows,). Each program owns one row of the gradient: it reads the V
+    # logits once and writes V gradients once (2 * V * itemsize bytes), from
+    # dlogits_j = (g * (1[j == y] - p_j) - gH * p_j * (z_j - lse + H)) / T.
+    # grad_ptr may alias logits_ptr (in-place backward): each element is read
+    # before it is written by the same program.
+    row = tl.program_id(0).to(tl.int64)
+    acc_ty = lse_ptr.dtype.element_ty
+    label = tl.load(labels_ptr + row)
+    cols = tl.arange(0, BLOCK_V).to(tl.int64)
+    x_ptr = logits_ptr + _row_start(row, size1, size2, stride0, stride1, stride2)
+    g_ptr = grad_ptr + _row_start(row, g_size1, g_size2, g_stride0, g_stride1, g_stride2)
+    if label == ignore_index:
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            tl.store(g_ptr + offs, tl.zeros((BLOCK_V,), acc_ty), mask=offs < V)
+    elif (label < 0) | (label >= V):
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            tl.store(g_ptr + offs, tl.full((BLOCK_V,), float("nan"), acc_ty), mask=offs < V)
+    else:
+        lse2 = tl.load(lse_ptr + row) * _LOG2E
+        g = tl.load(grad_logprobs_ptr + row)
+        if HAS_ENTROPY:
+            gh = tl.load(grad_entropy_ptr + row)
+            # z - lse + H in base-2 units: (u - lse2 + H2) * ln2.
+            shift2 = tl.load(entropy_ptr + row) * _LOG2E - lse2
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            x = tl.load(x_ptr + offs, mask=offs < V, other=0.0)
+            u = x.to(acc_ty) * scale2
+            p = tl.exp2(u - lse2)
+            d = tl.where(offs == label, g - g * p, -g * p)
+            if HAS_ENTROPY:
+                d -= gh * p * tl.where(p > 0, u + shift2, 0.0) * _LN2
+            tl.store(g_ptr + offs, (d * inv_temp).to(g_ptr.dtype.element_ty), mask=offs < V)
+
+
+def _block_v(vocab: int, itemsize: int) -> tuple[int, int]:
+    """Vocab tile and warp count: 8 KiB of logits per loop step, 16 elements (two
+    16-byte loads for 16-bit types) per thread, so that a 256-thread program
+    stays near 64 registers and several programs fit on an SM."""
+    block = min(triton.next_power_of_2(vocab), 8192 // itemsize)
+    num_warps = max(1, min(8, block // (16 * 32)))
+    return block, num_warps
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def logprobs_fwd(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int, return_entropy: bool, launch=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel. ``labels`` is int64 of the leading shape."""
+    layout = row_layout(logits)
+    if layout is None:
+        raise ValueError("logits: more than three non-mergeable leading dims; pass a contiguous tensor")
+    lead = logits.shape[:-1]
+    vocab = logits.shape[-1]
+    acc = _acc_dtype(logits.dtype)
+    labels = labels.contiguous()
+    logprobs = torch.empty(lead, dtype=acc, device=logits.device)
+    lse = torch.empty(lead, dtype=acc, device=logits.device)
+    entropy = torch.empty(lead if return_entropy else (0,), dtype=acc, device=logits.device)
+    rows = logprobs.numel()
+    if rows == 0:
+        return logprobs, lse, entropy
+    block, num_warps = _block_v(vocab, logits.element_size())
+    kernel = _logprobs_fwd_kernel if launch is None else launch(_logprobs_fwd_kernel)
+    kernel[(rows,)](
+        logits,
+        labels,
+        logprobs,
+        lse,
+        entropy if return_entropy else lse,
+        vocab,
+        *layout,
+        LOG2E / temperature,
+        ignore_index,
+        HAS_ENTROPY=return_entropy,
+        BLOCK_V=block,
+        num_warps=num_warps,
+    )
+    return logprobs, lse, entropy
+
+
+def logprobs_bwd(
+    grad_logprobs: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    logits: torch.Tensor,
+    grad_logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    launch=None,
+) -> None:
+    """Launch the backward kernel, writing into ``grad_logits`` (may be ``logits``)."""
+    layout = row_layout(logits)
+    grad_layout = row_layout(grad_logits)
+    if layout is None or grad_layout is None:
+        raise ValueError("logits: more than three non-mergeable leading dims; pass a contiguous tensor")
+    rows = lse.numel()
+    if rows == 0:
+        return
+    acc = lse.dtype
+    has_entropy = grad_entropy is not None
+    grad_logprobs = grad_logprobs.to(acc).contiguous()
+    grad_entropy = grad_entropy.to(acc).contiguous() if has_entropy else grad_logprobs
+    block, num_warps = _block_v(logits.shape[-1], logits.element_size())
+    kernel = _logprobs_bwd_kernel if launch is None else launch(_logprobs_bwd_kernel)
+    kernel[(rows,)](
+        logits,
+        grad_logits,
+        labels.contiguous(),
+        lse,
+        entropy if has_entropy else lse,
+        grad_logprobs,
+        grad_entropy,
+        logits.shape[-1],
+        *layout,
+        *grad_layout,
+        LOG2E / temperature,
+        1.0 / temperature,
+        ignore_index,
+        HAS_ENTROPY=has_entropy,
+        BLOCK_V=block,
+        num_warps=num_warps,
+    )
+
+
+def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], int]]:
+    """Every (kernel, signature, constexprs, num_warps) the launchers can use, for AOT compile checks."""
+    configs = []
+    for ty, itemsize in (("fp32", 4), ("bf16", 2), ("fp16", 2)):
+        for vocab in (7, 1000, 128256):
+            block, num_warps = _block_v(vocab, itemsize)
+            for has_entropy in (False, True):
+                const = {"HAS_ENTROPY": has_entropy, "BLOCK_V": block}
+                ints = {n: "i64" for n in ("V", "size1", "size2", "stride0", "stride1", "stride2", "ignore_index")}
+                fwd_sig = {
+                    "logits_ptr": f"*{ty}",
+                    "labels_ptr": "*i64",
+                    "logprobs_ptr": "*fp32",
+                    "lse_ptr": "*fp32",
+                    "entropy_ptr": "*fp32",
+                    **ints,
+                    "scale2": "fp32",
+                    "HAS_ENTROPY": "constexpr",
+                    "BLOCK_V": "constexpr",
+                }
+                bwd_ints = {f"g_{n}": "i64" for n in ("size1", "size2", "stride0", "stride1", "stride2")}
+                bwd_sig = {
+                    "logits_ptr": f"*{ty}",
+                    "grad_ptr": f"*{ty}",
+                    "labels_ptr": "*i64",
+                    "lse_ptr": "*fp32",
+                    "entropy_ptr": "*fp32",
+                    "grad_logprobs_ptr": "*fp32",
+                    "grad_entropy_ptr": "*fp32",
+                    **ints,
+                    **bwd_ints,
+                    "scale2": "fp32",
+                    "inv_temp": "fp32",
+                    "HAS_ENTROPY": "constexpr",
+                    "BLOCK_V": "constexpr",
+                }
+                configs.append((_logprobs_fwd_kernel, fwd_sig, const, num_warps))
+                configs.append((_logprobs_bwd_kernel, bwd_sig, const, num_warps))
+    return configs

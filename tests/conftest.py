@@ -1,0 +1,41 @@
+"""Shared test setup: devices, backends, tolerances.
+
+Without a CUDA device the Triton kernels run on CPU tensors through the Triton
+interpreter; TRITON_INTERPRET must be set before triton is first imported.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from rlhf_kernels import _dispatch  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+# Test on CPU always, and on CUDA (marked `gpu`) when a device is there.
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")]),
+]
+
+
+def backend_cases(backends=_dispatch.BACKENDS):
+    """(device, backend) pairs; the ones that cannot run here are skipped with the reason."""
+    cases = []
+    for dev in DEVICES:
+        device = dev.values[0]
+        for backend in backends:
+            marks = list(dev.marks)
+            if device == "cpu" or HAS_CUDA:
+                reason = _dispatch.unavailable_reason(backend, torch.device(device))
+                if reason is not None:
+                    marks.append(pytest.mark.skip(reason=reason))
+            cases.append(pytest.param(device, backend, id=f"{device}-{backend}", marks=marks))
+    return cases

@@ -1,0 +1,365 @@
+"""token_logprobs: every backend against the float64 reference, forward and backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import HAS_CUDA, backend_cases
+
+import rlhf_kernels
+from rlhf_kernels.reference.logprobs import token_logprobs as reference
+
+# Tolerances per logits dtype, against the float64 reference evaluated on the
+# same (already rounded) logits. Outputs are float32 for all three dtypes, so
+# forward tolerances are float32 accumulation error over up to 128k terms;
+# gradients are rounded to the logits dtype (bf16: 8 bits of mantissa).
+FWD_TOL = {
+    torch.float32: dict(atol=3e-5, rtol=2e-5),
+    torch.bfloat16: dict(atol=3e-5, rtol=2e-5),
+    torch.float16: dict(atol=3e-5, rtol=2e-5),
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+}
+GRAD_TOL = {
+    torch.float32: dict(atol=1e-6, rtol=1e-4),
+    torch.bfloat16: dict(atol=1e-6, rtol=8e-3),
+    torch.float16: dict(atol=1e-6, rtol=1e-3),
+    torch.float64: dict(atol=1e-12, rtol=1e-9),
+}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Vocab sizes: degenerate, tiny, small, prime (a multiple of no block), GPT-2, Llama-3.
+VOCABS = [(4, 1), (6, 7), (5, 1000), (4, 5003), (2, 50257), (2, 128256)]
+
+
+def make_batch(batch, seq, vocab, dtype, device, *, seed=0, scale=4.0):
+    """Logits sliced like `model_out[:, :-1]` (non-contiguous), labels with
+    ignored tokens, and a mask with one fully masked sequence."""
+    g = torch.Generator().manual_seed(seed)
+    full = (torch.randn(batch, seq + 1, vocab, generator=g) * scale).to(dtype)
+    logits = full.to(device)[:, :-1]
+    labels = torch.randint(0, vocab, (batch, seq), generator=g)
+    labels[0, 0] = -100
+    mask = torch.rand(batch, seq, generator=g) > 0.2
+    if batch > 1:
+        mask[-1] = False  # a fully masked sequence
+    return logits, labels.to(device), mask.to(device)
+
+
+def run(fn, logits, labels, mask, *, entropy_weight=0.37, seed=1, **kw):
+    """Forward and backward with random upstream gradients; returns outputs and grad."""
+    x = logits.detach().clone() if kw.get("inplace_backward") else logits.detach()
+    x.requires_grad_(True)
+    leaf = x
+    if kw.get("inplace_backward"):
+        x = x * 1  # in-place backward overwrites its input: give it a non-leaf to own
+    out = fn(x, labels, mask, **kw)
+    lp, ent = out if isinstance(out, tuple) else (out, None)
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(lp.shape, generator=g, dtype=torch.float64).to(lp.device)
+    loss = (lp.double() * w).sum()
+    if ent is not None:
+        loss = loss + entropy_weight * (ent.double() * w.flip(-1)).sum()
+    loss.backward()
+    return lp, ent, leaf.grad
+
+
+def run_reference(logits, labels, mask, *, temperature=1.0, return_entropy=False, **_):
+    return run(
+        reference,
+        logits.double(),
+        labels,
+        mask,
+        temperature=temperature,
+        return_entropy=return_entropy,
+    )
+
+
+def assert_matches(got, want, dtype):
+    lp, ent, grad = got
+    lp_ref, ent_ref, grad_ref = want
+    assert lp.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(lp.double(), lp_ref, **FWD_TOL[dtype])
+    if ent_ref is not None:
+        torch.testing.assert_close(ent.double(), ent_ref, **{k: 4 * v for k, v in FWD_TOL[dtype].items()})
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad.double(), grad_ref, **GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,vocab", VOCABS, ids=lambda v: str(v))
+def test_matches_reference(device, backend, dtype, rows, vocab):
+    if vocab > 10000 and backend == "torch" and device == "cpu" and dtype != torch.float32:
+        pytest.skip("the torch backend is the reference itself; large-V half cases add nothing on CPU")
+    batch, seq = (2, rows // 2) if rows > 2 else (1, rows)
+    logits, labels, mask = make_batch(batch, seq, vocab, dtype, device, seed=vocab)
+    kw = dict(temperature=0.7, return_entropy=True)
+    got = run(rlhf_kernels.token_logprobs, logits, labels, mask, backend=backend, **kw)
+    assert_matches(got, run_reference(logits, labels, mask, **kw), dtype)
+    # masked and ignored tokens: exactly 0, and exactly 0 gradient
+    lp, ent, grad = got
+    dropped = ~mask | (labels == -100)
+    assert torch.all(lp[dropped] == 0) and torch.all(ent[dropped] == 0)
+    assert torch.all(grad[dropped] == 0)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("return_entropy", [False, True], ids=["lp", "lp+entropy"])
+@pytest.mark.parametrize("inplace_backward", [False, True], ids=["grad", "inplace"])
+@pytest.mark.parametrize("temperature", [1.0, 0.6, 2.5])
+def test_options(device, backend, return_entropy, inplace_backward, temperature):
+    logits, labels, mask = make_batch(3, 5, 333, torch.float32, device, seed=7)
+    kw = dict(temperature=temperature, return_entropy=return_entropy)
+    got = run(
+        rlhf_kernels.token_logprobs, logits, labels, mask, backend=backend, inplace_backward=inplace_backward, **kw
+    )
+    assert_matches(got, run_reference(logits, labels, mask, **kw), torch.float32)
+    assert isinstance(rlhf_kernels.token_logprobs(logits, labels, backend=backend, **kw), tuple) == return_entropy
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_inplace_backward_reuses_logits_buffer(device, backend):
+    if backend == "torch":
+        pytest.skip("the torch backend ignores inplace_backward")
+    logits, labels, mask = make_batch(2, 3, 100, torch.float32, device)
+    x = logits.detach().clone().requires_grad_(True)
+    h = x * 1
+    captured = {}
+    h.register_hook(lambda grad: captured.setdefault("grad", grad))
+    ptr = h.data_ptr()
+    rlhf_kernels.token_logprobs(h, labels, mask, inplace_backward=True, backend=backend).sum().backward()
+    assert captured["grad"].data_ptr() == ptr
+    xr = logits.detach().double().requires_grad_(True)
+    reference(xr, labels, mask).sum().backward()
+    torch.testing.assert_close(x.grad.double(), xr.grad, **GRAD_TOL[torch.float32])
+
+
+LAYOUTS = ["contiguous", "slice_time", "time_major", "three_dims", "four_dims_copy", "flat"]
+
+
+def layout_logits(layout, vocab, device):
+    g = torch.Generator().manual_seed(3)
+    if layout == "contiguous":
+        return torch.randn(2, 5, vocab, generator=g).to(device)
+    if layout == "slice_time":  # logits[:, :-1] of a model's output
+        return torch.randn(2, 6, vocab, generator=g).to(device)[:, :-1]
+    if layout == "time_major":  # [T, B, V] viewed as [B, T, V]
+        return torch.randn(5, 2, vocab, generator=g).to(device).transpose(0, 1)
+    if layout == "three_dims":  # three leading dims, none mergeable
+        return torch.randn(3, 4, 5, vocab + 3, generator=g).to(device)[:, ::2, 1:, :vocab]
+    if layout == "four_dims_copy":  # four non-mergeable dims: the one case that copies
+        return torch.randn(2, 3, 3, 4, vocab + 1, generator=g).to(device)[:, :, ::2, 1:, :vocab].transpose(0, 1)
+    return torch.randn(7, vocab, generator=g).to(device)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_strided_logits(device, backend, layout):
+    logits = layout_logits(layout, 77, device)
+    g = torch.Generator().manual_seed(4)
+    labels = torch.randint(0, 77, logits.shape[:-1], generator=g).to(device)
+    mask = (torch.rand(logits.shape[:-1], generator=g) > 0.3).to(device)
+    kw = dict(temperature=0.9, return_entropy=True)
+    got = run(rlhf_kernels.token_logprobs, logits, labels, mask, backend=backend, **kw)
+    assert got[2].shape == logits.shape
+    assert_matches(got, run_reference(logits, labels, mask, **kw), torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_forward_saves_only_what_backward_needs(device, backend):
+    """The logits are saved by reference (no copy), the rest is O(N)."""
+    if backend == "torch":
+        pytest.skip("the torch backend saves log_softmax's output, by design of the oracle")
+    logits, labels, mask = make_batch(2, 4, 1000, torch.bfloat16, device)
+    x = logits.detach().requires_grad_(True)
+    saved = []
+
+    def pack(t):
+        saved.append((t.data_ptr(), t.numel()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        rlhf_kernels.token_logprobs(x, labels, mask, return_entropy=True, backend=backend)
+    big = [(ptr, n) for ptr, n in saved if n >= 1000]
+    assert big == [(x.data_ptr(), x.numel())], saved
+    assert sum(n for _, n in saved if n < 1000) <= 3 * labels.numel()
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_all_tokens_masked(device, backend):
+    logits, labels, _ = make_batch(2, 3, 50, torch.float32, device)
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    lp, ent, grad = run(rlhf_kernels.token_logprobs, logits, labels, mask, backend=backend, return_entropy=True)
+    assert torch.all(lp == 0) and torch.all(ent == 0) and torch.all(grad == 0)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_negative_infinite_logits(device, backend):
+    """Masked vocab entries at -inf, including a whole leading tile of them."""
+    vocab = 20000
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(5))
+    logits[:, :9000] = float("-inf")
+    logits[1, 12000:] = float("-inf")
+    logits = logits.to(device)
+    labels = torch.tensor([9000, 11999, 19999], device=device)
+    kw = dict(return_entropy=True, temperature=1.3)
+    got = run(rlhf_kernels.token_logprobs, logits, labels, None, backend=backend, **kw)
+    want = run_reference(logits, labels, None, **kw)
+    for t in got:
+        assert torch.isfinite(t).all()
+    assert_matches(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_unchecked_out_of_range_label_is_nan(device, backend):
+    logits, labels, _ = make_batch(1, 4, 30, torch.float32, device)
+    labels = labels.clone()
+    labels[0, 1] = 30
+    labels[0, 2] = -7
+    lp = rlhf_kernels.token_logprobs(logits, labels, check_labels=False, backend=backend)
+    assert torch.isnan(lp[0, 1]) and torch.isnan(lp[0, 2])
+    assert torch.isfinite(lp[0, 3])
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_int64_offsets(device, backend):
+    """Rows that start past 2**31 elements. torch.empty does not touch pages, so
+    the 4 GiB buffer costs only the two rows that are written."""
+    vocab = 1000
+    if device == "cpu" and backend == "torch":
+        pytest.skip("nothing kernel-specific to test")
+    base = torch.empty(2**31 + 2 * vocab, dtype=torch.bfloat16, device=device)
+    logits = base.as_strided((2, vocab), (2**31, 1), storage_offset=vocab)
+    logits.copy_(torch.randn(2, vocab, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16))
+    labels = torch.tensor([3, vocab - 1], device=device)
+    got = run(rlhf_kernels.token_logprobs, logits, labels, None, backend=backend)
+    assert_matches(got, run_reference(logits, labels, None), torch.bfloat16)
+    del base
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_gradcheck_float64(device, backend):
+    logits, labels, mask = make_batch(2, 3, 17, torch.float64, device, scale=2.0)
+    x = logits.detach().clone().requires_grad_(True)
+
+    def fn(x):
+        lp, ent = rlhf_kernels.token_logprobs(x, labels, mask, temperature=0.8, return_entropy=True, backend=backend)
+        return lp, ent
+
+    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_float64_logits(device, backend):
+    logits, labels, mask = make_batch(2, 3, 300, torch.float64, device)
+    kw = dict(return_entropy=True)
+    got = run(rlhf_kernels.token_logprobs, logits, labels, mask, backend=backend, **kw)
+    assert_matches(got, run_reference(logits, labels, mask, **kw), torch.float64)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_empty_batch(device, backend):
+    logits = torch.randn(0, 5, 11, device=device, requires_grad=True)
+    labels = torch.zeros(0, 5, dtype=torch.long, device=device)
+    lp = rlhf_kernels.token_logprobs(logits, labels, backend=backend)
+    assert lp.shape == (0, 5)
+    lp.sum().backward()
+    assert logits.grad.shape == logits.shape
+
+
+# --- bad input -----------------------------------------------------------------
+
+BAD_INPUTS = [
+    ("rank", lambda x, y: (x[0, 0, 0], y[0, 0]), {}, ValueError, "logits"),
+    ("labels_shape", lambda x, y: (x, y[:, :-1]), {}, ValueError, "labels"),
+    ("float_labels", lambda x, y: (x, y.float()), {}, TypeError, "labels"),
+    ("int_logits", lambda x, y: (x.long(), y), {}, TypeError, "logits"),
+    ("last_dim_stride", lambda x, y: (x[..., ::2], y), {}, ValueError, "logits"),
+    ("label_too_big", lambda x, y: (x, torch.full_like(y, 11)), {}, ValueError, "labels"),
+    ("label_negative", lambda x, y: (x, torch.full_like(y, -1)), {}, ValueError, "labels"),
+    ("zero_temperature", lambda x, y: (x, y), {"temperature": 0.0}, ValueError, "temperature"),
+    ("negative_temperature", lambda x, y: (x, y), {"temperature": -1.0}, ValueError, "temperature"),
+    ("nan_temperature", lambda x, y: (x, y), {"temperature": float("nan")}, ValueError, "temperature"),
+    ("mask_shape", lambda x, y: (x, y), {"mask": torch.ones(2, 3, dtype=torch.bool)}, ValueError, "mask"),
+    ("float_mask", lambda x, y: (x, y), {"mask": torch.ones(2, 4)}, TypeError, "mask"),
+    ("unknown_backend", lambda x, y: (x, y), {"backend": "cuda_graphs"}, ValueError, "backend"),
+    ("empty_vocab", lambda x, y: (x[..., :0], y), {}, ValueError, "logits"),
+]
+
+
+@pytest.mark.parametrize("name,make,kw,exc,arg", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+@pytest.mark.parametrize("backend", ["torch", "triton", "native", "auto"])
+def test_bad_input(name, make, kw, exc, arg, backend):
+    x = torch.randn(2, 4, 11)
+    y = torch.randint(0, 11, (2, 4))
+    if "backend" not in kw:
+        kw = {**kw, "backend": backend}
+    logits, labels = make(x, y)
+    with pytest.raises(exc, match=arg):
+        rlhf_kernels.token_logprobs(logits, labels, **kw)
+
+
+def test_label_check_ignores_masked_tokens():
+    x = torch.randn(2, 4, 11)
+    y = torch.randint(0, 11, (2, 4))
+    y[1, 2] = 999
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask[1, 2] = False
+    lp = rlhf_kernels.token_logprobs(x, y, mask)
+    assert lp[1, 2] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")
+def test_mixed_devices():
+    x = torch.randn(2, 4, 11, device="cuda")
+    with pytest.raises(ValueError, match="labels"):
+        rlhf_kernels.token_logprobs(x, torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="mask"):
+        rlhf_kernels.token_logprobs(
+            x, torch.zeros(2, 4, dtype=torch.long, device="cuda"), torch.ones(2, 4, dtype=torch.bool)
+        )
+
+
+@pytest.mark.parametrize("backend", ["triton", "native"])
+def test_unavailable_backend_says_why(backend, monkeypatch):
+    from rlhf_kernels import _dispatch
+
+    monkeypatch.setattr(_dispatch, "unavailable_reason", lambda b, d: "because" if b == backend else None)
+    with pytest.raises(RuntimeError, match=f"backend='{backend}' is unavailable: because"):
+        rlhf_kernels.token_logprobs(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), backend=backend)
+
+
+# --- torch.library / torch.compile ----------------------------------------------------
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"]))
+def test_opcheck(device, backend):
+    if backend == "triton" and device == "cpu":
+        pytest.skip("fake tensors have no data pointer for the Triton interpreter; checked on GPU")
+    logits, labels, _ = make_batch(2, 3, 40, torch.float32, device)
+    logits = logits.detach().requires_grad_(True)
+    op = getattr(torch.ops.rlhf_kernels, f"token_logprobs_fwd_{backend}")
+    for entropy in (False, True):
+        torch.library.opcheck(op, (logits, labels, 0.9, -100, entropy, False))
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["torch", "triton", "native"]))
+def test_torch_compile_fullgraph(device, backend):
+    if backend == "triton" and device == "cpu":
+        pytest.skip("torch.compile cannot trace interpreted Triton kernels; checked on GPU")
+    logits, labels, mask = make_batch(2, 3, 64, torch.float32, device)
+
+    def step(x):
+        lp, ent = rlhf_kernels.token_logprobs(x, labels, mask, return_entropy=True, backend=backend)
+        return (lp.sum(-1) + 0.1 * ent.mean(-1)).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    x1 = logits.detach().clone().requires_grad_(True)
+    x2 = logits.detach().clone().requires_grad_(True)
+    eager = step(x1)
+    eager.backward()
+    out = compiled(x2)
+    out.backward()
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(x2.grad, x1.grad)
