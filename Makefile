@@ -47,6 +47,7 @@ info: setup
 
 # For a GPU machine whose Python already has torch and triton: no network needed.
 gpu-check:
+	mkdir -p benchmarks/results
 	env -u TRITON_INTERPRET MAX_JOBS=$(JOBS) $(PYTHON) setup.py build_ext --inplace
 	$(PYTHON) -m rlhf_kernels.cli info | tee benchmarks/results/build-info.json
 	env -u TRITON_INTERPRET $(PYTHON) -m pytest -q -p no:cacheprovider tests 2>&1 | tee benchmarks/results/gpu-tests.log

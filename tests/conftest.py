@@ -19,6 +19,15 @@ from rlhf_kernels import _dispatch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
+try:  # HYPOTHESIS_PROFILE=thorough for a long property-based run
+    from hypothesis import settings
+
+    settings.register_profile("ci", max_examples=30)
+    settings.register_profile("thorough", max_examples=500)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:
+    pass
+
 # Test on CPU always, and on CUDA (marked `gpu`) when a device is there.
 DEVICES = [
     pytest.param("cpu", id="cpu"),

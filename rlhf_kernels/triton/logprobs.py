@@ -14,9 +14,8 @@ import triton.language as tl
 
 from rlhf_kernels._layout import row_layout
 
-LOG2E = 1.4426950408889634
 # Kernels may only read globals that are constexpr.
-_LOG2E = tl.constexpr(LOG2E)
+_LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 
 
@@ -42,7 +41,8 @@ def _logprobs_fwd_kernel(
     stride0,
     stride1,
     stride2,
-    scale2,  # log2(e) / T: logits -> base-2 scaled logits
+    inv_temp_hi,  # 1/T as hi + lo float32 parts (Triton passes float scalars as
+    inv_temp_lo,  # float32; the float64 path needs 1/T to double precision)
     ignore_index,
     HAS_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -53,6 +53,9 @@ def _logprobs_fwd_kernel(
     # 2^(u - m) * u; writes 3 scalars. Ignored rows read nothing.
     row = tl.program_id(0).to(tl.int64)
     acc_ty = lse_ptr.dtype.element_ty
+    # Constants in the accumulation type (a bare float literal would be float32).
+    ln2 = tl.full((), _LN2, acc_ty)
+    scale2 = (tl.cast(inv_temp_hi, acc_ty) + tl.cast(inv_temp_lo, acc_ty)) * tl.full((), _LOG2E, acc_ty)
     label = tl.load(labels_ptr + row)
     if label == ignore_index:
         tl.store(logprobs_ptr + row, 0.0)
@@ -86,10 +89,10 @@ def _logprobs_fwd_kernel(
             m = m_new
         lse2 = m + tl.log2(s)
         x_label = tl.load(row_ptr + label).to(acc_ty)
-        tl.store(lse_ptr + row, lse2 * _LN2)
-        tl.store(logprobs_ptr + row, (x_label * scale2 - lse2) * _LN2)
+        tl.store(lse_ptr + row, lse2 * ln2)
+        tl.store(logprobs_ptr + row, (x_label * scale2 - lse2) * ln2)
         if HAS_ENTROPY:
-            tl.store(entropy_ptr + row, (lse2 - w / s) * _LN2)
+            tl.store(entropy_ptr + row, (lse2 - w / s) * ln2)
 
 
 @triton.jit
@@ -112,8 +115,8 @@ def _logprobs_bwd_kernel(
     g_stride0,
     g_stride1,
     g_stride2,
-    scale2,  # log2(e) / T
-    inv_temp,
+    inv_temp_hi,  # 1/T as hi + lo float32 parts, as in the forward kernel
+    inv_temp_lo,
     ignore_index,
     HAS_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -125,6 +128,10 @@ def _logprobs_bwd_kernel(
     # before it is written by the same program.
     row = tl.program_id(0).to(tl.int64)
     acc_ty = lse_ptr.dtype.element_ty
+    ln2 = tl.full((), _LN2, acc_ty)
+    log2e = tl.full((), _LOG2E, acc_ty)
+    inv_temp = tl.cast(inv_temp_hi, acc_ty) + tl.cast(inv_temp_lo, acc_ty)
+    scale2 = inv_temp * log2e
     label = tl.load(labels_ptr + row)
     cols = tl.arange(0, BLOCK_V).to(tl.int64)
     x_ptr = logits_ptr + _row_start(row, size1, size2, stride0, stride1, stride2)
@@ -138,12 +145,12 @@ def _logprobs_bwd_kernel(
             offs = start + cols
             tl.store(g_ptr + offs, tl.full((BLOCK_V,), float("nan"), acc_ty), mask=offs < V)
     else:
-        lse2 = tl.load(lse_ptr + row) * _LOG2E
+        lse2 = tl.load(lse_ptr + row) * log2e
         g = tl.load(grad_logprobs_ptr + row)
         if HAS_ENTROPY:
             gh = tl.load(grad_entropy_ptr + row)
             # z - lse + H in base-2 units: (u - lse2 + H2) * ln2.
-            shift2 = tl.load(entropy_ptr + row) * _LOG2E - lse2
+            shift2 = tl.load(entropy_ptr + row) * log2e - lse2
         for start in range(0, V, BLOCK_V):
             offs = start + cols
             x = tl.load(x_ptr + offs, mask=offs < V, other=0.0)
@@ -151,7 +158,7 @@ def _logprobs_bwd_kernel(
             p = tl.exp2(u - lse2)
             d = tl.where(offs == label, g - g * p, -g * p)
             if HAS_ENTROPY:
-                d -= gh * p * tl.where(p > 0, u + shift2, 0.0) * _LN2
+                d -= gh * p * tl.where(p > 0, u + shift2, 0.0) * ln2
             tl.store(g_ptr + offs, (d * inv_temp).to(g_ptr.dtype.element_ty), mask=offs < V)
 
 
@@ -162,6 +169,12 @@ def _block_v(vocab: int, itemsize: int) -> tuple[int, int]:
     block = min(triton.next_power_of_2(vocab), 8192 // itemsize)
     num_warps = max(1, min(8, block // (16 * 32)))
     return block, num_warps
+
+
+def _split_float(value: float) -> tuple[float, float]:
+    """value = hi + lo with hi, lo both exact float32 (to ~2^-48 relative)."""
+    hi = float(torch.tensor(value, dtype=torch.float32))
+    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -195,7 +208,7 @@ def logprobs_fwd(
         entropy if return_entropy else lse,
         vocab,
         *layout,
-        LOG2E / temperature,
+        *_split_float(1.0 / temperature),
         ignore_index,
         HAS_ENTROPY=return_entropy,
         BLOCK_V=block,
@@ -241,8 +254,7 @@ def logprobs_bwd(
         logits.shape[-1],
         *layout,
         *grad_layout,
-        LOG2E / temperature,
-        1.0 / temperature,
+        *_split_float(1.0 / temperature),
         ignore_index,
         HAS_ENTROPY=has_entropy,
         BLOCK_V=block,
@@ -266,7 +278,8 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], in
                     "lse_ptr": "*fp32",
                     "entropy_ptr": "*fp32",
                     **ints,
-                    "scale2": "fp32",
+                    "inv_temp_hi": "fp32",
+                    "inv_temp_lo": "fp32",
                     "HAS_ENTROPY": "constexpr",
                     "BLOCK_V": "constexpr",
                 }
@@ -281,8 +294,8 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], in
                     "grad_entropy_ptr": "*fp32",
                     **ints,
                     **bwd_ints,
-                    "scale2": "fp32",
-                    "inv_temp": "fp32",
+                    "inv_temp_hi": "fp32",
+                    "inv_temp_lo": "fp32",
                     "HAS_ENTROPY": "constexpr",
                     "BLOCK_V": "constexpr",
                 }
