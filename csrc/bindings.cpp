@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "logprobs.h"
+#include "preference.h"
 
 #ifdef RLHF_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -178,6 +179,173 @@ void token_logprobs_bwd_inplace(const at::Tensor& logits, const at::Tensor& grad
   run_bwd(grad_logprobs, grad_entropy, logits, logits, labels, lse, entropy, temperature, ignore_index);
 }
 
+// --- preference losses --------------------------------------------------------
+
+PrefLoss pref_loss_id(const std::string& name) {
+  static const std::pair<const char*, PrefLoss> table[] = {
+      {"sigmoid", PrefLoss::Sigmoid},    {"robust", PrefLoss::Robust},     {"exo_pair", PrefLoss::ExoPair},
+      {"hinge", PrefLoss::Hinge},        {"ipo", PrefLoss::Ipo},           {"bco_pair", PrefLoss::BcoPair},
+      {"sppo_hard", PrefLoss::SppoHard}, {"nca_pair", PrefLoss::NcaPair},  {"apo_zero", PrefLoss::ApoZero},
+      {"apo_down", PrefLoss::ApoDown},   {"discopop", PrefLoss::Discopop}, {"orpo", PrefLoss::Orpo},
+      {"kto_chosen", PrefLoss::KtoChosen}, {"kto_rejected", PrefLoss::KtoRejected},
+  };
+  for (const auto& [key, id] : table) {
+    if (name == key) return id;
+  }
+  TORCH_CHECK_VALUE(false, "loss: unknown preference loss '", name, "'");
+}
+
+// All present inputs: 1-D, n elements, one device, float32 or float64 (all the same).
+struct PrefInputs {
+  int64_t n = 0;
+  at::Device device = at::kCPU;
+  at::ScalarType dtype = at::kFloat;
+};
+
+PrefInputs check_pref_inputs(const std::vector<std::pair<const char*, const std::optional<at::Tensor>*>>& named) {
+  PrefInputs in;
+  const char* first = nullptr;
+  for (const auto& [name, opt] : named) {
+    if (!opt->has_value() || !(*opt)->defined()) continue;
+    const at::Tensor& t = **opt;
+    if (first == nullptr) {
+      first = name;
+      in.n = t.dim() == 1 ? t.size(0) : -1;
+      in.device = t.device();
+      in.dtype = t.scalar_type();
+      TORCH_CHECK_TYPE(in.dtype == at::kFloat || in.dtype == at::kDouble, name, ": expected float32 or float64, got ",
+                       in.dtype);
+    }
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == in.n, name, ": expected shape [", in.n, "], got ", t.sizes());
+    TORCH_CHECK_VALUE(t.device() == in.device, name, ": on ", t.device(), " but ", first, " is on ", in.device);
+    TORCH_CHECK_TYPE(t.scalar_type() == in.dtype, name, ": dtype ", t.scalar_type(), " differs from ", first, "'s ",
+                     in.dtype);
+    TORCH_CHECK_VALUE(t.is_contiguous(), name, ": must be contiguous");
+  }
+  TORCH_CHECK_VALUE(first != nullptr, "chosen / rejected: at least one must be given");
+  return in;
+}
+
+const void* opt_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->data_ptr() : nullptr;
+}
+
+PrefScalars pref_scalars(double beta, double gamma, double label_smoothing, double center, double tau,
+                         double bco_delta, bool bco_batch_mean, double weight) {
+  PrefScalars s;
+  s.beta = beta;
+  s.gamma = gamma;
+  s.label_smoothing = label_smoothing;
+  s.center = center;
+  s.tau = tau;
+  s.bco_delta = bco_delta;
+  s.bco_batch_mean = bco_batch_mean;
+  s.weight = weight;
+  return s;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> preference_fwd(
+    const std::string& loss, const std::optional<at::Tensor>& chosen, const std::optional<at::Tensor>& rejected,
+    const std::optional<at::Tensor>& ref_chosen, const std::optional<at::Tensor>& ref_rejected,
+    const std::optional<at::Tensor>& margin, const std::optional<at::Tensor>& kl, double beta, double gamma,
+    double label_smoothing, double center, double tau, double bco_delta, bool bco_batch_mean, double weight,
+    bool write_rewards) {
+  const PrefInputs in = check_pref_inputs({{"chosen", &chosen},
+                                           {"rejected", &rejected},
+                                           {"ref_chosen", &ref_chosen},
+                                           {"ref_rejected", &ref_rejected},
+                                           {"margin", &margin}});
+  TORCH_CHECK_VALUE(beta > 0, "beta: must be positive, got ", beta);
+  if (kl.has_value() && kl->defined()) {
+    TORCH_CHECK_VALUE(kl->numel() == 1 && kl->device() == in.device && kl->scalar_type() == in.dtype,
+                      "kl: expected one value of dtype ", in.dtype, " on ", in.device);
+  }
+  const auto opts = at::TensorOptions().dtype(in.dtype).device(in.device);
+  const bool has_a = opt_ptr(chosen) != nullptr, has_b = opt_ptr(rejected) != nullptr;
+  at::Tensor losses = at::empty({in.n}, opts);
+  at::Tensor cr = at::empty({write_rewards && has_a ? in.n : 0}, opts);
+  at::Tensor rr = at::empty({write_rewards && has_b ? in.n : 0}, opts);
+  at::Tensor metrics = at::empty({kPrefMetrics}, opts);
+  PrefFwdParams p;
+  p.dtype = in.dtype == at::kDouble ? ScalarKind::Float64 : ScalarKind::Float32;
+  p.loss = pref_loss_id(loss);
+  p.n = in.n;
+  p.chosen = opt_ptr(chosen);
+  p.rejected = opt_ptr(rejected);
+  p.ref_chosen = opt_ptr(ref_chosen);
+  p.ref_rejected = opt_ptr(ref_rejected);
+  p.margin = opt_ptr(margin);
+  p.kl = opt_ptr(kl);
+  p.s = pref_scalars(beta, gamma, label_smoothing, center, tau, bco_delta, bco_batch_mean, weight);
+  p.losses = losses.data_ptr();
+  p.chosen_rewards = cr.numel() ? cr.data_ptr() : nullptr;
+  p.rejected_rewards = rr.numel() ? rr.data_ptr() : nullptr;
+  p.metrics = metrics.data_ptr();
+  if (in.device.is_cuda()) {
+#ifdef RLHF_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(in.device);
+    preference_fwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
+#else
+    TORCH_CHECK(false, "rlhf_kernels._C was built without CUDA");
+#endif
+  } else {
+    preference_fwd_cpu(p);
+  }
+  return {losses, cr, rr, metrics};
+}
+
+std::tuple<at::Tensor, at::Tensor> preference_bwd(
+    const std::string& loss, const std::optional<at::Tensor>& chosen, const std::optional<at::Tensor>& rejected,
+    const std::optional<at::Tensor>& ref_chosen, const std::optional<at::Tensor>& ref_rejected,
+    const std::optional<at::Tensor>& margin, const std::optional<at::Tensor>& kl, const at::Tensor& metrics,
+    double beta, double gamma, double label_smoothing, double center, double tau, double weight,
+    const at::Tensor& grad_losses, int64_t grad_stride, double grad_scale, bool need_a, bool need_b) {
+  const PrefInputs in = check_pref_inputs({{"chosen", &chosen},
+                                           {"rejected", &rejected},
+                                           {"ref_chosen", &ref_chosen},
+                                           {"ref_rejected", &ref_rejected},
+                                           {"margin", &margin}});
+  TORCH_CHECK_VALUE(metrics.numel() == kPrefMetrics && metrics.scalar_type() == in.dtype &&
+                        metrics.device() == in.device && metrics.is_contiguous(),
+                    "metrics: expected the forward's ", kPrefMetrics, " metrics");
+  TORCH_CHECK_VALUE(grad_stride >= 0, "grad_stride: must be >= 0");
+  at::Tensor g = grad_losses.to(in.dtype).contiguous();
+  TORCH_CHECK_VALUE(g.device() == in.device, "grad_losses: on ", g.device(), " but inputs are on ", in.device);
+  TORCH_CHECK_VALUE(in.n == 0 || (in.n - 1) * grad_stride < g.numel(), "grad_losses: too few elements");
+  const auto opts = at::TensorOptions().dtype(in.dtype).device(in.device);
+  at::Tensor ga = at::empty({need_a ? in.n : 0}, opts);
+  at::Tensor gb = at::empty({need_b ? in.n : 0}, opts);
+  PrefBwdParams p;
+  p.dtype = in.dtype == at::kDouble ? ScalarKind::Float64 : ScalarKind::Float32;
+  p.loss = pref_loss_id(loss);
+  p.n = in.n;
+  p.chosen = opt_ptr(chosen);
+  p.rejected = opt_ptr(rejected);
+  p.ref_chosen = opt_ptr(ref_chosen);
+  p.ref_rejected = opt_ptr(ref_rejected);
+  p.margin = opt_ptr(margin);
+  p.kl = opt_ptr(kl);
+  p.metrics = metrics.data_ptr();
+  p.s = pref_scalars(beta, gamma, label_smoothing, center, tau, 0.0, false, weight);
+  p.grad_losses = g.data_ptr();
+  p.grad_stride = grad_stride;
+  p.grad_scale = grad_scale;
+  p.grad_a = need_a ? ga.data_ptr() : nullptr;
+  p.grad_b = need_b ? gb.data_ptr() : nullptr;
+  if (in.n == 0) return {ga, gb};
+  if (in.device.is_cuda()) {
+#ifdef RLHF_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(in.device);
+    preference_bwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
+#else
+    TORCH_CHECK(false, "rlhf_kernels._C was built without CUDA");
+#endif
+  } else {
+    preference_bwd_cpu(p);
+  }
+  return {ga, gb};
+}
+
 pybind11::dict build_info() {
   pybind11::dict d;
 #ifdef RLHF_WITH_CUDA
@@ -205,12 +373,23 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   m.def(
       "token_logprobs_bwd_inplace_native(Tensor(a!) logits, Tensor grad_logprobs, Tensor? grad_entropy, "
       "Tensor labels, Tensor lse, Tensor entropy, float temperature, int ignore_index) -> ()");
+  m.def(
+      "preference_fwd_native(str loss, Tensor? chosen, Tensor? rejected, Tensor? ref_chosen, Tensor? ref_rejected, "
+      "Tensor? margin, Tensor? kl, float beta, float gamma, float label_smoothing, float center, float tau, "
+      "float bco_delta, bool bco_batch_mean, float weight, bool write_rewards) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "preference_bwd_native(str loss, Tensor? chosen, Tensor? rejected, Tensor? ref_chosen, Tensor? ref_rejected, "
+      "Tensor? margin, Tensor? kl, Tensor metrics, float beta, float gamma, float label_smoothing, float center, "
+      "float tau, float weight, Tensor grad_losses, int grad_stride, float grad_scale, bool need_a, bool need_b) "
+      "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
   m.impl("token_logprobs_fwd_native", &rlhf::token_logprobs_fwd);
   m.impl("token_logprobs_bwd_native", &rlhf::token_logprobs_bwd);
   m.impl("token_logprobs_bwd_inplace_native", &rlhf::token_logprobs_bwd_inplace);
+  m.impl("preference_fwd_native", &rlhf::preference_fwd);
+  m.impl("preference_bwd_native", &rlhf::preference_bwd);
 }
 
 #ifdef RLHF_WITH_CUDA
@@ -218,6 +397,8 @@ TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) {
   m.impl("token_logprobs_fwd_native", &rlhf::token_logprobs_fwd);
   m.impl("token_logprobs_bwd_native", &rlhf::token_logprobs_bwd);
   m.impl("token_logprobs_bwd_inplace_native", &rlhf::token_logprobs_bwd_inplace);
+  m.impl("preference_fwd_native", &rlhf::preference_fwd);
+  m.impl("preference_bwd_native", &rlhf::preference_bwd);
 }
 #endif
 

@@ -11,7 +11,16 @@ from typing import Any
 import torch
 
 from rlhf_kernels import _dispatch, native
-from rlhf_kernels.ops import token_logprobs
+from rlhf_kernels.ops import (
+    DPO_LOSS_TYPES,
+    bradley_terry_loss,
+    dpo_loss,
+    kto_loss,
+    orpo_loss,
+    sequence_logprobs,
+    simpo_loss,
+    token_logprobs,
+)
 
 __version__ = "0.1.0"
 
@@ -38,4 +47,15 @@ def build_info() -> dict[str, Any]:
     }
 
 
-__all__ = ["token_logprobs", "build_info", "__version__"]
+__all__ = [
+    "token_logprobs",
+    "sequence_logprobs",
+    "dpo_loss",
+    "simpo_loss",
+    "orpo_loss",
+    "kto_loss",
+    "bradley_terry_loss",
+    "DPO_LOSS_TYPES",
+    "build_info",
+    "__version__",
+]

@@ -29,8 +29,11 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def unavailable_reason(backend: str, device: torch.device) -> str | None:
-    """Why ``backend`` cannot run on ``device``, or ``None`` when it can."""
+def unavailable_reason(backend: str, device: torch.device, native_op: str | None = None) -> str | None:
+    """Why ``backend`` cannot run on ``device``, or ``None`` when it can.
+
+    ``native_op`` names the op the caller needs from the extension (an older
+    build may lack a newer op family)."""
     if backend == "torch":
         return None
     if backend == "triton":
@@ -44,6 +47,8 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     if backend == "native":
         if not native.available():
             return f"the rlhf_kernels._C extension is not built ({native.LOAD_ERROR})"
+        if native_op is not None and not hasattr(torch.ops.rlhf_kernels, native_op):
+            return f"this build of rlhf_kernels._C has no {native_op} (rebuild the extension)"
         if device.type == "cpu":
             return None
         if device.type == "cuda":
@@ -57,14 +62,25 @@ def available_backends(device: torch.device | str) -> list[str]:
     return [b for b in BACKENDS if unavailable_reason(b, device) is None]
 
 
-def resolve(backend: str, device: torch.device) -> str:
+def resolve(backend: str, device: torch.device, native_op: str | None = None) -> str:
     """Map a user's ``backend`` argument to the backend that will run."""
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a string, got {type(backend).__name__}")
     if backend == "auto":
         order = ("triton", "native", "torch") if device.type == "cuda" else ("native", "torch")
-        return next(b for b in order if unavailable_reason(b, device) is None)
-    reason = unavailable_reason(backend, device)
+        return next(b for b in order if unavailable_reason(b, device, native_op) is None)
+    reason = unavailable_reason(backend, device, native_op)
     if reason is not None:
         raise RuntimeError(f"backend={backend!r} is unavailable: {reason}")
     return backend
+
+
+def kernel_ops(*names: str) -> dict[str, tuple]:
+    """``{backend: (op, ...)}`` for each kernel backend (triton, native) that
+    registered every ``rlhf_kernels::<name>_<backend>`` op in ``names``."""
+    found = {}
+    for backend in ("triton", "native"):
+        ops = [getattr(torch.ops.rlhf_kernels, f"{name}_{backend}", None) for name in names]
+        if all(op is not None for op in ops):
+            found[backend] = tuple(op.default for op in ops)
+    return found

@@ -90,29 +90,119 @@ def rowloop_logprobs(logits, labels, temperature=1.0):
     return torch.stack(out)
 
 
-_compiled_eager = None
+def eager_dpo_loss(pc, pr, rc, rr, beta=0.1):
+    """TRL's sigmoid DPO loss and the metrics its trainer logs, as eager ops."""
+    logits = (pc - pr) - (rc - rr)
+    losses = -torch.nn.functional.logsigmoid(beta * logits)
+    chosen_rewards = beta * (pc - rc).detach()
+    rejected_rewards = beta * (pr - rr).detach()
+    metrics = (
+        (chosen_rewards > rejected_rewards).float().mean(),
+        (chosen_rewards - rejected_rewards).mean(),
+        chosen_rewards.mean(),
+        rejected_rewards.mean(),
+    )
+    return losses.mean(), metrics
 
 
-def compiled_logprobs(logits, labels, temperature=1.0):
-    global _compiled_eager
-    if _compiled_eager is None:
-        _compiled_eager = torch.compile(eager_logprobs, dynamic=False)
-    return _compiled_eager(logits, labels, temperature)
+def eager_dpo_step(logits, labels, mask, ref_logps, beta=0.1):
+    """The unfused DPO step from logits: log_softmax, gather, mask, sum, then the loss."""
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    seq = (logp * mask).sum(-1)
+    half = seq.shape[0] // 2
+    return eager_dpo_loss(seq[:half], seq[half:], ref_logps[:half], ref_logps[half:], beta)[0]
 
 
-def providers(device: torch.device, include_compile: bool = True) -> dict[str, Callable]:
-    table: dict[str, Callable] = {}
-    for backend in _dispatch.available_backends(device):
-        if backend == "triton" and device.type != "cuda":
-            continue  # the interpreter is a test vehicle, not something to time
-        table[f"rlhf_kernels[{backend}]"] = lambda x, y, t=1.0, b=backend: rlhf_kernels.token_logprobs(
-            x, y, temperature=t, backend=b
+_COMPILED: dict[str, Callable] = {}
+
+
+def _compiled(fn: Callable) -> Callable:
+    def call(*args):
+        if fn.__name__ not in _COMPILED:
+            _COMPILED[fn.__name__] = torch.compile(fn, dynamic=False)
+        return _COMPILED[fn.__name__](*args)
+
+    return call
+
+
+def _kernel_backends(device: torch.device, native_op: str | None = None) -> list[str]:
+    """Backends worth timing: the interpreter is a test vehicle, not something to time."""
+    return [
+        b for b in _dispatch.BACKENDS
+        if _dispatch.unavailable_reason(b, device, native_op) is None and not (b == "triton" and device.type != "cuda")
+    ]  # fmt: skip
+
+
+@dataclasses.dataclass
+class Problem:
+    """One benchmarked op on one input: its providers and its memory traffic model."""
+
+    op: str
+    shape: str
+    dtype: torch.dtype
+    inputs: dict[str, torch.Tensor]
+    grad_inputs: tuple[str, ...]
+    providers: dict[str, Callable[[dict[str, torch.Tensor]], object]]
+    bytes_moved: dict[str, int]
+
+
+def token_logprobs_problem(n_tokens, vocab, dtype, device, temperature=1.0) -> Problem:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    logits = (torch.randn(n_tokens, vocab, generator=g) * 2).to(dtype=dtype, device=device)
+    labels = torch.randint(0, vocab, (n_tokens,), generator=g).to(device)
+    provs: dict[str, Callable] = {}
+    for b in _kernel_backends(device):
+        provs[f"rlhf_kernels[{b}]"] = lambda i, b=b: rlhf_kernels.token_logprobs(
+            i["logits"], i["labels"], temperature=temperature, backend=b
         )
-    table["eager"] = eager_logprobs
-    if include_compile:
-        table["torch.compile"] = compiled_logprobs
-    table["row_loop"] = rowloop_logprobs
-    return table
+    provs["eager"] = lambda i: eager_logprobs(i["logits"], i["labels"], temperature)
+    provs["torch.compile"] = lambda i: _compiled(eager_logprobs)(i["logits"], i["labels"], temperature)
+    if n_tokens <= 4096:
+        provs["row_loop"] = lambda i: rowloop_logprobs(i["logits"], i["labels"], temperature)
+    size = n_tokens * vocab * logits.element_size()
+    return Problem("token_logprobs", f"{n_tokens}x{vocab}", dtype, {"logits": logits, "labels": labels}, ("logits",),
+                   provs, {"fwd": size, "bwd": 2 * size, "fwd+bwd": 3 * size})  # fmt: skip
+
+
+def dpo_step_problem(pairs, seq, vocab, dtype, device, beta=0.1) -> Problem:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    logits = (torch.randn(2 * pairs, seq, vocab, generator=g) * 2).to(dtype=dtype, device=device)
+    labels = torch.randint(0, vocab, (2 * pairs, seq), generator=g).to(device)
+    mask = (torch.arange(seq) >= seq // 4).expand(2 * pairs, seq).to(device)  # the first quarter is the prompt
+    ref_logps = (torch.randn(2 * pairs, generator=g) - seq).to(device)
+    inputs = {"logits": logits, "labels": labels, "mask": mask, "ref": ref_logps}
+
+    def fused(i, b):
+        lp = rlhf_kernels.sequence_logprobs(i["logits"], i["labels"], i["mask"], backend=b)
+        r = i["ref"]
+        return rlhf_kernels.dpo_loss(lp[:pairs], lp[pairs:], r[:pairs], r[pairs:], beta=beta, backend=b).losses.mean()
+
+    provs: dict[str, Callable] = {f"rlhf_kernels[{b}]": (lambda i, b=b: fused(i, b)) for b in _kernel_backends(device)}
+    provs["eager"] = lambda i: eager_dpo_step(i["logits"], i["labels"], i["mask"], i["ref"], beta)
+    provs["torch.compile"] = lambda i: _compiled(eager_dpo_step)(i["logits"], i["labels"], i["mask"], i["ref"], beta)
+    size = logits.numel() * logits.element_size()
+    return Problem("dpo_step", f"2x{pairs}x{seq}x{vocab}", dtype, inputs, ("logits",), provs,
+                   {"fwd": size, "bwd": 2 * size, "fwd+bwd": 3 * size})  # fmt: skip
+
+
+def dpo_loss_problem(pairs, device, beta=0.1) -> Problem:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    pc, pr, rc, rr = [(torch.randn(pairs, generator=g) - 50).to(device) for _ in range(4)]
+    inputs = {"pc": pc, "pr": pr, "rc": rc, "rr": rr}
+    provs: dict[str, Callable] = {}
+    for b in _kernel_backends(device, "preference_fwd_native"):
+        provs[f"rlhf_kernels[{b}]"] = lambda i, b=b: (
+            rlhf_kernels.dpo_loss(i["pc"], i["pr"], i["rc"], i["rr"], beta=beta, return_metrics=True, backend=b).losses
+        )
+    provs["eager"] = lambda i: eager_dpo_loss(i["pc"], i["pr"], i["rc"], i["rr"], beta)[0]
+    provs["torch.compile"] = lambda i: _compiled(eager_dpo_loss)(i["pc"], i["pr"], i["rc"], i["rr"], beta)[0]
+    return Problem("dpo_loss", f"{pairs}", torch.float32, inputs, ("pc", "pr"), provs,
+                   {"fwd": 28 * pairs, "bwd": 24 * pairs, "fwd+bwd": 52 * pairs})  # fmt: skip
+
+
+def providers(device: torch.device) -> list[str]:
+    """Names of the token_logprobs providers available on ``device``."""
+    return list(token_logprobs_problem(2, 8, torch.float32, device).providers)
 
 
 # --- measurement ------------------------------------------------------------------
@@ -176,159 +266,107 @@ def _peak_bytes(fn: Callable[[], object], setup: Callable[[], object], device) -
     return peak
 
 
-def _saved_bytes(fn: Callable, logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> int:
-    """Bytes autograd keeps for backward, not counting the logits themselves."""
-    x = logits.detach().requires_grad_(True)
+def _saved_bytes(fn: Callable, inputs: dict[str, torch.Tensor]) -> int:
+    """Bytes autograd keeps for backward, not counting the inputs themselves."""
+    own = {t.untyped_storage().data_ptr() for t in inputs.values()}
     total = 0
 
     def pack(t):
         nonlocal total
-        if t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
+        if t.untyped_storage().data_ptr() not in own:
             total += t.numel() * t.element_size()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(x, labels, temperature)
+        fn(inputs)
     return total
 
 
 @dataclasses.dataclass
 class Case:
-    """One measured step: a provider in one mode on one input."""
+    """One measured step: a provider in one mode on one problem."""
 
     provider: str
     mode: str
-    fn: Callable
     setup: Callable[[], object]
     step: Callable[[object], object]
 
 
-def token_logprobs_cases(logits, labels, temperature, include=None, log=print) -> list[Case]:
-    cases = []
-    n_tokens = logits.shape[0]
-    for name, fn in providers(logits.device).items():
+def _backward(out):
+    out = out[0] if isinstance(out, tuple) else out
+    torch.autograd.backward(out, torch.ones_like(out))
+
+
+def cases(problem: Problem, include: list[str] | None = None) -> list[Case]:
+    result = []
+    for name, fn in problem.providers.items():
         if include and not any(key in name for key in include):
             continue
-        if name == "row_loop" and n_tokens > 4096:
-            log(f"  skip {name}: a Python loop over {n_tokens} rows")
-            continue
 
-        def fwd(x, fn=fn):
+        def with_grad(fn=fn):
+            inputs = dict(problem.inputs)
+            for key in problem.grad_inputs:
+                inputs[key] = inputs[key].detach().requires_grad_(True)
+            return inputs
+
+        def fwd(inputs, fn=fn):
             with torch.no_grad():
-                return fn(x, labels, temperature)
+                return fn(inputs)
 
-        def bwd_setup(fn=fn):
-            x = logits.detach().requires_grad_(True)
-            return x, fn(x, labels, temperature)
+        def bwd_setup(fn=fn, with_grad=with_grad):
+            inputs = with_grad()
+            return fn(inputs)
 
-        def bwd(state):
-            x, out = state
-            out.backward(torch.ones_like(out))
-            return x.grad
+        def fwd_bwd(inputs, fn=fn):
+            _backward(fn(inputs))
 
-        def fwd_bwd(x, fn=fn):
-            out = fn(x, labels, temperature)
-            out.backward(torch.ones_like(out))
-            return x.grad
-
-        cases += [
-            Case(name, "fwd", fn, lambda: logits, fwd),
-            Case(name, "bwd", fn, bwd_setup, bwd),
-            Case(name, "fwd+bwd", fn, lambda: logits.detach().requires_grad_(True), fwd_bwd),
+        result += [
+            Case(name, "fwd", lambda: problem.inputs, fwd),
+            Case(name, "bwd", bwd_setup, _backward),
+            Case(name, "fwd+bwd", with_grad, fwd_bwd),
         ]
-    return cases
+    return result
 
 
-def _inputs(n_tokens, vocab, dtype, device):
-    g = torch.Generator(device="cpu").manual_seed(0)
-    logits = (torch.randn(n_tokens, vocab, generator=g) * 2).to(dtype=dtype, device=device)
-    labels = torch.randint(0, vocab, (n_tokens,), generator=g).to(device)
-    return logits, labels
-
-
-def bench_token_logprobs(
-    n_tokens: int,
-    vocab: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    *,
-    include: list[str] | None = None,
-    warmup: int = 2,
-    repeat: int = 10,
-    budget_s: float = 20.0,
-    temperature: float = 1.0,
-    log: Callable[[str], None] = print,
-) -> list[Result]:
-    """Time every provider and mode on one shape (memory is measured separately,
-    see measure_memory, because measuring it on CPU changes the allocator)."""
-    logits, labels = _inputs(n_tokens, vocab, dtype, device)
+def bench_problem(problem: Problem, device: torch.device, *, include=None, warmup=2, repeat=10, budget_s=20.0,
+                  log=print) -> list[Result]:  # fmt: skip
+    """Time every provider and mode of one problem (memory comes in a second pass, see measure_memory)."""
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = peak_tbps(device_name) if device.type == "cuda" else None
-    itemsize = logits.element_size()
-    bytes_moved = {"fwd": n_tokens * vocab * itemsize, "bwd": 2 * n_tokens * vocab * itemsize}
-    bytes_moved["fwd+bwd"] = bytes_moved["fwd"] + bytes_moved["bwd"]
-    common = dict(
-        op="token_logprobs", shape=f"{n_tokens}x{vocab}", dtype=str(dtype).replace("torch.", ""), device=device_name
-    )
+    common = dict(op=problem.op, shape=problem.shape, dtype=str(problem.dtype).replace("torch.", ""),
+                  device=device_name)  # fmt: skip
     results = []
-    for case in token_logprobs_cases(logits, labels, temperature, include, log):
+    for case in cases(problem, include):
         label = f"{case.provider:24s} {case.mode:8s}"
+        nbytes = problem.bytes_moved[case.mode]
         try:
             times = _time(case.step, case.setup, device, warmup=warmup, repeat=repeat, budget_s=budget_s)
-            saved = _saved_bytes(case.fn, logits, labels, temperature) if case.mode != "bwd" else None
+            saved = None
+            if case.mode == "fwd+bwd":
+                saved = _saved_bytes(problem.providers[case.provider], case.setup())
         except Exception as exc:  # report, keep benchmarking the others
             log(f"  {label} failed: {type(exc).__name__}: {exc}")
-            results.append(
-                Result(
-                    provider=case.provider,
-                    mode=case.mode,
-                    median_ms=math.nan,
-                    p25_ms=math.nan,
-                    p75_ms=math.nan,
-                    min_ms=math.nan,
-                    runs=0,
-                    peak_mem_mb=None,
-                    saved_mb=None,
-                    bytes_moved=bytes_moved[case.mode],
-                    error=f"{type(exc).__name__}: {exc}",
-                    **common,
-                )
-            )
+            results.append(Result(provider=case.provider, mode=case.mode, median_ms=math.nan, p25_ms=math.nan,
+                                  p75_ms=math.nan, min_ms=math.nan, runs=0, peak_mem_mb=None, saved_mb=None,
+                                  bytes_moved=nbytes, error=f"{type(exc).__name__}: {exc}", **common))  # fmt: skip
             continue
         q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
         med = statistics.median(times)
-        tbps = bytes_moved[case.mode] / (med * 1e-3) / 1e12 if device.type == "cuda" else None
-        r = Result(
-            provider=case.provider,
-            mode=case.mode,
-            median_ms=med,
-            p25_ms=q[0],
-            p75_ms=q[2],
-            min_ms=min(times),
-            runs=len(times),
-            peak_mem_mb=None,
-            saved_mb=None if saved is None else saved / 2**20,
-            bytes_moved=bytes_moved[case.mode],
-            tbps=tbps,
-            frac_peak=(tbps / peak) if (tbps and peak) else None,
-            **common,
-        )
+        tbps = nbytes / (med * 1e-3) / 1e12 if device.type == "cuda" else None
+        results.append(Result(provider=case.provider, mode=case.mode, median_ms=med, p25_ms=q[0], p75_ms=q[2],
+                              min_ms=min(times), runs=len(times), peak_mem_mb=None,
+                              saved_mb=None if saved is None else saved / 2**20, bytes_moved=nbytes, tbps=tbps,
+                              frac_peak=(tbps / peak) if (tbps and peak) else None, **common))  # fmt: skip
         log(f"  {label} {med:9.3f} ms  [{q[0]:.3f}, {q[2]:.3f}]" + (f"  {tbps:5.2f} TB/s" if tbps else ""))
-        results.append(r)
     return results
 
 
-def measure_memory(
-    results: list[Result], n_tokens, vocab, dtype, device, *, include=None, temperature=1.0, log=print
-) -> None:
-    """Fill in peak_mem_mb of the results for one shape."""
-    logits, labels = _inputs(n_tokens, vocab, dtype, device)
-    by_key = {
-        (r.provider, r.mode): r
-        for r in results
-        if r.shape == f"{n_tokens}x{vocab}" and r.dtype == str(dtype).replace("torch.", "") and not r.error
-    }
-    for case in token_logprobs_cases(logits, labels, temperature, include, log=lambda _: None):
+def measure_memory(results: list[Result], problem: Problem, device: torch.device, *, include=None, log=print):
+    """Fill in peak_mem_mb of the results for one problem."""
+    by_key = {(r.provider, r.mode): r for r in results
+              if (r.op, r.shape, r.dtype) == (problem.op, problem.shape, str(problem.dtype).replace("torch.", ""))
+              and not r.error}  # fmt: skip
+    for case in cases(problem, include):
         r = by_key.get((case.provider, case.mode))
         if r is None:
             continue
@@ -338,17 +376,32 @@ def measure_memory(
         log(f"  {case.provider:24s} {case.mode:8s} peak +{_mib(r.peak_mem_mb)} MiB")
 
 
-def default_shapes(device: torch.device, quick: bool) -> list[tuple[int, int, torch.dtype]]:
+OPS = ("token_logprobs", "dpo_step", "dpo_loss")
+
+
+def default_problems(device: torch.device, quick: bool, ops=OPS) -> list[Callable[[], Problem]]:
+    """Problems as thunks, so that only one problem's inputs are alive at a time."""
+    bf16 = torch.bfloat16
     if device.type == "cuda":
-        shapes = [
-            (16384, 128256, torch.bfloat16),
-            (8192, 151936, torch.bfloat16),
-            (16384, 32000, torch.bfloat16),
-            (4096, 128256, torch.float32),
-        ]
-        return shapes[:1] if quick else shapes
-    shapes = [(1024, 32000, torch.bfloat16), (256, 128256, torch.bfloat16), (1024, 32000, torch.float32)]
-    return [(256, 32000, torch.bfloat16)] if quick else shapes
+        table = {
+            "token_logprobs": [(16384, 128256, bf16), (8192, 151936, bf16), (16384, 32000, bf16),
+                               (4096, 128256, torch.float32)],
+            "dpo_step": [(4, 1024, 128256, bf16)],
+            "dpo_loss": [(64,), (4096,), (1 << 20,)],
+        }  # fmt: skip
+    else:
+        table = {
+            "token_logprobs": [(1024, 32000, bf16), (256, 128256, bf16), (1024, 32000, torch.float32)],
+            "dpo_step": [(2, 256, 32000, bf16)],
+            "dpo_loss": [(64,), (65536,)],
+        }
+    if quick:
+        table = {k: v[:1] for k, v in table.items()}
+        if device.type != "cuda":
+            table["token_logprobs"] = [(256, 32000, bf16)]
+            table["dpo_step"] = [(2, 64, 32000, bf16)]
+    makers = {"token_logprobs": token_logprobs_problem, "dpo_step": dpo_step_problem, "dpo_loss": dpo_loss_problem}
+    return [lambda op=op, args=args: makers[op](*args, device=device) for op in ops for args in table[op]]
 
 
 def _mib(v: float | None) -> str:
@@ -361,15 +414,15 @@ def format_table(results: list[Result]) -> str:
         f"{'peak MiB':>9} {'saved MiB':>9} {'TB/s':>6} {'%peak':>6} {'vs eager':>8}"
     )
     lines = [head, "-" * len(head)]
-    eager = {(r.shape, r.dtype, r.mode): r.median_ms for r in results if r.provider == "eager"}
+    eager = {(r.op, r.shape, r.dtype, r.mode): r.median_ms for r in results if r.provider == "eager"}
     for r in results:
         if r.error:
-            lines.append(f"{r.shape:>13} {r.dtype:>8} {r.mode:>7} {r.provider:>24}  failed: {r.error[:60]}")
+            lines.append(f"{r.op:>14} {r.shape:>18} {r.dtype:>8} {r.mode:>7} {r.provider:>24}  failed: {r.error[:60]}")
             continue
-        base = eager.get((r.shape, r.dtype, r.mode))
+        base = eager.get((r.op, r.shape, r.dtype, r.mode))
         speedup = f"{base / r.median_ms:7.2f}x" if base else ""
         lines.append(
-            f"{r.shape:>13} {r.dtype:>8} {r.mode:>7} {r.provider:>24} {r.median_ms:10.3f} "
+            f"{r.op:>14} {r.shape:>18} {r.dtype:>8} {r.mode:>7} {r.provider:>24} {r.median_ms:10.3f} "
             f"{r.p25_ms:8.3f}-{r.p75_ms:<8.3f} {_mib(r.peak_mem_mb)} {_mib(r.saved_mb)} "
             f"{(f'{r.tbps:6.2f}' if r.tbps else ''):>6} {(f'{100 * r.frac_peak:5.1f}%' if r.frac_peak else ''):>6} "
             f"{speedup:>8}"
@@ -385,11 +438,11 @@ def plot(results: list[Result], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    cases = sorted({(r.shape, r.dtype) for r in results})
+    groups = list(dict.fromkeys((r.op, r.shape, r.dtype) for r in results))
     modes = ["fwd", "bwd", "fwd+bwd"]
     provs = list(dict.fromkeys(r.provider for r in results))
-    fig, axes = plt.subplots(len(cases), 2, figsize=(13, 3.6 * len(cases)), squeeze=False)
-    for row, (shape, dtype) in enumerate(cases):
+    fig, axes = plt.subplots(len(groups), 2, figsize=(13, 3.6 * len(groups)), squeeze=False)
+    for row, (op, shape, dtype) in enumerate(groups):
         for col, metric in enumerate(("median_ms", "peak_mem_mb")):
             ax = axes[row][col]
             width = 0.8 / max(1, len(provs))
@@ -400,7 +453,8 @@ def plot(results: list[Result], path: Path) -> bool:
                         (
                             r
                             for r in results
-                            if (r.shape, r.dtype, r.provider, r.mode) == (shape, dtype, prov, mode) and not r.error
+                            if (r.op, r.shape, r.dtype, r.provider, r.mode) == (op, shape, dtype, prov, mode)
+                            and not r.error
                         ),
                         None,
                     )
@@ -413,7 +467,7 @@ def plot(results: list[Result], path: Path) -> bool:
                 ax.bar(xs, vals, width, label=prov, yerr=yerr, capsize=2)
             ax.set_xticks(range(len(modes)), modes)
             what = "time (ms, median, p25-p75)" if col == 0 else "peak extra memory (MiB)"
-            ax.set_title(f"token_logprobs {shape} {dtype}: {what}")
+            ax.set_title(f"{op} {shape} {dtype}: {what}", fontsize=9)
             if row == 0 and col == 0:
                 ax.legend(fontsize=8)
     fig.tight_layout()
@@ -441,30 +495,38 @@ def run(
     quick: bool = False,
     include=None,
     repeat: int = 10,
+    ops=OPS,
     shapes: list[tuple[int, int, torch.dtype]] | None = None,
     log=print,
 ) -> list[Result]:
+    """Benchmark ``ops`` (token_logprobs ``shapes`` if given) and write JSON, table and PNG to ``out_dir``."""
     dev = torch.device(device)
-    shapes = shapes or default_shapes(dev, quick)
+    problems = default_problems(dev, quick, ops)
+    if shapes:  # explicit token_logprobs shapes replace its defaults
+        others = [o for o in ops if o != "token_logprobs"]
+        problems = [lambda n=n, v=v, d=d: token_logprobs_problem(n, v, d, dev) for n, v, d in shapes]
+        problems += default_problems(dev, quick, others)
     results: list[Result] = []
-    for n, v, dtype in shapes:
-        log(f"token_logprobs N={n} V={v} {str(dtype).replace('torch.', '')} on {device}: time")
-        results += bench_token_logprobs(n, v, dtype, dev, include=include, repeat=repeat, log=log)
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-    for n, v, dtype in shapes:
-        log(f"token_logprobs N={n} V={v} {str(dtype).replace('torch.', '')} on {device}: peak memory")
-        measure_memory(results, n, v, dtype, dev, include=include, log=log)
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+    for phase in ("time", "memory"):  # memory after all timings: the profiler must not disturb them
+        for make in problems:
+            problem = make()
+            log(f"{problem.op} {problem.shape} {str(problem.dtype).replace('torch.', '')} on {device}: {phase}")
+            if phase == "time":
+                results += bench_problem(problem, dev, include=include, repeat=repeat, log=log)
+            else:
+                measure_memory(results, problem, dev, include=include, log=log)
+            del problem
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    tag = dev.type if dev.type != "cuda" else torch.cuda.get_device_name(dev).replace(" ", "_")
+    base = out_dir / f"bench-{tag}-{stamp}"
     payload = {"environment": environment(), "results": [dataclasses.asdict(r) for r in results]}
-    json_path = out_dir / f"token_logprobs-{dev.type}-{stamp}.json"
-    json_path.write_text(json.dumps(payload, indent=1, default=str))
+    base.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str))
     table = format_table(results)
-    (out_dir / f"token_logprobs-{dev.type}-{stamp}.txt").write_text(table + "\n")
+    base.with_suffix(".txt").write_text(table + "\n")
     log("\n" + table)
-    png = out_dir / f"token_logprobs-{dev.type}-{stamp}.png"
-    log(f"\nwrote {json_path}" + (f" and {png}" if plot(results, png) else " (no matplotlib: no plot)"))
+    png = base.with_suffix(".png")
+    log(f"\nwrote {base.with_suffix('.json')}" + (f" and {png}" if plot(results, png) else " (no matplotlib: no plot)"))
     return results

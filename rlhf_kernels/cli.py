@@ -31,6 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--shape", type=_shape, action="append", help="NxV[xDTYPE], repeatable")
     bench.add_argument("--only", action="append", help="only providers whose name contains this, repeatable")
     bench.add_argument("--repeat", type=int, default=10)
+    bench.add_argument(
+        "--op",
+        action="append",
+        choices=["token_logprobs", "dpo_step", "dpo_loss"],
+        help="ops to benchmark, repeatable (default: all)",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -43,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     from rlhf_kernels import bench as bench_mod
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    bench_mod.run(device, args.out, quick=args.quick, include=args.only, repeat=args.repeat, shapes=args.shape)
+    ops = tuple(args.op) if args.op else bench_mod.OPS
+    bench_mod.run(device, args.out, quick=args.quick, include=args.only, repeat=args.repeat, ops=ops, shapes=args.shape)
     return 0
 
 

@@ -70,13 +70,13 @@ def check_triton(archs=ARCHS) -> list[KernelReport]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from rlhf_kernels.triton import logprobs
+    from rlhf_kernels.triton import logprobs, preference
 
     ptxas = _triton_ptxas()
     reports = []
     seen = set()
     with tempfile.TemporaryDirectory() as tmp:
-        for kernel, signature, constexprs, num_warps in logprobs.kernel_configs():
+        for kernel, signature, constexprs, num_warps in logprobs.kernel_configs() + preference.kernel_configs():
             key = (
                 kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__,
                 tuple(signature.values()),
@@ -99,7 +99,7 @@ def check_triton(archs=ARCHS) -> list[KernelReport]:
                     check=True,
                 )
                 for r in parse_ptxas(out.stderr + out.stdout):
-                    dtype = signature["logits_ptr"].lstrip("*")
+                    dtype = next(v for k, v in signature.items() if k.endswith("_ptr")).lstrip("*")
                     flags = ",".join(f"{k}={v}" for k, v in constexprs.items())
                     r.name = f"{key[0]}[{dtype},{flags},warps={num_warps}]"
                     reports.append(r)

@@ -35,7 +35,7 @@ DEVICES = [
 ]
 
 
-def backend_cases(backends=_dispatch.BACKENDS):
+def backend_cases(backends=_dispatch.BACKENDS, native_op=None):
     """(device, backend) pairs; the ones that cannot run here are skipped with the reason."""
     cases = []
     for dev in DEVICES:
@@ -43,7 +43,7 @@ def backend_cases(backends=_dispatch.BACKENDS):
         for backend in backends:
             marks = list(dev.marks)
             if device == "cpu" or HAS_CUDA:
-                reason = _dispatch.unavailable_reason(backend, torch.device(device))
+                reason = _dispatch.unavailable_reason(backend, torch.device(device), native_op)
                 if reason is not None:
                     marks.append(pytest.mark.skip(reason=reason))
             cases.append(pytest.param(device, backend, id=f"{device}-{backend}", marks=marks))

@@ -334,7 +334,9 @@ def test_mixed_devices():
 def test_unavailable_backend_says_why(backend, monkeypatch):
     from rlhf_kernels import _dispatch
 
-    monkeypatch.setattr(_dispatch, "unavailable_reason", lambda b, d: "because" if b == backend else None)
+    monkeypatch.setattr(
+        _dispatch, "unavailable_reason", lambda b, d, native_op=None: "because" if b == backend else None
+    )
     with pytest.raises(RuntimeError, match=f"backend='{backend}' is unavailable: because"):
         rlhf_kernels.token_logprobs(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), backend=backend)
 

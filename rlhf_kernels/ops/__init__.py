@@ -1,5 +1,22 @@
 """Public ops, one module per op family."""
 
-from rlhf_kernels.ops.logprobs import token_logprobs
+from rlhf_kernels.ops.logprobs import sequence_logprobs, token_logprobs
+from rlhf_kernels.ops.preference import (
+    DPO_LOSS_TYPES,
+    bradley_terry_loss,
+    dpo_loss,
+    kto_loss,
+    orpo_loss,
+    simpo_loss,
+)
 
-__all__ = ["token_logprobs"]
+__all__ = [
+    "token_logprobs",
+    "sequence_logprobs",
+    "dpo_loss",
+    "simpo_loss",
+    "orpo_loss",
+    "kto_loss",
+    "bradley_terry_loss",
+    "DPO_LOSS_TYPES",
+]

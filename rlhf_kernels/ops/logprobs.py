@@ -87,7 +87,7 @@ def token_logprobs(
         Ignored and masked tokens are 0 in both.
     """
     _check_inputs(logits, labels, mask, temperature, ignore_index, check_labels)
-    impl = _dispatch.resolve(backend, logits.device)
+    impl = _dispatch.resolve(backend, logits.device, "token_logprobs_fwd_native")
     if impl == "torch":
         return reference.token_logprobs(
             logits,
@@ -109,6 +109,45 @@ def token_logprobs(
         logits, labels, float(temperature), int(ignore_index), bool(return_entropy), bool(inplace_backward)
     )
     return (logprobs, entropy) if return_entropy else logprobs
+
+
+def sequence_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    average: bool = False,
+    check_labels: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""Per-sequence sum (or, with ``average``, mean over kept tokens) of token log-probs.
+
+    ``[B, T, V] -> [B]``: :math:`\sum_t \log p(y_t)` over tokens that are not
+    ignored or masked (a sequence without such tokens gets 0). This is the DPO
+    input: for a concatenated batch whose first half is chosen and second half
+    rejected, ``lp[:B]`` and ``lp[B:]`` are the chosen and rejected log-probs.
+    Arguments and backends as :func:`token_logprobs`; logits may be ``[B, T, V]``
+    or ``[B, V]`` (one token per sequence).
+    """
+    if isinstance(logits, torch.Tensor) and logits.dim() < 2:
+        raise ValueError(f"logits: expected shape [B, T, V] (or [B, V]), got {tuple(logits.shape)}")
+    lp = token_logprobs(
+        logits, labels, mask, temperature=temperature, ignore_index=ignore_index, check_labels=check_labels,
+        backend=backend,
+    )  # fmt: skip
+    if lp.dim() == 1:
+        lp = lp.unsqueeze(-1)
+        labels, mask = labels.unsqueeze(-1), (None if mask is None else mask.unsqueeze(-1))
+    lp = lp.flatten(1)
+    total = lp.sum(-1)
+    if not average:
+        return total
+    kept = labels != ignore_index
+    if mask is not None:
+        kept = kept & mask.bool()
+    return total / kept.flatten(1).sum(-1).clamp(min=1).to(total.dtype)
 
 
 def _check_inputs(logits, labels, mask, temperature, ignore_index, check_labels) -> None:
@@ -244,15 +283,8 @@ if native.available():
     torch.library.register_fake("rlhf_kernels::token_logprobs_bwd_native")(_fake_bwd)
     torch.library.register_fake("rlhf_kernels::token_logprobs_bwd_inplace_native")(_fake_bwd_inplace)
 
-_FWD_OPS = {}
-_BWD_OPS = {}
-for _name in ("triton", "native"):
-    if hasattr(torch.ops.rlhf_kernels, f"token_logprobs_fwd_{_name}"):
-        _FWD_OPS[_name] = getattr(torch.ops.rlhf_kernels, f"token_logprobs_fwd_{_name}").default
-        _BWD_OPS[_name] = (
-            getattr(torch.ops.rlhf_kernels, f"token_logprobs_bwd_{_name}").default,
-            getattr(torch.ops.rlhf_kernels, f"token_logprobs_bwd_inplace_{_name}").default,
-        )
+_OPS = _dispatch.kernel_ops("token_logprobs_fwd", "token_logprobs_bwd", "token_logprobs_bwd_inplace")
+_FWD_OPS = {name: ops[0] for name, ops in _OPS.items()}
 
 
 def _setup_context(ctx, inputs, output):
@@ -284,5 +316,5 @@ def _make_backward(bwd, bwd_inplace):
     return backward
 
 
-for _name, _op in _FWD_OPS.items():
-    torch.library.register_autograd(_op, _make_backward(*_BWD_OPS[_name]), setup_context=_setup_context)
+for _fwd, _bwd, _bwd_inplace in _OPS.values():
+    torch.library.register_autograd(_fwd, _make_backward(_bwd, _bwd_inplace), setup_context=_setup_context)

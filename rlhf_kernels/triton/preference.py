@@ -1,0 +1,404 @@
+"""Triton kernels for the fused preference losses (DPO family, SimPO, ORPO, KTO, Bradley-Terry).
+
+The loss table (ids, formulas, derivatives) is csrc/preference.h's; the same
+ids are used here. ``_loss_and_grads`` writes every formula once; the forward
+kernel keeps the losses, the backward kernel the derivatives.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOSS_IDS = {
+    "sigmoid": 0,
+    "robust": 1,
+    "exo_pair": 2,
+    "hinge": 3,
+    "ipo": 4,
+    "bco_pair": 5,
+    "sppo_hard": 6,
+    "nca_pair": 7,
+    "apo_zero": 8,
+    "apo_down": 9,
+    "discopop": 10,
+    "orpo": 11,
+    "kto_chosen": 12,
+    "kto_rejected": 13,
+}
+N_METRICS = 8
+EXO_EPS = tl.constexpr(1e-3)  # kernels may only read constexpr globals
+ORPO_MAX_LOGP = tl.constexpr(-1e-6)
+
+
+@triton.jit
+def _sigmoid(x):
+    t = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + t), t / (1.0 + t))
+
+
+@triton.jit
+def _logsigmoid(x):
+    return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _expm1(x):
+    # exp(x) - 1 without cancellation near 0 (Taylor to x^5 below 1e-2: error < 2e-13 relative).
+    small = x * (1.0 + x * 0.5 * (1.0 + x / 3.0 * (1.0 + x * 0.25 * (1.0 + x * 0.2))))
+    return tl.where(tl.abs(x) < 1e-2, small, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def _log1mexp(x):
+    # log(1 - exp(x)) for x < 0
+    return tl.where(x > -0.6931471805599453, tl.log(-_expm1(x)), tl.log(1.0 - tl.exp(x)))
+
+
+@triton.jit
+def _loss_and_grads(a, b, m, kl, delta, beta, gamma, ls, center, tau, weight, LOSS: tl.constexpr):
+    """Per-element loss, dL/da, dL/db and the two ORPO metric terms (csrc/preference.h)."""
+    zero = a * 0.0
+    h = a - b
+    z = beta * h - gamma - m
+    x5 = zero
+    x6 = zero
+    if LOSS == 0:  # sigmoid (DPO, cDPO; SimPO with gamma; Bradley-Terry with margin and centering)
+        loss = -(1.0 - ls) * _logsigmoid(z) - ls * _logsigmoid(-z) + center * (a + b) * (a + b)
+        d = -(1.0 - ls) * _sigmoid(-z) + ls * _sigmoid(z)
+        da = beta * d + 2.0 * center * (a + b)
+        db = -beta * d + 2.0 * center * (a + b)
+    elif LOSS == 1:  # robust
+        loss = (-(1.0 - ls) * _logsigmoid(z) + ls * _logsigmoid(-z)) / (1.0 - 2.0 * ls)
+        d = (-(1.0 - ls) * _sigmoid(-z) - ls * _sigmoid(z)) / (1.0 - 2.0 * ls)
+        da = beta * d
+        db = -da
+    elif LOSS == 2:  # exo_pair
+        eps = tl.where(ls > 0, ls, EXO_EPS)
+        sz = _sigmoid(z)
+        snz = _sigmoid(-z)
+        loss = sz * (_logsigmoid(z) - tl.log(1.0 - eps)) + snz * (_logsigmoid(-z) - tl.log(eps))
+        d = sz * snz * (z - tl.log((1.0 - eps) / eps))
+        da = beta * d
+        db = -da
+    elif LOSS == 3:  # hinge
+        loss = tl.maximum(1.0 - z, 0.0)
+        da = tl.where(z < 1.0, -beta, 0.0) + zero
+        db = -da
+    elif LOSS == 4:  # ipo
+        r = h - 0.5 / beta
+        loss = r * r
+        da = 2.0 * r
+        db = -da
+    elif LOSS == 5:  # bco_pair
+        loss = -_logsigmoid(beta * a - delta) - _logsigmoid(delta - beta * b)
+        da = -beta * _sigmoid(delta - beta * a)
+        db = beta * _sigmoid(beta * b - delta)
+    elif LOSS == 6:  # sppo_hard
+        ra = a - 0.5 / beta
+        rb = b + 0.5 / beta
+        loss = ra * ra + rb * rb
+        da = 2.0 * ra
+        db = 2.0 * rb
+    elif LOSS == 7:  # nca_pair
+        c = beta * a
+        r = beta * b
+        loss = -_logsigmoid(c) - 0.5 * _logsigmoid(-c) - 0.5 * _logsigmoid(-r)
+        da = beta * (-_sigmoid(-c) + 0.5 * _sigmoid(c))
+        db = 0.5 * beta * _sigmoid(r)
+    elif LOSS == 8:  # apo_zero
+        sa = _sigmoid(beta * a)
+        sb = _sigmoid(beta * b)
+        loss = 1.0 - sa + sb
+        da = -beta * sa * (1.0 - sa)
+        db = beta * sb * (1.0 - sb)
+    elif LOSS == 9:  # apo_down
+        sa = _sigmoid(beta * a)
+        sh = _sigmoid(beta * h)
+        loss = sa + 1.0 - sh
+        da = beta * sa * (1.0 - sa) - beta * sh * (1.0 - sh)
+        db = beta * sh * (1.0 - sh)
+    elif LOSS == 10:  # discopop
+        z = beta * h
+        q = _sigmoid(z / tau)
+        e = tl.exp(-z + _logsigmoid(z / tau))
+        softplus = -_logsigmoid(z)
+        loss = softplus * (1.0 - q) + e
+        d = -_sigmoid(-z) * (1.0 - q) - softplus * q * (1.0 - q) / tau + e * (-1.0 + (1.0 - q) / tau)
+        da = beta * d
+        db = -da
+    elif LOSS == 11:  # orpo
+        x = tl.minimum(a, ORPO_MAX_LOGP)
+        y = tl.minimum(b, ORPO_MAX_LOGP)
+        lo = (x - y) - (_log1mexp(x) - _log1mexp(y))
+        ratio = _logsigmoid(lo)
+        loss = -beta * ratio
+        s = beta * _sigmoid(-lo)
+        da = tl.where(a < ORPO_MAX_LOGP, s / _expm1(x), 0.0)  # -s / (1 - e^x)
+        db = tl.where(b < ORPO_MAX_LOGP, -s / _expm1(y), 0.0)
+        x5 = ratio
+        x6 = lo
+    elif LOSS == 12:  # kto_chosen
+        sc = _sigmoid(beta * (a - kl))
+        loss = weight * (1.0 - sc)
+        da = -weight * beta * sc * (1.0 - sc)
+        db = zero
+    else:  # 13: kto_rejected
+        sr = _sigmoid(beta * (kl - b))
+        loss = weight * (1.0 - sr)
+        da = zero
+        db = weight * beta * sr * (1.0 - sr)
+    return loss, da, db, x5, x6
+
+
+@triton.jit
+def _scalar(hi, lo, acc_ty: tl.constexpr):
+    return tl.cast(hi, acc_ty) + tl.cast(lo, acc_ty)
+
+
+@triton.jit
+def _load_inputs(
+    chosen_ptr, rejected_ptr, ref_chosen_ptr, ref_rejected_ptr, offs, n, zeros,
+    HAS_A: tl.constexpr, HAS_B: tl.constexpr, HAS_REF_A: tl.constexpr, HAS_REF_B: tl.constexpr,
+):  # fmt: skip
+    """a = chosen - ref_chosen, b = rejected - ref_rejected (absent terms are 0)."""
+    inb = offs < n
+    a = zeros
+    b = zeros
+    if HAS_A:
+        a = tl.load(chosen_ptr + offs, mask=inb, other=0.0)
+        if HAS_REF_A:
+            a -= tl.load(ref_chosen_ptr + offs, mask=inb, other=0.0)
+    if HAS_B:
+        b = tl.load(rejected_ptr + offs, mask=inb, other=0.0)
+        if HAS_REF_B:
+            b -= tl.load(ref_rejected_ptr + offs, mask=inb, other=0.0)
+    return a, b
+
+
+@triton.jit
+def _pref_fwd_kernel(
+    chosen_ptr, rejected_ptr, ref_chosen_ptr, ref_rejected_ptr, margin_ptr, kl_ptr,
+    losses_ptr, chosen_rewards_ptr, rejected_rewards_ptr, metrics_ptr,
+    n,
+    beta_hi, beta_lo, gamma_hi, gamma_lo, ls_hi, ls_lo, center_hi, center_lo,
+    tau_hi, tau_lo, delta_hi, delta_lo, weight_hi, weight_lo,
+    LOSS: tl.constexpr, HAS_A: tl.constexpr, HAS_B: tl.constexpr, HAS_REF_A: tl.constexpr,
+    HAS_REF_B: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_KL: tl.constexpr, WRITE_REWARDS: tl.constexpr,
+    BCO_BATCH_MEAN: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # Grid: (1,). One program owns the whole (small) batch: it walks the n
+    # elements in BLOCK tiles (twice for bco_pair's batch-mean delta), writes
+    # losses and rewards, and reduces the metrics in registers. Reads 8-32
+    # bytes and writes 12 bytes per element.
+    acc_ty = metrics_ptr.dtype.element_ty
+    beta = _scalar(beta_hi, beta_lo, acc_ty)
+    gamma = _scalar(gamma_hi, gamma_lo, acc_ty)
+    ls = _scalar(ls_hi, ls_lo, acc_ty)
+    center = _scalar(center_hi, center_lo, acc_ty)
+    tau = _scalar(tau_hi, tau_lo, acc_ty)
+    weight = _scalar(weight_hi, weight_lo, acc_ty)
+    delta = _scalar(delta_hi, delta_lo, acc_ty)
+    kl = tl.zeros((), acc_ty)
+    if HAS_KL:
+        kl = tl.load(kl_ptr)
+    cols = tl.arange(0, BLOCK)
+    if BCO_BATCH_MEAN:
+        total = tl.zeros((BLOCK,), acc_ty)
+        for start in range(0, n, BLOCK):
+            offs = start + cols
+            a, b = _load_inputs(chosen_ptr, rejected_ptr, ref_chosen_ptr, ref_rejected_ptr, offs, n,
+                                tl.zeros((BLOCK,), acc_ty), HAS_A, HAS_B, HAS_REF_A, HAS_REF_B)  # fmt: skip
+            total += tl.where(offs < n, beta * (a + b), 0.0)
+        delta = tl.sum(total, axis=0) / tl.maximum(2 * n, 1).to(acc_ty)
+    sums = tl.zeros((BLOCK,), acc_ty)
+    acc1 = tl.zeros((BLOCK,), acc_ty)
+    acc2 = tl.zeros((BLOCK,), acc_ty)
+    acc3 = tl.zeros((BLOCK,), acc_ty)
+    acc4 = tl.zeros((BLOCK,), acc_ty)
+    acc5 = tl.zeros((BLOCK,), acc_ty)
+    acc6 = tl.zeros((BLOCK,), acc_ty)
+    for start in range(0, n, BLOCK):
+        offs = start + cols
+        inb = offs < n
+        a, b = _load_inputs(chosen_ptr, rejected_ptr, ref_chosen_ptr, ref_rejected_ptr, offs, n,
+                            tl.zeros((BLOCK,), acc_ty), HAS_A, HAS_B, HAS_REF_A, HAS_REF_B)  # fmt: skip
+        m = tl.zeros((BLOCK,), acc_ty)
+        if HAS_MARGIN:
+            m = tl.load(margin_ptr + offs, mask=inb, other=0.0)
+        loss, _, _, x5, x6 = _loss_and_grads(a, b, m, kl, delta, beta, gamma, ls, center, tau, weight, LOSS)
+        tl.store(losses_ptr + offs, loss, mask=inb)
+        if WRITE_REWARDS:
+            if HAS_A:
+                tl.store(chosen_rewards_ptr + offs, beta * a, mask=inb)
+            if HAS_B:
+                tl.store(rejected_rewards_ptr + offs, beta * b, mask=inb)
+        sums += tl.where(inb, loss, 0.0)
+        if HAS_A and HAS_B:
+            acc1 += tl.where(inb & (beta * a > beta * b), 1.0, 0.0)
+            acc2 += tl.where(inb, beta * (a - b), 0.0)
+        if HAS_A:
+            acc3 += tl.where(inb, beta * a, 0.0)
+        if HAS_B:
+            acc4 += tl.where(inb, beta * b, 0.0)
+        acc5 += tl.where(inb, x5, 0.0)
+        acc6 += tl.where(inb, x6, 0.0)
+    inv_n = 1.0 / tl.maximum(n, 1).to(acc_ty)
+    tl.store(metrics_ptr + 0, tl.sum(sums, axis=0) * inv_n)
+    tl.store(metrics_ptr + 1, tl.sum(acc1, axis=0) * inv_n)
+    tl.store(metrics_ptr + 2, tl.sum(acc2, axis=0) * inv_n)
+    tl.store(metrics_ptr + 3, tl.sum(acc3, axis=0) * inv_n)
+    tl.store(metrics_ptr + 4, tl.sum(acc4, axis=0) * inv_n)
+    tl.store(metrics_ptr + 5, tl.sum(acc5, axis=0) * inv_n)
+    tl.store(metrics_ptr + 6, tl.sum(acc6, axis=0) * inv_n)
+    if LOSS == 5:
+        tl.store(metrics_ptr + 7, delta)
+    else:
+        tl.store(metrics_ptr + 7, tl.zeros((), acc_ty))
+
+
+@triton.jit
+def _pref_bwd_kernel(
+    chosen_ptr, rejected_ptr, ref_chosen_ptr, ref_rejected_ptr, margin_ptr, kl_ptr, metrics_ptr,
+    grad_losses_ptr, grad_a_ptr, grad_b_ptr,
+    n, grad_stride,
+    beta_hi, beta_lo, gamma_hi, gamma_lo, ls_hi, ls_lo, center_hi, center_lo,
+    tau_hi, tau_lo, weight_hi, weight_lo, scale_hi, scale_lo,
+    LOSS: tl.constexpr, HAS_A: tl.constexpr, HAS_B: tl.constexpr, HAS_REF_A: tl.constexpr,
+    HAS_REF_B: tl.constexpr, HAS_MARGIN: tl.constexpr, HAS_KL: tl.constexpr, WRITE_A: tl.constexpr,
+    WRITE_B: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # Grid: (cdiv(n, BLOCK),). Each program owns BLOCK elements: reads the
+    # inputs and the upstream gradient, writes dL/da and dL/db.
+    acc_ty = metrics_ptr.dtype.element_ty
+    beta = _scalar(beta_hi, beta_lo, acc_ty)
+    gamma = _scalar(gamma_hi, gamma_lo, acc_ty)
+    ls = _scalar(ls_hi, ls_lo, acc_ty)
+    center = _scalar(center_hi, center_lo, acc_ty)
+    tau = _scalar(tau_hi, tau_lo, acc_ty)
+    weight = _scalar(weight_hi, weight_lo, acc_ty)
+    scale = _scalar(scale_hi, scale_lo, acc_ty)
+    delta = tl.load(metrics_ptr + 7)
+    kl = tl.zeros((), acc_ty)
+    if HAS_KL:
+        kl = tl.load(kl_ptr)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < n
+    a, b = _load_inputs(chosen_ptr, rejected_ptr, ref_chosen_ptr, ref_rejected_ptr, offs, n,
+                        tl.zeros((BLOCK,), acc_ty), HAS_A, HAS_B, HAS_REF_A, HAS_REF_B)  # fmt: skip
+    m = tl.zeros((BLOCK,), acc_ty)
+    if HAS_MARGIN:
+        m = tl.load(margin_ptr + offs, mask=inb, other=0.0)
+    g = tl.load(grad_losses_ptr + offs * grad_stride, mask=inb, other=0.0).to(acc_ty) * scale
+    _, da, db, _, _ = _loss_and_grads(a, b, m, kl, delta, beta, gamma, ls, center, tau, weight, LOSS)
+    if WRITE_A:
+        tl.store(grad_a_ptr + offs, g * da, mask=inb)
+    if WRITE_B:
+        tl.store(grad_b_ptr + offs, g * db, mask=inb)
+
+
+def _split(value: float) -> tuple[float, float]:
+    """value = hi + lo, both float32 (Triton passes float scalars as float32)."""
+    hi = float(torch.tensor(value, dtype=torch.float32))
+    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
+
+
+def _block(n: int) -> tuple[int, int]:
+    """Tile and warp count: up to 512 elements, 2 per thread (the forward keeps
+    seven metric accumulators per element in registers)."""
+    block = max(32, min(512, triton.next_power_of_2(max(n, 1))))
+    return block, max(1, block // 64)
+
+
+def preference_fwd(loss, n, chosen, rejected, ref_chosen, ref_rejected, margin, kl, scalars, write_rewards,
+                   launch=None):  # fmt: skip
+    """Launch the forward kernel; returns (losses, chosen_rewards, rejected_rewards, metrics)."""
+    ref = chosen if chosen is not None else rejected
+    acc = ref.dtype
+    losses = torch.empty(n, dtype=acc, device=ref.device)
+    chosen_rewards = torch.empty(n if (write_rewards and chosen is not None) else 0, dtype=acc, device=ref.device)
+    rejected_rewards = torch.empty(n if (write_rewards and rejected is not None) else 0, dtype=acc, device=ref.device)
+    metrics = torch.empty(N_METRICS, dtype=acc, device=ref.device)
+    dummy = metrics
+    block, num_warps = _block(n)
+    kernel = _pref_fwd_kernel if launch is None else launch(_pref_fwd_kernel)
+    kernel[(1,)](
+        dummy if chosen is None else chosen,
+        dummy if rejected is None else rejected,
+        dummy if ref_chosen is None else ref_chosen,
+        dummy if ref_rejected is None else ref_rejected,
+        dummy if margin is None else margin,
+        dummy if kl is None else kl,
+        losses,
+        chosen_rewards if chosen_rewards.numel() else dummy,
+        rejected_rewards if rejected_rewards.numel() else dummy,
+        metrics,
+        n,
+        *_split(scalars["beta"]), *_split(scalars["gamma"]), *_split(scalars["label_smoothing"]),
+        *_split(scalars["center"]), *_split(scalars["tau"]), *_split(scalars["bco_delta"]),
+        *_split(scalars["weight"]),
+        LOSS=LOSS_IDS[loss], HAS_A=chosen is not None, HAS_B=rejected is not None,
+        HAS_REF_A=ref_chosen is not None, HAS_REF_B=ref_rejected is not None, HAS_MARGIN=margin is not None,
+        HAS_KL=kl is not None, WRITE_REWARDS=write_rewards,
+        BCO_BATCH_MEAN=(loss == "bco_pair" and scalars["bco_batch_mean"]), BLOCK=block, num_warps=num_warps,
+    )  # fmt: skip
+    return losses, chosen_rewards, rejected_rewards, metrics
+
+
+def preference_bwd(loss, n, chosen, rejected, ref_chosen, ref_rejected, margin, kl, metrics, scalars,
+                   grad_losses, grad_stride, grad_scale, need_a, need_b, launch=None):  # fmt: skip
+    """Launch the backward kernel; returns (grad_a, grad_b) (None where not needed)."""
+    acc = metrics.dtype
+    grad_a = torch.empty(n, dtype=acc, device=metrics.device) if need_a else None
+    grad_b = torch.empty(n, dtype=acc, device=metrics.device) if need_b else None
+    if n == 0:
+        return grad_a, grad_b
+    dummy = metrics
+    block, num_warps = _block(n)
+    kernel = _pref_bwd_kernel if launch is None else launch(_pref_bwd_kernel)
+    kernel[(triton.cdiv(n, block),)](
+        dummy if chosen is None else chosen,
+        dummy if rejected is None else rejected,
+        dummy if ref_chosen is None else ref_chosen,
+        dummy if ref_rejected is None else ref_rejected,
+        dummy if margin is None else margin,
+        dummy if kl is None else kl,
+        metrics,
+        grad_losses,
+        dummy if grad_a is None else grad_a,
+        dummy if grad_b is None else grad_b,
+        n,
+        grad_stride,
+        *_split(scalars["beta"]), *_split(scalars["gamma"]), *_split(scalars["label_smoothing"]),
+        *_split(scalars["center"]), *_split(scalars["tau"]), *_split(scalars["weight"]), *_split(grad_scale),
+        LOSS=LOSS_IDS[loss], HAS_A=chosen is not None, HAS_B=rejected is not None,
+        HAS_REF_A=ref_chosen is not None, HAS_REF_B=ref_rejected is not None, HAS_MARGIN=margin is not None,
+        HAS_KL=kl is not None, WRITE_A=need_a, WRITE_B=need_b, BLOCK=block, num_warps=num_warps,
+    )  # fmt: skip
+    return grad_a, grad_b
+
+
+def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], int]]:
+    """Every loss's forward and backward kernel, as launched (float32), for AOT compile checks."""
+    configs = []
+    ptrs = ["chosen_ptr", "rejected_ptr", "ref_chosen_ptr", "ref_rejected_ptr", "margin_ptr", "kl_ptr"]
+    pairs = ["beta", "gamma", "ls", "center", "tau"]
+    for loss, loss_id in LOSS_IDS.items():
+        has_a, has_b = loss != "kto_rejected", loss != "kto_chosen"
+        flags = dict(LOSS=loss_id, HAS_A=has_a, HAS_B=has_b, HAS_REF_A=has_a, HAS_REF_B=has_b,
+                     HAS_MARGIN=loss_id <= 3, HAS_KL=loss.startswith("kto"))  # fmt: skip
+        scal = {f"{n}_{part}": "fp32" for n in pairs for part in ("hi", "lo")}
+        fwd_sig = {**{p: "*fp32" for p in ptrs}, "losses_ptr": "*fp32", "chosen_rewards_ptr": "*fp32",
+                   "rejected_rewards_ptr": "*fp32", "metrics_ptr": "*fp32", "n": "i64", **scal,
+                   "delta_hi": "fp32", "delta_lo": "fp32", "weight_hi": "fp32", "weight_lo": "fp32"}  # fmt: skip
+        block = _block(1 << 20)[0]
+        fwd_const = {**flags, "WRITE_REWARDS": True, "BCO_BATCH_MEAN": loss == "bco_pair", "BLOCK": block}
+        bwd_sig = {**{p: "*fp32" for p in ptrs}, "metrics_ptr": "*fp32", "grad_losses_ptr": "*fp32",
+                   "grad_a_ptr": "*fp32", "grad_b_ptr": "*fp32", "n": "i64", "grad_stride": "i64", **scal,
+                   "weight_hi": "fp32", "weight_lo": "fp32", "scale_hi": "fp32", "scale_lo": "fp32"}  # fmt: skip
+        bwd_const = {**flags, "WRITE_A": has_a, "WRITE_B": has_b, "BLOCK": block}
+        for sig, const, kernel in ((fwd_sig, fwd_const, _pref_fwd_kernel), (bwd_sig, bwd_const, _pref_bwd_kernel)):
+            sig = {**sig, **{k: "constexpr" for k in const}}
+            configs.append((kernel, sig, const, _block(1 << 20)[1]))
+    return configs

@@ -1,0 +1,291 @@
+"""Preference losses and sequence log-probs: every backend against the float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import backend_cases
+
+import rlhf_kernels
+from rlhf_kernels.reference import preference as reference
+
+NATIVE_OP = "preference_fwd_native"
+SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_pair")
+# Float32 kernels against the float64 oracle on float64-exact inputs.
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float64: dict(atol=1e-10, rtol=1e-9)}
+
+
+def inputs(n, dtype, device, *, seed=0, scale=3.0, offset=-30.0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, generator=g, dtype=torch.float64) * scale + offset).to(dtype).to(device) for _ in range(4)]
+
+
+def forward_backward(fn, tensors, seed=1):
+    """Run fn on leaf copies, backprop random weights through the losses; returns (outputs, grads)."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    out = fn(*leaves)
+    losses = out[0]
+    w = torch.randn(losses.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    (losses.double() * w.to(losses.device)).sum().backward()
+    return out, [leaf.grad for leaf in leaves]
+
+
+def compare(got, want, tol, grad_tol=None):
+    (out, grads), (ref_out, ref_grads) = got, want
+    grad_tol = grad_tol or tol
+    for x, y in zip(out, ref_out, strict=True):
+        if isinstance(x, dict):
+            continue
+        torch.testing.assert_close(x.double().cpu(), y.double().cpu(), **tol)
+    for gx, gy in zip(grads, ref_grads, strict=True):
+        if gx is None or gy is None:  # e.g. KTO's KL inputs: constant for the gradient
+            assert gx is None and gy is None
+            continue
+        torch.testing.assert_close(gx.double().cpu(), gy.double().cpu(), **grad_tol)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op=NATIVE_OP))
+@pytest.mark.parametrize("loss_type", rlhf_kernels.DPO_LOSS_TYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_dpo_loss_matches_reference(device, backend, loss_type, dtype):
+    tensors = inputs(37, dtype, device, seed=len(loss_type))
+    kw = dict(beta=0.3, loss_type=loss_type, label_smoothing=0.1 if loss_type in SMOOTHED else 0.0)
+    got = forward_backward(lambda *t: rlhf_kernels.dpo_loss(*t, backend=backend, **kw), tensors)
+    want = forward_backward(lambda *t: reference.dpo_loss(*t, **kw), [t.double() for t in tensors])
+    # gradients come back in the inputs' dtype: bf16 rounds them to 8 bits
+    grad_tol = dict(atol=1e-5, rtol=8e-3) if dtype == torch.bfloat16 else None
+    compare(got, want, TOL[torch.float64 if dtype == torch.float64 else torch.float32], grad_tol)
+    assert got[0].losses.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert all(g.dtype == dtype for g in got[1])
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op=NATIVE_OP))
+@pytest.mark.parametrize("loss_type", rlhf_kernels.DPO_LOSS_TYPES)
+def test_dpo_metrics(device, backend, loss_type):
+    pc, pr, rc, rr = inputs(50, torch.float32, device, seed=3)
+    out = rlhf_kernels.dpo_loss(pc, pr, rc, rr, beta=0.2, loss_type=loss_type, return_metrics=True, backend=backend)
+    losses, cr, rj = (t.double() for t in reference.dpo_loss(pc.double(), pr.double(), rc.double(), rr.double(),
+                                                             beta=0.2, loss_type=loss_type))  # fmt: skip
+    want = {
+        "loss": losses.mean(),
+        "rewards/accuracies": (cr > rj).double().mean(),
+        "rewards/margins": (cr - rj).mean(),
+        "rewards/chosen": cr.mean(),
+        "rewards/rejected": rj.mean(),
+    }
+    assert set(out.metrics) == set(want)
+    for name, value in want.items():
+        torch.testing.assert_close(out.metrics[name].double().cpu(), value.cpu(), atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op=NATIVE_OP))
+@pytest.mark.parametrize("loss_type", rlhf_kernels.DPO_LOSS_TYPES)
+def test_dpo_gradcheck(device, backend, loss_type):
+    tensors = [t.requires_grad_(True) for t in inputs(6, torch.float64, device, seed=9, scale=2.0, offset=-4.0)]
+    kw = dict(beta=0.7, loss_type=loss_type, label_smoothing=0.2 if loss_type in SMOOTHED else 0.0)
+    if loss_type == "hinge":  # keep z away from the kink at 1
+        kw["beta"] = 0.05
+    if loss_type == "bco_pair":  # the batch-mean delta is held constant (detached), as in TRL
+        kw["bco_delta"] = 0.3
+    assert torch.autograd.gradcheck(lambda *t: rlhf_kernels.dpo_loss(*t, backend=backend, **kw).losses, tensors)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op=NATIVE_OP))
+@pytest.mark.parametrize("loss_type", rlhf_kernels.DPO_LOSS_TYPES)
+@pytest.mark.parametrize("magnitude", [1e2, 1e4])
+def test_extreme_inputs_stay_finite(device, backend, loss_type, magnitude):
+    """Log-ratio gaps of +-magnitude: no inf or NaN in losses or gradients."""
+    g = torch.Generator().manual_seed(0)
+    pc, pr = [(torch.rand(16, generator=g) * 2 - 1) * magnitude for _ in range(2)]
+    tensors = [pc.to(device), pr.to(device), torch.zeros(16, device=device), torch.zeros(16, device=device)]
+    kw = dict(beta=1.0, loss_type=loss_type)
+    (out, grads) = forward_backward(lambda *t: rlhf_kernels.dpo_loss(*t, backend=backend, **kw), tensors)
+    if loss_type in ("ipo", "sppo_hard"):
+        assert torch.isfinite(out.losses).all()  # quadratic: large but finite
+    else:
+        assert torch.isfinite(out.losses).all(), out.losses
+    for grad in grads:
+        assert torch.isfinite(grad).all(), grad
+    want = forward_backward(lambda *t: reference.dpo_loss(*t, **kw), [t.double() for t in tensors])
+    compare((out, grads), want, dict(atol=1e-4, rtol=1e-5))
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op=NATIVE_OP))
+def test_reference_free_and_bco_delta(device, backend):
+    pc, pr, rc, rr = inputs(20, torch.float32, device, seed=5)
+    free = rlhf_kernels.dpo_loss(pc, pr, beta=0.1, reference_free=True, backend=backend)
+    zeros = torch.zeros_like(pc)
+    torch.testing.assert_close(
+        free.losses, rlhf_kernels.dpo_loss(pc, pr, zeros, zeros, beta=0.1, backend=backend).losses
+    )
+    for delta in (None, 0.7):
+        got = rlhf_kernels.dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="bco_pair", bco_delta=delta, backend=backend)
+        want = reference.dpo_loss(pc.double(), pr.double(), rc.double(), rr.double(), beta=0.1,
+                                  loss_type="bco_pair", bco_delta=delta)  # fmt: skip
+        torch.testing.assert_close(got.losses.double(), want[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op=NATIVE_OP))
+def test_simpo_orpo_kto_bradley_terry(device, backend):
+    g = torch.Generator().manual_seed(11)
+    c, r = [(-torch.rand(25, generator=g, dtype=torch.float64) * 3 - 1e-3).to(device) for _ in range(2)]
+    tol = TOL[torch.float64]
+
+    def check(fn, ref_fn, tensors):
+        compare(forward_backward(fn, tensors), forward_backward(ref_fn, tensors), tol)
+
+    check(lambda a, b: rlhf_kernels.simpo_loss(a, b, beta=2.5, gamma=0.3, label_smoothing=0.1, backend=backend),
+          lambda a, b: reference.simpo_loss(a, b, beta=2.5, gamma=0.3, label_smoothing=0.1), [c, r])  # fmt: skip
+    check(lambda a, b: rlhf_kernels.orpo_loss(a, b, beta=0.2, backend=backend),
+          lambda a, b: reference.orpo_loss(a, b, beta=0.2), [c, r])  # fmt: skip
+    kto = [(torch.randn(n, generator=g, dtype=torch.float64) - 20).to(device) for n in (7, 4, 9, 7, 4, 9)]
+    kto[2] = kto[5] + 0.5  # a positive KL estimate
+    check(lambda *t: rlhf_kernels.kto_loss(*t, beta=0.4, desirable_weight=1.3, undesirable_weight=0.7,
+                                           backend=backend),
+          lambda *t: reference.kto_loss(*t, beta=0.4, desirable_weight=1.3, undesirable_weight=0.7), kto)  # fmt: skip
+    margin = torch.rand(25, generator=g, dtype=torch.float64).to(device)
+    for m in (None, margin):
+        got = forward_backward(
+            lambda a, b, m=m: rlhf_kernels.bradley_terry_loss(a, b, margin=m, center_rewards_coefficient=0.01,
+                                                              backend=backend), [c * 3, r * 3])  # fmt: skip
+        want = forward_backward(
+            lambda a, b, m=m: reference.bradley_terry_loss(a, b, margin=m, center_rewards_coefficient=0.01),
+            [c * 3, r * 3],
+        )
+        compare(got, want, tol)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op=NATIVE_OP))
+def test_orpo_near_zero_logps(device, backend):
+    c = torch.tensor([-1e-9, -1e-4, -0.5, 0.0], dtype=torch.float64, device=device, requires_grad=True)
+    r = torch.tensor([-0.3, -1e-9, -2.0, -1.0], dtype=torch.float64, device=device, requires_grad=True)
+    out = rlhf_kernels.orpo_loss(c, r, backend=backend)
+    out.losses.sum().backward()
+    for t in (out.losses, c.grad, r.grad, out.log_odds_ratio, out.log_odds_chosen):
+        assert torch.isfinite(t).all()
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+def test_dpo_bad_inputs():
+    pc, pr, rc, rr = inputs(4, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="policy_rejected_logps: batch size 3"):
+        rlhf_kernels.dpo_loss(pc, pr[:3], rc, rr)
+    with pytest.raises(ValueError, match="ref_chosen_logps: required unless reference_free"):
+        rlhf_kernels.dpo_loss(pc, pr)
+    with pytest.raises(ValueError, match="loss_type: unknown 'kto'.*sigmoid, robust"):
+        rlhf_kernels.dpo_loss(pc, pr, rc, rr, loss_type="kto")
+    with pytest.raises(ValueError, match="beta"):
+        rlhf_kernels.dpo_loss(pc, pr, rc, rr, beta=0.0)
+    with pytest.raises(ValueError, match="beta"):
+        rlhf_kernels.dpo_loss(pc, pr, rc, rr, beta=-1.0)
+    with pytest.raises(ValueError, match="label_smoothing: 0.6 is outside"):
+        rlhf_kernels.dpo_loss(pc, pr, rc, rr, label_smoothing=0.6)
+    with pytest.raises(ValueError, match="label_smoothing: 0.5 is outside"):
+        rlhf_kernels.dpo_loss(pc, pr, rc, rr, loss_type="robust", label_smoothing=0.5)
+    with pytest.raises(ValueError, match="does not use label smoothing"):
+        rlhf_kernels.dpo_loss(pc, pr, rc, rr, loss_type="ipo", label_smoothing=0.1)
+    with pytest.raises(TypeError, match="policy_chosen_logps: expected a floating-point"):
+        rlhf_kernels.dpo_loss(pc.long(), pr, rc, rr)
+    with pytest.raises(ValueError, match="ref_rejected_logps: expected a 1-D"):
+        rlhf_kernels.dpo_loss(pc, pr, rc, rr[None])
+    with pytest.raises(ValueError, match="discopop_tau"):
+        rlhf_kernels.dpo_loss(pc, pr, rc, rr, loss_type="discopop", discopop_tau=0.0)
+    with pytest.raises(ValueError, match="ref_chosen_logps: on device meta"):
+        rlhf_kernels.dpo_loss(pc, pr, rc.to("meta"), rr)
+    with pytest.raises(ValueError, match="chosen_rewards"):
+        rlhf_kernels.bradley_terry_loss(pc, pr, margin=rr[:2])
+    with pytest.raises(ValueError, match="undesirable_weight"):
+        rlhf_kernels.kto_loss(pc, pr, pc, rc, rr, rc, undesirable_weight=-1.0)
+    with pytest.raises(ValueError, match="ref_kl_logps: required"):
+        rlhf_kernels.kto_loss(pc, pr, pc, rc, rr, None)
+
+
+# --- sequence log-probs and the DPO step from logits ------------------------------------------
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op=NATIVE_OP))
+@pytest.mark.parametrize("average", [False, True])
+def test_sequence_logprobs(device, backend, average):
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, 6, 211, generator=g).to(device)[:, :5]
+    labels = torch.randint(0, 211, (3, 5), generator=g).to(device)
+    mask = (torch.rand(3, 5, generator=g) > 0.3).to(device)
+    mask[2] = False  # a sequence with no kept token: 0, no NaN
+    x = logits.detach().requires_grad_(True)
+    got = rlhf_kernels.sequence_logprobs(x, labels, mask, average=average, backend=backend)
+    got.sum().backward()
+    xr = logits.detach().double().requires_grad_(True)
+    want = reference.sequence_logprobs(xr, labels, mask, average=average)
+    want.sum().backward()
+    assert got.shape == (3,) and got[2] == 0
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op=NATIVE_OP))
+def test_dpo_step_from_bf16_logits(device, backend):
+    """sequence_logprobs on a concatenated chosen+rejected batch, then dpo_loss:
+    matches the unfused float64 composition (log_softmax, gather, mask, sum, loss)."""
+    B, T, V = 2, 7, 300
+    g = torch.Generator().manual_seed(8)
+    logits = (torch.randn(2 * B, T + 1, V, generator=g) * 2).to(torch.bfloat16).to(device)
+    labels = torch.randint(0, V, (2 * B, T), generator=g).to(device)
+    mask = torch.ones(2 * B, T, dtype=torch.bool)
+    mask[:, :2] = False  # prompt tokens
+    mask = mask.to(device)
+    ref_logps = (torch.randn(2 * B, generator=g) - 40).to(device)
+
+    def step(x, seq_fn, loss_fn):
+        lp = seq_fn(x[:, :-1], labels, mask)
+        out = loss_fn(lp[:B], lp[B:], ref_logps[:B], ref_logps[B:], beta=0.1)
+        return out[0].mean()
+
+    x = logits.detach().requires_grad_(True)
+    loss = step(x, lambda *a: rlhf_kernels.sequence_logprobs(*a, backend=backend),
+                lambda *a, **k: rlhf_kernels.dpo_loss(*a, **k, backend=backend))  # fmt: skip
+    loss.backward()
+
+    def unfused_seq(x, labels, mask):
+        logp = torch.log_softmax(x.double(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        return (logp * mask).sum(-1)
+
+    xr = logits.detach().requires_grad_(True)
+    want = step(xr, unfused_seq, reference.dpo_loss)
+    want.backward()
+    torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double(), xr.grad.double(), atol=1e-6, rtol=1e-2)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"], native_op=NATIVE_OP))
+def test_preference_opcheck(device, backend):
+    if backend == "triton" and device == "cpu":
+        pytest.skip("fake tensors have no data pointer for the Triton interpreter; checked on GPU")
+    pc, pr, rc, rr = [t.requires_grad_(True) for t in inputs(5, torch.float32, device)]
+    op = getattr(torch.ops.rlhf_kernels, f"preference_fwd_{backend}")
+    for loss in ("sigmoid", "bco_pair", "orpo"):
+        args = (loss, pc, pr, rc, rr, None, None, 0.1, 0.0, 0.0, 0.0, 0.05, 0.0, True, 1.0, True)
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["torch", "triton", "native"], native_op=NATIVE_OP))
+def test_dpo_compile_fullgraph(device, backend):
+    if backend == "triton" and device == "cpu":
+        pytest.skip("torch.compile cannot trace interpreted Triton kernels; checked on GPU")
+    pc, pr, rc, rr = inputs(9, torch.float32, device)
+
+    def step(pc, pr):
+        out = rlhf_kernels.dpo_loss(pc, pr, rc, rr, beta=0.1, backend=backend, return_metrics=True)
+        return out.losses.mean(), out.metrics["rewards/accuracies"]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    a1, b1 = pc.clone().requires_grad_(True), pr.clone().requires_grad_(True)
+    a2, b2 = pc.clone().requires_grad_(True), pr.clone().requires_grad_(True)
+    eager = step(a1, b1)
+    eager[0].backward()
+    out = compiled(a2, b2)
+    out[0].backward()
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(a2.grad, a1.grad)
