@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "logprobs.h"
+#include "ppo.h"
 #include "preference.h"
 
 #ifdef RLHF_WITH_CUDA
@@ -346,6 +347,62 @@ std::tuple<at::Tensor, at::Tensor> preference_bwd(
   return {ga, gb};
 }
 
+// --- PPO ------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> gae(const at::Tensor& rewards, const at::Tensor& values,
+                                       const std::optional<at::Tensor>& mask, double gamma, double lam) {
+  TORCH_CHECK_VALUE(rewards.dim() == 2, "rewards: expected shape [B, T], got ", rewards.sizes());
+  TORCH_CHECK_VALUE(values.sizes() == rewards.sizes(), "values: expected shape ", rewards.sizes(), ", got ",
+                    values.sizes());
+  TORCH_CHECK_TYPE(rewards.scalar_type() == at::kFloat || rewards.scalar_type() == at::kDouble,
+                   "rewards: expected float32 or float64, got ", rewards.scalar_type());
+  TORCH_CHECK_TYPE(values.scalar_type() == rewards.scalar_type(), "values: dtype ", values.scalar_type(),
+                   " differs from rewards' ", rewards.scalar_type());
+  TORCH_CHECK_VALUE(values.device() == rewards.device(), "values: on ", values.device(), " but rewards are on ",
+                    rewards.device());
+  TORCH_CHECK_VALUE(gamma >= 0 && gamma <= 1, "gamma: must be in [0, 1], got ", gamma);
+  TORCH_CHECK_VALUE(lam >= 0 && lam <= 1, "lam: must be in [0, 1], got ", lam);
+  const int64_t B = rewards.size(0), T = rewards.size(1);
+  auto unit_t = [](const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous(); };
+  const at::Tensor r = unit_t(rewards), v = unit_t(values);
+  at::Tensor m;
+  if (mask.has_value() && mask->defined()) {
+    TORCH_CHECK_VALUE(mask->sizes() == rewards.sizes(), "mask: expected shape ", rewards.sizes(), ", got ",
+                      mask->sizes());
+    TORCH_CHECK_VALUE(mask->device() == rewards.device(), "mask: on ", mask->device(), " but rewards are on ",
+                      rewards.device());
+    m = unit_t(mask->to(at::kByte));
+  }
+  at::Tensor adv = at::empty({B, T}, rewards.options());
+  at::Tensor ret = at::empty({B, T}, rewards.options());
+  if (B == 0 || T == 0) return {adv, ret};
+  GaeParams p;
+  p.dtype = rewards.scalar_type() == at::kDouble ? ScalarKind::Float64 : ScalarKind::Float32;
+  p.batch = B;
+  p.time = T;
+  p.rewards = r.data_ptr();
+  p.rewards_row_stride = r.stride(0);
+  p.values = v.data_ptr();
+  p.values_row_stride = v.stride(0);
+  p.mask = m.defined() ? m.data_ptr<uint8_t>() : nullptr;
+  p.mask_row_stride = m.defined() ? m.stride(0) : 0;
+  p.gamma = gamma;
+  p.lam = lam;
+  p.advantages = adv.data_ptr();
+  p.returns = ret.data_ptr();
+  if (rewards.device().is_cuda()) {
+#ifdef RLHF_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(rewards.device());
+    gae_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
+#else
+    TORCH_CHECK(false, "rlhf_kernels._C was built without CUDA");
+#endif
+  } else {
+    gae_cpu(p);
+  }
+  return {adv, ret};
+}
+
 pybind11::dict build_info() {
   pybind11::dict d;
 #ifdef RLHF_WITH_CUDA
@@ -382,6 +439,7 @@ TORCH_LIBRARY(rlhf_kernels, m) {
       "Tensor? margin, Tensor? kl, Tensor metrics, float beta, float gamma, float label_smoothing, float center, "
       "float tau, float weight, Tensor grad_losses, int grad_stride, float grad_scale, bool need_a, bool need_b) "
       "-> (Tensor, Tensor)");
+  m.def("gae_native(Tensor rewards, Tensor values, Tensor? mask, float gamma, float lam) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
@@ -390,6 +448,7 @@ TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
   m.impl("token_logprobs_bwd_inplace_native", &rlhf::token_logprobs_bwd_inplace);
   m.impl("preference_fwd_native", &rlhf::preference_fwd);
   m.impl("preference_bwd_native", &rlhf::preference_bwd);
+  m.impl("gae_native", &rlhf::gae);
 }
 
 #ifdef RLHF_WITH_CUDA
@@ -399,6 +458,7 @@ TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) {
   m.impl("token_logprobs_bwd_inplace_native", &rlhf::token_logprobs_bwd_inplace);
   m.impl("preference_fwd_native", &rlhf::preference_fwd);
   m.impl("preference_bwd_native", &rlhf::preference_bwd);
+  m.impl("gae_native", &rlhf::gae);
 }
 #endif
 

@@ -70,13 +70,15 @@ def check_triton(archs=ARCHS) -> list[KernelReport]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from rlhf_kernels.triton import logprobs, preference
+    from rlhf_kernels.triton import logprobs, ppo, preference
 
     ptxas = _triton_ptxas()
     reports = []
     seen = set()
     with tempfile.TemporaryDirectory() as tmp:
-        for kernel, signature, constexprs, num_warps in logprobs.kernel_configs() + preference.kernel_configs():
+        for kernel, signature, constexprs, num_warps in (
+            logprobs.kernel_configs() + preference.kernel_configs() + ppo.kernel_configs()
+        ):
             key = (
                 kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__,
                 tuple(signature.values()),

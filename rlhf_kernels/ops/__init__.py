@@ -1,6 +1,14 @@
 """Public ops, one module per op family."""
 
 from rlhf_kernels.ops.logprobs import sequence_logprobs, token_logprobs
+from rlhf_kernels.ops.ppo import (
+    gae,
+    grpo_advantages,
+    kl_penalty,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
 from rlhf_kernels.ops.preference import (
     DPO_LOSS_TYPES,
     bradley_terry_loss,
@@ -19,4 +27,10 @@ __all__ = [
     "kto_loss",
     "bradley_terry_loss",
     "DPO_LOSS_TYPES",
+    "gae",
+    "masked_whiten",
+    "grpo_advantages",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "kl_penalty",
 ]

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from rlhf_kernels._layout import row_layout
+from rlhf_kernels.triton._common import join_float, split_float
 
 # Kernels may only read globals that are constexpr.
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -55,7 +56,7 @@ def _logprobs_fwd_kernel(
     acc_ty = lse_ptr.dtype.element_ty
     # Constants in the accumulation type (a bare float literal would be float32).
     ln2 = tl.full((), _LN2, acc_ty)
-    scale2 = (tl.cast(inv_temp_hi, acc_ty) + tl.cast(inv_temp_lo, acc_ty)) * tl.full((), _LOG2E, acc_ty)
+    scale2 = (join_float(inv_temp_hi, inv_temp_lo, acc_ty)) * tl.full((), _LOG2E, acc_ty)
     label = tl.load(labels_ptr + row)
     if label == ignore_index:
         tl.store(logprobs_ptr + row, 0.0)
@@ -130,7 +131,7 @@ def _logprobs_bwd_kernel(
     acc_ty = lse_ptr.dtype.element_ty
     ln2 = tl.full((), _LN2, acc_ty)
     log2e = tl.full((), _LOG2E, acc_ty)
-    inv_temp = tl.cast(inv_temp_hi, acc_ty) + tl.cast(inv_temp_lo, acc_ty)
+    inv_temp = join_float(inv_temp_hi, inv_temp_lo, acc_ty)
     scale2 = inv_temp * log2e
     label = tl.load(labels_ptr + row)
     cols = tl.arange(0, BLOCK_V).to(tl.int64)
@@ -171,12 +172,6 @@ def _block_v(vocab: int, itemsize: int) -> tuple[int, int]:
     return block, num_warps
 
 
-def _split_float(value: float) -> tuple[float, float]:
-    """value = hi + lo with hi, lo both exact float32 (to ~2^-48 relative)."""
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
-
-
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -208,7 +203,7 @@ def logprobs_fwd(
         entropy if return_entropy else lse,
         vocab,
         *layout,
-        *_split_float(1.0 / temperature),
+        *split_float(1.0 / temperature),
         ignore_index,
         HAS_ENTROPY=return_entropy,
         BLOCK_V=block,
@@ -254,7 +249,7 @@ def logprobs_bwd(
         logits.shape[-1],
         *layout,
         *grad_layout,
-        *_split_float(1.0 / temperature),
+        *split_float(1.0 / temperature),
         ignore_index,
         HAS_ENTROPY=has_entropy,
         BLOCK_V=block,

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rlhf_kernels.triton._common import join_float, split_float
+
 LOSS_IDS = {
     "sigmoid": 0,
     "robust": 1,
@@ -153,11 +155,6 @@ def _loss_and_grads(a, b, m, kl, delta, beta, gamma, ls, center, tau, weight, LO
 
 
 @triton.jit
-def _scalar(hi, lo, acc_ty: tl.constexpr):
-    return tl.cast(hi, acc_ty) + tl.cast(lo, acc_ty)
-
-
-@triton.jit
 def _load_inputs(
     chosen_ptr, rejected_ptr, ref_chosen_ptr, ref_rejected_ptr, offs, n, zeros,
     HAS_A: tl.constexpr, HAS_B: tl.constexpr, HAS_REF_A: tl.constexpr, HAS_REF_B: tl.constexpr,
@@ -193,13 +190,13 @@ def _pref_fwd_kernel(
     # losses and rewards, and reduces the metrics in registers. Reads 8-32
     # bytes and writes 12 bytes per element.
     acc_ty = metrics_ptr.dtype.element_ty
-    beta = _scalar(beta_hi, beta_lo, acc_ty)
-    gamma = _scalar(gamma_hi, gamma_lo, acc_ty)
-    ls = _scalar(ls_hi, ls_lo, acc_ty)
-    center = _scalar(center_hi, center_lo, acc_ty)
-    tau = _scalar(tau_hi, tau_lo, acc_ty)
-    weight = _scalar(weight_hi, weight_lo, acc_ty)
-    delta = _scalar(delta_hi, delta_lo, acc_ty)
+    beta = join_float(beta_hi, beta_lo, acc_ty)
+    gamma = join_float(gamma_hi, gamma_lo, acc_ty)
+    ls = join_float(ls_hi, ls_lo, acc_ty)
+    center = join_float(center_hi, center_lo, acc_ty)
+    tau = join_float(tau_hi, tau_lo, acc_ty)
+    weight = join_float(weight_hi, weight_lo, acc_ty)
+    delta = join_float(delta_hi, delta_lo, acc_ty)
     kl = tl.zeros((), acc_ty)
     if HAS_KL:
         kl = tl.load(kl_ptr)
@@ -272,13 +269,13 @@ def _pref_bwd_kernel(
     # Grid: (cdiv(n, BLOCK),). Each program owns BLOCK elements: reads the
     # inputs and the upstream gradient, writes dL/da and dL/db.
     acc_ty = metrics_ptr.dtype.element_ty
-    beta = _scalar(beta_hi, beta_lo, acc_ty)
-    gamma = _scalar(gamma_hi, gamma_lo, acc_ty)
-    ls = _scalar(ls_hi, ls_lo, acc_ty)
-    center = _scalar(center_hi, center_lo, acc_ty)
-    tau = _scalar(tau_hi, tau_lo, acc_ty)
-    weight = _scalar(weight_hi, weight_lo, acc_ty)
-    scale = _scalar(scale_hi, scale_lo, acc_ty)
+    beta = join_float(beta_hi, beta_lo, acc_ty)
+    gamma = join_float(gamma_hi, gamma_lo, acc_ty)
+    ls = join_float(ls_hi, ls_lo, acc_ty)
+    center = join_float(center_hi, center_lo, acc_ty)
+    tau = join_float(tau_hi, tau_lo, acc_ty)
+    weight = join_float(weight_hi, weight_lo, acc_ty)
+    scale = join_float(scale_hi, scale_lo, acc_ty)
     delta = tl.load(metrics_ptr + 7)
     kl = tl.zeros((), acc_ty)
     if HAS_KL:
@@ -296,12 +293,6 @@ def _pref_bwd_kernel(
         tl.store(grad_a_ptr + offs, g * da, mask=inb)
     if WRITE_B:
         tl.store(grad_b_ptr + offs, g * db, mask=inb)
-
-
-def _split(value: float) -> tuple[float, float]:
-    """value = hi + lo, both float32 (Triton passes float scalars as float32)."""
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
 
 
 def _block(n: int) -> tuple[int, int]:
@@ -335,9 +326,9 @@ def preference_fwd(loss, n, chosen, rejected, ref_chosen, ref_rejected, margin, 
         rejected_rewards if rejected_rewards.numel() else dummy,
         metrics,
         n,
-        *_split(scalars["beta"]), *_split(scalars["gamma"]), *_split(scalars["label_smoothing"]),
-        *_split(scalars["center"]), *_split(scalars["tau"]), *_split(scalars["bco_delta"]),
-        *_split(scalars["weight"]),
+        *split_float(scalars["beta"]), *split_float(scalars["gamma"]), *split_float(scalars["label_smoothing"]),
+        *split_float(scalars["center"]), *split_float(scalars["tau"]), *split_float(scalars["bco_delta"]),
+        *split_float(scalars["weight"]),
         LOSS=LOSS_IDS[loss], HAS_A=chosen is not None, HAS_B=rejected is not None,
         HAS_REF_A=ref_chosen is not None, HAS_REF_B=ref_rejected is not None, HAS_MARGIN=margin is not None,
         HAS_KL=kl is not None, WRITE_REWARDS=write_rewards,
@@ -370,8 +361,9 @@ def preference_bwd(loss, n, chosen, rejected, ref_chosen, ref_rejected, margin, 
         dummy if grad_b is None else grad_b,
         n,
         grad_stride,
-        *_split(scalars["beta"]), *_split(scalars["gamma"]), *_split(scalars["label_smoothing"]),
-        *_split(scalars["center"]), *_split(scalars["tau"]), *_split(scalars["weight"]), *_split(grad_scale),
+        *split_float(scalars["beta"]), *split_float(scalars["gamma"]), *split_float(scalars["label_smoothing"]),
+        *split_float(scalars["center"]), *split_float(scalars["tau"]), *split_float(scalars["weight"]),
+        *split_float(grad_scale),
         LOSS=LOSS_IDS[loss], HAS_A=chosen is not None, HAS_B=rejected is not None,
         HAS_REF_A=ref_chosen is not None, HAS_REF_B=ref_rejected is not None, HAS_MARGIN=margin is not None,
         HAS_KL=kl is not None, WRITE_A=need_a, WRITE_B=need_b, BLOCK=block, num_warps=num_warps,

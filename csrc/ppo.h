@@ -1,0 +1,112 @@
+// Parameters of the PPO kernels, shared by ppo.cu, ppo_cpu.cpp and the
+// bindings. No torch headers.
+//
+// GAE (Schulman et al. 2016) over [B, T] rows, with response-mask "skip"
+// semantics (multi-turn PPO: masked tool/observation tokens neither produce a
+// TD error nor break the recursion). Per row, walking t = T-1 .. 0 with
+// next_value = 0 and last_gae = 0:
+//     if mask[t]:
+//         delta     = rewards[t] + gamma * next_value - values[t]
+//         last_gae  = delta + gamma * lam * last_gae
+//         next_value = values[t]
+//     advantages[t] = last_gae            (masked positions carry it unchanged)
+//     returns[t]    = last_gae + values[t]
+// (mask == nullptr: every position is valid.) This is verl's
+// compute_gae_advantage_return before whitening.
+//
+// As a scan: each position is the affine map x -> d_t + c_t x on the running
+// advantage (valid: c = gamma*lam, d = delta_t; masked: c = 1, d = 0), and
+// delta_t needs the value at the next valid position, itself a "nearest valid
+// to the right" scan. Both compose associatively, so a row can be processed
+// in chunks (carrying the state from the chunk to its right) or by a parallel
+// scan.
+#pragma once
+#include <cstdint>
+
+#include "logprobs.h"  // ScalarKind
+
+namespace rlhf {
+
+// rewards, values: [B, T] with row stride (elements) given, unit stride in T;
+// float32 or float64 (dtype; both the same). mask: [B, T] uint8/bool (0/1)
+// with its own row stride, or nullptr. advantages, returns: contiguous [B, T]
+// of the same dtype.
+struct GaeParams {
+  ScalarKind dtype = ScalarKind::Float32;  // Float32 or Float64
+  int64_t batch = 0;
+  int64_t time = 0;
+  const void* rewards = nullptr;
+  int64_t rewards_row_stride = 0;
+  const void* values = nullptr;
+  int64_t values_row_stride = 0;
+  const uint8_t* mask = nullptr;
+  int64_t mask_row_stride = 0;
+  double gamma = 1.0;
+  double lam = 0.95;
+  void* advantages = nullptr;
+  void* returns = nullptr;
+};
+
+void gae_cuda(const GaeParams& p, void* stream);
+void gae_cpu(const GaeParams& p);
+
+// PPO token losses over contiguous [B, T] inputs x, old, third and a uint8
+// mask (nonzero = valid), float32 or float64 (all the same).
+// kind 0, POLICY (verl's compute_policy_loss): x = logp, old = old logp,
+//   third = advantages A, p0 = clip low, p1 = clip high, p2 = dual-clip c
+//   (has_dual). Per token:
+//     lr = clamp(logp - old, -20, 20), r = exp(lr),
+//     dr = r if |logp - old| < 20 else 0            (d r / d logp)
+//     l1 = -A r, l2 = -A clamp(r, 1 - p0, 1 + p1), l = max(l1, l2)
+//     dl = l2 > l1 ? (1 - p0 < r < 1 + p1 ? -A dr : 0) : -A dr
+//     clip = (l2 > l1)
+//     if has_dual: l3 = -A p2; use3 = A < 0 && l3 < l; lower = (A < 0 && l > l3)
+//                  l = use3 ? l3 : l; dl = use3 ? 0 : dl      (else lower = 0)
+//     kl = -lr
+// kind 1, VALUE: x = v, old = old v, third = returns R, p0 = clip range e:
+//     diff = v - old, vc = old + clamp(diff, -e, e), e1 = v - R, e2 = vc - R,
+//     l = 0.5 max(e1^2, e2^2), use2 = e2^2 > e1^2, clip = use2,
+//     dl = use2 ? (-e < diff < e ? e2 : 0) : e1,  kl = lower = 0
+// Forward: per row b, row_loss[b] = sum over valid t of l, and
+//   stats[b, 0..3] = (number of valid t, sum of clip, sum of kl, sum of lower).
+// Backward: grad_x[b, t] = valid ? grad_row[b] * dl : 0.
+struct PpoLossParams {
+  ScalarKind dtype = ScalarKind::Float32;
+  int kind = 0;
+  int64_t batch = 0;
+  int64_t time = 0;
+  const void* x = nullptr;
+  const void* old = nullptr;
+  const void* third = nullptr;
+  const uint8_t* mask = nullptr;
+  double p0 = 0.2, p1 = 0.2, p2 = 3.0;
+  bool has_dual = false;
+  void* row_loss = nullptr;        // forward: [B]
+  void* stats = nullptr;           // forward: [B, 4]
+  const void* grad_row = nullptr;  // backward: [B]
+  void* grad_x = nullptr;          // backward: [B, T]
+};
+
+// KL estimators, elementwise over n contiguous values, d = logp - ref:
+//   kind 0 k1: d, d' = 1;  1 abs: |d|, d' = sign(d) (0 at 0);  2 k2: d^2/2, d' = d;
+//   3 k3: k = clamp(-d, -20, 20), raw = e^k - k - 1, value = clamp(raw, -10, 10),
+//         d' = (|d| < 20 && -10 < raw < 10) ? 1 - e^k : 0.
+// Forward writes value; backward (grad_out != nullptr) writes grad_out * d'.
+struct KlParams {
+  ScalarKind dtype = ScalarKind::Float32;
+  int kind = 0;
+  int64_t n = 0;
+  const void* logp = nullptr;
+  const void* ref = nullptr;
+  const void* grad_out = nullptr;
+  void* out = nullptr;
+};
+
+void ppo_loss_fwd_cuda(const PpoLossParams& p, void* stream);
+void ppo_loss_bwd_cuda(const PpoLossParams& p, void* stream);
+void kl_penalty_cuda(const KlParams& p, void* stream);
+void ppo_loss_fwd_cpu(const PpoLossParams& p);
+void ppo_loss_bwd_cpu(const PpoLossParams& p);
+void kl_penalty_cpu(const KlParams& p);
+
+}  // namespace rlhf

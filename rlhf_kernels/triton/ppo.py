@@ -1,0 +1,330 @@
+"""Triton kernels for PPO: the chunked GAE scan.
+
+GAE semantics (response-mask skip, verl's compute_gae_advantage_return) are in
+csrc/ppo.h and rlhf_kernels.ops.ppo.gae's docstring.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from rlhf_kernels.triton._common import join_float, split_float
+
+
+@triton.jit
+def _affine_combine(c_right, d_right, c_left, d_left):
+    # Scanning right to left: (c_right, d_right) maps the carry entering from the
+    # right to the running advantage at the right neighbour; prepending the map
+    # x -> d_left + c_left x of the position to its left gives that position's map.
+    return c_left * c_right, d_left + c_left * d_right
+
+
+@triton.jit
+def _nearest_valid_combine(has_right, value_right, has_left, value_left):
+    # The nearest valid value at or right of a position: the left one if valid.
+    return tl.maximum(has_left, has_right), tl.where(has_left != 0, value_left, value_right)
+
+
+@triton.jit
+def _gae_kernel(
+    rewards_ptr, values_ptr, mask_ptr, adv_ptr, ret_ptr,
+    T, r_stride, v_stride, m_stride, gamma_hi, gamma_lo, gamma_lam_hi, gamma_lam_lo,
+    HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # Grid: (B,). Each program owns one row and walks it right to left in
+    # BLOCK-wide chunks, carrying (running advantage, next valid value) from
+    # the chunk on its right; inside a chunk both recurrences are associative
+    # scans. Reads rewards, values (twice: shifted by one for the next value,
+    # a cache hit) and the mask; writes advantages and returns: ~17 bytes per
+    # element in float32.
+    row = tl.program_id(0).to(tl.int64)
+    acc_ty = adv_ptr.dtype.element_ty
+    gamma = join_float(gamma_hi, gamma_lo, acc_ty)
+    gamma_lam = join_float(gamma_lam_hi, gamma_lam_lo, acc_ty)
+    cols = tl.arange(0, BLOCK)
+    carry_adv = tl.zeros((), acc_ty)
+    carry_next_value = tl.zeros((), acc_ty)
+    n_chunks = tl.cdiv(T, BLOCK)
+    for k in range(n_chunks):
+        start = (n_chunks - 1 - k) * BLOCK
+        offs = start + cols
+        inb = offs < T
+        nxt = offs + 1
+        nxt_in = nxt < T
+        r = tl.load(rewards_ptr + row * r_stride + offs, mask=inb, other=0.0).to(acc_ty)
+        v = tl.load(values_ptr + row * v_stride + offs, mask=inb, other=0.0).to(acc_ty)
+        v_next = tl.load(values_ptr + row * v_stride + nxt, mask=nxt_in, other=0.0).to(acc_ty)
+        if HAS_MASK:
+            valid = tl.load(mask_ptr + row * m_stride + offs, mask=inb, other=0).to(tl.int32)
+            valid_next = tl.load(mask_ptr + row * m_stride + nxt, mask=nxt_in, other=0).to(tl.int32)
+        else:
+            valid = inb.to(tl.int32)
+            valid_next = nxt_in.to(tl.int32)
+        # value at the nearest valid position strictly right of t
+        has, nearest = tl.associative_scan((valid_next, v_next), 0, _nearest_valid_combine, reverse=True)
+        next_value = tl.where(has != 0, nearest, carry_next_value)
+        delta = r + gamma * next_value - v
+        c = tl.where(valid != 0, gamma_lam, 1.0).to(acc_ty)
+        d = tl.where(valid != 0, delta, 0.0).to(acc_ty)
+        c_scan, d_scan = tl.associative_scan((c, d), 0, _affine_combine, reverse=True)
+        adv = d_scan + c_scan * carry_adv
+        tl.store(adv_ptr + row * T + offs, adv, mask=inb)
+        tl.store(ret_ptr + row * T + offs, adv + v, mask=inb)
+        first = offs == start
+        carry_adv = tl.sum(tl.where(first, adv, 0.0), axis=0).to(acc_ty)
+        carry_next_value = tl.sum(tl.where(first, next_value, 0.0), axis=0).to(acc_ty)
+
+
+def gae(rewards, values, mask, gamma, lam, launch=None):
+    """Launch the GAE kernel on [B, T] rows (unit stride along T)."""
+    B, T = rewards.shape
+    advantages = torch.empty((B, T), dtype=rewards.dtype, device=rewards.device)
+    returns = torch.empty_like(advantages)
+    if B == 0 or T == 0:
+        return advantages, returns
+    block = max(16, min(1024, triton.next_power_of_2(T)))
+    kernel = _gae_kernel if launch is None else launch(_gae_kernel)
+    kernel[(B,)](
+        rewards, values, values if mask is None else mask, advantages, returns,
+        T, rewards.stride(0), values.stride(0), 0 if mask is None else mask.stride(0), *split_float(gamma),
+        *split_float(gamma * lam),
+        HAS_MASK=mask is not None, BLOCK=block, num_warps=4 if block <= 512 else 8,
+    )  # fmt: skip
+    return advantages, returns
+
+
+# --- PPO token losses: clipped policy surrogate and clipped value loss ---------------------
+
+POLICY = 0
+VALUE = 1
+STATS = 4  # per-row statistics besides the loss sum: count, clipped, kl (policy), clipped-lower (policy)
+
+
+@triton.jit
+def _policy_token(logp, old, adv, low, high, clip_c, HAS_DUAL: tl.constexpr):
+    """Per-token PPO loss, d loss / d logp and the clip indicators (verl's compute_policy_loss)."""
+    log_ratio = tl.minimum(tl.maximum(logp - old, -20.0), 20.0)
+    ratio = tl.exp(log_ratio)
+    dratio = tl.where(tl.abs(logp - old) < 20.0, ratio, 0.0)  # clamp cuts the gradient outside
+    clipped_ratio = tl.minimum(tl.maximum(ratio, 1.0 - low), 1.0 + high)
+    in_clip = (ratio > 1.0 - low) & (ratio < 1.0 + high)
+    loss1 = -adv * ratio
+    loss2 = -adv * clipped_ratio
+    clipped = tl.maximum(loss1, loss2)
+    # max picks the unclipped term unless the clipped one is larger (ties: same gradient)
+    dclipped = tl.where(loss2 > loss1, tl.where(in_clip, -adv * dratio, 0.0), -adv * dratio)
+    clip_hit = (loss2 > loss1).to(tl.float32)
+    loss = clipped
+    dloss = dclipped
+    lower_hit = tl.zeros_like(clip_hit)
+    if HAS_DUAL:
+        loss3 = -adv * clip_c
+        neg = adv < 0
+        use3 = neg & (loss3 < clipped)
+        loss = tl.where(use3, loss3, clipped)
+        dloss = tl.where(use3, 0.0, dclipped)
+        lower_hit = (neg & (clipped > loss3)).to(tl.float32)
+    return loss, dloss, clip_hit, lower_hit, -log_ratio
+
+
+@triton.jit
+def _value_token(v, old_v, ret, clip_range):
+    """Per-token 0.5 * max((v - R)^2, (clip(v, old +- eps) - R)^2) and d/dv."""
+    diff = v - old_v
+    clipped_v = old_v + tl.minimum(tl.maximum(diff, -clip_range), clip_range)
+    e1 = v - ret
+    e2 = clipped_v - ret
+    l1 = e1 * e1
+    l2 = e2 * e2
+    inside = (diff > -clip_range) & (diff < clip_range)
+    use2 = l2 > l1
+    loss = 0.5 * tl.maximum(l1, l2)
+    dloss = tl.where(use2, tl.where(inside, e2, 0.0), e1)
+    return loss, dloss, use2.to(tl.float32)
+
+
+@triton.jit
+def _ppo_loss_fwd_kernel(
+    x_ptr, old_ptr, third_ptr, mask_ptr, row_loss_ptr, stats_ptr, T,
+    p0_hi, p0_lo, p1_hi, p1_lo, p2_hi, p2_lo, KIND: tl.constexpr, HAS_DUAL: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # Grid: (B,). Each program owns one row of [B, T] contiguous inputs and
+    # writes its masked loss sum and statistics (count, clipped, kl, clipped
+    # lower). POLICY: x = logprobs, old = old logprobs, third = advantages,
+    # (p0, p1, p2) = (clip low, clip high, dual-clip c). VALUE: x = values,
+    # old = old values, third = returns, p0 = clip range. Reads 13 bytes per
+    # token (float32 + bool mask); the aggregation over rows is O(B).
+    row = tl.program_id(0).to(tl.int64)
+    acc_ty = row_loss_ptr.dtype.element_ty
+    p0 = join_float(p0_hi, p0_lo, acc_ty)
+    p1 = join_float(p1_hi, p1_lo, acc_ty)
+    p2 = join_float(p2_hi, p2_lo, acc_ty)
+    cols = tl.arange(0, BLOCK)
+    loss_sum = tl.zeros((BLOCK,), acc_ty)
+    count = tl.zeros((BLOCK,), acc_ty)
+    clip_sum = tl.zeros((BLOCK,), acc_ty)
+    kl_sum = tl.zeros((BLOCK,), acc_ty)
+    lower_sum = tl.zeros((BLOCK,), acc_ty)
+    for start in range(0, T, BLOCK):
+        offs = row * T + start + cols
+        inb = start + cols < T
+        keep = tl.load(mask_ptr + offs, mask=inb, other=0) != 0
+        x = tl.load(x_ptr + offs, mask=inb, other=0.0)
+        old = tl.load(old_ptr + offs, mask=inb, other=0.0)
+        third = tl.load(third_ptr + offs, mask=inb, other=0.0)
+        if KIND == 0:
+            loss, _, clip_hit, lower_hit, kl = _policy_token(x, old, third, p0, p1, p2, HAS_DUAL)
+            kl_sum += tl.where(keep, kl, 0.0)
+            lower_sum += tl.where(keep, lower_hit, 0.0)
+        else:
+            loss, _, clip_hit = _value_token(x, old, third, p0)
+        loss_sum += tl.where(keep, loss, 0.0)
+        count += keep.to(acc_ty)
+        clip_sum += tl.where(keep, clip_hit, 0.0)
+    tl.store(row_loss_ptr + row, tl.sum(loss_sum, axis=0))
+    tl.store(stats_ptr + row * 4 + 0, tl.sum(count, axis=0))
+    tl.store(stats_ptr + row * 4 + 1, tl.sum(clip_sum, axis=0))
+    tl.store(stats_ptr + row * 4 + 2, tl.sum(kl_sum, axis=0))
+    tl.store(stats_ptr + row * 4 + 3, tl.sum(lower_sum, axis=0))
+
+
+@triton.jit
+def _ppo_loss_bwd_kernel(
+    x_ptr, old_ptr, third_ptr, mask_ptr, grad_row_ptr, grad_x_ptr, T,
+    p0_hi, p0_lo, p1_hi, p1_lo, p2_hi, p2_lo, KIND: tl.constexpr, HAS_DUAL: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # Grid: (B, cdiv(T, BLOCK)). Each program owns BLOCK tokens of one row:
+    # d loss / d x = grad_row[b] * mask * d token_loss / d x.
+    row = tl.program_id(0).to(tl.int64)
+    acc_ty = grad_x_ptr.dtype.element_ty
+    p0 = join_float(p0_hi, p0_lo, acc_ty)
+    p1 = join_float(p1_hi, p1_lo, acc_ty)
+    p2 = join_float(p2_hi, p2_lo, acc_ty)
+    offs_t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs_t < T
+    offs = row * T + offs_t
+    keep = tl.load(mask_ptr + offs, mask=inb, other=0) != 0
+    x = tl.load(x_ptr + offs, mask=inb, other=0.0)
+    old = tl.load(old_ptr + offs, mask=inb, other=0.0)
+    third = tl.load(third_ptr + offs, mask=inb, other=0.0)
+    g = tl.load(grad_row_ptr + row)
+    if KIND == 0:
+        _, dloss, _, _, _ = _policy_token(x, old, third, p0, p1, p2, HAS_DUAL)
+    else:
+        _, dloss, _ = _value_token(x, old, third, p0)
+    tl.store(grad_x_ptr + offs, tl.where(keep, g * dloss, 0.0), mask=inb)
+
+
+def _loss_block(T: int) -> int:
+    """Up to 512 tokens per step, 4 per thread: five accumulators stay in registers."""
+    return max(16, min(512, triton.next_power_of_2(T)))
+
+
+def ppo_loss_fwd(kind, x, old, third, mask, p0, p1, p2, has_dual, launch=None):
+    """Per-row loss sums [B] and statistics [B, 4] of contiguous [B, T] inputs."""
+    B, T = x.shape
+    row_loss = torch.empty(B, dtype=x.dtype, device=x.device)
+    stats = torch.empty(B, STATS, dtype=x.dtype, device=x.device)
+    if B == 0:
+        return row_loss, stats
+    block = _loss_block(T)
+    kernel = _ppo_loss_fwd_kernel if launch is None else launch(_ppo_loss_fwd_kernel)
+    kernel[(B,)](x, old, third, mask, row_loss, stats, T, *split_float(p0), *split_float(p1), *split_float(p2),
+                 KIND=kind, HAS_DUAL=has_dual, BLOCK=block, num_warps=4)  # fmt: skip
+    return row_loss, stats
+
+
+def ppo_loss_bwd(kind, x, old, third, mask, grad_row, p0, p1, p2, has_dual, launch=None):
+    B, T = x.shape
+    grad = torch.empty_like(x)
+    if B == 0 or T == 0:
+        return grad
+    block = _loss_block(T)
+    kernel = _ppo_loss_bwd_kernel if launch is None else launch(_ppo_loss_bwd_kernel)
+    kernel[(B, triton.cdiv(T, block))](x, old, third, mask, grad_row.contiguous(), grad, T, *split_float(p0),
+                                       *split_float(p1), *split_float(p2), KIND=kind, HAS_DUAL=has_dual,
+                                       BLOCK=block, num_warps=4)  # fmt: skip
+    return grad
+
+
+# --- KL penalty ------------------------------------------------------------------------------
+
+KL_KIND_IDS = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
+
+
+@triton.jit
+def _kl_token(logp, ref, KIND: tl.constexpr):
+    """The KL estimator and its derivative with respect to logp."""
+    diff = logp - ref
+    if KIND == 0:
+        return diff, tl.full(diff.shape, 1.0, diff.dtype)
+    elif KIND == 1:
+        return tl.abs(diff), tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0)).to(diff.dtype)
+    elif KIND == 2:
+        return 0.5 * diff * diff, diff
+    else:
+        kl = tl.minimum(tl.maximum(-diff, -20.0), 20.0)
+        e = tl.exp(kl)
+        raw = e - kl - 1.0
+        value = tl.minimum(tl.maximum(raw, -10.0), 10.0)
+        # d/dlogp = -(e - 1) inside both clamps, 0 outside
+        live = (tl.abs(diff) < 20.0) & (raw < 10.0) & (raw > -10.0)
+        return value, tl.where(live, 1.0 - e, 0.0)
+
+
+@triton.jit
+def _kl_kernel(logp_ptr, ref_ptr, out_ptr, grad_out_ptr, n, KIND: tl.constexpr, BACKWARD: tl.constexpr,
+               BLOCK: tl.constexpr):  # fmt: skip
+    # Grid: (cdiv(n, BLOCK),), elementwise over contiguous inputs. Forward
+    # writes the estimator; backward writes grad_out * d estimator / d logp.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < n
+    logp = tl.load(logp_ptr + offs, mask=inb, other=0.0)
+    ref = tl.load(ref_ptr + offs, mask=inb, other=0.0)
+    value, d = _kl_token(logp, ref, KIND)
+    if BACKWARD:
+        g = tl.load(grad_out_ptr + offs, mask=inb, other=0.0)
+        tl.store(out_ptr + offs, g * d, mask=inb)
+    else:
+        tl.store(out_ptr + offs, value, mask=inb)
+
+
+def kl_penalty(logp, ref, kind, grad_out=None, launch=None):
+    """Forward (grad_out None) or backward of the KL estimator on contiguous inputs."""
+    out = torch.empty_like(logp)
+    n = logp.numel()
+    if n == 0:
+        return out
+    kernel = _kl_kernel if launch is None else launch(_kl_kernel)
+    kernel[(triton.cdiv(n, 1024),)](logp, ref, out, logp if grad_out is None else grad_out, n,
+                                    KIND=KL_KIND_IDS[kind], BACKWARD=grad_out is not None, BLOCK=1024)  # fmt: skip
+    return out
+
+
+def kernel_configs():
+    """The PPO kernels as launched (float32), for AOT compile checks."""
+    configs = []
+    for has_mask in (False, True):
+        for block, warps in ((128, 4), (1024, 8)):
+            sig = {"rewards_ptr": "*fp32", "values_ptr": "*fp32", "mask_ptr": "*u8" if has_mask else "*fp32",
+                   "adv_ptr": "*fp32", "ret_ptr": "*fp32", "T": "i64", "r_stride": "i64", "v_stride": "i64",
+                   "m_stride": "i64", "gamma_hi": "fp32", "gamma_lo": "fp32", "gamma_lam_hi": "fp32",
+                   "gamma_lam_lo": "fp32", "HAS_MASK": "constexpr",
+                   "BLOCK": "constexpr"}  # fmt: skip
+            configs.append((_gae_kernel, sig, {"HAS_MASK": has_mask, "BLOCK": block}, warps))
+    common = {"x_ptr": "*fp32", "old_ptr": "*fp32", "third_ptr": "*fp32", "mask_ptr": "*u8"}
+    scalars = {"T": "i64", **{f"p{i}_{part}": "fp32" for i in range(3) for part in ("hi", "lo")}}
+    consts = {"KIND": "constexpr", "HAS_DUAL": "constexpr", "BLOCK": "constexpr"}
+    for kind, dual in ((POLICY, False), (POLICY, True), (VALUE, False)):
+        fwd = {**common, "row_loss_ptr": "*fp32", "stats_ptr": "*fp32", **scalars, **consts}
+        bwd = {**common, "grad_row_ptr": "*fp32", "grad_x_ptr": "*fp32", **scalars, **consts}
+        configs.append((_ppo_loss_fwd_kernel, fwd, {"KIND": kind, "HAS_DUAL": dual, "BLOCK": 512}, 4))
+        configs.append((_ppo_loss_bwd_kernel, bwd, {"KIND": kind, "HAS_DUAL": dual, "BLOCK": 512}, 4))
+    for kind in KL_KIND_IDS.values():
+        for backward in (False, True):
+            sig = {"logp_ptr": "*fp32", "ref_ptr": "*fp32", "out_ptr": "*fp32", "grad_out_ptr": "*fp32", "n": "i64",
+                   "KIND": "constexpr", "BACKWARD": "constexpr", "BLOCK": "constexpr"}  # fmt: skip
+            configs.append((_kl_kernel, sig, {"KIND": kind, "BACKWARD": backward, "BLOCK": 1024}, 4))
+    return configs

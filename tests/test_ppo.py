@@ -1,0 +1,173 @@
+"""PPO ops: every backend against the float64 reference (the GAE reference is the Python loop)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import backend_cases
+
+import rlhf_kernels
+from rlhf_kernels.reference import ppo as reference
+
+AGG_MODES = rlhf_kernels.ops.ppo.LOSS_AGG_MODES
+
+
+def make_mask(B, T, g, kind):
+    if kind == "none":
+        return torch.ones(B, T, dtype=torch.bool)
+    if kind == "response":  # right-padded responses of different lengths, one empty
+        lengths = torch.randint(1, T + 1, (B,), generator=g)
+        lengths[-1] = 0
+        return torch.arange(T)[None, :] < lengths[:, None]
+    # multi-turn: gaps of masked observation tokens, and an all-masked row
+    mask = torch.rand(B, T, generator=g) > 0.35
+    mask[0] = False
+    return mask
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op="gae_native"))
+@pytest.mark.parametrize("B,T", [(1, 1), (3, 7), (4, 130), (2, 1500)])
+@pytest.mark.parametrize("mask_kind", ["none", "response", "gaps"])
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.99, 0.9), (1.0, 1.0), (0.0, 0.5)])
+def test_gae_matches_python_loop(device, backend, B, T, mask_kind, gamma, lam):
+    g = torch.Generator().manual_seed(B * T)
+    rewards = torch.randn(B, T + 3, generator=g, dtype=torch.float64)[:, :T]  # row stride > T
+    values = torch.randn(B, T, generator=g, dtype=torch.float64)
+    mask = make_mask(B, T, g, mask_kind)
+    want = reference.gae(rewards, values, mask, gamma=gamma, lam=lam)
+    for dtype, tol in ((torch.float32, dict(atol=2e-5, rtol=1e-5)), (torch.float64, dict(atol=1e-12, rtol=1e-12))):
+        adv, ret = rlhf_kernels.gae(rewards.to(dtype).to(device), values.to(dtype).to(device),
+                                    None if mask_kind == "none" else mask.to(device), gamma=gamma, lam=lam,
+                                    backend=backend)  # fmt: skip
+        assert adv.dtype == dtype and adv.shape == (B, T)
+        torch.testing.assert_close(adv.double().cpu(), want[0], **tol)
+        torch.testing.assert_close(ret.double().cpu(), want[1], **tol)
+
+
+def test_gae_skips_masked_positions():
+    """A masked position neither adds a TD error nor breaks the recursion."""
+    rewards = torch.tensor([[0.0, 5.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 9.0, 0.25, 0.0]])
+    mask = torch.tensor([[True, False, True, True]])
+    adv, _ = rlhf_kernels.gae(rewards, values, mask, gamma=1.0, lam=1.0, backend="torch")
+    # t=3: 1 - 0 = 1; t=2: 0 + 0 - 0.25 + 1 = 0.75; t=1 (masked) carries 0.75; t=0: 0 + 0.25 - 0.5 + 0.75
+    torch.testing.assert_close(adv, torch.tensor([[0.5, 0.75, 0.75, 1.0]]))
+
+
+def ppo_inputs(B, T, device, g, mask_kind="response"):
+    logp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    old = logp + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3
+    adv = torch.randn(B, T, generator=g, dtype=torch.float64)
+    mask = make_mask(B, T, g, mask_kind)
+    return logp.to(device), old.to(device), adv.to(device), mask.to(device)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op="ppo_loss_fwd_native"))
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("clip", [dict(), dict(clip_ratio_low=0.2, clip_ratio_high=0.28), dict(clip_ratio_c=3.0)],
+                         ids=["symmetric", "clip-higher", "dual-clip"])  # fmt: skip
+@pytest.mark.parametrize("mask_kind", ["response", "gaps"])
+def test_policy_loss(device, backend, mode, clip, mask_kind):
+    g = torch.Generator().manual_seed(1)
+    logp, old, adv, mask = ppo_inputs(5, 33, device, g, mask_kind)
+    for dtype, tol in ((torch.float32, dict(atol=1e-5, rtol=1e-5)), (torch.float64, dict(atol=1e-12, rtol=1e-10))):
+        x = logp.to(dtype).detach().clone().requires_grad_(True)
+        out = rlhf_kernels.ppo_policy_loss(x, old.to(dtype), adv.to(dtype), mask, loss_agg_mode=mode,
+                                           backend=backend, **clip)  # fmt: skip
+        out.loss.backward()
+        xr = logp.detach().clone().requires_grad_(True)
+        want = reference.ppo_policy_loss(xr, old, adv, mask, loss_agg_mode=mode, **clip)
+        want[0].backward()
+        for got_v, want_v in zip(out, want, strict=True):
+            assert torch.isfinite(got_v)
+            torch.testing.assert_close(got_v.double(), want_v, **tol)
+        torch.testing.assert_close(x.grad.double(), xr.grad, **tol)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op="ppo_loss_fwd_native"))
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_value_loss(device, backend, mode):
+    g = torch.Generator().manual_seed(2)
+    values, old, returns, mask = ppo_inputs(4, 20, device, g, "gaps")
+    x = values.clone().requires_grad_(True)
+    out = rlhf_kernels.ppo_value_loss(x, old, returns, mask, clip_range_value=0.1, loss_agg_mode=mode,
+                                      backend=backend)  # fmt: skip
+    out.loss.backward()
+    xr = values.clone().requires_grad_(True)
+    want = reference.ppo_value_loss(xr, old, returns, mask, clip_range_value=0.1, loss_agg_mode=mode)
+    want[0].backward()
+    torch.testing.assert_close(out.loss, want[0])
+    torch.testing.assert_close(out.clipfrac, want[1])
+    torch.testing.assert_close(x.grad, xr.grad)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op="ppo_loss_fwd_native"))
+def test_policy_loss_gradcheck(device, backend):
+    g = torch.Generator().manual_seed(3)
+    logp, old, adv, mask = ppo_inputs(3, 6, device, g)
+    x = logp.clone().requires_grad_(True)
+    for mode in AGG_MODES:
+        assert torch.autograd.gradcheck(
+            lambda x, mode=mode: rlhf_kernels.ppo_policy_loss(x, old, adv, mask, clip_ratio_c=3.0,
+                                                              loss_agg_mode=mode, backend=backend).loss, (x,)
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op="kl_penalty_fwd_native"))
+@pytest.mark.parametrize("kind", rlhf_kernels.ops.ppo.KL_KINDS)
+def test_kl_penalty(device, backend, kind):
+    g = torch.Generator().manual_seed(4)
+    logp = (-torch.rand(3, 50, generator=g, dtype=torch.float64) * 4).to(device)
+    ref = (-torch.rand(3, 50, generator=g, dtype=torch.float64) * 4).to(device)
+    ref[0, :3] = logp[0, :3] + torch.tensor([25.0, -25.0, 12.0], dtype=torch.float64, device=device)  # clamps
+    a, b = logp.clone().requires_grad_(True), ref.clone().requires_grad_(True)
+    out = rlhf_kernels.kl_penalty(a, b, kind, backend=backend)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64).to(device)
+    (out * w).sum().backward()
+    ar, br = logp.clone().requires_grad_(True), ref.clone().requires_grad_(True)
+    want = reference.kl_penalty(ar, br, kind)
+    (want * w).sum().backward()
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(a.grad, ar.grad)
+    torch.testing.assert_close(b.grad, br.grad)
+
+
+def test_masked_whiten_and_grpo():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 9, generator=g, dtype=torch.float64) * 3 + 1
+    mask = make_mask(4, 9, g, "gaps")
+    w = rlhf_kernels.masked_whiten(x, mask)
+    kept = w[mask]
+    torch.testing.assert_close(kept.mean(), torch.zeros((), dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(kept.var(), torch.ones((), dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(rlhf_kernels.masked_whiten(x, mask, shift_mean=False) - w, x[mask].mean().expand(4, 9))
+    scores = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0, 10.0, 5.0], dtype=torch.float64)
+    ids = torch.tensor([0, 0, 0, 0, 1, 1, 2])
+    got = rlhf_kernels.grpo_advantages(scores, group_ids=ids)
+    torch.testing.assert_close(got, reference.grpo_advantages(scores, ids))
+    assert got[6] == 0 and got[4] == 0  # singleton group; zero-variance group
+    by_size = rlhf_kernels.grpo_advantages(scores[:4], group_size=2, norm_by_std=False)
+    torch.testing.assert_close(by_size, torch.tensor([-0.5, 0.5, -0.5, 0.5], dtype=torch.float64))
+
+
+def test_ppo_bad_inputs():
+    x = torch.randn(2, 5)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    with pytest.raises(ValueError, match="advantages: shape"):
+        rlhf_kernels.ppo_policy_loss(x, x, x[:, :4], mask)
+    with pytest.raises(ValueError, match="loss_agg_mode: unknown 'seq-mean'"):
+        rlhf_kernels.ppo_policy_loss(x, x, x, mask, loss_agg_mode="seq-mean")
+    with pytest.raises(ValueError, match="clip_ratio_c: the dual-clip constant must be > 1"):
+        rlhf_kernels.ppo_policy_loss(x, x, x, mask, clip_ratio_c=1.0)
+    with pytest.raises(ValueError, match="kind: unknown KL estimator 'k4'"):
+        rlhf_kernels.kl_penalty(x, x, "k4")
+    with pytest.raises(ValueError, match="gamma: must be in"):
+        rlhf_kernels.gae(x, x, gamma=1.5)
+    with pytest.raises(ValueError, match="lam: must be in"):
+        rlhf_kernels.gae(x, x, lam=-0.1)
+    with pytest.raises(ValueError, match="mask: shape"):
+        rlhf_kernels.gae(x, x, mask[:, :3])
+    with pytest.raises(ValueError, match="values: expected shape"):
+        rlhf_kernels.gae(x, x[0])
+    with pytest.raises(ValueError, match="group_size: 3 does not divide"):
+        rlhf_kernels.grpo_advantages(torch.randn(4), group_size=3)
