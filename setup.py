@@ -74,7 +74,13 @@ def _extensions():
     # -fopenmp: at::parallel_for is a header template that expands to an OpenMP
     # region in our own translation units; without the flag it runs serially.
     cxx = ["-O3", "-Wno-psabi", "-fopenmp"]
-    sources = ["csrc/bindings.cpp", "csrc/logprobs_cpu.cpp", "csrc/preference_cpu.cpp", "csrc/ppo_cpu.cpp"]
+    sources = [
+        "csrc/bindings.cpp",
+        "csrc/logprobs_cpu.cpp",
+        "csrc/preference_cpu.cpp",
+        "csrc/ppo_cpu.cpp",
+        "csrc/ppo_loss_cpu.cpp",
+    ]
     kwargs = {"name": "rlhf_kernels._C", "include_dirs": [str(ROOT / "csrc")], "extra_link_args": ["-fopenmp"]}
     if not use_cuda:
         ext = cpp_extension.CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)
@@ -91,7 +97,7 @@ def _extensions():
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DNDEBUG"]
     cxx += ["-DRLHF_WITH_CUDA", f'-DRLHF_CUDA_ARCHS="{archs}"']
     ext = cpp_extension.CUDAExtension(
-        sources=sources + ["csrc/logprobs.cu", "csrc/preference.cu", "csrc/ppo.cu"],
+        sources=sources + ["csrc/logprobs.cu", "csrc/preference.cu", "csrc/ppo.cu", "csrc/ppo_loss.cu"],
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         **kwargs,
     )

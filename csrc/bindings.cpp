@@ -403,6 +403,143 @@ std::tuple<at::Tensor, at::Tensor> gae(const at::Tensor& rewards, const at::Tens
   return {adv, ret};
 }
 
+// Contiguous [B, T] float inputs of one dtype/device and a 0/1 mask as uint8.
+void check_ppo_rows(const std::vector<std::pair<const char*, const at::Tensor*>>& named, const at::Tensor& mask) {
+  const at::Tensor& first = *named.front().second;
+  TORCH_CHECK_VALUE(first.dim() == 2, named.front().first, ": expected shape [B, T], got ", first.sizes());
+  TORCH_CHECK_TYPE(first.scalar_type() == at::kFloat || first.scalar_type() == at::kDouble, named.front().first,
+                   ": expected float32 or float64, got ", first.scalar_type());
+  for (const auto& [name, t] : named) {
+    TORCH_CHECK_VALUE(t->sizes() == first.sizes(), name, ": expected shape ", first.sizes(), ", got ", t->sizes());
+    TORCH_CHECK_TYPE(t->scalar_type() == first.scalar_type(), name, ": dtype ", t->scalar_type(), " differs from ",
+                     first.scalar_type());
+    TORCH_CHECK_VALUE(t->device() == first.device(), name, ": on ", t->device(), " but ", named.front().first,
+                      " is on ", first.device());
+    TORCH_CHECK_VALUE(t->is_contiguous(), name, ": must be contiguous");
+  }
+  TORCH_CHECK_VALUE(mask.sizes() == first.sizes() && mask.scalar_type() == at::kByte && mask.is_contiguous() &&
+                        mask.device() == first.device(),
+                    "mask: expected a contiguous uint8 tensor of shape ", first.sizes(), " on ", first.device());
+}
+
+PpoLossParams ppo_loss_params(int64_t kind, const at::Tensor& x, const at::Tensor& old, const at::Tensor& third,
+                              const at::Tensor& mask, double p0, double p1, double p2, bool has_dual) {
+  TORCH_CHECK_VALUE(kind == 0 || kind == 1, "kind: expected 0 (policy) or 1 (value), got ", kind);
+  check_ppo_rows({{"x", &x}, {"old", &old}, {"third", &third}}, mask);
+  PpoLossParams p;
+  p.dtype = x.scalar_type() == at::kDouble ? ScalarKind::Float64 : ScalarKind::Float32;
+  p.kind = static_cast<int>(kind);
+  p.batch = x.size(0);
+  p.time = x.size(1);
+  p.x = x.data_ptr();
+  p.old = old.data_ptr();
+  p.third = third.data_ptr();
+  p.mask = mask.data_ptr<uint8_t>();
+  p.p0 = p0;
+  p.p1 = p1;
+  p.p2 = p2;
+  p.has_dual = has_dual;
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> ppo_loss_fwd(int64_t kind, const at::Tensor& x, const at::Tensor& old,
+                                                const at::Tensor& third, const at::Tensor& mask, double p0, double p1,
+                                                double p2, bool has_dual) {
+  PpoLossParams p = ppo_loss_params(kind, x, old, third, mask, p0, p1, p2, has_dual);
+  at::Tensor row_loss = at::empty({p.batch}, x.options());
+  at::Tensor stats = at::empty({p.batch, 4}, x.options());
+  p.row_loss = row_loss.data_ptr();
+  p.stats = stats.data_ptr();
+  if (p.batch == 0) return {row_loss, stats};
+  if (x.device().is_cuda()) {
+#ifdef RLHF_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(x.device());
+    ppo_loss_fwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
+#else
+    TORCH_CHECK(false, "rlhf_kernels._C was built without CUDA");
+#endif
+  } else {
+    ppo_loss_fwd_cpu(p);
+  }
+  return {row_loss, stats};
+}
+
+at::Tensor ppo_loss_bwd(int64_t kind, const at::Tensor& x, const at::Tensor& old, const at::Tensor& third,
+                        const at::Tensor& mask, const at::Tensor& grad_row, double p0, double p1, double p2,
+                        bool has_dual) {
+  PpoLossParams p = ppo_loss_params(kind, x, old, third, mask, p0, p1, p2, has_dual);
+  at::Tensor g = grad_row.to(x.scalar_type()).contiguous();
+  TORCH_CHECK_VALUE(g.numel() == p.batch && g.device() == x.device(), "grad_row: expected ", p.batch,
+                    " values on ", x.device());
+  at::Tensor grad = at::empty_like(x);
+  p.grad_row = g.data_ptr();
+  p.grad_x = grad.data_ptr();
+  if (p.batch == 0 || p.time == 0) return grad;
+  if (x.device().is_cuda()) {
+#ifdef RLHF_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(x.device());
+    ppo_loss_bwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
+#else
+    TORCH_CHECK(false, "rlhf_kernels._C was built without CUDA");
+#endif
+  } else {
+    ppo_loss_bwd_cpu(p);
+  }
+  return grad;
+}
+
+at::Tensor kl_penalty_run(const at::Tensor& logp, const at::Tensor& ref, const std::string& kind,
+                          const std::optional<at::Tensor>& grad_out) {
+  static const std::pair<const char*, int> kinds[] = {{"k1", 0}, {"abs", 1}, {"k2", 2}, {"k3", 3}};
+  int id = -1;
+  for (const auto& [name, value] : kinds) {
+    if (kind == name) id = value;
+  }
+  TORCH_CHECK_VALUE(id >= 0, "kind: unknown KL estimator '", kind, "'; expected k1, abs, k2 or k3");
+  TORCH_CHECK_TYPE(logp.scalar_type() == at::kFloat || logp.scalar_type() == at::kDouble,
+                   "logprobs: expected float32 or float64, got ", logp.scalar_type());
+  TORCH_CHECK_VALUE(ref.sizes() == logp.sizes() && ref.scalar_type() == logp.scalar_type() &&
+                        ref.device() == logp.device(),
+                    "ref_logprobs: expected the shape, dtype and device of logprobs");
+  const at::Tensor l = logp.contiguous(), r = ref.contiguous();
+  at::Tensor g;
+  if (grad_out.has_value()) {
+    g = grad_out->to(logp.scalar_type()).contiguous();
+    TORCH_CHECK_VALUE(g.sizes() == logp.sizes() && g.device() == logp.device(), "grad: expected shape ",
+                      logp.sizes());
+  }
+  at::Tensor out = at::empty_like(l);
+  KlParams p;
+  p.dtype = logp.scalar_type() == at::kDouble ? ScalarKind::Float64 : ScalarKind::Float32;
+  p.kind = id;
+  p.n = l.numel();
+  p.logp = l.data_ptr();
+  p.ref = r.data_ptr();
+  p.grad_out = g.defined() ? g.data_ptr() : nullptr;
+  p.out = out.data_ptr();
+  if (p.n == 0) return out;
+  if (logp.device().is_cuda()) {
+#ifdef RLHF_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(logp.device());
+    kl_penalty_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
+#else
+    TORCH_CHECK(false, "rlhf_kernels._C was built without CUDA");
+#endif
+  } else {
+    kl_penalty_cpu(p);
+  }
+  return out;
+}
+
+at::Tensor kl_penalty_fwd(const at::Tensor& logp, const at::Tensor& ref, const std::string& kind) {
+  return kl_penalty_run(logp, ref, kind, std::nullopt);
+}
+
+at::Tensor kl_penalty_bwd(const at::Tensor& logp, const at::Tensor& ref, const std::string& kind,
+                          const at::Tensor& grad) {
+  return kl_penalty_run(logp, ref, kind, grad);
+}
+
 pybind11::dict build_info() {
   pybind11::dict d;
 #ifdef RLHF_WITH_CUDA
@@ -440,6 +577,14 @@ TORCH_LIBRARY(rlhf_kernels, m) {
       "float tau, float weight, Tensor grad_losses, int grad_stride, float grad_scale, bool need_a, bool need_b) "
       "-> (Tensor, Tensor)");
   m.def("gae_native(Tensor rewards, Tensor values, Tensor? mask, float gamma, float lam) -> (Tensor, Tensor)");
+  m.def(
+      "ppo_loss_fwd_native(int kind, Tensor x, Tensor old, Tensor third, Tensor mask, float p0, float p1, float p2, "
+      "bool has_dual) -> (Tensor, Tensor)");
+  m.def(
+      "ppo_loss_bwd_native(int kind, Tensor x, Tensor old, Tensor third, Tensor mask, Tensor grad_row, float p0, "
+      "float p1, float p2, bool has_dual) -> Tensor");
+  m.def("kl_penalty_fwd_native(Tensor logp, Tensor ref, str kind) -> Tensor");
+  m.def("kl_penalty_bwd_native(Tensor logp, Tensor ref, str kind, Tensor grad) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
@@ -449,6 +594,10 @@ TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
   m.impl("preference_fwd_native", &rlhf::preference_fwd);
   m.impl("preference_bwd_native", &rlhf::preference_bwd);
   m.impl("gae_native", &rlhf::gae);
+  m.impl("ppo_loss_fwd_native", &rlhf::ppo_loss_fwd);
+  m.impl("ppo_loss_bwd_native", &rlhf::ppo_loss_bwd);
+  m.impl("kl_penalty_fwd_native", &rlhf::kl_penalty_fwd);
+  m.impl("kl_penalty_bwd_native", &rlhf::kl_penalty_bwd);
 }
 
 #ifdef RLHF_WITH_CUDA
@@ -459,6 +608,10 @@ TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) {
   m.impl("preference_fwd_native", &rlhf::preference_fwd);
   m.impl("preference_bwd_native", &rlhf::preference_bwd);
   m.impl("gae_native", &rlhf::gae);
+  m.impl("ppo_loss_fwd_native", &rlhf::ppo_loss_fwd);
+  m.impl("ppo_loss_bwd_native", &rlhf::ppo_loss_bwd);
+  m.impl("kl_penalty_fwd_native", &rlhf::kl_penalty_fwd);
+  m.impl("kl_penalty_bwd_native", &rlhf::kl_penalty_bwd);
 }
 #endif
 

@@ -410,5 +410,39 @@ __device__ __forceinline__ void block_reduce(OnlineLSE<Acc, kW>& st, OnlineLSE<A
   __syncthreads();
 }
 
+// Butterfly sum over the 32 lanes of a warp (all lanes active): every lane
+// gets the same bits.
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int off = kWarpSize / 2; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// Sums v[0 .. K) (K <= N) over the kThreads threads of the block with a
+// fixed tree, so the result is the same on every run; the totals are valid in
+// every lane of warp 0. smem: [kThreads / 32][N]. Must be reached by every
+// thread of the block; ends with a barrier, so smem may be reused at once.
+template <int kThreads, int K, int N, typename T>
+__device__ __forceinline__ void block_sum(T (&v)[N], T (*smem)[N]) {
+  static_assert(K <= N, "block_sum: K > N");
+  static_assert(kThreads % kWarpSize == 0 && kThreads / kWarpSize <= kWarpSize, "block_sum: block size");
+  constexpr int kWarps = kThreads / kWarpSize;
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+#pragma unroll
+  for (int k = 0; k < K; ++k) v[k] = warp_sum(v[k]);
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) smem[warp][k] = v[k];
+  }
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) v[k] = warp_sum(lane < kWarps ? smem[lane][k] : T(0));
+  }
+  __syncthreads();
+}
+
 }  // namespace gpu
 }  // namespace rlhf

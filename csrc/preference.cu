@@ -22,6 +22,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common.cuh"
 #include "preference.h"
 #include "preference_math.h"
 
@@ -29,8 +30,7 @@ namespace rlhf {
 namespace gpu {
 namespace {
 
-constexpr int kWarp = 32;
-constexpr unsigned kMask = 0xffffffffu;
+constexpr int kWarp = kWarpSize;
 constexpr int kFwdThreads = 512;
 constexpr int kFwdWarps = kFwdThreads / kWarp;
 constexpr int kBwdThreads = 256;
@@ -65,36 +65,6 @@ struct BwdArgs {
   Acc* grad_b;  // or nullptr
 };
 
-// Butterfly sum over the 32 lanes of a warp (all lanes active): every lane
-// gets the same bits.
-template <typename Acc>
-__device__ __forceinline__ Acc warp_sum(Acc v) {
-#pragma unroll
-  for (int off = kWarp / 2; off > 0; off >>= 1) v += __shfl_xor_sync(kMask, v, off);
-  return v;
-}
-
-// Sums v[0 .. K) over the kFwdThreads threads of the block; the totals are
-// valid in every lane of warp 0 (thread 0 uses them). smem: [kFwdWarps][K].
-// Must be reached by every thread. No trailing barrier: callers do not
-// reuse smem.
-template <int K, typename Acc>
-__device__ __forceinline__ void block_sum(Acc (&v)[K], Acc (*smem)[K]) {
-  const int lane = static_cast<int>(threadIdx.x) % kWarp;
-  const int warp = static_cast<int>(threadIdx.x) / kWarp;
-#pragma unroll
-  for (int k = 0; k < K; ++k) v[k] = warp_sum(v[k]);
-  if (lane == 0) {
-#pragma unroll
-    for (int k = 0; k < K; ++k) smem[warp][k] = v[k];
-  }
-  __syncthreads();
-  if (warp == 0) {
-#pragma unroll
-    for (int k = 0; k < K; ++k) v[k] = warp_sum(lane < kFwdWarps ? smem[lane][k] : Acc(0));
-  }
-}
-
 // ---------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------
@@ -121,7 +91,7 @@ __global__ void __launch_bounds__(kFwdThreads, 1) preference_fwd_kernel(const Fw
   if (c.loss == PrefLoss::BcoPair && p.bco_batch_mean) {
     Acc t[1] = {Acc(0)};
     for (int64_t i = tid; i < n; i += kFwdThreads) t[0] += c.beta * p.in.a(i) + c.beta * p.in.b(i);
-    block_sum<1>(t, bco_smem);
+    block_sum<kFwdThreads, 1>(t, bco_smem);
     if (tid == 0) bco_delta = n > 0 ? t[0] / static_cast<Acc>(2 * n) : Acc(0);
     __syncthreads();
     c.delta = bco_delta;
@@ -141,7 +111,7 @@ __global__ void __launch_bounds__(kFwdThreads, 1) preference_fwd_kernel(const Fw
     pref::accumulate_metrics(c, a, b, f, sums);
   }
 
-  block_sum<pref::kSums>(sums, sum_smem);
+  block_sum<kFwdThreads, pref::kSums>(sums, sum_smem);
   if (tid == 0) {
 #pragma unroll
     for (int k = 0; k < pref::kSums; ++k) {

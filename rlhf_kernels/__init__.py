@@ -21,6 +21,7 @@ from rlhf_kernels.ops import (
     kto_loss,
     masked_whiten,
     orpo_loss,
+    ppo_loss_from_logits,
     ppo_policy_loss,
     ppo_value_loss,
     sequence_logprobs,
@@ -68,6 +69,7 @@ __all__ = [
     "ppo_policy_loss",
     "ppo_value_loss",
     "kl_penalty",
+    "ppo_loss_from_logits",
     "build_info",
     "__version__",
 ]

@@ -69,6 +69,7 @@ class Result:
     tbps: float | None = None
     frac_peak: float | None = None
     error: str | None = None
+    baseline: str = "eager"
 
 
 # --- the providers: how people compute per-token log-probs today, and ours ---------
@@ -144,6 +145,8 @@ class Problem:
     grad_inputs: tuple[str, ...]
     providers: dict[str, Callable[[dict[str, torch.Tensor]], object]]
     bytes_moved: dict[str, int]
+    modes: tuple[str, ...] = ("fwd", "bwd", "fwd+bwd")
+    baseline: str = "eager"  # the provider the table's speedup column divides by
 
 
 def token_logprobs_problem(n_tokens, vocab, dtype, device, temperature=1.0) -> Problem:
@@ -198,6 +201,117 @@ def dpo_loss_problem(pairs, device, beta=0.1) -> Problem:
     provs["torch.compile"] = lambda i: _compiled(eager_dpo_loss)(i["pc"], i["pr"], i["rc"], i["rr"], beta)[0]
     return Problem("dpo_loss", f"{pairs}", torch.float32, inputs, ("pc", "pr"), provs,
                    {"fwd": 28 * pairs, "bwd": 24 * pairs, "fwd+bwd": 52 * pairs})  # fmt: skip
+
+
+def gae_python_loop(rewards, values, mask, gamma=1.0, lam=0.95):
+    """The usual implementation: a Python loop over time steps, vectorised over the batch."""
+    from rlhf_kernels.reference.ppo import gae
+
+    return gae(rewards, values, mask, gamma=gamma, lam=lam)
+
+
+def gae_vectorized(rewards, values, gamma=1.0, lam=0.95):
+    """GAE without a loop (no mask): deltas, then a discounted reverse cumsum as a
+    [T, T] matrix product. O(T^2) memory and flops: how people avoid the loop."""
+    T = rewards.shape[-1]
+    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)
+    deltas = rewards + gamma * next_values - values
+    idx = torch.arange(T, device=rewards.device)
+    power = (idx[None, :] - idx[:, None]).clamp(min=0).to(rewards.dtype)  # [t, s] = s - t
+    discount = torch.where(idx[None, :] >= idx[:, None], (gamma * lam) ** power, torch.zeros_like(power))
+    advantages = deltas @ discount.T
+    return advantages, advantages + values
+
+
+def gae_problem(batch, time_steps, device, gamma=1.0, lam=0.95) -> Problem:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    rewards = torch.randn(batch, time_steps, generator=g).to(device)
+    values = torch.randn(batch, time_steps, generator=g).to(device)
+    lengths = torch.randint(time_steps // 2, time_steps + 1, (batch,), generator=g)
+    mask = (torch.arange(time_steps)[None, :] < lengths[:, None]).to(device)
+    inputs = {"rewards": rewards, "values": values, "mask": mask}
+    provs: dict[str, Callable] = {}
+    for b in _kernel_backends(device, "gae_native"):
+        provs[f"rlhf_kernels[{b}]"] = lambda i, b=b: rlhf_kernels.gae(
+            i["rewards"], i["values"], i["mask"], gamma=gamma, lam=lam, backend=b
+        )[0]
+    provs["python_loop"] = lambda i: gae_python_loop(i["rewards"], i["values"], i["mask"], gamma, lam)[0]
+    if time_steps <= 2048:
+        provs["vectorized (no mask)"] = lambda i: gae_vectorized(i["rewards"], i["values"], gamma, lam)[0]
+    n = batch * time_steps
+    return Problem("gae", f"{batch}x{time_steps}", torch.float32, inputs, (), provs, {"fwd": 17 * n}, ("fwd",),
+                   baseline="python_loop")  # fmt: skip
+
+
+def eager_policy_loss(logp, old, adv, mask, clip=0.2):
+    """verl-style eager clipped surrogate with token-mean aggregation and its metrics."""
+    m = mask.float()
+    log_ratio = torch.clamp(logp - old, -20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    losses1 = -adv * ratio
+    losses2 = -adv * torch.clamp(ratio, 1 - clip, 1 + clip)
+    losses = torch.maximum(losses1, losses2)
+    count = m.sum().clamp(min=1)
+    loss = (losses * m).sum() / count
+    clipfrac = ((losses2 > losses1).float() * m).sum() / count
+    approx_kl = (-log_ratio * m).sum() / count
+    return loss, clipfrac.detach(), approx_kl.detach()
+
+
+def ppo_policy_problem(batch, time_steps, device) -> Problem:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    logp = (-torch.rand(batch, time_steps, generator=g) * 3).to(device)
+    old = logp + (torch.randn(batch, time_steps, generator=g) * 0.2).to(device)
+    adv = torch.randn(batch, time_steps, generator=g).to(device)
+    mask = (torch.rand(batch, time_steps, generator=g) > 0.1).to(device)
+    inputs = {"logp": logp, "old": old, "adv": adv, "mask": mask}
+    provs: dict[str, Callable] = {}
+    for b in _kernel_backends(device, "ppo_loss_fwd_native"):
+        provs[f"rlhf_kernels[{b}]"] = lambda i, b=b: (
+            rlhf_kernels.ppo_policy_loss(i["logp"], i["old"], i["adv"], i["mask"], backend=b).loss
+        )
+    provs["eager"] = lambda i: eager_policy_loss(i["logp"], i["old"], i["adv"], i["mask"])[0]
+    provs["torch.compile"] = lambda i: _compiled(eager_policy_loss)(i["logp"], i["old"], i["adv"], i["mask"])[0]
+    n = batch * time_steps
+    return Problem("ppo_policy_loss", f"{batch}x{time_steps}", torch.float32, inputs, ("logp",), provs,
+                   {"fwd": 13 * n, "bwd": 17 * n, "fwd+bwd": 30 * n})  # fmt: skip
+
+
+def eager_ppo_step(logits, labels, old, adv, mask, ref, entropy_coef=0.01, kl_coef=0.05):
+    """The unfused PPO policy step as actors write it: float32 log_softmax, gather,
+    entropy from the softmax, the clipped surrogate, k3 KL, token-mean."""
+    logp_all = torch.log_softmax(logits.float(), dim=-1)
+    logp = logp_all.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    m = mask.float()
+    count = m.sum().clamp(min=1)
+    pg_loss = eager_policy_loss(logp, old, adv, mask)[0]
+    kl = torch.clamp(ref - logp, -20.0, 20.0)
+    kl = torch.clamp(torch.exp(kl) - kl - 1, -10.0, 10.0)
+    return pg_loss - entropy_coef * (entropy * m).sum() / count + kl_coef * (kl * m).sum() / count
+
+
+def ppo_step_problem(batch, time_steps, vocab, dtype, device) -> Problem:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    logits = (torch.randn(batch, time_steps, vocab, generator=g) * 2).to(dtype=dtype, device=device)
+    labels = torch.randint(0, vocab, (batch, time_steps), generator=g).to(device)
+    old = (-torch.rand(batch, time_steps, generator=g) * 3 - 9).to(device)
+    ref = old + (torch.randn(batch, time_steps, generator=g) * 0.1).to(device)
+    adv = torch.randn(batch, time_steps, generator=g).to(device)
+    mask = (torch.arange(time_steps) < time_steps - 3).expand(batch, time_steps).to(device)
+    inputs = {"logits": logits, "labels": labels, "old": old, "adv": adv, "mask": mask, "ref": ref}
+    provs: dict[str, Callable] = {}
+    for b in _kernel_backends(device):
+        provs[f"rlhf_kernels[{b}]"] = lambda i, b=b: rlhf_kernels.ppo_loss_from_logits(
+            i["logits"], i["labels"], i["old"], i["adv"], i["mask"], ref_logprobs=i["ref"], kl_coef=0.05,
+            entropy_coef=0.01, backend=b,
+        )[0]  # fmt: skip
+    args = ("logits", "labels", "old", "adv", "mask", "ref")
+    provs["eager"] = lambda i: eager_ppo_step(*(i[k] for k in args))
+    provs["torch.compile"] = lambda i: _compiled(eager_ppo_step)(*(i[k] for k in args))
+    size = logits.numel() * logits.element_size()
+    return Problem("ppo_step", f"{batch}x{time_steps}x{vocab}", dtype, inputs, ("logits",), provs,
+                   {"fwd": size, "bwd": 2 * size, "fwd+bwd": 3 * size})  # fmt: skip
 
 
 def providers(device: torch.device) -> list[str]:
@@ -325,6 +439,7 @@ def cases(problem: Problem, include: list[str] | None = None) -> list[Case]:
             Case(name, "bwd", bwd_setup, _backward),
             Case(name, "fwd+bwd", with_grad, fwd_bwd),
         ]
+        result = [c for c in result if c.mode in problem.modes]
     return result
 
 
@@ -334,7 +449,7 @@ def bench_problem(problem: Problem, device: torch.device, *, include=None, warmu
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = peak_tbps(device_name) if device.type == "cuda" else None
     common = dict(op=problem.op, shape=problem.shape, dtype=str(problem.dtype).replace("torch.", ""),
-                  device=device_name)  # fmt: skip
+                  device=device_name, baseline=problem.baseline)  # fmt: skip
     results = []
     for case in cases(problem, include):
         label = f"{case.provider:24s} {case.mode:8s}"
@@ -376,7 +491,7 @@ def measure_memory(results: list[Result], problem: Problem, device: torch.device
         log(f"  {case.provider:24s} {case.mode:8s} peak +{_mib(r.peak_mem_mb)} MiB")
 
 
-OPS = ("token_logprobs", "dpo_step", "dpo_loss")
+OPS = ("token_logprobs", "dpo_step", "dpo_loss", "gae", "ppo_policy_loss", "ppo_step")
 
 
 def default_problems(device: torch.device, quick: bool, ops=OPS) -> list[Callable[[], Problem]]:
@@ -388,19 +503,27 @@ def default_problems(device: torch.device, quick: bool, ops=OPS) -> list[Callabl
                                (4096, 128256, torch.float32)],
             "dpo_step": [(4, 1024, 128256, bf16)],
             "dpo_loss": [(64,), (4096,), (1 << 20,)],
+            "gae": [(512, 512), (4096, 2048), (4096, 8192)],
+            "ppo_policy_loss": [(512, 4096)],
+            "ppo_step": [(8, 2048, 128256, bf16)],
         }  # fmt: skip
     else:
         table = {
             "token_logprobs": [(1024, 32000, bf16), (256, 128256, bf16), (1024, 32000, torch.float32)],
             "dpo_step": [(2, 256, 32000, bf16)],
             "dpo_loss": [(64,), (65536,)],
+            "gae": [(512, 512), (512, 2048)],
+            "ppo_policy_loss": [(64, 2048)],
+            "ppo_step": [(2, 256, 32000, bf16)],
         }
     if quick:
         table = {k: v[:1] for k, v in table.items()}
         if device.type != "cuda":
             table["token_logprobs"] = [(256, 32000, bf16)]
             table["dpo_step"] = [(2, 64, 32000, bf16)]
-    makers = {"token_logprobs": token_logprobs_problem, "dpo_step": dpo_step_problem, "dpo_loss": dpo_loss_problem}
+            table["ppo_step"] = [(2, 64, 32000, bf16)]
+    makers = {"token_logprobs": token_logprobs_problem, "dpo_step": dpo_step_problem, "dpo_loss": dpo_loss_problem,
+              "gae": gae_problem, "ppo_policy_loss": ppo_policy_problem, "ppo_step": ppo_step_problem}  # fmt: skip
     return [lambda op=op, args=args: makers[op](*args, device=device) for op in ops for args in table[op]]
 
 
@@ -411,10 +534,10 @@ def _mib(v: float | None) -> str:
 def format_table(results: list[Result]) -> str:
     head = (
         f"{'shape':>13} {'dtype':>8} {'mode':>7} {'provider':>24} {'median ms':>10} {'p25-p75 ms':>17} "
-        f"{'peak MiB':>9} {'saved MiB':>9} {'TB/s':>6} {'%peak':>6} {'vs eager':>8}"
+        f"{'peak MiB':>9} {'saved MiB':>9} {'TB/s':>6} {'%peak':>6} {'vs base':>8}"
     )
     lines = [head, "-" * len(head)]
-    eager = {(r.op, r.shape, r.dtype, r.mode): r.median_ms for r in results if r.provider == "eager"}
+    eager = {(r.op, r.shape, r.dtype, r.mode): r.median_ms for r in results if r.provider == r.baseline}
     for r in results:
         if r.error:
             lines.append(f"{r.op:>14} {r.shape:>18} {r.dtype:>8} {r.mode:>7} {r.provider:>24}  failed: {r.error[:60]}")

@@ -6,6 +6,7 @@ from rlhf_kernels.ops.ppo import (
     grpo_advantages,
     kl_penalty,
     masked_whiten,
+    ppo_loss_from_logits,
     ppo_policy_loss,
     ppo_value_loss,
 )
@@ -33,4 +34,5 @@ __all__ = [
     "ppo_policy_loss",
     "ppo_value_loss",
     "kl_penalty",
+    "ppo_loss_from_logits",
 ]

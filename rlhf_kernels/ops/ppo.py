@@ -202,6 +202,99 @@ def kl_penalty(
     return _OPS[impl]["kl_fwd"](logprobs.to(acc).contiguous(), ref_logprobs.to(acc).contiguous(), kind)
 
 
+class PPOLossMetrics(NamedTuple):
+    loss: torch.Tensor
+    pg_loss: torch.Tensor
+    clipfrac: torch.Tensor
+    clipfrac_lower: torch.Tensor
+    approx_kl: torch.Tensor
+    entropy: torch.Tensor
+    kl: torch.Tensor
+
+
+def ppo_loss_from_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    clip_ratio: float = 0.2,
+    clip_ratio_low: float | None = None,
+    clip_ratio_high: float | None = None,
+    clip_ratio_c: float | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_kind: str = "k3",
+    entropy_coef: float = 0.0,
+    loss_agg_mode: str = "token-mean",
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, PPOLossMetrics]:
+    r"""The PPO policy step from ``[B, T, V]`` logits to the scalar loss.
+
+    .. math::
+
+        L = \operatorname{agg}(\ell^{PPO}) - c_H \operatorname{agg}(H) + c_{KL} \operatorname{agg}(\mathrm{KL})
+
+    with the clipped surrogate :math:`\ell^{PPO}` of :func:`ppo_policy_loss` on
+    :math:`\log\pi = ` ``token_logprobs(logits / T)``, the entropy :math:`H` of
+    ``softmax(logits / T)`` and the ``kl_kind`` estimator to ``ref_logprobs``,
+    all aggregated by ``loss_agg_mode`` over ``mask`` (as verl's actor does).
+
+    The logits are read once in forward (online log-sum-exp, label log-prob
+    and entropy in one pass, keeping two floats per token) and once more in
+    backward, which writes their gradient in the same pass: no ``[B, T, V]``
+    float32 temporary. The per-token PPO, KL and aggregation arithmetic runs in
+    fused ``O(B T)`` kernels between the two. Returns ``(loss, metrics)``.
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        raise ValueError(f"logits: expected shape [B, T, V], got {getattr(logits, 'shape', None)}")
+    _check_rows(old_logprobs=old_logprobs, advantages=advantages, mask=mask, ref_logprobs=ref_logprobs,
+                need_mask=True)  # fmt: skip
+    if tuple(old_logprobs.shape) != tuple(logits.shape[:2]):
+        raise ValueError(f"old_logprobs: expected shape {tuple(logits.shape[:2])}, got {tuple(old_logprobs.shape)}")
+    for name, value in (("kl_coef", kl_coef), ("entropy_coef", entropy_coef)):
+        _check_real(name, value)
+    if kl_coef and ref_logprobs is None:
+        raise ValueError("ref_logprobs: required when kl_coef != 0")
+    if kl_kind not in KL_KINDS:
+        raise ValueError(f"kl_kind: unknown KL estimator {kl_kind!r}; expected one of {', '.join(KL_KINDS)}")
+    _check_agg(loss_agg_mode)
+    from rlhf_kernels.ops.logprobs import token_logprobs
+
+    logprobs, entropy = token_logprobs(
+        logits, labels, mask, temperature=temperature, ignore_index=ignore_index, return_entropy=True,
+        backend=backend,
+    )  # fmt: skip
+    pg = ppo_policy_loss(
+        logprobs, old_logprobs, advantages, mask, clip_ratio=clip_ratio, clip_ratio_low=clip_ratio_low,
+        clip_ratio_high=clip_ratio_high, clip_ratio_c=clip_ratio_c, loss_agg_mode=loss_agg_mode,
+        backend=_elementwise_backend(backend, logits.device, "ppo_loss_fwd_native"),
+    )  # fmt: skip
+    entropy_agg = reference.agg_loss(entropy, mask, loss_agg_mode)
+    loss = pg.loss - entropy_coef * entropy_agg if entropy_coef else pg.loss
+    zero = torch.zeros((), dtype=pg.loss.dtype, device=pg.loss.device)
+    kl_agg = zero
+    if ref_logprobs is not None:
+        kl = kl_penalty(logprobs, ref_logprobs, kl_kind,
+                        backend=_elementwise_backend(backend, logits.device, "kl_penalty_fwd_native"))  # fmt: skip
+        kl_agg = reference.agg_loss(kl, mask, loss_agg_mode)
+        if kl_coef:
+            loss = loss + kl_coef * kl_agg
+    metrics = PPOLossMetrics(loss.detach(), pg.loss.detach(), pg.clipfrac, pg.clipfrac_lower, pg.approx_kl,
+                             entropy_agg.detach(), kl_agg.detach())  # fmt: skip
+    return loss, metrics
+
+
+def _elementwise_backend(backend: str, device: torch.device, native_op: str) -> str:
+    """The backend for the O(B T) pieces: the requested one where it exists, else auto."""
+    if backend != "auto" and _dispatch.unavailable_reason(backend, device, native_op) is None:
+        return backend
+    return "auto"
+
+
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """``(x - mean) / sqrt(var + eps)`` with the mean and the unbiased variance over
     ``mask`` (as PPO implementations whiten advantages); ``shift_mean=False`` adds

@@ -1,0 +1,198 @@
+// Per-token math of the PPO token losses (clipped policy surrogate, clipped
+// value loss) and of the KL estimators, written once for the CPU kernels
+// (ppo_loss_cpu.cpp) and the CUDA kernels (ppo_loss.cu). ppo.h states the
+// formulas (PpoLossParams, KlParams); this file is their only implementation,
+// and it mirrors the Triton reference (rlhf_kernels/triton/ppo.py:
+// _policy_token, _value_token, _kl_token) expression by expression,
+// including the strict comparisons that decide ties and clamp boundaries.
+//
+// Every device-callable function is RLHF_HD (logprobs.h: __host__ __device__
+// __forceinline__ under nvcc, plain inline otherwise) and templated on the
+// compute type A (float for float32, double for float64). exp goes through
+// expf / exp: nvcc's accurate device versions on the GPU, libm on the host.
+// The constants derived from the double parameters (1 - low, 1 + high, ...)
+// are formed in A, as the Triton kernels do after rounding the parameters.
+// No multiply feeds an add, so FMA contraction cannot change any result.
+//
+// NaN inputs: clamp and max below propagate NaN (as torch.clamp /
+// torch.maximum in the torch reference), so a NaN token gives a NaN loss and
+// gradient; indicators computed from comparisons with NaN are 0.
+#pragma once
+
+#include <math.h>
+
+#include <cstdint>
+
+#include "ppo.h"
+
+namespace rlhf {
+namespace ppo_loss {
+
+constexpr int kPolicy = 0;
+constexpr int kValue = 1;
+constexpr int kStats = 4;  // stats[b, 0..3]: count, clipped, kl, clipped-lower
+
+constexpr int kKlK1 = 0;
+constexpr int kKlAbs = 1;
+constexpr int kKlK2 = 2;
+constexpr int kKlK3 = 3;
+
+// ---------------------------------------------------------------------------
+// Elementary functions (overloads, so that templates pick the precision)
+// ---------------------------------------------------------------------------
+RLHF_HD float m_exp(float x) { return expf(x); }
+RLHF_HD double m_exp(double x) { return exp(x); }
+RLHF_HD float m_abs(float x) { return fabsf(x); }
+RLHF_HD double m_abs(double x) { return fabs(x); }
+
+// min(max(x, lo), hi) for lo <= hi; NaN x stays NaN.
+template <typename A>
+RLHF_HD A clamp(A x, A lo, A hi) {
+  return x < lo ? lo : (x > hi ? hi : x);
+}
+
+// max(a, b); NaN if either is NaN. Ties return b (same value).
+template <typename A>
+RLHF_HD A max_nan(A a, A b) {
+  return (a > b || a != a) ? a : b;
+}
+
+// ---------------------------------------------------------------------------
+// Per-call constants
+// ---------------------------------------------------------------------------
+// POLICY: lo = 1 - p0, hi = 1 + p1 (the ratio clamp), c = p2 (dual clip).
+// VALUE: eps = p0. All rounded to A first, then combined in A.
+template <typename A>
+struct LossConsts {
+  A lo;
+  A hi;
+  A c;
+  A eps;
+};
+
+template <typename A>
+inline LossConsts<A> make_consts(const PpoLossParams& p) {
+  LossConsts<A> k;
+  const A p0 = static_cast<A>(p.p0);
+  const A p1 = static_cast<A>(p.p1);
+  k.lo = A(1) - p0;
+  k.hi = A(1) + p1;
+  k.c = static_cast<A>(p.p2);
+  k.eps = p0;
+  return k;
+}
+
+// Everything one token produces. clip / lower are 0 or 1; kl and lower are 0
+// for VALUE.
+template <typename A>
+struct TokenOut {
+  A loss;
+  A dloss;  // d loss / d x
+  A clip;
+  A kl;
+  A lower;
+};
+
+// ---------------------------------------------------------------------------
+// POLICY (verl's compute_policy_loss): x = logp, old = old logp, adv = A
+// ---------------------------------------------------------------------------
+template <typename A, bool kDual>
+RLHF_HD TokenOut<A> policy_token(A logp, A old, A adv, const LossConsts<A>& k) {
+  const A diff = logp - old;
+  const A log_ratio = clamp(diff, A(-20), A(20));
+  const A ratio = m_exp(log_ratio);
+  const A dratio = m_abs(diff) < A(20) ? ratio : A(0);  // the clamp cuts the gradient outside
+  const A clipped_ratio = clamp(ratio, k.lo, k.hi);
+  const bool in_clip = ratio > k.lo && ratio < k.hi;
+  const A loss1 = -adv * ratio;
+  const A loss2 = -adv * clipped_ratio;
+  const bool clip_hit = loss2 > loss1;
+  const A clipped = max_nan(loss1, loss2);
+  // The max picks the unclipped term unless the clipped one is strictly
+  // larger (ties: the unclipped term's gradient, equal to the clipped one's
+  // inside the clip range).
+  const A dunclipped = -adv * dratio;
+  const A dclipped = clip_hit ? (in_clip ? dunclipped : A(0)) : dunclipped;
+  TokenOut<A> o;
+  o.loss = clipped;
+  o.dloss = dclipped;
+  o.clip = clip_hit ? A(1) : A(0);
+  o.kl = -log_ratio;
+  o.lower = A(0);
+  if (kDual) {
+    const A loss3 = -adv * k.c;
+    const bool neg = adv < A(0);
+    const bool use3 = neg && loss3 < clipped;
+    o.loss = use3 ? loss3 : clipped;
+    o.dloss = use3 ? A(0) : dclipped;
+    o.lower = (neg && clipped > loss3) ? A(1) : A(0);
+  }
+  return o;
+}
+
+// ---------------------------------------------------------------------------
+// VALUE: x = v, old = old v, ret = R: 0.5 max((v - R)^2, (vc - R)^2)
+// ---------------------------------------------------------------------------
+template <typename A>
+RLHF_HD TokenOut<A> value_token(A v, A old, A ret, const LossConsts<A>& k) {
+  const A diff = v - old;
+  const A clipped_v = old + clamp(diff, -k.eps, k.eps);
+  const A e1 = v - ret;
+  const A e2 = clipped_v - ret;
+  const A l1 = e1 * e1;
+  const A l2 = e2 * e2;
+  const bool inside = diff > -k.eps && diff < k.eps;
+  const bool use2 = l2 > l1;
+  TokenOut<A> o;
+  o.loss = A(0.5) * max_nan(l1, l2);
+  o.dloss = use2 ? (inside ? e2 : A(0)) : e1;
+  o.clip = use2 ? A(1) : A(0);
+  o.kl = A(0);
+  o.lower = A(0);
+  return o;
+}
+
+template <typename A, int kKind, bool kDual>
+RLHF_HD TokenOut<A> loss_token(A x, A old, A third, const LossConsts<A>& k) {
+  static_assert(kKind == kPolicy || (kKind == kValue && !kDual), "loss_token: bad kind");
+  if (kKind == kPolicy) return policy_token<A, kDual>(x, old, third, k);
+  return value_token<A>(x, old, third, k);
+}
+
+// ---------------------------------------------------------------------------
+// KL estimators, d = logp - ref: value and d value / d logp
+// ---------------------------------------------------------------------------
+template <typename A>
+struct KlOut {
+  A value;
+  A d;
+};
+
+template <typename A, int kKind>
+RLHF_HD KlOut<A> kl_token(A logp, A ref) {
+  static_assert(kKind >= kKlK1 && kKind <= kKlK3, "kl_token: bad kind");
+  const A diff = logp - ref;
+  KlOut<A> o;
+  if (kKind == kKlK1) {
+    o.value = diff;
+    o.d = A(1);
+  } else if (kKind == kKlAbs) {
+    o.value = m_abs(diff);
+    o.d = diff > A(0) ? A(1) : (diff < A(0) ? A(-1) : A(0));
+  } else if (kKind == kKlK2) {
+    o.value = A(0.5) * diff * diff;
+    o.d = diff;
+  } else {
+    const A kl = clamp(-diff, A(-20), A(20));
+    const A e = m_exp(kl);
+    const A raw = e - kl - A(1);
+    o.value = clamp(raw, A(-10), A(10));
+    // d/dlogp = -(e - 1) inside both clamps, 0 outside
+    const bool live = m_abs(diff) < A(20) && raw < A(10) && raw > A(-10);
+    o.d = live ? A(1) - e : A(0);
+  }
+  return o;
+}
+
+}  // namespace ppo_loss
+}  // namespace rlhf
