@@ -1,0 +1,14 @@
+"""Reference trainers built on the ops: SFT, reward modelling (Bradley-Terry), DPO.
+
+They take a Hugging Face ``transformers`` model and tokenizer, a
+``datasets.Dataset`` with the usual columns and a :class:`TrainerConfig`.
+Every loss and log-prob goes through ``rlhf_kernels`` ops. ``toy`` holds the
+built-in sorting task (data, tokenizer, tiny Llama models).
+"""
+
+from rlhf_kernels.trainers.base import Trainer, TrainerConfig
+from rlhf_kernels.trainers.dpo import DPOTrainer
+from rlhf_kernels.trainers.reward import RewardTrainer
+from rlhf_kernels.trainers.sft import SFTTrainer, exact_match
+
+__all__ = ["Trainer", "TrainerConfig", "SFTTrainer", "RewardTrainer", "DPOTrainer", "exact_match"]
