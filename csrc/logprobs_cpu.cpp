@@ -139,7 +139,9 @@ RLHF_INLINE void fwd_row(const LogprobsFwdParams& p, int64_t row) {
   const T* x = static_cast<const T*>(p.logits) + p.logits_layout.offset(row);
   const float inv_t = static_cast<float>(p.inv_temperature);
   vf z[kChunk / kLanes];
-  float m = -kInf, s = 0.0f, w = 0.0f;  // online max, sum exp(z - m), sum exp(z - m) * z
+  // Online max m, s = sum exp(z - m) and, for the entropy, w = sum exp(z - m) (z - m):
+  // relative to the max, so that H = log s - w / s does not cancel for large logits.
+  float m = -kInf, s = 0.0f, w = 0.0f;
   for (int64_t start = 0; start < V; start += kChunk) {
     const int64_t n = std::min(kChunk, V - start);
     const int64_t full = n / kLanes;
@@ -161,16 +163,17 @@ RLHF_INLINE void fwd_row(const LogprobsFwdParams& p, int64_t row) {
     for (int64_t k = 0; k < nvec; ++k) {
       const vf e = exp_nonpos(z[k] - m_new);
       vs += e;
-      if (kEntropy) vw += e * (e > 0.0f ? z[k] : vf{});  // no 0 * -inf
+      if (kEntropy) vw += e * (e > 0.0f ? z[k] - m_new : vf{});  // no 0 * -inf
     }
+    // moving the pivot from m to m_new: each (z - m) becomes (z - m) + (m - m_new)
+    if (kEntropy) w = (s > 0.0f ? alpha * (w + s * (m - m_new)) : 0.0f) + hsum(vw);
     s = s * alpha + hsum(vs);
-    if (kEntropy) w = w * alpha + hsum(vw);
     m = m_new;
   }
   const float lse = m + std::log(s);
   lse_out[row] = lse;
   logprobs[row] = static_cast<float>(x[label]) * inv_t - lse;
-  if (kEntropy) entropy[row] = lse - w / s;
+  if (kEntropy) entropy[row] = std::log(s) - w / s;
 }
 
 template <typename T, bool kEntropy>
@@ -236,13 +239,13 @@ void fwd_row_f64(const LogprobsFwdParams& p, int64_t row) {
       const double z = x[j] * p.inv_temperature;
       const double e = std::exp(z - m);
       s += e;
-      if (kEntropy && e > 0) w += e * z;
+      if (kEntropy && e > 0) w += e * (z - m);
     }
   }
   const double lse = m + std::log(s);
   lse_out[row] = lse;
   logprobs[row] = x[label] * p.inv_temperature - lse;
-  if (kEntropy) entropy[row] = lse - w / s;
+  if (kEntropy) entropy[row] = std::log(s) - w / s;
 }
 
 template <bool kEntropy>

@@ -429,3 +429,44 @@ if given is not None:
         kw = dict(temperature=temperature, return_entropy=True)
         got = run(rlhf_kernels.token_logprobs, logits, labels, mask, backend=backend, **kw)
         assert_matches(got, run_reference(logits, labels, mask, **kw), dtype, zmax(logits, temperature))
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"]))
+def test_inplace_backward_is_caught_when_logits_are_saved_elsewhere(device, backend):
+    """Another op saved the logits for its own backward: overwriting them must raise."""
+    logits, labels, _ = make_batch(2, 3, 50, torch.float32, device)
+    x = logits.detach().clone().requires_grad_(True)
+    h = x * 1
+    aux = (h**2).sum()  # saves h
+    lp = rlhf_kernels.token_logprobs(h, labels, inplace_backward=True, backend=backend).sum()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (aux + lp).backward()
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"]))
+def test_inplace_backward_on_overlapping_rows_falls_back(device, backend):
+    row = torch.randn(1, 1, 40, generator=torch.Generator().manual_seed(1)).to(device)
+    labels = torch.tensor([[3, 7, 9]], device=device)
+    x = row.clone().requires_grad_(True)
+    rlhf_kernels.token_logprobs(
+        (x * 1).expand(1, 3, 40), labels, inplace_backward=True, backend=backend
+    ).sum().backward()
+    xr = row.double().clone().requires_grad_(True)
+    reference(xr.expand(1, 3, 40), labels).sum().backward()
+    torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_entropy_with_large_logits(device, backend):
+    """Logits sharing a large offset with one dominant entry: a tiny entropy must not cancel to 0."""
+    g = torch.Generator().manual_seed(9)
+    logits = 30 + torch.randn(4, 32000, generator=g)
+    logits[:, 5] = torch.tensor([50.0, 52.0, 55.0, 45.0])
+    logits = logits.to(device)
+    labels = torch.full((4,), 5, device=device)
+    _, ent = rlhf_kernels.token_logprobs(logits, labels, return_entropy=True, backend=backend)
+    _, want = reference(logits.double(), labels, return_entropy=True)
+    # float32 sums of terms far below 1 limit any backend (the torch one too) to ~1e-6 absolute;
+    # a cancelling formula returns 0 or 1e-5-sized errors here
+    assert want.min() < 1e-4
+    torch.testing.assert_close(ent.double(), want, rtol=5e-2, atol=1e-6)

@@ -251,3 +251,16 @@ def test_ppo_compile_fullgraph(device, backend):
     out.backward()
     torch.testing.assert_close(out, eager)
     torch.testing.assert_close(x2.grad, x1.grad)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op="ppo_loss_fwd_native"))
+def test_float_masks_mean_nonzero(device, backend):
+    """A float mask counts nonzero entries as valid on every backend (like mask.bool())."""
+    g = torch.Generator().manual_seed(10)
+    logp, old, adv, mask = ppo_inputs(3, 8, device, g, "gaps")
+    fmask = mask.double() * 0.5
+    got = rlhf_kernels.ppo_policy_loss(logp, old, adv, fmask, backend=backend)
+    want = reference.ppo_policy_loss(logp, old, adv, mask)
+    torch.testing.assert_close(got.loss, want[0])
+    adv_g, _ = rlhf_kernels.gae(adv, old, fmask, backend=backend)
+    torch.testing.assert_close(adv_g, reference.gae(adv, old, mask)[0])

@@ -289,3 +289,12 @@ def test_dpo_compile_fullgraph(device, backend):
     out[0].backward()
     torch.testing.assert_close(out, eager)
     torch.testing.assert_close(a2.grad, a1.grad)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op=NATIVE_OP))
+def test_tiny_losses_keep_relative_accuracy(device, backend):
+    """-log sigmoid(z) for large z is about exp(-z): kept to relative accuracy, not flushed to 0."""
+    pc = torch.tensor([17.0, 25.0, 40.0], dtype=torch.float64, device=device)
+    zeros = torch.zeros_like(pc)
+    got = rlhf_kernels.dpo_loss(pc, zeros, zeros, zeros, beta=1.0, backend=backend).losses
+    torch.testing.assert_close(got, torch.exp(-pc), rtol=1e-6, atol=0)

@@ -106,3 +106,32 @@ def test_toy_task_scoring():
     row = toy.preference_dataset(50, seed=5)
     assert all(c != r for c, r in zip(row["chosen"], row["rejected"], strict=True))
     assert all(toy.score(p, c) == 1.0 for p, c in zip(row["prompt"], row["chosen"], strict=True))
+
+
+def _ppo(tokenizer, tmp_path, **kw):
+    from rlhf_kernels.trainers import PPOConfig, PPOTrainer
+
+    policy = toy.build_model(tokenizer, seed=4)
+    base = dict(output_dir=str(tmp_path), max_steps=3, rollout_batch_size=8, mini_batch_size=4, max_new_tokens=8,
+                learning_rate=1e-4, logging_steps=1, progress=False, kl_coef=0.05, kl_target=0.1)  # fmt: skip
+    return PPOTrainer(
+        policy, copy.deepcopy(policy), toy.build_model(tokenizer, kind="value"), tokenizer, toy.prompt_dataset(64),
+        PPOConfig(**{**base, **kw}), reward_fn=lambda p, r: [toy.score(a, b) for a, b in zip(p, r, strict=True)],
+    )  # fmt: skip
+
+
+def test_ppo_runs_and_checkpoints(tokenizer, tmp_path):
+    trainer = _ppo(tokenizer, tmp_path)
+    history = trainer.train()
+    assert len(history) == 3
+    for record in history:
+        for key in ("score", "kl", "entropy", "clipfrac", "value_loss", "pg_loss", "kl_coef"):
+            assert key in record and torch.isfinite(torch.tensor(record[key])), key
+    assert history[-1]["kl_coef"] != 0.05  # the adaptive controller moved
+    state = torch.load(tmp_path / "final" / "trainer_state.pt", weights_only=False)
+    assert set(state["modules"]) == {"model", "value_model"} and "kl_coef" in state["extra"]
+
+
+def test_ppo_bad_configuration(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="rollout_batch_size=8 is not divisible by mini_batch_size=3"):
+        _ppo(tokenizer, tmp_path, mini_batch_size=3)

@@ -103,7 +103,10 @@ def token_logprobs(
         logits = logits.contiguous()
     labels = labels.long()
     if mask is not None:
-        labels = labels.masked_fill(~mask.bool(), ignore_index)
+        labels = labels.masked_fill(mask == 0, ignore_index)
+    if inplace_backward and torch._debug_has_internal_overlap(logits) != 0:
+        # rows that share memory (e.g. an expand) cannot each receive their own gradient in place
+        inplace_backward = False
     fwd = _FWD_OPS[impl]
     logprobs, _, entropy = fwd(
         logits, labels, float(temperature), int(ignore_index), bool(return_entropy), bool(inplace_backward)
@@ -308,6 +311,10 @@ def _make_backward(bwd, bwd_inplace):
         args = (grad_logprobs, grad_entropy, labels, lse, entropy, ctx.temperature, ctx.ignore_index)
         if ctx.inplace_backward:
             bwd_inplace(logits, *args)
+            # The C++ op is registered for CPU/CUDA only, so nothing bumps the version
+            # counter for it: do it here so that autograd's check for tensors saved by
+            # other ops and modified in place fires, as it does for the Triton op.
+            torch.autograd.graph.increment_version(logits)
             grad_logits = logits
         else:
             grad_logits = bwd(grad_logprobs, grad_entropy, logits, *args[2:])

@@ -98,7 +98,7 @@ def gae(
     if impl == "torch":
         return reference.gae(rewards, values, mask, gamma=gamma, lam=lam)
     rewards, values = _unit_time_stride(rewards), _unit_time_stride(values)
-    m = None if mask is None else _unit_time_stride(mask.detach().to(torch.uint8))
+    m = None if mask is None else _unit_time_stride((mask.detach() != 0).to(torch.uint8))
     return _OPS[impl]["gae"](rewards, values, m, float(gamma), float(lam))
 
 
@@ -145,7 +145,7 @@ def ppo_policy_loss(
         )  # fmt: skip
     acc = _acc_dtype(logprobs, old_logprobs, advantages)
     x, old, adv, m = _rows(logprobs, acc), _rows(old_logprobs.detach(), acc), _rows(advantages.detach(), acc), mask
-    m = _rows(m.detach(), torch.uint8)
+    m = _rows(m.detach() != 0, torch.uint8)
     row_loss, stats = _OPS[impl]["ppo_loss_fwd"](
         _POLICY, x, old, adv, m, float(low), float(high), float(clip_ratio_c or 0.0), clip_ratio_c is not None
     )
@@ -179,7 +179,7 @@ def ppo_value_loss(
         )
     acc = _acc_dtype(values, old_values, returns)
     v, old, ret = _rows(values, acc), _rows(old_values.detach(), acc), _rows(returns.detach(), acc)
-    m = _rows(mask.detach(), torch.uint8)
+    m = _rows(mask.detach() != 0, torch.uint8)
     row_loss, stats = _OPS[impl]["ppo_loss_fwd"](_VALUE, v, old, ret, m, float(clip_range_value), 0.0, 0.0, False)
     loss, count = _aggregate(row_loss, stats, v.shape[-1], loss_agg_mode)
     return ValueLossOutput(loss, stats[:, 1].sum() / count)
@@ -230,6 +230,7 @@ def ppo_loss_from_logits(
     entropy_coef: float = 0.0,
     loss_agg_mode: str = "token-mean",
     ignore_index: int = -100,
+    check_labels: bool = True,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, PPOLossMetrics]:
     r"""The PPO policy step from ``[B, T, V]`` logits to the scalar loss.
@@ -264,9 +265,10 @@ def ppo_loss_from_logits(
     _check_agg(loss_agg_mode)
     from rlhf_kernels.ops.logprobs import token_logprobs
 
+    mask = mask != 0  # bool, integer or float: nonzero means valid
     logprobs, entropy = token_logprobs(
         logits, labels, mask, temperature=temperature, ignore_index=ignore_index, return_entropy=True,
-        backend=backend,
+        check_labels=check_labels, backend=backend,
     )  # fmt: skip
     pg = ppo_policy_loss(
         logprobs, old_logprobs, advantages, mask, clip_ratio=clip_ratio, clip_ratio_low=clip_ratio_low,

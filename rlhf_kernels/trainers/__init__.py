@@ -1,4 +1,4 @@
-"""Reference trainers built on the ops: SFT, reward modelling (Bradley-Terry), DPO.
+"""Reference trainers built on the ops: SFT, reward modelling (Bradley-Terry), DPO, PPO.
 
 They take a Hugging Face ``transformers`` model and tokenizer, a
 ``datasets.Dataset`` with the usual columns and a :class:`TrainerConfig`.
@@ -8,7 +8,17 @@ built-in sorting task (data, tokenizer, tiny Llama models).
 
 from rlhf_kernels.trainers.base import Trainer, TrainerConfig
 from rlhf_kernels.trainers.dpo import DPOTrainer
+from rlhf_kernels.trainers.ppo import PPOConfig, PPOTrainer
 from rlhf_kernels.trainers.reward import RewardTrainer
 from rlhf_kernels.trainers.sft import SFTTrainer, exact_match
 
-__all__ = ["Trainer", "TrainerConfig", "SFTTrainer", "RewardTrainer", "DPOTrainer", "exact_match"]
+__all__ = [
+    "Trainer",
+    "TrainerConfig",
+    "SFTTrainer",
+    "RewardTrainer",
+    "DPOTrainer",
+    "PPOConfig",
+    "PPOTrainer",
+    "exact_match",
+]

@@ -75,6 +75,10 @@ class Trainer:
     def trainable_parameters(self):
         return self.model.parameters()
 
+    def checkpointed_modules(self) -> dict[str, torch.nn.Module]:
+        """The trained modules whose weights a checkpoint holds."""
+        return {"model": self.model}
+
     def collate(self, rows: dict[str, list]) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -114,6 +118,13 @@ class Trainer:
             return (step + 1) / warm
         return max(0.0, (self.config.max_steps - step) / max(1, self.config.max_steps - warm))
 
+    def extra_state(self) -> dict[str, Any]:
+        """Trainer-specific state a checkpoint must restore (e.g. an adaptive KL coefficient)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
     def _batch_indices(self, micro_step: int) -> list[int]:
         """Rows of the micro-batch number ``micro_step``: epoch permutations seeded by
         (seed, epoch), so the order depends only on the position, not on history."""
@@ -133,22 +144,9 @@ class Trainer:
         started = time.time()
         self.model.train()
         while self.step < cfg.max_steps:
-            sums: dict[str, float] = {}
-            for micro in range(cfg.gradient_accumulation_steps):
-                rows = self.dataset[self._batch_indices(self.step * cfg.gradient_accumulation_steps + micro)]
-                with self.autocast():
-                    loss, metrics = self.compute_loss(self.collate(rows))
-                (loss / cfg.gradient_accumulation_steps).backward()
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) / cfg.gradient_accumulation_steps
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for g in self.optimizer.param_groups for p in g["params"]], cfg.max_grad_norm
-            )
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            sums = self.training_step()
             self.step += 1
-            record = {"step": self.step, **sums, "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0]}
+            record = {"step": self.step, **sums, "lr": self.scheduler.get_last_lr()[0]}
             self.history.append(record)
             if self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps:
                 with log_path.open("a") as f:
@@ -176,17 +174,41 @@ class Trainer:
         elif self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps:
             sys.stderr.write(line + "\n")
 
+    def training_step(self) -> dict[str, float]:
+        """One optimiser step over ``gradient_accumulation_steps`` micro-batches; returns metrics."""
+        cfg = self.config
+        sums: dict[str, float] = {}
+        for micro in range(cfg.gradient_accumulation_steps):
+            rows = self.dataset[self._batch_indices(self.step * cfg.gradient_accumulation_steps + micro)]
+            with self.autocast():
+                loss, metrics = self.compute_loss(self.collate(rows))
+            (loss / cfg.gradient_accumulation_steps).backward()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / cfg.gradient_accumulation_steps
+        sums["grad_norm"] = self.optimizer_step()
+        return sums
+
+    def optimizer_step(self) -> float:
+        """Clip, step the optimiser and the schedule, clear gradients; returns the gradient norm."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
     # --- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self, path: str | Path) -> Path:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         state = {
             "step": self.step,
-            "model": self.model.state_dict(),
+            "modules": {name: m.state_dict() for name, m in self.checkpointed_modules().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
             "config": dataclasses.asdict(self.config),
+            "extra": self.extra_state(),
         }
         if torch.cuda.is_available():
             state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
@@ -195,13 +217,15 @@ class Trainer:
 
     def load_checkpoint(self, path: str | Path) -> None:
         state = torch.load(Path(path) / "trainer_state.pt", map_location=self.device, weights_only=False)
-        self.model.load_state_dict(state["model"])
+        for name, module in self.checkpointed_modules().items():
+            module.load_state_dict(state["modules"][name])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"].cpu())
         random.setstate(state["rng"]["python"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.load_extra_state(state.get("extra", {}))
         self.step = state["step"]
 
 

@@ -114,9 +114,10 @@ def build_tokenizer():
 
 
 def build_model(tokenizer, *, kind: str = "causal", hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0):
-    """A tiny Llama: ``kind="causal"`` (policy) or ``"reward"`` (a scalar head)."""
+    """A tiny Llama: ``kind="causal"`` (policy), ``"reward"`` (a scalar head on the
+    sequence) or ``"value"`` (a scalar head on every token)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, LlamaForTokenClassification
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -133,5 +134,7 @@ def build_model(tokenizer, *, kind: str = "causal", hidden: int = 64, layers: in
         num_labels=1,
     )
     torch.manual_seed(seed)
-    cls = {"causal": LlamaForCausalLM, "reward": LlamaForSequenceClassification}[kind]
+    cls = {"causal": LlamaForCausalLM, "reward": LlamaForSequenceClassification, "value": LlamaForTokenClassification}[
+        kind
+    ]
     return cls(config)

@@ -51,7 +51,7 @@ def _logprobs_fwd_kernel(
     # Grid: (rows,). Each program owns one row: it streams the V logits once
     # (V * itemsize bytes read) keeping an online max / sum of 2^(u - m)
     # (u = z * log2 e, z = logits / T) and, for the entropy, a running sum of
-    # 2^(u - m) * u; writes 3 scalars. Ignored rows read nothing.
+    # 2^(u - m) * (u - m); writes 3 scalars. Ignored rows read nothing.
     row = tl.program_id(0).to(tl.int64)
     acc_ty = lse_ptr.dtype.element_ty
     # Constants in the accumulation type (a bare float literal would be float32).
@@ -84,16 +84,21 @@ def _logprobs_fwd_kernel(
             pivot = tl.where(m_new == float("-inf"), 0.0, m_new).to(acc_ty)
             alpha = tl.exp2(m - pivot)
             e = tl.exp2(u - pivot)
-            s = s * alpha + tl.sum(e, axis=0)
             if HAS_ENTROPY:
-                w = w * alpha + tl.sum(e * tl.where(e > 0, u, 0.0), axis=0)
+                # w = sum e (u - m), relative to the max so that H = log2 s - w / s does
+                # not cancel for large logits; moving the pivot shifts each (u - m).
+                w = (
+                    alpha * (w + s * tl.where(s > 0, m - pivot, 0.0))
+                    + tl.sum(e * tl.where(e > 0, u - pivot, 0.0), axis=0)
+                ).to(acc_ty)
+            s = s * alpha + tl.sum(e, axis=0)
             m = m_new
         lse2 = m + tl.log2(s)
         x_label = tl.load(row_ptr + label).to(acc_ty)
         tl.store(lse_ptr + row, lse2 * ln2)
         tl.store(logprobs_ptr + row, (x_label * scale2 - lse2) * ln2)
         if HAS_ENTROPY:
-            tl.store(entropy_ptr + row, (lse2 - w / s) * ln2)
+            tl.store(entropy_ptr + row, (tl.log2(s) - w / s) * ln2)
 
 
 @triton.jit

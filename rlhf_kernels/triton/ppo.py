@@ -35,9 +35,10 @@ def _gae_kernel(
 ):  # fmt: skip
     # Grid: (B,). Each program owns one row and walks it right to left in
     # BLOCK-wide chunks, carrying (running advantage, next valid value) from
-    # the chunk on its right; inside a chunk both recurrences are associative
-    # scans. Reads rewards, values (twice: shifted by one for the next value,
-    # a cache hit) and the mask; writes advantages and returns: ~17 bytes per
+    # the chunk on its right; inside a chunk, loaded in reverse order, both
+    # recurrences are forward associative scans (combine(accumulated, next)).
+    # Reads rewards, values (twice: shifted by one for the next value, a cache
+    # hit) and the mask; writes advantages and returns: ~17 bytes per
     # element in float32.
     row = tl.program_id(0).to(tl.int64)
     acc_ty = adv_ptr.dtype.element_ty
@@ -49,7 +50,9 @@ def _gae_kernel(
     n_chunks = tl.cdiv(T, BLOCK)
     for k in range(n_chunks):
         start = (n_chunks - 1 - k) * BLOCK
-        offs = start + cols
+        # Positions right to left, so that both recurrences are forward scans
+        # (reverse scans with order-dependent operators have been unreliable on GPUs).
+        offs = start + (BLOCK - 1 - cols)
         inb = offs < T
         nxt = offs + 1
         nxt_in = nxt < T
@@ -63,12 +66,12 @@ def _gae_kernel(
             valid = inb.to(tl.int32)
             valid_next = nxt_in.to(tl.int32)
         # value at the nearest valid position strictly right of t
-        has, nearest = tl.associative_scan((valid_next, v_next), 0, _nearest_valid_combine, reverse=True)
+        has, nearest = tl.associative_scan((valid_next, v_next), 0, _nearest_valid_combine)
         next_value = tl.where(has != 0, nearest, carry_next_value)
         delta = r + gamma * next_value - v
         c = tl.where(valid != 0, gamma_lam, 1.0).to(acc_ty)
         d = tl.where(valid != 0, delta, 0.0).to(acc_ty)
-        c_scan, d_scan = tl.associative_scan((c, d), 0, _affine_combine, reverse=True)
+        c_scan, d_scan = tl.associative_scan((c, d), 0, _affine_combine)
         adv = d_scan + c_scan * carry_adv
         tl.store(adv_ptr + row * T + offs, adv, mask=inb)
         tl.store(ret_ptr + row * T + offs, adv + v, mask=inb)

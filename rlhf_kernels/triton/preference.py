@@ -41,8 +41,14 @@ def _sigmoid(x):
 
 
 @triton.jit
+def _log1p_small(t):
+    # log(1 + t) for t in [0, 1]: the series below 1e-4 keeps tiny values (error < t^3 / 3)
+    return tl.where(t < 1e-4, t - 0.5 * t * t, tl.log(1.0 + t))
+
+
+@triton.jit
 def _logsigmoid(x):
-    return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
+    return tl.minimum(x, 0.0) - _log1p_small(tl.exp(-tl.abs(x)))
 
 
 @triton.jit

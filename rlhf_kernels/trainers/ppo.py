@@ -1,0 +1,220 @@
+"""PPO with a KL penalty to a frozen reference (Ziegler et al. 2019; Ouyang et al. 2022).
+
+One training step is one rollout followed by ``ppo_epochs`` passes over it in
+mini-batches:
+
+1. sample responses to ``rollout_batch_size`` prompts from the policy;
+2. score them with a reward model or a Python function, and compute the
+   policy's, the reference's and the value model's per-token outputs;
+3. per-token rewards ``-kl_coef * KL_t`` plus the score on the last response
+   token; ``gae`` gives advantages and returns, whitened over the response;
+4. clipped surrogate from the logits (``ppo_loss_from_logits``, entropy bonus
+   optional) plus ``vf_coef`` times the clipped value loss;
+5. with ``kl_target`` the KL coefficient adapts (Ziegler et al.'s controller).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable
+
+import torch
+
+import rlhf_kernels
+from rlhf_kernels.trainers.base import Trainer, TrainerConfig
+
+
+@dataclasses.dataclass
+class PPOConfig(TrainerConfig):
+    output_dir: str = "runs/ppo"
+    learning_rate: float = 1e-4
+    rollout_batch_size: int = 32
+    mini_batch_size: int = 16
+    ppo_epochs: int = 2
+    max_new_tokens: int = 12
+    temperature: float = 1.0
+    kl_coef: float = 0.05
+    kl_kind: str = "k1"
+    kl_target: float | None = None  # adaptive KL controller when set
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_ratio: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.5
+    entropy_coef: float = 0.0
+    whiten_advantages: bool = True
+
+
+class PPOTrainer(Trainer):
+    required_columns = ("prompt",)
+
+    def __init__(
+        self, model, ref_model, value_model, tokenizer, dataset, config: PPOConfig | None = None, *,
+        reward_model=None, reward_fn: Callable[[list[str], list[str]], list[float]] | None = None,
+    ):  # fmt: skip
+        config = config or PPOConfig()
+        if (reward_model is None) == (reward_fn is None):
+            raise ValueError("reward_model / reward_fn: give exactly one")
+        if config.rollout_batch_size % config.mini_batch_size:
+            raise ValueError(
+                f"config: rollout_batch_size={config.rollout_batch_size} is not divisible by "
+                f"mini_batch_size={config.mini_batch_size}"
+            )
+        if config.kl_kind not in rlhf_kernels.ops.ppo.KL_KINDS:
+            raise ValueError(f"config: kl_kind must be one of {rlhf_kernels.ops.ppo.KL_KINDS}")
+        self.value_model = value_model
+        config = dataclasses.replace(config, batch_size=config.rollout_batch_size)
+        super().__init__(model, tokenizer, dataset, config)
+        self.ref_model = ref_model.eval().requires_grad_(False)
+        self.reward_model = None if reward_model is None else reward_model.eval().requires_grad_(False)
+        self.reward_fn = reward_fn
+        self.kl_coef = config.kl_coef
+
+    def trainable_parameters(self):
+        return itertools.chain(self.model.parameters(), self.value_model.parameters())
+
+    def checkpointed_modules(self):
+        return {"model": self.model, "value_model": self.value_model}
+
+    def extra_state(self):
+        return {"kl_coef": self.kl_coef}
+
+    def load_extra_state(self, state):
+        self.kl_coef = state.get("kl_coef", self.kl_coef)
+
+    # --- rollout ---------------------------------------------------------------------------
+    def _encode_prompts(self, prompts: list[str]):
+        """Left-padded ``<bos> prompt`` ids for batched generation."""
+        tok = self.tokenizer
+        ids = [[tok.bos_token_id, *tok(p, add_special_tokens=False).input_ids] for p in prompts]
+        width = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, x in enumerate(ids):
+            input_ids[i, width - len(x) :] = torch.tensor(x)
+            attention[i, width - len(x) :] = 1
+        return input_ids.to(self.device), attention.to(self.device)
+
+    @staticmethod
+    def _positions(attention: torch.Tensor) -> torch.Tensor:
+        return (attention.cumsum(-1) - 1).clamp(min=0)
+
+    def _response_logits(self, model, sequences, attention, prompt_width):
+        out = model(input_ids=sequences, attention_mask=attention, position_ids=self._positions(attention))
+        return out.logits[:, prompt_width - 1 : -1]
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        tok, cfg = self.tokenizer, self.config
+        prompt_ids, prompt_attention = self._encode_prompts(prompts)
+        width = prompt_ids.shape[1]
+        self.model.eval()
+        generated = self.model.generate(
+            prompt_ids, attention_mask=prompt_attention, do_sample=True, temperature=cfg.temperature, top_k=0,
+            max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        )  # fmt: skip
+        self.model.train()
+        response = generated[:, width:]
+        # response tokens up to and including the first eos
+        is_eos = response == tok.eos_token_id
+        after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0
+        response_mask = ~after_eos
+        attention = torch.cat([prompt_attention, response_mask.long()], dim=1)
+        sequences = torch.cat([prompt_ids, torch.where(response_mask, response, tok.pad_token_id)], dim=1)
+
+        old_logits = self._response_logits(self.model, sequences, attention, width).float()
+        old_logprobs = rlhf_kernels.token_logprobs(old_logits, response, response_mask, backend=cfg.backend)
+        ref_logits = self._response_logits(self.ref_model, sequences, attention, width).float()
+        ref_logprobs = rlhf_kernels.token_logprobs(ref_logits, response, response_mask, backend=cfg.backend)
+        values = self._values(sequences, attention, width)
+
+        texts = tok.batch_decode(torch.where(response_mask, response, tok.pad_token_id), skip_special_tokens=True)
+        scores = self._scores(prompts, texts).to(self.device)
+
+        kl = rlhf_kernels.kl_penalty(old_logprobs, ref_logprobs, cfg.kl_kind, backend=cfg.backend) * response_mask
+        rewards = -self.kl_coef * kl
+        last = (response_mask.sum(-1) - 1).clamp(min=0)
+        rewards[torch.arange(len(prompts), device=self.device), last] += scores
+        advantages, returns = rlhf_kernels.gae(rewards, values, response_mask, gamma=cfg.gamma, lam=cfg.lam,
+                                               backend=cfg.backend)  # fmt: skip
+        if cfg.whiten_advantages:
+            advantages = rlhf_kernels.masked_whiten(advantages, response_mask)
+        return {
+            "sequences": sequences, "attention": attention, "response": response, "response_mask": response_mask,
+            "old_logprobs": old_logprobs, "values": values, "advantages": advantages, "returns": returns,
+            "scores": scores, "kl": (kl.sum(-1)).mean(), "width": torch.tensor(width),
+            "response_length": response_mask.sum(-1).float().mean(),
+        }  # fmt: skip
+
+    def _values(self, sequences, attention, width):
+        out = self.value_model(input_ids=sequences, attention_mask=attention, position_ids=self._positions(attention))
+        return out.logits[:, width - 1 : -1, 0].float()
+
+    def _scores(self, prompts, responses) -> torch.Tensor:
+        if self.reward_fn is not None:
+            return torch.tensor(self.reward_fn(prompts, responses), dtype=torch.float32)
+        tok = self.tokenizer
+        ids = [[tok.bos_token_id, *tok(p, add_special_tokens=False).input_ids,
+                *tok(r, add_special_tokens=False).input_ids, tok.eos_token_id] for p, r in zip(prompts, responses,
+                                                                                              strict=True)]  # fmt: skip
+        width = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        for i, x in enumerate(ids):
+            input_ids[i, : len(x)] = torch.tensor(x)
+            attention[i, : len(x)] = 1
+        with torch.no_grad():
+            out = self.reward_model(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device))
+        return out.logits.squeeze(-1).float().cpu()
+
+    # --- optimisation ----------------------------------------------------------------------------
+    def training_step(self):
+        cfg = self.config
+        prompts = self.dataset[self._batch_indices(self.step)]["prompt"]
+        batch = self.rollout(prompts)
+        width = int(batch["width"])
+        sums: dict[str, float] = {}
+        n_updates = 0
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + self.step)
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(len(prompts), generator=g).to(self.device)
+            for start in range(0, len(prompts), cfg.mini_batch_size):
+                idx = order[start : start + cfg.mini_batch_size]
+                with self.autocast():
+                    logits = self._response_logits(self.model, batch["sequences"][idx], batch["attention"][idx], width)
+                    mask = batch["response_mask"][idx]
+                    pg_loss, m = rlhf_kernels.ppo_loss_from_logits(
+                        logits, batch["response"][idx], batch["old_logprobs"][idx], batch["advantages"][idx], mask,
+                        clip_ratio=cfg.clip_ratio, entropy_coef=cfg.entropy_coef, backend=cfg.backend,
+                    )  # fmt: skip
+                    values = self._values(batch["sequences"][idx], batch["attention"][idx], width)
+                    vf = rlhf_kernels.ppo_value_loss(
+                        values, batch["values"][idx], batch["returns"][idx], mask,
+                        clip_range_value=cfg.clip_range_value, backend=cfg.backend,
+                    )  # fmt: skip
+                    loss = pg_loss + cfg.vf_coef * vf.loss
+                loss.backward()
+                grad_norm = self._clip_and_step()
+                n_updates += 1
+                for k, v in {"pg_loss": m.pg_loss, "entropy": m.entropy, "clipfrac": m.clipfrac,
+                             "approx_kl": m.approx_kl, "value_loss": vf.loss.detach(), "value_clipfrac": vf.clipfrac,
+                             "grad_norm": grad_norm}.items():  # fmt: skip
+                    sums[k] = sums.get(k, 0.0) + float(v)
+        self.scheduler.step()
+        metrics = {k: v / n_updates for k, v in sums.items()}
+        kl = float(batch["kl"])
+        if cfg.kl_target:
+            error = max(-0.2, min(0.2, kl / cfg.kl_target - 1))
+            self.kl_coef *= 1 + error * cfg.rollout_batch_size / cfg.kl_horizon
+        metrics.update(score=float(batch["scores"].mean()), kl=kl, kl_coef=self.kl_coef,
+                       response_length=float(batch["response_length"]))  # fmt: skip
+        return metrics
+
+    def _clip_and_step(self) -> float:
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
