@@ -1,4 +1,4 @@
-"""``rlhf-kernels info | bench``."""
+"""``rlhf-kernels info | bench | pipeline``."""
 
 from __future__ import annotations
 
@@ -37,12 +37,22 @@ def main(argv: list[str] | None = None) -> int:
         choices=["token_logprobs", "dpo_step", "dpo_loss", "gae", "ppo_policy_loss", "ppo_step"],
         help="ops to benchmark, repeatable (default: all)",
     )
+    pipe = sub.add_parser("pipeline", help="SFT, reward model, PPO and DPO on the built-in sorting task")
+    pipe.add_argument("--out", type=Path, default=Path("pipeline-out"))
+    pipe.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
+    pipe.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     import torch
 
     import rlhf_kernels
 
+    if args.command == "pipeline":
+        from rlhf_kernels.trainers import pipeline
+
+        make = pipeline.PipelineConfig.quick if args.quick else pipeline.PipelineConfig
+        pipeline.run(make(out=str(args.out), seed=args.seed))
+        return 0
     if args.command == "info":
         print(json.dumps(rlhf_kernels.build_info(), indent=2, default=str))
         return 0

@@ -135,3 +135,12 @@ def test_ppo_runs_and_checkpoints(tokenizer, tmp_path):
 def test_ppo_bad_configuration(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="rollout_batch_size=8 is not divisible by mini_batch_size=3"):
         _ppo(tokenizer, tmp_path, mini_batch_size=3)
+
+
+def test_pipeline_smoke(tmp_path):
+    from rlhf_kernels.trainers import pipeline
+
+    report = pipeline.run(pipeline.PipelineConfig.quick(out=str(tmp_path), progress=False), log=lambda _: None)
+    assert set(report["results"]) >= {"success_sft", "rm_accuracy", "success_ppo", "success_dpo"}
+    for name in ("report.json", "report.md", "curves.png", "sft/metrics.jsonl", "ppo/metrics.jsonl"):
+        assert (tmp_path / name).exists(), name
