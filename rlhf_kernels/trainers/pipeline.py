@@ -34,11 +34,11 @@ class PipelineConfig:
     dpo_steps: int = 100
     eval_prompts: int = 200
     batch_size: int = 32
-    dpo_beta: float = 0.1
+    dpo_beta: float = 0.3
     dpo_loss_type: str = "sigmoid"
-    ppo_kl_coef: float = 0.02
-    ppo_learning_rate: float = 3e-4
-    dpo_learning_rate: float = 5e-4
+    ppo_kl_coef: float = 0.2
+    ppo_learning_rate: float = 1e-4
+    dpo_learning_rate: float = 1e-4
     progress: bool = True
 
     @classmethod
