@@ -49,15 +49,17 @@ def test_reward_model_beats_chance(tokenizer, tmp_path):
     assert held_out["accuracy"] > 0.65, held_out
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+@pytest.mark.parametrize("loss_type,rpo_alpha", [("sigmoid", 0.0), ("ipo", 0.0), ("sigmoid", 1.0)])
 @pytest.mark.parametrize("precompute", [False, True])
-def test_dpo_learns_preferences(tokenizer, tmp_path, loss_type, precompute):
+def test_dpo_learns_preferences(tokenizer, tmp_path, loss_type, rpo_alpha, precompute):
     policy = toy.build_model(tokenizer)
     ref = copy.deepcopy(policy)
     trainer = DPOTrainer(policy, ref, tokenizer, toy.preference_dataset(320, seed=2),
                          config(tmp_path, max_steps=30, learning_rate=1e-3), beta=0.5, loss_type=loss_type,
-                         precompute_ref_logprobs=precompute)  # fmt: skip
+                         precompute_ref_logprobs=precompute, rpo_alpha=rpo_alpha)  # fmt: skip
     history = trainer.train()
+    if rpo_alpha:
+        assert history[-1]["nll_chosen"] < history[0]["nll_chosen"]
     assert history[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at step 0
     late = history[-5:]
     assert sum(h["rewards/accuracies"] for h in late) / 5 > 0.7

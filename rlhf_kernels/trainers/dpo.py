@@ -16,18 +16,21 @@ class DPOTrainer(Trainer):
     for ``ipo``), and ``dpo_loss`` with any of ``rlhf_kernels.DPO_LOSS_TYPES``
     gives losses and rewards. With ``precompute_ref_logprobs`` the reference
     log-probs of the whole data set are computed once before training.
+    ``rpo_alpha`` adds that weight times the chosen responses' per-token NLL
+    (RPO, Pang et al. 2024), which keeps the chosen likelihood from falling.
     """
 
     required_columns = ("prompt", "chosen", "rejected")
 
     def __init__(self, model, ref_model, tokenizer, dataset, config: TrainerConfig | None = None, *,
                  beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 precompute_ref_logprobs: bool = False):  # fmt: skip
+                 precompute_ref_logprobs: bool = False, rpo_alpha: float = 0.0):  # fmt: skip
         if loss_type not in rlhf_kernels.DPO_LOSS_TYPES:
             raise ValueError(f"loss_type: unknown {loss_type!r}; expected one of {rlhf_kernels.DPO_LOSS_TYPES}")
         super().__init__(model, tokenizer, dataset, config or TrainerConfig(output_dir="runs/dpo"))
         self.ref_model = ref_model.eval().requires_grad_(False)
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        self.rpo_alpha = rpo_alpha
         self.average = loss_type == "ipo"
         self.ref_cache: torch.Tensor | None = None
         if precompute_ref_logprobs:
@@ -39,11 +42,11 @@ class DPOTrainer(Trainer):
         return {"input_ids": ids, "attention_mask": attention, "completion_mask": mask, "n": n,
                 "index": rows.get("__index__")}  # fmt: skip
 
-    def sequence_logprobs(self, model, batch) -> torch.Tensor:
+    def sequence_logprobs(self, model, batch, average=None) -> torch.Tensor:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return rlhf_kernels.sequence_logprobs(
-            logits[:, :-1], batch["input_ids"][:, 1:], batch["completion_mask"][:, 1:], average=self.average,
-            backend=self.config.backend,
+            logits[:, :-1], batch["input_ids"][:, 1:], batch["completion_mask"][:, 1:],
+            average=self.average if average is None else average, backend=self.config.backend,
         )  # fmt: skip
 
     @torch.no_grad()
@@ -62,7 +65,14 @@ class DPOTrainer(Trainer):
 
     def compute_loss(self, batch):
         n = batch["n"]
-        lp = self.sequence_logprobs(self.model, batch)
+        if self.rpo_alpha and not self.average:
+            # one forward: the sums for DPO, and the token counts for the chosen NLL
+            lp = self.sequence_logprobs(self.model, batch)
+            counts = batch["completion_mask"][:, 1:].sum(-1).clamp(min=1)
+            chosen_nll = -(lp[:n] / counts[:n]).mean()
+        else:
+            lp = self.sequence_logprobs(self.model, batch)
+            chosen_nll = None
         if self.ref_cache is not None:
             ref = self.ref_cache[torch.tensor(self._current, device=self.ref_cache.device)]
             ref_c, ref_r = ref[:, 0], ref[:, 1]
@@ -76,4 +86,8 @@ class DPOTrainer(Trainer):
         )  # fmt: skip
         loss = out.losses.mean()
         metrics = {"loss": loss.detach(), **{k: v.detach() for k, v in out.metrics.items() if k != "loss"}}
+        if chosen_nll is not None:
+            # RPO (Pang et al. 2024; TRL's rpo_alpha): keeps the chosen likelihood from falling
+            loss = loss + self.rpo_alpha * chosen_nll
+            metrics["nll_chosen"] = chosen_nll.detach()
         return loss, metrics

@@ -34,11 +34,12 @@ class PipelineConfig:
     dpo_steps: int = 100
     eval_prompts: int = 200
     batch_size: int = 32
-    dpo_beta: float = 0.3
+    dpo_beta: float = 0.1
+    dpo_rpo_alpha: float = 1.0
     dpo_loss_type: str = "sigmoid"
     ppo_kl_coef: float = 0.2
     ppo_learning_rate: float = 1e-4
-    dpo_learning_rate: float = 1e-4
+    dpo_learning_rate: float = 5e-5
     progress: bool = True
 
     @classmethod
@@ -125,7 +126,8 @@ def run(config: PipelineConfig, log=print) -> dict:
     dpo_policy = copy.deepcopy(policy)
     dpo = DPOTrainer(dpo_policy, copy.deepcopy(policy), tokenizer, toy.preference_dataset(4000, seed=config.seed + 3),
                      cfg("dpo", config.dpo_steps, learning_rate=config.dpo_learning_rate), beta=config.dpo_beta,
-                     loss_type=config.dpo_loss_type, precompute_ref_logprobs=True)  # fmt: skip
+                     loss_type=config.dpo_loss_type, precompute_ref_logprobs=True,
+                     rpo_alpha=config.dpo_rpo_alpha)  # fmt: skip
     histories["dpo"] = dpo.train()
     results["success_dpo"] = success(dpo_policy)
     log(f"[pipeline] held-out exact match after DPO: {results['success_dpo']:.3f}")
