@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "logprobs.h"
@@ -75,7 +76,30 @@ void check_row_tensor(const at::Tensor& t, const at::Tensor& logits, const char*
                     logits.sizes().slice(0, logits.dim() - 1), ", got ", t.sizes());
 }
 
-bool on_cuda(const at::Tensor& t) { return t.device().is_cuda(); }
+#ifdef RLHF_WITH_CUDA
+#define RLHF_CUDA_FN(fn) (&fn)
+#else
+#define RLHF_CUDA_FN(fn) nullptr
+#endif
+
+// Runs the CUDA launcher on the device's current stream (under a device
+// guard), or the CPU kernel: the one place that maps a device to a kernel.
+template <typename Params>
+void run_kernel(const at::Device& device, const Params& p,
+                std::type_identity_t<void (*)(const Params&, void*)> cuda,  // nullptr without CUDA
+                void (*cpu)(const Params&)) {
+  if (device.is_cuda()) {
+#ifdef RLHF_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(device);
+    cuda(p, c10::cuda::getCurrentCUDAStream().stream());
+#else
+    (void)cuda;
+    TORCH_CHECK(false, "rlhf_kernels._C was built without CUDA");
+#endif
+  } else {
+    cpu(p);
+  }
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(const at::Tensor& logits, const at::Tensor& labels,
                                                                   double temperature, int64_t ignore_index,
@@ -104,16 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(const at::Tens
   p.lse = lse.data_ptr();
   p.entropy = return_entropy ? entropy.data_ptr() : nullptr;
   if (p.rows == 0) return {logprobs, lse, entropy};
-  if (on_cuda(logits)) {
-#ifdef RLHF_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(logits.device());
-    logprobs_fwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
-#else
-    TORCH_CHECK(false, "rlhf_kernels._C was built without CUDA");
-#endif
-  } else {
-    logprobs_fwd_cpu(p);
-  }
+  run_kernel(logits.device(), p, RLHF_CUDA_FN(logprobs_fwd_cuda), &logprobs_fwd_cpu);
   return {logprobs, lse, entropy};
 }
 
@@ -153,16 +168,7 @@ void run_bwd(const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& g
   p.grad_logprobs = g_c.data_ptr();
   p.grad_entropy = has_entropy ? gh_c.data_ptr() : nullptr;
   if (p.rows == 0) return;
-  if (on_cuda(logits)) {
-#ifdef RLHF_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(logits.device());
-    logprobs_bwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
-#else
-    TORCH_CHECK(false, "rlhf_kernels._C was built without CUDA");
-#endif
-  } else {
-    logprobs_bwd_cpu(p);
-  }
+  run_kernel(logits.device(), p, RLHF_CUDA_FN(logprobs_bwd_cuda), &logprobs_bwd_cpu);
 }
 
 at::Tensor token_logprobs_bwd(const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_entropy,
@@ -282,16 +288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> preference_fwd(
   p.chosen_rewards = cr.numel() ? cr.data_ptr() : nullptr;
   p.rejected_rewards = rr.numel() ? rr.data_ptr() : nullptr;
   p.metrics = metrics.data_ptr();
-  if (in.device.is_cuda()) {
-#ifdef RLHF_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(in.device);
-    preference_fwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
-#else
-    TORCH_CHECK(false, "rlhf_kernels._C was built without CUDA");
-#endif
-  } else {
-    preference_fwd_cpu(p);
-  }
+  run_kernel(in.device, p, RLHF_CUDA_FN(preference_fwd_cuda), &preference_fwd_cpu);
   return {losses, cr, rr, metrics};
 }
 
@@ -334,16 +331,7 @@ std::tuple<at::Tensor, at::Tensor> preference_bwd(
   p.grad_a = need_a ? ga.data_ptr() : nullptr;
   p.grad_b = need_b ? gb.data_ptr() : nullptr;
   if (in.n == 0) return {ga, gb};
-  if (in.device.is_cuda()) {
-#ifdef RLHF_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(in.device);
-    preference_bwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
-#else
-    TORCH_CHECK(false, "rlhf_kernels._C was built without CUDA");
-#endif
-  } else {
-    preference_bwd_cpu(p);
-  }
+  run_kernel(in.device, p, RLHF_CUDA_FN(preference_bwd_cuda), &preference_bwd_cpu);
   return {ga, gb};
 }
 
@@ -390,16 +378,7 @@ std::tuple<at::Tensor, at::Tensor> gae(const at::Tensor& rewards, const at::Tens
   p.lam = lam;
   p.advantages = adv.data_ptr();
   p.returns = ret.data_ptr();
-  if (rewards.device().is_cuda()) {
-#ifdef RLHF_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(rewards.device());
-    gae_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
-#else
-    TORCH_CHECK(false, "rlhf_kernels._C was built without CUDA");
-#endif
-  } else {
-    gae_cpu(p);
-  }
+  run_kernel(rewards.device(), p, RLHF_CUDA_FN(gae_cuda), &gae_cpu);
   return {adv, ret};
 }
 
@@ -451,16 +430,7 @@ std::tuple<at::Tensor, at::Tensor> ppo_loss_fwd(int64_t kind, const at::Tensor& 
   p.row_loss = row_loss.data_ptr();
   p.stats = stats.data_ptr();
   if (p.batch == 0) return {row_loss, stats};
-  if (x.device().is_cuda()) {
-#ifdef RLHF_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(x.device());
-    ppo_loss_fwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
-#else
-    TORCH_CHECK(false, "rlhf_kernels._C was built without CUDA");
-#endif
-  } else {
-    ppo_loss_fwd_cpu(p);
-  }
+  run_kernel(x.device(), p, RLHF_CUDA_FN(ppo_loss_fwd_cuda), &ppo_loss_fwd_cpu);
   return {row_loss, stats};
 }
 
@@ -475,16 +445,7 @@ at::Tensor ppo_loss_bwd(int64_t kind, const at::Tensor& x, const at::Tensor& old
   p.grad_row = g.data_ptr();
   p.grad_x = grad.data_ptr();
   if (p.batch == 0 || p.time == 0) return grad;
-  if (x.device().is_cuda()) {
-#ifdef RLHF_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(x.device());
-    ppo_loss_bwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
-#else
-    TORCH_CHECK(false, "rlhf_kernels._C was built without CUDA");
-#endif
-  } else {
-    ppo_loss_bwd_cpu(p);
-  }
+  run_kernel(x.device(), p, RLHF_CUDA_FN(ppo_loss_bwd_cuda), &ppo_loss_bwd_cpu);
   return grad;
 }
 
@@ -518,16 +479,7 @@ at::Tensor kl_penalty_run(const at::Tensor& logp, const at::Tensor& ref, const s
   p.grad_out = g.defined() ? g.data_ptr() : nullptr;
   p.out = out.data_ptr();
   if (p.n == 0) return out;
-  if (logp.device().is_cuda()) {
-#ifdef RLHF_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(logp.device());
-    kl_penalty_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
-#else
-    TORCH_CHECK(false, "rlhf_kernels._C was built without CUDA");
-#endif
-  } else {
-    kl_penalty_cpu(p);
-  }
+  run_kernel(logp.device(), p, RLHF_CUDA_FN(kl_penalty_cuda), &kl_penalty_cpu);
   return out;
 }
 

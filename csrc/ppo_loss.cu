@@ -213,24 +213,6 @@ void check_launch(const char* what) {
   }
 }
 
-[[noreturn]] void fail(const char* what, const char* msg) {
-  throw std::runtime_error(std::string("rlhf_kernels: ") + what + ": " + msg);
-}
-
-// Validates p; returns false when there is nothing to write.
-bool check_loss(const PpoLossParams& p, const char* what, bool forward) {
-  if (p.batch < 0 || p.time < 0) fail(what, "negative batch or time");
-  if (p.kind != ppo_loss::kPolicy && p.kind != ppo_loss::kValue) {
-    fail(what, "kind must be 0 (policy) or 1 (value)");
-  }
-  if (p.dtype != ScalarKind::Float32 && p.dtype != ScalarKind::Float64) {
-    fail(what, "dtype must be float32 or float64");
-  }
-  // The forward writes zeros for T == 0 (every row is empty): it launches
-  // whenever batch > 0 (a 0-block launch is an error).
-  return forward ? p.batch > 0 : (p.batch > 0 && p.time > 0);
-}
-
 dim3 grid_for(int64_t n, int threads) {
   const int64_t blocks = (n + threads - 1) / threads;
   return dim3(static_cast<unsigned>(blocks < kMaxGrid ? blocks : kMaxGrid));
@@ -321,7 +303,7 @@ void launch_kl(const KlParams& p, cudaStream_t stream) {
 }  // namespace gpu
 
 void ppo_loss_fwd_cuda(const PpoLossParams& p, void* stream) {
-  if (!gpu::check_loss(p, "ppo_loss_fwd_cuda", true)) return;
+  if (!ppo_loss::check_loss(p, "ppo_loss_fwd_cuda", true)) return;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (p.dtype == ScalarKind::Float64) {
     gpu::launch_fwd<double>(p, s);
@@ -331,7 +313,7 @@ void ppo_loss_fwd_cuda(const PpoLossParams& p, void* stream) {
 }
 
 void ppo_loss_bwd_cuda(const PpoLossParams& p, void* stream) {
-  if (!gpu::check_loss(p, "ppo_loss_bwd_cuda", false)) return;
+  if (!ppo_loss::check_loss(p, "ppo_loss_bwd_cuda", false)) return;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (p.dtype == ScalarKind::Float64) {
     gpu::launch_bwd<double>(p, s);
@@ -341,15 +323,7 @@ void ppo_loss_bwd_cuda(const PpoLossParams& p, void* stream) {
 }
 
 void kl_penalty_cuda(const KlParams& p, void* stream) {
-  const char* what = "kl_penalty_cuda";
-  if (p.n < 0) gpu::fail(what, "negative n");
-  if (p.kind < ppo_loss::kKlK1 || p.kind > ppo_loss::kKlK3) {
-    gpu::fail(what, "kind must be 0 (k1), 1 (abs), 2 (k2) or 3 (k3)");
-  }
-  if (p.dtype != ScalarKind::Float32 && p.dtype != ScalarKind::Float64) {
-    gpu::fail(what, "dtype must be float32 or float64");
-  }
-  if (p.n == 0) return;  // nothing to do (a 0-block launch is an error)
+  if (!ppo_loss::check_kl(p, "kl_penalty_cuda")) return;  // (a 0-block launch is an error)
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (p.dtype == ScalarKind::Float64) {
     gpu::launch_kl<double>(p, s);

@@ -101,23 +101,6 @@ int64_t grain_size(int64_t time) {
 }
 constexpr int64_t kKlGrain = 32768;
 
-[[noreturn]] void fail(const char* what, const char* msg) {
-  throw std::runtime_error(std::string("rlhf_kernels: ") + what + ": " + msg);
-}
-
-// Validates p; returns false when there is nothing to write.
-bool check_loss(const PpoLossParams& p, const char* what, bool forward) {
-  if (p.batch < 0 || p.time < 0) fail(what, "negative batch or time");
-  if (p.kind != ppo_loss::kPolicy && p.kind != ppo_loss::kValue) {
-    fail(what, "kind must be 0 (policy) or 1 (value)");
-  }
-  if (p.dtype != ScalarKind::Float32 && p.dtype != ScalarKind::Float64) {
-    fail(what, "dtype must be float32 or float64");
-  }
-  // The forward writes zeros for T == 0 (every row is empty).
-  return forward ? p.batch > 0 : (p.batch > 0 && p.time > 0);
-}
-
 // Runs rows(p, row_begin, row_end) over all rows in parallel.
 using RowsFn = void (*)(const PpoLossParams&, int64_t, int64_t);
 void parallel_rows(const PpoLossParams& p, RowsFn rows) {
@@ -155,7 +138,7 @@ void kl(const KlParams& p) {
 }  // namespace
 
 void ppo_loss_fwd_cpu(const PpoLossParams& p) {
-  if (!check_loss(p, "ppo_loss_fwd_cpu", true)) return;
+  if (!ppo_loss::check_loss(p, "ppo_loss_fwd_cpu", true)) return;
   if (p.dtype == ScalarKind::Float64) {
     loss_fwd<double>(p);
   } else {
@@ -164,7 +147,7 @@ void ppo_loss_fwd_cpu(const PpoLossParams& p) {
 }
 
 void ppo_loss_bwd_cpu(const PpoLossParams& p) {
-  if (!check_loss(p, "ppo_loss_bwd_cpu", false)) return;
+  if (!ppo_loss::check_loss(p, "ppo_loss_bwd_cpu", false)) return;
   if (p.dtype == ScalarKind::Float64) {
     loss_bwd<double>(p);
   } else {
@@ -173,15 +156,7 @@ void ppo_loss_bwd_cpu(const PpoLossParams& p) {
 }
 
 void kl_penalty_cpu(const KlParams& p) {
-  const char* what = "kl_penalty_cpu";
-  if (p.n < 0) fail(what, "negative n");
-  if (p.kind < ppo_loss::kKlK1 || p.kind > ppo_loss::kKlK3) {
-    fail(what, "kind must be 0 (k1), 1 (abs), 2 (k2) or 3 (k3)");
-  }
-  if (p.dtype != ScalarKind::Float32 && p.dtype != ScalarKind::Float64) {
-    fail(what, "dtype must be float32 or float64");
-  }
-  if (p.n == 0) return;
+  if (!ppo_loss::check_kl(p, "kl_penalty_cpu")) return;
   if (p.dtype == ScalarKind::Float64) {
     kl<double>(p);
   } else {

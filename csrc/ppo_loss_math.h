@@ -22,6 +22,8 @@
 #include <math.h>
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 #include "ppo.h"
 
@@ -192,6 +194,33 @@ RLHF_HD KlOut<A> kl_token(A logp, A ref) {
     o.d = live ? A(1) - e : A(0);
   }
   return o;
+}
+
+// --- launcher argument checks, shared by the CPU and CUDA entry points (host code) ---
+
+[[noreturn]] inline void fail(const char* what, const char* msg) {
+  throw std::runtime_error(std::string("rlhf_kernels: ") + what + ": " + msg);
+}
+
+// Validates p; returns false when there is nothing to write. The forward
+// writes zeros for T == 0 (every row is empty), so it runs whenever batch > 0.
+inline bool check_loss(const PpoLossParams& p, const char* what, bool forward) {
+  if (p.batch < 0 || p.time < 0) fail(what, "negative batch or time");
+  if (p.kind != kPolicy && p.kind != kValue) fail(what, "kind must be 0 (policy) or 1 (value)");
+  if (p.dtype != ScalarKind::Float32 && p.dtype != ScalarKind::Float64) {
+    fail(what, "dtype must be float32 or float64");
+  }
+  return forward ? p.batch > 0 : (p.batch > 0 && p.time > 0);
+}
+
+// Validates p; returns false when there is nothing to write.
+inline bool check_kl(const KlParams& p, const char* what) {
+  if (p.n < 0) fail(what, "negative n");
+  if (p.kind < kKlK1 || p.kind > kKlK3) fail(what, "kind must be 0 (k1), 1 (abs), 2 (k2) or 3 (k3)");
+  if (p.dtype != ScalarKind::Float32 && p.dtype != ScalarKind::Float64) {
+    fail(what, "dtype must be float32 or float64");
+  }
+  return p.n > 0;
 }
 
 }  // namespace ppo_loss

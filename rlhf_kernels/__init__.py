@@ -10,24 +10,8 @@ from typing import Any
 
 import torch
 
-from rlhf_kernels import _dispatch, native
-from rlhf_kernels.ops import (
-    DPO_LOSS_TYPES,
-    bradley_terry_loss,
-    dpo_loss,
-    gae,
-    grpo_advantages,
-    kl_penalty,
-    kto_loss,
-    masked_whiten,
-    orpo_loss,
-    ppo_loss_from_logits,
-    ppo_policy_loss,
-    ppo_value_loss,
-    sequence_logprobs,
-    simpo_loss,
-    token_logprobs,
-)
+from rlhf_kernels import _dispatch, native, ops
+from rlhf_kernels.ops import *  # noqa: F403  (the public ops)
 
 __version__ = "0.1.0"
 
@@ -54,22 +38,4 @@ def build_info() -> dict[str, Any]:
     }
 
 
-__all__ = [
-    "token_logprobs",
-    "sequence_logprobs",
-    "dpo_loss",
-    "simpo_loss",
-    "orpo_loss",
-    "kto_loss",
-    "bradley_terry_loss",
-    "DPO_LOSS_TYPES",
-    "gae",
-    "masked_whiten",
-    "grpo_advantages",
-    "ppo_policy_loss",
-    "ppo_value_loss",
-    "kl_penalty",
-    "ppo_loss_from_logits",
-    "build_info",
-    "__version__",
-]
+__all__ = [*ops.__all__, "build_info", "__version__"]

@@ -188,12 +188,13 @@ class Trainer:
         sums["grad_norm"] = self.optimizer_step()
         return sums
 
-    def optimizer_step(self) -> float:
-        """Clip, step the optimiser and the schedule, clear gradients; returns the gradient norm."""
+    def optimizer_step(self, step_schedule: bool = True) -> float:
+        """Clip, step the optimiser (and the schedule), clear gradients; returns the gradient norm."""
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         self.optimizer.step()
-        self.scheduler.step()
+        if step_schedule:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(grad_norm)
 

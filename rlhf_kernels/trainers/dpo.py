@@ -42,11 +42,11 @@ class DPOTrainer(Trainer):
         return {"input_ids": ids, "attention_mask": attention, "completion_mask": mask, "n": n,
                 "index": rows.get("__index__")}  # fmt: skip
 
-    def sequence_logprobs(self, model, batch, average=None) -> torch.Tensor:
+    def sequence_logprobs(self, model, batch) -> torch.Tensor:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return rlhf_kernels.sequence_logprobs(
-            logits[:, :-1], batch["input_ids"][:, 1:], batch["completion_mask"][:, 1:],
-            average=self.average if average is None else average, backend=self.config.backend,
+            logits[:, :-1], batch["input_ids"][:, 1:], batch["completion_mask"][:, 1:], average=self.average,
+            backend=self.config.backend,
         )  # fmt: skip
 
     @torch.no_grad()
@@ -65,14 +65,7 @@ class DPOTrainer(Trainer):
 
     def compute_loss(self, batch):
         n = batch["n"]
-        if self.rpo_alpha and not self.average:
-            # one forward: the sums for DPO, and the token counts for the chosen NLL
-            lp = self.sequence_logprobs(self.model, batch)
-            counts = batch["completion_mask"][:, 1:].sum(-1).clamp(min=1)
-            chosen_nll = -(lp[:n] / counts[:n]).mean()
-        else:
-            lp = self.sequence_logprobs(self.model, batch)
-            chosen_nll = None
+        lp = self.sequence_logprobs(self.model, batch)
         if self.ref_cache is not None:
             ref = self.ref_cache[torch.tensor(self._current, device=self.ref_cache.device)]
             ref_c, ref_r = ref[:, 0], ref[:, 1]
@@ -86,8 +79,11 @@ class DPOTrainer(Trainer):
         )  # fmt: skip
         loss = out.losses.mean()
         metrics = {"loss": loss.detach(), **{k: v.detach() for k, v in out.metrics.items() if k != "loss"}}
-        if chosen_nll is not None:
-            # RPO (Pang et al. 2024; TRL's rpo_alpha): keeps the chosen likelihood from falling
+        if self.rpo_alpha:
+            # RPO (Pang et al. 2024; TRL's rpo_alpha): the chosen responses' per-token NLL
+            # keeps their likelihood from falling. Sums become per-token means here.
+            counts = 1 if self.average else batch["completion_mask"][:n, 1:].sum(-1).clamp(min=1)
+            chosen_nll = -(lp[:n] / counts).mean()
             loss = loss + self.rpo_alpha * chosen_nll
             metrics["nll_chosen"] = chosen_nll.detach()
         return loss, metrics

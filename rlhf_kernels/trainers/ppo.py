@@ -196,7 +196,7 @@ class PPOTrainer(Trainer):
                     )  # fmt: skip
                     loss = pg_loss + cfg.vf_coef * vf.loss
                 loss.backward()
-                grad_norm = self._clip_and_step()
+                grad_norm = self.optimizer_step(step_schedule=False)  # the schedule moves per rollout
                 n_updates += 1
                 for k, v in {"pg_loss": m.pg_loss, "entropy": m.entropy, "clipfrac": m.clipfrac,
                              "approx_kl": m.approx_kl, "value_loss": vf.loss.detach(), "value_clipfrac": vf.clipfrac,
@@ -211,10 +211,3 @@ class PPOTrainer(Trainer):
         metrics.update(score=float(batch["scores"].mean()), kl=kl, kl_coef=self.kl_coef,
                        response_length=float(batch["response_length"]))  # fmt: skip
         return metrics
-
-    def _clip_and_step(self) -> float:
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)

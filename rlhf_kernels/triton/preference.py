@@ -161,6 +161,19 @@ def _loss_and_grads(a, b, m, kl, delta, beta, gamma, ls, center, tau, weight, LO
 
 
 @triton.jit
+def _loss_scalars(
+    beta_hi, beta_lo, gamma_hi, gamma_lo, ls_hi, ls_lo, center_hi, center_lo, tau_hi, tau_lo, weight_hi, weight_lo,
+    acc_ty: tl.constexpr,
+):  # fmt: skip
+    """The loss scalars in the accumulation type (each passed as a float32 hi/lo pair)."""
+    return (
+        join_float(beta_hi, beta_lo, acc_ty), join_float(gamma_hi, gamma_lo, acc_ty), join_float(ls_hi, ls_lo, acc_ty),
+        join_float(center_hi, center_lo, acc_ty), join_float(tau_hi, tau_lo, acc_ty),
+        join_float(weight_hi, weight_lo, acc_ty),
+    )  # fmt: skip
+
+
+@triton.jit
 def _load_inputs(
     chosen_ptr, rejected_ptr, ref_chosen_ptr, ref_rejected_ptr, offs, n, zeros,
     HAS_A: tl.constexpr, HAS_B: tl.constexpr, HAS_REF_A: tl.constexpr, HAS_REF_B: tl.constexpr,
@@ -196,12 +209,10 @@ def _pref_fwd_kernel(
     # losses and rewards, and reduces the metrics in registers. Reads 8-32
     # bytes and writes 12 bytes per element.
     acc_ty = metrics_ptr.dtype.element_ty
-    beta = join_float(beta_hi, beta_lo, acc_ty)
-    gamma = join_float(gamma_hi, gamma_lo, acc_ty)
-    ls = join_float(ls_hi, ls_lo, acc_ty)
-    center = join_float(center_hi, center_lo, acc_ty)
-    tau = join_float(tau_hi, tau_lo, acc_ty)
-    weight = join_float(weight_hi, weight_lo, acc_ty)
+    beta, gamma, ls, center, tau, weight = _loss_scalars(
+        beta_hi, beta_lo, gamma_hi, gamma_lo, ls_hi, ls_lo, center_hi, center_lo, tau_hi, tau_lo, weight_hi,
+        weight_lo, acc_ty,
+    )  # fmt: skip
     delta = join_float(delta_hi, delta_lo, acc_ty)
     kl = tl.zeros((), acc_ty)
     if HAS_KL:
@@ -275,12 +286,10 @@ def _pref_bwd_kernel(
     # Grid: (cdiv(n, BLOCK),). Each program owns BLOCK elements: reads the
     # inputs and the upstream gradient, writes dL/da and dL/db.
     acc_ty = metrics_ptr.dtype.element_ty
-    beta = join_float(beta_hi, beta_lo, acc_ty)
-    gamma = join_float(gamma_hi, gamma_lo, acc_ty)
-    ls = join_float(ls_hi, ls_lo, acc_ty)
-    center = join_float(center_hi, center_lo, acc_ty)
-    tau = join_float(tau_hi, tau_lo, acc_ty)
-    weight = join_float(weight_hi, weight_lo, acc_ty)
+    beta, gamma, ls, center, tau, weight = _loss_scalars(
+        beta_hi, beta_lo, gamma_hi, gamma_lo, ls_hi, ls_lo, center_hi, center_lo, tau_hi, tau_lo, weight_hi,
+        weight_lo, acc_ty,
+    )  # fmt: skip
     scale = join_float(scale_hi, scale_lo, acc_ty)
     delta = tl.load(metrics_ptr + 7)
     kl = tl.zeros((), acc_ty)
