@@ -10,7 +10,8 @@ from rlhf_kernels.trainers.base import Trainer, TrainerConfig
 from rlhf_kernels.trainers.dpo import DPOTrainer
 from rlhf_kernels.trainers.ppo import PPOConfig, PPOTrainer
 from rlhf_kernels.trainers.reward import RewardTrainer
-from rlhf_kernels.trainers.sft import SFTTrainer, exact_match
+from rlhf_kernels.trainers.sampling import exact_match, generate, ranked_pairs
+from rlhf_kernels.trainers.sft import SFTTrainer
 
 __all__ = [
     "Trainer",
@@ -21,4 +22,6 @@ __all__ = [
     "PPOConfig",
     "PPOTrainer",
     "exact_match",
+    "generate",
+    "ranked_pairs",
 ]

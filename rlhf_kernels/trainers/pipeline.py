@@ -15,13 +15,15 @@ import time
 from pathlib import Path
 
 import torch
+from datasets import concatenate_datasets
 
 from rlhf_kernels.trainers import toy
 from rlhf_kernels.trainers.base import TrainerConfig
 from rlhf_kernels.trainers.dpo import DPOTrainer
 from rlhf_kernels.trainers.ppo import PPOConfig, PPOTrainer
 from rlhf_kernels.trainers.reward import RewardTrainer
-from rlhf_kernels.trainers.sft import SFTTrainer, exact_match
+from rlhf_kernels.trainers.sampling import exact_match, generate, ranked_pairs
+from rlhf_kernels.trainers.sft import SFTTrainer
 
 
 @dataclasses.dataclass
@@ -33,6 +35,8 @@ class PipelineConfig:
     ppo_steps: int = 40
     dpo_steps: int = 100
     eval_prompts: int = 200
+    comparison_prompts: int = 2000
+    samples_per_prompt: int = 4
     batch_size: int = 32
     dpo_beta: float = 0.1
     dpo_rpo_alpha: float = 1.0
@@ -45,7 +49,8 @@ class PipelineConfig:
     @classmethod
     def quick(cls, **kw) -> PipelineConfig:
         """Seconds, for smoke tests: too short to learn much."""
-        return cls(**{**dict(sft_steps=20, rm_steps=10, ppo_steps=2, dpo_steps=5, eval_prompts=16, batch_size=8), **kw})
+        return cls(**{**dict(sft_steps=20, rm_steps=10, ppo_steps=2, dpo_steps=5, eval_prompts=16, batch_size=8,
+                              comparison_prompts=64), **kw})
 
 
 def _plot(histories: dict[str, list[dict]], path: Path) -> bool:
@@ -97,15 +102,25 @@ def run(config: PipelineConfig, log=print) -> dict:
     results["success_sft"] = success(policy)
     log(f"[pipeline] held-out exact match after SFT: {results['success_sft']:.3f}")
 
+    log("[pipeline] comparisons: sampled from the SFT model, ranked by the task's scorer")
+    compare = toy.prompt_dataset(config.comparison_prompts, seed=config.seed + 4)
+    samples = generate(policy, tokenizer, compare["prompt"], num_samples=config.samples_per_prompt, do_sample=True)
+    comparisons = ranked_pairs(compare["prompt"], samples, toy.score, references=compare["answer"])
+    results["comparisons"] = len(comparisons)
+    log(f"[pipeline] {len(comparisons)} on-policy comparisons from {len(compare)} prompts")
+
     log("[pipeline] reward model")
     reward_model = toy.build_model(tokenizer, kind="reward", seed=config.seed + 1)
-    rm = RewardTrainer(reward_model, tokenizer, toy.preference_dataset(4000, seed=config.seed + 1),
+    rm_data = concatenate_datasets([comparisons, toy.preference_dataset(config.comparison_prompts,
+                                                                        seed=config.seed + 1)])  # fmt: skip
+    rm = RewardTrainer(reward_model, tokenizer, rm_data.shuffle(seed=config.seed),
                        cfg("reward", config.rm_steps, learning_rate=2e-3, warmup_steps=10))  # fmt: skip
     histories["reward"] = rm.train()
-    results["rm_accuracy"] = rm.evaluate(toy.preference_dataset(config.eval_prompts, seed=config.seed + 20_000))[
-        "accuracy"
-    ]
-    log(f"[pipeline] reward model held-out accuracy: {results['rm_accuracy']:.3f}")
+    held_out_pairs = ranked_pairs(held_out["prompt"], generate(policy, tokenizer, held_out["prompt"],
+                                                               num_samples=config.samples_per_prompt, do_sample=True),
+                                  toy.score, references=held_out["answer"])  # fmt: skip
+    results["rm_accuracy"] = rm.evaluate(held_out_pairs)["accuracy"]
+    log(f"[pipeline] reward model held-out accuracy (SFT samples ranked by the scorer): {results['rm_accuracy']:.3f}")
 
     log("[pipeline] PPO against the reward model")
     ppo_policy = copy.deepcopy(policy)
@@ -124,7 +139,7 @@ def run(config: PipelineConfig, log=print) -> dict:
 
     log("[pipeline] DPO from the SFT model")
     dpo_policy = copy.deepcopy(policy)
-    dpo = DPOTrainer(dpo_policy, copy.deepcopy(policy), tokenizer, toy.preference_dataset(4000, seed=config.seed + 3),
+    dpo = DPOTrainer(dpo_policy, copy.deepcopy(policy), tokenizer, comparisons,
                      cfg("dpo", config.dpo_steps, learning_rate=config.dpo_learning_rate), beta=config.dpo_beta,
                      loss_type=config.dpo_loss_type, precompute_ref_logprobs=True,
                      rpo_alpha=config.dpo_rpo_alpha)  # fmt: skip

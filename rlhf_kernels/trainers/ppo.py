@@ -23,6 +23,7 @@ import torch
 
 import rlhf_kernels
 from rlhf_kernels.trainers.base import Trainer, TrainerConfig
+from rlhf_kernels.trainers.sampling import encode_prompts
 
 
 @dataclasses.dataclass
@@ -85,18 +86,6 @@ class PPOTrainer(Trainer):
         self.kl_coef = state.get("kl_coef", self.kl_coef)
 
     # --- rollout ---------------------------------------------------------------------------
-    def _encode_prompts(self, prompts: list[str]):
-        """Left-padded ``<bos> prompt`` ids for batched generation."""
-        tok = self.tokenizer
-        ids = [[tok.bos_token_id, *tok(p, add_special_tokens=False).input_ids] for p in prompts]
-        width = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, x in enumerate(ids):
-            input_ids[i, width - len(x) :] = torch.tensor(x)
-            attention[i, width - len(x) :] = 1
-        return input_ids.to(self.device), attention.to(self.device)
-
     @staticmethod
     def _positions(attention: torch.Tensor) -> torch.Tensor:
         return (attention.cumsum(-1) - 1).clamp(min=0)
@@ -108,7 +97,7 @@ class PPOTrainer(Trainer):
     @torch.no_grad()
     def rollout(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         tok, cfg = self.tokenizer, self.config
-        prompt_ids, prompt_attention = self._encode_prompts(prompts)
+        prompt_ids, prompt_attention = encode_prompts(tok, prompts, self.device)
         width = prompt_ids.shape[1]
         self.model.eval()
         generated = self.model.generate(
@@ -125,9 +114,12 @@ class PPOTrainer(Trainer):
         sequences = torch.cat([prompt_ids, torch.where(response_mask, response, tok.pad_token_id)], dim=1)
 
         old_logits = self._response_logits(self.model, sequences, attention, width).float()
-        old_logprobs = rlhf_kernels.token_logprobs(old_logits, response, response_mask, backend=cfg.backend)
+        # the log-probs of the distribution that was sampled: logits / temperature, as generate used
+        old_logprobs = rlhf_kernels.token_logprobs(old_logits, response, response_mask, temperature=cfg.temperature,
+                                                   backend=cfg.backend)  # fmt: skip
         ref_logits = self._response_logits(self.ref_model, sequences, attention, width).float()
-        ref_logprobs = rlhf_kernels.token_logprobs(ref_logits, response, response_mask, backend=cfg.backend)
+        ref_logprobs = rlhf_kernels.token_logprobs(ref_logits, response, response_mask, temperature=cfg.temperature,
+                                                   backend=cfg.backend)  # fmt: skip
         values = self._values(sequences, attention, width)
 
         texts = tok.batch_decode(torch.where(response_mask, response, tok.pad_token_id), skip_special_tokens=True)
@@ -187,7 +179,8 @@ class PPOTrainer(Trainer):
                     mask = batch["response_mask"][idx]
                     pg_loss, m = rlhf_kernels.ppo_loss_from_logits(
                         logits, batch["response"][idx], batch["old_logprobs"][idx], batch["advantages"][idx], mask,
-                        clip_ratio=cfg.clip_ratio, entropy_coef=cfg.entropy_coef, backend=cfg.backend,
+                        temperature=cfg.temperature, clip_ratio=cfg.clip_ratio, entropy_coef=cfg.entropy_coef,
+                        backend=cfg.backend,
                     )  # fmt: skip
                     values = self._values(batch["sequences"][idx], batch["attention"][idx], width)
                     vf = rlhf_kernels.ppo_value_loss(

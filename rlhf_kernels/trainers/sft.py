@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 import rlhf_kernels
 from rlhf_kernels.trainers.base import Trainer, TrainerConfig
 
@@ -28,21 +26,3 @@ class SFTTrainer(Trainer):
         )
         loss = -logprobs.sum() / mask.sum().clamp(min=1)
         return loss, {"loss": loss.detach()}
-
-
-@torch.no_grad()
-def exact_match(model, tokenizer, prompts: list[str], answers: list[str], max_new_tokens: int = 12) -> float:
-    """Greedy-decode each prompt and count exact matches with the answer."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    hits = 0
-    for prompt, answer in zip(prompts, answers, strict=True):
-        ids = [tokenizer.bos_token_id, *tokenizer(prompt, add_special_tokens=False).input_ids]
-        x = torch.tensor([ids], device=device)
-        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-        text = tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
-        hits += text.split() == answer.split()
-    model.train(was_training)
-    return hits / max(len(prompts), 1)

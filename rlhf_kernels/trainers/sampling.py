@@ -1,0 +1,85 @@
+"""Batched generation for evaluation and for collecting on-policy comparisons.
+
+``exact_match`` scores greedy answers; ``ranked_pairs`` turns k samples per
+prompt, ranked by a labeler (a human in InstructGPT, a verifiable scoring
+function here), into ``(prompt, chosen, rejected)`` rows for a reward model or
+DPO: the comparisons then come from the distribution the policy actually
+produces, which is what keeps PPO from exploiting a reward model that has only
+seen hand-made negatives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def encode_prompts(tokenizer, prompts: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``<bos> prompt`` ids and attention mask, for batched generation."""
+    ids = [[tokenizer.bos_token_id, *tokenizer(p, add_special_tokens=False).input_ids] for p in prompts]
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, width - len(x) :] = torch.tensor(x)
+        attention[i, width - len(x) :] = 1
+    return input_ids.to(device), attention.to(device)
+
+
+@torch.no_grad()
+def generate(
+    model, tokenizer, prompts: list[str], *, num_samples: int = 1, do_sample: bool = False, temperature: float = 1.0,
+    max_new_tokens: int = 12, batch_size: int = 256,
+) -> list[list[str]]:  # fmt: skip
+    """``num_samples`` decoded responses per prompt (greedy when ``do_sample`` is off),
+    each cut at the first eos, in batches of ``batch_size`` prompts."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[list[str]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        input_ids, attention = encode_prompts(tokenizer, chunk, device)
+        input_ids = input_ids.repeat_interleave(num_samples, 0)
+        attention = attention.repeat_interleave(num_samples, 0)
+        sample_kw = dict(do_sample=True, temperature=temperature, top_k=0) if do_sample else dict(do_sample=False)
+        generated = model.generate(
+            input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, **sample_kw,
+        )  # fmt: skip
+        texts = tokenizer.batch_decode(generated[:, input_ids.shape[1] :], skip_special_tokens=True)
+        out += [[" ".join(t.split()) for t in texts[i * num_samples : (i + 1) * num_samples]] for i in range(len(chunk))]
+    model.train(was_training)
+    return out
+
+
+def exact_match(model, tokenizer, prompts: list[str], answers: list[str], max_new_tokens: int = 12) -> float:
+    """The fraction of prompts whose greedy answer equals the reference answer."""
+    greedy = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    hits = sum(g[0].split() == a.split() for g, a in zip(greedy, answers, strict=True))
+    return hits / max(len(prompts), 1)
+
+
+def ranked_pairs(
+    prompts: list[str], samples: list[list[str]], score_fn: Callable[[str, str], float],
+    references: list[str] | None = None,
+):  # fmt: skip
+    """One ``(prompt, chosen, rejected)`` row per prompt whose samples are not all
+    equally good: the best-scored sample against the worst. When every sample
+    ties below the top score, the reference answer (if given) is chosen."""
+    from datasets import Dataset
+
+    rows: dict[str, list[str]] = {"prompt": [], "chosen": [], "rejected": []}
+    refs = references if references is not None else [None] * len(prompts)
+    for prompt, responses, reference in zip(prompts, samples, refs, strict=True):
+        scored = sorted({r: score_fn(prompt, r) for r in responses}.items(), key=lambda kv: kv[1])
+        (worst, low), (best, high) = scored[0], scored[-1]
+        if high == low:
+            if reference is None or score_fn(prompt, reference) <= low:
+                continue
+            best = reference
+        rows["prompt"].append(prompt)
+        rows["chosen"].append(best)
+        rows["rejected"].append(worst)
+    return Dataset.from_dict(rows)
