@@ -1,4 +1,4 @@
-"""``rlhf-kernels info | bench | pipeline``."""
+"""``rlhf-kernels info | bench | pipeline | train``."""
 
 from __future__ import annotations
 
@@ -41,7 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     pipe.add_argument("--out", type=Path, default=Path("pipeline-out"))
     pipe.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     pipe.add_argument("--seed", type=int, default=0)
+    from rlhf_kernels.trainers import run as train_run
+
+    train = sub.add_parser("train", help="one trainer (sft, reward, dpo, ppo); also under torchrun",
+                           description=train_run.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train_run.build_parser(train)
     args = parser.parse_args(argv)
+    if args.command == "train":
+        return train_run.execute(args)
 
     import torch
 

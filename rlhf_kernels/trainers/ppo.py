@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 import rlhf_kernels
-from rlhf_kernels.trainers.base import Trainer, TrainerConfig
+from rlhf_kernels.trainers.base import Trainer, TrainerConfig, unwrap
 
 
 @dataclasses.dataclass
@@ -67,6 +67,10 @@ class PPOTrainer(Trainer):
         self.value_model = value_model
         config = dataclasses.replace(config, batch_size=config.rollout_batch_size)
         super().__init__(model, tokenizer, dataset, config)
+        if config.mini_batch_size % self.world_size:
+            raise ValueError(
+                f"config: mini_batch_size={config.mini_batch_size} is not divisible by the {self.world_size} processes"
+            )
         self.ref_model = ref_model.eval().requires_grad_(False)
         self.reward_model = None if reward_model is None else reward_model.eval().requires_grad_(False)
         self.reward_fn = reward_fn
@@ -111,7 +115,7 @@ class PPOTrainer(Trainer):
         prompt_ids, prompt_attention = self._encode_prompts(prompts)
         width = prompt_ids.shape[1]
         self.model.eval()
-        generated = self.model.generate(
+        generated = unwrap(self.model).generate(  # DDP has no generate; sampling needs no gradient sync
             prompt_ids, attention_mask=prompt_attention, do_sample=True, temperature=cfg.temperature, top_k=0,
             max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         )  # fmt: skip
@@ -180,8 +184,9 @@ class PPOTrainer(Trainer):
         g = torch.Generator().manual_seed(cfg.seed * 7919 + self.step)
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(len(prompts), generator=g).to(self.device)
-            for start in range(0, len(prompts), cfg.mini_batch_size):
-                idx = order[start : start + cfg.mini_batch_size]
+            mini_batch = cfg.mini_batch_size // self.world_size  # prompts: this rank's share of the rollout
+            for start in range(0, len(prompts), mini_batch):
+                idx = order[start : start + mini_batch]
                 with self.autocast():
                     logits = self._response_logits(self.model, batch["sequences"][idx], batch["attention"][idx], width)
                     mask = batch["response_mask"][idx]
@@ -204,7 +209,7 @@ class PPOTrainer(Trainer):
                     sums[k] = sums.get(k, 0.0) + float(v)
         self.scheduler.step()
         metrics = {k: v / n_updates for k, v in sums.items()}
-        kl = float(batch["kl"])
+        kl = self.all_reduce_mean({"kl": float(batch["kl"])})["kl"]  # one controller state on every rank
         if cfg.kl_target:
             error = max(-0.2, min(0.2, kl / cfg.kl_target - 1))
             self.kl_coef *= 1 + error * cfg.rollout_batch_size / cfg.kl_horizon
