@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import sys
 from pathlib import Path
@@ -66,10 +67,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def execute(args: argparse.Namespace) -> int:
-    """:func:`run` with bad input reported as ``error: ...`` (exit status 2) and the
-    process group, if any, shut down."""
+    """:func:`run` through :func:`guarded`."""
+    return guarded(lambda: run(args))
+
+
+def guarded(fn) -> int:
+    """Call ``fn()``; bad input (``ValueError``, ``OSError``) becomes ``error: ...`` on
+    stderr and exit status 2; the process group, if any, is shut down either way."""
     try:
-        run(args)
+        fn()
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -163,6 +169,33 @@ def run(args: argparse.Namespace):
     return trainer
 
 
+def pipeline(model: str, dataset: str, out: str | Path, *, steps: int = 100, batch_size: int = 16,
+             split: str = "train", seed: int = 0, quiet: bool = False, log=print) -> dict:  # fmt: skip
+    """SFT on the chosen responses, a reward model, and DPO from the SFT model, for a model
+    and a ``prompt``/``chosen``/``rejected`` data set given by path or hub id (the
+    ``rlhf-kernels pipeline --model ... --dataset ...`` path). Writes ``OUT/<stage>/``
+    and ``OUT/report.json`` with each stage's last logged metrics."""
+    import json
+
+    out = Path(out)
+    common = ["--dataset", dataset, "--split", split, "--steps", str(steps), "--batch-size", str(batch_size),
+              "--seed", str(seed), "--logging-steps", str(max(1, steps // 20))]  # fmt: skip
+    common += ["--quiet"] if quiet else []
+    stages = [("sft", ["--model", model, "--save-model"]), ("reward", ["--model", model, "--save-model"]),
+              ("dpo", ["--init-from", str(out / "sft" / "model"), "--save-model"])]  # fmt: skip
+    results = {}
+    for stage, extra in stages:
+        log(f"[pipeline] {stage}")
+        trainer = run(build_parser().parse_args([stage, *common, *extra, "--out", str(out / stage)]))
+        results[stage] = trainer.history[-1]
+    report = {"model": model, "dataset": dataset, "split": split, "steps": steps, "batch_size": batch_size,
+              "results": results}  # fmt: skip
+    if trainer.is_main_process:
+        (out / "report.json").write_text(json.dumps(report, indent=1))
+    log(f"[pipeline] report: {out / 'report.json'}")
+    return report
+
+
 # --- loading ---------------------------------------------------------------------------------
 def _offline_hint(name: str, what: str, exc: Exception) -> OSError:
     local = Path(name).expanduser()
@@ -176,13 +209,53 @@ def _offline_hint(name: str, what: str, exc: Exception) -> OSError:
     )
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hugging Face Hub opens (``HF_ENDPOINT`` respected):
+    checked once before hub downloads, so that an offline machine gets an error at once
+    instead of after the hub clients' retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _offline_mode() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _from_local_or_hub(load, name: str, what: str):
+    """``load(**kw)`` from a local directory, else from the local hub cache, else from the
+    hub when it is reachable; one clear error otherwise."""
+    if Path(name).expanduser().exists():
+        try:
+            return load()
+        except (OSError, ValueError) as exc:
+            raise OSError(f"{what}: cannot load {name!r} from the local path: {exc}") from exc
+    try:
+        return load(local_files_only=True)
+    except (OSError, ValueError):
+        pass
+    if _offline_mode() or not hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if _offline_mode() else "the Hub is unreachable (offline?)"
+        raise OSError(
+            f"{what}: {name!r} is not a local path, not in the Hugging Face cache, and {why}. "
+            f"Pass a directory written with save_pretrained, or download it first."
+        )
+    try:
+        return load()
+    except (OSError, ValueError) as exc:
+        raise _offline_hint(name, what, exc) from exc
+
+
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as exc:
-        raise _offline_hint(name, "--model (tokenizer)", exc) from exc
+    tokenizer = _from_local_or_hub(functools.partial(AutoTokenizer.from_pretrained, name), name, "--model (tokenizer)")
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # the usual choice; padding is masked everywhere
     return tokenizer
@@ -195,10 +268,7 @@ def load_model(name: str, kind: str):
     cls = {"causal": transformers.AutoModelForCausalLM, "reward": transformers.AutoModelForSequenceClassification,
            "value": transformers.AutoModelForTokenClassification}[kind]  # fmt: skip
     kw = {} if kind == "causal" else {"num_labels": 1}
-    try:
-        return cls.from_pretrained(name, **kw)
-    except (OSError, ValueError) as exc:
-        raise _offline_hint(name, "--model" if kind != "reward" else "--model/--reward-model", exc) from exc
+    return _from_local_or_hub(functools.partial(cls.from_pretrained, name, **kw), name, "--model")
 
 
 def load_data(spec: str, split: str, stage: str):
@@ -215,6 +285,12 @@ def load_data(spec: str, split: str, stage: str):
             data = datasets.load_dataset(formats[path.suffix], data_files=str(path), split="train")
         elif path.suffix in formats:
             raise FileNotFoundError(f"--dataset: no such file {spec!r}")
+        elif not _offline_mode() and not hub_reachable():  # offline mode: the datasets cache
+            raise FileNotFoundError(
+                f"--dataset: {spec!r} is not a local path and the Hugging Face Hub is unreachable (offline?). Pass a "
+                f"directory written with save_to_disk or a .jsonl/.json/.csv/.parquet file (for a copy in the "
+                f"datasets cache, set HF_HUB_OFFLINE=1)."
+            )
         else:
             data = datasets.load_dataset(spec, split=split)
     except FileNotFoundError:
