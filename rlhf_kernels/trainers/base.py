@@ -37,6 +37,7 @@ optimiser steps as one process with the same config. What is exact:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -161,6 +162,16 @@ class Trainer:
                 if value is module:
                     setattr(self, attr, wrapped)
 
+    def _grad_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        """DDP's ``no_sync`` on the trained modules unless ``enabled``: with gradient
+        accumulation, gradients are all-reduced once, in the last micro-batch's backward."""
+        stack = contextlib.ExitStack()
+        if not enabled:
+            for module in self.checkpointed_modules().values():
+                if isinstance(module, DistributedDataParallel):
+                    stack.enter_context(module.no_sync())
+        return stack
+
     def per_rank_share(self, count: torch.Tensor) -> torch.Tensor:
         """``sum over ranks of count / world_size`` (``count`` itself in one process).
 
@@ -264,6 +275,8 @@ class Trainer:
         if main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.output_dir / "metrics.jsonl"
+        if self.world_size > 1:
+            self._wrap_for_ddp()  # modules a subclass assigned after Trainer.__init__ (a no-op otherwise)
         started = time.time()
         self.model.train()
         while self.step < cfg.max_steps:
@@ -303,9 +316,11 @@ class Trainer:
         sums: dict[str, float] = {}
         for micro in range(cfg.gradient_accumulation_steps):
             rows = self.dataset[self._batch_indices(self.step * cfg.gradient_accumulation_steps + micro)]
-            with self.autocast():
-                loss, metrics = self.compute_loss(self.collate(rows))
-            (loss / cfg.gradient_accumulation_steps).backward()
+            last = micro == cfg.gradient_accumulation_steps - 1
+            with self._grad_sync(last):
+                with self.autocast():
+                    loss, metrics = self.compute_loss(self.collate(rows))
+                (loss / cfg.gradient_accumulation_steps).backward()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / cfg.gradient_accumulation_steps
         sums["grad_norm"] = self.optimizer_step()
