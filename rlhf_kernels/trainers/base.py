@@ -28,6 +28,8 @@ optimiser steps as one process with the same config. What is exact:
   ratios. Rank 0 alone writes metrics, progress and checkpoints; all ranks
   wait at a barrier after each save; resuming reads the checkpoint on every
   rank (a path all ranks can see).
+- Random streams: rank r seeds torch and ``random`` with ``seed + r`` (rank 0's
+  stream is the single-process one); checkpoints keep every rank's RNG state.
 - PPO: each rank samples responses for its share of the prompts and does its
   share of every mini-batch; advantage whitening and the policy and value
   losses' token means are per rank (as in most PPO implementations), so a
