@@ -10,7 +10,7 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 # The CUDA build of torch is needed to compile the CUDA extension (headers, nvcc flags).
 TORCH_SPEC ?= torch==2.14.1
-DEV_DEPS := numpy pytest pytest-benchmark hypothesis matplotlib ninja setuptools wheel ruff transformers datasets tokenizers
+DEV_DEPS := numpy pytest pytest-benchmark hypothesis matplotlib ninja setuptools wheel ruff transformers datasets tokenizers trl
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h csrc/*.cuh)
 

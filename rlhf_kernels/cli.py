@@ -1,4 +1,4 @@
-"""``rlhf-kernels info | bench | pipeline``."""
+"""``rlhf-kernels info | bench | pipeline | train``."""
 
 from __future__ import annotations
 
@@ -37,16 +37,37 @@ def main(argv: list[str] | None = None) -> int:
         choices=["token_logprobs", "dpo_step", "dpo_loss", "gae", "ppo_policy_loss", "ppo_step"],
         help="ops to benchmark, repeatable (default: all)",
     )
-    pipe = sub.add_parser("pipeline", help="SFT, reward model, PPO and DPO on the built-in sorting task")
+    pipe = sub.add_parser("pipeline", help="SFT, reward model, PPO and DPO on the built-in sorting task "
+                                           "(or SFT, reward model and DPO for --model and --dataset)")  # fmt: skip
     pipe.add_argument("--out", type=Path, default=Path("pipeline-out"))
     pipe.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     pipe.add_argument("--seed", type=int, default=0)
+    pipe.add_argument("--model", help="save_pretrained directory or hub id of a causal LM (with --dataset)")
+    pipe.add_argument("--dataset", help="prompt/chosen/rejected data: save_to_disk directory, .jsonl/.json/.csv/"
+                                        ".parquet file or hub id (with --model)")  # fmt: skip
+    pipe.add_argument("--split", default="train")
+    pipe.add_argument("--steps", type=int, default=100, help="steps per stage with --model (default: 100)")
+    pipe.add_argument("--batch-size", type=int, default=16, help="with --model (default: 16)")
+    from rlhf_kernels.trainers import run as train_run
+
+    train = sub.add_parser("train", help="one trainer (sft, reward, dpo, ppo); also under torchrun",
+                           description=train_run.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train_run.build_parser(train)
     args = parser.parse_args(argv)
+    if args.command == "train":
+        return train_run.execute(args)
 
     import torch
 
     import rlhf_kernels
 
+    if args.command == "pipeline" and (args.model or args.dataset):
+        if not (args.model and args.dataset):
+            parser.error("pipeline: --model and --dataset go together (neither: the built-in sorting task)")
+        return train_run.guarded(lambda: train_run.pipeline(
+            args.model, args.dataset, args.out, steps=2 if args.quick else args.steps, batch_size=args.batch_size,
+            split=args.split, seed=args.seed, quiet=args.quick,
+        ))  # fmt: skip
     if args.command == "pipeline":
         from rlhf_kernels.trainers import pipeline
 

@@ -1,11 +1,13 @@
-"""build_info, backend choice, and the `rlhf-kernels info | bench` commands."""
+"""build_info, backend choice, and the `rlhf-kernels info | bench | train | pipeline` commands."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import rlhf_kernels
@@ -56,3 +58,72 @@ def test_bench_command_writes_table_json_and_plot(tmp_path):
     if native.available():
         assert rows["rlhf_kernels[native]", "fwd+bwd"]["saved_mb"] < 0.01
     assert list(tmp_path.glob("bench-cpu-*.png")) and "median ms" in out.stdout
+
+
+# --- `rlhf-kernels train` / `pipeline --model --dataset`: argument plumbing, local files only -----------
+@pytest.fixture(scope="module")
+def local_model_and_data(tmp_path_factory):
+    pytest.importorskip("transformers")
+    pytest.importorskip("datasets")
+    from rlhf_kernels.trainers import toy
+
+    root = tmp_path_factory.mktemp("local")
+    tokenizer = toy.build_tokenizer()
+    toy.build_model(tokenizer).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    prefs = toy.preference_dataset(24, seed=3)
+    prefs.to_json(root / "prefs.jsonl")
+    prefs.save_to_disk(str(root / "prefs_dir"))
+    return root
+
+
+def test_pipeline_with_local_model_and_dataset(local_model_and_data, tmp_path):
+    from rlhf_kernels import cli
+
+    root = local_model_and_data
+    out = tmp_path / "out"
+    code = cli.main(["pipeline", "--model", str(root / "model"), "--dataset", str(root / "prefs.jsonl"),
+                     "--steps", "2", "--batch-size", "4", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["results"]) == {"sft", "reward", "dpo"}
+    assert "rewards/accuracies" in report["results"]["dpo"] and "accuracy" in report["results"]["reward"]
+    for stage in ("sft", "reward", "dpo"):
+        assert (out / stage / "model" / "config.json").exists() and (out / stage / "metrics.jsonl").exists()
+
+
+def test_train_reads_a_save_to_disk_dataset(local_model_and_data, tmp_path):
+    from rlhf_kernels import cli
+
+    root = local_model_and_data
+    code = cli.main(["train", "reward", "--model", str(root / "model"), "--dataset", str(root / "prefs_dir"),
+                     "--steps", "1", "--batch-size", "4", "--quiet", "--out", str(tmp_path)])  # fmt: skip
+    assert code == 0 and (tmp_path / "final" / "trainer_state.pt").exists()
+
+
+def test_offline_and_bad_input_fail_clearly(local_model_and_data, tmp_path, monkeypatch, capsys):
+    from rlhf_kernels import cli
+    from rlhf_kernels.trainers import run
+
+    monkeypatch.setattr(run, "hub_reachable", lambda timeout=3.0: False)  # what a machine without network sees
+    root = local_model_and_data
+    base = ["--steps", "1", "--batch-size", "4", "--quiet", "--out", str(tmp_path)]
+    cases = [
+        (["pipeline", "--model", "some-org/some-model", "--dataset", str(root / "prefs.jsonl"), *base[:4]],
+         r"'some-org/some-model' is not a local path, not in the Hugging Face cache, and .*(unreachable|OFFLINE)"),
+        (["train", "dpo", "--model", str(root / "model"), "--dataset", "some-org/some-prefs", *base],
+         r"--dataset: 'some-org/some-prefs' is not a local path and the Hugging Face Hub is unreachable"),
+        (["train", "dpo", "--model", str(root / "model"), "--dataset", str(root / "missing.jsonl"), *base],
+         r"--dataset: no such file"),
+        (["train", "ppo", "--model", str(root / "model"), "--dataset", str(root / "prefs.jsonl"), *base],
+         r"ppo: --reward-model is needed with --dataset"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert cli.main(argv) == 2, argv
+        assert re.search(message, capsys.readouterr().err), argv
+    (tmp_path / "sft_only.jsonl").write_text('{"prompt": "sort 1 =", "completion": "1"}\n' * 4)
+    assert cli.main(["train", "dpo", "--dataset", str(tmp_path / "sft_only.jsonl"), *base]) == 2
+    assert "dpo needs column(s) ['prompt', 'chosen', 'rejected']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["pipeline", "--model", str(root / "model")])
+    assert "--model and --dataset go together" in capsys.readouterr().err

@@ -6,13 +6,45 @@ A trainer subclass implements ``compute_loss(batch) -> (loss, metrics)`` and
 AdamW with linear warmup/decay, gradient accumulation, clipping, bf16
 autocast on CUDA, a progress line, metrics as JSON lines, and checkpoints
 that restore model, optimiser, scheduler, RNG states and step.
+
+Multi-process training: under ``torchrun --nproc_per_node=N`` (``WORLD_SIZE`` >
+1 in the environment) the trainer joins the process group (gloo for CPU models,
+nccl for CUDA ones; or uses the one already initialised), wraps the trained
+modules in ``DistributedDataParallel`` and gives each rank a contiguous
+``batch_size / N`` slice of every global micro-batch. ``batch_size`` stays the
+global batch, so N processes follow the same data order, schedule and
+optimiser steps as one process with the same config. What is exact:
+
+- DDP averages gradients over ranks. A loss that is a mean over samples
+  (DPO and its loss types, the RPO term, Bradley-Terry) has, with equal
+  shards, mean over ranks of per-rank means = the global mean, so gradients,
+  clipping and updates equal the single-process ones up to float summation
+  order.
+- A token mean (SFT) is made exact by dividing each rank's token sum by
+  :meth:`Trainer.per_rank_share` of the global token count (one all-reduce of
+  a scalar per micro-batch), not by its own count.
+- Logged metrics are averaged over ranks: exact for the sample means above
+  and the token-mean loss; a per-rank ratio metric is a mean of per-rank
+  ratios. Rank 0 alone writes metrics, progress and checkpoints; all ranks
+  wait at a barrier after each save; resuming reads the checkpoint on every
+  rank (a path all ranks can see).
+- Random streams: rank r seeds torch and ``random`` with ``seed + r`` (rank 0's
+  stream is the single-process one); checkpoints keep every rank's RNG state.
+- PPO: each rank samples responses for its share of the prompts and does its
+  share of every mini-batch; advantage whitening and the policy and value
+  losses' token means are per rank (as in most PPO implementations), so a
+  multi-process PPO run is the same algorithm but not bit-equal to one
+  process. The KL controller sees the KL averaged over ranks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import inspect
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -20,6 +52,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclasses.dataclass
@@ -41,6 +75,28 @@ class TrainerConfig:
     backend: str = "auto"  # rlhf_kernels backend for the ops
 
 
+def init_distributed(device_type: str = "cpu") -> tuple[int, int]:
+    """Join the process group ``torchrun`` describes in the environment (``WORLD_SIZE``,
+    ``RANK``, ``MASTER_ADDR`` ...) unless one exists; returns ``(rank, world_size)``,
+    ``(0, 1)`` outside ``torchrun``. gloo for CPU training, nccl for CUDA."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return 0, 1
+    if not dist.is_available():
+        raise RuntimeError(f"WORLD_SIZE={world_size}, but this torch build has no torch.distributed")
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper (or the module itself)."""
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
+
 class Trainer:
     required_columns: tuple[str, ...] = ()
 
@@ -54,22 +110,97 @@ class Trainer:
             raise ValueError("config: batch_size, gradient_accumulation_steps and max_steps must be >= 1")
         if len(dataset) < config.batch_size:
             raise ValueError(f"dataset: {len(dataset)} rows is fewer than batch_size={config.batch_size}")
+        self.device = next(model.parameters()).device
+        self.rank, self.world_size = init_distributed(self.device.type)
+        if config.batch_size % self.world_size:
+            raise ValueError(
+                f"config: batch_size={config.batch_size} (the global batch) is not divisible by the "
+                f"{self.world_size} processes"
+            )
         self.model = model
         self.tokenizer = tokenizer
         self.dataset = dataset
         self.config = config
-        self.device = next(model.parameters()).device
         self.step = 0
         self.output_dir = Path(config.output_dir)
         self.history: list[dict[str, float]] = []
-        torch.manual_seed(config.seed)
-        random.seed(config.seed)
+        # per-rank streams (rank 0's is the single-process one): PPO's ranks sample different responses
+        torch.manual_seed(config.seed + self.rank)
+        random.seed(config.seed + self.rank)
         self.optimizer = torch.optim.AdamW(
             [p for p in self.trainable_parameters() if p.requires_grad],
             lr=config.learning_rate,
             weight_decay=config.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        if self.world_size > 1:
+            self._wrap_for_ddp()
+
+    # --- multi-process ------------------------------------------------------------------------
+    @property
+    def is_main_process(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def unwrapped_model(self) -> torch.nn.Module:
+        return unwrap(self.model)
+
+    def _wrap_for_ddp(self) -> None:
+        """Wrap each trained module (``checkpointed_modules``) in DDP where the trainer holds
+        it, so subclasses call ``self.model(...)`` as usual. DDP broadcasts rank 0's weights
+        here. Buffers are synced then but not at every forward (``forward_sync_buffers=False``):
+        the models' buffers (e.g. rotary frequencies) are not trained, and a broadcast per
+        forward would make every rank's number of forwards a collective contract."""
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        params = inspect.signature(DistributedDataParallel.__init__).parameters
+        # torch >= 2.14 renames the switch (and keeps the sync at construction)
+        key = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+        no_buffer_sync = {key: False}
+        for module in self.checkpointed_modules().values():
+            if isinstance(module, DistributedDataParallel):
+                continue
+            wrapped = DistributedDataParallel(module, device_ids=device_ids, **no_buffer_sync)
+            for attr, value in list(vars(self).items()):
+                if value is module:
+                    setattr(self, attr, wrapped)
+
+    def _grad_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        """DDP's ``no_sync`` on the trained modules unless ``enabled``: with gradient
+        accumulation, gradients are all-reduced once, in the last micro-batch's backward."""
+        stack = contextlib.ExitStack()
+        if not enabled:
+            for module in self.checkpointed_modules().values():
+                if isinstance(module, DistributedDataParallel):
+                    stack.enter_context(module.no_sync())
+        return stack
+
+    def per_rank_share(self, count: torch.Tensor) -> torch.Tensor:
+        """``sum over ranks of count / world_size`` (``count`` itself in one process).
+
+        Dividing a rank's sum of per-token losses by this, instead of by its own token
+        count, makes the mean over ranks that DDP applies to gradients equal the gradient
+        of the global token mean: ``mean_r(S_r / (C / N)) = sum_r S_r / C``."""
+        if self.world_size == 1:
+            return count
+        total = count.detach().to(device=self._comm_device(), dtype=torch.float64)
+        dist.all_reduce(total)
+        return (total / self.world_size).to(device=count.device, dtype=torch.float32)
+
+    def all_reduce_mean(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Metrics averaged over ranks (one all-reduce); unchanged in one process."""
+        if self.world_size == 1 or not metrics:
+            return metrics
+        keys = sorted(metrics)
+        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(values)
+        return {k: float(v) / self.world_size for k, v in zip(keys, values.tolist(), strict=True)}
+
+    def _comm_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
 
     # --- to override --------------------------------------------------------------------
     def trainable_parameters(self):
@@ -92,7 +223,8 @@ class Trainer:
         tok = self.tokenizer
         ids, loss_mask = [], []
         for prompt, completion in zip(prompts, completions, strict=True):
-            p = [tok.bos_token_id, *tok(prompt, add_special_tokens=False).input_ids]
+            bos = [] if tok.bos_token_id is None else [tok.bos_token_id]
+            p = [*bos, *tok(prompt, add_special_tokens=False).input_ids]
             c = [*tok(completion, add_special_tokens=False).input_ids, tok.eos_token_id]
             seq = (p + c)[: self.config.max_length]
             ids.append(seq)
@@ -126,36 +258,42 @@ class Trainer:
         pass
 
     def _batch_indices(self, micro_step: int) -> list[int]:
-        """Rows of the micro-batch number ``micro_step``: epoch permutations seeded by
-        (seed, epoch), so the order depends only on the position, not on history."""
+        """This rank's rows of the global micro-batch number ``micro_step``: epoch
+        permutations seeded by (seed, epoch), so the order depends only on the position,
+        not on history; rank r takes the r-th contiguous slice of ``batch_size / world_size``."""
         per_epoch = len(self.dataset) // self.config.batch_size
         epoch, slot = divmod(micro_step, per_epoch)
         g = torch.Generator().manual_seed(self.config.seed * 100003 + epoch)
         order = torch.randperm(len(self.dataset), generator=g)
-        start = slot * self.config.batch_size
-        return order[start : start + self.config.batch_size].tolist()
+        local = self.config.batch_size // self.world_size
+        start = slot * self.config.batch_size + self.rank * local
+        return order[start : start + local].tolist()
 
     def train(self, resume_from: str | Path | None = None) -> list[dict[str, float]]:
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         cfg = self.config
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        main = self.is_main_process
+        if main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.output_dir / "metrics.jsonl"
+        if self.world_size > 1:
+            self._wrap_for_ddp()  # modules a subclass assigned after Trainer.__init__ (a no-op otherwise)
         started = time.time()
         self.model.train()
         while self.step < cfg.max_steps:
-            sums = self.training_step()
+            sums = self.all_reduce_mean(self.training_step())
             self.step += 1
             record = {"step": self.step, **sums, "lr": self.scheduler.get_last_lr()[0]}
             self.history.append(record)
-            if self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps:
+            if main and (self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps):
                 with log_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
-            if cfg.progress:
+            if cfg.progress and main:
                 self._progress(record, started)
             if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < cfg.max_steps:
                 self.save_checkpoint(self.output_dir / f"checkpoint-{self.step}")
-        if cfg.progress and sys.stderr.isatty():
+        if cfg.progress and main and sys.stderr.isatty():
             sys.stderr.write("\n")
         self.save_checkpoint(self.output_dir / "final")
         return self.history
@@ -180,9 +318,11 @@ class Trainer:
         sums: dict[str, float] = {}
         for micro in range(cfg.gradient_accumulation_steps):
             rows = self.dataset[self._batch_indices(self.step * cfg.gradient_accumulation_steps + micro)]
-            with self.autocast():
-                loss, metrics = self.compute_loss(self.collate(rows))
-            (loss / cfg.gradient_accumulation_steps).backward()
+            last = micro == cfg.gradient_accumulation_steps - 1
+            with self._grad_sync(last):
+                with self.autocast():
+                    loss, metrics = self.compute_loss(self.collate(rows))
+                (loss / cfg.gradient_accumulation_steps).backward()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / cfg.gradient_accumulation_steps
         sums["grad_norm"] = self.optimizer_step()
@@ -200,32 +340,52 @@ class Trainer:
 
     # --- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self, path: str | Path) -> Path:
+        """Rank 0 writes; every rank returns after the write (a barrier)."""
         path = Path(path)
+        rng = self._rng_state()
+        if self.world_size > 1:
+            every_rank: list[Any] = [None] * self.world_size
+            dist.all_gather_object(every_rank, rng)
+        else:
+            every_rank = [rng]
+        if self.is_main_process:
+            self._write_checkpoint(path, every_rank)
+        self.barrier()
+        return path
+
+    @staticmethod
+    def _rng_state() -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return rng
+
+    def _write_checkpoint(self, path: Path, rng_per_rank: list[dict[str, Any]]) -> None:
         path.mkdir(parents=True, exist_ok=True)
         state = {
             "step": self.step,
-            "modules": {name: m.state_dict() for name, m in self.checkpointed_modules().items()},
+            "modules": {name: unwrap(m).state_dict() for name, m in self.checkpointed_modules().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "rng": rng_per_rank[0],
+            "rng_per_rank": rng_per_rank,
             "config": dataclasses.asdict(self.config),
             "extra": self.extra_state(),
         }
-        if torch.cuda.is_available():
-            state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(state, path / "trainer_state.pt")
-        return path
 
     def load_checkpoint(self, path: str | Path) -> None:
         state = torch.load(Path(path) / "trainer_state.pt", map_location=self.device, weights_only=False)
         for name, module in self.checkpointed_modules().items():
-            module.load_state_dict(state["modules"][name])
+            unwrap(module).load_state_dict(state["modules"][name])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"].cpu())
-        random.setstate(state["rng"]["python"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        per_rank = state.get("rng_per_rank") or []
+        rng = per_rank[self.rank] if len(per_rank) == self.world_size else state["rng"]
+        torch.set_rng_state(rng["torch"].cpu())
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
         self.load_extra_state(state.get("extra", {}))
         self.step = state["step"]
 

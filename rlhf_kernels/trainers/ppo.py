@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 import rlhf_kernels
-from rlhf_kernels.trainers.base import Trainer, TrainerConfig
+from rlhf_kernels.trainers.base import Trainer, TrainerConfig, unwrap
 from rlhf_kernels.trainers.sampling import encode_prompts
 
 
@@ -68,6 +68,10 @@ class PPOTrainer(Trainer):
         self.value_model = value_model
         config = dataclasses.replace(config, batch_size=config.rollout_batch_size)
         super().__init__(model, tokenizer, dataset, config)
+        if config.mini_batch_size % self.world_size:
+            raise ValueError(
+                f"config: mini_batch_size={config.mini_batch_size} is not divisible by the {self.world_size} processes"
+            )
         self.ref_model = ref_model.eval().requires_grad_(False)
         self.reward_model = None if reward_model is None else reward_model.eval().requires_grad_(False)
         self.reward_fn = reward_fn
@@ -100,7 +104,7 @@ class PPOTrainer(Trainer):
         prompt_ids, prompt_attention = encode_prompts(tok, prompts, self.device)
         width = prompt_ids.shape[1]
         self.model.eval()
-        generated = self.model.generate(
+        generated = unwrap(self.model).generate(  # DDP has no generate; sampling needs no gradient sync
             prompt_ids, attention_mask=prompt_attention, do_sample=True, temperature=cfg.temperature, top_k=0,
             max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         )  # fmt: skip
@@ -148,7 +152,8 @@ class PPOTrainer(Trainer):
         if self.reward_fn is not None:
             return torch.tensor(self.reward_fn(prompts, responses), dtype=torch.float32)
         tok = self.tokenizer
-        ids = [[tok.bos_token_id, *tok(p, add_special_tokens=False).input_ids,
+        bos = [] if tok.bos_token_id is None else [tok.bos_token_id]
+        ids = [[*bos, *tok(p, add_special_tokens=False).input_ids,
                 *tok(r, add_special_tokens=False).input_ids, tok.eos_token_id] for p, r in zip(prompts, responses,
                                                                                               strict=True)]  # fmt: skip
         width = max(len(x) for x in ids)
@@ -172,8 +177,9 @@ class PPOTrainer(Trainer):
         g = torch.Generator().manual_seed(cfg.seed * 7919 + self.step)
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(len(prompts), generator=g).to(self.device)
-            for start in range(0, len(prompts), cfg.mini_batch_size):
-                idx = order[start : start + cfg.mini_batch_size]
+            mini_batch = cfg.mini_batch_size // self.world_size  # prompts: this rank's share of the rollout
+            for start in range(0, len(prompts), mini_batch):
+                idx = order[start : start + mini_batch]
                 with self.autocast():
                     logits = self._response_logits(self.model, batch["sequences"][idx], batch["attention"][idx], width)
                     mask = batch["response_mask"][idx]
@@ -197,7 +203,7 @@ class PPOTrainer(Trainer):
                     sums[k] = sums.get(k, 0.0) + float(v)
         self.scheduler.step()
         metrics = {k: v / n_updates for k, v in sums.items()}
-        kl = float(batch["kl"])
+        kl = self.all_reduce_mean({"kl": float(batch["kl"])})["kl"]  # one controller state on every rank
         if cfg.kl_target:
             error = max(-0.2, min(0.2, kl / cfg.kl_target - 1))
             self.kl_coef *= 1 + error * cfg.rollout_batch_size / cfg.kl_horizon

@@ -16,8 +16,10 @@ import torch
 
 
 def encode_prompts(tokenizer, prompts: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ``<bos> prompt`` ids and attention mask, for batched generation."""
-    ids = [[tokenizer.bos_token_id, *tokenizer(p, add_special_tokens=False).input_ids] for p in prompts]
+    """Left-padded ``<bos> prompt`` ids (no bos when the tokenizer has none) and attention
+    mask, for batched generation."""
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    ids = [[*bos, *tokenizer(p, add_special_tokens=False).input_ids] for p in prompts]
     width = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
     attention = torch.zeros((len(ids), width), dtype=torch.long)
@@ -49,7 +51,8 @@ def generate(
             pad_token_id=tokenizer.pad_token_id, **sample_kw,
         )  # fmt: skip
         texts = tokenizer.batch_decode(generated[:, input_ids.shape[1] :], skip_special_tokens=True)
-        out += [[" ".join(t.split()) for t in texts[i * num_samples : (i + 1) * num_samples]] for i in range(len(chunk))]
+        texts = [" ".join(t.split()) for t in texts]
+        out += [texts[i * num_samples : (i + 1) * num_samples] for i in range(len(chunk))]
     model.train(was_training)
     return out
 

@@ -24,5 +24,6 @@ class SFTTrainer(Trainer):
         logprobs = rlhf_kernels.token_logprobs(
             logits[:, :-1], batch["input_ids"][:, 1:], mask, backend=self.config.backend
         )
-        loss = -logprobs.sum() / mask.sum().clamp(min=1)
+        # the global token mean, also across DDP ranks (see Trainer.per_rank_share)
+        loss = -logprobs.sum() / self.per_rank_share(mask.sum()).clamp(min=1)
         return loss, {"loss": loss.detach()}

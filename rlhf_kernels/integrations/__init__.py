@@ -1,0 +1,1 @@
+"""Drop-in use of the ops inside other training libraries (``integrations.trl``)."""

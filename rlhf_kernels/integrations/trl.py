@@ -1,0 +1,251 @@
+"""Drop-in for TRL users: route TRL's per-token log-prob and entropy helpers through the fused ops.
+
+>>> from rlhf_kernels.integrations import trl as rk_trl
+>>> rk_trl.patch()      # before or after building the TRL trainer
+>>> ...                 # trainer.train()
+>>> rk_trl.unpatch()    # restores TRL's own functions everywhere
+
+What is replaced (``trl.trainer.utils`` and every ``trl.*`` module that holds a
+``from ... import`` copy, including modules imported after :func:`patch`):
+
+- ``selective_log_softmax(logits, index, temperature=1.0, row_mask=None)``
+  -> :func:`rlhf_kernels.token_logprobs`;
+- ``entropy_from_logits(logits, chunk_size=128)`` -> ``token_logprobs(...,
+  return_entropy=True)`` (``chunk_size`` is a memory knob of TRL's loop; the
+  op streams each row and has no ``[N, V]`` temporary, so it is not needed);
+- ``selective_log_softmax_and_entropy(logits, index, entropy_requires_grad=True,
+  temperature=1.0, row_mask=None)`` -> one ``token_logprobs`` pass for both.
+
+The replacements return what TRL's functions return at every position: TRL's
+helpers have no ignore index (padding labels are masked by the caller later),
+so the op gets an ignore index no label can take, and labels outside
+``[0, V)`` raise (TRL's ``gather`` raises too). The output dtype is TRL's:
+float32 where TRL would use its own Triton kernel (CUDA), the logits' dtype
+otherwise; the op itself accumulates in float32 either way. Calls the op does
+not cover (top-K ``index`` of shape ``[..., K]``, logits whose last dim is not
+contiguous) go to TRL's original function.
+
+Which TRL trainers this reaches: in trl 1.16 ``DPOTrainer``, ``GRPOTrainer``,
+``RLOOTrainer`` and ``KTOTrainer`` score tokens with TRL's fused LM head
+(``add_fused_lm_head``: hidden states times the LM head in tiles, no logits
+tensor), which does not go through these helpers, so the patch leaves them as
+they are. It reaches the trainers that compute logits and then call the
+helpers (in trl 1.16 the experimental ORPO, CPO, TPO, SDPO, SDFT and A2PO
+trainers) and any user code that calls them.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from rlhf_kernels.ops.logprobs import FLOAT_DTYPES, token_logprobs
+
+#: The trl releases whose helpers these replacements were checked against.
+TESTED_TRL_VERSIONS = ("1.16",)
+
+#: Helper name -> the parameters (in order) the replacement implements.
+HELPERS = {
+    "selective_log_softmax": ("logits", "index", "temperature", "row_mask"),
+    "entropy_from_logits": ("logits", "chunk_size"),
+    "selective_log_softmax_and_entropy": ("logits", "index", "entropy_requires_grad", "temperature", "row_mask"),
+}
+
+# No label can take this value: every label outside [0, V) raises, as in TRL's gather.
+_NO_IGNORE_INDEX = -(2**63)
+
+_originals: dict[str, object] = {}  # helper name -> TRL's function, while patched
+_replacements: dict[str, object] = {}
+_backend = "auto"
+
+
+def patch(backend: str = "auto") -> list[str]:
+    """Replace TRL's helpers (see the module docstring); returns the ``module.name``
+    locations patched. Calling it again while patched only changes ``backend``."""
+    global _backend
+    _backend = backend
+    if _originals:
+        return _locations(_replacements)
+    utils = _trl_utils()
+    originals = {name: getattr(utils, name) for name in HELPERS}
+    _replacements.update(
+        selective_log_softmax=_make_selective_log_softmax(originals["selective_log_softmax"], utils),
+        entropy_from_logits=_make_entropy_from_logits(originals["entropy_from_logits"], utils),
+        selective_log_softmax_and_entropy=_make_logprobs_and_entropy(
+            originals["selective_log_softmax_and_entropy"], utils
+        ),
+    )
+    _originals.update(originals)
+    _swap(originals, _replacements)
+    return _locations(_replacements)
+
+
+def unpatch() -> list[str]:
+    """Put TRL's own functions back everywhere the patch put a replacement; returns the
+    locations restored (none when not patched)."""
+    if not _originals:
+        return []
+    restored = _locations(_replacements)
+    _swap(_replacements, _originals)
+    _originals.clear()
+    _replacements.clear()
+    return restored
+
+
+def is_patched() -> bool:
+    return bool(_originals)
+
+
+@contextmanager
+def patched(backend: str = "auto") -> Iterator[None]:
+    """``with patched(): ...`` patches for the block (and unpatches only if it patched)."""
+    was_patched = is_patched()
+    patch(backend)
+    try:
+        yield
+    finally:
+        if not was_patched:
+            unpatch()
+
+
+# --- version check ---------------------------------------------------------------------------
+def _trl_utils():
+    try:
+        import trl
+    except ImportError as exc:
+        raise ImportError("rlhf_kernels.integrations.trl: trl is not installed (pip install trl)") from exc
+    version = getattr(trl, "__version__", "unknown")
+    try:
+        utils = importlib.import_module("trl.trainer.utils")
+    except ImportError as exc:
+        raise RuntimeError(
+            f"rlhf_kernels.integrations.trl: trl {version} has no importable trl.trainer.utils ({exc}); "
+            f"the patch was written for trl {', '.join(TESTED_TRL_VERSIONS)}"
+        ) from exc
+    problems = []
+    for name, params in HELPERS.items():
+        fn = getattr(utils, name, None)
+        if fn is None:
+            problems.append(f"{name} is missing")
+            continue
+        found = tuple(inspect.signature(fn).parameters)
+        if found != params:
+            problems.append(f"{name}{_sig(found)} differs from the expected {name}{_sig(params)}")
+    if problems:
+        raise RuntimeError(
+            f"rlhf_kernels.integrations.trl: cannot patch trl {version}: " + "; ".join(problems)
+            + f". The patch was written for trl {', '.join(TESTED_TRL_VERSIONS)}; nothing was changed."
+        )  # fmt: skip
+    if not version.startswith(tuple(v + "." for v in TESTED_TRL_VERSIONS)):
+        warnings.warn(
+            f"rlhf_kernels.integrations.trl: trl {version} is not one of the tested releases "
+            f"({', '.join(TESTED_TRL_VERSIONS)}); its helpers have the expected signatures, so patching anyway",
+            stacklevel=3,
+        )
+    return utils
+
+
+def _sig(params) -> str:
+    return "(" + ", ".join(params) + ")"
+
+
+# --- swapping ------------------------------------------------------------------------------------
+def _trl_modules():
+    return [m for name, m in list(sys.modules.items()) if m is not None and (name == "trl" or name.startswith("trl."))]
+
+
+def _swap(old: dict[str, object], new: dict[str, object]) -> None:
+    """In every imported ``trl`` module, rebind each attribute that is ``old[name]`` (the
+    object itself, whatever the attribute is called) to ``new[name]``."""
+    for module in _trl_modules():
+        for attr, value in list(vars(module).items()):
+            for name, fn in old.items():
+                if value is fn:
+                    setattr(module, attr, new[name])
+
+
+def _locations(fns: dict[str, object]) -> list[str]:
+    return sorted(
+        f"{m.__name__}.{attr}"
+        for m in _trl_modules()
+        for attr, v in list(vars(m).items())
+        if any(v is fn for fn in fns.values())
+    )
+
+
+# --- the replacements ------------------------------------------------------------------------
+def _trl_would_use_its_kernel(utils, logits, index=None, row_mask=None) -> bool:
+    """Whether TRL's own function would take its Triton path (float32 outputs)."""
+    supports = getattr(utils, "_supports_trl_loss_kernel", None)
+    available = getattr(utils, "is_triton_available", None)
+    return bool(supports and available and available() and supports(logits, index, row_mask))
+
+
+def _covered(logits, index=None) -> bool:
+    """Calls the op computes exactly as TRL does; the rest go to TRL's function."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 1 or logits.dtype not in FLOAT_DTYPES:
+        return False
+    if logits.shape[-1] > 1 and logits.stride(-1) != 1:
+        return False
+    if index is not None and (not isinstance(index, torch.Tensor) or tuple(index.shape) != tuple(logits.shape[:-1])):
+        return False  # top-K gathers ([..., K] index) stay with TRL
+    return True
+
+
+def _make_selective_log_softmax(original, utils):
+    @functools.wraps(original)
+    def selective_log_softmax(logits, index, temperature=1.0, row_mask=None):
+        if temperature <= 0:
+            raise ValueError("temperature must be positive")
+        if not _covered(logits, index):
+            return original(logits, index, temperature=temperature, row_mask=row_mask)
+        out_dtype = torch.float32 if _trl_would_use_its_kernel(utils, logits, index, row_mask) else logits.dtype
+        logprobs = token_logprobs(
+            logits, index, row_mask, temperature=temperature, ignore_index=_NO_IGNORE_INDEX, backend=_backend
+        )
+        return logprobs.to(out_dtype)
+
+    selective_log_softmax.__rlhf_kernels_original__ = original
+    return selective_log_softmax
+
+
+def _make_entropy_from_logits(original, utils):
+    @functools.wraps(original)
+    def entropy_from_logits(logits, chunk_size=128):
+        if not _covered(logits):
+            return original(logits, chunk_size=chunk_size)
+        out_dtype = torch.float32 if _trl_would_use_its_kernel(utils, logits) else logits.dtype
+        labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+        _, entropy = token_logprobs(logits, labels, return_entropy=True, check_labels=False, backend=_backend)
+        return entropy.to(out_dtype)
+
+    entropy_from_logits.__rlhf_kernels_original__ = original
+    return entropy_from_logits
+
+
+def _make_logprobs_and_entropy(original, utils):
+    @functools.wraps(original)
+    def selective_log_softmax_and_entropy(logits, index, entropy_requires_grad=True, temperature=1.0, row_mask=None):
+        if temperature <= 0:
+            raise ValueError("temperature must be positive")
+        if not _covered(logits, index):
+            return original(logits, index, entropy_requires_grad=entropy_requires_grad, temperature=temperature,
+                            row_mask=row_mask)  # fmt: skip
+        out_dtype = torch.float32 if _trl_would_use_its_kernel(utils, logits, index, row_mask) else logits.dtype
+        logprobs, entropy = token_logprobs(
+            logits, index, row_mask, temperature=temperature, ignore_index=_NO_IGNORE_INDEX, return_entropy=True,
+            backend=_backend,
+        )  # fmt: skip
+        if not entropy_requires_grad:
+            entropy = entropy.detach()
+        return logprobs.to(out_dtype), entropy.to(out_dtype)
+
+    selective_log_softmax_and_entropy.__rlhf_kernels_original__ = original
+    return selective_log_softmax_and_entropy
