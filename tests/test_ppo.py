@@ -497,3 +497,33 @@ def test_ppo_from_logits_compile_fullgraph(device, backend):
     out[0].backward()
     torch.testing.assert_close(out, eager)
     torch.testing.assert_close(x2.grad, x1.grad)
+
+
+# CPU only: its profiler sees every allocation (CUDA peak memory is what the bench reports).
+CPU_NATIVE = [c for c in backend_cases(["native"], native_op=FUSED) if c.id == "cpu-native"]
+
+
+@pytest.mark.parametrize("device,backend", CPU_NATIVE)
+@pytest.mark.parametrize("inplace", [False, True], ids=["fused", "fused-inplace"])
+def test_ppo_from_logits_no_float32_temporary(device, backend, inplace):
+    """The whole bf16 step (forward + backward) allocates at most one bf16 [B, T, V] gradient
+    besides O(B T) buffers: no float32 copy of the logits."""
+    from rlhf_kernels.bench import _peak_bytes
+
+    g = torch.Generator().manual_seed(20)
+    logits, labels, old, adv, mask, ref = fused_inputs(2, 16, 4096, g, torch.bfloat16, device)
+    size = logits.numel() * logits.element_size()
+
+    def setup():
+        return (logits.detach().clone().requires_grad_(True) * 1) if inplace else logits.detach().requires_grad_(True)
+
+    def step(x):
+        loss, _ = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, ref_logprobs=ref, kl_coef=0.1,
+                                                    entropy_coef=0.01, inplace_backward=inplace, backend=backend)
+        loss.backward()  # fmt: skip
+
+    step(setup())
+    peak = _peak_bytes(step, setup, torch.device(device))
+    # one bf16 gradient: the op's (out of place) or the leaf's, from the `* 1` in setup (in place);
+    # a float32 temporary alone would be 2 * size
+    assert peak < size + 64 * 1024, f"peak {peak} bytes for {size} bytes of logits"
