@@ -97,7 +97,8 @@ def _extensions():
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DNDEBUG"]
     cxx += ["-DRLHF_WITH_CUDA", f'-DRLHF_CUDA_ARCHS="{archs}"']
     ext = cpp_extension.CUDAExtension(
-        sources=sources + ["csrc/logprobs.cu", "csrc/preference.cu", "csrc/ppo.cu", "csrc/ppo_loss.cu"],
+        sources=sources
+        + ["csrc/logprobs.cu", "csrc/preference.cu", "csrc/ppo.cu", "csrc/ppo_loss.cu", "csrc/ppo_logits.cu"],
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         **kwargs,
     )

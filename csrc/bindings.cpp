@@ -492,6 +492,90 @@ at::Tensor kl_penalty_bwd(const at::Tensor& logp, const at::Tensor& ref, const s
   return kl_penalty_run(logp, ref, kind, grad);
 }
 
+// --- the fused PPO sweep from logits -------------------------------------------------
+
+// Checks the per-token inputs and fills everything but the gradient.
+PpoLogitsParams ppo_logits_params(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old,
+                                  const at::Tensor& adv, const std::optional<at::Tensor>& ref,
+                                  const at::Tensor& weights, double temperature, int64_t ignore_index, double low,
+                                  double high, double clip_c, bool has_dual, int64_t kl_kind, double kl_coef,
+                                  double entropy_coef, at::Tensor& stats) {
+  check_logits(logits);
+  TORCH_CHECK_VALUE(logits.dim() >= 2, "logits: expected shape [..., T, V]");
+  TORCH_CHECK_VALUE(temperature > 0, "temperature: must be positive, got ", temperature);
+  TORCH_CHECK_VALUE(kl_kind >= 0 && kl_kind <= 3, "kl_kind: expected 0 (k1), 1 (abs), 2 (k2) or 3 (k3), got ",
+                    kl_kind);
+  const int64_t rows = logits.numel() / logits.size(-1);
+  const auto acc = acc_type(logits);
+  auto check_flat = [&](const at::Tensor& t, const char* name, at::ScalarType dtype) {
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == rows && t.is_contiguous(), name, ": expected a contiguous [",
+                      rows, "] tensor, got ", t.sizes());
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.device() == logits.device(), name, ": on ", t.device(), " but logits are on ",
+                      logits.device());
+  };
+  check_flat(labels, "labels", at::kLong);
+  check_flat(old, "old", acc);
+  check_flat(adv, "adv", acc);
+  check_flat(weights, "weights", acc);
+  const bool has_ref = ref.has_value() && ref->defined();
+  if (has_ref) check_flat(*ref, "ref", acc);
+  stats = at::empty({rows, kFusedStats}, logits.options().dtype(acc));
+  PpoLogitsParams p;
+  p.logits = logits.data_ptr();
+  p.logits_layout = row_layout(logits, "logits");
+  p.grad_layout = p.logits_layout;
+  p.dtype = scalar_kind(logits, "logits");
+  p.rows = rows;
+  p.vocab = logits.size(-1);
+  p.labels = labels.data_ptr<int64_t>();
+  p.ignore_index = ignore_index;
+  p.inv_temperature = 1.0 / temperature;
+  p.old = old.data_ptr();
+  p.adv = adv.data_ptr();
+  p.ref = has_ref ? ref->data_ptr() : nullptr;
+  p.weights = weights.data_ptr();
+  p.clip_low = low;
+  p.clip_high = high;
+  p.clip_c = clip_c;
+  p.has_dual = has_dual;
+  p.kl_kind = static_cast<int>(kl_kind);
+  p.kl_coef = kl_coef;
+  p.entropy_coef = entropy_coef;
+  p.stats = stats.data_ptr();
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_logits_fused(
+    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old, const at::Tensor& adv,
+    const std::optional<at::Tensor>& ref, const at::Tensor& weights, double temperature, int64_t ignore_index,
+    double low, double high, double clip_c, bool has_dual, int64_t kl_kind, double kl_coef, double entropy_coef,
+    bool write_grad) {
+  at::Tensor stats;
+  PpoLogitsParams p = ppo_logits_params(logits, labels, old, adv, ref, weights, temperature, ignore_index, low, high,
+                                        clip_c, has_dual, kl_kind, kl_coef, entropy_coef, stats);
+  at::Tensor grad = write_grad ? at::empty(logits.sizes(), logits.options()) : at::empty({0}, logits.options());
+  if (write_grad) {
+    p.grad = grad.data_ptr();
+    p.grad_layout = row_layout(grad, "grad");
+  }
+  run_kernel(logits.device(), p, RLHF_CUDA_FN(ppo_logits_fused_cuda), &ppo_logits_fused_cpu);
+  // the loss: a deterministic sum of the per-token weighted terms
+  return {stats.select(1, 0).sum(), stats, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> ppo_logits_fused_inplace(
+    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old, const at::Tensor& adv,
+    const std::optional<at::Tensor>& ref, const at::Tensor& weights, double temperature, int64_t ignore_index,
+    double low, double high, double clip_c, bool has_dual, int64_t kl_kind, double kl_coef, double entropy_coef) {
+  at::Tensor stats;
+  PpoLogitsParams p = ppo_logits_params(logits, labels, old, adv, ref, weights, temperature, ignore_index, low, high,
+                                        clip_c, has_dual, kl_kind, kl_coef, entropy_coef, stats);
+  p.grad = logits.data_ptr();  // same layout: each element is read before it is overwritten
+  run_kernel(logits.device(), p, RLHF_CUDA_FN(ppo_logits_fused_cuda), &ppo_logits_fused_cpu);
+  return {stats.select(1, 0).sum(), stats};
+}
+
 pybind11::dict build_info() {
   pybind11::dict d;
 #ifdef RLHF_WITH_CUDA
@@ -537,9 +621,19 @@ TORCH_LIBRARY(rlhf_kernels, m) {
       "float p1, float p2, bool has_dual) -> Tensor");
   m.def("kl_penalty_fwd_native(Tensor logp, Tensor ref, str kind) -> Tensor");
   m.def("kl_penalty_bwd_native(Tensor logp, Tensor ref, str kind, Tensor grad) -> Tensor");
+  m.def(
+      "ppo_logits_fused_native(Tensor logits, Tensor labels, Tensor old, Tensor adv, Tensor? ref, Tensor weights, "
+      "float temperature, int ignore_index, float low, float high, float clip_c, bool has_dual, int kl_kind, "
+      "float kl_coef, float entropy_coef, bool write_grad) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "ppo_logits_fused_inplace_native(Tensor(a!) logits, Tensor labels, Tensor old, Tensor adv, Tensor? ref, "
+      "Tensor weights, float temperature, int ignore_index, float low, float high, float clip_c, bool has_dual, "
+      "int kl_kind, float kl_coef, float entropy_coef) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
+  m.impl("ppo_logits_fused_native", &rlhf::ppo_logits_fused);
+  m.impl("ppo_logits_fused_inplace_native", &rlhf::ppo_logits_fused_inplace);
   m.impl("token_logprobs_fwd_native", &rlhf::token_logprobs_fwd);
   m.impl("token_logprobs_bwd_native", &rlhf::token_logprobs_bwd);
   m.impl("token_logprobs_bwd_inplace_native", &rlhf::token_logprobs_bwd_inplace);
@@ -554,6 +648,8 @@ TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
 
 #ifdef RLHF_WITH_CUDA
 TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) {
+  m.impl("ppo_logits_fused_native", &rlhf::ppo_logits_fused);
+  m.impl("ppo_logits_fused_inplace_native", &rlhf::ppo_logits_fused_inplace);
   m.impl("token_logprobs_fwd_native", &rlhf::token_logprobs_fwd);
   m.impl("token_logprobs_bwd_native", &rlhf::token_logprobs_bwd);
   m.impl("token_logprobs_bwd_inplace_native", &rlhf::token_logprobs_bwd_inplace);

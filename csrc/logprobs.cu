@@ -169,47 +169,6 @@ __global__ void __launch_bounds__(kThreads, kFwdMinBlocks<T>)
 // Backward
 // ---------------------------------------------------------------------------
 
-// Gradient of one element, in the accumulation type:
-//   d = z - lse, p = exp(d),
-//   grad = ( g * (1[j == y] - p) - gH * p * (d + H) ) / T
-//        = ( 1[j == y] * g  -  p * (g + gH * (d + H)) ) * inv_t.
-// The fma form rounds g * (1 - p) once for the label. A z of -inf has p = 0
-// and contributes nothing else (d + H = -inf would make 0 * -inf = NaN), so it
-// is selected explicitly; that also keeps fully masked entries finite when
-// lse itself is -inf.
-template <typename Acc, bool kEntropy>
-struct GradOp {
-  Acc lse, g, gH, H, inv_t;
-  int y;
-
-  __device__ __forceinline__ Acc operator()(Acc xv, int j) const {
-    const Acc z = mul_rn(xv, inv_t);
-    const Acc d = z - lse;
-    const Acc p = exp_acc(d);
-    const Acc onehot_g = (j == y) ? g : Acc(0);
-    const Acc t = kEntropy ? fma(gH, d + H, g) : g;
-    const Acc r = (z == neg_inf<Acc>()) ? onehot_g : fma(-p, t, onehot_g);
-    return r * inv_t;
-  }
-};
-
-// Writes `value` (0 or NaN) to the n elements of a gradient row.
-template <typename T>
-__device__ __forceinline__ void fill_row(T* out, int n, acc_t<T> value) {
-  using Acc = acc_t<T>;
-  constexpr int kN = Vec<T>::kN;
-  const int tid = static_cast<int>(threadIdx.x);
-  const RowSplit sp = split_row(out, n);
-  const T v = from_acc<T>(value);
-  if (tid < sp.head) out[tid] = v;
-  Acc vals[kN];
-#pragma unroll
-  for (int k = 0; k < kN; ++k) vals[k] = value;
-  T* body = out + sp.head;
-  for (int i = tid; i < sp.nvec; i += kThreads) Vec<T>::store(body + i * kN, vals);
-  if (tid < n - sp.body_end) out[sp.body_end + tid] = v;
-}
-
 // Grid: min(rows, 2^31 - 1) blocks of kThreads threads; block b owns rows
 // b, b + gridDim.x, ... and writes the whole gradient row grad[row, 0:V].
 // Per row: reads V * sizeof(T) bytes of logits and writes V * sizeof(T)
@@ -220,16 +179,13 @@ __device__ __forceinline__ void fill_row(T* out, int n, acc_t<T> value) {
 template <typename T, bool kEntropy>
 __global__ void __launch_bounds__(kThreads) logprobs_bwd_kernel(const BwdArgs<T> a) {
   using Acc = acc_t<T>;
-  constexpr int kN = Vec<T>::kN;
-
-  const int tid = static_cast<int>(threadIdx.x);
   const int V = a.vocab;
 
   for (int64_t row = static_cast<int64_t>(blockIdx.x); row < a.rows; row += gridDim.x) {
     const int64_t y = a.labels[row];
     T* out = a.grad + a.grad_layout.offset(row);
     if (y == a.ignore_index || y < 0 || y >= V) {
-      fill_row(out, V, (y == a.ignore_index) ? Acc(0) : quiet_nan<Acc>());
+      fill_row<kThreads>(out, V, (y == a.ignore_index) ? Acc(0) : quiet_nan<Acc>());
       continue;
     }
 
@@ -242,61 +198,7 @@ __global__ void __launch_bounds__(kThreads) logprobs_bwd_kernel(const BwdArgs<T>
     op.inv_t = a.inv_t;
     op.y = static_cast<int>(y);
 
-    const uintptr_t x_mis = reinterpret_cast<uintptr_t>(x) & 15u;
-    const uintptr_t out_mis = reinterpret_cast<uintptr_t>(out) & 15u;
-    if (x_mis == out_mis) {
-      // Same split for both rows, so every vector load pairs with an aligned
-      // vector store at the same element offsets.
-      const RowSplit sp = split_row(x, V);
-      if (tid < sp.head) out[tid] = from_acc<T>(op(to_acc(x[tid]), tid));
-
-      const T* xb = x + sp.head;
-      T* ob = out + sp.head;
-      int i = tid;
-      // Both loads are issued before either store (memory parallelism; also
-      // keeps the read-before-write order per element when in place).
-      for (; i + kThreads < sp.nvec; i += 2 * kThreads) {
-        Acc u[kN], v[kN];
-        Vec<T>::load(xb + i * kN, u);
-        Vec<T>::load(xb + (i + kThreads) * kN, v);
-        const int j0 = sp.head + i * kN;
-        const int j1 = j0 + kThreads * kN;
-#pragma unroll
-        for (int k = 0; k < kN; ++k) {
-          u[k] = op(u[k], j0 + k);
-          v[k] = op(v[k], j1 + k);
-        }
-        Vec<T>::store(ob + i * kN, u);
-        Vec<T>::store(ob + (i + kThreads) * kN, v);
-      }
-      if (i < sp.nvec) {
-        Acc u[kN];
-        Vec<T>::load(xb + i * kN, u);
-        const int j0 = sp.head + i * kN;
-#pragma unroll
-        for (int k = 0; k < kN; ++k) u[k] = op(u[k], j0 + k);
-        Vec<T>::store(ob + i * kN, u);
-      }
-
-      const int j = sp.body_end + tid;
-      if (tid < V - sp.body_end) out[j] = from_acc<T>(op(to_acc(x[j]), j));
-    } else {
-      // Rows misaligned relative to each other: scalar, still coalesced
-      // (consecutive threads, consecutive elements). Four loads in flight
-      // per thread before the stores.
-      constexpr int kU = 4;
-      int j = tid;
-      for (; j + (kU - 1) * kThreads < V; j += kU * kThreads) {
-        Acc u[kU];
-#pragma unroll
-        for (int k = 0; k < kU; ++k) u[k] = to_acc(x[j + k * kThreads]);
-#pragma unroll
-        for (int k = 0; k < kU; ++k) {
-          out[j + k * kThreads] = from_acc<T>(op(u[k], j + k * kThreads));
-        }
-      }
-      for (; j < V; j += kThreads) out[j] = from_acc<T>(op(to_acc(x[j]), j));
-    }
+    grad_row<kThreads>(x, out, V, op);
   }
 }
 

@@ -102,6 +102,47 @@ struct KlParams {
   void* out = nullptr;
 };
 
+// The fused PPO policy step from logits (ppo_loss_from_logits with
+// grad_in_forward): per token row r of the [rows, V] logits (any RowLayout,
+// unit stride in V), with z = logits / T, label y, and the per-token inputs
+// old, adv, ref (optional) and the aggregation weight w (contiguous [rows],
+// accumulation type: double for Float64 logits, else float):
+//   logp = z_y - lse, H = lse - sum_j p_j z_j                 (logprobs.h)
+//   (pg, dpg, clip, lower, -lr) = POLICY token of (logp, old, adv) above
+//   kl, dkl = KL estimator kl_kind of (logp, ref), or 0 without ref
+//   stats[r] = (w (pg - c_H H + c_KL kl), pg, H, kl, clip, lower, -lr)
+//   g = w (dpg + c_KL dkl), gH = -c_H w
+//   grad[r, j] = ( g (1[j == y] - p_j) - gH p_j (z_j - lse + H) ) / T
+// The gradient is written only when grad != nullptr; grad may be the logits
+// themselves (same layout). Rows whose label is ignore_index get zero stats
+// and a zero gradient row, labels outside [0, V) NaN (never an address).
+struct PpoLogitsParams {
+  const void* logits = nullptr;
+  RowLayout logits_layout;
+  void* grad = nullptr;  // nullptr: forward only
+  RowLayout grad_layout;
+  ScalarKind dtype = ScalarKind::Float32;  // of logits and grad
+  int64_t rows = 0;
+  int64_t vocab = 0;
+  const int64_t* labels = nullptr;
+  int64_t ignore_index = -100;
+  double inv_temperature = 1.0;
+  const void* old = nullptr;
+  const void* adv = nullptr;
+  const void* ref = nullptr;  // nullptr: no KL term
+  const void* weights = nullptr;
+  double clip_low = 0.2, clip_high = 0.2, clip_c = 3.0;
+  bool has_dual = false;
+  int kl_kind = 3;
+  double kl_coef = 0.0;
+  double entropy_coef = 0.0;
+  void* stats = nullptr;  // [rows, kFusedStats]
+};
+constexpr int kFusedStats = 7;
+
+void ppo_logits_fused_cuda(const PpoLogitsParams& p, void* stream);
+void ppo_logits_fused_cpu(const PpoLogitsParams& p);
+
 void ppo_loss_fwd_cuda(const PpoLossParams& p, void* stream);
 void ppo_loss_bwd_cuda(const PpoLossParams& p, void* stream);
 void kl_penalty_cuda(const KlParams& p, void* stream);

@@ -11,13 +11,21 @@
 // 5 values per row; the backward also reads grad_row[b] once per row and
 // writes grad_x once; the KL kernels read 2 (3 for backward) arrays once and
 // write one.
+//
+// The fused PPO sweep from logits (PpoLogitsParams): rows in parallel; per
+// row the vectorised log-sum-exp and gradient loops of logprobs_cpu.h around
+// the scalar fused_token of ppo_loss_math.h. Reads each kept row once from
+// memory (the second read for the gradient comes from L2: a row is at most a
+// few hundred KiB) and writes its gradient once when asked.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
+#include "logprobs_cpu.h"
 #include "ppo.h"
 #include "ppo_loss_math.h"
 
@@ -135,7 +143,101 @@ void kl(const KlParams& p) {
   at::parallel_for(0, p.n, kKlGrain, [&](int64_t b, int64_t e) { fn(p, b, e); });
 }
 
+// --- fused PPO from logits ------------------------------------------------------
+
+template <typename A, typename Lse>
+RLHF_INLINE ppo_loss::FusedTokenOut<A> fused_scalars(const PpoLogitsParams& p, int64_t row, A x_label, Lse r,
+                                                     const ppo_loss::FusedConsts<A>& c) {
+  const A logp = x_label * static_cast<A>(p.inv_temperature) - r.lse;
+  const A ref = p.ref != nullptr ? static_cast<const A*>(p.ref)[row] : A(0);
+  ppo_loss::FusedTokenOut<A> o = ppo_loss::fused_token<A>(
+      logp, r.entropy, static_cast<const A*>(p.old)[row], static_cast<const A*>(p.adv)[row], ref,
+      static_cast<const A*>(p.weights)[row], c, p.has_dual, p.ref != nullptr ? p.kl_kind : -1);
+  A* st = static_cast<A*>(p.stats) + row * kFusedStats;
+  st[0] = o.weighted;
+  st[1] = o.pg;
+  st[2] = r.entropy;
+  st[3] = o.kl;
+  st[4] = o.clip;
+  st[5] = o.lower;
+  st[6] = o.neg_log_ratio;
+  return o;
+}
+
+// Writes the stats (and gradient row) of an ignored (0) or out-of-range (NaN) label; true if it was one.
+template <typename A, typename T>
+RLHF_INLINE bool fused_skip_row(const PpoLogitsParams& p, int64_t row, int64_t label) {
+  if (label != p.ignore_index && label >= 0 && label < p.vocab) return false;
+  const A v = label == p.ignore_index ? A(0) : std::numeric_limits<A>::quiet_NaN();
+  std::fill_n(static_cast<A*>(p.stats) + row * kFusedStats, kFusedStats, v);
+  if (p.grad != nullptr) {
+    T* gx = static_cast<T*>(p.grad) + p.grad_layout.offset(row);
+    std::fill(gx, gx + p.vocab, static_cast<T>(v));
+  }
+  return true;
+}
+
+template <typename T>
+RLHF_INLINE void fused_rows(const PpoLogitsParams& p, int64_t b, int64_t e) {
+  const ppo_loss::FusedConsts<float> c = ppo_loss::make_fused_consts<float>(p);
+  const float inv_t = static_cast<float>(p.inv_temperature);
+  for (int64_t row = b; row < e; ++row) {
+    const int64_t label = p.labels[row];
+    if (fused_skip_row<float, T>(p, row, label)) continue;
+    const T* x = static_cast<const T*>(p.logits) + p.logits_layout.offset(row);
+    const cpu::RowLse r = cpu::row_lse<T, true>(x, p.vocab, inv_t);
+    const auto o = fused_scalars<float>(p, row, static_cast<float>(x[label]), r, c);
+    if (p.grad == nullptr) continue;
+    T* gx = static_cast<T*>(p.grad) + p.grad_layout.offset(row);
+    if (o.gh != 0.0f) {
+      cpu::row_grad<T, true>(x, gx, p.vocab, label, inv_t, r.lse, o.g, o.gh, r.entropy);
+    } else {
+      cpu::row_grad<T, false>(x, gx, p.vocab, label, inv_t, r.lse, o.g, 0.0f, 0.0f);
+    }
+  }
+}
+
+void fused_rows_f64(const PpoLogitsParams& p, int64_t b, int64_t e) {
+  const ppo_loss::FusedConsts<double> c = ppo_loss::make_fused_consts<double>(p);
+  for (int64_t row = b; row < e; ++row) {
+    const int64_t label = p.labels[row];
+    if (fused_skip_row<double, double>(p, row, label)) continue;
+    const double* x = static_cast<const double*>(p.logits) + p.logits_layout.offset(row);
+    const cpu::RowLseF64 r = cpu::row_lse_f64<true>(x, p.vocab, p.inv_temperature);
+    const auto o = fused_scalars<double>(p, row, x[label], r, c);
+    if (p.grad == nullptr) continue;
+    double* gx = static_cast<double*>(p.grad) + p.grad_layout.offset(row);
+    cpu::row_grad_f64<true>(x, gx, p.vocab, label, p.inv_temperature, r.lse, o.g, o.gh, r.entropy);
+  }
+}
+
+// Entry points per ISA (the row loops are always_inline, see logprobs_cpu.h).
+template <typename T>
+void fused_rows_base(const PpoLogitsParams& p, int64_t b, int64_t e) { fused_rows<T>(p, b, e); }
+#if defined(__x86_64__) && defined(__GNUC__)
+template <typename T>
+RLHF_AVX2 void fused_rows_avx2(const PpoLogitsParams& p, int64_t b, int64_t e) { fused_rows<T>(p, b, e); }
+template <typename T>
+RLHF_AVX512 void fused_rows_avx512(const PpoLogitsParams& p, int64_t b, int64_t e) { fused_rows<T>(p, b, e); }
+#endif
+
 }  // namespace
+
+void ppo_logits_fused_cpu(const PpoLogitsParams& p) {
+  if (!ppo_loss::check_fused(p, "ppo_logits_fused_cpu")) return;
+  using cpu::cpu_isa;
+  using cpu::Isa;
+  void (*fn)(const PpoLogitsParams&, int64_t, int64_t) = nullptr;
+  switch (p.dtype) {
+    case ScalarKind::Float32: fn = RLHF_PICK(fused_rows, float); break;
+    case ScalarKind::BFloat16: fn = RLHF_PICK(fused_rows, c10::BFloat16); break;
+    case ScalarKind::Float16: fn = RLHF_PICK(fused_rows, c10::Half); break;
+    case ScalarKind::Float64: fn = &fused_rows_f64; break;
+  }
+  // About 64k logits per task, as the log-prob kernels.
+  const int64_t grain = std::max<int64_t>(1, 65536 / p.vocab);
+  at::parallel_for(0, p.rows, grain, [&](int64_t b, int64_t e) { fn(p, b, e); });
+}
 
 void ppo_loss_fwd_cpu(const PpoLossParams& p) {
   if (!ppo_loss::check_loss(p, "ppo_loss_fwd_cpu", true)) return;

@@ -196,6 +196,80 @@ RLHF_HD KlOut<A> kl_token(A logp, A ref) {
   return o;
 }
 
+// ---------------------------------------------------------------------------
+// The fused PPO-from-logits token (ppo.h, PpoLogitsParams): everything after
+// the log-sum-exp sweep, for one token. has_dual and kl_kind are runtime
+// values, uniform over a row (a CUDA block), so the branches cost nothing
+// next to the V-long sweeps; kl_kind < 0 means no reference.
+// ---------------------------------------------------------------------------
+template <typename A>
+struct FusedTokenOut {
+  A weighted;  // w (pg - c_H H + c_KL kl)
+  A pg;
+  A kl;
+  A clip;
+  A lower;
+  A neg_log_ratio;
+  A g;   // dL / dlogp
+  A gh;  // dL / dH
+};
+
+template <typename A>
+struct FusedConsts {
+  LossConsts<A> k;
+  A kl_coef;
+  A entropy_coef;
+};
+
+template <typename A>
+inline FusedConsts<A> make_fused_consts(const PpoLogitsParams& p) {
+  PpoLossParams q;
+  q.p0 = p.clip_low;
+  q.p1 = p.clip_high;
+  q.p2 = p.clip_c;
+  FusedConsts<A> c;
+  c.k = make_consts<A>(q);
+  c.kl_coef = static_cast<A>(p.kl_coef);
+  c.entropy_coef = static_cast<A>(p.entropy_coef);
+  return c;
+}
+
+template <typename A>
+RLHF_HD KlOut<A> kl_any(int kind, A logp, A ref) {
+  switch (kind) {
+    case kKlK1: return kl_token<A, kKlK1>(logp, ref);
+    case kKlAbs: return kl_token<A, kKlAbs>(logp, ref);
+    case kKlK2: return kl_token<A, kKlK2>(logp, ref);
+    default: return kl_token<A, kKlK3>(logp, ref);
+  }
+}
+
+template <typename A>
+RLHF_HD FusedTokenOut<A> fused_token(A logp, A entropy, A old, A adv, A ref, A weight, const FusedConsts<A>& c,
+                                     bool has_dual, int kl_kind) {
+  const TokenOut<A> o =
+      has_dual ? policy_token<A, true>(logp, old, adv, c.k) : policy_token<A, false>(logp, old, adv, c.k);
+  A term = o.loss - c.entropy_coef * entropy;
+  A dlogp = o.dloss;
+  A kl = A(0);
+  if (kl_kind >= 0) {
+    const KlOut<A> q = kl_any<A>(kl_kind, logp, ref);
+    kl = q.value;
+    term += c.kl_coef * q.value;
+    dlogp += c.kl_coef * q.d;
+  }
+  FusedTokenOut<A> f;
+  f.weighted = weight * term;
+  f.pg = o.loss;
+  f.kl = kl;
+  f.clip = o.clip;
+  f.lower = o.lower;
+  f.neg_log_ratio = o.kl;
+  f.g = weight * dlogp;
+  f.gh = -c.entropy_coef * weight;
+  return f;
+}
+
 // --- launcher argument checks, shared by the CPU and CUDA entry points (host code) ---
 
 [[noreturn]] inline void fail(const char* what, const char* msg) {
@@ -211,6 +285,18 @@ inline bool check_loss(const PpoLossParams& p, const char* what, bool forward) {
     fail(what, "dtype must be float32 or float64");
   }
   return forward ? p.batch > 0 : (p.batch > 0 && p.time > 0);
+}
+
+// Validates p; returns false when there is nothing to write.
+inline bool check_fused(const PpoLogitsParams& p, const char* what) {
+  if (p.rows < 0 || p.vocab < 1) fail(what, "negative rows or empty vocab");
+  if (p.vocab > (int64_t(1) << 30)) fail(what, "vocab size above 2^30 is not supported");
+  if (p.logits_layout.size1 < 1 || p.logits_layout.size2 < 1 || p.grad_layout.size1 < 1 ||
+      p.grad_layout.size2 < 1) {
+    fail(what, "row layout sizes must be >= 1");
+  }
+  if (p.ref != nullptr && (p.kl_kind < kKlK1 || p.kl_kind > kKlK3)) fail(what, "kl_kind must be in 0..3");
+  return p.rows > 0;
 }
 
 // Validates p; returns false when there is nothing to write.

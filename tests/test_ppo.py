@@ -264,3 +264,266 @@ def test_float_masks_mean_nonzero(device, backend):
     torch.testing.assert_close(got.loss, want[0])
     adv_g, _ = rlhf_kernels.gae(adv, old, fmask, backend=backend)
     torch.testing.assert_close(adv_g, reference.gae(adv, old, mask)[0])
+
+
+# --- ppo_loss_from_logits: the fused single sweep (grad_in_forward) and the two-pass composition ---
+
+FUSED = "ppo_logits_fused_native"
+# Tolerances of the loss / metrics and of the logits' gradient against the float64 oracle on the same
+# (rounded) logits. Both accumulate in float32; bf16 / fp16 gradients are additionally rounded once
+# (relative 2^-9 / 2^-12), and their entries are O(w / V), hence the small atol.
+FUSED_TOL = {
+    torch.float32: (dict(atol=2e-5, rtol=2e-5), dict(atol=1e-7, rtol=1e-4)),
+    torch.bfloat16: (dict(atol=2e-5, rtol=2e-5), dict(atol=1e-7, rtol=8e-3)),
+    torch.float16: (dict(atol=2e-5, rtol=2e-5), dict(atol=1e-7, rtol=1e-3)),
+}
+
+
+def fused_inputs(B, T, V, g, dtype=torch.float32, device="cpu", noncontig=False, with_ref=True):
+    """Logits (a [:, :-1] view when noncontig), labels, old / ref log-probs near the policy's
+    (so that clipping binds for some tokens), advantages, and a mask with gaps, an all-masked row."""
+    from rlhf_kernels.reference.logprobs import token_logprobs as ref_token_logprobs
+
+    full = (torch.randn(B, T + 1, V, generator=g) * 2).to(dtype)
+    logits = full[:, :T] if noncontig else full[:, :T].contiguous()
+    labels = torch.randint(0, V, (B, T), generator=g)
+    mask = make_mask(B, T, g, "gaps")
+    old = ref_token_logprobs(logits.double(), labels) + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    ref = old + 0.2 * torch.randn(B, T, generator=g, dtype=torch.float64) if with_ref else None
+    adv = torch.randn(B, T, generator=g, dtype=torch.float64)
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return to(logits), to(labels), to(old.float()), to(adv.float()), to(mask), to(None if ref is None else ref.float())
+
+
+def fused_oracle(logits, labels, old, adv, mask, *, ref_logprobs=None, temperature=1.0, kl_coef=0.0, kl_kind="k3",
+                 entropy_coef=0.0, loss_agg_mode="token-mean", ignore_index=-100, **clip):  # fmt: skip
+    """The float64 composition: log_softmax, gather, entropy, clipped surrogate, KL, aggregation."""
+    from rlhf_kernels.reference.logprobs import token_logprobs as ref_token_logprobs
+
+    xr = logits.detach().double().requires_grad_(True)
+    valid = (mask != 0) & (labels != ignore_index)
+    lp, ent = ref_token_logprobs(xr, labels, valid, temperature=temperature, return_entropy=True)
+    loss, clipfrac, approx_kl, lower = reference.ppo_policy_loss(lp, old.double(), adv.double(), valid,
+                                                                 loss_agg_mode=loss_agg_mode, **clip)  # fmt: skip
+    ent_agg = reference.agg_loss(ent, valid, loss_agg_mode)
+    kl_agg = torch.zeros((), dtype=torch.float64, device=lp.device)
+    if ref_logprobs is not None:
+        kl_agg = reference.agg_loss(reference.kl_penalty(lp, ref_logprobs.double(), kl_kind), valid, loss_agg_mode)
+    total = loss - entropy_coef * ent_agg + kl_coef * kl_agg
+    total.backward()
+    metrics = (total, loss, clipfrac, lower, approx_kl, ent_agg, kl_agg)
+    return [m.detach() for m in metrics], xr.grad
+
+
+def check_fused(logits, labels, old, adv, mask, backend, *, grad_in_forward=True, inplace_backward=False, **kw):
+    tol, grad_tol = FUSED_TOL[logits.dtype]
+    want, want_grad = fused_oracle(logits, labels, old, adv, mask, **kw)
+    leaf = logits.detach().clone().requires_grad_(True)
+    x = leaf * 1 if inplace_backward else leaf  # a non-leaf, as logits from an LM head are
+    loss, metrics = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, backend=backend,
+                                                      grad_in_forward=grad_in_forward,
+                                                      inplace_backward=inplace_backward, **kw)  # fmt: skip
+    loss.backward()
+    assert loss.shape == () and leaf.grad.dtype == logits.dtype and leaf.grad.shape == logits.shape
+    torch.testing.assert_close(loss.double(), want[0], **tol)
+    for name, got, exp in zip(metrics._fields, metrics, want, strict=True):
+        assert not got.requires_grad, name
+        torch.testing.assert_close(got.double(), exp, **tol, msg=lambda m, name=name: f"{name}: {m}")
+    torch.testing.assert_close(leaf.grad.double(), want_grad, **grad_tol)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op=FUSED))
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("grad_in_forward", [True, False], ids=["fused", "two-pass"])
+def test_ppo_from_logits_agg_modes(device, backend, mode, grad_in_forward):
+    """Every aggregation mode, with dual clip, clip-higher, k3 KL, entropy bonus and T != 1,
+    an all-masked row and masked gaps."""
+    g = torch.Generator().manual_seed(11)
+    logits, labels, old, adv, mask, ref = fused_inputs(4, 7, 1000, g, device=device)
+    check_fused(logits, labels, old, adv, mask, backend, grad_in_forward=grad_in_forward, temperature=0.9,
+                clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0, ref_logprobs=ref, kl_coef=0.05,
+                entropy_coef=0.01, loss_agg_mode=mode)  # fmt: skip
+
+
+FUSED_OPTIONS = {
+    "symmetric-plain": dict(),
+    "clip-higher-k1": dict(clip_ratio_low=0.1, clip_ratio_high=0.3, kl_kind="k1", kl_coef=0.1),
+    "dual-abs-entropy": dict(clip_ratio_c=2.0, kl_kind="abs", kl_coef=0.2, entropy_coef=0.05),
+    "k2-temperature": dict(kl_kind="k2", kl_coef=0.3, temperature=1.7),
+    "k3-metric-only": dict(kl_kind="k3", kl_coef=0.0, entropy_coef=0.02, temperature=0.5),
+}
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op=FUSED))
+@pytest.mark.parametrize("option", list(FUSED_OPTIONS))
+def test_ppo_from_logits_options(device, backend, option):
+    """Clip settings, each KL estimator (on, and as a metric only), entropy on / off,
+    temperatures, and a vocab (5003) that no block size divides."""
+    g = torch.Generator().manual_seed(12)
+    kw = FUSED_OPTIONS[option]
+    logits, labels, old, adv, mask, ref = fused_inputs(3, 5, 5003, g, device=device, with_ref="kl_kind" in kw)
+    check_fused(logits, labels, old, adv, mask, backend, ref_logprobs=ref, loss_agg_mode="seq-mean-token-mean",
+                **kw)  # fmt: skip
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op=FUSED))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "sliced"])
+@pytest.mark.parametrize("grad_in_forward,inplace", [(True, False), (True, True), (False, True)],
+                         ids=["fused", "fused-inplace", "two-pass-inplace"])  # fmt: skip
+def test_ppo_from_logits_dtypes_layouts(device, backend, dtype, layout, grad_in_forward, inplace):
+    g = torch.Generator().manual_seed(13)
+    logits, labels, old, adv, mask, ref = fused_inputs(3, 6, 1000, g, dtype, device, noncontig=layout == "sliced")
+    check_fused(logits, labels, old, adv, mask, backend, grad_in_forward=grad_in_forward, inplace_backward=inplace,
+                clip_ratio_c=3.0, ref_logprobs=ref, kl_coef=0.05, entropy_coef=0.01, temperature=1.3)  # fmt: skip
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op=FUSED))
+def test_ppo_from_logits_ignored_and_bad_labels(device, backend):
+    """ignore_index tokens count as masked (zero gradient row); a kept label outside [0, V)
+    gives NaN without reading out of bounds (check_labels=False) or raises (default)."""
+    g = torch.Generator().manual_seed(14)
+    logits, labels, old, adv, mask, ref = fused_inputs(2, 5, 300, g, device=device)
+    mask[:] = True
+    labels[1, 2] = -100
+    check_fused(logits, labels, old, adv, mask, backend, ref_logprobs=ref, kl_coef=0.1, entropy_coef=0.01)
+    x = logits.clone().requires_grad_(True)
+    loss, _ = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, backend=backend)
+    loss.backward()
+    assert torch.all(x.grad[1, 2] == 0)
+    bad = labels.clone()
+    bad[0, 1] = 300
+    with pytest.raises(ValueError, match="labels: value 300 is outside"):
+        rlhf_kernels.ppo_loss_from_logits(logits, bad, old, adv, mask, backend=backend)
+    x = logits.clone().requires_grad_(True)
+    loss, metrics = rlhf_kernels.ppo_loss_from_logits(x, bad, old, adv, mask, check_labels=False, backend=backend)
+    loss.backward()
+    assert torch.isnan(loss) and torch.isnan(metrics.entropy)
+    assert torch.isfinite(x.grad[1]).all()
+    if backend != "torch":  # the kernels flag the bad row; the reference's torch.where cuts its gradient
+        assert torch.isnan(x.grad[0, 1]).all()
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"], native_op=FUSED))
+def test_ppo_from_logits_fused_grad_modes(device, backend):
+    """Without grad the fused sweep writes no gradient and gives the same loss; the upstream
+    gradient scales the saved one; a second backward through the consumed gradient raises."""
+    g = torch.Generator().manual_seed(15)
+    logits, labels, old, adv, mask, _ = fused_inputs(2, 4, 200, g, device=device)
+    x = logits.clone().requires_grad_(True)
+    loss, _ = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, entropy_coef=0.1, backend=backend)
+    (3.0 * loss).backward(retain_graph=True)
+    with torch.no_grad():
+        loss_ng, _ = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, entropy_coef=0.1, backend=backend)
+    assert torch.equal(loss_ng, loss.detach())
+    _, want_grad = fused_oracle(logits, labels, old, adv, mask, entropy_coef=0.1)
+    torch.testing.assert_close(x.grad.double(), 3.0 * want_grad, atol=3e-7, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    y = (logits.clone().requires_grad_(True)) * 1
+    loss, _ = rlhf_kernels.ppo_loss_from_logits(y, labels, old, adv, mask, inplace_backward=True, backend=backend)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+def test_ppo_from_logits_bad_inputs():
+    g = torch.Generator().manual_seed(16)
+    logits, labels, old, adv, mask, ref = fused_inputs(2, 3, 10, g)
+    call = rlhf_kernels.ppo_loss_from_logits
+    with pytest.raises(ValueError, match="logits: expected shape"):
+        call(logits[0], labels, old, adv, mask)
+    with pytest.raises(ValueError, match="old_logprobs: expected shape"):
+        call(logits[:, :2], labels[:, :2], old, adv, mask)
+    with pytest.raises(ValueError, match="ref_logprobs: required when kl_coef"):
+        call(logits, labels, old, adv, mask, kl_coef=0.1)
+    with pytest.raises(ValueError, match="kl_kind: unknown KL estimator 'k5'"):
+        call(logits, labels, old, adv, mask, kl_kind="k5")
+    with pytest.raises(ValueError, match="clip_ratio_c: the dual-clip constant"):
+        call(logits, labels, old, adv, mask, clip_ratio_c=0.5)
+    with pytest.raises(TypeError, match="grad_in_forward: expected a bool"):
+        call(logits, labels, old, adv, mask, grad_in_forward=1)
+    with pytest.raises(ValueError, match="temperature: must be positive"):
+        call(logits, labels, old, adv, mask, temperature=0.0, backend="triton")
+    with pytest.raises(ValueError, match="ref_logprobs: requires grad"):
+        call(logits, labels, old, adv, mask, ref_logprobs=ref.requires_grad_(True), kl_coef=0.1, backend="triton")
+
+
+def test_token_weights_reproduce_agg_loss():
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(5, 9, generator=g, dtype=torch.float64)
+    mask = make_mask(5, 9, g, "gaps")
+    for mode in AGG_MODES:
+        w = rlhf_kernels.ops.ppo.token_weights(mask, mode, torch.float64)
+        torch.testing.assert_close((w * x).sum(), reference.agg_loss(x, mask, mode))
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"], native_op=FUSED))
+def test_ppo_fused_opcheck(device, backend):
+    if backend == "triton" and device == "cpu":
+        pytest.skip("fake tensors have no data pointer for the Triton interpreter; checked on GPU")
+    g = torch.Generator().manual_seed(18)
+    logits, labels, old, adv, mask, ref = fused_inputs(2, 3, 50, g, device=device)
+    weights = rlhf_kernels.ops.ppo.token_weights(mask, "token-mean").flatten()
+    args = (labels.masked_fill(~mask, -100).flatten(), old.flatten(), adv.flatten(), ref.flatten(), weights, 0.9,
+            -100, 0.2, 0.28, 3.0, True, 3, 0.05, 0.01)  # fmt: skip
+    ops = torch.ops.rlhf_kernels
+    # Backward hands back the gradient output scaled in place (it is consumed, by design), which the
+    # eager-vs-AOT output comparison flags; compiled correctness is test_ppo_from_logits_compile_fullgraph's.
+    torch.library.opcheck(getattr(ops, f"ppo_logits_fused_{backend}"), (logits.requires_grad_(True), *args, True),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))  # fmt: skip
+    torch.library.opcheck(getattr(ops, f"ppo_logits_fused_{backend}"), (logits.detach(), *args, False))
+    torch.library.opcheck(getattr(ops, f"ppo_logits_fused_inplace_{backend}"), (logits.detach().clone(), *args))
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"], native_op=FUSED))
+def test_ppo_from_logits_compile_fullgraph(device, backend):
+    if backend == "triton" and device == "cpu":
+        pytest.skip("torch.compile cannot trace interpreted Triton kernels; checked on GPU")
+    g = torch.Generator().manual_seed(19)
+    logits, labels, old, adv, mask, ref = fused_inputs(2, 5, 64, g, device=device)
+
+    def step(x):
+        loss, metrics = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, ref_logprobs=ref, kl_coef=0.1,
+                                                          entropy_coef=0.01, check_labels=False, backend=backend)
+        return loss, metrics.clipfrac  # fmt: skip
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    x1, x2 = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    eager = step(x1)
+    eager[0].backward()
+    out = compiled(x2)
+    out[0].backward()
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(x2.grad, x1.grad)
+
+
+# CPU only: its profiler sees every allocation (CUDA peak memory is what the bench reports).
+CPU_NATIVE = [c for c in backend_cases(["native"], native_op=FUSED) if c.id == "cpu-native"]
+
+
+@pytest.mark.parametrize("device,backend", CPU_NATIVE)
+@pytest.mark.parametrize("inplace", [False, True], ids=["fused", "fused-inplace"])
+def test_ppo_from_logits_no_float32_temporary(device, backend, inplace):
+    """The whole bf16 step (forward + backward) allocates at most one bf16 [B, T, V] gradient
+    besides O(B T) buffers: no float32 copy of the logits."""
+    from rlhf_kernels.bench import _peak_bytes
+
+    g = torch.Generator().manual_seed(20)
+    logits, labels, old, adv, mask, ref = fused_inputs(2, 16, 4096, g, torch.bfloat16, device)
+    size = logits.numel() * logits.element_size()
+
+    def setup():
+        return (logits.detach().clone().requires_grad_(True) * 1) if inplace else logits.detach().requires_grad_(True)
+
+    def step(x):
+        loss, _ = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, ref_logprobs=ref, kl_coef=0.1,
+                                                    entropy_coef=0.01, inplace_backward=inplace, backend=backend)
+        loss.backward()  # fmt: skip
+
+    step(setup())
+    peak = _peak_bytes(step, setup, torch.device(device))
+    # one bf16 gradient: the op's (out of place) or the leaf's, from the `* 1` in setup (in place);
+    # a float32 temporary alone would be 2 * size
+    assert peak < size + 64 * 1024, f"peak {peak} bytes for {size} bytes of logits"

@@ -124,16 +124,7 @@ def ppo_policy_loss(
     advantages and mask are data.
     """
     _check_rows(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask, need_mask=True)
-    low = clip_ratio if clip_ratio_low is None else clip_ratio_low
-    high = clip_ratio if clip_ratio_high is None else clip_ratio_high
-    for name, value in (("clip_ratio", clip_ratio), ("clip_ratio_low", low), ("clip_ratio_high", high)):
-        _check_real(name, value)
-        if value < 0:
-            raise ValueError(f"{name}: must be >= 0, got {value}")
-    if clip_ratio_c is not None:
-        _check_real("clip_ratio_c", clip_ratio_c)
-        if not clip_ratio_c > 1:
-            raise ValueError(f"clip_ratio_c: the dual-clip constant must be > 1, got {clip_ratio_c}")
+    low, high = _clip_bounds(clip_ratio, clip_ratio_low, clip_ratio_high, clip_ratio_c)
     _check_agg(loss_agg_mode)
     impl = _dispatch.resolve(backend, logprobs.device, "ppo_loss_fwd_native")
     if impl == "torch":
@@ -231,24 +222,70 @@ def ppo_loss_from_logits(
     loss_agg_mode: str = "token-mean",
     ignore_index: int = -100,
     check_labels: bool = True,
+    grad_in_forward: bool = True,
+    inplace_backward: bool = False,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, PPOLossMetrics]:
     r"""The PPO policy step from ``[B, T, V]`` logits to the scalar loss.
 
     .. math::
 
-        L = \operatorname{agg}(\ell^{PPO}) - c_H \operatorname{agg}(H) + c_{KL} \operatorname{agg}(\mathrm{KL})
+        L = \sum_t w_t \big(\ell^{PPO}_t - c_H H_t + c_{KL} \mathrm{KL}_t\big)
+          = \operatorname{agg}(\ell^{PPO}) - c_H \operatorname{agg}(H) + c_{KL} \operatorname{agg}(\mathrm{KL})
 
     with the clipped surrogate :math:`\ell^{PPO}` of :func:`ppo_policy_loss` on
     :math:`\log\pi = ` ``token_logprobs(logits / T)``, the entropy :math:`H` of
-    ``softmax(logits / T)`` and the ``kl_kind`` estimator to ``ref_logprobs``,
-    all aggregated by ``loss_agg_mode`` over ``mask`` (as verl's actor does).
+    ``softmax(logits / T)`` and the ``kl_kind`` estimator to ``ref_logprobs``
+    (computed for the ``kl`` metric whenever ``ref_logprobs`` is given), all
+    aggregated by ``loss_agg_mode`` over ``mask`` (as verl's actor does). Every
+    aggregation mode is a weighted token sum with weights that depend on the
+    mask only: ``token-mean`` :math:`w_t = 1/n`, ``seq-mean-token-sum``
+    :math:`1/S`, ``seq-mean-token-mean`` :math:`1/(S\,n_b)`,
+    ``seq-mean-token-sum-norm`` :math:`1/T` (:math:`n` valid tokens, :math:`S`
+    sequences with at least one, :math:`n_b` valid tokens of sequence :math:`b`;
+    0 on masked tokens, so empty sequences drop out). Tokens whose label is
+    ``ignore_index`` count as masked. The logits' gradient is, per token,
 
-    The logits are read once in forward (online log-sum-exp, label log-prob
-    and entropy in one pass, keeping two floats per token) and once more in
-    backward, which writes their gradient in the same pass: no ``[B, T, V]``
-    float32 temporary. The per-token PPO, KL and aggregation arithmetic runs in
-    fused ``O(B T)`` kernels between the two. Returns ``(loss, metrics)``.
+    .. math::
+
+        \frac{\partial L}{\partial x_j} = \frac{1}{T}\Big(g_t(\mathbb{1}[j = y_t] - p_j)
+            - g_{H,t}\, p_j (z_j - \operatorname{lse} + H_t)\Big),\quad
+        g_t = w_t\Big(\frac{\partial \ell^{PPO}_t}{\partial \log\pi_t}
+            + c_{KL} \frac{\partial \mathrm{KL}_t}{\partial \log\pi_t}\Big),\quad g_{H,t} = -c_H w_t .
+
+    Two ways to run it (kernel backends; ``"torch"`` is the float64-capable
+    reference composition and ignores both flags):
+
+    * ``grad_in_forward=True`` (default): one kernel sweeps the logits once in
+      token chunks: online log-sum-exp, label log-prob, entropy, ratio,
+      clipping, KL and weight in registers; since :math:`g_t, g_{H,t}` are then
+      known, a second pass over the same row (cache-resident) writes the
+      gradient. Logits are read from memory once and the gradient written once,
+      the minimum for a policy step. The gradient (``logits``' dtype and shape)
+      is held from forward to backward instead of the logits, and backward
+      scales it in place by the upstream gradient. That scale is usually
+      exactly 1 (``loss.backward()``): on CUDA a tiny kernel reads it on the
+      device and skips the pass, so there is neither a host sync nor another
+      ``[B, T, V]`` read and write (on CPU the value is just read); any other
+      value costs that extra pass, and a bf16/fp16 gradient is rounded twice.
+      Backward can therefore run only once (``retain_graph`` reuse raises).
+      Under ``torch.no_grad`` or when ``logits`` do not require grad, no
+      gradient is written: a single forward sweep. With
+      ``inplace_backward=True`` the gradient overwrites ``logits`` in the
+      forward itself (no ``[B, T, V]`` allocation at all; the logits must not be
+      used afterwards). Gradients to ``ref_logprobs`` are not produced: it
+      must not require grad.
+    * ``grad_in_forward=False``: the composition of :func:`token_logprobs`
+      (forward reads the logits once, keeping two floats per token; backward
+      reads them again and writes their gradient, in place with
+      ``inplace_backward``) and fused ``O(B T)`` kernels for the PPO, KL and
+      aggregation arithmetic. Holds nothing logits-sized between the passes
+      except the logits themselves, and differentiates ``ref_logprobs`` too.
+
+    Neither creates a ``[B, T, V]`` float32 temporary. Returns ``(loss, metrics)``;
+    the metrics are detached (``clipfrac``, ``clipfrac_lower`` and
+    ``approx_kl`` are means over valid tokens, ``pg_loss``, ``entropy`` and
+    ``kl`` aggregated like the loss).
     """
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
         raise ValueError(f"logits: expected shape [B, T, V], got {getattr(logits, 'shape', None)}")
@@ -263,12 +300,33 @@ def ppo_loss_from_logits(
     if kl_kind not in KL_KINDS:
         raise ValueError(f"kl_kind: unknown KL estimator {kl_kind!r}; expected one of {', '.join(KL_KINDS)}")
     _check_agg(loss_agg_mode)
-    from rlhf_kernels.ops.logprobs import token_logprobs
+    low, high = _clip_bounds(clip_ratio, clip_ratio_low, clip_ratio_high, clip_ratio_c)
+    for name, flag in (("grad_in_forward", grad_in_forward), ("inplace_backward", inplace_backward)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
+    from rlhf_kernels.ops import logprobs as logprobs_ops
 
-    mask = mask != 0  # bool, integer or float: nonzero means valid
-    logprobs, entropy = token_logprobs(
+    # bool, integer or float mask: nonzero means valid; an ignored label has no log-prob, so it is masked too
+    if isinstance(labels, torch.Tensor) and labels.shape == mask.shape and labels.device == mask.device:
+        mask = (mask != 0) & (labels != ignore_index)
+    else:
+        mask = mask != 0  # token_logprobs' checks report the bad labels
+    impl = _dispatch.resolve(backend, logits.device, "ppo_logits_fused_native" if grad_in_forward else None)
+    if grad_in_forward and impl != "torch":
+        logprobs_ops._check_inputs(logits, labels, mask, temperature, ignore_index, check_labels)
+        if ref_logprobs is not None and ref_logprobs.requires_grad and torch.is_grad_enabled():
+            raise ValueError(
+                "ref_logprobs: requires grad, but grad_in_forward=True computes only the logits' gradient; "
+                "detach it or pass grad_in_forward=False"
+            )
+        return _fused_from_logits(
+            impl, logits, labels, old_logprobs, advantages, mask, ref_logprobs, float(temperature), int(ignore_index),
+            low, high, clip_ratio_c, kl_kind, float(kl_coef), float(entropy_coef), loss_agg_mode, inplace_backward,
+        )  # fmt: skip
+
+    logprobs, entropy = logprobs_ops.token_logprobs(
         logits, labels, mask, temperature=temperature, ignore_index=ignore_index, return_entropy=True,
-        check_labels=check_labels, backend=backend,
+        inplace_backward=inplace_backward, check_labels=check_labels, backend=backend,
     )  # fmt: skip
     pg = ppo_policy_loss(
         logprobs, old_logprobs, advantages, mask, clip_ratio=clip_ratio, clip_ratio_low=clip_ratio_low,
@@ -288,6 +346,96 @@ def ppo_loss_from_logits(
     metrics = PPOLossMetrics(loss.detach(), pg.loss.detach(), pg.clipfrac, pg.clipfrac_lower, pg.approx_kl,
                              entropy_agg.detach(), kl_agg.detach())  # fmt: skip
     return loss, metrics
+
+
+def token_weights(mask: torch.Tensor, loss_agg_mode: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-token weights :math:`w` with ``agg(x) == (w * x).sum()`` for ``loss_agg_mode``
+    (see :func:`ppo_loss_from_logits`); 0 on masked tokens and in empty sequences."""
+    _check_agg(loss_agg_mode)
+    m = (mask != 0).to(dtype)
+    if loss_agg_mode == "token-mean":
+        return m / m.sum().clamp(min=1)
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        return m / m.shape[-1]
+    count = m.sum(-1, keepdim=True)
+    n_seqs = (count > 0).to(dtype).sum().clamp(min=1)
+    if loss_agg_mode == "seq-mean-token-sum":
+        return m / n_seqs
+    return m / (count.clamp(min=1) * n_seqs)
+
+
+def _fused_from_logits(impl, logits, labels, old, adv, valid, ref, temperature, ignore_index, low, high, clip_c,
+                       kl_kind, kl_coef, entropy_coef, mode, inplace):  # fmt: skip
+    """The single-sweep path of ppo_loss_from_logits (grad_in_forward=True) on a kernel backend."""
+    from rlhf_kernels._layout import row_layout
+
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    if row_layout(logits) is None:
+        logits = logits.contiguous()
+    weights = token_weights(valid, mode, acc)
+    n_valid = valid.sum().clamp(min=1).to(acc)
+    args = (
+        labels.long().masked_fill(~valid, ignore_index).flatten().contiguous(),
+        old.detach().to(acc).flatten().contiguous(), adv.detach().to(acc).flatten().contiguous(),
+        None if ref is None else ref.detach().to(acc).flatten().contiguous(), weights.flatten().contiguous(),
+        temperature, ignore_index, low, high, float(clip_c or 0.0), clip_c is not None, _KL_IDS[kl_kind], kl_coef,
+        entropy_coef,
+    )  # fmt: skip
+    ops = _FUSED_OPS[impl]
+    need_grad = torch.is_grad_enabled() and logits.requires_grad
+    if need_grad and inplace and torch._debug_has_internal_overlap(logits) == 0:
+        loss, stats = _FusedInplace.apply(logits, ops[1], args)
+    else:
+        loss, stats, _ = ops[0](logits, *args, need_grad)
+    weighted = (stats[:, 1:4] * weights.flatten()[:, None]).sum(0)  # pg loss, entropy, kl
+    fractions = stats[:, 4:7].sum(0) / n_valid  # clipfrac, clipfrac lower, approx kl
+    zero = torch.zeros((), dtype=acc, device=loss.device)
+    metrics = PPOLossMetrics(loss.detach(), weighted[0], fractions[0], fractions[1], fractions[2], weighted[1],
+                             weighted[2] if ref is not None else zero)  # fmt: skip
+    return loss, metrics
+
+
+class _FusedInplace(torch.autograd.Function):
+    """The in-place variant: the gradient overwrites the logits during forward.
+
+    torch.library cannot register autograd for an op that mutates its input,
+    so this one goes through an autograd.Function; the out-of-place op has
+    register_autograd like every other op.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, op, args):
+        loss, stats = op(logits, *args)
+        # The C++ op is registered for CPU/CUDA only, so nothing bumps the version
+        # counter for it: do it here so that other nodes that saved the logits
+        # notice they were overwritten (as they would for the Triton op).
+        torch.autograd.graph.increment_version(logits)
+        ctx.grad = logits
+        ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            raise RuntimeError("ppo_loss_from_logits: backward ran twice through the in-place fused loss "
+                               "(its gradient was consumed); use grad_in_forward=False to retain the graph")
+        return _scale_unless_one(grad, grad_loss), None, None
+
+
+def _clip_bounds(clip_ratio, clip_ratio_low, clip_ratio_high, clip_ratio_c):
+    low = clip_ratio if clip_ratio_low is None else clip_ratio_low
+    high = clip_ratio if clip_ratio_high is None else clip_ratio_high
+    for name, value in (("clip_ratio", clip_ratio), ("clip_ratio_low", low), ("clip_ratio_high", high)):
+        _check_real(name, value)
+        if value < 0:
+            raise ValueError(f"{name}: must be >= 0, got {value}")
+    if clip_ratio_c is not None:
+        _check_real("clip_ratio_c", clip_ratio_c)
+        if not clip_ratio_c > 1:
+            raise ValueError(f"clip_ratio_c: the dual-clip constant must be > 1, got {clip_ratio_c}")
+    return float(low), float(high)
 
 
 def _elementwise_backend(backend: str, device: torch.device, native_op: str) -> str:
@@ -432,6 +580,21 @@ def _fake_kl_bwd(logp, ref, kind, grad):
     return logp.new_empty(logp.shape)
 
 
+_KL_IDS = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
+_FUSED_STATS = 7  # per token: weighted loss term, pg loss, entropy, kl, clipped, clipped-lower, -log ratio
+
+
+def _fake_fused(logits, labels, old, adv, ref, weights, temperature, ignore_index, low, high, clip_c, has_dual,
+                kl_kind, kl_coef, entropy_coef, write_grad):  # fmt: skip
+    grad = logits.new_empty(logits.shape if write_grad else (0,))
+    return old.new_empty(()), old.new_empty(labels.shape[0], _FUSED_STATS), grad
+
+
+def _fake_fused_inplace(logits, labels, old, adv, ref, weights, temperature, ignore_index, low, high, clip_c,
+                        has_dual, kl_kind, kl_coef, entropy_coef):  # fmt: skip
+    return old.new_empty(()), old.new_empty(labels.shape[0], _FUSED_STATS)
+
+
 if triton_impl is not None:
 
     @triton_op("rlhf_kernels::gae_triton", mutates_args=())
@@ -462,14 +625,50 @@ if triton_impl is not None:
     def _kl_bwd_triton(logp: torch.Tensor, ref: torch.Tensor, kind: str, grad: torch.Tensor) -> torch.Tensor:
         return triton_impl.kl_penalty(logp, ref, kind, grad_out=grad.contiguous(), launch=wrap_triton)
 
+    @triton_op("rlhf_kernels::ppo_logits_fused_triton", mutates_args=())
+    def _fused_triton(
+        logits: torch.Tensor, labels: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, ref: torch.Tensor | None,
+        weights: torch.Tensor, temperature: float, ignore_index: int, low: float, high: float, clip_c: float,
+        has_dual: bool, kl_kind: int, kl_coef: float, entropy_coef: float, write_grad: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        grad = torch.empty(logits.shape if write_grad else (0,), dtype=logits.dtype, device=logits.device)
+        stats = triton_impl.ppo_logits_fused(
+            logits, labels, old, adv, ref, weights, grad if write_grad else None, temperature, ignore_index, low,
+            high, clip_c, has_dual, kl_kind, kl_coef, entropy_coef, launch=wrap_triton,
+        )  # fmt: skip
+        return stats[:, 0].sum(), stats, grad
+
+    @triton_op("rlhf_kernels::ppo_logits_fused_inplace_triton", mutates_args=("logits",))
+    def _fused_inplace_triton(
+        logits: torch.Tensor, labels: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, ref: torch.Tensor | None,
+        weights: torch.Tensor, temperature: float, ignore_index: int, low: float, high: float, clip_c: float,
+        has_dual: bool, kl_kind: int, kl_coef: float, entropy_coef: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        stats = triton_impl.ppo_logits_fused(
+            logits, labels, old, adv, ref, weights, logits, temperature, ignore_index, low, high, clip_c, has_dual,
+            kl_kind, kl_coef, entropy_coef, launch=wrap_triton,
+        )  # fmt: skip
+        return stats[:, 0].sum(), stats
+
+    @triton_op("rlhf_kernels::scale_unless_one_triton", mutates_args=("x",))
+    def _scale_unless_one_triton(x: torch.Tensor, scale: torch.Tensor) -> None:
+        triton_impl.scale_unless_one_(x, scale, launch=wrap_triton)
+
+    @_scale_unless_one_triton.register_fake
+    def _(x, scale):
+        return None
+
     for _op, _fake in ((_gae_triton, _fake_gae), (_loss_fwd_triton, _fake_loss_fwd),
                        (_loss_bwd_triton, _fake_loss_bwd), (_kl_fwd_triton, _fake_kl_fwd),
-                       (_kl_bwd_triton, _fake_kl_bwd)):  # fmt: skip
+                       (_kl_bwd_triton, _fake_kl_bwd), (_fused_triton, _fake_fused),
+                       (_fused_inplace_triton, _fake_fused_inplace)):  # fmt: skip
         _op.register_fake(_fake)
 
 if native.available():
     for _name, _fake in (("gae", _fake_gae), ("ppo_loss_fwd", _fake_loss_fwd), ("ppo_loss_bwd", _fake_loss_bwd),
-                         ("kl_penalty_fwd", _fake_kl_fwd), ("kl_penalty_bwd", _fake_kl_bwd)):  # fmt: skip
+                         ("kl_penalty_fwd", _fake_kl_fwd), ("kl_penalty_bwd", _fake_kl_bwd),
+                         ("ppo_logits_fused", _fake_fused),
+                         ("ppo_logits_fused_inplace", _fake_fused_inplace)):  # fmt: skip
         if hasattr(torch.ops.rlhf_kernels, f"{_name}_native"):
             torch.library.register_fake(f"rlhf_kernels::{_name}_native")(_fake)
 
@@ -506,3 +705,47 @@ for _backend, (_fwd, _bwd) in _dispatch.kernel_ops("kl_penalty_fwd", "kl_penalty
         return (d if ctx.needs_input_grad[0] else None), (-d if ctx.needs_input_grad[1] else None), None
 
     torch.library.register_autograd(_fwd, _kl_backward, setup_context=_kl_setup)
+
+# The fused single sweep: autograd on the out-of-place op hands back the gradient that
+# forward wrote, scaled in place by the upstream gradient (a 0-dim tensor, so no sync).
+_FUSED_OPS = _dispatch.kernel_ops("ppo_logits_fused", "ppo_logits_fused_inplace")
+
+
+def _fused_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1], output[2])
+    # Else autograd fills a zero "gradient" for the non-differentiable outputs: a [B, T, V] pass.
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(output[2])
+
+
+def _fused_backward(ctx, grad_loss, _grad_stats, _grad_grad):
+    (grad,) = ctx.saved_tensors  # a second backward fails here: the first may have scaled it in place
+    if not ctx.needs_input_grad[0]:
+        return (None,) * 16
+    return (_scale_unless_one(grad, grad_loss),) + (None,) * 15
+
+
+def _scale_unless_one(grad, scale):
+    """The saved gradient times the upstream scalar, in place; no pass over it when that is 1.
+
+    On CUDA a Triton kernel reads the scalar on the device and exits early, so there
+    is neither a host sync nor a [B, T, V] pass for ``loss.backward()``; on CPU the
+    value is simply read. Without Triton or for a strided in-place buffer: mul_.
+    Traced (torch.compile: fake / functional tensors), the product is functional, for
+    the compiler to fuse into the gradient's consumer.
+    """
+    if type(grad) is not torch.Tensor or torch.compiler.is_compiling():
+        return grad * scale
+    if grad.device.type == "cpu":
+        if scale.numel() != 1 or float(scale) != 1.0:
+            grad.mul_(scale)
+    elif triton_impl is not None and grad.is_contiguous() and scale.numel() == 1:
+        torch.ops.rlhf_kernels.scale_unless_one_triton(grad, scale.reshape(1).to(_acc_dtype(grad)))
+    else:
+        grad.mul_(scale)
+    torch.autograd.graph.increment_version(grad)  # also when skipped: a second backward must fail
+    return grad
+
+
+for _fused, _ in _FUSED_OPS.values():
+    torch.library.register_autograd(_fused, _fused_backward, setup_context=_fused_setup)

@@ -1,4 +1,5 @@
-"""Triton kernels for PPO: the chunked GAE scan.
+"""Triton kernels for PPO: the chunked GAE scan, the token losses, the KL estimators and
+the fused single sweep from logits to the PPO loss (and the logits' gradient).
 
 GAE semantics (response-mask skip, verl's compute_gae_advantage_return) are in
 csrc/ppo.h and rlhf_kernels.ops.ppo.gae's docstring.
@@ -10,7 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
+from rlhf_kernels._layout import row_layout
 from rlhf_kernels.triton._common import join_float, split_float
+from rlhf_kernels.triton.logprobs import _LN2, _LOG2E, _block_v, _row_start
 
 
 @triton.jit
@@ -330,4 +333,207 @@ def kernel_configs():
             sig = {"logp_ptr": "*fp32", "ref_ptr": "*fp32", "out_ptr": "*fp32", "grad_out_ptr": "*fp32", "n": "i64",
                    "KIND": "constexpr", "BACKWARD": "constexpr", "BLOCK": "constexpr"}  # fmt: skip
             configs.append((_kl_kernel, sig, {"KIND": kind, "BACKWARD": backward, "BLOCK": 1024}, 4))
+    return configs + _fused_configs()
+
+
+# --- PPO from logits: the fused single sweep ---------------------------------------------------
+
+FUSED_STATS = 7  # per token: weighted loss term, pg loss, entropy, kl, clipped, clipped-lower, -log ratio
+
+
+@triton.jit
+def _ppo_logits_kernel(
+    logits_ptr, grad_ptr, labels_ptr, old_ptr, adv_ptr, ref_ptr, weights_ptr, stats_ptr,
+    rows, V, size1, size2, stride0, stride1, stride2, g_size1, g_size2, g_stride0, g_stride1, g_stride2,
+    inv_temp_hi, inv_temp_lo, low_hi, low_lo, high_hi, high_lo, c_hi, c_lo, kl_coef_hi, kl_coef_lo,
+    ent_coef_hi, ent_coef_lo, ignore_index,
+    HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr, KL_KIND: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    # Grid: (G,), G <= rows = B * T; program i owns token rows i, i + G, ...
+    # (G = rows without the gradient; with it the launcher caps G so that the
+    # rows in flight fit in half of L2, see ppo_logits_fused). Per row:
+    # pass 1 streams its V logits once (online max / sum of 2^(u - m) / entropy
+    # sum, as _logprobs_fwd_kernel), then the per-token PPO math runs on
+    # scalars (log-prob, entropy, clipped surrogate, KL, aggregation weight w
+    # and dL/dlogp, dL/dH); with WRITE_GRAD, pass 2 reads the row again and
+    # writes
+    #   dlogits_j = (g (1[j == y] - p_j) - gH p_j (z_j - lse + H)) / T,
+    #   g = w (d pg / d logp + c_KL d KL / d logp),  gH = -c_H w.
+    # Bytes per row: V * itemsize read from HBM (pass 2's read is meant to hit
+    # L2), V * itemsize written with WRITE_GRAD, 32 read + 28 written in
+    # float32 for the per-token scalars. grad_ptr may alias logits_ptr (in
+    # place): pass 2 reads each element before the same program writes it.
+    # Ignored / masked rows read no logits and get zero stats and gradient.
+    acc_ty = stats_ptr.dtype.element_ty
+    ln2 = tl.full((), _LN2, acc_ty)
+    log2e = tl.full((), _LOG2E, acc_ty)
+    inv_temp = join_float(inv_temp_hi, inv_temp_lo, acc_ty)
+    scale2 = inv_temp * log2e
+    cols = tl.arange(0, BLOCK_V).to(tl.int64)
+    for row in range(tl.program_id(0).to(tl.int64), rows, tl.num_programs(0)):
+        st = stats_ptr + row * 7
+        label = tl.load(labels_ptr + row)
+        g_row = grad_ptr + _row_start(row, g_size1, g_size2, g_stride0, g_stride1, g_stride2)
+        if (label == ignore_index) | (label < 0) | (label >= V):
+            # masked / ignored: 0 everywhere; a kept label outside [0, V): NaN (never an address)
+            fill = tl.where(label == ignore_index, 0.0, float("nan")).to(acc_ty)
+            for k in tl.static_range(7):
+                tl.store(st + k, fill)
+            if WRITE_GRAD:
+                for start in range(0, V, BLOCK_V):
+                    offs = start + cols
+                    tl.store(g_row + offs, tl.zeros((BLOCK_V,), acc_ty) + fill, mask=offs < V)
+        else:
+            x_row = logits_ptr + _row_start(row, size1, size2, stride0, stride1, stride2)
+            m = tl.full((), float("-inf"), acc_ty)
+            s = tl.zeros((), acc_ty)
+            w2 = tl.zeros((), acc_ty)
+            for start in range(0, V, BLOCK_V):
+                offs = start + cols
+                x = tl.load(x_row + offs, mask=offs < V, other=float("-inf"))
+                u = x.to(acc_ty) * scale2
+                m_new = tl.maximum(m, tl.max(u, axis=0))
+                pivot = tl.where(m_new == float("-inf"), 0.0, m_new).to(acc_ty)
+                alpha = tl.exp2(m - pivot)
+                e = tl.exp2(u - pivot)
+                # w2 = sum e (u - m), kept relative to the max as in _logprobs_fwd_kernel
+                w2 = alpha * (w2 + s * tl.where(s > 0, m - pivot, 0.0))
+                w2 = (w2 + tl.sum(e * tl.where(e > 0, u - pivot, 0.0), axis=0)).to(acc_ty)
+                s = s * alpha + tl.sum(e, axis=0)
+                m = m_new
+            lse2 = m + tl.log2(s)
+            x_label = tl.load(x_row + label).to(acc_ty)
+            logp = (x_label * scale2 - lse2) * ln2
+            entropy = (tl.log2(s) - w2 / s) * ln2
+
+            old = tl.load(old_ptr + row)
+            adv = tl.load(adv_ptr + row)
+            weight = tl.load(weights_ptr + row)
+            low = join_float(low_hi, low_lo, acc_ty)
+            high = join_float(high_hi, high_lo, acc_ty)
+            clip_c = join_float(c_hi, c_lo, acc_ty)
+            ent_coef = join_float(ent_coef_hi, ent_coef_lo, acc_ty)
+            pg, dpg, clip_hit, lower_hit, neg_log_ratio = _policy_token(logp, old, adv, low, high, clip_c, HAS_DUAL)
+            term = pg - ent_coef * entropy
+            dlogp = dpg
+            kl = tl.zeros((), acc_ty)
+            if HAS_REF:
+                kl_coef = join_float(kl_coef_hi, kl_coef_lo, acc_ty)
+                kl, dkl = _kl_token(logp, tl.load(ref_ptr + row), KL_KIND)
+                term += kl_coef * kl
+                dlogp += kl_coef * dkl
+            tl.store(st + 0, weight * term)
+            tl.store(st + 1, pg)
+            tl.store(st + 2, entropy)
+            tl.store(st + 3, kl)
+            tl.store(st + 4, clip_hit)
+            tl.store(st + 5, lower_hit)
+            tl.store(st + 6, neg_log_ratio)
+
+            if WRITE_GRAD:
+                g = weight * dlogp
+                gh = -ent_coef * weight
+                shift2 = entropy * log2e - lse2  # z - lse + H in base-2 units: u + shift2
+                for start in range(0, V, BLOCK_V):
+                    offs = start + cols
+                    x = tl.load(x_row + offs, mask=offs < V, other=0.0)
+                    u = x.to(acc_ty) * scale2
+                    p = tl.exp2(u - lse2)
+                    d = tl.where(offs == label, g - g * p, -g * p)
+                    if HAS_ENTROPY_GRAD:
+                        d -= gh * p * tl.where(p > 0, u + shift2, 0.0) * ln2
+                    tl.store(g_row + offs, (d * inv_temp).to(g_row.dtype.element_ty), mask=offs < V)
+
+
+def ppo_logits_fused(
+    logits, labels, old, adv, ref, weights, grad, temperature, ignore_index, low, high, clip_c, has_dual, kl_kind,
+    kl_coef, entropy_coef, launch=None,
+):  # fmt: skip
+    """Launch the fused kernel; returns the per-token stats ``[rows, 7]``.
+
+    ``labels`` (int64, mask folded into ``ignore_index``), ``old``, ``adv``,
+    ``ref`` and ``weights`` are contiguous ``[rows]``, the last four in the
+    accumulation dtype. ``grad`` is ``None`` (no gradient), a fresh tensor or
+    ``logits`` itself (in place).
+    """
+    layout = row_layout(logits)
+    grad_layout = layout if grad is None else row_layout(grad)
+    if layout is None or grad_layout is None:
+        raise ValueError("logits: more than three non-mergeable leading dims; pass a contiguous tensor")
+    rows = labels.numel()
+    stats = torch.empty(rows, FUSED_STATS, dtype=old.dtype, device=logits.device)
+    if rows == 0:
+        return stats
+    vocab = logits.shape[-1]
+    block, num_warps = _fused_block(vocab, logits.element_size())
+    programs = rows
+    if grad is not None and logits.is_cuda:
+        # Pass 2 should re-read a row from L2: keep the rows in flight (one per program) within half of
+        # L2, but run at least one program per SM. A heuristic, to be tuned on hardware.
+        props = torch.cuda.get_device_properties(logits.device)
+        row_bytes = vocab * logits.element_size()
+        programs = min(rows, max(props.multi_processor_count, props.L2_cache_size // 2 // row_bytes))
+    kernel = _ppo_logits_kernel if launch is None else launch(_ppo_logits_kernel)
+    kernel[(programs,)](
+        logits, logits if grad is None else grad, labels, old, adv, old if ref is None else ref, weights, stats,
+        rows, vocab, *layout, *grad_layout, *split_float(1.0 / temperature), *split_float(low), *split_float(high),
+        *split_float(clip_c), *split_float(kl_coef), *split_float(entropy_coef), ignore_index,
+        HAS_DUAL=has_dual, HAS_REF=ref is not None, KL_KIND=kl_kind, HAS_ENTROPY_GRAD=entropy_coef != 0,
+        WRITE_GRAD=grad is not None, BLOCK_V=block, num_warps=num_warps,
+    )  # fmt: skip
+    return stats
+
+
+def _fused_block(vocab: int, itemsize: int) -> tuple[int, int]:
+    """The log-prob kernels' vocab tile, with at least 4 warps: with 2, ptxas spills the
+    gradient sweep of a 1024-wide tile on sm_90 (and 4 need fewer registers per thread)."""
+    block, num_warps = _block_v(vocab, itemsize)
+    return block, max(4, num_warps)
+
+
+def _fused_configs():
+    configs = []
+    ints = {n: "i64" for n in ("rows", "V", "size1", "size2", "stride0", "stride1", "stride2", "g_size1", "g_size2",
+                               "g_stride0", "g_stride1", "g_stride2")}  # fmt: skip
+    floats = {f"{n}_{part}": "fp32" for n in ("inv_temp", "low", "high", "c", "kl_coef", "ent_coef")
+              for part in ("hi", "lo")}  # fmt: skip
+    consts = ("HAS_DUAL", "HAS_REF", "KL_KIND", "HAS_ENTROPY_GRAD", "WRITE_GRAD", "BLOCK_V")
+    for ty, itemsize in (("fp32", 4), ("bf16", 2), ("fp16", 2)):
+        for vocab in (1000, 128256):
+            block, num_warps = _fused_block(vocab, itemsize)
+            sig = {"logits_ptr": f"*{ty}", "grad_ptr": f"*{ty}", "labels_ptr": "*i64",
+                   **{f"{n}_ptr": "*fp32" for n in ("old", "adv", "ref", "weights", "stats")}, **ints, **floats,
+                   "ignore_index": "i64", **{c: "constexpr" for c in consts}}  # fmt: skip
+            # the heaviest per-token math (dual clip, k3, entropy gradient) and the lightest, each with and without
+            # the gradient sweep
+            for dual, has_ref, kind, ent in ((True, True, KL_KIND_IDS["k3"], True), (False, False, 0, False)):
+                for write in (False, True):
+                    const = {"HAS_DUAL": dual, "HAS_REF": has_ref, "KL_KIND": kind, "HAS_ENTROPY_GRAD": ent,
+                             "WRITE_GRAD": write, "BLOCK_V": block}  # fmt: skip
+                    configs.append((_ppo_logits_kernel, sig, const, num_warps))
+        sig = {"x_ptr": f"*{ty}", "scale_ptr": "*fp32", "n": "i64", "BLOCK": "constexpr"}
+        configs.append((_scale_unless_one_kernel, sig, {"BLOCK": 4096}, 8))
     return configs
+
+
+@triton.jit
+def _scale_unless_one_kernel(x_ptr, scale_ptr, n, BLOCK: tl.constexpr):
+    # Grid: (cdiv(n, BLOCK),). x *= scale in place over n contiguous elements,
+    # unless scale == 1: then every program reads the one scalar and exits, so
+    # the usual loss.backward() (upstream gradient 1) costs no pass over x and
+    # no host synchronisation. Otherwise reads and writes n * itemsize bytes.
+    scale = tl.load(scale_ptr)
+    if scale != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+        tl.store(x_ptr + offs, (x.to(scale.dtype) * scale).to(x_ptr.dtype.element_ty), mask=offs < n)
+
+
+def scale_unless_one_(x, scale, launch=None):
+    """``x *= scale`` in place for contiguous ``x`` and a one-element ``scale``, skipped on the device when 1."""
+    n = x.numel()
+    if n:
+        kernel = _scale_unless_one_kernel if launch is None else launch(_scale_unless_one_kernel)
+        kernel[(triton.cdiv(n, 4096),)](x, scale, n, BLOCK=4096, num_warps=8)
+    return x
