@@ -134,6 +134,50 @@ def test_ppo_runs_and_checkpoints(tokenizer, tmp_path):
     assert set(state["modules"]) == {"model", "value_model"} and "kl_coef" in state["extra"]
 
 
+def test_ppo_resume_continues_exactly(tokenizer, tmp_path):
+    """Rollouts sample with the global RNG: the checkpoint's RNG state, optimiser,
+    schedule and adaptive KL coefficient must make 2 + 2 steps equal 4."""
+    straight = _ppo(tokenizer, tmp_path / "a", max_steps=4)
+    straight_history = straight.train()
+    interrupted = _ppo(tokenizer, tmp_path / "b", max_steps=4, save_steps=2)
+    interrupted.train()
+    resumed = _ppo(tokenizer, tmp_path / "c", max_steps=4)
+    with torch.no_grad():  # everything must come from the checkpoint
+        for p in [*resumed.model.parameters(), *resumed.value_model.parameters()]:
+            p.add_(1.0)
+    resumed_history = resumed.train(resume_from=tmp_path / "b" / "checkpoint-2")
+    assert resumed.step == 4 and len(resumed_history) == 2
+    for key in ("score", "kl", "kl_coef", "pg_loss", "value_loss"):
+        assert resumed_history[-1][key] == straight_history[-1][key], key
+    for a, b in ((straight.model, resumed.model), (straight.value_model, resumed.value_model)):
+        for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
+            torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_generate_and_ranked_pairs(tokenizer):
+    from rlhf_kernels.trainers import exact_match, generate, ranked_pairs
+
+    model = toy.build_model(tokenizer, seed=5)
+    prompts = toy.prompt_dataset(6, seed=1)
+    greedy = generate(model, tokenizer, prompts["prompt"], batch_size=4)
+    one_by_one = [generate(model, tokenizer, [p])[0] for p in prompts["prompt"]]
+    assert greedy == one_by_one  # left padding does not change greedy answers
+    torch.manual_seed(0)
+    samples = generate(model, tokenizer, prompts["prompt"], num_samples=3, do_sample=True, max_new_tokens=6)
+    assert [len(s) for s in samples] == [3] * 6
+    assert exact_match(model, tokenizer, prompts["prompt"], prompts["answer"]) == sum(
+        g[0].split() == a.split() for g, a in zip(greedy, prompts["answer"], strict=True)
+    ) / 6
+
+    def score(prompt, response):
+        return float(len(response))
+
+    pairs = ranked_pairs(["a", "b", "c"], [["xx", "x", "xxx"], ["y", "y"], ["z", "z"]], score,
+                         references=[None, "yy", "z"])  # fmt: skip
+    # best vs worst; a tie falls back to a better reference; a tie with no better reference drops out
+    assert pairs.to_dict() == {"prompt": ["a", "b"], "chosen": ["xxx", "yy"], "rejected": ["x", "y"]}
+
+
 def test_ppo_bad_configuration(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="rollout_batch_size=8 is not divisible by mini_batch_size=3"):
         _ppo(tokenizer, tmp_path, mini_batch_size=3)
