@@ -66,11 +66,13 @@ def exact_match(model, tokenizer, prompts: list[str], answers: list[str], max_ne
 
 def ranked_pairs(
     prompts: list[str], samples: list[list[str]], score_fn: Callable[[str, str], float],
-    references: list[str] | None = None,
+    references: list[str] | None = None, min_chosen_score: float | None = None,
 ):  # fmt: skip
     """One ``(prompt, chosen, rejected)`` row per prompt whose samples are not all
-    equally good: the best-scored sample against the worst. When every sample
-    ties below the top score, the reference answer (if given) is chosen."""
+    equally good: the best-scored sample against the worst. The reference answer
+    (if given) is chosen instead when it scores higher than every sample and either
+    the samples all tie or the best scores below ``min_chosen_score`` (so that
+    "chosen" can mean "right", not just "least wrong")."""
     from datasets import Dataset
 
     rows: dict[str, list[str]] = {"prompt": [], "chosen": [], "rejected": []}
@@ -78,10 +80,11 @@ def ranked_pairs(
     for prompt, responses, reference in zip(prompts, samples, refs, strict=True):
         scored = sorted({r: score_fn(prompt, r) for r in responses}.items(), key=lambda kv: kv[1])
         (worst, low), (best, high) = scored[0], scored[-1]
-        if high == low:
-            if reference is None or score_fn(prompt, reference) <= low:
+        if high == low or (min_chosen_score is not None and high < min_chosen_score):
+            if reference is not None and score_fn(prompt, reference) > high:
+                best = reference
+            elif high == low:
                 continue
-            best = reference
         rows["prompt"].append(prompt)
         rows["chosen"].append(best)
         rows["rejected"].append(worst)
