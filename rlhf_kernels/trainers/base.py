@@ -328,10 +328,15 @@ class Trainer:
         sums["grad_norm"] = self.optimizer_step()
         return sums
 
+    def clip_groups(self) -> list[list[torch.nn.Parameter]]:
+        """Parameter sets whose gradients are clipped to ``max_grad_norm`` each; the
+        first one's norm is the logged ``grad_norm``."""
+        return [[p for g in self.optimizer.param_groups for p in g["params"]]]
+
     def optimizer_step(self, step_schedule: bool = True) -> float:
         """Clip, step the optimiser (and the schedule), clear gradients; returns the gradient norm."""
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        norms = [torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm) for params in self.clip_groups()]
+        grad_norm = norms[0]
         self.optimizer.step()
         if step_schedule:
             self.scheduler.step()

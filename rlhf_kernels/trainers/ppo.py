@@ -80,6 +80,12 @@ class PPOTrainer(Trainer):
     def trainable_parameters(self):
         return itertools.chain(self.model.parameters(), self.value_model.parameters())
 
+    def clip_groups(self):
+        # Clipped apart: the value loss's gradient is often 10x the policy's, and one
+        # joint norm would shrink the policy's step by that factor.
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        return [trainable, [p for p in self.value_model.parameters() if p.requires_grad]]
+
     def checkpointed_modules(self):
         return {"model": self.model, "value_model": self.value_model}
 
