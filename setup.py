@@ -98,7 +98,8 @@ def _extensions():
     cxx += ["-DRLHF_WITH_CUDA", f'-DRLHF_CUDA_ARCHS="{archs}"']
     ext = cpp_extension.CUDAExtension(
         sources=sources
-        + ["csrc/logprobs.cu", "csrc/preference.cu", "csrc/ppo.cu", "csrc/ppo_loss.cu", "csrc/ppo_logits.cu"],
+        + ["csrc/logprobs.cu", "csrc/preference.cu", "csrc/ppo.cu", "csrc/ppo_loss.cu", "csrc/ppo_logits.cu",
+           "csrc/ppo_whiten.cu"],
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         **kwargs,
     )

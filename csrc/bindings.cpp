@@ -492,6 +492,59 @@ at::Tensor kl_penalty_bwd(const at::Tensor& logp, const at::Tensor& ref, const s
   return kl_penalty_run(logp, ref, kind, grad);
 }
 
+// --- masked whitening and GRPO advantages -----------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> masked_whiten(const at::Tensor& x, const at::Tensor& mask, bool shift_mean,
+                                                 double eps) {
+  const ScalarKind kind = scalar_kind(x, "x");
+  TORCH_CHECK_VALUE(x.is_contiguous(), "x: must be contiguous");
+  TORCH_CHECK_VALUE(mask.sizes() == x.sizes() && mask.scalar_type() == at::kByte && mask.is_contiguous() &&
+                        mask.device() == x.device(),
+                    "mask: expected a contiguous uint8 tensor of shape ", x.sizes(), " on ", x.device());
+  TORCH_CHECK_VALUE(eps >= 0, "eps: must be >= 0, got ", eps);
+  const auto acc = x.options().dtype(acc_type(x));
+  at::Tensor out = at::empty(x.sizes(), acc);
+  at::Tensor stats = at::empty({4}, acc);
+  const int64_t n_parts = (x.numel() + kWhitenChunk - 1) / kWhitenChunk;
+  at::Tensor partials = x.is_cuda() ? at::empty({3, n_parts}, acc) : at::Tensor();
+  WhitenParams p;
+  p.dtype = kind;
+  p.n = x.numel();
+  p.x = x.data_ptr();
+  p.mask = mask.data_ptr<uint8_t>();
+  p.eps = eps;
+  p.shift_mean = shift_mean;
+  p.out = out.data_ptr();
+  p.stats = stats.data_ptr();
+  p.partials = partials.defined() ? partials.data_ptr() : nullptr;
+  run_kernel(x.device(), p, RLHF_CUDA_FN(masked_whiten_cuda), &masked_whiten_cpu);
+  return {out, stats};
+}
+
+at::Tensor grpo_advantages(const at::Tensor& scores, const at::Tensor& offsets, bool norm_by_std, double eps) {
+  TORCH_CHECK_VALUE(scores.dim() == 1 && scores.is_contiguous(), "scores: expected a contiguous 1-D tensor, got ",
+                    scores.sizes());
+  TORCH_CHECK_TYPE(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble,
+                   "scores: expected float32 or float64, got ", scores.scalar_type());
+  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.numel() >= 1 && offsets.scalar_type() == at::kLong &&
+                        offsets.is_contiguous() && offsets.device() == scores.device(),
+                    "offsets: expected a contiguous 1-D int64 tensor of G + 1 group offsets on ", scores.device());
+  TORCH_CHECK_VALUE(eps >= 0, "eps: must be >= 0, got ", eps);
+  at::Tensor out = at::empty_like(scores);
+  GrpoParams p;
+  p.dtype = scores.scalar_type() == at::kDouble ? ScalarKind::Float64 : ScalarKind::Float32;
+  p.n = scores.numel();
+  p.groups = offsets.numel() - 1;
+  p.scores = scores.data_ptr();
+  p.offsets = offsets.data_ptr<int64_t>();
+  p.norm_by_std = norm_by_std;
+  p.eps = eps;
+  p.out = out.data_ptr();
+  if (p.n == 0 || p.groups == 0) return out;
+  run_kernel(scores.device(), p, RLHF_CUDA_FN(grpo_advantages_cuda), &grpo_advantages_cpu);
+  return out;
+}
+
 // --- the fused PPO sweep from logits -------------------------------------------------
 
 // Checks the per-token inputs and fills everything but the gradient.
@@ -620,6 +673,8 @@ TORCH_LIBRARY(rlhf_kernels, m) {
       "ppo_loss_bwd_native(int kind, Tensor x, Tensor old, Tensor third, Tensor mask, Tensor grad_row, float p0, "
       "float p1, float p2, bool has_dual) -> Tensor");
   m.def("kl_penalty_fwd_native(Tensor logp, Tensor ref, str kind) -> Tensor");
+  m.def("masked_whiten_native(Tensor x, Tensor mask, bool shift_mean, float eps) -> (Tensor, Tensor)");
+  m.def("grpo_advantages_native(Tensor scores, Tensor offsets, bool norm_by_std, float eps) -> Tensor");
   m.def("kl_penalty_bwd_native(Tensor logp, Tensor ref, str kind, Tensor grad) -> Tensor");
   m.def(
       "ppo_logits_fused_native(Tensor logits, Tensor labels, Tensor old, Tensor adv, Tensor? ref, Tensor weights, "
@@ -644,6 +699,8 @@ TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
   m.impl("ppo_loss_bwd_native", &rlhf::ppo_loss_bwd);
   m.impl("kl_penalty_fwd_native", &rlhf::kl_penalty_fwd);
   m.impl("kl_penalty_bwd_native", &rlhf::kl_penalty_bwd);
+  m.impl("masked_whiten_native", &rlhf::masked_whiten);
+  m.impl("grpo_advantages_native", &rlhf::grpo_advantages);
 }
 
 #ifdef RLHF_WITH_CUDA
@@ -660,6 +717,8 @@ TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) {
   m.impl("ppo_loss_bwd_native", &rlhf::ppo_loss_bwd);
   m.impl("kl_penalty_fwd_native", &rlhf::kl_penalty_fwd);
   m.impl("kl_penalty_bwd_native", &rlhf::kl_penalty_bwd);
+  m.impl("masked_whiten_native", &rlhf::masked_whiten);
+  m.impl("grpo_advantages_native", &rlhf::grpo_advantages);
 }
 #endif
 

@@ -143,6 +143,51 @@ constexpr int kFusedStats = 7;
 void ppo_logits_fused_cuda(const PpoLogitsParams& p, void* stream);
 void ppo_logits_fused_cpu(const PpoLogitsParams& p);
 
+// Masked whitening (rlhf_kernels.ops.ppo.masked_whiten) over n contiguous
+// values x (Float32 / Float16 / BFloat16 / Float64) and a uint8 mask
+// (nonzero = valid), with A the accumulation type (double for Float64, else
+// float):
+//   count = #valid, mean = sum_valid x / max(count, 1),
+//   var = sum_valid (x - mean)^2 / max(count - 1, 1), rstd = 1 / sqrt(var + eps)
+//   out[i] = (x[i] - mean) * rstd (+ mean unless shift_mean), for every i
+// stats = (count, mean, var, rstd) as 4 values of A. The reduction is
+// deterministic: x is cut into chunks of kWhitenChunk elements, each chunk
+// reduced to (count, mean, M2) with the two-pass formula, and the partials
+// merged in a fixed order with Chan et al.'s parallel update
+// (n = na + nb, d = mb - ma, mean = ma + d nb / n, M2 = M2a + M2b + d^2 na nb / n).
+constexpr int64_t kWhitenChunk = 4096;
+struct WhitenParams {
+  ScalarKind dtype = ScalarKind::Float32;  // of x
+  int64_t n = 0;
+  const void* x = nullptr;
+  const uint8_t* mask = nullptr;
+  double eps = 1e-8;
+  bool shift_mean = true;
+  void* out = nullptr;       // [n] of A
+  void* stats = nullptr;     // [4] of A
+  void* partials = nullptr;  // CUDA only: [3, cdiv(n, kWhitenChunk)] of A (count, mean, M2)
+};
+
+// GRPO group advantages over contiguous scores (Float32 or Float64; out the
+// same) and G groups [offsets[g], offsets[g + 1]) (int64, clamped to [0, n]):
+//   A_i = (s_i - mean_g) / (std_g + eps)   (norm_by_std; std unbiased, 1 for a
+//   group of one), else s_i - mean_g.
+struct GrpoParams {
+  ScalarKind dtype = ScalarKind::Float32;
+  int64_t n = 0;
+  int64_t groups = 0;
+  const void* scores = nullptr;
+  const int64_t* offsets = nullptr;  // [groups + 1]
+  bool norm_by_std = true;
+  double eps = 1e-6;
+  void* out = nullptr;
+};
+
+void masked_whiten_cuda(const WhitenParams& p, void* stream);
+void masked_whiten_cpu(const WhitenParams& p);
+void grpo_advantages_cuda(const GrpoParams& p, void* stream);
+void grpo_advantages_cpu(const GrpoParams& p);
+
 void ppo_loss_fwd_cuda(const PpoLossParams& p, void* stream);
 void ppo_loss_bwd_cuda(const PpoLossParams& p, void* stream);
 void kl_penalty_cuda(const KlParams& p, void* stream);

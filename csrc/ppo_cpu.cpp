@@ -1,5 +1,6 @@
-// CPU kernel of GAE (generalized advantage estimation) with response-mask
-// skip semantics; ppo.h states the math.
+// CPU kernels of GAE (generalized advantage estimation) with response-mask
+// skip semantics, masked whitening and GRPO group advantages; ppo.h states
+// the math.
 //
 // Rows run in parallel with at::parallel_for (OpenMP in standard torch
 // builds); each row is the header's pseudo-code as a plain reverse loop in
@@ -10,8 +11,12 @@
 // Bytes: reads each row of rewards, values (and mask) once, writes each row
 // of advantages and returns once.
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
+#include <vector>
 #include <cstdint>
 #include <stdexcept>
 
@@ -51,7 +56,133 @@ int64_t grain_size(int64_t time) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, time));
 }
 
+// --- masked whitening ---------------------------------------------------------------
+// Tasks of whole kWhitenChunk-element chunks (at::parallel_for, OpenMP): the
+// partials, their merge order and hence the result do not depend on the
+// thread count. Reads x twice (once per pass) and the mask once, writes out
+// once.
+
+template <typename A>
+struct Moments {
+  int64_t n = 0;
+  A mean = A(0);
+  A m2 = A(0);
+};
+
+template <typename A>
+Moments<A> chan_merge(const Moments<A>& a, const Moments<A>& b) {
+  Moments<A> r;
+  r.n = a.n + b.n;
+  if (r.n == 0) return r;
+  const A w = static_cast<A>(b.n) / static_cast<A>(r.n);
+  const A d = b.mean - a.mean;
+  r.mean = a.mean + d * w;
+  r.m2 = a.m2 + b.m2 + d * d * static_cast<A>(a.n) * w;
+  return r;
+}
+
+// Two-pass (count, mean, M2) of the valid elements of one chunk; 8 interleaved
+// accumulators (vectorisable, and a shorter summation chain).
+template <typename T, typename A>
+Moments<A> chunk_moments(const T* x, const uint8_t* mask, int64_t len) {
+  constexpr int kLanes = 8;
+  A sum[kLanes] = {}, m2[kLanes] = {};
+  int64_t count = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    const bool valid = mask[i] != 0;
+    count += valid;
+    sum[i % kLanes] += valid ? static_cast<A>(x[i]) : A(0);
+  }
+  A total = A(0);
+  for (int l = 0; l < kLanes; ++l) total += sum[l];
+  Moments<A> r;
+  r.n = count;
+  r.mean = total / static_cast<A>(std::max<int64_t>(count, 1));
+  for (int64_t i = 0; i < len; ++i) {
+    const A d = mask[i] != 0 ? static_cast<A>(x[i]) - r.mean : A(0);
+    m2[i % kLanes] += d * d;
+  }
+  for (int l = 0; l < kLanes; ++l) r.m2 += m2[l];
+  return r;
+}
+
+template <typename T, typename A>
+void whiten_impl(const WhitenParams& p) {
+  const T* const x = static_cast<const T*>(p.x);
+  const int64_t n_parts = (p.n + kWhitenChunk - 1) / kWhitenChunk;
+  std::vector<Moments<A>> parts(static_cast<size_t>(n_parts));
+  at::parallel_for(0, n_parts, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      const int64_t begin = c * kWhitenChunk;
+      parts[c] = chunk_moments<T, A>(x + begin, p.mask + begin, std::min(kWhitenChunk, p.n - begin));
+    }
+  });
+  Moments<A> total;
+  for (const Moments<A>& part : parts) total = chan_merge(total, part);  // fixed order
+  const A var = total.m2 / static_cast<A>(std::max<int64_t>(total.n - 1, 1));
+  const A rstd = A(1) / std::sqrt(var + static_cast<A>(p.eps));
+  A* const stats = static_cast<A*>(p.stats);
+  stats[0] = static_cast<A>(total.n);
+  stats[1] = total.mean;
+  stats[2] = var;
+  stats[3] = rstd;
+  const A mean = total.mean, back = p.shift_mean ? A(0) : total.mean;
+  A* const out = static_cast<A*>(p.out);
+  at::parallel_for(0, n_parts, 1, [&](int64_t b, int64_t e) {
+    const int64_t end = std::min(e * kWhitenChunk, p.n);
+    for (int64_t i = b * kWhitenChunk; i < end; ++i) out[i] = (static_cast<A>(x[i]) - mean) * rstd + back;
+  });
+}
+
+// --- GRPO advantages -------------------------------------------------------------------
+// One task per group; each group is a two-pass mean / variance and a write.
+
+template <typename A>
+void grpo_impl(const GrpoParams& p) {
+  const A* const s = static_cast<const A*>(p.scores);
+  A* const out = static_cast<A*>(p.out);
+  const A eps = static_cast<A>(p.eps);
+  at::parallel_for(0, p.groups, 64, [&](int64_t gb, int64_t ge) {
+    for (int64_t g = gb; g < ge; ++g) {
+      const int64_t begin = std::clamp<int64_t>(p.offsets[g], 0, p.n);
+      const int64_t end = std::clamp<int64_t>(p.offsets[g + 1], begin, p.n);
+      const int64_t size = end - begin;
+      A sum = A(0);
+      for (int64_t i = begin; i < end; ++i) sum += s[i];
+      const A mean = sum / static_cast<A>(std::max<int64_t>(size, 1));
+      if (!p.norm_by_std) {
+        for (int64_t i = begin; i < end; ++i) out[i] = s[i] - mean;
+        continue;
+      }
+      A m2 = A(0);
+      for (int64_t i = begin; i < end; ++i) m2 += (s[i] - mean) * (s[i] - mean);
+      const A std_dev = size > 1 ? std::sqrt(m2 / static_cast<A>(size - 1)) : A(1);
+      for (int64_t i = begin; i < end; ++i) out[i] = (s[i] - mean) / (std_dev + eps);
+    }
+  });
+}
+
 }  // namespace
+
+void masked_whiten_cpu(const WhitenParams& p) {
+  if (p.n < 0) throw std::runtime_error("rlhf_kernels: masked_whiten_cpu: negative n");
+  switch (p.dtype) {
+    case ScalarKind::Float32: return whiten_impl<float, float>(p);
+    case ScalarKind::Float16: return whiten_impl<c10::Half, float>(p);
+    case ScalarKind::BFloat16: return whiten_impl<c10::BFloat16, float>(p);
+    case ScalarKind::Float64: return whiten_impl<double, double>(p);
+  }
+  throw std::runtime_error("rlhf_kernels: masked_whiten_cpu: unsupported dtype");
+}
+
+void grpo_advantages_cpu(const GrpoParams& p) {
+  if (p.n < 0 || p.groups < 0) throw std::runtime_error("rlhf_kernels: grpo_advantages_cpu: negative size");
+  switch (p.dtype) {
+    case ScalarKind::Float32: return grpo_impl<float>(p);
+    case ScalarKind::Float64: return grpo_impl<double>(p);
+    default: throw std::runtime_error("rlhf_kernels: grpo_advantages_cpu: dtype must be float32 or float64");
+  }
+}
 
 void gae_cpu(const GaeParams& p) {
   if (p.batch < 0 || p.time < 0) {

@@ -265,6 +265,53 @@ def gae_problem(batch, time_steps, device, gamma=1.0, lam=0.95) -> Problem:
                    baseline="python_loop")  # fmt: skip
 
 
+def eager_masked_whiten(x, mask, eps=1e-8):
+    """verl / TRL's masked_whiten: masked mean, unbiased masked variance, whiten."""
+    m = mask.to(x.dtype)
+    count = m.sum()
+    mean = (x * m).sum() / count
+    var = ((x - mean) ** 2 * m).sum() / (count - 1)
+    return (x - mean) * torch.rsqrt(var + eps)
+
+
+def masked_whiten_problem(batch, time_steps, device) -> Problem:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(batch, time_steps, generator=g).to(device)
+    lengths = torch.randint(time_steps // 2, time_steps + 1, (batch,), generator=g)
+    mask = (torch.arange(time_steps)[None, :] < lengths[:, None]).to(device)
+    inputs = {"x": x, "mask": mask}
+    provs: dict[str, Callable] = {}
+    for b in _kernel_backends(device, "masked_whiten_native"):
+        provs[f"rlhf_kernels[{b}]"] = lambda i, b=b: rlhf_kernels.masked_whiten(i["x"], i["mask"], backend=b)
+    provs["eager"] = lambda i: eager_masked_whiten(i["x"], i["mask"])
+    provs["torch.compile"] = lambda i: _compiled(eager_masked_whiten)(i["x"], i["mask"])
+    n = batch * time_steps
+    # x read twice (statistics, then the elementwise pass), mask once, float32 output written once
+    return Problem("masked_whiten", f"{batch}x{time_steps}", torch.float32, inputs, (), provs, {"fwd": 13 * n},
+                   ("fwd",))  # fmt: skip
+
+
+def eager_grpo_advantages(scores, group_size, eps=1e-6):
+    """verl's GRPO outcome advantage for consecutive groups: view as [G, group_size], mean / std per row."""
+    grouped = scores.view(-1, group_size)
+    mean = grouped.mean(-1, keepdim=True)
+    std = grouped.std(-1, keepdim=True)
+    return ((grouped - mean) / (std + eps)).view(-1)
+
+
+def grpo_advantages_problem(n_groups, group_size, device) -> Problem:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    scores = torch.randint(0, 2, (n_groups * group_size,), generator=g).float().to(device)
+    provs: dict[str, Callable] = {}
+    for b in _kernel_backends(device, "grpo_advantages_native"):
+        provs[f"rlhf_kernels[{b}]"] = lambda i, b=b: rlhf_kernels.grpo_advantages(i["scores"], group_size, backend=b)
+    provs["eager"] = lambda i: eager_grpo_advantages(i["scores"], group_size)
+    provs["torch.compile"] = lambda i: _compiled(eager_grpo_advantages)(i["scores"], group_size)
+    # scores read once (the group's second pass hits cache), advantages written once
+    return Problem("grpo_advantages", f"{n_groups}x{group_size}", torch.float32, {"scores": scores}, (), provs,
+                   {"fwd": 8 * n_groups * group_size}, ("fwd",))  # fmt: skip
+
+
 def eager_policy_loss(logp, old, adv, mask, clip=0.2):
     """verl-style eager clipped surrogate with token-mean aggregation and its metrics."""
     m = mask.float()
@@ -552,7 +599,8 @@ def measure_memory(results: list[Result], problem: Problem, device: torch.device
         log(f"  {case.provider:24s} {case.mode:8s} peak +{_mib(r.peak_mem_mb)} MiB")
 
 
-OPS = ("token_logprobs", "dpo_step", "dpo_loss", "gae", "ppo_policy_loss", "ppo_step")
+OPS = ("token_logprobs", "dpo_step", "dpo_loss", "gae", "masked_whiten", "grpo_advantages", "ppo_policy_loss",
+       "ppo_step")
 
 
 def default_problems(device: torch.device, quick: bool, ops=OPS) -> list[Callable[[], Problem]]:
@@ -565,6 +613,8 @@ def default_problems(device: torch.device, quick: bool, ops=OPS) -> list[Callabl
             "dpo_step": [(4, 1024, 128256, bf16)],
             "dpo_loss": [(64,), (4096,), (1 << 20,)],
             "gae": [(512, 512), (4096, 2048), (4096, 8192)],
+            "masked_whiten": [(512, 2048), (4096, 8192)],
+            "grpo_advantages": [(512, 16), (8192, 64)],
             "ppo_policy_loss": [(512, 4096)],
             "ppo_step": [(8, 2048, 128256, bf16)],
         }  # fmt: skip
@@ -574,6 +624,8 @@ def default_problems(device: torch.device, quick: bool, ops=OPS) -> list[Callabl
             "dpo_step": [(2, 256, 32000, bf16)],
             "dpo_loss": [(64,), (65536,)],
             "gae": [(512, 512), (512, 2048)],
+            "masked_whiten": [(64, 2048)],
+            "grpo_advantages": [(512, 16)],
             "ppo_policy_loss": [(64, 2048)],
             "ppo_step": [(2, 256, 32000, bf16)],
         }
@@ -584,7 +636,9 @@ def default_problems(device: torch.device, quick: bool, ops=OPS) -> list[Callabl
             table["dpo_step"] = [(2, 64, 32000, bf16)]
             table["ppo_step"] = [(2, 64, 32000, bf16)]
     makers = {"token_logprobs": token_logprobs_problem, "dpo_step": dpo_step_problem, "dpo_loss": dpo_loss_problem,
-              "gae": gae_problem, "ppo_policy_loss": ppo_policy_problem, "ppo_step": ppo_step_problem}  # fmt: skip
+              "gae": gae_problem, "masked_whiten": masked_whiten_problem,
+              "grpo_advantages": grpo_advantages_problem, "ppo_policy_loss": ppo_policy_problem,
+              "ppo_step": ppo_step_problem}  # fmt: skip
     return [lambda op=op, args=args: makers[op](*args, device=device) for op in ops for args in table[op]]
 
 

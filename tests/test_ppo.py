@@ -150,6 +150,196 @@ def test_masked_whiten_and_grpo():
     torch.testing.assert_close(by_size, torch.tensor([-0.5, 0.5, -0.5, 0.5], dtype=torch.float64))
 
 
+# Whitening / GRPO tolerances against the float64 reference on the same (rounded) inputs: float32
+# accumulation of up to ~8M elements through a fixed chunked merge, or float64 throughout.
+STAT_TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float64: dict(atol=1e-12, rtol=1e-12)}
+INPUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def _whiten_mask(shape, kind, g):
+    if kind == "random":
+        return torch.rand(shape, generator=g) > 0.3
+    mask = torch.zeros(shape, dtype=torch.bool)
+    if kind == "single":
+        mask.view(-1)[mask.numel() // 2] = True
+    return mask  # "none": no valid element
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op="masked_whiten_native"))
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (64, 2049), (4096,)])
+@pytest.mark.parametrize("dtype", INPUT_DTYPES)
+@pytest.mark.parametrize("shift_mean", [True, False])
+def test_masked_whiten_matches_reference(device, backend, shape, dtype, shift_mean):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 1).to(dtype)
+    mask = _whiten_mask(shape, "random", g)
+    got = rlhf_kernels.masked_whiten(x.to(device), mask.to(device), shift_mean, backend=backend)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert got.dtype == acc and got.shape == x.shape
+    want = reference.masked_whiten(x.double(), mask, shift_mean=shift_mean)
+    torch.testing.assert_close(got.cpu().double(), want, **STAT_TOL[acc])
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op="masked_whiten_native"))
+@pytest.mark.parametrize("mask_kind", ["none", "single"])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int32, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_masked_whiten_degenerate_masks(device, backend, mask_kind, mask_dtype, dtype):
+    """No or one valid element: variance 0, no NaN (mean 0 without a valid element), as the reference."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 33, generator=g, dtype=dtype)
+    mask = _whiten_mask((5, 33), mask_kind, g).to(mask_dtype)
+    got = rlhf_kernels.masked_whiten(x.to(device), mask.to(device), backend=backend).cpu()
+    want = reference.masked_whiten(x.double(), mask)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got.double(), want, **STAT_TOL[dtype])
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op="masked_whiten_native"))
+def test_masked_whiten_strided_float_mask(device, backend):
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(40, 70, generator=g).to(device).t()  # non-contiguous
+    mask = (torch.rand(70, 90, generator=g) > 0.5).float().to(device)[:, ::2][:, :40]
+    got = rlhf_kernels.masked_whiten(x, mask, backend=backend)
+    want = reference.masked_whiten(x.cpu().double(), mask.cpu())
+    torch.testing.assert_close(got.cpu().double(), want, **STAT_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op="masked_whiten_native"))
+@pytest.mark.parametrize("shift_mean", [True, False])
+@pytest.mark.parametrize("mask_kind", ["random", "single"])
+def test_masked_whiten_gradient(device, backend, shift_mean, mask_kind):
+    """The kernels' closed-form backward equals autograd through the float64 reference."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 37, generator=g, dtype=torch.float64)
+    mask = _whiten_mask((6, 37), mask_kind, g)
+    upstream = torch.randn(6, 37, generator=g, dtype=torch.float64)
+    a = x.clone().to(device).requires_grad_()
+    (rlhf_kernels.masked_whiten(a, mask.to(device), shift_mean, backend=backend) * upstream.to(device)).sum().backward()
+    b = x.clone().requires_grad_()
+    (reference.masked_whiten(b, mask, shift_mean=shift_mean) * upstream).sum().backward()
+    torch.testing.assert_close(a.grad.cpu(), b.grad, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"], native_op="masked_whiten_native"))
+def test_masked_whiten_deterministic(device, backend):
+    x = torch.randn(3 * 4096 + 17, generator=torch.Generator().manual_seed(2)).to(device)
+    mask = x > -1
+    first = rlhf_kernels.masked_whiten(x, mask, backend=backend)
+    torch.testing.assert_close(rlhf_kernels.masked_whiten(x, mask, backend=backend), first, atol=0, rtol=0)
+
+
+def _group_ids(kind, n, g):
+    if kind == "shuffled":  # arbitrary, non-consecutive ids with groups of different sizes, incl. one
+        ids = torch.tensor([7, -3, 7, 100, 42, -3, 7, 42, 5, 100, 42, 7])
+        return ids.repeat(n // ids.numel())[torch.randperm(n, generator=g)]
+    return torch.arange(n)  # every group of one
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op="grpo_advantages_native"))
+@pytest.mark.parametrize("group_size", [1, 2, 5, 16, 300])
+@pytest.mark.parametrize("norm_by_std", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_grpo_group_size_matches_reference(device, backend, group_size, norm_by_std, dtype):
+    g = torch.Generator().manual_seed(group_size)
+    scores = torch.randn(group_size * 6, generator=g, dtype=torch.float64).to(dtype)
+    scores[:group_size] = 0.5  # a constant group: std 0, advantages 0
+    got = rlhf_kernels.grpo_advantages(scores.to(device), group_size, norm_by_std=norm_by_std, backend=backend)
+    ids = torch.arange(scores.numel()) // group_size
+    want = reference.grpo_advantages(scores.double(), ids, norm_by_std=norm_by_std)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert got.dtype == acc
+    torch.testing.assert_close(got.cpu().double(), want, **STAT_TOL[acc])
+    assert (got[:group_size] == 0).all()
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op="grpo_advantages_native"))
+@pytest.mark.parametrize("ids_kind", ["shuffled", "singletons"])
+@pytest.mark.parametrize("norm_by_std", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grpo_group_ids_matches_reference(device, backend, ids_kind, norm_by_std, dtype):
+    g = torch.Generator().manual_seed(4)
+    ids = _group_ids(ids_kind, 48, g)
+    scores = torch.randn(48, generator=g, dtype=dtype)
+    got = rlhf_kernels.grpo_advantages(scores.to(device), group_ids=ids.to(device), norm_by_std=norm_by_std,
+                                       backend=backend)  # fmt: skip
+    want = reference.grpo_advantages(scores.double(), ids, norm_by_std=norm_by_std)
+    torch.testing.assert_close(got.cpu().double(), want, **STAT_TOL[dtype])
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op="grpo_advantages_native"))
+def test_grpo_gradient_or_error(device, backend):
+    scores = torch.randn(8, dtype=torch.float64, device=device, requires_grad=True)
+    if backend in ("torch",):
+        rlhf_kernels.grpo_advantages(scores, 4, backend=backend).sum().backward()
+        assert scores.grad is not None
+        return
+    with pytest.raises(RuntimeError, match="scores: requires grad"):
+        rlhf_kernels.grpo_advantages(scores, 4, backend=backend)
+    out = rlhf_kernels.grpo_advantages(scores, 4)  # auto: the differentiable path
+    (out * torch.arange(8.0, dtype=torch.float64, device=device)).sum().backward()
+    assert scores.grad.abs().sum() > 0
+
+
+def test_whiten_grpo_bad_inputs():
+    x = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="mask: shape"):
+        rlhf_kernels.masked_whiten(x, torch.ones(3, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="x: expected a floating-point tensor"):
+        rlhf_kernels.masked_whiten(torch.ones(3, 4, dtype=torch.int64), torch.ones(3, 4))
+    with pytest.raises(ValueError, match="eps: must be >= 0"):
+        rlhf_kernels.masked_whiten(x, x > 0, eps=-1.0)
+    with pytest.raises(TypeError, match="shift_mean: expected a bool"):
+        rlhf_kernels.masked_whiten(x, x > 0, "yes")
+    with pytest.raises(ValueError, match="backend: unknown backend 'cuda'"):
+        rlhf_kernels.masked_whiten(x, x > 0, backend="cuda")
+    with pytest.raises(ValueError, match="scores: expected a 1-D"):
+        rlhf_kernels.grpo_advantages(x, 2)
+    with pytest.raises(ValueError, match="group_size / group_ids: give exactly one"):
+        rlhf_kernels.grpo_advantages(x[0], 2, torch.zeros(4))
+    with pytest.raises(ValueError, match="group_size: expected a positive int"):
+        rlhf_kernels.grpo_advantages(x[0], 0)
+    with pytest.raises(ValueError, match="group_ids: expected shape"):
+        rlhf_kernels.grpo_advantages(x[0], group_ids=torch.zeros(3))
+    with pytest.raises(ValueError, match="eps: must be >= 0"):
+        rlhf_kernels.grpo_advantages(x[0], 2, eps=-1e-6)
+
+
+def test_native_whiten_grpo_argument_checks():
+    if not hasattr(torch.ops.rlhf_kernels, "masked_whiten_native"):
+        pytest.skip("this build of rlhf_kernels._C has no masked_whiten_native")
+    x = torch.randn(8)
+    with pytest.raises(ValueError, match="mask: expected a contiguous uint8 tensor"):
+        torch.ops.rlhf_kernels.masked_whiten_native(x, torch.ones(8, dtype=torch.bool), True, 1e-8)
+    with pytest.raises(ValueError, match="x: must be contiguous"):
+        torch.ops.rlhf_kernels.masked_whiten_native(torch.randn(8, 2)[:, 0], torch.ones(8, dtype=torch.uint8),
+                                                    True, 1e-8)  # fmt: skip
+    with pytest.raises(ValueError, match="offsets: expected a contiguous 1-D int64"):
+        torch.ops.rlhf_kernels.grpo_advantages_native(x, torch.zeros(3, dtype=torch.int32), True, 1e-6)
+    with pytest.raises(TypeError, match="scores: expected float32 or float64"):
+        torch.ops.rlhf_kernels.grpo_advantages_native(x.half(), torch.zeros(3, dtype=torch.int64), True, 1e-6)
+
+
+try:
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    @given(n=st.integers(1, 9000), p=st.floats(0.0, 1.0), seed=st.integers(0, 2**16), shift=st.booleans())
+    def test_masked_whiten_property(n, p, seed, shift):
+        """Every kernel backend on CPU agrees with the float64 reference for any length and density."""
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, generator=g, dtype=torch.float64) * 10
+        mask = torch.rand(n, generator=g) < p
+        want = reference.masked_whiten(x, mask, shift_mean=shift)
+        for backend in rlhf_kernels._dispatch.available_backends("cpu"):
+            if backend == "native" and not hasattr(torch.ops.rlhf_kernels, "masked_whiten_native"):
+                continue
+            got = rlhf_kernels.masked_whiten(x, mask, shift, backend=backend)
+            torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
+except ImportError:
+    pass
+
+
 def test_ppo_bad_inputs():
     x = torch.randn(2, 5)
     mask = torch.ones(2, 5, dtype=torch.bool)

@@ -445,12 +445,48 @@ def _elementwise_backend(backend: str, device: torch.device, native_op: str) -> 
     return "auto"
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """``(x - mean) / sqrt(var + eps)`` with the mean and the unbiased variance over
-    ``mask`` (as PPO implementations whiten advantages); ``shift_mean=False`` adds
-    the mean back. Two reductions and one elementwise pass, in PyTorch on every device."""
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8, *, backend: str = "auto"
+) -> torch.Tensor:
+    r"""Whiten ``x`` with the statistics of its masked elements (as PPO implementations whiten advantages):
+
+    .. math::
+
+        n = \sum_i m_i,\quad \mu = \frac{\sum_i m_i x_i}{\max(n, 1)},\quad
+        \sigma^2 = \frac{\sum_i m_i (x_i - \mu)^2}{\max(n - 1, 1)},\quad
+        y_i = (x_i - \mu) / \sqrt{\sigma^2 + \epsilon}\ (+\,\mu \text{ when } \texttt{shift\_mean=False}),
+
+    over every element of ``x`` (masked-out ones are transformed too). ``x`` has any shape, ``mask``
+    the same (bool, integer or float: nonzero means valid). As the reference, no NaN for degenerate masks:
+    no valid element gives :math:`\mu = \sigma^2 = 0` (:math:`y = x/\sqrt{\epsilon}`), one gives
+    :math:`\sigma^2 = 0`. Masked-out elements never enter the statistics (the reference multiplies by the
+    mask, so an inf / NaN there poisons its mean; the kernels select). Returns float32 (float64 for
+    float64 ``x``).
+
+    Kernel backends: a grid of programs each reduces a fixed 4096-element chunk to (count, mean, M2),
+    one program merges them in a fixed order (Chan et al.'s parallel variance update), one elementwise
+    pass writes ``y``: deterministic, float32 accumulation for float32 / bf16 / fp16 (float64 for
+    float64), ``x`` read twice and ``y`` written once. Differentiable in ``x`` on every backend (the
+    kernels' backward is the closed form below, in PyTorch, from the saved statistics):
+
+    .. math::
+
+        \bar g_i = g_i r + m_i (x_i - \mu)\frac{2}{\max(n-1,1)}\Big(-\frac{r^3}{2}\sum_j g_j (x_j - \mu)\Big),
+        \quad \frac{\partial L}{\partial x_i} = \bar g_i + \frac{m_i}{\max(n,1)}
+        \Big(-\sum_j \bar g_j + [\text{not shift\_mean}] \sum_j g_j\Big),\quad r = (\sigma^2 + \epsilon)^{-1/2}.
+    """
     _check_rows(x=x, mask=mask, any_rank=True)
-    return reference.masked_whiten(x, mask, shift_mean=shift_mean, eps=eps)
+    if not isinstance(shift_mean, bool):
+        raise TypeError(f"shift_mean: expected a bool, got {type(shift_mean).__name__}")
+    _check_real("eps", eps)
+    if eps < 0:
+        raise ValueError(f"eps: must be >= 0, got {eps}")
+    impl = _dispatch.resolve(backend, x.device, "masked_whiten_native")
+    if impl == "torch" or x.numel() == 0:
+        return reference.masked_whiten(x, mask, shift_mean=shift_mean, eps=eps)
+    flat_mask = (mask.detach() != 0).to(torch.uint8).contiguous().view(-1)
+    out, _ = _OPS[impl]["masked_whiten"](x.contiguous().view(-1), flat_mask, shift_mean, float(eps))
+    return out.view(x.shape)
 
 
 def grpo_advantages(
@@ -460,30 +496,76 @@ def grpo_advantages(
     *,
     norm_by_std: bool = True,
     eps: float = 1e-6,
+    backend: str = "auto",
 ) -> torch.Tensor:
-    r"""GRPO's outcome advantages (Shao et al. 2024): each score minus its group's mean,
-    divided by the group's (unbiased) standard deviation plus ``eps`` with
-    ``norm_by_std`` (Dr. GRPO drops the division). Groups are consecutive runs of
-    ``group_size`` or given by ``group_ids``; a group of one gets its score minus
-    itself, 0. Vectorised PyTorch (``[N]`` scores are tiny) on every device.
+    r"""GRPO's outcome advantages (Shao et al. 2024), per group :math:`G` of responses:
+
+    .. math::
+
+        A_i = \frac{s_i - \operatorname{mean}_G(s)}{\operatorname{std}_G(s) + \epsilon}
+        \quad\text{or, without } \texttt{norm\_by\_std} \text{ (Dr. GRPO)},\quad A_i = s_i - \operatorname{mean}_G(s),
+
+    with the unbiased standard deviation; a group of one has std 1 (its advantage is 0), a constant
+    group std 0 (so :math:`A = (s - \text{mean}) / \epsilon`, 0 when the mean is exact). Groups are
+    consecutive runs of ``group_size`` or the equal values of ``group_ids`` (any ids, in any order).
+    Returns float32 (float64 for float64 scores).
+
+    Kernel backends run one program (Triton) / warp (CUDA) / task (CPU) per group over group offsets;
+    with ``group_ids`` the scores are first sorted by id (stable) in PyTorch and the result scattered
+    back. The kernels do not differentiate: for ``scores`` that require grad, ``"auto"`` runs the
+    (differentiable) PyTorch path and an explicit kernel backend raises.
     """
     if not isinstance(scores, torch.Tensor) or scores.dim() != 1 or not scores.dtype.is_floating_point:
         raise ValueError("scores: expected a 1-D floating-point tensor of per-response scores")
     if (group_size is None) == (group_ids is None):
         raise ValueError("group_size / group_ids: give exactly one")
+    if not isinstance(norm_by_std, bool):
+        raise TypeError(f"norm_by_std: expected a bool, got {type(norm_by_std).__name__}")
+    _check_real("eps", eps)
+    if eps < 0:
+        raise ValueError(f"eps: must be >= 0, got {eps}")
     if group_size is not None:
         if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size < 1:
             raise ValueError(f"group_size: expected a positive int, got {group_size!r}")
         if scores.numel() % group_size:
             raise ValueError(f"group_size: {group_size} does not divide the {scores.numel()} scores")
-        group_ids = torch.arange(scores.numel(), device=scores.device) // group_size
-    elif group_ids.shape != scores.shape:
-        raise ValueError(f"group_ids: expected shape {tuple(scores.shape)}, got {tuple(group_ids.shape)}")
+    else:
+        if not isinstance(group_ids, torch.Tensor):
+            raise TypeError(f"group_ids: expected a tensor, got {type(group_ids).__name__}")
+        if group_ids.shape != scores.shape:
+            raise ValueError(f"group_ids: expected shape {tuple(scores.shape)}, got {tuple(group_ids.shape)}")
+        if group_ids.device != scores.device:
+            raise ValueError(f"group_ids: on device {group_ids.device}, but scores are on {scores.device}")
+    needs_grad = scores.requires_grad and torch.is_grad_enabled()
+    if needs_grad and backend not in ("auto", "torch"):
+        raise RuntimeError(
+            f"scores: requires grad, but the {backend} GRPO kernel does not differentiate; "
+            "use backend='torch' or pass scores.detach()"
+        )
+    impl = "torch" if needs_grad else _dispatch.resolve(backend, scores.device, "grpo_advantages_native")
     acc = _acc_dtype(scores)
     s = scores.to(acc)
+    if impl == "torch":
+        if group_ids is None:
+            group_ids = torch.arange(scores.numel(), device=scores.device) // group_size
+        return _grpo_torch(s, group_ids, norm_by_std, eps)
+    kernel = _OPS[impl]["grpo_advantages"]
+    if group_ids is None:
+        offsets = torch.arange(0, scores.numel() + 1, group_size, dtype=torch.int64, device=scores.device)
+        return kernel(s.detach().contiguous(), offsets, norm_by_std, float(eps))
+    sorted_ids, order = torch.sort(group_ids.detach(), stable=True)
+    counts = torch.unique_consecutive(sorted_ids, return_counts=True)[1]
+    offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=scores.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    sorted_adv = kernel(s.detach()[order].contiguous(), offsets, norm_by_std, float(eps))
+    return torch.empty_like(sorted_adv).index_copy_(0, order, sorted_adv)
+
+
+def _grpo_torch(s, group_ids, norm_by_std, eps):
+    """Vectorised PyTorch (differentiable): index_add over the unique ids."""
     _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
-    n = counts.to(acc)
-    mean = torch.zeros(len(counts), dtype=acc, device=s.device).index_add_(0, inverse, s) / n
+    n = counts.to(s.dtype)
+    mean = torch.zeros(len(counts), dtype=s.dtype, device=s.device).index_add_(0, inverse, s) / n
     centred = s - mean[inverse]
     if not norm_by_std:
         return centred
@@ -572,6 +654,15 @@ def _fake_loss_bwd(kind, x, old, third, mask, grad_row, p0, p1, p2, has_dual):
     return x.new_empty(x.shape)
 
 
+def _fake_whiten(x, mask, shift_mean, eps):
+    acc = _acc_dtype(x)
+    return x.new_empty(x.shape, dtype=acc), x.new_empty(4, dtype=acc)
+
+
+def _fake_grpo(scores, offsets, norm_by_std, eps):
+    return scores.new_empty(scores.shape)
+
+
 def _fake_kl_fwd(logp, ref, kind):
     return logp.new_empty(logp.shape)
 
@@ -625,6 +716,16 @@ if triton_impl is not None:
     def _kl_bwd_triton(logp: torch.Tensor, ref: torch.Tensor, kind: str, grad: torch.Tensor) -> torch.Tensor:
         return triton_impl.kl_penalty(logp, ref, kind, grad_out=grad.contiguous(), launch=wrap_triton)
 
+    @triton_op("rlhf_kernels::masked_whiten_triton", mutates_args=())
+    def _whiten_triton(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool, eps: float) -> tuple[
+        torch.Tensor, torch.Tensor
+    ]:
+        return triton_impl.masked_whiten(x, mask, shift_mean, eps, launch=wrap_triton)
+
+    @triton_op("rlhf_kernels::grpo_advantages_triton", mutates_args=())
+    def _grpo_triton(scores: torch.Tensor, offsets: torch.Tensor, norm_by_std: bool, eps: float) -> torch.Tensor:
+        return triton_impl.grpo_advantages(scores, offsets, norm_by_std, eps, launch=wrap_triton)
+
     @triton_op("rlhf_kernels::ppo_logits_fused_triton", mutates_args=())
     def _fused_triton(
         logits: torch.Tensor, labels: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, ref: torch.Tensor | None,
@@ -661,14 +762,16 @@ if triton_impl is not None:
     for _op, _fake in ((_gae_triton, _fake_gae), (_loss_fwd_triton, _fake_loss_fwd),
                        (_loss_bwd_triton, _fake_loss_bwd), (_kl_fwd_triton, _fake_kl_fwd),
                        (_kl_bwd_triton, _fake_kl_bwd), (_fused_triton, _fake_fused),
-                       (_fused_inplace_triton, _fake_fused_inplace)):  # fmt: skip
+                       (_fused_inplace_triton, _fake_fused_inplace), (_whiten_triton, _fake_whiten),
+                       (_grpo_triton, _fake_grpo)):  # fmt: skip
         _op.register_fake(_fake)
 
 if native.available():
     for _name, _fake in (("gae", _fake_gae), ("ppo_loss_fwd", _fake_loss_fwd), ("ppo_loss_bwd", _fake_loss_bwd),
                          ("kl_penalty_fwd", _fake_kl_fwd), ("kl_penalty_bwd", _fake_kl_bwd),
                          ("ppo_logits_fused", _fake_fused),
-                         ("ppo_logits_fused_inplace", _fake_fused_inplace)):  # fmt: skip
+                         ("ppo_logits_fused_inplace", _fake_fused_inplace), ("masked_whiten", _fake_whiten),
+                         ("grpo_advantages", _fake_grpo)):  # fmt: skip
         if hasattr(torch.ops.rlhf_kernels, f"{_name}_native"):
             torch.library.register_fake(f"rlhf_kernels::{_name}_native")(_fake)
 
@@ -705,6 +808,36 @@ for _backend, (_fwd, _bwd) in _dispatch.kernel_ops("kl_penalty_fwd", "kl_penalty
         return (d if ctx.needs_input_grad[0] else None), (-d if ctx.needs_input_grad[1] else None), None
 
     torch.library.register_autograd(_fwd, _kl_backward, setup_context=_kl_setup)
+
+for _backend, (_g,) in _dispatch.kernel_ops("grpo_advantages").items():
+    _OPS.setdefault(_backend, {})["grpo_advantages"] = _g
+
+
+def _whiten_setup(ctx, inputs, output):
+    x, mask, shift_mean, _eps = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, mask, output[1])
+    ctx.shift_mean = shift_mean
+
+
+def _whiten_backward(ctx, grad, _grad_stats):
+    """The closed form of masked_whiten's docstring, from the saved (count, mean, var, rstd)."""
+    x, mask, stats = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    count, mean, _var, rstd = stats.unbind()
+    m = mask.to(stats.dtype)
+    centred = x.to(stats.dtype) - mean
+    g = grad.to(stats.dtype)
+    d_var = -0.5 * rstd**3 * (g * centred).sum()
+    g_centred = g * rstd + m * centred * (2.0 * d_var / (count - 1).clamp(min=1))
+    d_mean = -g_centred.sum() + (0.0 if ctx.shift_mean else g.sum())
+    return (g_centred + m * (d_mean / count.clamp(min=1))).to(x.dtype), None, None, None
+
+
+for _backend, (_w,) in _dispatch.kernel_ops("masked_whiten").items():
+    _OPS.setdefault(_backend, {})["masked_whiten"] = _w
+    torch.library.register_autograd(_w, _whiten_backward, setup_context=_whiten_setup)
 
 # The fused single sweep: autograd on the out-of-place op hands back the gradient that
 # forward wrote, scaled in place by the upstream gradient (a 0-dim tensor, so no sync).

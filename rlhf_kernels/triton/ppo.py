@@ -1,5 +1,6 @@
-"""Triton kernels for PPO: the chunked GAE scan, the token losses, the KL estimators and
-the fused single sweep from logits to the PPO loss (and the logits' gradient).
+"""Triton kernels for PPO: the chunked GAE scan, the token losses, the KL estimators,
+masked whitening, GRPO group advantages and the fused single sweep from logits to
+the PPO loss (and the logits' gradient).
 
 GAE semantics (response-mask skip, verl's compute_gae_advantage_return) are in
 csrc/ppo.h and rlhf_kernels.ops.ppo.gae's docstring.
@@ -333,7 +334,7 @@ def kernel_configs():
             sig = {"logp_ptr": "*fp32", "ref_ptr": "*fp32", "out_ptr": "*fp32", "grad_out_ptr": "*fp32", "n": "i64",
                    "KIND": "constexpr", "BACKWARD": "constexpr", "BLOCK": "constexpr"}  # fmt: skip
             configs.append((_kl_kernel, sig, {"KIND": kind, "BACKWARD": backward, "BLOCK": 1024}, 4))
-    return configs + _fused_configs()
+    return configs + _fused_configs() + _whiten_grpo_configs()
 
 
 # --- PPO from logits: the fused single sweep ---------------------------------------------------
@@ -537,3 +538,189 @@ def scale_unless_one_(x, scale, launch=None):
         kernel = _scale_unless_one_kernel if launch is None else launch(_scale_unless_one_kernel)
         kernel[(triton.cdiv(n, 4096),)](x, scale, n, BLOCK=4096, num_warps=8)
     return x
+
+
+# --- masked whitening and GRPO advantages -----------------------------------------------------
+
+WHITEN_CHUNK = 4096  # elements per partial: fixed, so the reduction order never depends on the device
+_MERGE_BLOCK = 1024
+_APPLY_BLOCK = 4096
+GRPO_BLOCK = 128  # scores per step of a group's loops; groups are usually 4 to 64 responses
+
+
+@triton.jit
+def _sqrt_rn(v):
+    # IEEE-rounded square root (tl.sqrt is the approximate one for float32; float64's is exact).
+    if v.dtype == tl.float64:
+        return tl.sqrt(v)
+    else:
+        return tl.sqrt_rn(v)
+
+
+@triton.jit
+def _whiten_partial_kernel(x_ptr, mask_ptr, count_ptr, mean_ptr, m2_ptr, n, CHUNK: tl.constexpr):
+    # Grid: (cdiv(n, CHUNK),). Program c owns the elements [c CHUNK, (c + 1) CHUNK)
+    # of the flat x and writes their (count, mean, M2) over the valid ones: the
+    # chunk stays in registers, so the mean and then the squared deviations from
+    # it are two sums over registers (the two-pass formula, no cancellation).
+    # Reads n * (itemsize + 1) bytes; writes 3 values per program.
+    pid = tl.program_id(0).to(tl.int64)
+    acc_ty = mean_ptr.dtype.element_ty
+    offs = pid * CHUNK + tl.arange(0, CHUNK)
+    inb = offs < n
+    valid = tl.load(mask_ptr + offs, mask=inb, other=0) != 0
+    x = tl.where(valid, tl.load(x_ptr + offs, mask=inb, other=0.0).to(acc_ty), 0.0)
+    count = tl.sum(valid.to(tl.int32), 0)
+    mean = tl.sum(x, 0) / tl.maximum(count, 1).to(acc_ty)
+    dev = tl.where(valid, x - mean, 0.0)
+    tl.store(count_ptr + pid, count)
+    tl.store(mean_ptr + pid, mean)
+    tl.store(m2_ptr + pid, tl.sum(dev * dev, 0))
+
+
+@triton.jit
+def _whiten_merge_kernel(count_ptr, mean_ptr, m2_ptr, stats_ptr, n_parts, eps_hi, eps_lo, BLOCK: tl.constexpr):
+    # Grid: (1,). Merges the n_parts partials in a fixed order: each BLOCK of
+    # them with the k-way form of Chan et al.'s parallel variance update
+    # (mean = sum n_i mean_i / n, M2 = sum M2_i + n_i (mean_i - mean)^2), then
+    # into the running total with the pairwise one; counts in int64. Writes
+    # stats = (count, mean, unbiased var = M2 / max(count - 1, 1), 1 / sqrt(var + eps)).
+    # Reads 12 (float32) bytes per partial: 1/1365 of x's float32 bytes.
+    acc_ty = mean_ptr.dtype.element_ty
+    total_n = tl.zeros((), tl.int64)
+    total_mean = tl.zeros((), acc_ty)
+    total_m2 = tl.zeros((), acc_ty)
+    for start in range(0, n_parts, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        inb = offs < n_parts
+        c = tl.load(count_ptr + offs, mask=inb, other=0).to(tl.int64)
+        mu = tl.load(mean_ptr + offs, mask=inb, other=0.0)
+        m2 = tl.load(m2_ptr + offs, mask=inb, other=0.0)
+        block_n = tl.sum(c, 0)
+        cf = c.to(acc_ty)
+        block_mean = tl.sum(cf * mu, 0) / tl.maximum(block_n, 1).to(acc_ty)
+        dev = mu - block_mean
+        block_m2 = tl.sum(m2 + cf * dev * dev, 0)
+        new_n = total_n + block_n
+        w = block_n.to(acc_ty) / tl.maximum(new_n, 1).to(acc_ty)
+        delta = block_mean - total_mean
+        total_mean = total_mean + delta * w
+        total_m2 = total_m2 + block_m2 + delta * delta * total_n.to(acc_ty) * w
+        total_n = new_n
+    var = total_m2 / tl.maximum(total_n - 1, 1).to(acc_ty)
+    eps = join_float(eps_hi, eps_lo, acc_ty)
+    tl.store(stats_ptr, total_n.to(acc_ty))
+    tl.store(stats_ptr + 1, total_mean)
+    tl.store(stats_ptr + 2, var)
+    tl.store(stats_ptr + 3, 1.0 / _sqrt_rn(var + eps))
+
+
+@triton.jit
+def _whiten_apply_kernel(x_ptr, stats_ptr, out_ptr, n, SHIFT_MEAN: tl.constexpr, BLOCK: tl.constexpr):
+    # Grid: (cdiv(n, BLOCK),), elementwise: out = (x - mean) * rstd (+ mean
+    # without SHIFT_MEAN), masked-out elements included, as the reference does.
+    # Reads n * itemsize bytes, writes n accumulation-type values.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < n
+    mean = tl.load(stats_ptr + 1)
+    rstd = tl.load(stats_ptr + 3)
+    y = (tl.load(x_ptr + offs, mask=inb, other=0.0).to(mean.dtype) - mean) * rstd
+    if not SHIFT_MEAN:
+        y = y + mean
+    tl.store(out_ptr + offs, y, mask=inb)
+
+
+def masked_whiten(x, mask, shift_mean, eps, launch=None):
+    """``(out, stats)`` for a contiguous flat ``x`` (any float dtype) and uint8 ``mask``;
+    ``out`` and ``stats = (count, mean, var, rstd)`` in float32 (float64 for float64 x)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    n = x.numel()
+    out = torch.empty(x.shape, dtype=acc, device=x.device)
+    stats = torch.empty(4, dtype=acc, device=x.device)
+    n_parts = triton.cdiv(n, WHITEN_CHUNK)
+    counts = torch.empty(n_parts, dtype=torch.int32, device=x.device)
+    means = torch.empty(n_parts, dtype=acc, device=x.device)
+    m2s = torch.empty(n_parts, dtype=acc, device=x.device)
+    partial, merge, apply = (_whiten_partial_kernel, _whiten_merge_kernel, _whiten_apply_kernel)
+    if launch is not None:
+        partial, merge, apply = launch(partial), launch(merge), launch(apply)
+    if n_parts:
+        partial[(n_parts,)](x, mask, counts, means, m2s, n, CHUNK=WHITEN_CHUNK, num_warps=8)
+    merge[(1,)](counts, means, m2s, stats, n_parts, *split_float(eps), BLOCK=_MERGE_BLOCK, num_warps=4)
+    if n:
+        apply[(triton.cdiv(n, _APPLY_BLOCK),)](x, stats, out, n, SHIFT_MEAN=shift_mean, BLOCK=_APPLY_BLOCK,
+                                               num_warps=8)  # fmt: skip
+    return out, stats
+
+
+@triton.jit
+def _grpo_kernel(scores_ptr, offsets_ptr, out_ptr, n, eps_hi, eps_lo, NORM_BY_STD: tl.constexpr,
+                 BLOCK: tl.constexpr):  # fmt: skip
+    # Grid: (G,). Program g owns the group scores[offsets[g] : offsets[g + 1]]
+    # (clamped to [0, n]: never an out-of-bounds read) and walks it in BLOCK
+    # steps: the sum, then the squared deviations from the mean (two-pass, in
+    # BLOCK-wide accumulators reduced once), then writes
+    # (s - mean) / (std + eps), or s - mean without NORM_BY_STD; a group of one
+    # has std 1, as the reference. Reads each score 2-3 times (cache-resident),
+    # writes it once.
+    g = tl.program_id(0).to(tl.int64)
+    acc_ty = out_ptr.dtype.element_ty
+    start = tl.minimum(tl.maximum(tl.load(offsets_ptr + g), 0), n)
+    end = tl.minimum(tl.maximum(tl.load(offsets_ptr + g + 1), start), n)
+    size = end - start
+    cols = tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), acc_ty)
+    for k in range(start, end, BLOCK):
+        offs = k + cols
+        acc += tl.load(scores_ptr + offs, mask=offs < end, other=0.0).to(acc_ty)
+    mean = tl.sum(acc, 0) / tl.maximum(size, 1).to(acc_ty)
+    denom = tl.full((), 1.0, acc_ty)
+    if NORM_BY_STD:
+        acc = tl.zeros((BLOCK,), acc_ty)
+        for k in range(start, end, BLOCK):
+            offs = k + cols
+            s = tl.load(scores_ptr + offs, mask=offs < end, other=0.0).to(acc_ty)
+            dev = tl.where(offs < end, s - mean, 0.0)
+            acc += dev * dev
+        var = tl.sum(acc, 0) / tl.maximum(size - 1, 1).to(acc_ty)
+        std = tl.where(size > 1, _sqrt_rn(var), 1.0)
+        denom = std + join_float(eps_hi, eps_lo, acc_ty)
+    for k in range(start, end, BLOCK):
+        offs = k + cols
+        s = tl.load(scores_ptr + offs, mask=offs < end, other=0.0).to(acc_ty)
+        if NORM_BY_STD:
+            tl.store(out_ptr + offs, (s - mean) / denom, mask=offs < end)
+        else:
+            tl.store(out_ptr + offs, s - mean, mask=offs < end)
+
+
+def grpo_advantages(scores, offsets, norm_by_std, eps, launch=None):
+    """Group advantages of contiguous float32/float64 ``scores`` over the groups
+    ``[offsets[g], offsets[g + 1])`` (int64, G + 1 values)."""
+    out = torch.empty_like(scores)
+    groups = offsets.numel() - 1
+    if groups > 0 and scores.numel():
+        kernel = _grpo_kernel if launch is None else launch(_grpo_kernel)
+        kernel[(groups,)](scores, offsets, out, scores.numel(), *split_float(eps), NORM_BY_STD=norm_by_std,
+                          BLOCK=GRPO_BLOCK, num_warps=4)  # fmt: skip
+    return out
+
+
+def _whiten_grpo_configs():
+    configs = []
+    for ty in ("fp32", "bf16", "fp16"):
+        sig = {"x_ptr": f"*{ty}", "mask_ptr": "*u8", "count_ptr": "*i32", "mean_ptr": "*fp32", "m2_ptr": "*fp32",
+               "n": "i64", "CHUNK": "constexpr"}  # fmt: skip
+        configs.append((_whiten_partial_kernel, sig, {"CHUNK": WHITEN_CHUNK}, 8))
+        sig = {"x_ptr": f"*{ty}", "stats_ptr": "*fp32", "out_ptr": "*fp32", "n": "i64", "SHIFT_MEAN": "constexpr",
+               "BLOCK": "constexpr"}  # fmt: skip
+        for shift in (False, True):
+            configs.append((_whiten_apply_kernel, sig, {"SHIFT_MEAN": shift, "BLOCK": _APPLY_BLOCK}, 8))
+    sig = {"count_ptr": "*i32", "mean_ptr": "*fp32", "m2_ptr": "*fp32", "stats_ptr": "*fp32", "n_parts": "i64",
+           "eps_hi": "fp32", "eps_lo": "fp32", "BLOCK": "constexpr"}  # fmt: skip
+    configs.append((_whiten_merge_kernel, sig, {"BLOCK": _MERGE_BLOCK}, 4))
+    sig = {"scores_ptr": "*fp32", "offsets_ptr": "*i64", "out_ptr": "*fp32", "n": "i64", "eps_hi": "fp32",
+           "eps_lo": "fp32", "NORM_BY_STD": "constexpr", "BLOCK": "constexpr"}  # fmt: skip
+    for norm in (False, True):
+        configs.append((_grpo_kernel, sig, {"NORM_BY_STD": norm, "BLOCK": GRPO_BLOCK}, 4))
+    return configs
