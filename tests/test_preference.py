@@ -165,6 +165,36 @@ def test_orpo_near_zero_logps(device, backend):
         assert torch.isfinite(t).all()
 
 
+@pytest.mark.parametrize("device,backend", backend_cases(["native"], native_op=NATIVE_OP))
+@pytest.mark.parametrize("loss_type", ["sigmoid", "bco_pair"])
+def test_dpo_large_batch_independent_of_threads(device, backend, loss_type):
+    """Above the parallel threshold the CPU kernel splits pairs into fixed chunks:
+    losses, metrics and gradients are bitwise the same for any thread count."""
+    pc, pr, rc, rr = inputs(40000, torch.float32, device, seed=13)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            out, grads = forward_backward(
+                lambda *t: rlhf_kernels.dpo_loss(*t, beta=0.1, loss_type=loss_type, return_metrics=True,
+                                                 backend=backend), [pc, pr, rc, rr])  # fmt: skip
+            runs.append((out, grads))
+    finally:
+        torch.set_num_threads(threads)
+    (o1, g1), (o2, g2) = runs
+    for a, b in zip(o1[:3], o2[:3], strict=True):
+        assert torch.equal(a, b)
+    for name in o1.metrics:
+        assert torch.equal(o1.metrics[name], o2.metrics[name]), name
+    for a, b in zip(g1, g2, strict=True):
+        assert torch.equal(a, b)
+    want = forward_backward(lambda *t: reference.dpo_loss(*t, beta=0.1, loss_type=loss_type),
+                            [t.double() for t in (pc, pr, rc, rr)])  # fmt: skip
+    compare((tuple(o1[:3]), g1), want, TOL[torch.float32])
+    torch.testing.assert_close(o1.metrics["loss"].double(), want[0][0].mean(), atol=1e-6, rtol=1e-6)
+
+
 # --- bad input -----------------------------------------------------------------------------
 
 
