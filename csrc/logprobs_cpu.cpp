@@ -26,55 +26,17 @@
 #include <limits>
 #include <type_traits>
 
+#include "cpu_simd.h"
 #include "logprobs.h"
 
 namespace rlhf {
 namespace {
 
-#define RLHF_INLINE __attribute__((always_inline)) inline
+using namespace simd;  // vf, kLanes, exp_nonpos, ... (cpu_simd.h)
 
-// 16 floats per vector: one zmm register with AVX-512, two ymm with AVX2.
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
 typedef uint16_t vh __attribute__((vector_size(32)));
-constexpr int kLanes = 16;
 constexpr int64_t kChunk = 1024;  // floats per L1 buffer (4 KiB)
 constexpr float kInf = std::numeric_limits<float>::infinity();
-
-RLHF_INLINE vf splat(float v) { return vf{} + v; }
-
-// exp(x) for x <= 0 (x = z - max): Cody-Waite reduction to r in [-ln2/2, ln2/2]
-// and a degree-6 Taylor polynomial (truncation < 1.2e-7 relative). Exactly 0
-// below -87 (where float exp is subnormal) and for -inf; NaN stays NaN.
-RLHF_INLINE vf exp_nonpos(vf x) {
-  const vf lo = splat(-87.0f);
-  const vf xc = x < lo ? lo : x;
-  const vf shifter = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const vf n = (xc * 1.4426950408889634f + shifter) - shifter;
-  const vf r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  vf p = splat(1.0f / 720.0f);
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;  // n in [-126, 0]
-  const vf y = p * (vf)e;
-  return x < lo ? vf{} : y;
-}
-
-RLHF_INLINE float hmax(vf v) {
-  float m = v[0];
-  for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
-  return m;
-}
-RLHF_INLINE float hsum(vf v) {
-  float s = 0;
-  for (int i = 0; i < kLanes; ++i) s += v[i];
-  return s;
-}
 
 // kLanes elements of the logits' dtype <-> kLanes floats.
 RLHF_INLINE vf loadv(const float* p) {
@@ -350,44 +312,33 @@ template <typename T>
 void bwd_rows_base(const LogprobsBwdParams& p, int64_t b, int64_t e) { bwd_rows<T>(p, b, e); }
 template <typename T>
 void seq_items_base(const SeqLogprobsFwdParams& p, int64_t b, int64_t e) { seq_items<T>(p, b, e); }
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef RLHF_HAS_ISA_DISPATCH
 template <typename T>
-__attribute__((target("avx2,fma"))) void fwd_rows_avx2(const LogprobsFwdParams& p, int64_t b, int64_t e) {
+RLHF_TARGET_AVX2 void fwd_rows_avx2(const LogprobsFwdParams& p, int64_t b, int64_t e) {
   fwd_rows<T>(p, b, e);
 }
 template <typename T>
-__attribute__((target("avx2,fma"))) void bwd_rows_avx2(const LogprobsBwdParams& p, int64_t b, int64_t e) {
+RLHF_TARGET_AVX2 void bwd_rows_avx2(const LogprobsBwdParams& p, int64_t b, int64_t e) {
   bwd_rows<T>(p, b, e);
 }
 template <typename T>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void fwd_rows_avx512(const LogprobsFwdParams& p,
+RLHF_TARGET_AVX512 void fwd_rows_avx512(const LogprobsFwdParams& p,
                                                                                  int64_t b, int64_t e) {
   fwd_rows<T>(p, b, e);
 }
 template <typename T>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void bwd_rows_avx512(const LogprobsBwdParams& p,
+RLHF_TARGET_AVX512 void bwd_rows_avx512(const LogprobsBwdParams& p,
                                                                                  int64_t b, int64_t e) {
   bwd_rows<T>(p, b, e);
 }
 template <typename T>
-__attribute__((target("avx2,fma"))) void seq_items_avx2(const SeqLogprobsFwdParams& p, int64_t b, int64_t e) {
+RLHF_TARGET_AVX2 void seq_items_avx2(const SeqLogprobsFwdParams& p, int64_t b, int64_t e) {
   seq_items<T>(p, b, e);
 }
 template <typename T>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void seq_items_avx512(const SeqLogprobsFwdParams& p,
+RLHF_TARGET_AVX512 void seq_items_avx512(const SeqLogprobsFwdParams& p,
                                                                                    int64_t b, int64_t e) {
   seq_items<T>(p, b, e);
-}
-enum class Isa { Base, Avx2, Avx512 };
-Isa cpu_isa() {
-  static const Isa isa = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
-      return Isa::Avx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
-    return Isa::Base;
-  }();
-  return isa;
 }
 #define RLHF_PICK(name, T) \
   (cpu_isa() == Isa::Avx512 ? &name##_avx512<T> : cpu_isa() == Isa::Avx2 ? &name##_avx2<T> : &name##_base<T>)

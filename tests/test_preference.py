@@ -196,6 +196,39 @@ def test_dpo_large_batch_independent_of_threads(device, backend, loss_type):
     torch.testing.assert_close(o1.metrics["loss"].double(), want[0][0].mean(), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("device,backend", backend_cases(native_op=NATIVE_OP))
+@pytest.mark.parametrize("n", [15, 16, 1007, 20000])
+def test_sigmoid_float32_all_widths(device, backend, n):
+    """Float32 sigmoid-form losses (DPO with smoothing, SimPO, Bradley-Terry with a margin
+    and centring) for batch sizes around the CPU kernel's 16-pair vector step and its
+    2048-pair chunks, with |z| up to ~150 (past float exp's range): float32 accuracy."""
+    g = torch.Generator().manual_seed(n)
+    pc, pr, rc, rr = [(torch.randn(n, generator=g, dtype=torch.float64) * 400 - 50).float().to(device)
+                      for _ in range(4)]  # fmt: skip
+    tol = dict(atol=1e-6, rtol=2e-5)
+
+    def check(fn, ref_fn, tensors):
+        got, want = forward_backward(fn, tensors), forward_backward(ref_fn, [t.double() for t in tensors])
+        compare(got, want, tol)
+
+    kw = dict(beta=0.2, label_smoothing=0.1)
+    check(lambda *t: rlhf_kernels.dpo_loss(*t, **kw, backend=backend), lambda *t: reference.dpo_loss(*t, **kw),
+          [pc, pr, rc, rr])  # fmt: skip
+    out = rlhf_kernels.dpo_loss(pc, pr, rc, rr, beta=0.2, return_metrics=True, backend=backend)
+    want = reference.dpo_loss(pc.double(), pr.double(), rc.double(), rr.double(), beta=0.2)
+    torch.testing.assert_close(out.metrics["loss"].double(), want[0].mean(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.metrics["rewards/accuracies"].double(), (want[1] > want[2]).double().mean(),
+                               atol=1e-6, rtol=0)  # fmt: skip
+    kw = dict(beta=2.5, gamma=0.3, label_smoothing=0.05)
+    check(lambda a, b: rlhf_kernels.simpo_loss(a / 100, b / 100, **kw, backend=backend),
+          lambda a, b: reference.simpo_loss(a / 100, b / 100, **kw), [pc, pr])  # fmt: skip
+    margin = rr.abs() / 100
+    kw = dict(margin=margin, center_rewards_coefficient=0.01)
+    check(lambda a, b: rlhf_kernels.bradley_terry_loss(a / 50, b / 50, **kw, backend=backend),
+          lambda a, b: reference.bradley_terry_loss(a / 50, b / 50, margin=margin.double(),
+                                                    center_rewards_coefficient=0.01), [pc, pr])  # fmt: skip
+
+
 # --- bad input -----------------------------------------------------------------------------
 
 
