@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument(
         "--op",
         action="append",
-        choices=["token_logprobs", "dpo_step", "dpo_loss", "gae", "ppo_policy_loss", "ppo_step"],
+        choices=["token_logprobs", "sequence_logprobs", "dpo_step", "dpo_loss", "gae", "ppo_policy_loss", "ppo_step"],
         help="ops to benchmark, repeatable (default: all)",
     )
     pipe = sub.add_parser("pipeline", help="SFT, reward model, PPO and DPO on the built-in sorting task "
