@@ -100,56 +100,6 @@ struct SeqFwdArgs {
 // Forward
 // ---------------------------------------------------------------------------
 
-// Streams one kept row x[0:V] through the block: each thread pushes its share
-// of z = x / T into an OnlineLSE state, then the states are merged across the
-// block. The returned state is valid in thread 0. Reached by every thread.
-template <typename T, bool kEntropy>
-__device__ __forceinline__ OnlineLSE<acc_t<T>, kEntropy> stream_row(const T* x, int V, acc_t<T> inv_t,
-                                                                    OnlineLSE<acc_t<T>, kEntropy>* smem) {
-  using Acc = acc_t<T>;
-  constexpr int kN = Vec<T>::kN;
-  const int tid = static_cast<int>(threadIdx.x);
-  OnlineLSE<Acc, kEntropy> st;
-  st.reset();
-  const RowSplit sp = split_row(x, V);
-
-  if (tid < sp.head) {  // head < kN <= kThreads
-    const Acc z[1] = {mul_rn(to_acc(x[tid]), inv_t)};
-    st.template push<1>(z);
-  }
-
-  // kU independent 16-byte loads per iteration multiply the bytes in flight
-  // per thread; the kU * kN values are then pushed as one chunk (one max,
-  // at most one rescale). Not for double: its exp() is a long polynomial
-  // whose hoisted constants leave no registers for a second vector.
-  constexpr int kU = sizeof(T) == 8 ? 1 : 2;
-  const T* body = x + sp.head;
-  int i = tid;
-  for (; i + (kU - 1) * kThreads < sp.nvec; i += kU * kThreads) {
-    Acc z[kU * kN];
-#pragma unroll
-    for (int u = 0; u < kU; ++u) Vec<T>::load(body + (i + u * kThreads) * kN, z + u * kN);
-#pragma unroll
-    for (int k = 0; k < kU * kN; ++k) z[k] = mul_rn(z[k], inv_t);
-    st.template push<kU * kN>(z);
-  }
-  if (kU > 1 && i < sp.nvec) {
-    Acc z[kN];
-    Vec<T>::load(body + i * kN, z);
-#pragma unroll
-    for (int k = 0; k < kN; ++k) z[k] = mul_rn(z[k], inv_t);
-    st.template push<kN>(z);
-  }
-
-  if (tid < V - sp.body_end) {  // tail < kN <= kThreads
-    const Acc z[1] = {mul_rn(to_acc(x[sp.body_end + tid]), inv_t)};
-    st.template push<1>(z);
-  }
-
-  block_reduce<kThreads>(st, smem);
-  return st;
-}
-
 // Grid: min(rows, 2^31 - 1) blocks of kThreads threads; block b owns rows
 // b, b + gridDim.x, ... and writes logprobs/lse/entropy[row].
 // Per row: reads V * sizeof(T) bytes of logits (once, plus one scalar re-read
@@ -187,7 +137,7 @@ __global__ void __launch_bounds__(kThreads, kFwdMinBlocks<T>)
     Acc z_label = Acc(0);
     if (tid == 0) z_label = mul_rn(to_acc(x[static_cast<int>(y)]), inv_t);
 
-    const State st = stream_row<T, kEntropy>(x, V, inv_t, smem);
+    const State st = stream_row<kThreads>(x, V, inv_t, smem);
 
     if (tid == 0) {
       const Acc log_s = log_acc(st.s);
@@ -244,7 +194,7 @@ __global__ void __launch_bounds__(kThreads, kSeqMinBlocks<T>) seq_logprobs_fwd_k
       Acc z_label = Acc(0);
       if (tid == 0) z_label = mul_rn(to_acc(x[static_cast<int>(y)]), inv_t);
 
-      const State st = stream_row<T, false>(x, V, inv_t, smem);
+      const State st = stream_row<kThreads>(x, V, inv_t, smem);
 
       if (tid == 0) {
         const Acc lse = st.m + log_acc(st.s);

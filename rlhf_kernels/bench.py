@@ -114,8 +114,7 @@ def eager_sequence_logprobs(logits, labels, mask):
 
 def eager_dpo_step(logits, labels, mask, ref_logps, beta=0.1):
     """The unfused DPO step from logits: log_softmax, gather, mask, sum, then the loss."""
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    seq = (logp * mask).sum(-1)
+    seq = eager_sequence_logprobs(logits, labels, mask)
     half = seq.shape[0] // 2
     return eager_dpo_loss(seq[:half], seq[half:], ref_logps[:half], ref_logps[half:], beta)[0]
 
