@@ -186,6 +186,55 @@ void token_logprobs_bwd_inplace(const at::Tensor& logits, const at::Tensor& grad
   run_bwd(grad_logprobs, grad_entropy, logits, logits, labels, lse, entropy, temperature, ignore_index);
 }
 
+// Per-sequence sums (or means) of token log-probs, reduced in the kernels:
+// returns (sequence_logprobs [B], kept-token counts [B], lse [leading dims]),
+// the last two in the accumulation type. The kernels write one partial sum per
+// (sequence, token chunk); the [B, n_chunks] partials are summed here in a
+// fixed order (a plain reduction, no atomics), so reruns are bitwise equal.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_logprobs_fwd(const at::Tensor& logits,
+                                                                     const at::Tensor& labels, double temperature,
+                                                                     int64_t ignore_index, bool average) {
+  check_logits(logits);
+  TORCH_CHECK_VALUE(logits.dim() >= 2, "logits: expected shape [B, T, V] or [B, V], got ", logits.sizes());
+  check_row_tensor(labels, logits, "labels", at::kLong);
+  TORCH_CHECK_VALUE(temperature > 0, "temperature: must be positive, got ", temperature);
+  const auto lead = logits.sizes().slice(0, logits.dim() - 1);
+  const auto opts = logits.options().dtype(acc_type(logits));
+  const int64_t batch = logits.size(0);
+  int64_t rows = 1;
+  for (const int64_t d : lead) rows *= d;
+  const int64_t time = batch > 0 ? rows / batch : 0;
+  const int64_t chunk = seq_chunk(batch, time);
+  const int64_t n_chunks = (time + chunk - 1) / chunk;
+  at::Tensor labels_c = labels.contiguous();
+  at::Tensor lse = at::empty(lead, opts);
+  at::Tensor partial = at::zeros({batch, n_chunks}, opts);
+  at::Tensor count = at::zeros({batch, n_chunks}, logits.options().dtype(at::kInt));
+  if (rows > 0) {
+    SeqLogprobsFwdParams p;
+    p.tok.logits = logits.data_ptr();
+    p.tok.logits_layout = row_layout(logits, "logits");
+    p.tok.dtype = scalar_kind(logits, "logits");
+    p.tok.rows = rows;
+    p.tok.vocab = logits.size(-1);
+    p.tok.labels = labels_c.data_ptr<int64_t>();
+    p.tok.ignore_index = ignore_index;
+    p.tok.inv_temperature = 1.0 / temperature;
+    p.tok.lse = lse.data_ptr();
+    p.batch = batch;
+    p.time = time;
+    p.chunk = chunk;
+    p.n_chunks = n_chunks;
+    p.partial = partial.data_ptr();
+    p.count = count.data_ptr<int32_t>();
+    run_kernel(logits.device(), p, RLHF_CUDA_FN(seq_logprobs_fwd_cuda), &seq_logprobs_fwd_cpu);
+  }
+  at::Tensor n_valid = count.sum(-1).to(opts.dtype());
+  at::Tensor seq = partial.sum(-1);
+  if (average) seq = seq / n_valid.clamp_min(1);
+  return {seq, n_valid, lse};
+}
+
 // --- preference losses --------------------------------------------------------
 
 PrefLoss pref_loss_id(const std::string& name) {
@@ -657,6 +706,9 @@ TORCH_LIBRARY(rlhf_kernels, m) {
       "token_logprobs_bwd_inplace_native(Tensor(a!) logits, Tensor grad_logprobs, Tensor? grad_entropy, "
       "Tensor labels, Tensor lse, Tensor entropy, float temperature, int ignore_index) -> ()");
   m.def(
+      "sequence_logprobs_fwd_native(Tensor logits, Tensor labels, float temperature, int ignore_index, "
+      "bool average) -> (Tensor, Tensor, Tensor)");
+  m.def(
       "preference_fwd_native(str loss, Tensor? chosen, Tensor? rejected, Tensor? ref_chosen, Tensor? ref_rejected, "
       "Tensor? margin, Tensor? kl, float beta, float gamma, float label_smoothing, float center, float tau, "
       "float bco_delta, bool bco_batch_mean, float weight, bool write_rewards) -> (Tensor, Tensor, Tensor, Tensor)");
@@ -692,6 +744,7 @@ TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
   m.impl("token_logprobs_fwd_native", &rlhf::token_logprobs_fwd);
   m.impl("token_logprobs_bwd_native", &rlhf::token_logprobs_bwd);
   m.impl("token_logprobs_bwd_inplace_native", &rlhf::token_logprobs_bwd_inplace);
+  m.impl("sequence_logprobs_fwd_native", &rlhf::sequence_logprobs_fwd);
   m.impl("preference_fwd_native", &rlhf::preference_fwd);
   m.impl("preference_bwd_native", &rlhf::preference_bwd);
   m.impl("gae_native", &rlhf::gae);
@@ -710,6 +763,7 @@ TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) {
   m.impl("token_logprobs_fwd_native", &rlhf::token_logprobs_fwd);
   m.impl("token_logprobs_bwd_native", &rlhf::token_logprobs_bwd);
   m.impl("token_logprobs_bwd_inplace_native", &rlhf::token_logprobs_bwd_inplace);
+  m.impl("sequence_logprobs_fwd_native", &rlhf::sequence_logprobs_fwd);
   m.impl("preference_fwd_native", &rlhf::preference_fwd);
   m.impl("preference_bwd_native", &rlhf::preference_bwd);
   m.impl("gae_native", &rlhf::gae);

@@ -445,8 +445,60 @@ __device__ __forceinline__ void block_sum(T (&v)[N], T (*smem)[N]) {
 }
 
 // ---------------------------------------------------------------------------
-// Gradient rows of the log-prob family (logprobs.cu, ppo_logits.cu)
+// Rows of the log-prob family (logprobs.cu, ppo_logits.cu)
 // ---------------------------------------------------------------------------
+
+// Streams one kept row x[0:V] through the block's kThreads threads: each
+// thread pushes its share of z = x / T into an OnlineLSE state (scalar head,
+// 16-byte body, scalar tail), then the states are merged across the block.
+// The returned state is valid in thread 0. Reached by every thread (it has
+// block barriers).
+template <int kThreads, typename T, bool kEntropy>
+__device__ __forceinline__ OnlineLSE<acc_t<T>, kEntropy> stream_row(const T* x, int V, acc_t<T> inv_t,
+                                                                    OnlineLSE<acc_t<T>, kEntropy>* smem) {
+  using Acc = acc_t<T>;
+  constexpr int kN = Vec<T>::kN;
+  const int tid = static_cast<int>(threadIdx.x);
+  OnlineLSE<Acc, kEntropy> st;
+  st.reset();
+  const RowSplit sp = split_row(x, V);
+
+  if (tid < sp.head) {  // head < kN <= kThreads
+    const Acc z[1] = {mul_rn(to_acc(x[tid]), inv_t)};
+    st.template push<1>(z);
+  }
+
+  // kU independent 16-byte loads per iteration multiply the bytes in flight
+  // per thread; the kU * kN values are then pushed as one chunk (one max,
+  // at most one rescale). Not for double: its exp() is a long polynomial
+  // whose hoisted constants leave no registers for a second vector.
+  constexpr int kU = sizeof(T) == 8 ? 1 : 2;
+  const T* body = x + sp.head;
+  int i = tid;
+  for (; i + (kU - 1) * kThreads < sp.nvec; i += kU * kThreads) {
+    Acc z[kU * kN];
+#pragma unroll
+    for (int u = 0; u < kU; ++u) Vec<T>::load(body + (i + u * kThreads) * kN, z + u * kN);
+#pragma unroll
+    for (int k = 0; k < kU * kN; ++k) z[k] = mul_rn(z[k], inv_t);
+    st.template push<kU * kN>(z);
+  }
+  if (kU > 1 && i < sp.nvec) {
+    Acc z[kN];
+    Vec<T>::load(body + i * kN, z);
+#pragma unroll
+    for (int k = 0; k < kN; ++k) z[k] = mul_rn(z[k], inv_t);
+    st.template push<kN>(z);
+  }
+
+  if (tid < V - sp.body_end) {  // tail < kN <= kThreads
+    const Acc z[1] = {mul_rn(to_acc(x[sp.body_end + tid]), inv_t)};
+    st.template push<1>(z);
+  }
+
+  block_reduce<kThreads>(st, smem);
+  return st;
+}
 
 // Gradient of one element, in the accumulation type:
 //   d = z - lse, p = exp(d),

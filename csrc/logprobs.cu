@@ -43,6 +43,10 @@ constexpr int64_t kMaxGrid = 2147483647;  // gridDim.x limit
 // 0 means "no minimum" (no .minnctapersm is emitted).
 template <typename T>
 constexpr int kFwdMinBlocks = sizeof(T) == 8 ? 4 : 0;
+// The sequence kernel keeps its item's bounds, sum and count live across the
+// row loop: 64 registers are a few short for double, so ask for 2 blocks (128).
+template <typename T>
+constexpr int kSeqMinBlocks = sizeof(T) == 8 ? 2 : 0;
 
 template <typename T>
 struct FwdArgs {
@@ -75,9 +79,27 @@ struct BwdArgs {
   const acc_t<T>* grad_entropy;  // used only when kEntropy
 };
 
+template <typename T>
+struct SeqFwdArgs {
+  const T* logits;
+  FastRowLayout layout;
+  int64_t items;     // batch * n_chunks
+  int64_t time;      // tokens per sequence
+  int64_t chunk;     // tokens per item
+  int64_t n_chunks;  // items per sequence
+  int vocab;
+  const int64_t* labels;
+  int64_t ignore_index;
+  acc_t<T> inv_t;
+  acc_t<T>* lse;
+  acc_t<T>* partial;  // [items]
+  int32_t* count;     // [items]
+};
+
 // ---------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------
+
 // Grid: min(rows, 2^31 - 1) blocks of kThreads threads; block b owns rows
 // b, b + gridDim.x, ... and writes logprobs/lse/entropy[row].
 // Per row: reads V * sizeof(T) bytes of logits (once, plus one scalar re-read
@@ -90,7 +112,6 @@ __global__ void __launch_bounds__(kThreads, kFwdMinBlocks<T>)
     logprobs_fwd_kernel(const FwdArgs<T> a) {
   using Acc = acc_t<T>;
   using State = OnlineLSE<Acc, kEntropy>;
-  constexpr int kN = Vec<T>::kN;
   __shared__ State smem[kThreads / kWarpSize];
 
   const int tid = static_cast<int>(threadIdx.x);
@@ -116,44 +137,7 @@ __global__ void __launch_bounds__(kThreads, kFwdMinBlocks<T>)
     Acc z_label = Acc(0);
     if (tid == 0) z_label = mul_rn(to_acc(x[static_cast<int>(y)]), inv_t);
 
-    State st;
-    st.reset();
-    const RowSplit sp = split_row(x, V);
-
-    if (tid < sp.head) {  // head < kN <= kThreads
-      const Acc z[1] = {mul_rn(to_acc(x[tid]), inv_t)};
-      st.template push<1>(z);
-    }
-
-    // kU independent 16-byte loads per iteration multiply the bytes in flight
-    // per thread; the kU * kN values are then pushed as one chunk (one max,
-    // at most one rescale). Not for double: its exp() is a long polynomial
-    // whose hoisted constants leave no registers for a second vector.
-    constexpr int kU = sizeof(T) == 8 ? 1 : 2;
-    const T* body = x + sp.head;
-    int i = tid;
-    for (; i + (kU - 1) * kThreads < sp.nvec; i += kU * kThreads) {
-      Acc z[kU * kN];
-#pragma unroll
-      for (int u = 0; u < kU; ++u) Vec<T>::load(body + (i + u * kThreads) * kN, z + u * kN);
-#pragma unroll
-      for (int k = 0; k < kU * kN; ++k) z[k] = mul_rn(z[k], inv_t);
-      st.template push<kU * kN>(z);
-    }
-    if (kU > 1 && i < sp.nvec) {
-      Acc z[kN];
-      Vec<T>::load(body + i * kN, z);
-#pragma unroll
-      for (int k = 0; k < kN; ++k) z[k] = mul_rn(z[k], inv_t);
-      st.template push<kN>(z);
-    }
-
-    if (tid < V - sp.body_end) {  // tail < kN <= kThreads
-      const Acc z[1] = {mul_rn(to_acc(x[sp.body_end + tid]), inv_t)};
-      st.template push<1>(z);
-    }
-
-    block_reduce<kThreads>(st, smem);
+    const State st = stream_row<kThreads>(x, V, inv_t, smem);
 
     if (tid == 0) {
       const Acc log_s = log_acc(st.s);
@@ -161,6 +145,66 @@ __global__ void __launch_bounds__(kThreads, kFwdMinBlocks<T>)
       a.lse[row] = lse;
       a.logprobs[row] = z_label - lse;
       if (kEntropy) a.entropy[row] = log_s - st.w / st.s;
+    }
+  }
+}
+
+// sequence_logprobs (logprobs.h, SeqLogprobsFwdParams).
+// Grid: min(items, 2^31 - 1) blocks of kThreads threads, items = B * n_chunks;
+// block b owns items b, b + gridDim.x, ...: item i covers the tokens
+// [c * chunk, min(T, (c + 1) * chunk)) of sequence i / n_chunks (c = i % n_chunks),
+// visited in order. Per kept token it reads V * sizeof(T) bytes of logits and
+// writes lse (as the token forward); per item it writes one partial sum and
+// one count, so the only per-sequence traffic besides the logits is
+// n_chunks * (sizeof(Acc) + 4) bytes, summed afterwards in a fixed order.
+// Thread 0 accumulates the item's sum in the accumulation type, token by
+// token: the order is fixed, so the result is bitwise reproducible.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, kSeqMinBlocks<T>) seq_logprobs_fwd_kernel(const SeqFwdArgs<T> a) {
+  using Acc = acc_t<T>;
+  using State = OnlineLSE<Acc, false>;
+  __shared__ State smem[kThreads / kWarpSize];
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int V = a.vocab;
+  const Acc inv_t = a.inv_t;
+
+  for (int64_t item = static_cast<int64_t>(blockIdx.x); item < a.items; item += gridDim.x) {
+    const int64_t seq = item / a.n_chunks;
+    const int64_t t0 = (item - seq * a.n_chunks) * a.chunk;
+    const int64_t t1 = t0 + a.chunk < a.time ? t0 + a.chunk : a.time;
+    Acc sum = Acc(0);  // meaningful in thread 0
+    int count = 0;
+    for (int64_t row = seq * a.time + t0, end = seq * a.time + t1; row < end; ++row) {
+      const int64_t y = a.labels[row];
+      // Uniform over the block (same row): `continue` keeps the barriers in step.
+      if (y == a.ignore_index) {
+        if (tid == 0) a.lse[row] = Acc(0);
+        continue;
+      }
+      ++count;
+      if (y < 0 || y >= V) {
+        if (tid == 0) {
+          a.lse[row] = quiet_nan<Acc>();
+          sum = quiet_nan<Acc>();
+        }
+        continue;
+      }
+      const T* x = a.logits + a.layout.offset(row);
+      Acc z_label = Acc(0);
+      if (tid == 0) z_label = mul_rn(to_acc(x[static_cast<int>(y)]), inv_t);
+
+      const State st = stream_row<kThreads>(x, V, inv_t, smem);
+
+      if (tid == 0) {
+        const Acc lse = st.m + log_acc(st.s);
+        a.lse[row] = lse;
+        sum += z_label - lse;
+      }
+    }
+    if (tid == 0) {
+      a.partial[item] = sum;
+      a.count[item] = count;
     }
   }
 }
@@ -284,6 +328,27 @@ void launch_bwd(const LogprobsBwdParams& p, cudaStream_t stream) {
   check_launch("logprobs backward kernel launch");
 }
 
+template <typename T>
+void launch_seq_fwd(const SeqLogprobsFwdParams& p, cudaStream_t stream) {
+  using Acc = acc_t<T>;
+  SeqFwdArgs<T> a;
+  a.logits = static_cast<const T*>(p.tok.logits);
+  a.layout = FastRowLayout::make(p.tok.logits_layout);
+  a.items = p.batch * p.n_chunks;
+  a.time = p.time;
+  a.chunk = p.chunk;
+  a.n_chunks = p.n_chunks;
+  a.vocab = static_cast<int>(p.tok.vocab);
+  a.labels = p.tok.labels;
+  a.ignore_index = p.tok.ignore_index;
+  a.inv_t = static_cast<Acc>(p.tok.inv_temperature);
+  a.lse = static_cast<Acc*>(p.tok.lse);
+  a.partial = static_cast<Acc*>(p.partial);
+  a.count = p.count;
+  seq_logprobs_fwd_kernel<T><<<dim3(grid_for(a.items)), kThreads, 0, stream>>>(a);
+  check_launch("sequence_logprobs forward kernel launch");
+}
+
 }  // namespace
 }  // namespace gpu
 
@@ -317,6 +382,23 @@ void logprobs_bwd_cuda(const LogprobsBwdParams& p, void* stream) {
     case ScalarKind::BFloat16: gpu::launch_bwd<__nv_bfloat16>(p, s); break;
     case ScalarKind::Float64: gpu::launch_bwd<double>(p, s); break;
     default: throw std::runtime_error("rlhf_kernels: logprobs_bwd_cuda: unsupported dtype");
+  }
+}
+
+void seq_logprobs_fwd_cuda(const SeqLogprobsFwdParams& p, void* stream) {
+  if (p.batch == 0 || p.n_chunks == 0) return;
+  gpu::check_shape(p.tok.rows, p.tok.vocab, "seq_logprobs_fwd_cuda");
+  gpu::check_layout(p.tok.logits_layout, "seq_logprobs_fwd_cuda");
+  if (p.chunk < 1 || p.time < 1 || p.tok.rows != p.batch * p.time || p.n_chunks * p.chunk < p.time) {
+    throw std::runtime_error("rlhf_kernels: seq_logprobs_fwd_cuda: inconsistent batch / time / chunk");
+  }
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (p.tok.dtype) {
+    case ScalarKind::Float32: gpu::launch_seq_fwd<float>(p, s); break;
+    case ScalarKind::Float16: gpu::launch_seq_fwd<__half>(p, s); break;
+    case ScalarKind::BFloat16: gpu::launch_seq_fwd<__nv_bfloat16>(p, s); break;
+    case ScalarKind::Float64: gpu::launch_seq_fwd<double>(p, s); break;
+    default: throw std::runtime_error("rlhf_kernels: seq_logprobs_fwd_cuda: unsupported dtype");
   }
 }
 

@@ -76,12 +76,46 @@ struct LogprobsBwdParams {
   const void* grad_entropy = nullptr;   // contiguous [rows] or nullptr
 };
 
+// Per-sequence sums of token log-probs (sequence_logprobs), reduced inside the
+// kernels. The rows of sequence b are rows [b * time, (b + 1) * time) of the
+// flattened leading dims (logits [B, T, V] or [B, V], any row layout).
+// Work item i = b * n_chunks + c owns the tokens [c * chunk, min(time, (c + 1) * chunk))
+// of sequence b; it writes lse[row] for each of them (0 for ignored rows, NaN
+// for out-of-range labels, as the token forward) and one partial sum and one
+// kept-token count:
+//   partial[i] = sum over its kept tokens of log p(y_t)   (accumulation type)
+//   count[i]   = number of its tokens whose label is not ignore_index (int32)
+// The caller sums the [B, n_chunks] partials over c in a fixed order, so the
+// result does not depend on scheduling (no atomics). chunk depends only on
+// (B, T): see seq_chunk.
+struct SeqLogprobsFwdParams {
+  LogprobsFwdParams tok;  // logits, layout, labels, lse, ...; tok.logprobs and tok.entropy unused
+  int64_t batch = 0;
+  int64_t time = 0;       // tokens per sequence; tok.rows == batch * time
+  int64_t chunk = 1;      // tokens per work item
+  int64_t n_chunks = 0;   // ceil(time / chunk)
+  void* partial = nullptr;     // contiguous [batch, n_chunks], accumulation type
+  int32_t* count = nullptr;    // contiguous [batch, n_chunks]
+};
+
+// Tokens per work item: enough items (about kSeqTargetItems) to fill a GPU or
+// the CPU threads, and otherwise as few partial sums as possible. A function
+// of (batch, time) only, so every backend cuts sequences the same way.
+constexpr int64_t kSeqTargetItems = 2048;
+inline int64_t seq_chunk(int64_t batch, int64_t time) {
+  if (time <= 1) return 1;
+  const int64_t c = (batch * time + kSeqTargetItems - 1) / kSeqTargetItems;
+  return c < 1 ? 1 : (c > time ? time : c);
+}
+
 // CUDA launchers (logprobs.cu). `stream` is a cudaStream_t.
 void logprobs_fwd_cuda(const LogprobsFwdParams& p, void* stream);
 void logprobs_bwd_cuda(const LogprobsBwdParams& p, void* stream);
+void seq_logprobs_fwd_cuda(const SeqLogprobsFwdParams& p, void* stream);
 
 // CPU kernels (logprobs_cpu.cpp), parallel over rows with OpenMP.
 void logprobs_fwd_cpu(const LogprobsFwdParams& p);
 void logprobs_bwd_cpu(const LogprobsBwdParams& p);
+void seq_logprobs_fwd_cpu(const SeqLogprobsFwdParams& p);
 
 }  // namespace rlhf

@@ -11,40 +11,50 @@
 //
 // Bytes: forward reads each kept row once (V * itemsize); backward reads and
 // writes each row once (2 * V * itemsize). No [rows, V] temporary.
+// sequence_logprobs' forward runs the same row code over work items of
+// `chunk` consecutive tokens of one sequence (logprobs.h), in parallel over
+// items; each item writes one partial sum and count instead of per-token
+// log-probs.
 // float64 logits (used for gradcheck) take a plain scalar path.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 
+#include "cpu_simd.h"
 #include "logprobs.h"
 #include "logprobs_cpu.h"
 
 namespace rlhf {
 namespace {
 
-using namespace cpu;
+using namespace cpu;  // row_lse, row_grad, ... (logprobs_cpu.h) and the cpu_simd.h names they use
+
+// One row whose label is in [0, V): streams the logits once, writes lse[row]
+// (and entropy[row]) and returns the label's log-prob.
+template <typename T, bool kEntropy>
+RLHF_INLINE float fwd_kept_row(const LogprobsFwdParams& p, int64_t row, int64_t label) {
+  const T* x = static_cast<const T*>(p.logits) + p.logits_layout.offset(row);
+  const float inv_t = static_cast<float>(p.inv_temperature);
+  const RowLse r = row_lse<T, kEntropy>(x, p.vocab, inv_t);
+  static_cast<float*>(p.lse)[row] = r.lse;
+  if (kEntropy) static_cast<float*>(p.entropy)[row] = r.entropy;
+  return static_cast<float>(x[label]) * inv_t - r.lse;
+}
 
 template <typename T, bool kEntropy>
 RLHF_INLINE void fwd_row(const LogprobsFwdParams& p, int64_t row) {
   float* logprobs = static_cast<float*>(p.logprobs);
-  float* lse_out = static_cast<float*>(p.lse);
-  float* entropy = static_cast<float*>(p.entropy);
   const int64_t label = p.labels[row];
-  const int64_t V = p.vocab;
-  if (label == p.ignore_index || label < 0 || label >= V) {
+  if (label == p.ignore_index || label < 0 || label >= p.vocab) {
     const float v = label == p.ignore_index ? 0.0f : std::numeric_limits<float>::quiet_NaN();
     logprobs[row] = v;
-    lse_out[row] = v;
-    if (kEntropy) entropy[row] = v;
+    static_cast<float*>(p.lse)[row] = v;
+    if (kEntropy) static_cast<float*>(p.entropy)[row] = v;
     return;
   }
-  const T* x = static_cast<const T*>(p.logits) + p.logits_layout.offset(row);
-  const float inv_t = static_cast<float>(p.inv_temperature);
-  const RowLse r = row_lse<T, kEntropy>(x, V, inv_t);
-  lse_out[row] = r.lse;
-  logprobs[row] = static_cast<float>(x[label]) * inv_t - r.lse;
-  if (kEntropy) entropy[row] = r.entropy;
+  logprobs[row] = fwd_kept_row<T, kEntropy>(p, row, label);
 }
 
 template <typename T, bool kEntropy>
@@ -65,24 +75,27 @@ RLHF_INLINE void bwd_row(const LogprobsBwdParams& p, int64_t row) {
                         static_cast<const float*>(p.lse)[row], g, gh, h);
 }
 
+// float64: scalar, exact exp; only used for gradcheck-style checks.
+template <bool kEntropy>
+double fwd_kept_row_f64(const LogprobsFwdParams& p, int64_t row, int64_t label) {
+  const double* x = static_cast<const double*>(p.logits) + p.logits_layout.offset(row);
+  const RowLseF64 r = row_lse_f64<kEntropy>(x, p.vocab, p.inv_temperature);
+  static_cast<double*>(p.lse)[row] = r.lse;
+  if (kEntropy) static_cast<double*>(p.entropy)[row] = r.entropy;
+  return x[label] * p.inv_temperature - r.lse;
+}
+
 template <bool kEntropy>
 void fwd_row_f64(const LogprobsFwdParams& p, int64_t row) {
   double* logprobs = static_cast<double*>(p.logprobs);
-  double* lse_out = static_cast<double*>(p.lse);
-  double* entropy = static_cast<double*>(p.entropy);
   const int64_t label = p.labels[row];
-  const int64_t V = p.vocab;
-  if (label == p.ignore_index || label < 0 || label >= V) {
+  if (label == p.ignore_index || label < 0 || label >= p.vocab) {
     const double v = label == p.ignore_index ? 0.0 : std::numeric_limits<double>::quiet_NaN();
-    logprobs[row] = lse_out[row] = v;
-    if (kEntropy) entropy[row] = v;
+    logprobs[row] = static_cast<double*>(p.lse)[row] = v;
+    if (kEntropy) static_cast<double*>(p.entropy)[row] = v;
     return;
   }
-  const double* x = static_cast<const double*>(p.logits) + p.logits_layout.offset(row);
-  const RowLseF64 r = row_lse_f64<kEntropy>(x, V, p.inv_temperature);
-  lse_out[row] = r.lse;
-  logprobs[row] = x[label] * p.inv_temperature - r.lse;
-  if (kEntropy) entropy[row] = r.entropy;
+  logprobs[row] = fwd_kept_row_f64<kEntropy>(p, row, label);
 }
 
 template <bool kEntropy>
@@ -118,21 +131,65 @@ RLHF_INLINE void bwd_rows(const LogprobsBwdParams& p, int64_t b, int64_t e) {
   }
 }
 
+// Work items [b, e) of sequence_logprobs (logprobs.h, SeqLogprobsFwdParams):
+// item i sums the log-probs of its chunk of one sequence's tokens in order,
+// in the accumulation type, and counts its kept tokens.
+template <typename T>
+RLHF_INLINE void seq_items(const SeqLogprobsFwdParams& q, int64_t b, int64_t e) {
+  using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  const LogprobsFwdParams& p = q.tok;
+  Acc* const lse = static_cast<Acc*>(p.lse);
+  for (int64_t item = b; item < e; ++item) {
+    const int64_t seq = item / q.n_chunks;
+    const int64_t t0 = (item - seq * q.n_chunks) * q.chunk;
+    const int64_t t1 = std::min(q.time, t0 + q.chunk);
+    Acc sum = 0;
+    int32_t count = 0;
+    for (int64_t row = seq * q.time + t0, end = seq * q.time + t1; row < end; ++row) {
+      const int64_t label = p.labels[row];
+      if (label == p.ignore_index) {
+        lse[row] = 0;
+        continue;
+      }
+      ++count;
+      if (label < 0 || label >= p.vocab) {
+        lse[row] = sum = std::numeric_limits<Acc>::quiet_NaN();
+        continue;
+      }
+      if constexpr (std::is_same_v<T, double>) {
+        sum += fwd_kept_row_f64<false>(p, row, label);
+      } else {
+        sum += fwd_kept_row<T, false>(p, row, label);
+      }
+    }
+    static_cast<Acc*>(q.partial)[item] = sum;
+    q.count[item] = count;
+  }
+}
+
 // Two instantiations of the row loops: the bodies are always_inline, so each
 // entry point compiles them for its own target ISA.
 template <typename T>
 void fwd_rows_base(const LogprobsFwdParams& p, int64_t b, int64_t e) { fwd_rows<T>(p, b, e); }
 template <typename T>
 void bwd_rows_base(const LogprobsBwdParams& p, int64_t b, int64_t e) { bwd_rows<T>(p, b, e); }
-#if defined(__x86_64__) && defined(__GNUC__)
 template <typename T>
-RLHF_AVX2 void fwd_rows_avx2(const LogprobsFwdParams& p, int64_t b, int64_t e) { fwd_rows<T>(p, b, e); }
+void seq_items_base(const SeqLogprobsFwdParams& p, int64_t b, int64_t e) { seq_items<T>(p, b, e); }
+#ifdef RLHF_HAS_ISA_DISPATCH
 template <typename T>
-RLHF_AVX2 void bwd_rows_avx2(const LogprobsBwdParams& p, int64_t b, int64_t e) { bwd_rows<T>(p, b, e); }
+RLHF_TARGET_AVX2 void fwd_rows_avx2(const LogprobsFwdParams& p, int64_t b, int64_t e) { fwd_rows<T>(p, b, e); }
 template <typename T>
-RLHF_AVX512 void fwd_rows_avx512(const LogprobsFwdParams& p, int64_t b, int64_t e) { fwd_rows<T>(p, b, e); }
+RLHF_TARGET_AVX2 void bwd_rows_avx2(const LogprobsBwdParams& p, int64_t b, int64_t e) { bwd_rows<T>(p, b, e); }
 template <typename T>
-RLHF_AVX512 void bwd_rows_avx512(const LogprobsBwdParams& p, int64_t b, int64_t e) { bwd_rows<T>(p, b, e); }
+RLHF_TARGET_AVX2 void seq_items_avx2(const SeqLogprobsFwdParams& p, int64_t b, int64_t e) { seq_items<T>(p, b, e); }
+template <typename T>
+RLHF_TARGET_AVX512 void fwd_rows_avx512(const LogprobsFwdParams& p, int64_t b, int64_t e) { fwd_rows<T>(p, b, e); }
+template <typename T>
+RLHF_TARGET_AVX512 void bwd_rows_avx512(const LogprobsBwdParams& p, int64_t b, int64_t e) { bwd_rows<T>(p, b, e); }
+template <typename T>
+RLHF_TARGET_AVX512 void seq_items_avx512(const SeqLogprobsFwdParams& p, int64_t b, int64_t e) {
+  seq_items<T>(p, b, e);
+}
 #endif
 
 int64_t grain_size(int64_t vocab) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, vocab)); }
@@ -140,6 +197,13 @@ int64_t grain_size(int64_t vocab) { return std::max<int64_t>(1, 65536 / std::max
 template <typename Params, typename Fn>
 void parallel_rows(const Params& p, Fn fn) {
   at::parallel_for(0, p.rows, grain_size(p.vocab), [&](int64_t b, int64_t e) { fn(p, b, e); });
+}
+
+template <typename Fn>
+void parallel_items(const SeqLogprobsFwdParams& p, Fn fn) {
+  const int64_t work = std::max<int64_t>(1, p.tok.vocab * p.chunk);
+  const int64_t grain = std::max<int64_t>(1, 65536 / work);
+  at::parallel_for(0, p.batch * p.n_chunks, grain, [&](int64_t b, int64_t e) { fn(p, b, e); });
 }
 
 }  // namespace
@@ -165,6 +229,15 @@ void logprobs_bwd_cpu(const LogprobsBwdParams& p) {
       return parallel_rows(p, [](const LogprobsBwdParams& q, int64_t b, int64_t e) {
         for (int64_t r = b; r < e; ++r) q.grad_entropy ? bwd_row_f64<true>(q, r) : bwd_row_f64<false>(q, r);
       });
+  }
+}
+
+void seq_logprobs_fwd_cpu(const SeqLogprobsFwdParams& p) {
+  switch (p.tok.dtype) {
+    case ScalarKind::Float32: return parallel_items(p, RLHF_PICK(seq_items, float));
+    case ScalarKind::BFloat16: return parallel_items(p, RLHF_PICK(seq_items, c10::BFloat16));
+    case ScalarKind::Float16: return parallel_items(p, RLHF_PICK(seq_items, c10::Half));
+    case ScalarKind::Float64: return parallel_items(p, &seq_items_base<double>);
   }
 }
 

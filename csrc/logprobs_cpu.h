@@ -1,10 +1,10 @@
 // Row kernels of the CPU log-prob path, shared by logprobs_cpu.cpp (token
 // log-probs) and ppo_loss_cpu.cpp (the fused PPO sweep from logits).
 //
-// Float math uses GCC vector extensions of 16 floats; every function is
+// Float math uses the 16-float vectors of cpu_simd.h; every function is
 // always_inline, so each caller compiles it for the ISA of its own entry
 // point (AVX-512, AVX2+FMA or baseline x86-64, picked at run time with
-// cpu_isa()). row_lse streams a row in L1-resident chunks of scaled logits
+// RLHF_PICK). row_lse streams a row in L1-resident chunks of scaled logits
 // z = x / T with the online log-sum-exp rule; row_grad recomputes
 // p = exp(z - lse) and writes the gradient in the same pass. exp is a
 // branch-free polynomial (~1 ulp). float64 rows (gradcheck) take a scalar path
@@ -20,54 +20,25 @@
 #include <cstring>
 #include <limits>
 
+#include "cpu_simd.h"
+
 namespace rlhf {
 namespace cpu {
 namespace {
 
-#define RLHF_INLINE __attribute__((always_inline)) inline
+// The generic vector pieces (vf, kLanes, splat, exp_nonpos, hmax, hsum,
+// RLHF_INLINE, ISA dispatch) are cpu_simd.h's.
+using simd::exp_nonpos;
+using simd::hmax;
+using simd::hsum;
+using simd::kLanes;
+using simd::splat;
+using simd::vf;
+using simd::vu;
 
-// 16 floats per vector: one zmm register with AVX-512, two ymm with AVX2.
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
 typedef uint16_t vh __attribute__((vector_size(32)));
-constexpr int kLanes = 16;
 constexpr int64_t kChunk = 1024;  // floats per L1 buffer (4 KiB)
 constexpr float kInf = std::numeric_limits<float>::infinity();
-
-RLHF_INLINE vf splat(float v) { return vf{} + v; }
-
-// exp(x) for x <= 0 (x = z - max): Cody-Waite reduction to r in [-ln2/2, ln2/2]
-// and a degree-6 Taylor polynomial (truncation < 1.2e-7 relative). Exactly 0
-// below -87 (where float exp is subnormal) and for -inf; NaN stays NaN.
-RLHF_INLINE vf exp_nonpos(vf x) {
-  const vf lo = splat(-87.0f);
-  const vf xc = x < lo ? lo : x;
-  const vf shifter = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const vf n = (xc * 1.4426950408889634f + shifter) - shifter;
-  const vf r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  vf p = splat(1.0f / 720.0f);
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;  // n in [-126, 0]
-  const vf y = p * (vf)e;
-  return x < lo ? vf{} : y;
-}
-
-RLHF_INLINE float hmax(vf v) {
-  float m = v[0];
-  for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
-  return m;
-}
-RLHF_INLINE float hsum(vf v) {
-  float s = 0;
-  for (int i = 0; i < kLanes; ++i) s += v[i];
-  return s;
-}
 
 // kLanes elements of the logits' dtype <-> kLanes floats.
 RLHF_INLINE vf loadv(const float* p) {
@@ -227,27 +198,6 @@ inline void row_grad_f64(const double* x, double* gx, int64_t V, int64_t label, 
     gx[j] = d * inv_t;
   }
 }
-
-#if defined(__x86_64__) && defined(__GNUC__)
-enum class Isa { Base, Avx2, Avx512 };
-Isa cpu_isa() {
-  static const Isa isa = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
-      return Isa::Avx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
-    return Isa::Base;
-  }();
-  return isa;
-}
-#define RLHF_AVX2 __attribute__((target("avx2,fma")))
-#define RLHF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
-// The entry point among name_base<T>, name_avx2<T>, name_avx512<T> that this CPU runs.
-#define RLHF_PICK(name, T) \
-  (cpu_isa() == Isa::Avx512 ? &name##_avx512<T> : cpu_isa() == Isa::Avx2 ? &name##_avx2<T> : &name##_base<T>)
-#else
-#define RLHF_PICK(name, T) (&name##_base<T>)
-#endif
 
 }  // namespace
 }  // namespace cpu

@@ -1,8 +1,8 @@
 // CUDA kernel of the fused PPO policy step from logits (ppo.h:
 // PpoLogitsParams; the op is rlhf_kernels.ppo_loss_from_logits with
-// grad_in_forward). The log-sum-exp state, vector loads and the gradient row
-// loop are the log-prob family's (common.cuh); the per-token PPO / KL math is
-// ppo_loss_math.h's fused_token, shared with the CPU kernel.
+// grad_in_forward). The log-sum-exp state, vector loads and the row loops
+// (stream_row, grad_row) are the log-prob family's (common.cuh); the per-token
+// PPO / KL math is ppo_loss_math.h's fused_token, shared with the CPU kernel.
 //
 // Grid: G blocks of kThreads threads, block b owning token rows b, b + G, ...
 // Per row:
@@ -74,7 +74,6 @@ template <typename T, bool kWriteGrad>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<T>) ppo_logits_kernel(const FusedArgs<T> a) {
   using Acc = acc_t<T>;
   using State = OnlineLSE<Acc, true>;
-  constexpr int kN = Vec<T>::kN;
   __shared__ State smem[kThreads / kWarpSize];
   __shared__ Acc bcast[4];  // lse, H, g, gH of the current row
 
@@ -96,38 +95,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>) ppo_logits_kernel(con
     Acc z_label = Acc(0);
     if (tid == 0) z_label = mul_rn(to_acc(x[static_cast<int>(y)]), inv_t);
 
-    // Pass 1, as logprobs_fwd_kernel: scalar head, 16-byte body (two vectors
-    // in flight per thread except for double), scalar tail.
-    State st;
-    st.reset();
-    const RowSplit sp = split_row(x, V);
-    if (tid < sp.head) {
-      const Acc z[1] = {mul_rn(to_acc(x[tid]), inv_t)};
-      st.template push<1>(z);
-    }
-    constexpr int kU = sizeof(T) == 8 ? 1 : 2;
-    const T* body = x + sp.head;
-    int i = tid;
-    for (; i + (kU - 1) * kThreads < sp.nvec; i += kU * kThreads) {
-      Acc z[kU * kN];
-#pragma unroll
-      for (int u = 0; u < kU; ++u) Vec<T>::load(body + (i + u * kThreads) * kN, z + u * kN);
-#pragma unroll
-      for (int k = 0; k < kU * kN; ++k) z[k] = mul_rn(z[k], inv_t);
-      st.template push<kU * kN>(z);
-    }
-    if (kU > 1 && i < sp.nvec) {
-      Acc z[kN];
-      Vec<T>::load(body + i * kN, z);
-#pragma unroll
-      for (int k = 0; k < kN; ++k) z[k] = mul_rn(z[k], inv_t);
-      st.template push<kN>(z);
-    }
-    if (tid < V - sp.body_end) {
-      const Acc z[1] = {mul_rn(to_acc(x[sp.body_end + tid]), inv_t)};
-      st.template push<1>(z);
-    }
-    block_reduce<kThreads>(st, smem);
+    // Pass 1, as logprobs_fwd_kernel (stream_row in common.cuh).
+    const State st = stream_row<kThreads>(x, V, inv_t, smem);
 
     if (tid == 0) {
       const Acc log_s = log_acc(st.s);

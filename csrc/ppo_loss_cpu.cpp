@@ -25,6 +25,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cpu_simd.h"
 #include "logprobs_cpu.h"
 #include "ppo.h"
 #include "ppo_loss_math.h"
@@ -211,22 +212,23 @@ void fused_rows_f64(const PpoLogitsParams& p, int64_t b, int64_t e) {
   }
 }
 
-// Entry points per ISA (the row loops are always_inline, see logprobs_cpu.h).
+// Entry points per ISA (the row loops are always_inline, see logprobs_cpu.h;
+// RLHF_PICK and the target attributes are cpu_simd.h's).
 template <typename T>
 void fused_rows_base(const PpoLogitsParams& p, int64_t b, int64_t e) { fused_rows<T>(p, b, e); }
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef RLHF_HAS_ISA_DISPATCH
 template <typename T>
-RLHF_AVX2 void fused_rows_avx2(const PpoLogitsParams& p, int64_t b, int64_t e) { fused_rows<T>(p, b, e); }
+RLHF_TARGET_AVX2 void fused_rows_avx2(const PpoLogitsParams& p, int64_t b, int64_t e) { fused_rows<T>(p, b, e); }
 template <typename T>
-RLHF_AVX512 void fused_rows_avx512(const PpoLogitsParams& p, int64_t b, int64_t e) { fused_rows<T>(p, b, e); }
+RLHF_TARGET_AVX512 void fused_rows_avx512(const PpoLogitsParams& p, int64_t b, int64_t e) {
+  fused_rows<T>(p, b, e);
+}
 #endif
 
 }  // namespace
 
 void ppo_logits_fused_cpu(const PpoLogitsParams& p) {
   if (!ppo_loss::check_fused(p, "ppo_logits_fused_cpu")) return;
-  using cpu::cpu_isa;
-  using cpu::Isa;
   void (*fn)(const PpoLogitsParams&, int64_t, int64_t) = nullptr;
   switch (p.dtype) {
     case ScalarKind::Float32: fn = RLHF_PICK(fused_rows, float); break;

@@ -75,6 +75,33 @@ RLHF_HD Acc sigmoid(Acc x) {
   return x < Acc(0) ? e * r : r;
 }
 
+// ls(x) and ls(-x) from one exp and one log1p: both are min(+-x, 0) - log1p(exp(-|x|)),
+// bit for bit what two log_sigmoid calls give.
+template <typename Acc>
+struct LogSigmoidPair {
+  Acc pos, neg;  // ls(x), ls(-x)
+};
+template <typename Acc>
+RLHF_HD LogSigmoidPair<Acc> log_sigmoid_pair(Acc x) {
+  const Acc l = m_log1p(m_exp(-m_abs(x)));
+  const Acc lo = x < Acc(0) ? x : Acc(0);
+  const Acc nlo = -x < Acc(0) ? -x : Acc(0);
+  return {lo - l, nlo - l};
+}
+
+// s(x) and s(-x) from one exp, bit for bit what two sigmoid calls give.
+template <typename Acc>
+struct SigmoidPair {
+  Acc pos, neg;  // s(x), s(-x)
+};
+template <typename Acc>
+RLHF_HD SigmoidPair<Acc> sigmoid_pair(Acc x) {
+  const Acc e = m_exp(-m_abs(x));
+  const Acc r = Acc(1) / (Acc(1) + e);
+  const Acc er = e * r;
+  return {x < Acc(0) ? er : r, -x < Acc(0) ? er : r};
+}
+
 // s'(x) = s(x) s(-x) = e / (1 + e)^2, e = exp(-|x|) (even in x).
 template <typename Acc>
 RLHF_HD Acc dsigmoid(Acc x) {
@@ -235,12 +262,14 @@ RLHF_HD FwdOut<Acc> forward(const Consts<Acc>& c, Acc a, Acc b, Acc m) {
     case PrefLoss::Sigmoid: {
       const Acc z = pair_z(c, h, m);
       const Acc sum = a + b;
-      o.loss = -c.one_m_ls * log_sigmoid(z) - c.ls * log_sigmoid(-z) + c.center * sum * sum;
+      const LogSigmoidPair<Acc> l = log_sigmoid_pair(z);
+      o.loss = -c.one_m_ls * l.pos - c.ls * l.neg + c.center * sum * sum;
       break;
     }
     case PrefLoss::Robust: {
       const Acc z = pair_z(c, h, m);
-      o.loss = (-c.one_m_ls * log_sigmoid(z) + c.ls * log_sigmoid(-z)) / c.robust_den;
+      const LogSigmoidPair<Acc> l = log_sigmoid_pair(z);
+      o.loss = (-c.one_m_ls * l.pos + c.ls * l.neg) / c.robust_den;
       break;
     }
     case PrefLoss::ExoPair: {
@@ -324,7 +353,8 @@ RLHF_HD Grad<Acc> backward(const Consts<Acc>& c, Acc a, Acc b, Acc m) {
   switch (c.loss) {
     case PrefLoss::Sigmoid: {
       const Acc z = pair_z(c, h, m);
-      const Acc Dz = -c.one_m_ls * sigmoid(-z) + c.ls * sigmoid(z);
+      const SigmoidPair<Acc> sz = sigmoid_pair(z);
+      const Acc Dz = -c.one_m_ls * sz.neg + c.ls * sz.pos;
       const Acc t = c.two_center * (a + b);
       g.da = c.beta * Dz + t;
       g.db = -c.beta * Dz + t;
@@ -332,7 +362,8 @@ RLHF_HD Grad<Acc> backward(const Consts<Acc>& c, Acc a, Acc b, Acc m) {
     }
     case PrefLoss::Robust: {
       const Acc z = pair_z(c, h, m);
-      D = (-c.one_m_ls * sigmoid(-z) - c.ls * sigmoid(z)) / c.robust_den;
+      const SigmoidPair<Acc> sz = sigmoid_pair(z);
+      D = (-c.one_m_ls * sz.neg - c.ls * sz.pos) / c.robust_den;
       via_z = true;
       break;
     }

@@ -106,10 +106,15 @@ def eager_dpo_loss(pc, pr, rc, rr, beta=0.1):
     return losses.mean(), metrics
 
 
+def eager_sequence_logprobs(logits, labels, mask):
+    """Sequence log-probs as usually written: float32 log_softmax of [B, T, V], gather, mask, sum."""
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return (logp * mask).sum(-1)
+
+
 def eager_dpo_step(logits, labels, mask, ref_logps, beta=0.1):
     """The unfused DPO step from logits: log_softmax, gather, mask, sum, then the loss."""
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    seq = (logp * mask).sum(-1)
+    seq = eager_sequence_logprobs(logits, labels, mask)
     half = seq.shape[0] // 2
     return eager_dpo_loss(seq[:half], seq[half:], ref_logps[:half], ref_logps[half:], beta)[0]
 
@@ -187,6 +192,24 @@ def token_logprobs_problem(n_tokens, vocab, dtype, device, temperature=1.0) -> P
     size = n_tokens * vocab * logits.element_size()
     return Problem("token_logprobs", f"{n_tokens}x{vocab}", dtype, {"logits": logits, "labels": labels}, ("logits",),
                    provs, {"fwd": size, "bwd": 2 * size, "fwd+bwd": 3 * size})  # fmt: skip
+
+
+def sequence_logprobs_problem(batch, seq, vocab, dtype, device) -> Problem:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    logits = (torch.randn(batch, seq, vocab, generator=g) * 2).to(dtype=dtype, device=device)
+    labels = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
+    mask = (torch.arange(seq) >= seq // 4).expand(batch, seq).to(device)  # the first quarter is the prompt
+    provs: dict[str, Callable] = {}
+    for b in _kernel_backends(device, "sequence_logprobs_fwd_native"):
+        provs[f"rlhf_kernels[{b}]"] = lambda i, b=b: rlhf_kernels.sequence_logprobs(
+            i["logits"], i["labels"], i["mask"], check_labels=False, backend=b
+        )
+    provs["eager"] = lambda i: eager_sequence_logprobs(i["logits"], i["labels"], i["mask"])
+    provs["torch.compile"] = lambda i: _compiled(eager_sequence_logprobs)(i["logits"], i["labels"], i["mask"])
+    size = logits.numel() * logits.element_size()
+    inputs = {"logits": logits, "labels": labels, "mask": mask}
+    return Problem("sequence_logprobs", f"{batch}x{seq}x{vocab}", dtype, inputs, ("logits",), provs,
+                   {"fwd": size, "bwd": 2 * size, "fwd+bwd": 3 * size})  # fmt: skip
 
 
 def dpo_step_problem(pairs, seq, vocab, dtype, device, beta=0.1) -> Problem:
@@ -599,8 +622,8 @@ def measure_memory(results: list[Result], problem: Problem, device: torch.device
         log(f"  {case.provider:24s} {case.mode:8s} peak +{_mib(r.peak_mem_mb)} MiB")
 
 
-OPS = ("token_logprobs", "dpo_step", "dpo_loss", "gae", "masked_whiten", "grpo_advantages", "ppo_policy_loss",
-       "ppo_step")
+OPS = ("token_logprobs", "sequence_logprobs", "dpo_step", "dpo_loss", "gae", "masked_whiten", "grpo_advantages",
+       "ppo_policy_loss", "ppo_step")
 
 
 def default_problems(device: torch.device, quick: bool, ops=OPS) -> list[Callable[[], Problem]]:
@@ -610,6 +633,7 @@ def default_problems(device: torch.device, quick: bool, ops=OPS) -> list[Callabl
         table = {
             "token_logprobs": [(16384, 128256, bf16), (8192, 151936, bf16), (16384, 32000, bf16),
                                (4096, 128256, torch.float32)],
+            "sequence_logprobs": [(8, 1024, 128256, bf16), (64, 512, 32000, bf16)],
             "dpo_step": [(4, 1024, 128256, bf16)],
             "dpo_loss": [(64,), (4096,), (1 << 20,)],
             "gae": [(512, 512), (4096, 2048), (4096, 8192)],
@@ -621,6 +645,7 @@ def default_problems(device: torch.device, quick: bool, ops=OPS) -> list[Callabl
     else:
         table = {
             "token_logprobs": [(1024, 32000, bf16), (256, 128256, bf16), (1024, 32000, torch.float32)],
+            "sequence_logprobs": [(4, 256, 32000, bf16)],
             "dpo_step": [(2, 256, 32000, bf16)],
             "dpo_loss": [(64,), (65536,)],
             "gae": [(512, 512), (512, 2048)],
@@ -634,11 +659,12 @@ def default_problems(device: torch.device, quick: bool, ops=OPS) -> list[Callabl
         if device.type != "cuda":
             table["token_logprobs"] = [(256, 32000, bf16)]
             table["dpo_step"] = [(2, 64, 32000, bf16)]
+            table["sequence_logprobs"] = [(4, 64, 32000, bf16)]
             table["ppo_step"] = [(2, 64, 32000, bf16)]
-    makers = {"token_logprobs": token_logprobs_problem, "dpo_step": dpo_step_problem, "dpo_loss": dpo_loss_problem,
-              "gae": gae_problem, "masked_whiten": masked_whiten_problem,
-              "grpo_advantages": grpo_advantages_problem, "ppo_policy_loss": ppo_policy_problem,
-              "ppo_step": ppo_step_problem}  # fmt: skip
+    makers = {"token_logprobs": token_logprobs_problem, "sequence_logprobs": sequence_logprobs_problem,
+              "dpo_step": dpo_step_problem, "dpo_loss": dpo_loss_problem, "gae": gae_problem,
+              "masked_whiten": masked_whiten_problem, "grpo_advantages": grpo_advantages_problem,
+              "ppo_policy_loss": ppo_policy_problem, "ppo_step": ppo_step_problem}  # fmt: skip
     return [lambda op=op, args=args: makers[op](*args, device=device) for op in ops for args in table[op]]
 
 

@@ -21,6 +21,8 @@ def _shape(text: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rlhf_kernels.bench import OPS
+
     parser = argparse.ArgumentParser(prog="rlhf-kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="available backends, build configuration and versions (JSON)")
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument(
         "--op",
         action="append",
-        choices=["token_logprobs", "dpo_step", "dpo_loss", "gae", "ppo_policy_loss", "ppo_step"],
+        choices=OPS,
         help="ops to benchmark, repeatable (default: all)",
     )
     pipe = sub.add_parser("pipeline", help="SFT, reward model, PPO and DPO on the built-in sorting task "

@@ -10,6 +10,7 @@ import rlhf_kernels
 from rlhf_kernels.reference import preference as reference
 
 NATIVE_OP = "preference_fwd_native"
+SEQ_NATIVE_OP = "sequence_logprobs_fwd_native"
 SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_pair")
 # Float32 kernels against the float64 oracle on float64-exact inputs.
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float64: dict(atol=1e-10, rtol=1e-9)}
@@ -165,6 +166,69 @@ def test_orpo_near_zero_logps(device, backend):
         assert torch.isfinite(t).all()
 
 
+@pytest.mark.parametrize("device,backend", backend_cases(["native"], native_op=NATIVE_OP))
+@pytest.mark.parametrize("loss_type", ["sigmoid", "bco_pair"])
+def test_dpo_large_batch_independent_of_threads(device, backend, loss_type):
+    """Above the parallel threshold the CPU kernel splits pairs into fixed chunks:
+    losses, metrics and gradients are bitwise the same for any thread count."""
+    pc, pr, rc, rr = inputs(40000, torch.float32, device, seed=13)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            out, grads = forward_backward(
+                lambda *t: rlhf_kernels.dpo_loss(*t, beta=0.1, loss_type=loss_type, return_metrics=True,
+                                                 backend=backend), [pc, pr, rc, rr])  # fmt: skip
+            runs.append((out, grads))
+    finally:
+        torch.set_num_threads(threads)
+    (o1, g1), (o2, g2) = runs
+    for a, b in zip(o1[:3], o2[:3], strict=True):
+        assert torch.equal(a, b)
+    for name in o1.metrics:
+        assert torch.equal(o1.metrics[name], o2.metrics[name]), name
+    for a, b in zip(g1, g2, strict=True):
+        assert torch.equal(a, b)
+    want = forward_backward(lambda *t: reference.dpo_loss(*t, beta=0.1, loss_type=loss_type),
+                            [t.double() for t in (pc, pr, rc, rr)])  # fmt: skip
+    compare((tuple(o1[:3]), g1), want, TOL[torch.float32])
+    torch.testing.assert_close(o1.metrics["loss"].double(), want[0][0].mean(), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op=NATIVE_OP))
+@pytest.mark.parametrize("n", [15, 16, 1007, 20000])
+def test_sigmoid_float32_all_widths(device, backend, n):
+    """Float32 sigmoid-form losses (DPO with smoothing, SimPO, Bradley-Terry with a margin
+    and centring) for batch sizes around the CPU kernel's 16-pair vector step and its
+    2048-pair chunks, with |z| up to ~150 (past float exp's range): float32 accuracy."""
+    g = torch.Generator().manual_seed(n)
+    pc, pr, rc, rr = [(torch.randn(n, generator=g, dtype=torch.float64) * 400 - 50).float().to(device)
+                      for _ in range(4)]  # fmt: skip
+    tol = dict(atol=1e-6, rtol=2e-5)
+
+    def check(fn, ref_fn, tensors):
+        got, want = forward_backward(fn, tensors), forward_backward(ref_fn, [t.double() for t in tensors])
+        compare(got, want, tol)
+
+    kw = dict(beta=0.2, label_smoothing=0.1)
+    check(lambda *t: rlhf_kernels.dpo_loss(*t, **kw, backend=backend), lambda *t: reference.dpo_loss(*t, **kw),
+          [pc, pr, rc, rr])  # fmt: skip
+    out = rlhf_kernels.dpo_loss(pc, pr, rc, rr, beta=0.2, return_metrics=True, backend=backend)
+    want = reference.dpo_loss(pc.double(), pr.double(), rc.double(), rr.double(), beta=0.2)
+    torch.testing.assert_close(out.metrics["loss"].double(), want[0].mean(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.metrics["rewards/accuracies"].double(), (want[1] > want[2]).double().mean(),
+                               atol=1e-6, rtol=0)  # fmt: skip
+    kw = dict(beta=2.5, gamma=0.3, label_smoothing=0.05)
+    check(lambda a, b: rlhf_kernels.simpo_loss(a / 100, b / 100, **kw, backend=backend),
+          lambda a, b: reference.simpo_loss(a / 100, b / 100, **kw), [pc, pr])  # fmt: skip
+    margin = rr.abs() / 100
+    kw = dict(margin=margin, center_rewards_coefficient=0.01)
+    check(lambda a, b: rlhf_kernels.bradley_terry_loss(a / 50, b / 50, **kw, backend=backend),
+          lambda a, b: reference.bradley_terry_loss(a / 50, b / 50, margin=margin.double(),
+                                                    center_rewards_coefficient=0.01), [pc, pr])  # fmt: skip
+
+
 # --- bad input -----------------------------------------------------------------------------
 
 
@@ -205,7 +269,7 @@ def test_dpo_bad_inputs():
 # --- sequence log-probs and the DPO step from logits ------------------------------------------
 
 
-@pytest.mark.parametrize("device,backend", backend_cases(native_op=NATIVE_OP))
+@pytest.mark.parametrize("device,backend", backend_cases(native_op=SEQ_NATIVE_OP))
 @pytest.mark.parametrize("average", [False, True])
 def test_sequence_logprobs(device, backend, average):
     g = torch.Generator().manual_seed(2)
@@ -224,7 +288,124 @@ def test_sequence_logprobs(device, backend, average):
     torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("device,backend", backend_cases(native_op=NATIVE_OP))
+# Kernel sums (float32 accumulation) against the float64 reference on the same
+# (rounded) logits; the gradient is rounded to the logits' dtype, hence its
+# per-dtype tolerance. Upstream weights are up to 3 and 1/T up to 1.43, so a
+# float32 p with a few ulp of error gives absolute gradient errors of a few 1e-6.
+SEQ_TOL = {torch.float32: dict(atol=3e-5, rtol=2e-5), torch.bfloat16: dict(atol=3e-5, rtol=2e-5),
+           torch.float16: dict(atol=3e-5, rtol=2e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}  # fmt: skip
+SEQ_GRAD_TOL = {torch.float32: dict(atol=5e-6, rtol=1e-4), torch.bfloat16: dict(atol=2e-3, rtol=1e-2),
+                torch.float16: dict(atol=2e-4, rtol=2e-3), torch.float64: dict(atol=1e-12, rtol=1e-10)}  # fmt: skip
+
+
+def _seq_case(batch, time, vocab, dtype, device, seed, *, scale=2.0):
+    """Strided logits (a [:, :-1] slice), labels and a mask whose sequence 1 is fully masked."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(batch, time + 1, vocab, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
+    labels = torch.randint(0, vocab, (batch, time), generator=g).to(device)
+    mask = torch.rand(batch, time, generator=g) > 0.3
+    mask[1 % batch] = False
+    return logits[:, :-1], labels, mask.to(device)
+
+
+def _seq_check(logits, labels, mask, backend, *, weights=None, **kw):
+    x = logits.detach().requires_grad_(True)
+    got = rlhf_kernels.sequence_logprobs(x, labels, mask, backend=backend, **kw)
+    w = torch.arange(1, got.shape[0] + 1, dtype=torch.float64, device=logits.device) if weights is None else weights
+    (got.double() * w).sum().backward()
+    xr = logits.detach().double().requires_grad_(True)
+    want = reference.sequence_logprobs(xr, labels, mask, **kw)
+    (want * w).sum().backward()
+    tol, grad_tol = SEQ_TOL[logits.dtype], SEQ_GRAD_TOL[logits.dtype]
+    assert got.shape == want.shape and got.dtype == (torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(got.double(), want, **tol)
+    torch.testing.assert_close(x.grad.double(), xr.grad, **grad_tol)
+    return got, x.grad
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op=SEQ_NATIVE_OP))
+@pytest.mark.parametrize("vocab", [1, 7, 1000, 5003])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("average", [False, True])
+def test_sequence_logprobs_matches_reference(device, backend, vocab, dtype, average):
+    logits, labels, mask = _seq_case(3, 6, vocab, dtype, device, seed=vocab)
+    got, grad = _seq_check(logits, labels, mask, backend, average=average, temperature=0.7)
+    assert got[1] == 0 and torch.isfinite(got).all()  # fully masked: 0 (also the mean), no NaN
+    assert (grad[1] == 0).all() and (grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op=SEQ_NATIVE_OP))
+@pytest.mark.parametrize("average", [False, True])
+def test_sequence_logprobs_many_chunks(device, backend, average):
+    """B * T above the kernels' 2048 work items: several tokens per program and
+    several partial sums per sequence; bitwise equal on a rerun."""
+    logits, labels, mask = _seq_case(3, 1500, 5, torch.float32, device, seed=4)
+    labels[0, 100:700] = -100  # a long ignored run spanning whole chunks
+    got, grad = _seq_check(logits, labels, mask, backend, average=average)
+    again = rlhf_kernels.sequence_logprobs(logits, labels, mask, average=average, backend=backend)
+    assert torch.equal(got.detach(), again)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op=SEQ_NATIVE_OP))
+def test_sequence_logprobs_layouts_and_ignore_index(device, backend):
+    g = torch.Generator().manual_seed(6)
+    # [B, V]: one token per sequence; int32 labels, a custom ignore_index, no mask.
+    logits = torch.randn(5, 33, generator=g).to(device)
+    labels = torch.randint(0, 33, (5,), generator=g, dtype=torch.int32).to(device)
+    labels[2] = 7777
+    _seq_check(logits, labels, None, backend, ignore_index=7777, average=True)
+    # Transposed leading dims (time-major storage), no copy needed by the kernels.
+    logits = torch.randn(7, 4, 50, generator=g).to(device).transpose(0, 1)
+    labels = torch.randint(0, 50, (4, 7), generator=g).to(device)
+    labels[0, :3] = -100
+    _seq_check(logits, labels, None, backend, temperature=1.9)
+    # Out-of-range kept label without the check: that sequence is NaN, the others are not.
+    labels[3, 2] = 50
+    out = rlhf_kernels.sequence_logprobs(logits, labels, check_labels=False, backend=backend)
+    assert torch.isnan(out[3]) and torch.isfinite(out[:3]).all()
+    with pytest.raises(ValueError, match="labels: value 50 is outside"):
+        rlhf_kernels.sequence_logprobs(logits, labels, backend=backend)
+    with pytest.raises(ValueError, match=r"logits: expected shape \[B, T, V\]"):
+        rlhf_kernels.sequence_logprobs(logits[0, 0], labels[0, 0], backend=backend)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op=SEQ_NATIVE_OP))
+@pytest.mark.parametrize("average", [False, True])
+def test_sequence_logprobs_gradcheck(device, backend, average):
+    logits, labels, mask = _seq_case(3, 4, 6, torch.float64, device, seed=12)
+    x = logits.detach().clone().requires_grad_(True)
+    fn = lambda t: rlhf_kernels.sequence_logprobs(t, labels, mask, average=average, temperature=1.3, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x,))
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["native"], native_op=SEQ_NATIVE_OP))
+def test_sequence_logprobs_opcheck(device, backend):
+    logits, labels, _ = _seq_case(2, 5, 11, torch.float32, device, seed=1)
+    op = torch.ops.rlhf_kernels.sequence_logprobs_fwd_native
+    for average in (False, True):
+        torch.library.opcheck(op, (logits.contiguous().requires_grad_(True), labels, 0.8, -100, average))
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["torch", "triton", "native"], native_op=SEQ_NATIVE_OP))
+def test_sequence_logprobs_compile_fullgraph(device, backend):
+    if backend == "triton" and device == "cpu":
+        pytest.skip("torch.compile cannot trace interpreted Triton kernels; checked on GPU")
+    logits, labels, mask = _seq_case(4, 5, 40, torch.float32, device, seed=3)
+
+    def step(x):
+        return rlhf_kernels.sequence_logprobs(x, labels, mask, average=True, check_labels=False, backend=backend)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    x1, x2 = (logits.detach().clone().requires_grad_(True) for _ in range(2))
+    eager, out = step(x1), compiled(x2)
+    eager.sum().backward()
+    out.sum().backward()
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(x2.grad, x1.grad)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op=SEQ_NATIVE_OP))
 def test_dpo_step_from_bf16_logits(device, backend):
     """sequence_logprobs on a concatenated chosen+rejected batch, then dpo_loss:
     matches the unfused float64 composition (log_softmax, gather, mask, sum, loss)."""

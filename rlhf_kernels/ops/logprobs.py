@@ -128,29 +128,43 @@ def sequence_logprobs(
     r"""Per-sequence sum (or, with ``average``, mean over kept tokens) of token log-probs.
 
     ``[B, T, V] -> [B]``: :math:`\sum_t \log p(y_t)` over tokens that are not
-    ignored or masked (a sequence without such tokens gets 0). This is the DPO
-    input: for a concatenated batch whose first half is chosen and second half
-    rejected, ``lp[:B]`` and ``lp[B:]`` are the chosen and rejected log-probs.
-    Arguments and backends as :func:`token_logprobs`; logits may be ``[B, T, V]``
-    or ``[B, V]`` (one token per sequence).
+    ignored or masked (a sequence without such tokens gets 0, also with
+    ``average``). This is the DPO input: for a concatenated batch whose first
+    half is chosen and second half rejected, ``lp[:B]`` and ``lp[B:]`` are the
+    chosen and rejected log-probs. Arguments and backends as
+    :func:`token_logprobs`; logits may be ``[B, T, V]`` or ``[B, V]`` (one token
+    per sequence), with any strides but the last (``logits[:, :-1]`` is not copied).
+
+    The triton and native kernels reduce over tokens themselves: each program
+    owns a chunk of one sequence's tokens and writes one partial sum (and
+    kept-token count), and the ``[B, n_chunks]`` partials are summed in a fixed
+    order, so no per-token log-probs are written and reruns give the same bits.
+    Backward is :math:`\partial L/\partial x_{t,j} = g_b\,(\mathbb{1}[j = y_t] - p_{t,j}) / T`
+    (:math:`g_b / n_b` with ``average``) for kept tokens, from the saved
+    per-token log-normalisers (``B * T`` floats).
     """
     if isinstance(logits, torch.Tensor) and logits.dim() < 2:
         raise ValueError(f"logits: expected shape [B, T, V] (or [B, V]), got {tuple(logits.shape)}")
-    lp = token_logprobs(
-        logits, labels, mask, temperature=temperature, ignore_index=ignore_index, check_labels=check_labels,
-        backend=backend,
-    )  # fmt: skip
-    if lp.dim() == 1:
-        lp = lp.unsqueeze(-1)
-        labels, mask = labels.unsqueeze(-1), (None if mask is None else mask.unsqueeze(-1))
-    lp = lp.flatten(1)
-    total = lp.sum(-1)
-    if not average:
-        return total
-    kept = labels != ignore_index
+    _check_inputs(logits, labels, mask, temperature, ignore_index, check_labels)
+    impl = _dispatch.resolve(backend, logits.device, "sequence_logprobs_fwd_native")
+    if impl == "torch":
+        lp = reference.token_logprobs(
+            logits, labels, mask, temperature=float(temperature), ignore_index=int(ignore_index)
+        ).reshape(logits.shape[0], -1)
+        total = lp.sum(-1)
+        if not average:
+            return total
+        kept = labels != ignore_index
+        if mask is not None:
+            kept = kept & mask.bool()
+        return total / kept.reshape(logits.shape[0], -1).sum(-1).clamp(min=1).to(total.dtype)
+    if row_layout(logits) is None:
+        logits = logits.contiguous()
+    labels = labels.long()
     if mask is not None:
-        kept = kept & mask.bool()
-    return total / kept.flatten(1).sum(-1).clamp(min=1).to(total.dtype)
+        labels = labels.masked_fill(mask == 0, ignore_index)
+    total, _, _ = _SEQ_FWD_OPS[impl](logits, labels, float(temperature), int(ignore_index), bool(average))
+    return total
 
 
 def _check_inputs(logits, labels, mask, temperature, ignore_index, check_labels) -> None:
@@ -325,3 +339,66 @@ def _make_backward(bwd, bwd_inplace):
 
 for _fwd, _bwd, _bwd_inplace in _OPS.values():
     torch.library.register_autograd(_fwd, _make_backward(_bwd, _bwd_inplace), setup_context=_setup_context)
+
+
+# --- sequence_logprobs ---------------------------------------------------------
+# Forward op per kernel backend -> (sequence_logprobs [B], kept counts [B], lse);
+# its backward broadcasts the per-sequence gradient to the tokens and runs the
+# same backend's token backward op.
+
+
+def _fake_seq_fwd(logits, labels, temperature, ignore_index, average):
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    batch = logits.shape[:1]
+    return (
+        logits.new_empty(batch, dtype=acc),
+        logits.new_empty(batch, dtype=acc),
+        logits.new_empty(logits.shape[:-1], dtype=acc),
+    )
+
+
+if triton_impl is not None:
+
+    @triton_op("rlhf_kernels::sequence_logprobs_fwd_triton", mutates_args=())
+    def _seq_fwd_triton(
+        logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int, average: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return triton_impl.sequence_logprobs_fwd(logits, labels, temperature, ignore_index, average, launch=wrap_triton)
+
+    _seq_fwd_triton.register_fake(_fake_seq_fwd)
+
+if native.available() and hasattr(torch.ops.rlhf_kernels, "sequence_logprobs_fwd_native"):
+    torch.library.register_fake("rlhf_kernels::sequence_logprobs_fwd_native")(_fake_seq_fwd)
+
+_SEQ_OPS = _dispatch.kernel_ops("sequence_logprobs_fwd", "token_logprobs_bwd")
+_SEQ_FWD_OPS = {name: ops[0] for name, ops in _SEQ_OPS.items()}
+
+
+def _seq_setup_context(ctx, inputs, output):
+    logits, labels, temperature, ignore_index, average = inputs
+    _, n_valid, lse = output
+    ctx.save_for_backward(logits, labels, lse, n_valid)
+    ctx.temperature = temperature
+    ctx.ignore_index = ignore_index
+    ctx.average = average
+    ctx.mark_non_differentiable(n_valid, lse)
+
+
+def _make_seq_backward(bwd):
+    def backward(ctx, grad_seq, _grad_n_valid, _grad_lse):
+        logits, labels, lse, n_valid = ctx.saved_tensors
+        if grad_seq is None:
+            grad_seq = torch.zeros_like(n_valid)
+        g = grad_seq.to(lse.dtype)
+        if ctx.average:
+            g = g / n_valid.clamp(min=1)
+        # Each token of sequence b gets g_b: a [B, T] float tensor, the token backward's input.
+        g_tok = g.reshape((-1,) + (1,) * (lse.dim() - 1)).expand(lse.shape).contiguous()
+        grad_logits = bwd(g_tok, None, logits, labels, lse, lse.new_empty(0), ctx.temperature, ctx.ignore_index)
+        return grad_logits, None, None, None, None
+
+    return backward
+
+
+for _fwd, _tok_bwd in _SEQ_OPS.values():
+    torch.library.register_autograd(_fwd, _make_seq_backward(_tok_bwd), setup_context=_seq_setup_context)

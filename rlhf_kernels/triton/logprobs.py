@@ -30,6 +30,36 @@ def _row_start(row, size1, size2, stride0, stride1, stride2):
 
 
 @triton.jit
+def _online_lse2(row_ptr, V, scale2, acc_ty: tl.constexpr, HAS_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Streams one row of V logits once, BLOCK_V at a time, with u = x * scale2
+    (z / T in base-2 units): returns the online max m, s = sum 2^(u - m) and,
+    with HAS_ENTROPY, w = sum 2^(u - m) (u - m) (else 0)."""
+    cols = tl.arange(0, BLOCK_V).to(tl.int64)
+    m = tl.full((), float("-inf"), acc_ty)
+    s = tl.zeros((), acc_ty)
+    w = tl.zeros((), acc_ty)
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf"))
+        u = x.to(acc_ty) * scale2
+        m_new = tl.maximum(m, tl.max(u, axis=0))
+        # While every logit seen so far is -inf, use 0 as the pivot so that
+        # no -inf - -inf appears; the sums then stay 0.
+        pivot = tl.where(m_new == float("-inf"), 0.0, m_new).to(acc_ty)
+        alpha = tl.exp2(m - pivot)
+        e = tl.exp2(u - pivot)
+        if HAS_ENTROPY:
+            # w = sum e (u - m), relative to the max so that H = log2 s - w / s does
+            # not cancel for large logits; moving the pivot shifts each (u - m).
+            w = (
+                alpha * (w + s * tl.where(s > 0, m - pivot, 0.0)) + tl.sum(e * tl.where(e > 0, u - pivot, 0.0), axis=0)
+            ).to(acc_ty)
+        s = s * alpha + tl.sum(e, axis=0)
+        m = m_new
+    return m, s, w
+
+
+@triton.jit
 def _logprobs_fwd_kernel(
     logits_ptr,
     labels_ptr,
@@ -70,29 +100,7 @@ def _logprobs_fwd_kernel(
             tl.store(entropy_ptr + row, float("nan"))
     else:
         row_ptr = logits_ptr + _row_start(row, size1, size2, stride0, stride1, stride2)
-        cols = tl.arange(0, BLOCK_V).to(tl.int64)
-        m = tl.full((), float("-inf"), acc_ty)
-        s = tl.zeros((), acc_ty)
-        w = tl.zeros((), acc_ty)
-        for start in range(0, V, BLOCK_V):
-            offs = start + cols
-            x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf"))
-            u = x.to(acc_ty) * scale2
-            m_new = tl.maximum(m, tl.max(u, axis=0))
-            # While every logit seen so far is -inf, use 0 as the pivot so that
-            # no -inf - -inf appears; the sums then stay 0.
-            pivot = tl.where(m_new == float("-inf"), 0.0, m_new).to(acc_ty)
-            alpha = tl.exp2(m - pivot)
-            e = tl.exp2(u - pivot)
-            if HAS_ENTROPY:
-                # w = sum e (u - m), relative to the max so that H = log2 s - w / s does
-                # not cancel for large logits; moving the pivot shifts each (u - m).
-                w = (
-                    alpha * (w + s * tl.where(s > 0, m - pivot, 0.0))
-                    + tl.sum(e * tl.where(e > 0, u - pivot, 0.0), axis=0)
-                ).to(acc_ty)
-            s = s * alpha + tl.sum(e, axis=0)
-            m = m_new
+        m, s, w = _online_lse2(row_ptr, V, scale2, acc_ty, HAS_ENTROPY, BLOCK_V)
         lse2 = m + tl.log2(s)
         x_label = tl.load(row_ptr + label).to(acc_ty)
         tl.store(lse_ptr + row, lse2 * ln2)
@@ -168,6 +176,64 @@ def _logprobs_bwd_kernel(
             tl.store(g_ptr + offs, (d * inv_temp).to(g_ptr.dtype.element_ty), mask=offs < V)
 
 
+@triton.jit
+def _seq_logprobs_fwd_kernel(
+    logits_ptr,
+    labels_ptr,
+    lse_ptr,
+    partial_ptr,
+    count_ptr,
+    V,
+    T,
+    chunk,
+    n_chunks,
+    size1,
+    size2,
+    stride0,
+    stride1,
+    stride2,
+    inv_temp_hi,
+    inv_temp_lo,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    # sequence_logprobs. Grid: (B * n_chunks,). Program i owns the tokens
+    # [c * chunk, min(T, (c + 1) * chunk)) of sequence b = i // n_chunks
+    # (c = i % n_chunks), rows b * T + t of the flattened logits. For each kept
+    # token it streams the V logits once (V * itemsize bytes) and writes lse;
+    # it accumulates the token log-probs in order in the accumulation type and
+    # writes one partial sum and one kept-token count (the launcher sums the
+    # [B, n_chunks] partials in a fixed order: no atomics, reproducible bits).
+    item = tl.program_id(0).to(tl.int64)
+    acc_ty = lse_ptr.dtype.element_ty
+    ln2 = tl.full((), _LN2, acc_ty)
+    scale2 = (join_float(inv_temp_hi, inv_temp_lo, acc_ty)) * tl.full((), _LOG2E, acc_ty)
+    b = item // n_chunks
+    t0 = (item - b * n_chunks) * chunk
+    t1 = tl.minimum(t0 + chunk, T)
+    total = tl.zeros((), acc_ty)
+    count = tl.zeros((), tl.int32)
+    for t in range(t0, t1):
+        row = b * T + t
+        label = tl.load(labels_ptr + row)
+        if label == ignore_index:
+            tl.store(lse_ptr + row, 0.0)
+        else:
+            count += 1
+            if (label < 0) | (label >= V):
+                tl.store(lse_ptr + row, float("nan"))
+                total += float("nan")
+            else:
+                row_ptr = logits_ptr + _row_start(row, size1, size2, stride0, stride1, stride2)
+                m, s, _ = _online_lse2(row_ptr, V, scale2, acc_ty, False, BLOCK_V)
+                lse2 = m + tl.log2(s)
+                x_label = tl.load(row_ptr + label).to(acc_ty)
+                tl.store(lse_ptr + row, lse2 * ln2)
+                total += (x_label * scale2 - lse2) * ln2
+    tl.store(partial_ptr + item, total)
+    tl.store(count_ptr + item, count)
+
+
 def _block_v(vocab: int, itemsize: int) -> tuple[int, int]:
     """Vocab tile and warp count: 8 KiB of logits per loop step, 16 elements (two
     16-byte loads for 16-bit types) per thread, so that a 256-thread program
@@ -215,6 +281,61 @@ def logprobs_fwd(
         num_warps=num_warps,
     )
     return logprobs, lse, entropy
+
+
+_SEQ_TARGET_ITEMS = 2048  # as kSeqTargetItems in csrc/logprobs.h
+
+
+def seq_chunk(batch: int, time: int) -> int:
+    """Tokens per program of the sequence kernel (csrc/logprobs.h ``seq_chunk``):
+    about 2048 programs, otherwise as few partial sums as possible."""
+    if time <= 1:
+        return 1
+    return max(1, min(time, -(-batch * time // _SEQ_TARGET_ITEMS)))
+
+
+def sequence_logprobs_fwd(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int, average: bool, launch=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the sequence kernel: ``(sequence_logprobs [B], kept counts [B], lse)``.
+    ``labels`` is int64 of the leading shape ``[B, ...]`` (mask folded in)."""
+    layout = row_layout(logits)
+    if layout is None:
+        raise ValueError("logits: more than three non-mergeable leading dims; pass a contiguous tensor")
+    lead = logits.shape[:-1]
+    batch = lead[0]
+    rows = labels.numel()
+    time = rows // batch if batch else 0
+    acc = _acc_dtype(logits.dtype)
+    chunk = seq_chunk(batch, time)
+    n_chunks = -(-time // chunk)
+    lse = torch.empty(lead, dtype=acc, device=logits.device)
+    partial = torch.zeros((batch, n_chunks), dtype=acc, device=logits.device)
+    count = torch.zeros((batch, n_chunks), dtype=torch.int32, device=logits.device)
+    if rows > 0:
+        block, num_warps = _block_v(logits.shape[-1], logits.element_size())
+        kernel = _seq_logprobs_fwd_kernel if launch is None else launch(_seq_logprobs_fwd_kernel)
+        kernel[(batch * n_chunks,)](
+            logits,
+            labels.contiguous(),
+            lse,
+            partial,
+            count,
+            logits.shape[-1],
+            time,
+            chunk,
+            n_chunks,
+            *layout,
+            *split_float(1.0 / temperature),
+            ignore_index,
+            BLOCK_V=block,
+            num_warps=num_warps,
+        )
+    n_valid = count.sum(-1).to(acc)
+    total = partial.sum(-1)
+    if average:
+        total = total / n_valid.clamp(min=1)
+    return total, n_valid, lse
 
 
 def logprobs_bwd(
@@ -300,5 +421,20 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], in
                     "BLOCK_V": "constexpr",
                 }
                 configs.append((_logprobs_fwd_kernel, fwd_sig, const, num_warps))
+                if not has_entropy:
+                    seq_sig = {
+                        "logits_ptr": f"*{ty}",
+                        "labels_ptr": "*i64",
+                        "lse_ptr": "*fp32",
+                        "partial_ptr": "*fp32",
+                        "count_ptr": "*i32",
+                        **{n: "i64" for n in ("V", "T", "chunk", "n_chunks", "size1", "size2")},
+                        **{n: "i64" for n in ("stride0", "stride1", "stride2")},
+                        "inv_temp_hi": "fp32",
+                        "inv_temp_lo": "fp32",
+                        "ignore_index": "i64",
+                        "BLOCK_V": "constexpr",
+                    }
+                    configs.append((_seq_logprobs_fwd_kernel, seq_sig, {"BLOCK_V": block}, num_warps))
                 configs.append((_logprobs_bwd_kernel, bwd_sig, const, num_warps))
     return configs

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from rlhf_kernels._layout import row_layout
 from rlhf_kernels.triton._common import join_float, split_float
-from rlhf_kernels.triton.logprobs import _LN2, _LOG2E, _block_v, _row_start
+from rlhf_kernels.triton.logprobs import _LN2, _LOG2E, _block_v, _online_lse2, _row_start
 
 
 @triton.jit
@@ -355,7 +355,7 @@ def _ppo_logits_kernel(
     # (G = rows without the gradient; with it the launcher caps G so that the
     # rows in flight fit in half of L2, see ppo_logits_fused). Per row:
     # pass 1 streams its V logits once (online max / sum of 2^(u - m) / entropy
-    # sum, as _logprobs_fwd_kernel), then the per-token PPO math runs on
+    # sum: _online_lse2, as _logprobs_fwd_kernel), then the per-token PPO math runs on
     # scalars (log-prob, entropy, clipped surrogate, KL, aggregation weight w
     # and dL/dlogp, dL/dH); with WRITE_GRAD, pass 2 reads the row again and
     # writes
@@ -387,22 +387,7 @@ def _ppo_logits_kernel(
                     tl.store(g_row + offs, tl.zeros((BLOCK_V,), acc_ty) + fill, mask=offs < V)
         else:
             x_row = logits_ptr + _row_start(row, size1, size2, stride0, stride1, stride2)
-            m = tl.full((), float("-inf"), acc_ty)
-            s = tl.zeros((), acc_ty)
-            w2 = tl.zeros((), acc_ty)
-            for start in range(0, V, BLOCK_V):
-                offs = start + cols
-                x = tl.load(x_row + offs, mask=offs < V, other=float("-inf"))
-                u = x.to(acc_ty) * scale2
-                m_new = tl.maximum(m, tl.max(u, axis=0))
-                pivot = tl.where(m_new == float("-inf"), 0.0, m_new).to(acc_ty)
-                alpha = tl.exp2(m - pivot)
-                e = tl.exp2(u - pivot)
-                # w2 = sum e (u - m), kept relative to the max as in _logprobs_fwd_kernel
-                w2 = alpha * (w2 + s * tl.where(s > 0, m - pivot, 0.0))
-                w2 = (w2 + tl.sum(e * tl.where(e > 0, u - pivot, 0.0), axis=0)).to(acc_ty)
-                s = s * alpha + tl.sum(e, axis=0)
-                m = m_new
+            m, s, w2 = _online_lse2(x_row, V, scale2, acc_ty, True, BLOCK_V)
             lse2 = m + tl.log2(s)
             x_label = tl.load(x_row + label).to(acc_ty)
             logp = (x_label * scale2 - lse2) * ln2

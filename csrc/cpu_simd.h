@@ -1,0 +1,103 @@
+// SIMD building blocks shared by the CPU kernels (logprobs_cpu.cpp,
+// preference_cpu.cpp): GCC vector extensions of 16 floats, a branch-free exp,
+// and run-time ISA selection. Kernels mark their loop bodies RLHF_INLINE and
+// instantiate them once per target (RLHF_TARGET_AVX2 / RLHF_TARGET_AVX512 /
+// none), so one build runs at full width on any x86-64.
+// No torch headers.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+namespace rlhf {
+namespace simd {
+
+#define RLHF_INLINE __attribute__((always_inline)) inline
+#if defined(__x86_64__) && defined(__GNUC__)
+#define RLHF_HAS_ISA_DISPATCH 1
+#define RLHF_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define RLHF_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+// The entry point among name_base<T>, name_avx2<T>, name_avx512<T> that this CPU runs.
+#define RLHF_PICK(name, T)                                                               \
+  (::rlhf::simd::cpu_isa() == ::rlhf::simd::Isa::Avx512 ? &name##_avx512<T>              \
+   : ::rlhf::simd::cpu_isa() == ::rlhf::simd::Isa::Avx2 ? &name##_avx2<T>                \
+                                                        : &name##_base<T>)
+#else
+#define RLHF_PICK(name, T) (&name##_base<T>)
+#endif
+
+// 16 floats per vector: one zmm register with AVX-512, two ymm with AVX2.
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+constexpr int kLanes = 16;
+
+RLHF_INLINE vf splat(float v) { return vf{} + v; }
+
+// exp(x) for x <= 0 (x = z - max): Cody-Waite reduction to r in [-ln2/2, ln2/2]
+// and a degree-6 Taylor polynomial (truncation < 1.2e-7 relative). Exactly 0
+// below -87 (where float exp is subnormal) and for -inf; NaN stays NaN.
+RLHF_INLINE vf exp_nonpos(vf x) {
+  const vf lo = splat(-87.0f);
+  const vf xc = x < lo ? lo : x;
+  const vf shifter = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const vf n = (xc * 1.4426950408889634f + shifter) - shifter;
+  const vf r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  vf p = splat(1.0f / 720.0f);
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;  // n in [-126, 0]
+  const vf y = p * (vf)e;
+  return x < lo ? vf{} : y;
+}
+
+// log1p(e) for e in [0, 1]: 2 atanh(u) with u = e / (2 + e) in [0, 1/3], as
+// 2u (1 + u^2/3 + ... + u^14/15) (truncation < 3e-9 relative). Relative
+// accuracy holds for tiny e (u ~ e / 2), unlike log(1 + e). NaN stays NaN.
+RLHF_INLINE vf log1p_unit(vf e) {
+  const vf u = e / (e + 2.0f);
+  const vf u2 = u * u;
+  vf p = splat(1.0f / 15.0f);
+  p = p * u2 + 1.0f / 13.0f;
+  p = p * u2 + 1.0f / 11.0f;
+  p = p * u2 + 1.0f / 9.0f;
+  p = p * u2 + 1.0f / 7.0f;
+  p = p * u2 + 1.0f / 5.0f;
+  p = p * u2 + 1.0f / 3.0f;
+  p = p * u2 + 1.0f;
+  return (u + u) * p;
+}
+
+RLHF_INLINE float hmax(vf v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
+  return m;
+}
+RLHF_INLINE float hsum(vf v) {
+  float s = 0;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+
+enum class Isa { Base, Avx2, Avx512 };
+inline Isa cpu_isa() {
+#ifdef RLHF_HAS_ISA_DISPATCH
+  static const Isa isa = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+      return Isa::Avx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
+    return Isa::Base;
+  }();
+  return isa;
+#else
+  return Isa::Base;
+#endif
+}
+
+}  // namespace simd
+}  // namespace rlhf
