@@ -29,11 +29,13 @@ def answer_text(digits: list[str]) -> str:
 
 
 def _corrupt(rng: random.Random, digits: list[str]) -> str:
-    """A plausible wrong answer: a swap of two unequal neighbours, a changed digit,
-    a dropped digit, or the input left unsorted."""
+    """A plausible wrong answer: a swap of two unequal neighbours, a changed digit, a
+    dropped digit, a changed digit with the list still sorted (the hardest to tell
+    from the right answer: the order is fine, the multiset is not), or the input
+    left unsorted."""
     right = sorted(digits)
     for _ in range(10):
-        kind = rng.randrange(4)
+        kind = rng.randrange(5)
         wrong = list(right)
         if kind == 0 and len(wrong) > 1:
             i = rng.randrange(len(wrong) - 1)
@@ -43,6 +45,10 @@ def _corrupt(rng: random.Random, digits: list[str]) -> str:
             wrong[i] = rng.choice([d for d in DIGITS if d != wrong[i]])
         elif kind == 2 and len(wrong) > 1:
             del wrong[rng.randrange(len(wrong))]
+        elif kind == 3:
+            i = rng.randrange(len(wrong))
+            wrong[i] = rng.choice([d for d in DIGITS if d != wrong[i]])
+            wrong.sort()
         else:
             wrong = list(digits)
         if wrong != right:
