@@ -4,6 +4,7 @@ resume is exact, bad configuration fails before training."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -134,6 +135,27 @@ def test_ppo_runs_and_checkpoints(tokenizer, tmp_path):
     assert set(state["modules"]) == {"model", "value_model"} and "kl_coef" in state["extra"]
 
 
+def test_ppo_reward_rises(tokenizer, tmp_path):
+    """From a briefly fine-tuned policy, PPO on the task's scorer raises the mean
+    score of its samples, and the KL to the reference stays finite."""
+    from rlhf_kernels.trainers import PPOConfig, PPOTrainer
+
+    policy = toy.build_model(tokenizer, seed=6)
+    SFTTrainer(policy, tokenizer, toy.sft_dataset(800, seed=6), config(tmp_path / "sft", max_steps=100)).train()
+    trainer = PPOTrainer(
+        policy, copy.deepcopy(policy), toy.build_model(tokenizer, kind="value", seed=6), tokenizer,
+        toy.prompt_dataset(1024, seed=6),
+        PPOConfig(output_dir=str(tmp_path / "ppo"), max_steps=30, rollout_batch_size=64, mini_batch_size=16,
+                  ppo_epochs=4, learning_rate=3e-4, kl_coef=0.02, max_new_tokens=10, logging_steps=10, progress=False),
+        reward_fn=lambda p, r: [toy.score(a, b) for a, b in zip(p, r, strict=True)],
+    )  # fmt: skip
+    history = trainer.train()
+    first = sum(h["score"] for h in history[:10]) / 10
+    last = sum(h["score"] for h in history[-10:]) / 10
+    assert last > first + 0.02, (first, last)  # ~0.46 -> ~0.52 here; the noise of a 10-step mean is ~0.015
+    assert all(math.isfinite(h["kl"]) and math.isfinite(h["value_loss"]) for h in history)
+
+
 def test_ppo_resume_continues_exactly(tokenizer, tmp_path):
     """Rollouts sample with the global RNG: the checkpoint's RNG state, optimiser,
     schedule and adaptive KL coefficient must make 2 + 2 steps equal 4."""
@@ -176,6 +198,13 @@ def test_generate_and_ranked_pairs(tokenizer):
                          references=[None, "yy", "z"])  # fmt: skip
     # best vs worst; a tie falls back to a better reference; a tie with no better reference drops out
     assert pairs.to_dict() == {"prompt": ["a", "b"], "chosen": ["xxx", "yy"], "rejected": ["x", "y"]}
+    every = ranked_pairs(["a"], [["xx", "x", "xxx", "x"]], score, against="all")
+    assert every.to_dict() == {"prompt": ["a", "a"], "chosen": ["xxx", "xxx"], "rejected": ["x", "xx"]}
+    # the best sample is not good enough: the (better) reference is chosen instead
+    right = ranked_pairs(["a"], [["xx", "x"]], score, references=["xxxx"], min_chosen_score=4.0)
+    assert right.to_dict() == {"prompt": ["a"], "chosen": ["xxxx"], "rejected": ["x"]}
+    with pytest.raises(ValueError, match="against"):
+        ranked_pairs(["a"], [["x"]], score, against="best")
 
 
 def test_ppo_bad_configuration(tokenizer, tmp_path):
@@ -188,7 +217,8 @@ def test_pipeline_smoke(tmp_path):
 
     report = pipeline.run(pipeline.PipelineConfig.quick(out=str(tmp_path), progress=False), log=lambda _: None)
     assert set(report["results"]) >= {"success_sft", "rm_accuracy", "success_ppo", "success_dpo"}
-    for name in ("report.json", "report.md", "curves.png", "sft/metrics.jsonl", "ppo/metrics.jsonl"):
+    for name in ("report.json", "report.md", "curves.png", "sft/metrics.jsonl", "ppo/round-0/metrics.jsonl",
+                 "ppo/round-1/metrics.jsonl", "reward-1/metrics.jsonl", "dpo/metrics.jsonl"):
         assert (tmp_path / name).exists(), name
 
 

@@ -66,26 +66,36 @@ def exact_match(model, tokenizer, prompts: list[str], answers: list[str], max_ne
 
 def ranked_pairs(
     prompts: list[str], samples: list[list[str]], score_fn: Callable[[str, str], float],
-    references: list[str] | None = None, min_chosen_score: float | None = None,
+    references: list[str] | None = None, *, min_chosen_score: float | None = None, against: str = "worst",
 ):  # fmt: skip
-    """One ``(prompt, chosen, rejected)`` row per prompt whose samples are not all
-    equally good: the best-scored sample against the worst. The reference answer
-    (if given) is chosen instead when it scores higher than every sample and either
-    the samples all tie or the best scores below ``min_chosen_score`` (so that
-    "chosen" can mean "right", not just "least wrong")."""
+    """``(prompt, chosen, rejected)`` rows from samples ranked by ``score_fn``.
+
+    Per prompt the best-scored distinct response is chosen against the worst
+    (``against="worst"``: one row) or against every strictly worse one
+    (``against="all"``: up to k - 1 rows, more signal from the same samples). The
+    reference answer (if given) is chosen instead when it scores higher than every
+    sample and either the samples all tie or the best one scores below
+    ``min_chosen_score`` (so that "chosen" can mean "right", not "least wrong").
+    Prompts with nothing to compare drop out.
+    """
     from datasets import Dataset
 
+    if against not in ("worst", "all"):
+        raise ValueError(f"against: expected 'worst' or 'all', got {against!r}")
     rows: dict[str, list[str]] = {"prompt": [], "chosen": [], "rejected": []}
     refs = references if references is not None else [None] * len(prompts)
     for prompt, responses, reference in zip(prompts, samples, refs, strict=True):
-        scored = sorted({r: score_fn(prompt, r) for r in responses}.items(), key=lambda kv: kv[1])
-        (worst, low), (best, high) = scored[0], scored[-1]
+        scores = {r: score_fn(prompt, r) for r in responses}
+        best = max(scores, key=scores.get)
+        high, low = scores[best], min(scores.values())
         if high == low or (min_chosen_score is not None and high < min_chosen_score):
-            if reference is not None and score_fn(prompt, reference) > high:
-                best = reference
+            if reference is not None and reference not in scores and score_fn(prompt, reference) > high:
+                best, high = reference, score_fn(prompt, reference)
             elif high == low:
                 continue
-        rows["prompt"].append(prompt)
-        rows["chosen"].append(best)
-        rows["rejected"].append(worst)
+        worse = sorted((r for r in scores if scores[r] < high), key=lambda r: (scores[r], r))
+        for rejected in worse if against == "all" else worse[:1]:
+            rows["prompt"].append(prompt)
+            rows["chosen"].append(best)
+            rows["rejected"].append(rejected)
     return Dataset.from_dict(rows)
