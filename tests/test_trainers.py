@@ -111,14 +111,15 @@ def test_toy_task_scoring():
     assert all(toy.score(p, c) == 1.0 for p, c in zip(row["prompt"], row["chosen"], strict=True))
 
 
-def _ppo(tokenizer, tmp_path, **kw):
+def _ppo(tokenizer, tmp_path, value_head=False, **kw):
     from rlhf_kernels.trainers import PPOConfig, PPOTrainer
 
     policy = toy.build_model(tokenizer, seed=4)
+    value_model = None if value_head else toy.build_model(tokenizer, kind="value")
     base = dict(output_dir=str(tmp_path), max_steps=3, rollout_batch_size=8, mini_batch_size=4, max_new_tokens=8,
                 learning_rate=1e-4, logging_steps=1, progress=False, kl_coef=0.05, kl_target=0.1)  # fmt: skip
     return PPOTrainer(
-        policy, copy.deepcopy(policy), toy.build_model(tokenizer, kind="value"), tokenizer, toy.prompt_dataset(64),
+        policy, copy.deepcopy(policy), value_model, tokenizer, toy.prompt_dataset(64),
         PPOConfig(**{**base, **kw}), reward_fn=lambda p, r: [toy.score(a, b) for a, b in zip(p, r, strict=True)],
     )  # fmt: skip
 
@@ -205,6 +206,20 @@ def test_generate_and_ranked_pairs(tokenizer):
     assert right.to_dict() == {"prompt": ["a"], "chosen": ["xxxx"], "rejected": ["x"]}
     with pytest.raises(ValueError, match="against"):
         ranked_pairs(["a"], [["x"]], score, against="best")
+
+
+def test_ppo_value_head_shares_the_policy_forward(tokenizer, tmp_path):
+    trainer = _ppo(tokenizer, tmp_path, value_head=True)
+    head = trainer.value_head.summary.weight
+    assert torch.count_nonzero(head) == 0  # starts at V = 0
+    history = trainer.train()
+    assert all(math.isfinite(h["value_loss"]) for h in history)
+    assert torch.count_nonzero(head) > 0  # the value loss trained it
+    state = torch.load(tmp_path / "final" / "trainer_state.pt", weights_only=False)
+    assert set(state["modules"]) == {"model", "value_head"}
+    resumed = _ppo(tokenizer, tmp_path / "again", value_head=True)
+    resumed.load_checkpoint(tmp_path / "final")
+    torch.testing.assert_close(resumed.value_head.summary.weight, head, rtol=0, atol=0)
 
 
 def test_ppo_bad_configuration(tokenizer, tmp_path):

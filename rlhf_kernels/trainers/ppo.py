@@ -48,7 +48,25 @@ class PPOConfig(TrainerConfig):
     whiten_advantages: bool = True
 
 
+class ValueHead(torch.nn.Module):
+    """A scalar value per token on the policy's last hidden state: the critic shares
+    the policy's backbone (one forward for both) instead of being a second model."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.summary = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.summary.weight)  # start at V = 0: no spurious advantages
+        torch.nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.summary(hidden).squeeze(-1)
+
+
 class PPOTrainer(Trainer):
+    """``value_model``: a separate critic (e.g. a token-classification model, often
+    initialised from the reward model), or ``None`` for a :class:`ValueHead` on the
+    policy's backbone, trained through the same forward pass."""
+
     required_columns = ("prompt",)
 
     def __init__(
@@ -66,6 +84,12 @@ class PPOTrainer(Trainer):
         if config.kl_kind not in rlhf_kernels.ops.ppo.KL_KINDS:
             raise ValueError(f"config: kl_kind must be one of {rlhf_kernels.ops.ppo.KL_KINDS}")
         self.value_model = value_model
+        self.value_head = None
+        if value_model is None:
+            hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+            if hidden is None:
+                raise ValueError("value_model: None needs a model whose config has hidden_size (for the value head)")
+            self.value_head = ValueHead(hidden).to(next(model.parameters()).device)
         config = dataclasses.replace(config, batch_size=config.rollout_batch_size)
         super().__init__(model, tokenizer, dataset, config)
         if config.mini_batch_size % self.world_size:
@@ -77,16 +101,22 @@ class PPOTrainer(Trainer):
         self.reward_fn = reward_fn
         self.kl_coef = config.kl_coef
 
+    @property
+    def critic(self) -> torch.nn.Module:
+        return self.value_model if self.value_head is None else self.value_head
+
     def trainable_parameters(self):
-        return itertools.chain(self.model.parameters(), self.value_model.parameters())
+        return itertools.chain(self.model.parameters(), self.critic.parameters())
 
     def clip_groups(self):
         # Clipped apart: the value loss's gradient is often 10x the policy's, and one
         # joint norm would shrink the policy's step by that factor.
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        return [trainable, [p for p in self.value_model.parameters() if p.requires_grad]]
+        return [trainable, [p for p in self.critic.parameters() if p.requires_grad]]
 
     def checkpointed_modules(self):
+        if self.value_head is not None:
+            return {"model": self.model, "value_head": self.value_head}
         return {"model": self.model, "value_model": self.value_model}
 
     def extra_state(self):
@@ -103,6 +133,18 @@ class PPOTrainer(Trainer):
     def _response_logits(self, model, sequences, attention, prompt_width):
         out = model(input_ids=sequences, attention_mask=attention, position_ids=self._positions(attention))
         return out.logits[:, prompt_width - 1 : -1]
+
+    def _policy_and_values(self, sequences, attention, width):
+        """Response logits of the policy and the critic's values: one forward with a value
+        head, two with a separate value model."""
+        if self.value_head is None:
+            return self._response_logits(self.model, sequences, attention, width), self._values(
+                sequences, attention, width
+            )
+        out = self.model(input_ids=sequences, attention_mask=attention, position_ids=self._positions(attention),
+                         output_hidden_states=True)  # fmt: skip
+        values = self.value_head(out.hidden_states[-1][:, width - 1 : -1])
+        return out.logits[:, width - 1 : -1], values.float()
 
     @torch.no_grad()
     def rollout(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -123,14 +165,14 @@ class PPOTrainer(Trainer):
         attention = torch.cat([prompt_attention, response_mask.long()], dim=1)
         sequences = torch.cat([prompt_ids, torch.where(response_mask, response, tok.pad_token_id)], dim=1)
 
-        old_logits = self._response_logits(self.model, sequences, attention, width).float()
+        old_logits, values = self._policy_and_values(sequences, attention, width)
+        old_logits = old_logits.float()
         # the log-probs of the distribution that was sampled: logits / temperature, as generate used
         old_logprobs = rlhf_kernels.token_logprobs(old_logits, response, response_mask, temperature=cfg.temperature,
                                                    backend=cfg.backend)  # fmt: skip
         ref_logits = self._response_logits(self.ref_model, sequences, attention, width).float()
         ref_logprobs = rlhf_kernels.token_logprobs(ref_logits, response, response_mask, temperature=cfg.temperature,
                                                    backend=cfg.backend)  # fmt: skip
-        values = self._values(sequences, attention, width)
 
         texts = tok.batch_decode(torch.where(response_mask, response, tok.pad_token_id), skip_special_tokens=True)
         scores = self._scores(prompts, texts).to(self.device)
@@ -187,14 +229,13 @@ class PPOTrainer(Trainer):
             for start in range(0, len(prompts), mini_batch):
                 idx = order[start : start + mini_batch]
                 with self.autocast():
-                    logits = self._response_logits(self.model, batch["sequences"][idx], batch["attention"][idx], width)
+                    logits, values = self._policy_and_values(batch["sequences"][idx], batch["attention"][idx], width)
                     mask = batch["response_mask"][idx]
                     pg_loss, m = rlhf_kernels.ppo_loss_from_logits(
                         logits, batch["response"][idx], batch["old_logprobs"][idx], batch["advantages"][idx], mask,
                         temperature=cfg.temperature, clip_ratio=cfg.clip_ratio, entropy_coef=cfg.entropy_coef,
                         backend=cfg.backend,
                     )  # fmt: skip
-                    values = self._values(batch["sequences"][idx], batch["attention"][idx], width)
                     vf = rlhf_kernels.ppo_value_loss(
                         values, batch["values"][idx], batch["returns"][idx], mask,
                         clip_range_value=cfg.clip_range_value, backend=cfg.backend,
