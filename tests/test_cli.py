@@ -86,9 +86,10 @@ def test_pipeline_with_local_model_and_dataset(local_model_and_data, tmp_path):
                      "--steps", "2", "--batch-size", "4", "--out", str(out)])  # fmt: skip
     assert code == 0
     report = json.loads((out / "report.json").read_text())
-    assert set(report["results"]) == {"sft", "reward", "dpo"}
+    assert set(report["results"]) == {"sft", "reward", "ppo", "dpo"}
     assert "rewards/accuracies" in report["results"]["dpo"] and "accuracy" in report["results"]["reward"]
-    for stage in ("sft", "reward", "dpo"):
+    assert {"score", "kl", "value_loss"} <= set(report["results"]["ppo"])
+    for stage in ("sft", "reward", "ppo", "dpo"):
         assert (out / stage / "model" / "config.json").exists() and (out / stage / "metrics.jsonl").exists()
 
 

@@ -171,8 +171,9 @@ def run(args: argparse.Namespace):
 
 def pipeline(model: str, dataset: str, out: str | Path, *, steps: int = 100, batch_size: int = 16,
              split: str = "train", seed: int = 0, quiet: bool = False, log=print) -> dict:  # fmt: skip
-    """SFT on the chosen responses, a reward model, and DPO from the SFT model, for a model
-    and a ``prompt``/``chosen``/``rejected`` data set given by path or hub id (the
+    """SFT on the chosen responses, a reward model, PPO from the SFT model against that
+    reward model, and DPO from the SFT model, for a model and a
+    ``prompt``/``chosen``/``rejected`` data set given by path or hub id (the
     ``rlhf-kernels pipeline --model ... --dataset ...`` path). Writes ``OUT/<stage>/``
     and ``OUT/report.json`` with each stage's last logged metrics."""
     import json
@@ -181,8 +182,10 @@ def pipeline(model: str, dataset: str, out: str | Path, *, steps: int = 100, bat
     common = ["--dataset", dataset, "--split", split, "--steps", str(steps), "--batch-size", str(batch_size),
               "--seed", str(seed), "--logging-steps", str(max(1, steps // 20))]  # fmt: skip
     common += ["--quiet"] if quiet else []
+    sft_model = str(out / "sft" / "model")
     stages = [("sft", ["--model", model, "--save-model"]), ("reward", ["--model", model, "--save-model"]),
-              ("dpo", ["--init-from", str(out / "sft" / "model"), "--save-model"])]  # fmt: skip
+              ("ppo", ["--init-from", sft_model, "--reward-model", str(out / "reward" / "model"), "--save-model"]),
+              ("dpo", ["--init-from", sft_model, "--save-model"])]  # fmt: skip
     results = {}
     for stage, extra in stages:
         log(f"[pipeline] {stage}")
