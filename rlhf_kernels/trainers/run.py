@@ -74,14 +74,16 @@ def execute(args: argparse.Namespace) -> int:
 def guarded(fn) -> int:
     """Call ``fn()``; bad input (``ValueError``, ``OSError``) becomes ``error: ...`` on
     stderr and exit status 2; the process group, if any, is shut down either way."""
+    import torch.distributed as dist
+
     try:
         fn()
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # no rank tears its connections down while another still talks
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     return 0
