@@ -271,6 +271,11 @@ def test_two_processes_match_one(tmp_path, stage, extra):
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
               "-m", "rlhf_kernels.trainers.run", *args, "--out", str(tmp_path / "two")]  # fmt: skip
     done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0 and not (tmp_path / "two").exists():
+        # A rank aborted while gloo was connecting, before any training (no output folder):
+        # seen about once in 20 launches on a loaded 2-core machine (cf. pytorch/pytorch#188266).
+        # Launch once more; a failure after training started is never retried.
+        done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
 
     one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
