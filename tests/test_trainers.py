@@ -230,6 +230,8 @@ def test_ppo_bad_configuration(tokenizer, tmp_path):
 def test_pipeline_smoke(tmp_path):
     from rlhf_kernels.trainers import pipeline
 
+    with pytest.raises(ValueError, match="ppo_rounds"):
+        pipeline.PipelineConfig(ppo_rounds=0)
     report = pipeline.run(pipeline.PipelineConfig.quick(out=str(tmp_path), progress=False), log=lambda _: None)
     assert set(report["results"]) >= {"success_sft", "rm_accuracy", "success_ppo", "success_dpo"}
     for name in ("report.json", "report.md", "curves.png", "sft/metrics.jsonl", "ppo/round-0/metrics.jsonl",

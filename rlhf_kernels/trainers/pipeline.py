@@ -64,6 +64,11 @@ class PipelineConfig:
     dpo_learning_rate: float = 1e-4
     progress: bool = True
 
+    def __post_init__(self):
+        if not 1 <= self.ppo_rounds <= self.ppo_steps:
+            raise ValueError(f"ppo_rounds: expected 1 <= ppo_rounds <= ppo_steps={self.ppo_steps}, "
+                             f"got {self.ppo_rounds}")
+
     @classmethod
     def quick(cls, **kw) -> PipelineConfig:
         """Seconds, for smoke tests: too short to learn much."""
@@ -94,6 +99,14 @@ def _plot(histories: dict[str, list[dict]], path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def _load_backbone(target, source) -> None:
+    """Copy ``source``'s backbone into ``target``; only the output heads may differ."""
+    result = target.load_state_dict(source.state_dict(), strict=False)
+    stray = [k for k in [*result.missing_keys, *result.unexpected_keys] if not k.startswith(("score.", "lm_head."))]
+    if stray:
+        raise ValueError(f"backbones do not match: {stray[:5]}")
 
 
 def run(config: PipelineConfig, log=print) -> dict:
@@ -137,7 +150,7 @@ def run(config: PipelineConfig, log=print) -> dict:
 
     log("[pipeline] reward model, initialised from the SFT model")
     reward_model = toy.build_model(tokenizer, kind="reward", seed=config.seed + 1)
-    reward_model.load_state_dict(policy.state_dict(), strict=False)  # the backbone; the scalar head is new
+    _load_backbone(reward_model, policy)
     rm_data = concatenate_datasets([comparisons, toy.preference_dataset(2 * config.comparison_prompts,
                                                                         seed=config.seed + 1)])  # fmt: skip
     rm = RewardTrainer(reward_model, tokenizer, rm_data.shuffle(seed=config.seed),
@@ -150,7 +163,7 @@ def run(config: PipelineConfig, log=print) -> dict:
     log("[pipeline] PPO against the reward model")
     ppo_policy = copy.deepcopy(policy)
     value_model = toy.build_model(tokenizer, kind="value", seed=config.seed + 2)
-    value_model.load_state_dict(reward_model.state_dict(), strict=False)  # the critic starts from the RM
+    _load_backbone(value_model, reward_model)  # the critic starts from the RM
     histories["ppo"] = []
     steps = [config.ppo_steps // config.ppo_rounds + (r < config.ppo_steps % config.ppo_rounds)
              for r in range(config.ppo_rounds)]  # fmt: skip
@@ -166,7 +179,7 @@ def run(config: PipelineConfig, log=print) -> dict:
             log(f"[pipeline] reward model refreshed on {len(fresh)} comparisons of the PPO policy's samples")
         ppo = PPOTrainer(
             ppo_policy, copy.deepcopy(policy), value_model, tokenizer,
-            toy.prompt_dataset(4000, seed=config.seed + 2 + r),
+            toy.prompt_dataset(4000, seed=config.seed + 50_000 + r),  # prompts no other stage saw
             PPOConfig(output_dir=str(out / "ppo" / f"round-{r}"), max_steps=round_steps,
                       rollout_batch_size=config.ppo_rollout_batch_size, mini_batch_size=config.ppo_mini_batch_size,
                       ppo_epochs=config.ppo_epochs, learning_rate=config.ppo_learning_rate, kl_coef=config.ppo_kl_coef,
@@ -200,7 +213,7 @@ def run(config: PipelineConfig, log=print) -> dict:
             "| stage | held-out metric | value |",
             "|---|---|---|",
             f"| SFT | exact match | {results['success_sft']:.3f} |",
-            f"| reward model (ranked SFT samples) | pair accuracy | {results['rm_accuracy']:.3f} |",
+            f"| reward model (ranked SFT samples, best vs each worse) | pair accuracy | {results['rm_accuracy']:.3f} |",
             f"| PPO (from SFT, against the RM, {config.ppo_rounds} round(s)) | exact match | "
             f"{results['success_ppo']:.3f} |",
             f"| DPO (from SFT, {config.dpo_loss_type}, rpo_alpha={config.dpo_rpo_alpha}) | exact match | "

@@ -89,7 +89,8 @@ class PPOTrainer(Trainer):
             hidden = getattr(getattr(model, "config", None), "hidden_size", None)
             if hidden is None:
                 raise ValueError("value_model: None needs a model whose config has hidden_size (for the value head)")
-            self.value_head = ValueHead(hidden).to(next(model.parameters()).device)
+            weight = next(model.parameters())
+            self.value_head = ValueHead(hidden).to(weight.device, weight.dtype)
         config = dataclasses.replace(config, batch_size=config.rollout_batch_size)
         super().__init__(model, tokenizer, dataset, config)
         if config.mini_batch_size % self.world_size:
@@ -109,8 +110,9 @@ class PPOTrainer(Trainer):
         return itertools.chain(self.model.parameters(), self.critic.parameters())
 
     def clip_groups(self):
-        # Clipped apart: the value loss's gradient is often 10x the policy's, and one
-        # joint norm would shrink the policy's step by that factor.
+        # Clipped apart: the value loss's gradient is often 10x the policy's, and one joint
+        # norm would shrink the policy's step by that factor. With a value head the value
+        # loss also reaches the shared backbone, which stays in the policy's group.
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         return [trainable, [p for p in self.critic.parameters() if p.requires_grad]]
 
