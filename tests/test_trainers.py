@@ -129,7 +129,7 @@ def test_ppo_runs_and_checkpoints(tokenizer, tmp_path):
     history = trainer.train()
     assert len(history) == 3
     for record in history:
-        for key in ("score", "kl", "entropy", "clipfrac", "value_loss", "pg_loss", "kl_coef"):
+        for key in ("score", "kl", "entropy", "clipfrac", "value_loss", "pg_loss", "kl_coef", "critic_grad_norm"):
             assert key in record and torch.isfinite(torch.tensor(record[key])), key
     assert history[-1]["kl_coef"] != 0.05  # the adaptive controller moved
     state = torch.load(tmp_path / "final" / "trainer_state.pt", weights_only=False)

@@ -336,6 +336,7 @@ class Trainer:
     def optimizer_step(self, step_schedule: bool = True) -> float:
         """Clip, step the optimiser (and the schedule), clear gradients; returns the gradient norm."""
         norms = [torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm) for params in self.clip_groups()]
+        self.group_grad_norms = [float(n) for n in norms]  # per clip group, before clipping
         grad_norm = norms[0]
         self.optimizer.step()
         if step_schedule:

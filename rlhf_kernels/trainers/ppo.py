@@ -248,7 +248,8 @@ class PPOTrainer(Trainer):
                 n_updates += 1
                 for k, v in {"pg_loss": m.pg_loss, "entropy": m.entropy, "clipfrac": m.clipfrac,
                              "approx_kl": m.approx_kl, "value_loss": vf.loss.detach(), "value_clipfrac": vf.clipfrac,
-                             "grad_norm": grad_norm}.items():  # fmt: skip
+                             "grad_norm": grad_norm,
+                             "critic_grad_norm": self.group_grad_norms[-1]}.items():  # fmt: skip
                     sums[k] = sums.get(k, 0.0) + float(v)
         self.scheduler.step()
         metrics = {k: v / n_updates for k, v in sums.items()}
