@@ -738,7 +738,9 @@ TORCH_LIBRARY(rlhf_kernels, m) {
       "int kl_kind, float kl_coef, float entropy_coef) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
+// One implementation per op for both dispatch keys: each entry point picks the CPU
+// or CUDA kernel from its inputs' device (run_kernel).
+static void impl_native_ops(torch::Library& m) {
   m.impl("ppo_logits_fused_native", &rlhf::ppo_logits_fused);
   m.impl("ppo_logits_fused_inplace_native", &rlhf::ppo_logits_fused_inplace);
   m.impl("token_logprobs_fwd_native", &rlhf::token_logprobs_fwd);
@@ -756,24 +758,10 @@ TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
   m.impl("grpo_advantages_native", &rlhf::grpo_advantages);
 }
 
+TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) { impl_native_ops(m); }
+
 #ifdef RLHF_WITH_CUDA
-TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) {
-  m.impl("ppo_logits_fused_native", &rlhf::ppo_logits_fused);
-  m.impl("ppo_logits_fused_inplace_native", &rlhf::ppo_logits_fused_inplace);
-  m.impl("token_logprobs_fwd_native", &rlhf::token_logprobs_fwd);
-  m.impl("token_logprobs_bwd_native", &rlhf::token_logprobs_bwd);
-  m.impl("token_logprobs_bwd_inplace_native", &rlhf::token_logprobs_bwd_inplace);
-  m.impl("sequence_logprobs_fwd_native", &rlhf::sequence_logprobs_fwd);
-  m.impl("preference_fwd_native", &rlhf::preference_fwd);
-  m.impl("preference_bwd_native", &rlhf::preference_bwd);
-  m.impl("gae_native", &rlhf::gae);
-  m.impl("ppo_loss_fwd_native", &rlhf::ppo_loss_fwd);
-  m.impl("ppo_loss_bwd_native", &rlhf::ppo_loss_bwd);
-  m.impl("kl_penalty_fwd_native", &rlhf::kl_penalty_fwd);
-  m.impl("kl_penalty_bwd_native", &rlhf::kl_penalty_bwd);
-  m.impl("masked_whiten_native", &rlhf::masked_whiten);
-  m.impl("grpo_advantages_native", &rlhf::grpo_advantages);
-}
+TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) { impl_native_ops(m); }
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
