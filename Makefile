@@ -3,7 +3,7 @@
 #   make test    the test suite (CPU: Triton kernels run in the interpreter)
 # On a machine with a GPU:
 #   make gpu-check   build in place against $(PYTHON), GPU tests + benchmarks
-#                    into benchmarks/results/ (no venv, no downloads)
+#                    into benchmarks/results/gpu-session/ (no venv, no downloads)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -46,12 +46,9 @@ info: setup
 	$(VPY) -m rlhf_kernels.cli info
 
 # For a GPU machine whose Python already has torch and triton: no network needed.
+# benchmarks/gpu_session.sh says how the phases are limited in time.
 gpu-check:
-	mkdir -p benchmarks/results
-	env -u TRITON_INTERPRET MAX_JOBS=$(JOBS) $(PYTHON) setup.py build_ext --inplace
-	$(PYTHON) -m rlhf_kernels.cli info | tee benchmarks/results/build-info.json
-	env -u TRITON_INTERPRET $(PYTHON) -m pytest -q -p no:cacheprovider tests 2>&1 | tee benchmarks/results/gpu-tests.log
-	env -u TRITON_INTERPRET $(PYTHON) -m rlhf_kernels.cli bench --device cuda --out benchmarks/results
+	OUT=benchmarks/results/gpu-session PYTHON=$(PYTHON) MAX_JOBS=$(JOBS) benchmarks/gpu_session.sh
 
 clean:
 	rm -rf build bench-out rlhf_kernels/_C*.so *.egg-info

@@ -92,7 +92,7 @@ def _extensions():
             caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
             archs = ";".join(f"{major}.{minor}" for major, minor in caps)
         else:
-            archs = "8.0;9.0"
+            archs = "8.0;9.0+PTX"  # PTX too, so newer GPUs can JIT the kernels
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DNDEBUG"]
     cxx += ["-DRLHF_WITH_CUDA", f'-DRLHF_CUDA_ARCHS="{archs}"']

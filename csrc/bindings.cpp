@@ -82,11 +82,18 @@ void check_row_tensor(const at::Tensor& t, const at::Tensor& logits, const char*
 #define RLHF_CUDA_FN(fn) nullptr
 #endif
 
+// std::type_identity_t is C++20, and older torch (2.11) builds extensions as C++17.
+// Keeps the CUDA launcher's argument out of template deduction (it may be nullptr).
+template <typename T>
+struct NonDeduced {
+  using type = T;
+};
+
 // Runs the CUDA launcher on the device's current stream (under a device
 // guard), or the CPU kernel: the one place that maps a device to a kernel.
 template <typename Params>
 void run_kernel(const at::Device& device, const Params& p,
-                std::type_identity_t<void (*)(const Params&, void*)> cuda,  // nullptr without CUDA
+                typename NonDeduced<void (*)(const Params&, void*)>::type cuda,  // nullptr without CUDA
                 void (*cpu)(const Params&)) {
   if (device.is_cuda()) {
 #ifdef RLHF_WITH_CUDA

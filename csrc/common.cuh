@@ -506,8 +506,9 @@ __device__ __forceinline__ OnlineLSE<acc_t<T>, kEntropy> stream_row(const T* x, 
 //        = ( 1[j == y] * g  -  p * (g + gH * (d + H)) ) * inv_t.
 // The fma form rounds g * (1 - p) once for the label. A z of -inf has p = 0
 // and contributes nothing else (d + H = -inf would make 0 * -inf = NaN), so it
-// is selected explicitly; that also keeps fully masked entries finite when
-// lse itself is -inf.
+// is selected explicitly. A row of only -inf logits (lse = -inf) has a NaN
+// log-prob, and its gradient is NaN too, as in torch, the CPU kernel and the
+// Triton kernel: build the op with inv_t = row_inv_t(lse, inv_t).
 template <typename Acc, bool kEntropy>
 struct GradOp {
   Acc lse, g, gH, H, inv_t;
@@ -523,6 +524,13 @@ struct GradOp {
     return r * inv_t;
   }
 };
+
+// A row's 1/T for GradOp: NaN when lse is -inf (the row has no distribution),
+// so that every element of its gradient is NaN. Decided once per row.
+template <typename Acc>
+__device__ __forceinline__ Acc row_inv_t(Acc lse, Acc inv_t) {
+  return lse == neg_inf<Acc>() ? quiet_nan<Acc>() : inv_t;
+}
 
 // Writes `value` (0 or NaN) to the n elements of a gradient row.
 template <int kThreads, typename T>

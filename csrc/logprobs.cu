@@ -239,7 +239,7 @@ __global__ void __launch_bounds__(kThreads) logprobs_bwd_kernel(const BwdArgs<T>
     op.g = a.grad_logprobs[row];
     op.gH = kEntropy ? a.grad_entropy[row] : Acc(0);
     op.H = kEntropy ? a.entropy[row] : Acc(0);
-    op.inv_t = a.inv_t;
+    op.inv_t = row_inv_t(op.lse, a.inv_t);
     op.y = static_cast<int>(y);
 
     grad_row<kThreads>(x, out, V, op);

@@ -125,11 +125,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>) ppo_logits_kernel(con
       __syncthreads();
       T* out = a.grad + a.grad_layout.offset(row);
       const Acc gh = bcast[3];
+      const Acc row_t = row_inv_t(bcast[0], inv_t);
       if (gh != Acc(0)) {
-        GradOp<Acc, true> op{bcast[0], bcast[2], gh, bcast[1], inv_t, static_cast<int>(y)};
+        GradOp<Acc, true> op{bcast[0], bcast[2], gh, bcast[1], row_t, static_cast<int>(y)};
         grad_row<kThreads>(x, out, V, op);
       } else {
-        GradOp<Acc, false> op{bcast[0], bcast[2], Acc(0), Acc(0), inv_t, static_cast<int>(y)};
+        GradOp<Acc, false> op{bcast[0], bcast[2], Acc(0), Acc(0), row_t, static_cast<int>(y)};
         grad_row<kThreads>(x, out, V, op);
       }
     }

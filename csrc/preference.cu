@@ -77,8 +77,10 @@ struct BwdArgs {
 // and 8 metrics. n == 0 writes metrics zeros.
 template <typename Acc>
 __global__ void __launch_bounds__(kFwdThreads, 1) preference_fwd_kernel(const FwdArgs<Acc> p) {
-  __shared__ Acc sum_smem[kFwdWarps][pref::kSums];
-  __shared__ Acc bco_smem[kFwdWarps][1];
+  // Sums in double for every input type, as the CPU kernel: n can be large and
+  // the batch-mean delta of bco_pair feeds every loss.
+  __shared__ double sum_smem[kFwdWarps][pref::kSums];
+  __shared__ double bco_smem[kFwdWarps][1];
   __shared__ Acc bco_delta;
 
   const int tid = static_cast<int>(threadIdx.x);
@@ -89,17 +91,20 @@ __global__ void __launch_bounds__(kFwdThreads, 1) preference_fwd_kernel(const Fw
   // Uniform over the block (kernel arguments), so every thread reaches the
   // barriers inside.
   if (c.loss == PrefLoss::BcoPair && p.bco_batch_mean) {
-    Acc t[1] = {Acc(0)};
-    for (int64_t i = tid; i < n; i += kFwdThreads) t[0] += c.beta * p.in.a(i) + c.beta * p.in.b(i);
+    double t[1] = {0.0};
+    for (int64_t i = tid; i < n; i += kFwdThreads) {
+      t[0] += static_cast<double>(c.beta * p.in.a(i));
+      t[0] += static_cast<double>(c.beta * p.in.b(i));
+    }
     block_sum<kFwdThreads, 1>(t, bco_smem);
-    if (tid == 0) bco_delta = n > 0 ? t[0] / static_cast<Acc>(2 * n) : Acc(0);
+    if (tid == 0) bco_delta = n > 0 ? static_cast<Acc>(t[0] / static_cast<double>(2 * n)) : Acc(0);
     __syncthreads();
     c.delta = bco_delta;
   }
 
-  Acc sums[pref::kSums];
+  double sums[pref::kSums];
 #pragma unroll
-  for (int k = 0; k < pref::kSums; ++k) sums[k] = Acc(0);
+  for (int k = 0; k < pref::kSums; ++k) sums[k] = 0.0;
 
   for (int64_t i = tid; i < n; i += kFwdThreads) {
     const Acc a = p.in.a(i);
@@ -115,7 +120,7 @@ __global__ void __launch_bounds__(kFwdThreads, 1) preference_fwd_kernel(const Fw
   if (tid == 0) {
 #pragma unroll
     for (int k = 0; k < pref::kSums; ++k) {
-      p.metrics[k] = n > 0 ? sums[k] / static_cast<Acc>(n) : Acc(0);
+      p.metrics[k] = n > 0 ? static_cast<Acc>(sums[k] / static_cast<double>(n)) : Acc(0);
     }
     p.metrics[pref::kSums] = (c.loss == PrefLoss::BcoPair && n > 0) ? c.delta : Acc(0);
   }

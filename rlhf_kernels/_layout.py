@@ -26,3 +26,26 @@ def row_layout(t: torch.Tensor) -> tuple[int, int, int, int, int] | None:
     while len(dims) < 3:
         dims.insert(0, [1, 0])
     return dims[1][0], dims[2][0], dims[0][1], dims[1][1], dims[2][1]
+
+
+def rows_may_overlap(t: torch.Tensor) -> bool:
+    """Whether two rows of ``t`` (``[..., V]``, last stride 1) can share memory.
+
+    ``torch._debug_has_internal_overlap`` answers "too hard to tell" for any view
+    that is not dense, such as ``logits[:, :-1]``; rows are then disjoint when,
+    taking the leading dims by increasing stride, each stride clears everything the
+    dims inside it span. Anything else (an ``expand``, overlapping windows) counts
+    as overlapping, so in-place writes fall back to a fresh buffer.
+    """
+    verdict = torch._debug_has_internal_overlap(t)
+    if verdict != 2:  # 0: no overlap, 1: overlap
+        return verdict == 1
+    if t.stride(-1) != 1:
+        return True
+    extent = t.shape[-1]  # elements one block of rows spans, starting with one row
+    for size, stride in sorted((d for d in zip(t.shape[:-1], t.stride()[:-1], strict=True) if d[0] > 1),
+                               key=lambda d: d[1]):  # fmt: skip
+        if stride < extent:
+            return True
+        extent = stride * (size - 1) + extent
+    return False

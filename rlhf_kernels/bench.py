@@ -770,6 +770,21 @@ def run(
         others = [o for o in ops if o != "token_logprobs"]
         problems = [lambda n=n, v=v, d=d: token_logprobs_problem(n, v, d, dev) for n, v, d in shapes]
         problems += default_problems(dev, quick, others)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    tag = dev.type if dev.type != "cuda" else torch.cuda.get_device_name(dev).replace(" ", "_")
+    base = out_dir / f"bench-{tag}-{stamp}"
+    env = environment()
+
+    def write(results: list[Result], complete: bool) -> str:
+        # Rewritten after every problem, so a run cut short (a time limit on a lent
+        # GPU) still leaves every timing it finished on disk.
+        payload = {"environment": env, "complete": complete, "results": [dataclasses.asdict(r) for r in results]}
+        base.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str))
+        table = format_table(results)
+        base.with_suffix(".txt").write_text(table + "\n" + ("" if complete else "(incomplete run)\n"))
+        return table
+
     results: list[Result] = []
     for phase in ("time", "memory"):  # memory after all timings: the profiler must not disturb them
         for make in problems:
@@ -782,14 +797,8 @@ def run(
             del problem
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    tag = dev.type if dev.type != "cuda" else torch.cuda.get_device_name(dev).replace(" ", "_")
-    base = out_dir / f"bench-{tag}-{stamp}"
-    payload = {"environment": environment(), "results": [dataclasses.asdict(r) for r in results]}
-    base.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str))
-    table = format_table(results)
-    base.with_suffix(".txt").write_text(table + "\n")
+            write(results, complete=False)
+    table = write(results, complete=True)
     log("\n" + table)
     png = base.with_suffix(".png")
     log(f"\nwrote {base.with_suffix('.json')}" + (f" and {png}" if plot(results, png) else " (no matplotlib: no plot)"))

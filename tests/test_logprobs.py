@@ -127,20 +127,39 @@ def test_options(device, backend, return_entropy, inplace_backward, temperature)
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())
-def test_inplace_backward_reuses_logits_buffer(device, backend):
+@pytest.mark.parametrize("sliced", [False, True], ids=["contiguous", "sliced"])
+def test_inplace_backward_reuses_logits_buffer(device, backend, sliced):
+    """The gradient lands in the logits' own memory, also for ``logits[:, :-1]`` (a view
+    whose rows torch cannot prove disjoint)."""
     if backend == "torch":
         pytest.skip("the torch backend ignores inplace_backward")
-    logits, labels, mask = make_batch(2, 3, 100, torch.float32, device)
+    logits, labels, mask = make_batch(2, 4 if sliced else 3, 100, torch.float32, device)
     x = logits.detach().clone().requires_grad_(True)
     h = x * 1
+    if sliced:
+        h, labels, mask = h[:, :-1], labels[:, :-1], mask[:, :-1]
     captured = {}
     h.register_hook(lambda grad: captured.setdefault("grad", grad))
     ptr = h.data_ptr()
     rlhf_kernels.token_logprobs(h, labels, mask, inplace_backward=True, backend=backend).sum().backward()
     assert captured["grad"].data_ptr() == ptr
     xr = logits.detach().double().requires_grad_(True)
-    reference(xr, labels, mask).sum().backward()
+    reference(xr[:, :-1] if sliced else xr, labels, mask).sum().backward()
     torch.testing.assert_close(x.grad.double(), xr.grad, **GRAD_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("make,overlap", [
+    (lambda: torch.empty(2, 5, 7)[:, :-1], False),
+    (lambda: torch.empty(5, 2, 7).transpose(0, 1)[:, 1:], False),
+    (lambda: torch.empty(3, 4, 5, 9)[:, ::2, 1:, :7], False),
+    (lambda: torch.empty(1, 7).expand(3, 7), True),
+    (lambda: torch.empty(40).as_strided((4, 7), (5, 1)), True),
+    (lambda: torch.empty(2, 7), False),
+])  # fmt: skip
+def test_rows_may_overlap(make, overlap):
+    from rlhf_kernels._layout import rows_may_overlap
+
+    assert rows_may_overlap(make()) is overlap
 
 
 LAYOUTS = ["contiguous", "slice_time", "time_major", "three_dims", "four_dims_copy", "flat"]
@@ -217,6 +236,24 @@ def test_negative_infinite_logits(device, backend):
     for t in got:
         assert torch.isfinite(t).all()
     assert_matches(got, want, torch.float32, zmax(logits, 1.3))
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_row_of_only_negative_infinity(device, backend):
+    """A row with every logit at -inf has no distribution: NaN log-prob, entropy and
+    gradient row, as torch's log_softmax gives, on every backend and device; the other
+    rows are untouched."""
+    logits = torch.randn(3, 700, generator=torch.Generator().manual_seed(6))
+    logits[1] = float("-inf")
+    logits = logits.to(device)
+    labels = torch.tensor([3, 5, 699], device=device)
+    lp, ent, grad = run(rlhf_kernels.token_logprobs, logits, labels, None, backend=backend, return_entropy=True)
+    assert torch.isnan(lp[1]) and torch.isnan(ent[1]) and torch.isnan(grad[1]).all()
+    want = run_reference(logits, labels, None, return_entropy=True)
+    assert all(torch.isnan(t[1]).all() for t in want)  # the float64 oracle agrees
+    keep = [0, 2]
+    assert_matches(tuple(t[keep] for t in (lp, ent, grad)), tuple(t[keep] for t in want), torch.float32,
+                   zmax(logits[keep], 1.0))  # fmt: skip
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())

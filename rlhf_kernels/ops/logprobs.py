@@ -32,14 +32,15 @@ from __future__ import annotations
 import numbers
 
 import torch
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from rlhf_kernels import _dispatch, native
-from rlhf_kernels._layout import row_layout
+from rlhf_kernels._layout import row_layout, rows_may_overlap
 from rlhf_kernels.reference import logprobs as reference
 
 try:
     from rlhf_kernels.triton import logprobs as triton_impl
+    from rlhf_kernels.triton._common import wrap_triton
 except ImportError:  # triton missing: the torch and native backends still work
     triton_impl = None
 
@@ -104,7 +105,7 @@ def token_logprobs(
     labels = labels.long()
     if mask is not None:
         labels = labels.masked_fill(mask == 0, ignore_index)
-    if inplace_backward and torch._debug_has_internal_overlap(logits) != 0:
+    if inplace_backward and rows_may_overlap(logits):
         # rows that share memory (e.g. an expand) cannot each receive their own gradient in place
         inplace_backward = False
     fwd = _FWD_OPS[impl]

@@ -47,12 +47,14 @@ from typing import NamedTuple
 import torch
 
 from rlhf_kernels import _dispatch, native
+from rlhf_kernels._layout import row_layout, rows_may_overlap
 from rlhf_kernels.reference import ppo as reference
 
 try:
-    from torch.library import triton_op, wrap_triton
+    from torch.library import triton_op
 
     from rlhf_kernels.triton import ppo as triton_impl
+    from rlhf_kernels.triton._common import wrap_triton
 except ImportError:
     triton_impl = None
 
@@ -274,7 +276,10 @@ def ppo_loss_from_logits(
       ``inplace_backward=True`` the gradient overwrites ``logits`` in the
       forward itself (no ``[B, T, V]`` allocation at all; the logits must not be
       used afterwards). Gradients to ``ref_logprobs`` are not produced: it
-      must not require grad.
+      must not require grad. float16 logits that need a gradient take the
+      two-pass path instead: a float16 gradient stored before the upstream
+      (loss-scaled) gradient multiplies it would lose its small entries below
+      float16's range (bfloat16 has float32's range and stays fused).
     * ``grad_in_forward=False``: the composition of :func:`token_logprobs`
       (forward reads the logits once, keeping two floats per token; backward
       reads them again and writes their gradient, in place with
@@ -311,6 +316,11 @@ def ppo_loss_from_logits(
         mask = (mask != 0) & (labels != ignore_index)
     else:
         mask = mask != 0  # token_logprobs' checks report the bad labels
+    # A float16 gradient written in the forward is rounded before the loss scale (a
+    # GradScaler's) reaches it, and its small entries underflow: float16 takes the
+    # two-pass path, which scales first, whenever a gradient is wanted.
+    if logits.dtype == torch.float16 and torch.is_grad_enabled() and logits.requires_grad:
+        grad_in_forward = False
     impl = _dispatch.resolve(backend, logits.device, "ppo_logits_fused_native" if grad_in_forward else None)
     if grad_in_forward and impl != "torch":
         logprobs_ops._check_inputs(logits, labels, mask, temperature, ignore_index, check_labels)
@@ -367,8 +377,6 @@ def token_weights(mask: torch.Tensor, loss_agg_mode: str, dtype: torch.dtype = t
 def _fused_from_logits(impl, logits, labels, old, adv, valid, ref, temperature, ignore_index, low, high, clip_c,
                        kl_kind, kl_coef, entropy_coef, mode, inplace):  # fmt: skip
     """The single-sweep path of ppo_loss_from_logits (grad_in_forward=True) on a kernel backend."""
-    from rlhf_kernels._layout import row_layout
-
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     if row_layout(logits) is None:
         logits = logits.contiguous()
@@ -383,7 +391,7 @@ def _fused_from_logits(impl, logits, labels, old, adv, valid, ref, temperature, 
     )  # fmt: skip
     ops = _FUSED_OPS[impl]
     need_grad = torch.is_grad_enabled() and logits.requires_grad
-    if need_grad and inplace and torch._debug_has_internal_overlap(logits) == 0:
+    if need_grad and inplace and not rows_may_overlap(logits):
         loss, stats = _FusedInplace.apply(logits, ops[1], args)
     else:
         loss, stats, _ = ops[0](logits, *args, need_grad)
@@ -863,7 +871,8 @@ def _scale_unless_one(grad, scale):
 
     On CUDA a Triton kernel reads the scalar on the device and exits early, so there
     is neither a host sync nor a [B, T, V] pass for ``loss.backward()``; on CPU the
-    value is simply read. Without Triton or for a strided in-place buffer: mul_.
+    value is simply read. Without Triton, or for a buffer the kernels cannot address
+    by rows: mul_.
     Traced (torch.compile: fake / functional tensors), the product is functional, for
     the compiler to fuse into the gradient's consumer.
     """
@@ -872,7 +881,7 @@ def _scale_unless_one(grad, scale):
     if grad.device.type == "cpu":
         if scale.numel() != 1 or float(scale) != 1.0:
             grad.mul_(scale)
-    elif triton_impl is not None and grad.is_contiguous() and scale.numel() == 1:
+    elif triton_impl is not None and scale.numel() == 1 and grad.stride(-1) == 1 and row_layout(grad) is not None:
         torch.ops.rlhf_kernels.scale_unless_one_triton(grad, scale.reshape(1).to(_acc_dtype(grad)))
     else:
         grad.mul_(scale)

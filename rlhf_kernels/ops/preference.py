@@ -55,9 +55,10 @@ from rlhf_kernels import _dispatch, native
 from rlhf_kernels.reference import preference as reference
 
 try:
-    from torch.library import triton_op, wrap_triton
+    from torch.library import triton_op
 
     from rlhf_kernels.triton import preference as triton_impl
+    from rlhf_kernels.triton._common import wrap_triton
 except ImportError:
     triton_impl = None
 

@@ -5,6 +5,21 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton as _torch_wrap_triton
+
+try:
+    from triton.runtime.interpreter import InterpretedFunction
+except ImportError:  # pragma: no cover
+    InterpretedFunction = ()
+
+
+def wrap_triton(kernel):
+    """``torch.library.wrap_triton``, except that a kernel run by the Triton interpreter
+    (``TRITON_INTERPRET=1``) is launched as it is: torch >= 2.12 does the same, older
+    torch (2.11, on the lent GPU machines) refuses interpreted kernels."""
+    if isinstance(kernel, InterpretedFunction):
+        return kernel
+    return _torch_wrap_triton(kernel)
 
 
 def split_float(value: float) -> tuple[float, float]:

@@ -472,10 +472,14 @@ def ppo_logits_fused(
 
 
 def _fused_block(vocab: int, itemsize: int) -> tuple[int, int]:
-    """The log-prob kernels' vocab tile, with at least 4 warps: with 2, ptxas spills the
-    gradient sweep of a 1024-wide tile on sm_90 (and 4 need fewer registers per thread)."""
-    block, num_warps = _block_v(vocab, itemsize)
-    return block, max(4, num_warps)
+    """The fused sweep's vocab tile: at most 2048 wide and 8 elements a thread (4 to 8
+    warps). Its per-token math lives beside the tile, so the log-prob kernels' tile
+    (4096 x 16-bit, 16 a thread) sits at sm_90's 128-register ceiling for 8 warps:
+    triton 3.8 just fits, triton 3.6 spills. 2048 with 8 warps needs ~80 registers on
+    both; with 2 warps ptxas spills the gradient sweep of a 1024-wide tile on sm_90."""
+    block, _ = _block_v(vocab, itemsize)
+    block = min(block, 2048)
+    return block, max(4, min(8, block // 256))
 
 
 def _fused_configs():
@@ -498,30 +502,39 @@ def _fused_configs():
                     const = {"HAS_DUAL": dual, "HAS_REF": has_ref, "KL_KIND": kind, "HAS_ENTROPY_GRAD": ent,
                              "WRITE_GRAD": write, "BLOCK_V": block}  # fmt: skip
                     configs.append((_ppo_logits_kernel, sig, const, num_warps))
-        sig = {"x_ptr": f"*{ty}", "scale_ptr": "*fp32", "n": "i64", "BLOCK": "constexpr"}
+        sig = {"x_ptr": f"*{ty}", "scale_ptr": "*fp32", **{n: "i64" for n in ("V", "size1", "size2", "stride0",
+                                                                          "stride1", "stride2")},
+               "BLOCK": "constexpr"}  # fmt: skip
         configs.append((_scale_unless_one_kernel, sig, {"BLOCK": 4096}, 8))
     return configs
 
 
 @triton.jit
-def _scale_unless_one_kernel(x_ptr, scale_ptr, n, BLOCK: tl.constexpr):
-    # Grid: (cdiv(n, BLOCK),). x *= scale in place over n contiguous elements,
-    # unless scale == 1: then every program reads the one scalar and exits, so
-    # the usual loss.backward() (upstream gradient 1) costs no pass over x and
-    # no host synchronisation. Otherwise reads and writes n * itemsize bytes.
+def _scale_unless_one_kernel(x_ptr, scale_ptr, V, size1, size2, stride0, stride1, stride2, BLOCK: tl.constexpr):
+    # Grid: (rows, cdiv(V, BLOCK)). x *= scale in place over the rows of a
+    # [..., V] tensor in any row layout (the in-place gradient of a sliced view
+    # too), unless scale == 1: then every program reads the one scalar and exits,
+    # so the usual loss.backward() (upstream gradient 1) costs no pass over x and
+    # no host synchronisation. Otherwise reads and writes rows * V * itemsize bytes.
     scale = tl.load(scale_ptr)
     if scale != 1.0:
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
-        tl.store(x_ptr + offs, (x.to(scale.dtype) * scale).to(x_ptr.dtype.element_ty), mask=offs < n)
+        row = tl.program_id(0).to(tl.int64)
+        x_row = x_ptr + _row_start(row, size1, size2, stride0, stride1, stride2)
+        offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_row + offs, mask=offs < V, other=0.0)
+        tl.store(x_row + offs, (x.to(scale.dtype) * scale).to(x_ptr.dtype.element_ty), mask=offs < V)
 
 
 def scale_unless_one_(x, scale, launch=None):
-    """``x *= scale`` in place for contiguous ``x`` and a one-element ``scale``, skipped on the device when 1."""
-    n = x.numel()
-    if n:
+    """``x *= scale`` in place for a ``[..., V]`` ``x`` whose rows ``row_layout`` addresses
+    (last stride 1) and a one-element ``scale``; skipped on the device when it is 1."""
+    layout = row_layout(x)
+    if layout is None or x.stride(-1) != 1:
+        raise ValueError("x: expected unit last stride and at most three unmergeable leading dims")
+    vocab = x.shape[-1]
+    if x.numel():
         kernel = _scale_unless_one_kernel if launch is None else launch(_scale_unless_one_kernel)
-        kernel[(triton.cdiv(n, 4096),)](x, scale, n, BLOCK=4096, num_warps=8)
+        kernel[(x.numel() // vocab, triton.cdiv(vocab, 4096))](x, scale, vocab, *layout, BLOCK=4096, num_warps=8)
     return x
 
 
