@@ -41,10 +41,33 @@ PEAK_TBPS = {
 }
 
 
+# Peak dense bf16 / fp16 tensor-core throughput, in TFLOP/s (vendor data sheets).
+PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100 SXM": 989.0,
+    "H100 80GB HBM3": 989.0,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "RTX 4090": 165.0,
+}
+
+
 def peak_tbps(device_name: str | None) -> float | None:
+    return _lookup(PEAK_TBPS, device_name)
+
+
+def peak_tflops(device_name: str | None) -> float | None:
+    return _lookup(PEAK_TFLOPS, device_name)
+
+
+def _lookup(table: dict[str, float], device_name: str | None) -> float | None:
     if not device_name:
         return None
-    for key, value in PEAK_TBPS.items():
+    for key, value in table.items():
         if key in device_name:
             return value
     return None
@@ -67,8 +90,9 @@ class Result:
     saved_mb: float | None
     bytes_moved: int
     tbps: float | None = None
-    frac_peak: float | None = None
+    frac_peak: float | None = None  # of the card's peak bandwidth, or of its peak TFLOP/s for matmul-bound ops
     error: str | None = None
+    tflops: float | None = None
     baseline: str = "eager"
 
 
@@ -158,6 +182,7 @@ class Problem:
     bytes_moved: dict[str, int]
     modes: tuple[str, ...] = ("fwd", "bwd", "fwd+bwd")
     baseline: str = "eager"  # the provider the table's speedup column divides by
+    flops: dict[str, int] | None = None  # matmul-bound ops: useful FLOPs per mode, reported as TFLOP/s
 
 
 def _liger_cross_entropy():
@@ -192,6 +217,55 @@ def token_logprobs_problem(n_tokens, vocab, dtype, device, temperature=1.0) -> P
     size = n_tokens * vocab * logits.element_size()
     return Problem("token_logprobs", f"{n_tokens}x{vocab}", dtype, {"logits": logits, "labels": labels}, ("logits",),
                    provs, {"fwd": size, "bwd": 2 * size, "fwd+bwd": 3 * size})  # fmt: skip
+
+
+def eager_linear_logprobs(hidden, weight, labels):
+    """Per-token log-probs from hidden states as usually written: the LM head's [N, V]
+    logits, a float32 log_softmax of them, then gather."""
+    return eager_logprobs(hidden @ weight.t(), labels)
+
+
+def _fused_linear_baselines(device: torch.device) -> dict[str, Callable]:
+    """Liger-Kernel's fused linear cross entropy and Apple's Cut Cross-Entropy (per-token
+    -log p with reduction='none'), when installed and a GPU is present."""
+    provs: dict[str, Callable] = {}
+    if device.type != "cuda":
+        return provs
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss(reduction="none")
+        provs["liger_kernel"] = lambda i: -liger(i["weight"], i["hidden"], i["labels"])
+    except ImportError:
+        pass
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+
+        provs["cut_cross_entropy"] = lambda i: -linear_cross_entropy(i["hidden"], i["weight"], i["labels"],
+                                                                     reduction="none")  # fmt: skip
+    except ImportError:
+        pass
+    return provs
+
+
+def linear_logprobs_problem(n_tokens, hidden_size, vocab, dtype, device) -> Problem:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    hidden = torch.randn(n_tokens, hidden_size, generator=g).to(dtype=dtype, device=device)
+    weight = (torch.randn(vocab, hidden_size, generator=g) * (2 / hidden_size**0.5)).to(dtype=dtype, device=device)
+    labels = torch.randint(0, vocab, (n_tokens,), generator=g).to(device)
+    provs: dict[str, Callable] = {}
+    for b in _kernel_backends(device):
+        provs[f"rlhf_kernels[{b}]"] = lambda i, b=b: rlhf_kernels.linear_token_logprobs(
+            i["hidden"], i["weight"], i["labels"], check_labels=False, backend=b
+        )
+    provs["eager"] = lambda i: eager_linear_logprobs(i["hidden"], i["weight"], i["labels"])
+    provs["torch.compile"] = lambda i: _compiled(eager_linear_logprobs)(i["hidden"], i["weight"], i["labels"])
+    provs.update(_fused_linear_baselines(device))
+    mm = 2 * n_tokens * hidden_size * vocab  # one [N, H] x [H, V] product
+    inputs = {"hidden": hidden, "weight": weight, "labels": labels}
+    return Problem("linear_logprobs", f"{n_tokens}x{hidden_size}x{vocab}", dtype, inputs, ("hidden", "weight"),
+                   provs, {"fwd": 0, "bwd": 0, "fwd+bwd": 0},
+                   flops={"fwd": mm, "bwd": 2 * mm, "fwd+bwd": 3 * mm})  # fmt: skip
 
 
 def sequence_logprobs_problem(batch, seq, vocab, dtype, device) -> Problem:
@@ -579,6 +653,8 @@ def bench_problem(problem: Problem, device: torch.device, *, include=None, warmu
     """Time every provider and mode of one problem (memory comes in a second pass, see measure_memory)."""
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = peak_tbps(device_name) if device.type == "cuda" else None
+    half = problem.dtype in (torch.bfloat16, torch.float16)  # the tensor-core peak applies to 16-bit inputs
+    peak_flops = peak_tflops(device_name) if device.type == "cuda" and half else None
     common = dict(op=problem.op, shape=problem.shape, dtype=str(problem.dtype).replace("torch.", ""),
                   device=device_name, baseline=problem.baseline)  # fmt: skip
     results = []
@@ -598,12 +674,18 @@ def bench_problem(problem: Problem, device: torch.device, *, include=None, warmu
             continue
         q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
         med = statistics.median(times)
-        tbps = nbytes / (med * 1e-3) / 1e12 if device.type == "cuda" else None
+        tbps = nbytes / (med * 1e-3) / 1e12 if device.type == "cuda" and nbytes else None
+        frac = (tbps / peak) if (tbps and peak) else None
+        tflops = None
+        if problem.flops:
+            tflops = problem.flops[case.mode] / (med * 1e-3) / 1e12
+            frac = tflops / peak_flops if (device.type == "cuda" and peak_flops) else None
         results.append(Result(provider=case.provider, mode=case.mode, median_ms=med, p25_ms=q[0], p75_ms=q[2],
                               min_ms=min(times), runs=len(times), peak_mem_mb=None,
                               saved_mb=None if saved is None else saved / 2**20, bytes_moved=nbytes, tbps=tbps,
-                              frac_peak=(tbps / peak) if (tbps and peak) else None, **common))  # fmt: skip
-        log(f"  {label} {med:9.3f} ms  [{q[0]:.3f}, {q[2]:.3f}]" + (f"  {tbps:5.2f} TB/s" if tbps else ""))
+                              frac_peak=frac, tflops=tflops, **common))  # fmt: skip
+        rate = f"  {tbps:5.2f} TB/s" if tbps else (f"  {tflops:6.1f} TFLOP/s" if tflops else "")
+        log(f"  {label} {med:9.3f} ms  [{q[0]:.3f}, {q[2]:.3f}]" + rate)
     return results
 
 
@@ -622,8 +704,8 @@ def measure_memory(results: list[Result], problem: Problem, device: torch.device
         log(f"  {case.provider:24s} {case.mode:8s} peak +{_mib(r.peak_mem_mb)} MiB")
 
 
-OPS = ("token_logprobs", "sequence_logprobs", "dpo_step", "dpo_loss", "gae", "masked_whiten", "grpo_advantages",
-       "ppo_policy_loss", "ppo_step")
+OPS = ("token_logprobs", "linear_logprobs", "sequence_logprobs", "dpo_step", "dpo_loss", "gae", "masked_whiten",
+       "grpo_advantages", "ppo_policy_loss", "ppo_step")
 
 
 def default_problems(device: torch.device, quick: bool, ops=OPS) -> list[Callable[[], Problem]]:
@@ -633,6 +715,7 @@ def default_problems(device: torch.device, quick: bool, ops=OPS) -> list[Callabl
         table = {
             "token_logprobs": [(16384, 128256, bf16), (8192, 151936, bf16), (16384, 32000, bf16),
                                (4096, 128256, torch.float32)],
+            "linear_logprobs": [(8192, 4096, 128256, bf16)],
             "sequence_logprobs": [(8, 1024, 128256, bf16), (64, 512, 32000, bf16)],
             "dpo_step": [(4, 1024, 128256, bf16)],
             "dpo_loss": [(64,), (4096,), (1 << 20,)],
@@ -645,6 +728,7 @@ def default_problems(device: torch.device, quick: bool, ops=OPS) -> list[Callabl
     else:
         table = {
             "token_logprobs": [(1024, 32000, bf16), (256, 128256, bf16), (1024, 32000, torch.float32)],
+            "linear_logprobs": [(512, 256, 32000, torch.float32)],
             "sequence_logprobs": [(4, 256, 32000, bf16)],
             "dpo_step": [(2, 256, 32000, bf16)],
             "dpo_loss": [(64,), (65536,)],
@@ -660,8 +744,10 @@ def default_problems(device: torch.device, quick: bool, ops=OPS) -> list[Callabl
             table["token_logprobs"] = [(256, 32000, bf16)]
             table["dpo_step"] = [(2, 64, 32000, bf16)]
             table["sequence_logprobs"] = [(4, 64, 32000, bf16)]
+            table["linear_logprobs"] = [(128, 256, 32000, torch.float32)]
             table["ppo_step"] = [(2, 64, 32000, bf16)]
-    makers = {"token_logprobs": token_logprobs_problem, "sequence_logprobs": sequence_logprobs_problem,
+    makers = {"token_logprobs": token_logprobs_problem, "linear_logprobs": linear_logprobs_problem,
+              "sequence_logprobs": sequence_logprobs_problem,
               "dpo_step": dpo_step_problem, "dpo_loss": dpo_loss_problem, "gae": gae_problem,
               "masked_whiten": masked_whiten_problem, "grpo_advantages": grpo_advantages_problem,
               "ppo_policy_loss": ppo_policy_problem, "ppo_step": ppo_step_problem}  # fmt: skip
@@ -675,7 +761,7 @@ def _mib(v: float | None) -> str:
 def format_table(results: list[Result]) -> str:
     head = (
         f"{'op':>15} {'shape':>18} {'dtype':>8} {'mode':>7} {'provider':>24} {'median ms':>10} {'p25-p75 ms':>17} "
-        f"{'peak MiB':>9} {'saved MiB':>9} {'TB/s':>6} {'%peak':>6} {'vs base':>8}"
+        f"{'peak MiB':>9} {'saved MiB':>9} {'TB/s':>6} {'TFLOP/s':>7} {'%peak':>6} {'vs base':>8}"
     )
     lines = [head, "-" * len(head)]
     eager = {(r.op, r.shape, r.dtype, r.mode): r.median_ms for r in results if r.provider == r.baseline}
@@ -688,7 +774,8 @@ def format_table(results: list[Result]) -> str:
         lines.append(
             f"{r.op:>15} {r.shape:>18} {r.dtype:>8} {r.mode:>7} {r.provider:>24} {r.median_ms:10.3f} "
             f"{r.p25_ms:8.3f}-{r.p75_ms:<8.3f} {_mib(r.peak_mem_mb)} {_mib(r.saved_mb)} "
-            f"{(f'{r.tbps:6.2f}' if r.tbps else ''):>6} {(f'{100 * r.frac_peak:5.1f}%' if r.frac_peak else ''):>6} "
+            f"{(f'{r.tbps:6.2f}' if r.tbps else ''):>6} {(f'{r.tflops:7.1f}' if r.tflops else ''):>7} "
+            f"{(f'{100 * r.frac_peak:5.1f}%' if r.frac_peak else ''):>6} "
             f"{speedup:>8}"
         )
     return "\n".join(lines)

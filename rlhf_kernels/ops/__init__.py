@@ -1,5 +1,6 @@
 """Public ops, one module per op family."""
 
+from rlhf_kernels.ops.linear import linear_token_logprobs
 from rlhf_kernels.ops.logprobs import sequence_logprobs, token_logprobs
 from rlhf_kernels.ops.ppo import (
     gae,
@@ -22,6 +23,7 @@ from rlhf_kernels.ops.preference import (
 __all__ = [
     "token_logprobs",
     "sequence_logprobs",
+    "linear_token_logprobs",
     "dpo_loss",
     "simpo_loss",
     "orpo_loss",

@@ -186,22 +186,28 @@ def _check_inputs(logits, labels, mask, temperature, ignore_index, check_labels)
         raise ValueError(
             f"logits: the last dim must have stride 1 (got stride {logits.stride(-1)}); other dims may have any stride"
         )
-    lead = tuple(logits.shape[:-1])
+    _check_labels_and_options(labels, mask, tuple(logits.shape[:-1]), vocab, logits.device, "logits",
+                              temperature, ignore_index, check_labels)  # fmt: skip
+
+
+def _check_labels_and_options(labels, mask, lead, vocab, device, source, temperature, ignore_index, check_labels):
+    """Checks of labels, mask and the scalar options against rows of shape ``lead`` over
+    ``vocab`` words; ``source`` names the tensor that fixed ``lead`` (logits or hidden)."""
     if labels.dtype not in _INT_DTYPES:
         raise TypeError(f"labels: expected an integer tensor, got dtype {labels.dtype}")
     if tuple(labels.shape) != lead:
-        raise ValueError(f"labels: expected shape {lead} (logits.shape[:-1]), got {tuple(labels.shape)}")
-    if labels.device != logits.device:
-        raise ValueError(f"labels: on device {labels.device}, but logits are on {logits.device}")
+        raise ValueError(f"labels: expected shape {lead} ({source}.shape[:-1]), got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels: on device {labels.device}, but {source} are on {device}")
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"mask: expected a tensor or None, got {type(mask).__name__}")
         if mask.dtype != torch.bool and mask.dtype not in _INT_DTYPES:
             raise TypeError(f"mask: expected a bool or integer tensor, got dtype {mask.dtype}")
         if tuple(mask.shape) != lead:
-            raise ValueError(f"mask: expected shape {lead} (logits.shape[:-1]), got {tuple(mask.shape)}")
-        if mask.device != logits.device:
-            raise ValueError(f"mask: on device {mask.device}, but logits are on {logits.device}")
+            raise ValueError(f"mask: expected shape {lead} ({source}.shape[:-1]), got {tuple(mask.shape)}")
+        if mask.device != device:
+            raise ValueError(f"mask: on device {mask.device}, but {source} are on {device}")
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature: expected a number, got {type(temperature).__name__}")
     if not (temperature > 0 and temperature < float("inf")):

@@ -1,0 +1,211 @@
+r"""Per-token log-probs straight from hidden states and the LM head, never holding ``[N, V]`` logits.
+
+For hidden states :math:`h_t \in \mathbb{R}^H`, the LM head :math:`W \in
+\mathbb{R}^{V \times H}` (and optional bias :math:`b`), temperature :math:`T` and label
+:math:`y_t`:
+
+.. math::
+
+    x_t = W h_t + b, \qquad \log p_t = \operatorname{log\,softmax}(x_t / T)_{y_t},
+    \qquad H_t = \text{entropy of } \operatorname{softmax}(x_t / T).
+
+With :math:`G_t = \partial L / \partial x_t` from :func:`token_logprobs`' backward
+(:math:`G_t = g_t(\mathbb{1}_{y_t} - p_t)/T - g_{H,t}\, p_t \odot (z_t - \operatorname{lse}_t + H_t)/T`):
+
+.. math::
+
+    \frac{\partial L}{\partial h_t} = W^\top G_t, \qquad
+    \frac{\partial L}{\partial W} = \sum_t G_t h_t^\top, \qquad
+    \frac{\partial L}{\partial b} = \sum_t G_t .
+
+The tokens are processed in chunks of ``chunk_size`` rows. Forward computes one
+chunk's logits with a matmul, runs the log-prob kernel over it (keeping one
+log-normaliser, and one entropy, per token) and drops the logits. Backward
+recomputes each chunk's logits, overwrites them in place with :math:`G` (the
+log-prob kernel's in-place backward) and multiplies :math:`G` into the hidden
+state and weight gradients. So at most one chunk of logits, ``chunk_size x V``,
+exists at a time, in the matmul's dtype: the ``[N, V]`` logits, their float32
+log-softmax and their gradient are never materialised. The price is one more
+``N x V x H`` matmul (the recomputation), the trade made by Apple's Cut
+Cross-Entropy (Wijmans et al., 2024) and Liger-Kernel's fused linear cross
+entropy (Hsu et al., 2024); unlike a cross-entropy loss, the output here is the
+per-token log-prob (and entropy), so any loss built on it (DPO, PPO, GRPO, KL
+to a reference) gets the same memory profile.
+
+The weight gradient is accumulated chunk by chunk in the weight's dtype (one
+rounding per chunk for bfloat16 / float16; each chunk's product accumulates in
+float32 inside the matmul).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from rlhf_kernels import _dispatch
+from rlhf_kernels.ops import logprobs as logprobs_ops
+from rlhf_kernels.reference import logprobs as reference
+
+DEFAULT_CHUNK_BYTES = 256 << 20  # one chunk's logits: 256 MiB (1024 tokens of a 128256-word vocab in bf16)
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+    check_labels: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each label under ``softmax((hidden @ weight.T + bias) / temperature)``.
+
+    Args:
+        hidden: ``[..., H]`` hidden states (the LM's last layer, after its final
+            norm) in float32, bfloat16, float16 or float64; any strides.
+        weight: ``[V, H]`` LM head weight (``lm_head.weight``), same dtype and device.
+        labels: integer tensor of shape ``hidden.shape[:-1]``.
+        mask: optional bool or integer tensor of that shape; 0 means ignored.
+        bias: optional ``[V]`` LM head bias.
+        temperature, ignore_index, check_labels: as :func:`token_logprobs`.
+        return_entropy: also return each token's entropy.
+        chunk_size: tokens per chunk (default: as many as keep one chunk's
+            logits near 256 MiB). Peak extra memory is about ``chunk_size * V``
+            elements in the matmul dtype.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``: the
+            log-prob kernel used on each chunk. ``"torch"`` is the unchunked
+            composition (``hidden @ weight.T``, then the float64-capable reference),
+            the oracle the tests compare against.
+
+    Returns:
+        ``logprobs`` of shape ``hidden.shape[:-1]`` (float32; float64 for float64
+        inputs), or ``(logprobs, entropy)``. Ignored and masked tokens get 0 and
+        no gradient. Gradients flow to ``hidden``, ``weight`` and ``bias``
+        (whichever require them).
+    """
+    _check_inputs(hidden, weight, bias, labels, chunk_size)
+    vocab = weight.shape[0]
+    lead = hidden.shape[:-1]
+    logprobs_ops._check_labels_and_options(labels, mask, tuple(lead), vocab, hidden.device, "hidden", temperature,
+                                           ignore_index, check_labels)  # fmt: skip
+    impl = _dispatch.resolve(backend, hidden.device, "token_logprobs_fwd_native")
+    if impl == "torch":
+        logits = torch.nn.functional.linear(hidden, weight, bias)
+        return reference.token_logprobs(logits, labels, mask, temperature=float(temperature),
+                                         ignore_index=int(ignore_index), return_entropy=return_entropy)  # fmt: skip
+    labels = labels.long()
+    if mask is not None:
+        labels = labels.masked_fill(mask == 0, ignore_index)
+    n_rows = labels.numel()
+    if chunk_size is None:
+        chunk_size = max(1, DEFAULT_CHUNK_BYTES // (vocab * hidden.element_size()))
+    logprobs, entropy = _LinearLogprobs.apply(
+        hidden.reshape(n_rows, hidden.shape[-1]), weight, bias, labels.reshape(n_rows).contiguous(), float(temperature),
+        int(ignore_index), bool(return_entropy), int(chunk_size), impl,
+    )  # fmt: skip
+    logprobs = logprobs.reshape(lead)
+    return (logprobs, entropy.reshape(lead)) if return_entropy else logprobs
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    """Chunked matmul + log-prob kernel; backward recomputes each chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, return_entropy, chunk_size, impl):
+        fwd = logprobs_ops._FWD_OPS[impl]
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        n_rows = hidden.shape[0]
+        logprobs = hidden.new_empty(n_rows, dtype=acc)
+        lse = hidden.new_empty(n_rows, dtype=acc)
+        entropy = hidden.new_empty(n_rows if return_entropy else 0, dtype=acc)
+        for start in range(0, n_rows, chunk_size):
+            rows = slice(start, min(n_rows, start + chunk_size))
+            logits = torch.nn.functional.linear(hidden[rows], weight, bias)
+            lp, row_lse, ent = fwd(logits, labels[rows], temperature, ignore_index, return_entropy, False)
+            logprobs[rows], lse[rows] = lp, row_lse
+            if return_entropy:
+                entropy[rows] = ent
+            del logits
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
+        ctx.temperature, ctx.ignore_index, ctx.return_entropy = temperature, ignore_index, return_entropy
+        ctx.chunk_size, ctx.impl = chunk_size, impl
+        if not return_entropy:
+            ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        if not (need_hidden or need_weight or need_bias):
+            return (None,) * 9
+        bwd_inplace = logprobs_ops._OPS[ctx.impl][2]
+        if grad_logprobs is None:
+            grad_logprobs = torch.zeros_like(lse)
+        grad_logprobs = grad_logprobs.to(lse.dtype).contiguous()
+        if ctx.return_entropy and grad_entropy is not None:
+            grad_entropy = grad_entropy.to(lse.dtype).contiguous()
+        else:
+            grad_entropy = None
+        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=lse.dtype, device=weight.device) if need_bias else None
+        n_rows = hidden.shape[0]
+        for start in range(0, n_rows, ctx.chunk_size):
+            rows = slice(start, min(n_rows, start + ctx.chunk_size))
+            h = hidden[rows]
+            grad_logits = torch.nn.functional.linear(h, weight, bias)  # the forward's logits, recomputed
+            bwd_inplace(grad_logits, grad_logprobs[rows], None if grad_entropy is None else grad_entropy[rows],
+                        labels[rows], lse[rows], entropy[rows] if ctx.return_entropy else entropy,
+                        ctx.temperature, ctx.ignore_index)  # fmt: skip
+            if need_hidden:
+                torch.mm(grad_logits, weight, out=grad_hidden[rows])
+            if need_weight:
+                grad_weight.addmm_(grad_logits.t(), h)
+            if need_bias:
+                grad_bias += grad_logits.sum(0, dtype=lse.dtype)
+            del grad_logits
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _check_inputs(hidden, weight, bias, labels, chunk_size) -> None:
+    for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
+    if hidden.dtype not in logprobs_ops.FLOAT_DTYPES:
+        raise TypeError(
+            f"hidden: dtype {hidden.dtype} is not supported; expected float32, bfloat16, float16 or float64"
+        )
+    if hidden.dim() < 1:
+        raise ValueError("hidden: expected shape [..., H], got a scalar")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight: expected shape [V, {hidden.shape[-1]}] (hidden's last dim), got {tuple(weight.shape)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError("weight: the vocab (first) dim is empty")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight: dtype {weight.dtype} differs from hidden's {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight: on device {weight.device}, but hidden is on {hidden.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias: expected a tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype or bias.device != hidden.device:
+            raise ValueError(
+                f"bias: expected dtype {hidden.dtype} on {hidden.device}, got {bias.dtype} on {bias.device}"
+            )
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")

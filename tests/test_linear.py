@@ -1,0 +1,201 @@
+"""linear_token_logprobs: chunked LM head + log-prob kernel against the float64 composition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import backend_cases
+
+import rlhf_kernels
+from rlhf_kernels.reference.logprobs import token_logprobs as reference
+
+# The chunking and recomputation are checked exactly in float64 (the kernels run in
+# float64 too). In float32 / bf16 / fp16 the logits are rounded by the matmul as in
+# any eager LM head, so those tests compare with the float64 composition on the same
+# rounded inputs with a norm-relative tolerance per dtype: forward rows of log-probs
+# and each gradient (hidden, weight, bias) as a whole.
+NORM_TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def make_inputs(shape, hidden_size, vocab, dtype, *, seed=0, bias=False, scale=1.0):
+    """Hidden states sliced like ``h[:, :-1]`` (non-contiguous), an LM head scaled so that
+    logits are O(scale), labels with an ignored token, and a mask with a fully masked row."""
+    g = torch.Generator().manual_seed(seed)
+    batch, seq = shape
+    hidden = torch.randn(batch, seq + 1, hidden_size, generator=g, dtype=torch.float64)[:, :-1]
+    weight = torch.randn(vocab, hidden_size, generator=g, dtype=torch.float64) * (scale / hidden_size**0.5)
+    b = torch.randn(vocab, generator=g, dtype=torch.float64) if bias else None
+    labels = torch.randint(0, vocab, shape, generator=g)
+    labels[0, 0] = -100
+    mask = torch.rand(shape, generator=g) > 0.2
+    mask[-1] = False
+    to = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return to(hidden), to(weight), to(b), labels, mask
+
+
+def oracle(hidden, weight, bias, labels, mask, *, temperature=1.0, return_entropy=False, seed=1):
+    """The float64 composition on the (already rounded) inputs: outputs and gradients of
+    sum(w * logprobs) (+ sum(w2 * entropy)) for random weights w, w2."""
+    leaves = [t.detach().double().requires_grad_(True) if t is not None else None for t in (hidden, weight, bias)]
+    logits = torch.nn.functional.linear(*leaves)
+    out = reference(logits, labels, mask, temperature=temperature, return_entropy=return_entropy)
+    return _loss_and_grads(out, leaves, seed)
+
+
+def run(hidden, weight, bias, labels, mask, *, seed=1, **kw):
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (hidden, weight, bias)]
+    out = rlhf_kernels.linear_token_logprobs(leaves[0], leaves[1], labels, mask, bias=leaves[2], **kw)
+    return _loss_and_grads(out, leaves, seed)
+
+
+def _loss_and_grads(out, leaves, seed):
+    lp, ent = out if isinstance(out, tuple) else (out, None)
+    g = torch.Generator().manual_seed(seed)
+    loss = (lp.double() * torch.randn(lp.shape, generator=g, dtype=torch.float64)).sum()
+    if ent is not None:
+        loss = loss + (ent.double() * torch.randn(ent.shape, generator=g, dtype=torch.float64)).sum()
+    loss.backward()
+    grads = [None if t is None else t.grad for t in leaves]
+    return lp.detach(), None if ent is None else ent.detach(), grads
+
+
+def assert_norm_close(got, want, tol, name):
+    err = (got.double() - want).norm() / want.norm().clamp(min=1e-30)
+    assert err < tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("chunk_size", [None, 1, 5, 64])
+@pytest.mark.parametrize("options", ["plain", "bias-entropy-temperature"])
+def test_matches_reference_float64(device, backend, chunk_size, options):
+    """Chunks that do not divide N (21 tokens), one token per chunk, a single chunk."""
+    extra = options != "plain"
+    hidden, weight, bias, labels, mask = make_inputs((3, 7), 16, 1000, torch.float64, bias=extra, scale=4.0)
+    kw = dict(temperature=0.7, return_entropy=True) if extra else {}
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    got = run(*map(to, (hidden, weight, bias, labels, mask)), chunk_size=chunk_size, backend=backend, **kw)
+    want = oracle(hidden, weight, bias, labels, mask, **kw)
+    for name, a, b in (("logprobs", got[0], want[0]), ("entropy", got[1], want[1])):
+        if b is not None:
+            torch.testing.assert_close(a.cpu(), b, atol=1e-10, rtol=1e-10, msg=name)
+    for name, a, b in zip(("hidden", "weight", "bias"), got[2], want[2], strict=True):
+        if b is not None:
+            torch.testing.assert_close(a.cpu(), b, atol=1e-10, rtol=1e-9, msg=name)
+    assert torch.all(got[0][~mask.to(device)] == 0)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_low_precision(device, backend, dtype):
+    """Matmul-dtype logits, an awkward vocab (5003), chunks of 8 over 30 tokens, bias and entropy."""
+    hidden, weight, bias, labels, mask = make_inputs((3, 10), 64, 5003, dtype, bias=True, scale=3.0)
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    got = run(*map(to, (hidden, weight, bias, labels, mask)), chunk_size=8, return_entropy=True, backend=backend)
+    want = oracle(hidden, weight, bias, labels, mask, return_entropy=True)
+    assert got[0].dtype == torch.float32 and got[2][0].dtype == dtype
+    for name, a, b in zip(("logprobs", "entropy", "hidden", "weight", "bias"), got[:2] + tuple(got[2]),
+                          want[:2] + tuple(want[2]), strict=True):  # fmt: skip
+        assert_norm_close(a.cpu(), b, NORM_TOL[dtype], name)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_only_some_inputs_need_grad(device, backend):
+    """A frozen head (gradient to hidden only), frozen hidden (to the head only), and no grad at all."""
+    hidden, weight, _, labels, mask = make_inputs((2, 5), 8, 50, torch.float64)
+    hidden, weight, labels, mask = (t.to(device) for t in (hidden, weight, labels, mask))
+    h = hidden.clone().requires_grad_(True)
+    rlhf_kernels.linear_token_logprobs(h, weight, labels, mask, chunk_size=3, backend=backend).sum().backward()
+    w = weight.clone().requires_grad_(True)
+    rlhf_kernels.linear_token_logprobs(hidden, w, labels, mask, chunk_size=3, backend=backend).sum().backward()
+    leaves = [hidden.detach().cpu().clone().requires_grad_(True), weight.detach().cpu().clone().requires_grad_(True)]
+    reference(torch.nn.functional.linear(*leaves), labels.cpu(), mask.cpu()).sum().backward()
+    torch.testing.assert_close(h.grad.cpu(), leaves[0].grad, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(w.grad.cpu(), leaves[1].grad, atol=1e-10, rtol=1e-9)
+    with torch.no_grad():
+        lp = rlhf_kernels.linear_token_logprobs(hidden, weight, labels, mask, backend=backend)
+    assert not lp.requires_grad
+    torch.testing.assert_close(lp.cpu(), reference(torch.nn.functional.linear(hidden, weight), labels, mask).cpu())
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_gradcheck_float64(device, backend):
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(2, 3, 4, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
+    weight = torch.randn(7, 4, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
+    bias = torch.randn(7, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
+    labels = torch.randint(0, 7, (2, 3), generator=g).to(device)
+    labels[1, 2] = -100
+
+    def fn(h, w, b):
+        lp, ent = rlhf_kernels.linear_token_logprobs(h, w, labels, bias=b, temperature=1.3, return_entropy=True,
+                                                     chunk_size=4, backend=backend)  # fmt: skip
+        return lp, ent
+
+    assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"]))
+def test_forward_keeps_no_logits(device, backend):
+    """What forward saves for backward: the inputs and one float per token (two with
+    entropy), never a [N, V] tensor."""
+    hidden, weight, _, labels, mask = make_inputs((4, 16), 32, 3000, torch.float32)
+    hidden, weight = hidden.to(device).requires_grad_(True), weight.to(device).requires_grad_(True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        rlhf_kernels.linear_token_logprobs(hidden, weight, labels.to(device), mask.to(device), chunk_size=16,
+                                           return_entropy=True, backend=backend)  # fmt: skip
+    n_tokens, vocab = labels.numel(), weight.shape[0]
+    assert saved and max(t.numel() for t in saved) < n_tokens * vocab
+    assert sum(t.numel() for t in saved if t.dim() == 1) <= 3 * n_tokens  # labels, lse, entropy
+
+
+BAD = [
+    ("hidden-weight", lambda h, w, b, y: (h, w[:, :-1], b, y), ValueError, "weight: expected shape"),
+    ("dtype", lambda h, w, b, y: (h, w.double(), b, y), TypeError, "weight: dtype"),
+    ("bias-shape", lambda h, w, b, y: (h, w, b[:-1], y), ValueError, "bias: expected shape"),
+    ("labels-shape", lambda h, w, b, y: (h, w, b, y[:, :-1]), ValueError, "labels: expected shape"),
+    ("labels-range", lambda h, w, b, y: (h, w, b, y + 50), ValueError, "labels: value"),
+    ("int-hidden", lambda h, w, b, y: (h.long(), w, b, y), TypeError, "hidden: dtype"),
+]
+
+
+@pytest.mark.parametrize("name,make,exc,match", BAD, ids=[b[0] for b in BAD])
+@pytest.mark.parametrize("backend", ["torch", "triton", "native"])
+def test_bad_input(name, make, exc, match, backend):
+    hidden, weight, bias, labels, _ = make_inputs((2, 3), 8, 50, torch.float32, bias=True)
+    labels[0, 0] = 3
+    h, w, b, y = make(hidden, weight, bias, labels)
+    with pytest.raises(exc, match=match):
+        rlhf_kernels.linear_token_logprobs(h, w, y, bias=b, backend=backend)
+    with pytest.raises(ValueError, match="chunk_size"):
+        rlhf_kernels.linear_token_logprobs(hidden, weight, labels, chunk_size=0, backend=backend)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_torch_compile_fullgraph(device, backend):
+    """The chunk loop traces without graph breaks (labels unchecked: the check syncs)."""
+    if backend == "triton" and device == "cpu":
+        pytest.skip("torch.compile cannot trace interpreted Triton kernels; checked on GPU")
+    hidden, weight, _, labels, mask = make_inputs((2, 6), 16, 300, torch.float32)
+    hidden, weight, labels, mask = (t.to(device) for t in (hidden, weight, labels, mask))
+
+    def step(h, w):
+        lp, ent = rlhf_kernels.linear_token_logprobs(h, w, labels, mask, return_entropy=True, chunk_size=5,
+                                                     check_labels=False, backend=backend)  # fmt: skip
+        return lp.sum() + 0.1 * ent.sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    eager_leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, weight)]
+    compiled_leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, weight)]
+    step(*eager_leaves).backward()
+    out = compiled(*compiled_leaves)
+    out.backward()
+    torch.testing.assert_close(out, step(hidden, weight))
+    for a, b in zip(compiled_leaves, eager_leaves, strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
