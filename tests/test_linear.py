@@ -199,3 +199,21 @@ def test_torch_compile_fullgraph(device, backend):
     torch.testing.assert_close(out, step(hidden, weight))
     for a, b in zip(compiled_leaves, eager_leaves, strict=True):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_autocast(device, backend):
+    """Under bf16 autocast with float32 parameters (mixed-precision training), logits are
+    bf16 as F.linear would make them, in forward and in backward's recomputation, and the
+    gradients come back in float32."""
+    hidden, weight, bias, labels, mask = make_inputs((2, 9), 32, 700, torch.float32, bias=True, scale=3.0)
+    to = lambda t: t.to(device)  # noqa: E731
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got = run(*map(to, (hidden, weight, bias, labels, mask)), chunk_size=4, backend=backend)
+    # the oracle on the bf16-rounded operands: what autocast's matmul multiplies
+    rounded = [t.to(torch.bfloat16) for t in (hidden, weight, bias)]
+    want = oracle(*rounded, labels, mask)
+    assert all(g.dtype == torch.float32 for g in got[2])
+    for name, a, b in zip(("logprobs", "hidden", "weight", "bias"), (got[0], *got[2]), (want[0], *want[2]),
+                          strict=True):  # fmt: skip
+        assert_norm_close(a.cpu(), b, NORM_TOL[torch.bfloat16], name)

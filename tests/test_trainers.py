@@ -69,6 +69,48 @@ def test_dpo_learns_preferences(tokenizer, tmp_path, loss_type, rpo_alpha, preco
         assert not p.requires_grad and torch.equal(p, q)
 
 
+@pytest.mark.parametrize("trainer", ["sft", "dpo-ipo"])
+def test_fused_lm_head_trains_like_logits(tokenizer, tmp_path, trainer, monkeypatch):
+    """fused_lm_head (log-probs from the last hidden state through linear_token_logprobs, no
+    [B, T, V] logits) follows the logits path step for step: losses and weights agree."""
+    import rlhf_kernels
+
+    calls = []
+    real = rlhf_kernels.linear_token_logprobs
+    monkeypatch.setattr(rlhf_kernels, "linear_token_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    runs = []
+    for fused in (False, True):
+        model = toy.build_model(tokenizer, seed=7)
+        cfg = config(tmp_path / str(fused), max_steps=6, logging_steps=1, fused_lm_head=fused)
+        if trainer == "sft":
+            t = SFTTrainer(model, tokenizer, toy.sft_dataset(96, seed=7), cfg)
+        else:
+            t = DPOTrainer(model, copy.deepcopy(model), tokenizer, toy.preference_dataset(96, seed=7), cfg, beta=0.5,
+                           loss_type="ipo")  # fmt: skip
+        runs.append(([h["loss"] for h in t.train()], model))
+    (loss_a, model_a), (loss_b, model_b) = runs
+    assert len(calls) >= 6  # the fused run went through linear_token_logprobs
+    assert loss_a == pytest.approx(loss_b, rel=1e-4, abs=1e-5)
+    for p, q in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5)
+
+
+def test_fused_lm_head_refuses_scaled_logits(tokenizer):
+    from rlhf_kernels.trainers.base import next_token_logprobs
+
+    model = toy.build_model(tokenizer, seed=7)
+    ids = torch.randint(0, len(tokenizer), (2, 6))
+    ones = torch.ones_like(ids)
+    head = model.get_output_embeddings()
+    got = next_token_logprobs(model, ids, ones, ones, fused_lm_head=True)
+    want = next_token_logprobs(model, ids, ones, ones)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    head._rlhf_fused_head_checked = False
+    head.register_forward_hook(lambda module, args, out: out * 0.5)  # logits no longer head(hidden)
+    with pytest.raises(ValueError, match="fused_lm_head"):
+        next_token_logprobs(model, ids, ones, ones, fused_lm_head=True)
+
+
 def test_resume_continues_exactly(tokenizer, tmp_path):
     data = toy.sft_dataset(200)
     straight = toy.build_model(tokenizer, seed=3)

@@ -32,9 +32,11 @@ entropy (Hsu et al., 2024); unlike a cross-entropy loss, the output here is the
 per-token log-prob (and entropy), so any loss built on it (DPO, PPO, GRPO, KL
 to a reference) gets the same memory profile.
 
-The weight gradient is accumulated chunk by chunk in the weight's dtype (one
+The matmuls run in the inputs' dtype, or in autocast's where autocast is on (as
+``F.linear`` would), with the forward's choice reused by the recomputation in
+backward. The weight gradient is accumulated chunk by chunk in that dtype (one
 rounding per chunk for bfloat16 / float16; each chunk's product accumulates in
-float32 inside the matmul).
+float32 inside the matmul) and returned in the weight's dtype.
 """
 
 from __future__ import annotations
@@ -103,38 +105,54 @@ def linear_token_logprobs(
     if mask is not None:
         labels = labels.masked_fill(mask == 0, ignore_index)
     n_rows = labels.numel()
+    dtype = _compute_dtype(hidden)
     if chunk_size is None:
-        chunk_size = max(1, DEFAULT_CHUNK_BYTES // (vocab * hidden.element_size()))
+        chunk_size = max(1, DEFAULT_CHUNK_BYTES // (vocab * dtype.itemsize))
     logprobs, entropy = _LinearLogprobs.apply(
         hidden.reshape(n_rows, hidden.shape[-1]), weight, bias, labels.reshape(n_rows).contiguous(), float(temperature),
-        int(ignore_index), bool(return_entropy), int(chunk_size), impl,
+        int(ignore_index), bool(return_entropy), int(chunk_size), impl, dtype,
     )  # fmt: skip
     logprobs = logprobs.reshape(lead)
     return (logprobs, entropy.reshape(lead)) if return_entropy else logprobs
 
 
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The matmul dtype: autocast's where it is on for the device (as ``F.linear`` would
+    use), else the inputs'."""
+    device = hidden.device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device) and hidden.dtype != torch.float64:
+        return torch.get_autocast_dtype(device)
+    return hidden.dtype
+
+
 class _LinearLogprobs(torch.autograd.Function):
-    """Chunked matmul + log-prob kernel; backward recomputes each chunk's logits."""
+    """Chunked matmul + log-prob kernel; backward recomputes each chunk's logits.
+
+    Every matmul runs with autocast off on inputs cast to ``dtype`` (autocast's dtype
+    when it was on in forward), so forward and the recomputation in backward (which
+    autograd runs outside autocast) produce the same logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, return_entropy, chunk_size, impl):
+    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, return_entropy, chunk_size, impl, dtype):
         fwd = logprobs_ops._FWD_OPS[impl]
-        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
         n_rows = hidden.shape[0]
         logprobs = hidden.new_empty(n_rows, dtype=acc)
         lse = hidden.new_empty(n_rows, dtype=acc)
         entropy = hidden.new_empty(n_rows if return_entropy else 0, dtype=acc)
-        for start in range(0, n_rows, chunk_size):
-            rows = slice(start, min(n_rows, start + chunk_size))
-            logits = torch.nn.functional.linear(hidden[rows], weight, bias)
-            lp, row_lse, ent = fwd(logits, labels[rows], temperature, ignore_index, return_entropy, False)
-            logprobs[rows], lse[rows] = lp, row_lse
-            if return_entropy:
-                entropy[rows] = ent
-            del logits
+        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, n_rows, chunk_size):
+                rows = slice(start, min(n_rows, start + chunk_size))
+                logits = torch.nn.functional.linear(hidden[rows].to(dtype), w, b)
+                lp, row_lse, ent = fwd(logits, labels[rows], temperature, ignore_index, return_entropy, False)
+                logprobs[rows], lse[rows] = lp, row_lse
+                if return_entropy:
+                    entropy[rows] = ent
+                del logits
         ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
         ctx.temperature, ctx.ignore_index, ctx.return_entropy = temperature, ignore_index, return_entropy
-        ctx.chunk_size, ctx.impl = chunk_size, impl
+        ctx.chunk_size, ctx.impl, ctx.dtype = chunk_size, impl, dtype
         if not return_entropy:
             ctx.mark_non_differentiable(entropy)
         return logprobs, entropy
@@ -144,8 +162,9 @@ class _LinearLogprobs(torch.autograd.Function):
         hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         if not (need_hidden or need_weight or need_bias):
-            return (None,) * 9
+            return (None,) * 10
         bwd_inplace = logprobs_ops._OPS[ctx.impl][2]
+        dtype = ctx.dtype
         if grad_logprobs is None:
             grad_logprobs = torch.zeros_like(lse)
         grad_logprobs = grad_logprobs.to(lse.dtype).contiguous()
@@ -153,27 +172,30 @@ class _LinearLogprobs(torch.autograd.Function):
             grad_entropy = grad_entropy.to(lse.dtype).contiguous()
         else:
             grad_entropy = None
-        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
-        grad_weight = torch.zeros_like(weight) if need_weight else None
+        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+        grad_hidden = hidden.new_empty(hidden.shape, dtype=dtype) if need_hidden else None
+        grad_weight = torch.zeros_like(w) if need_weight else None  # accumulated in the matmul dtype
         grad_bias = torch.zeros(weight.shape[0], dtype=lse.dtype, device=weight.device) if need_bias else None
         n_rows = hidden.shape[0]
-        for start in range(0, n_rows, ctx.chunk_size):
-            rows = slice(start, min(n_rows, start + ctx.chunk_size))
-            h = hidden[rows]
-            grad_logits = torch.nn.functional.linear(h, weight, bias)  # the forward's logits, recomputed
-            bwd_inplace(grad_logits, grad_logprobs[rows], None if grad_entropy is None else grad_entropy[rows],
-                        labels[rows], lse[rows], entropy[rows] if ctx.return_entropy else entropy,
-                        ctx.temperature, ctx.ignore_index)  # fmt: skip
-            if need_hidden:
-                torch.mm(grad_logits, weight, out=grad_hidden[rows])
-            if need_weight:
-                grad_weight.addmm_(grad_logits.t(), h)
-            if need_bias:
-                grad_bias += grad_logits.sum(0, dtype=lse.dtype)
-            del grad_logits
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, n_rows, ctx.chunk_size):
+                rows = slice(start, min(n_rows, start + ctx.chunk_size))
+                h = hidden[rows].to(dtype)
+                grad_logits = torch.nn.functional.linear(h, w, b)  # the forward's logits, recomputed
+                bwd_inplace(grad_logits, grad_logprobs[rows], None if grad_entropy is None else grad_entropy[rows],
+                            labels[rows], lse[rows], entropy[rows] if ctx.return_entropy else entropy,
+                            ctx.temperature, ctx.ignore_index)  # fmt: skip
+                if need_hidden:
+                    torch.mm(grad_logits, w, out=grad_hidden[rows])
+                if need_weight:
+                    grad_weight.addmm_(grad_logits.t(), h)
+                if need_bias:
+                    grad_bias += grad_logits.sum(0, dtype=lse.dtype)
+                del grad_logits
+        grad_hidden = None if grad_hidden is None else grad_hidden.to(hidden.dtype)
+        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+        grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def _check_inputs(hidden, weight, bias, labels, chunk_size) -> None:
@@ -192,7 +214,7 @@ def _check_inputs(hidden, weight, bias, labels, chunk_size) -> None:
         )
     if weight.shape[0] == 0:
         raise ValueError("weight: the vocab (first) dim is empty")
-    if weight.dtype != hidden.dtype:
+    if weight.dtype != hidden.dtype and _compute_dtype(hidden) == hidden.dtype:  # autocast casts both
         raise TypeError(f"weight: dtype {weight.dtype} differs from hidden's {hidden.dtype}")
     if weight.device != hidden.device:
         raise ValueError(f"weight: on device {weight.device}, but hidden is on {hidden.device}")
@@ -201,9 +223,9 @@ def _check_inputs(hidden, weight, bias, labels, chunk_size) -> None:
             raise TypeError(f"bias: expected a tensor or None, got {type(bias).__name__}")
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-        if bias.dtype != hidden.dtype or bias.device != hidden.device:
+        if bias.dtype != weight.dtype or bias.device != weight.device:
             raise ValueError(
-                f"bias: expected dtype {hidden.dtype} on {hidden.device}, got {bias.dtype} on {bias.device}"
+                f"bias: expected weight's dtype {weight.dtype} on {weight.device}, got {bias.dtype} on {bias.device}"
             )
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1

@@ -55,6 +55,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+import rlhf_kernels
+
 
 @dataclasses.dataclass
 class TrainerConfig:
@@ -73,6 +75,9 @@ class TrainerConfig:
     bf16: bool = True  # autocast on CUDA; CPU runs stay float32
     progress: bool = True
     backend: str = "auto"  # rlhf_kernels backend for the ops
+    # Log-probs from the last hidden state and the LM head with linear_token_logprobs (chunked:
+    # the [B, T, V] logits are never held) instead of from the model's logits; see next_token_logprobs.
+    fused_lm_head: bool = False
 
 
 def init_distributed(device_type: str = "cpu") -> tuple[int, int]:
@@ -95,6 +100,38 @@ def init_distributed(device_type: str = "cpu") -> tuple[int, int]:
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """The module inside a ``DistributedDataParallel`` wrapper (or the module itself)."""
     return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+def next_token_logprobs(model, input_ids, attention_mask, mask, *, fused_lm_head=False, temperature=1.0,
+                        backend="auto") -> torch.Tensor:
+    """``[B, T-1]`` log-probs of ``input_ids[:, 1:]`` under a causal LM (0 where ``mask[:, 1:]`` is 0).
+
+    From the model's logits with :func:`rlhf_kernels.token_logprobs`, or with
+    ``fused_lm_head`` from its last hidden state and output embedding with
+    :func:`rlhf_kernels.linear_token_logprobs`, which never holds the ``[B, T, V]``
+    logits. That path still calls the model itself (so DDP's hooks run), asking for
+    hidden states and the logits of the last position only (``logits_to_keep=1``), and
+    checks once per model that those logits equal the head applied to the last hidden
+    state: models that scale or soft-cap their logits fail that check with a clear error.
+    """
+    labels, mask = input_ids[:, 1:], mask[:, 1:]
+    if not fused_lm_head:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return rlhf_kernels.token_logprobs(logits[:, :-1], labels, mask, temperature=temperature, backend=backend)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1)
+    hidden, head = out.hidden_states[-1], unwrap(model).get_output_embeddings()
+    if not getattr(head, "_rlhf_fused_head_checked", False):
+        with torch.no_grad():
+            last = torch.nn.functional.linear(hidden[:, -1], head.weight, head.bias)
+            if out.logits.shape[1] != 1 or not torch.allclose(last.float(), out.logits[:, -1].float(), rtol=1e-3,
+                                                               atol=1e-3):  # fmt: skip
+                raise ValueError(
+                    "fused_lm_head: this model's logits are not its output embedding applied to its last hidden "
+                    "state (scaled or soft-capped logits, or no logits_to_keep support); use fused_lm_head=False"
+                )
+        head._rlhf_fused_head_checked = True
+    return rlhf_kernels.linear_token_logprobs(hidden[:, :-1], head.weight, labels, mask, bias=head.bias,
+                                              temperature=temperature, backend=backend)  # fmt: skip
 
 
 class Trainer:

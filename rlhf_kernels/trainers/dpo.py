@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import rlhf_kernels
-from rlhf_kernels.trainers.base import Trainer, TrainerConfig
+from rlhf_kernels.trainers.base import Trainer, TrainerConfig, next_token_logprobs
 
 
 class DPOTrainer(Trainer):
@@ -43,6 +43,12 @@ class DPOTrainer(Trainer):
                 "index": rows.get("__index__")}  # fmt: skip
 
     def sequence_logprobs(self, model, batch) -> torch.Tensor:
+        if self.config.fused_lm_head:  # per-token from the hidden states, then the sum (mean) per sequence
+            lp = next_token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                                     fused_lm_head=True, backend=self.config.backend).sum(-1)  # fmt: skip
+            if self.average:
+                lp = lp / batch["completion_mask"][:, 1:].sum(-1).clamp(min=1)
+            return lp
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return rlhf_kernels.sequence_logprobs(
             logits[:, :-1], batch["input_ids"][:, 1:], batch["completion_mask"][:, 1:], average=self.average,

@@ -53,6 +53,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--save-model", action="store_true", help="save_pretrained the trained model to OUT/model")
     parser.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when there is a GPU), cpu or cuda")
     parser.add_argument("--backend", default="auto", help="rlhf_kernels backend for the ops")
+    parser.add_argument("--fused-lm-head", action="store_true",
+                        help="sft/dpo: log-probs from the last hidden state and the LM head (linear_token_logprobs), "
+                        "never holding [B, T, V] logits")  # fmt: skip
     parser.add_argument("--beta", type=float, default=0.1, help="dpo: beta")
     parser.add_argument("--loss-type", default="sigmoid", help="dpo: loss type")
     parser.add_argument("--rpo-alpha", type=float, default=0.0, help="dpo: weight of the chosen NLL term")
@@ -129,6 +132,7 @@ def run(args: argparse.Namespace):
         batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum, max_steps=args.steps,
         warmup_steps=args.warmup_steps, max_length=args.max_length, seed=args.seed,
         logging_steps=args.logging_steps, save_steps=args.save_steps, progress=not args.quiet, backend=args.backend,
+        fused_lm_head=args.fused_lm_head,
     )  # fmt: skip
 
     if stage == "sft":

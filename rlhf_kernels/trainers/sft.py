@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import rlhf_kernels
-from rlhf_kernels.trainers.base import Trainer, TrainerConfig
+from rlhf_kernels.trainers.base import Trainer, TrainerConfig, next_token_logprobs
 
 
 class SFTTrainer(Trainer):
@@ -19,11 +18,10 @@ class SFTTrainer(Trainer):
         return {"input_ids": ids, "attention_mask": attention, "completion_mask": mask}
 
     def compute_loss(self, batch):
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         mask = batch["completion_mask"][:, 1:]
-        logprobs = rlhf_kernels.token_logprobs(
-            logits[:, :-1], batch["input_ids"][:, 1:], mask, backend=self.config.backend
-        )
+        logprobs = next_token_logprobs(self.model, batch["input_ids"], batch["attention_mask"],
+                                       batch["completion_mask"], fused_lm_head=self.config.fused_lm_head,
+                                       backend=self.config.backend)  # fmt: skip
         # the global token mean, also across DDP ranks (see Trainer.per_rank_share)
         loss = -logprobs.sum() / self.per_rank_share(mask.sum()).clamp(min=1)
         return loss, {"loss": loss.detach()}
