@@ -472,14 +472,18 @@ def ppo_logits_fused(
 
 
 def _fused_block(vocab: int, itemsize: int) -> tuple[int, int]:
-    """The fused sweep's vocab tile: at most 2048 wide and 8 elements a thread (4 to 8
-    warps). Its per-token math lives beside the tile, so the log-prob kernels' tile
-    (4096 x 16-bit, 16 a thread) sits at sm_90's 128-register ceiling for 8 warps:
-    triton 3.8 just fits, triton 3.6 spills. 2048 with 8 warps needs ~80 registers on
-    both; with 2 warps ptxas spills the gradient sweep of a 1024-wide tile on sm_90."""
+    """The fused sweep's vocab tile and warps: the log-prob kernels' 8 KiB tile, with 8
+    elements a thread (16 warps for 16-bit logits, 8 for float32), at least 4 warps.
+
+    The launcher keeps about one program per SM (rows in flight are capped by L2, so
+    that the gradient pass re-reads its row from cache), so each program needs many
+    bytes in flight: a whole 8 KiB tile per loop step. At 16 elements a thread (8
+    warps) the per-token math beside the tile puts this kernel at sm_90's 128-register
+    ceiling (triton 3.6 spills there); at 8 a thread it needs ~100. With 2 warps ptxas
+    spills the gradient sweep of a 1024-wide tile on sm_90.
+    """
     block, _ = _block_v(vocab, itemsize)
-    block = min(block, 2048)
-    return block, max(4, min(8, block // 256))
+    return block, max(4, min(16, block // 256))
 
 
 def _fused_configs():
