@@ -294,28 +294,15 @@ def ppo_loss_from_logits(
     """
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
         raise ValueError(f"logits: expected shape [B, T, V], got {getattr(logits, 'shape', None)}")
-    _check_rows(old_logprobs=old_logprobs, advantages=advantages, mask=mask, ref_logprobs=ref_logprobs,
-                need_mask=True)  # fmt: skip
-    if tuple(old_logprobs.shape) != tuple(logits.shape[:2]):
-        raise ValueError(f"old_logprobs: expected shape {tuple(logits.shape[:2])}, got {tuple(old_logprobs.shape)}")
-    for name, value in (("kl_coef", kl_coef), ("entropy_coef", entropy_coef)):
-        _check_real(name, value)
-    if kl_coef and ref_logprobs is None:
-        raise ValueError("ref_logprobs: required when kl_coef != 0")
-    if kl_kind not in KL_KINDS:
-        raise ValueError(f"kl_kind: unknown KL estimator {kl_kind!r}; expected one of {', '.join(KL_KINDS)}")
-    _check_agg(loss_agg_mode)
-    low, high = _clip_bounds(clip_ratio, clip_ratio_low, clip_ratio_high, clip_ratio_c)
+    low, high = _check_step_args(tuple(logits.shape[:2]), old_logprobs, advantages, mask, ref_logprobs, kl_coef,
+                                 entropy_coef, kl_kind, loss_agg_mode, clip_ratio, clip_ratio_low, clip_ratio_high,
+                                 clip_ratio_c)  # fmt: skip
     for name, flag in (("grad_in_forward", grad_in_forward), ("inplace_backward", inplace_backward)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
     from rlhf_kernels.ops import logprobs as logprobs_ops
 
-    # bool, integer or float mask: nonzero means valid; an ignored label has no log-prob, so it is masked too
-    if isinstance(labels, torch.Tensor) and labels.shape == mask.shape and labels.device == mask.device:
-        mask = (mask != 0) & (labels != ignore_index)
-    else:
-        mask = mask != 0  # token_logprobs' checks report the bad labels
+    mask = _valid_tokens(mask, labels, ignore_index)
     # A float16 gradient written in the forward is rounded before the loss scale (a
     # GradScaler's) reaches it, and its small entries underflow: float16 takes the
     # two-pass path, which scales first, whenever a gradient is wanted.
@@ -338,10 +325,43 @@ def ppo_loss_from_logits(
         logits, labels, mask, temperature=temperature, ignore_index=ignore_index, return_entropy=True,
         inplace_backward=inplace_backward, check_labels=check_labels, backend=backend,
     )  # fmt: skip
+    return _loss_from_logprobs(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs, clip_ratio,
+                               clip_ratio_low, clip_ratio_high, clip_ratio_c, kl_kind, kl_coef, entropy_coef,
+                               loss_agg_mode, backend)  # fmt: skip
+
+
+def _check_step_args(lead, old_logprobs, advantages, mask, ref_logprobs, kl_coef, entropy_coef, kl_kind,
+                     loss_agg_mode, clip_ratio, clip_ratio_low, clip_ratio_high, clip_ratio_c) -> tuple[float, float]:
+    """The checks of a policy step's per-token inputs ([B, T] = ``lead``) and options; returns the clip bounds."""
+    _check_rows(old_logprobs=old_logprobs, advantages=advantages, mask=mask, ref_logprobs=ref_logprobs,
+                need_mask=True)  # fmt: skip
+    if tuple(old_logprobs.shape) != tuple(lead):
+        raise ValueError(f"old_logprobs: expected shape {tuple(lead)}, got {tuple(old_logprobs.shape)}")
+    for name, value in (("kl_coef", kl_coef), ("entropy_coef", entropy_coef)):
+        _check_real(name, value)
+    if kl_coef and ref_logprobs is None:
+        raise ValueError("ref_logprobs: required when kl_coef != 0")
+    if kl_kind not in KL_KINDS:
+        raise ValueError(f"kl_kind: unknown KL estimator {kl_kind!r}; expected one of {', '.join(KL_KINDS)}")
+    _check_agg(loss_agg_mode)
+    return _clip_bounds(clip_ratio, clip_ratio_low, clip_ratio_high, clip_ratio_c)
+
+
+def _valid_tokens(mask, labels, ignore_index):
+    """bool, integer or float mask: nonzero means valid; an ignored label has no log-prob, so it is masked too."""
+    if isinstance(labels, torch.Tensor) and labels.shape == mask.shape and labels.device == mask.device:
+        return (mask != 0) & (labels != ignore_index)
+    return mask != 0  # token_logprobs' checks report the bad labels
+
+
+def _loss_from_logprobs(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs, clip_ratio, clip_ratio_low,
+                        clip_ratio_high, clip_ratio_c, kl_kind, kl_coef, entropy_coef, loss_agg_mode, backend):
+    """The two-pass tail: the clipped surrogate, entropy bonus and KL term from per-token log-probs
+    and entropies (fused O(B T) kernels and the aggregation)."""
     pg = ppo_policy_loss(
         logprobs, old_logprobs, advantages, mask, clip_ratio=clip_ratio, clip_ratio_low=clip_ratio_low,
         clip_ratio_high=clip_ratio_high, clip_ratio_c=clip_ratio_c, loss_agg_mode=loss_agg_mode,
-        backend=_elementwise_backend(backend, logits.device, "ppo_loss_fwd_native"),
+        backend=_elementwise_backend(backend, logprobs.device, "ppo_loss_fwd_native"),
     )  # fmt: skip
     entropy_agg = reference.agg_loss(entropy, mask, loss_agg_mode)
     loss = pg.loss - entropy_coef * entropy_agg if entropy_coef else pg.loss
@@ -349,7 +369,7 @@ def ppo_loss_from_logits(
     kl_agg = zero
     if ref_logprobs is not None:
         kl = kl_penalty(logprobs, ref_logprobs, kl_kind,
-                        backend=_elementwise_backend(backend, logits.device, "kl_penalty_fwd_native"))  # fmt: skip
+                        backend=_elementwise_backend(backend, logprobs.device, "kl_penalty_fwd_native"))  # fmt: skip
         kl_agg = reference.agg_loss(kl, mask, loss_agg_mode)
         if kl_coef:
             loss = loss + kl_coef * kl_agg
@@ -382,25 +402,36 @@ def _fused_from_logits(impl, logits, labels, old, adv, valid, ref, temperature, 
         logits = logits.contiguous()
     weights = token_weights(valid, mode, acc)
     n_valid = valid.sum().clamp(min=1).to(acc)
-    args = (
-        labels.long().masked_fill(~valid, ignore_index).flatten().contiguous(),
-        old.detach().to(acc).flatten().contiguous(), adv.detach().to(acc).flatten().contiguous(),
-        None if ref is None else ref.detach().to(acc).flatten().contiguous(), weights.flatten().contiguous(),
-        temperature, ignore_index, low, high, float(clip_c or 0.0), clip_c is not None, _KL_IDS[kl_kind], kl_coef,
-        entropy_coef,
-    )  # fmt: skip
+    args = fused_args(labels, old, adv, valid, ref, weights, temperature, ignore_index, low, high, clip_c, kl_kind,
+                      kl_coef, entropy_coef, acc)  # fmt: skip
     ops = _FUSED_OPS[impl]
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     if need_grad and inplace and not rows_may_overlap(logits):
         loss, stats = _FusedInplace.apply(logits, ops[1], args)
     else:
         loss, stats, _ = ops[0](logits, *args, need_grad)
+    return loss, fused_metrics(loss, stats, weights, n_valid, ref is not None)
+
+
+def fused_args(labels, old, adv, valid, ref, weights, temperature, ignore_index, low, high, clip_c, kl_kind, kl_coef,
+               entropy_coef, acc):  # fmt: skip
+    """The fused kernel's per-token and scalar arguments after the logits (flattened tokens)."""
+    return (
+        labels.long().masked_fill(~valid, ignore_index).flatten().contiguous(),
+        old.detach().to(acc).flatten().contiguous(), adv.detach().to(acc).flatten().contiguous(),
+        None if ref is None else ref.detach().to(acc).flatten().contiguous(), weights.flatten().contiguous(),
+        temperature, ignore_index, low, high, float(clip_c or 0.0), clip_c is not None, _KL_IDS[kl_kind], kl_coef,
+        entropy_coef,
+    )  # fmt: skip
+
+
+def fused_metrics(loss, stats, weights, n_valid, has_ref) -> PPOLossMetrics:
+    """The metrics from the fused kernel's per-token stats ([tokens, 7])."""
     weighted = (stats[:, 1:4] * weights.flatten()[:, None]).sum(0)  # pg loss, entropy, kl
     fractions = stats[:, 4:7].sum(0) / n_valid  # clipfrac, clipfrac lower, approx kl
-    zero = torch.zeros((), dtype=acc, device=loss.device)
-    metrics = PPOLossMetrics(loss.detach(), weighted[0], fractions[0], fractions[1], fractions[2], weighted[1],
-                             weighted[2] if ref is not None else zero)  # fmt: skip
-    return loss, metrics
+    zero = torch.zeros((), dtype=stats.dtype, device=stats.device)
+    return PPOLossMetrics(loss.detach(), weighted[0], fractions[0], fractions[1], fractions[2], weighted[1],
+                          weighted[2] if has_ref else zero)  # fmt: skip
 
 
 class _FusedInplace(torch.autograd.Function):
