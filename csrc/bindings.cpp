@@ -329,6 +329,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> preference_fwd(
   at::Tensor cr = at::empty({write_rewards && has_a ? in.n : 0}, opts);
   at::Tensor rr = at::empty({write_rewards && has_b ? in.n : 0}, opts);
   at::Tensor metrics = at::empty({kPrefMetrics}, opts);
+  // The CUDA forward's per-chunk sums above kPrefFwdMultiMin pairs (the CPU kernel keeps its own).
+  const int64_t parts = in.device.is_cuda() ? pref_fwd_parts(in.n) : 0;
+  at::Tensor partials = parts > 0 ? at::empty({parts, kPrefMetrics}, opts.dtype(at::kDouble)) : at::Tensor();
   PrefFwdParams p;
   p.dtype = in.dtype == at::kDouble ? ScalarKind::Float64 : ScalarKind::Float32;
   p.loss = pref_loss_id(loss);
@@ -344,6 +347,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> preference_fwd(
   p.chosen_rewards = cr.numel() ? cr.data_ptr() : nullptr;
   p.rejected_rewards = rr.numel() ? rr.data_ptr() : nullptr;
   p.metrics = metrics.data_ptr();
+  p.partials = partials.defined() ? partials.data_ptr() : nullptr;
   run_kernel(in.device, p, RLHF_CUDA_FN(preference_fwd_cuda), &preference_fwd_cpu);
   return {losses, cr, rr, metrics};
 }

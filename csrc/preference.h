@@ -80,6 +80,21 @@ enum class PrefLoss : int {
 };
 constexpr int kPrefMetrics = 8;
 
+// The CUDA forward runs as one block up to kPrefFwdMultiMin pairs (a training
+// batch: one launch, metrics reduced in the block) and as cdiv(n, kPrefFwdChunk)
+// blocks above, each writing its chunk's sums to a [parts, kPrefMetrics] double
+// workspace (PrefFwdParams::partials, allocated by the bindings) that one block
+// then sums in a fixed order. The chunk is fixed (not derived from the device's
+// SM count), so the bits depend on n alone. The Triton forward uses the same
+// two numbers (FWD_MULTI_MIN, FWD_CHUNK in rlhf_kernels/triton/preference.py).
+constexpr int64_t kPrefFwdMultiMin = 16384;
+constexpr int64_t kPrefFwdChunk = 2048;
+
+// Rows of the CUDA forward's workspace: 0 below the threshold.
+inline int64_t pref_fwd_parts(int64_t n) {
+  return n > kPrefFwdMultiMin ? (n + kPrefFwdChunk - 1) / kPrefFwdChunk : 0;
+}
+
 struct PrefScalars {
   double beta = 0.1;
   double gamma = 0.0;            // Sigmoid, Robust, ExoPair, Hinge: subtracted from z
@@ -106,6 +121,10 @@ struct PrefFwdParams {
   void* chosen_rewards = nullptr;    // [n] or nullptr (not wanted / not present)
   void* rejected_rewards = nullptr;  // [n] or nullptr
   void* metrics = nullptr;           // [kPrefMetrics]
+  // CUDA only, n > kPrefFwdMultiMin: [pref_fwd_parts(n), kPrefMetrics] doubles
+  // (row p: chunk p's sums of the metric terms 0..6 and, for bco_pair's
+  // batch-mean delta, of beta a_i + beta b_i in column 7).
+  void* partials = nullptr;
 };
 
 struct PrefBwdParams {

@@ -9,6 +9,11 @@ from conftest import backend_cases
 import rlhf_kernels
 from rlhf_kernels.reference import preference as reference
 
+try:
+    from rlhf_kernels.triton import preference as triton_preference
+except ImportError:  # no triton: its cases are skipped
+    triton_preference = None
+
 NATIVE_OP = "preference_fwd_native"
 SEQ_NATIVE_OP = "sequence_logprobs_fwd_native"
 SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_pair")
@@ -229,6 +234,153 @@ def test_sigmoid_float32_all_widths(device, backend, n):
                                                     center_rewards_coefficient=0.01), [pc, pr])  # fmt: skip
 
 
+# --- the many-program forward (n above FWD_MULTI_MIN) -------------------------------------------
+# The Triton launcher reads FWD_MULTI_MIN and FWD_CHUNK at each call: lowered here, the
+# per-chunk kernels and the partial-sum program run at small n in the interpreter (and
+# on a GPU). (n, chunk): one partial chunk, one program of several tiles, many programs,
+# the default chunk with a short last one.
+MANY_PROGRAMS = {1: 32, 7: 32, 1000: 64, 20000: 2048}
+
+
+def _many_programs(monkeypatch, chunk, multi_min=0):
+    if triton_preference is not None:
+        monkeypatch.setattr(triton_preference, "FWD_MULTI_MIN", multi_min)
+        monkeypatch.setattr(triton_preference, "FWD_CHUNK", chunk)
+
+
+def _metric_means(losses, chosen_rewards, rejected_rewards):
+    return {
+        "loss": losses.mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).double().mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+    }
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton"], native_op=NATIVE_OP))
+@pytest.mark.parametrize("loss_type", rlhf_kernels.DPO_LOSS_TYPES)
+@pytest.mark.parametrize("n", list(MANY_PROGRAMS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_dpo_many_programs(monkeypatch, device, backend, loss_type, n, dtype):
+    """Losses, rewards, gradients and metrics of the per-chunk forward against the float64
+    reference, and against the one-program forward on the same inputs."""
+    _many_programs(monkeypatch, MANY_PROGRAMS[n])
+    tensors = inputs(n, dtype, device, seed=n + len(loss_type))
+    kw = dict(beta=0.3, loss_type=loss_type, label_smoothing=0.1 if loss_type in SMOOTHED else 0.0)
+    out, grads = forward_backward(
+        lambda *t: rlhf_kernels.dpo_loss(*t, return_metrics=True, backend=backend, **kw), tensors
+    )
+    want = forward_backward(lambda *t: reference.dpo_loss(*t, **kw), [t.double() for t in tensors])
+    compare((tuple(out[:3]), grads), want, TOL[dtype])
+    # metric means: float32 sums of up to 20000 terms of size ~1-10 (float64: as the losses)
+    metric_tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else TOL[dtype]
+    for name, value in _metric_means(*(t.detach() for t in want[0])).items():
+        torch.testing.assert_close(out.metrics[name].double().cpu(), value.cpu(), **metric_tol, msg=name)
+    _many_programs(monkeypatch, MANY_PROGRAMS[n], multi_min=n)  # the one-program forward
+    one = rlhf_kernels.dpo_loss(*tensors, return_metrics=True, backend=backend, **kw)
+    for x, y in zip(out[:3], one[:3], strict=True):
+        torch.testing.assert_close(x.detach(), y, **TOL[dtype])
+    for name in one.metrics:
+        torch.testing.assert_close(out.metrics[name], one.metrics[name], **metric_tol, msg=name)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton"], native_op=NATIVE_OP))
+@pytest.mark.parametrize("n", list(MANY_PROGRAMS))
+def test_relatives_many_programs(monkeypatch, device, backend, n):
+    """SimPO, ORPO (its two metric means), KTO (unpaired, one launch per side), Bradley-Terry
+    with a margin and centring, and reference-free DPO on the per-chunk forward."""
+    _many_programs(monkeypatch, MANY_PROGRAMS[n])
+    g = torch.Generator().manual_seed(n)
+    c, r = [(-torch.rand(n, generator=g, dtype=torch.float64) * 3 - 1e-3).to(device) for _ in range(2)]
+    tol = TOL[torch.float64]
+
+    def check(fn, ref_fn, tensors):
+        compare(forward_backward(fn, tensors), forward_backward(ref_fn, tensors), tol)
+
+    check(lambda a, b: rlhf_kernels.simpo_loss(a, b, beta=2.5, gamma=0.3, label_smoothing=0.1, backend=backend),
+          lambda a, b: reference.simpo_loss(a, b, beta=2.5, gamma=0.3, label_smoothing=0.1), [c, r])  # fmt: skip
+    check(lambda a, b: rlhf_kernels.orpo_loss(a, b, beta=0.2, backend=backend),
+          lambda a, b: reference.orpo_loss(a, b, beta=0.2), [c, r])  # fmt: skip
+    sizes = (n, n // 2 + 1, 9, n, n // 2 + 1, 9)  # desirable, undesirable, KL samples
+    kto = [(torch.randn(k, generator=g, dtype=torch.float64) - 20).to(device) for k in sizes]
+    kto[2] = kto[5] + 0.5  # a positive KL estimate
+    check(lambda *t: rlhf_kernels.kto_loss(*t, beta=0.4, desirable_weight=1.3, undesirable_weight=0.7,
+                                           backend=backend),
+          lambda *t: reference.kto_loss(*t, beta=0.4, desirable_weight=1.3, undesirable_weight=0.7), kto)  # fmt: skip
+    margin = torch.rand(n, generator=g, dtype=torch.float64).to(device)
+    check(lambda a, b: rlhf_kernels.bradley_terry_loss(a, b, margin=margin, center_rewards_coefficient=0.01,
+                                                       backend=backend),
+          lambda a, b: reference.bradley_terry_loss(a, b, margin=margin, center_rewards_coefficient=0.01),
+          [c * 3, r * 3])  # fmt: skip
+    check(lambda a, b: rlhf_kernels.dpo_loss(a, b, beta=0.1, reference_free=True, backend=backend),
+          lambda a, b: reference.dpo_loss(a, b, beta=0.1, reference_free=True), [c * 30, r * 30])  # fmt: skip
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton"], native_op=NATIVE_OP))
+@pytest.mark.parametrize("n", list(MANY_PROGRAMS))
+@pytest.mark.parametrize("bco_delta", [None, 0.7])
+def test_bco_pair_many_programs(monkeypatch, device, backend, n, bco_delta):
+    """bco_pair's delta on the per-chunk forward: the batch mean of the 2n rewards (its own
+    partial-sum pass) or the given value, used by every loss and stored in metrics[7]."""
+    _many_programs(monkeypatch, MANY_PROGRAMS[n])
+    pc, pr, rc, rr = inputs(n, torch.float64, device, seed=n + 1)
+    op = torch.ops.rlhf_kernels.preference_fwd_triton
+    args = (pc, pr, rc, rr, None, None, 0.2, 0.0, 0.0, 0.0, 0.05, 0.0 if bco_delta is None else bco_delta,
+            bco_delta is None, 1.0, True)  # fmt: skip
+    losses, cr, rj, metrics = op("bco_pair", *args)
+    want = reference.dpo_loss(pc, pr, rc, rr, beta=0.2, loss_type="bco_pair", bco_delta=bco_delta)
+    tol = TOL[torch.float64]
+    for x, y in zip((losses, cr, rj), want, strict=True):
+        torch.testing.assert_close(x, y, **tol)
+    delta = torch.cat([want[1], want[2]]).mean() if bco_delta is None else torch.tensor(bco_delta, dtype=torch.float64)
+    torch.testing.assert_close(metrics[7].cpu(), delta.to(metrics.dtype).cpu(), **tol)
+    for k, value in enumerate(_metric_means(*want).values()):
+        torch.testing.assert_close(metrics[k].cpu(), value.cpu(), **tol)
+    assert (metrics[5:7] == 0).all()
+    again = op("bco_pair", *args)
+    assert all(torch.equal(x, y) for x, y in zip((losses, cr, rj, metrics), again, strict=True))
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton"], native_op=NATIVE_OP))
+def test_empty_batch_with_many_programs_enabled(monkeypatch, device, backend):
+    """n == 0 always takes the one-program forward: empty outputs, metrics all 0."""
+    _many_programs(monkeypatch, 32)
+    empty = torch.zeros(0, device=device)
+    out = rlhf_kernels.dpo_loss(empty, empty, empty, empty, loss_type="bco_pair", return_metrics=True,
+                                backend=backend)  # fmt: skip
+    assert all(t.shape == (0,) for t in out[:3])
+    assert all(v == 0 for v in out.metrics.values())
+    orpo = rlhf_kernels.orpo_loss(empty, empty, backend=backend)
+    assert orpo.log_odds_ratio == 0 and orpo.log_odds_chosen == 0
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"], native_op=NATIVE_OP))
+@pytest.mark.parametrize("n", [16385, 40000])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "bco_pair", "orpo"])
+def test_above_multi_threshold_default_chunks(device, backend, n, loss_type):
+    """Past the one-program threshold with the shipped constants (on a GPU: the per-chunk
+    Triton and CUDA forwards, 16385 leaving a one-pair last chunk): the reference's values,
+    and the same bits on a rerun."""
+    if triton_preference is not None:
+        assert triton_preference.FWD_MULTI_MIN < n
+    pc, pr, rc, rr = inputs(n, torch.float32, device, seed=n)
+    if loss_type == "orpo":
+        args, kw = (-pc.abs() / 30, -pr.abs() / 30), {}
+        fn, ref_fn = rlhf_kernels.orpo_loss, reference.orpo_loss
+    else:
+        args, kw = (pc, pr, rc, rr), dict(loss_type=loss_type)
+        fn, ref_fn = rlhf_kernels.dpo_loss, reference.dpo_loss
+    out, grads = forward_backward(lambda *t: fn(*t, beta=0.1, backend=backend, **kw), list(args))
+    want = forward_backward(lambda *t: ref_fn(*t, beta=0.1, **kw), [t.double() for t in args])
+    compare((tuple(out[:3]), grads), (tuple(want[0][:3]), want[1]), TOL[torch.float32])
+    if loss_type == "orpo":  # metric means over n float32 terms
+        for got_m, want_m in zip(out[3:], want[0][3:], strict=True):
+            torch.testing.assert_close(got_m.double().cpu(), want_m.cpu(), atol=1e-5, rtol=1e-5)
+    again = fn(*args, beta=0.1, backend=backend, **kw)
+    assert all(torch.equal(x.detach(), y) for x, y in zip(out, again, strict=True))
+
+
 # --- bad input -----------------------------------------------------------------------------
 
 
@@ -440,10 +592,11 @@ def test_dpo_step_from_bf16_logits(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"], native_op=NATIVE_OP))
-def test_preference_opcheck(device, backend):
+@pytest.mark.parametrize("n", [5, 20000])  # one program / block, and per-chunk ones with a workspace
+def test_preference_opcheck(device, backend, n):
     if backend == "triton" and device == "cpu":
         pytest.skip("fake tensors have no data pointer for the Triton interpreter; checked on GPU")
-    pc, pr, rc, rr = [t.requires_grad_(True) for t in inputs(5, torch.float32, device)]
+    pc, pr, rc, rr = [t.requires_grad_(True) for t in inputs(n, torch.float32, device)]
     op = getattr(torch.ops.rlhf_kernels, f"preference_fwd_{backend}")
     for loss in ("sigmoid", "bco_pair", "orpo"):
         args = (loss, pc, pr, rc, rr, None, None, 0.1, 0.0, 0.0, 0.0, 0.05, 0.0, True, 1.0, True)
@@ -451,10 +604,11 @@ def test_preference_opcheck(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(["torch", "triton", "native"], native_op=NATIVE_OP))
-def test_dpo_compile_fullgraph(device, backend):
+@pytest.mark.parametrize("n", [9, 20000])  # one program / block, and per-chunk ones with a workspace
+def test_dpo_compile_fullgraph(device, backend, n):
     if backend == "triton" and device == "cpu":
         pytest.skip("torch.compile cannot trace interpreted Triton kernels; checked on GPU")
-    pc, pr, rc, rr = inputs(9, torch.float32, device)
+    pc, pr, rc, rr = inputs(n, torch.float32, device)
 
     def step(pc, pr):
         out = rlhf_kernels.dpo_loss(pc, pr, rc, rr, beta=0.1, backend=backend, return_metrics=True)

@@ -41,7 +41,10 @@ Relatives: :func:`simpo_loss` (Meng et al. 2024), :func:`orpo_loss` (Hong et al.
 (reward models, Ouyang et al. 2022). Each is one forward and one backward kernel
 on the triton and native backends (csrc/preference.h has the table with the
 derivatives); the ``torch`` backend (rlhf_kernels.reference.preference) writes
-each formula as above.
+each formula as above. On a GPU the forward is one program up to 16384 pairs;
+above, fixed 2048-pair chunks run in parallel and one more program sums their
+metric partials in a fixed order (no atomics: the same bits on every run and
+GPU for a given batch size, though not the same bits as the one-program sums).
 """
 
 from __future__ import annotations
@@ -145,7 +148,7 @@ def dpo_loss(
         bco_delta: ``bco_pair``'s reward offset; ``None`` uses the batch mean.
         return_metrics: also return a dict with the mean loss, reward accuracy,
             margin, chosen and rejected rewards (TRL's names), computed by the
-            same kernel.
+            forward kernel itself.
 
     Returns:
         ``(losses, chosen_rewards, rejected_rewards)`` (float32, ``[B]``), plus
