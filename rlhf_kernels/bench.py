@@ -506,6 +506,42 @@ def ppo_step_problem(batch, time_steps, vocab, dtype, device) -> Problem:
                    {"fwd": size, "bwd": 2 * size, "fwd+bwd": 2 * size})  # fmt: skip
 
 
+def eager_linear_ppo_step(hidden, weight, labels, old, adv, mask, ref):
+    """The PPO policy step from hidden states as usually written: the LM head's logits, then the eager step."""
+    return eager_ppo_step(hidden @ weight.t(), labels, old, adv, mask, ref)
+
+
+def linear_ppo_step_problem(batch, time_steps, hidden_size, vocab, dtype, device) -> Problem:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    hidden = torch.randn(batch, time_steps, hidden_size, generator=g).to(dtype=dtype, device=device)
+    weight = (torch.randn(vocab, hidden_size, generator=g) * (2 / hidden_size**0.5)).to(dtype=dtype, device=device)
+    labels = torch.randint(0, vocab, (batch, time_steps), generator=g).to(device)
+    old = (-torch.rand(batch, time_steps, generator=g) * 3 - 9).to(device)
+    ref = old + (torch.randn(batch, time_steps, generator=g) * 0.1).to(device)
+    adv = torch.randn(batch, time_steps, generator=g).to(device)
+    mask = (torch.arange(time_steps) < time_steps - 3).expand(batch, time_steps).to(device)
+    inputs = {"hidden": hidden, "weight": weight, "labels": labels, "old": old, "adv": adv, "mask": mask, "ref": ref}
+    step = dict(kl_coef=0.05, entropy_coef=0.01, check_labels=False)
+    provs: dict[str, Callable] = {}
+    for b in _kernel_backends(device, "ppo_logits_fused_native"):
+        provs[f"rlhf_kernels[{b}]"] = lambda i, b=b: rlhf_kernels.linear_ppo_loss(
+            i["hidden"], i["weight"], i["labels"], i["old"], i["adv"], i["mask"], ref_logprobs=i["ref"], backend=b,
+            **step,
+        )[0]  # fmt: skip
+        if b != "torch":  # the LM head's logits, then the fused sweep from logits
+            provs[f"head + rlhf_kernels[{b}] from logits"] = lambda i, b=b: rlhf_kernels.ppo_loss_from_logits(
+                i["hidden"] @ i["weight"].t(), i["labels"], i["old"], i["adv"], i["mask"], ref_logprobs=i["ref"],
+                backend=b, **step,
+            )[0]  # fmt: skip
+    args = ("hidden", "weight", "labels", "old", "adv", "mask", "ref")
+    provs["eager"] = lambda i: eager_linear_ppo_step(*(i[k] for k in args))
+    provs["torch.compile"] = lambda i: _compiled(eager_linear_ppo_step)(*(i[k] for k in args))
+    mm = 2 * batch * time_steps * hidden_size * vocab
+    return Problem("linear_ppo_step", f"{batch}x{time_steps}x{hidden_size}x{vocab}", dtype, inputs,
+                   ("hidden", "weight"), provs, {"fwd": 0, "bwd": 0, "fwd+bwd": 0},
+                   flops={"fwd": mm, "bwd": 2 * mm, "fwd+bwd": 3 * mm})  # fmt: skip
+
+
 def providers(device: torch.device) -> list[str]:
     """Names of the token_logprobs providers available on ``device``."""
     return list(token_logprobs_problem(2, 8, torch.float32, device).providers)
@@ -705,7 +741,7 @@ def measure_memory(results: list[Result], problem: Problem, device: torch.device
 
 
 OPS = ("token_logprobs", "linear_logprobs", "sequence_logprobs", "dpo_step", "dpo_loss", "gae", "masked_whiten",
-       "grpo_advantages", "ppo_policy_loss", "ppo_step")
+       "grpo_advantages", "ppo_policy_loss", "ppo_step", "linear_ppo_step")
 
 
 def default_problems(device: torch.device, quick: bool, ops=OPS) -> list[Callable[[], Problem]]:
@@ -724,6 +760,7 @@ def default_problems(device: torch.device, quick: bool, ops=OPS) -> list[Callabl
             "grpo_advantages": [(512, 16), (8192, 64)],
             "ppo_policy_loss": [(512, 4096)],
             "ppo_step": [(8, 2048, 128256, bf16)],
+            "linear_ppo_step": [(4, 2048, 4096, 128256, bf16)],
         }  # fmt: skip
     else:
         table = {
@@ -737,6 +774,7 @@ def default_problems(device: torch.device, quick: bool, ops=OPS) -> list[Callabl
             "grpo_advantages": [(512, 16)],
             "ppo_policy_loss": [(64, 2048)],
             "ppo_step": [(2, 256, 32000, bf16)],
+            "linear_ppo_step": [(2, 256, 256, 32000, torch.float32)],
         }
     if quick:
         table = {k: v[:1] for k, v in table.items()}
@@ -745,12 +783,14 @@ def default_problems(device: torch.device, quick: bool, ops=OPS) -> list[Callabl
             table["dpo_step"] = [(2, 64, 32000, bf16)]
             table["sequence_logprobs"] = [(4, 64, 32000, bf16)]
             table["linear_logprobs"] = [(128, 256, 32000, torch.float32)]
+            table["linear_ppo_step"] = [(2, 64, 256, 32000, torch.float32)]
             table["ppo_step"] = [(2, 64, 32000, bf16)]
     makers = {"token_logprobs": token_logprobs_problem, "linear_logprobs": linear_logprobs_problem,
               "sequence_logprobs": sequence_logprobs_problem,
               "dpo_step": dpo_step_problem, "dpo_loss": dpo_loss_problem, "gae": gae_problem,
               "masked_whiten": masked_whiten_problem, "grpo_advantages": grpo_advantages_problem,
-              "ppo_policy_loss": ppo_policy_problem, "ppo_step": ppo_step_problem}  # fmt: skip
+              "ppo_policy_loss": ppo_policy_problem, "ppo_step": ppo_step_problem,
+              "linear_ppo_step": linear_ppo_step_problem}  # fmt: skip
     return [lambda op=op, args=args: makers[op](*args, device=device) for op in ops for args in table[op]]
 
 

@@ -217,3 +217,110 @@ def test_autocast(device, backend):
     for name, a, b in zip(("logprobs", "hidden", "weight", "bias"), (got[0], *got[2]), (want[0], *want[2]),
                           strict=True):  # fmt: skip
         assert_norm_close(a.cpu(), b, NORM_TOL[torch.bfloat16], name)
+
+
+# --- linear_ppo_loss ---------------------------------------------------------------------------
+
+PPO_OPTIONS = {
+    "plain": dict(),
+    "dual-k3-entropy-T": dict(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0, kl_coef=0.05,
+                              kl_kind="k3", entropy_coef=0.01, temperature=0.9),  # fmt: skip
+    "seq-mean-token-mean-k1": dict(kl_coef=0.1, kl_kind="k1", loss_agg_mode="seq-mean-token-mean"),
+}
+
+
+def ppo_inputs(dtype, *, seed=0, bias=True, with_ref=True):
+    """Hidden states and head as make_inputs, old / ref log-probs near the policy's (so clipping
+    binds for some tokens), advantages, and a mask with gaps and a fully masked row."""
+    hidden, weight, b, labels, mask = make_inputs((3, 8), 16, 997, dtype, seed=seed, bias=bias, scale=4.0)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        logits = torch.nn.functional.linear(hidden.double(), weight.double(), None if b is None else b.double())
+        lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    old = (lp + 0.3 * torch.randn(lp.shape, generator=g, dtype=torch.float64)).float()
+    ref = (old + 0.2 * torch.randn(lp.shape, generator=g)).float() if with_ref else None
+    adv = torch.randn(lp.shape, generator=g)
+    return hidden, weight, b, labels, old, adv, mask, ref
+
+
+def ppo_oracle(hidden, weight, bias, labels, old, adv, mask, ref, **kw):
+    """The float64 composition: the LM head, then ppo_loss_from_logits' torch reference."""
+    leaves = [None if t is None else t.detach().double().requires_grad_(True) for t in (hidden, weight, bias)]
+    logits = torch.nn.functional.linear(*leaves)
+    loss, metrics = rlhf_kernels.ppo_loss_from_logits(logits, labels, old.double(), adv.double(), mask,
+                                                      ref_logprobs=None if ref is None else ref.double(),
+                                                      backend="torch", **kw)  # fmt: skip
+    loss.backward()
+    return loss.detach(), metrics, [None if t is None else t.grad for t in leaves]
+
+
+def ppo_run(hidden, weight, bias, labels, old, adv, mask, ref, device, scale=1.0, **kw):
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    leaves = [None if t is None else t.detach().clone().to(device).requires_grad_(True) for t in (hidden, weight, bias)]
+    loss, metrics = rlhf_kernels.linear_ppo_loss(leaves[0], leaves[1], to(labels), to(old), to(adv), to(mask),
+                                                 bias=leaves[2], ref_logprobs=to(ref), **kw)  # fmt: skip
+    (loss * scale).backward()
+    return loss.detach(), metrics, [None if t is None else t.grad / scale for t in leaves]
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("chunk_size", [None, 1, 5])
+@pytest.mark.parametrize("option", list(PPO_OPTIONS))
+def test_ppo_matches_reference_float64(device, backend, chunk_size, option):
+    inputs = ppo_inputs(torch.float64)
+    kw = PPO_OPTIONS[option]
+    got_loss, got_metrics, got_grads = ppo_run(*inputs, device, chunk_size=chunk_size, backend=backend, **kw)
+    want_loss, want_metrics, want_grads = ppo_oracle(*inputs, **kw)
+    torch.testing.assert_close(got_loss.cpu(), want_loss, atol=1e-10, rtol=1e-9)
+    for name, a, b in zip(got_metrics._fields, got_metrics, want_metrics, strict=True):
+        torch.testing.assert_close(a.cpu().double(), b.double(), atol=1e-10, rtol=1e-9, msg=name)
+    for name, a, b in zip(("hidden", "weight", "bias"), got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a.cpu(), b, atol=1e-10, rtol=1e-8, msg=name)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_ppo_low_precision(device, backend, dtype):
+    """bf16 / fp32 take the fused sweep, fp16 the two-pass route (a loss scale of 1024 as a
+    GradScaler would apply: no gradient entry is lost to float16's range)."""
+    inputs = ppo_inputs(dtype)
+    kw = PPO_OPTIONS["dual-k3-entropy-T"]
+    got_loss, got_metrics, got_grads = ppo_run(*inputs, device, scale=1024.0, chunk_size=7, backend=backend, **kw)
+    want_loss, want_metrics, want_grads = ppo_oracle(*inputs, **kw)
+    tol = NORM_TOL[dtype]
+    torch.testing.assert_close(got_loss.cpu().double(), want_loss, atol=tol, rtol=tol)
+    assert got_grads[0].dtype == dtype
+    for name, a, b in zip(("hidden", "weight", "bias"), got_grads, want_grads, strict=True):
+        assert_norm_close(a.cpu(), b, tol, name)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"]))
+def test_ppo_grad_modes(device, backend):
+    """No grad: the same loss and metrics without gradients; a second backward raises;
+    a frozen head gets no gradient."""
+    hidden, weight, bias, labels, old, adv, mask, ref = (None if t is None else t.to(device)
+                                                         for t in ppo_inputs(torch.float32))  # fmt: skip
+    kw = dict(ref_logprobs=ref, kl_coef=0.1, entropy_coef=0.01, backend=backend)
+    h = hidden.clone().requires_grad_(True)
+    loss, metrics = rlhf_kernels.linear_ppo_loss(h, weight, labels, old, adv, mask, bias=bias, **kw)
+    with torch.no_grad():
+        loss_ng, metrics_ng = rlhf_kernels.linear_ppo_loss(h, weight, labels, old, adv, mask, bias=bias, **kw)
+    assert not loss_ng.requires_grad
+    torch.testing.assert_close(loss_ng, loss.detach(), rtol=1e-6, atol=0)
+    loss.backward(retain_graph=True)
+    assert h.grad is not None and weight.grad is None
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+def test_ppo_bad_input():
+    hidden, weight, bias, labels, old, adv, mask, ref = ppo_inputs(torch.float32)
+    with pytest.raises(ValueError, match="hidden: expected shape"):
+        rlhf_kernels.linear_ppo_loss(hidden[0], weight, labels[0], old[0], adv[0], mask[0])
+    with pytest.raises(ValueError, match="old_logprobs"):
+        rlhf_kernels.linear_ppo_loss(hidden, weight, labels, old[:, :-1], adv, mask)
+    with pytest.raises(ValueError, match="ref_logprobs: required"):
+        rlhf_kernels.linear_ppo_loss(hidden, weight, labels, old, adv, mask, kl_coef=0.1)
+    with pytest.raises(ValueError, match="ref_logprobs: requires grad"):
+        rlhf_kernels.linear_ppo_loss(hidden.requires_grad_(True), weight, labels, old, adv, mask,
+                                     ref_logprobs=ref.requires_grad_(True), backend="native")  # fmt: skip

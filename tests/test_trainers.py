@@ -275,9 +275,11 @@ def test_pipeline_smoke(tmp_path):
     with pytest.raises(ValueError, match="ppo_rounds"):
         pipeline.PipelineConfig(ppo_rounds=0)
     report = pipeline.run(pipeline.PipelineConfig.quick(out=str(tmp_path), progress=False), log=lambda _: None)
-    assert set(report["results"]) >= {"success_sft", "rm_accuracy", "success_ppo", "success_dpo"}
+    assert set(report["results"]) >= {"success_sft", "rm_accuracy", "success_ppo", "success_dpo",
+                                      "success_sft_control"}  # fmt: skip
     for name in ("report.json", "report.md", "curves.png", "sft/metrics.jsonl", "ppo/round-0/metrics.jsonl",
-                 "ppo/round-1/metrics.jsonl", "reward-1/metrics.jsonl", "dpo/metrics.jsonl"):
+                 "ppo/round-1/metrics.jsonl", "reward-1/metrics.jsonl", "dpo/metrics.jsonl",
+                 "sft-control/metrics.jsonl"):
         assert (tmp_path / name).exists(), name
 
 

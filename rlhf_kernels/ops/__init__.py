@@ -1,6 +1,6 @@
 """Public ops, one module per op family."""
 
-from rlhf_kernels.ops.linear import linear_token_logprobs
+from rlhf_kernels.ops.linear import linear_ppo_loss, linear_token_logprobs
 from rlhf_kernels.ops.logprobs import sequence_logprobs, token_logprobs
 from rlhf_kernels.ops.ppo import (
     gae,
@@ -37,4 +37,5 @@ __all__ = [
     "ppo_value_loss",
     "kl_penalty",
     "ppo_loss_from_logits",
+    "linear_ppo_loss",
 ]

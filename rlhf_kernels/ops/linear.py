@@ -47,6 +47,7 @@ import torch
 
 from rlhf_kernels import _dispatch
 from rlhf_kernels.ops import logprobs as logprobs_ops
+from rlhf_kernels.ops import ppo as ppo_ops
 from rlhf_kernels.reference import logprobs as reference
 
 DEFAULT_CHUNK_BYTES = 256 << 20  # one chunk's logits: 256 MiB (1024 tokens of a 128256-word vocab in bf16)
@@ -116,6 +117,159 @@ def linear_token_logprobs(
     return (logprobs, entropy.reshape(lead)) if return_entropy else logprobs
 
 
+def linear_ppo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    clip_ratio: float = 0.2,
+    clip_ratio_low: float | None = None,
+    clip_ratio_high: float | None = None,
+    clip_ratio_c: float | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_kind: str = "k3",
+    entropy_coef: float = 0.0,
+    loss_agg_mode: str = "token-mean",
+    ignore_index: int = -100,
+    check_labels: bool = True,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, ppo_ops.PPOLossMetrics]:
+    r"""The PPO policy step of :func:`ppo_loss_from_logits` from hidden states and the LM head.
+
+    Same loss, options and metrics, with ``logits = hidden @ weight.T + bias`` never
+    held: ``hidden`` is ``[B, T, H]``, ``weight`` ``[V, H]``. The loss is a scalar, so its
+    gradient with respect to each chunk's logits is known in the same sweep that
+    computes them (the fused PPO kernel writes it over the chunk's logits), and is
+    multiplied into the hidden, weight and bias gradients right away: three matmuls in
+    all, no recomputation, at most one chunk of ``chunk_size x V`` logits alive. The
+    gradients (``[B, T, H]``, ``[V, H]``) are held from forward to backward, which only
+    scales them by the upstream gradient (on the device, skipped when it is 1); so
+    backward runs once. Liger-Kernel's fused linear GRPO loss works the same way.
+
+    float16 inputs that need a gradient, and the ``"torch"`` backend, take the two-pass
+    route instead: :func:`linear_token_logprobs` (log-probs and entropy, chunked and
+    recomputed in backward) and the O(B T) loss ops, as ``grad_in_forward=False`` does
+    for logits; ``ref_logprobs`` may then require grad. Autocast as in
+    :func:`linear_token_logprobs`.
+    """
+    _check_inputs(hidden, weight, bias, labels, chunk_size)
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden: expected shape [B, T, H], got {tuple(hidden.shape)}")
+    lead, vocab = tuple(hidden.shape[:2]), weight.shape[0]
+    low, high = ppo_ops._check_step_args(lead, old_logprobs, advantages, mask, ref_logprobs, kl_coef, entropy_coef,
+                                         kl_kind, loss_agg_mode, clip_ratio, clip_ratio_low, clip_ratio_high,
+                                         clip_ratio_c)  # fmt: skip
+    valid = ppo_ops._valid_tokens(mask, labels, ignore_index)
+    logprobs_ops._check_labels_and_options(labels, valid, lead, vocab, hidden.device, "hidden", temperature,
+                                           ignore_index, check_labels)  # fmt: skip
+    dtype = _compute_dtype(hidden)
+    need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    impl = _dispatch.resolve(backend, hidden.device, "ppo_logits_fused_native")
+    if impl == "torch" or (dtype == torch.float16 and need_grad):
+        logprobs, entropy = linear_token_logprobs(
+            hidden, weight, labels, valid, bias=bias, temperature=temperature, ignore_index=ignore_index,
+            return_entropy=True, chunk_size=chunk_size, check_labels=False, backend=backend,
+        )  # fmt: skip
+        return ppo_ops._loss_from_logprobs(logprobs, entropy, old_logprobs, advantages, valid, ref_logprobs,
+                                           clip_ratio, clip_ratio_low, clip_ratio_high, clip_ratio_c, kl_kind,
+                                           kl_coef, entropy_coef, loss_agg_mode, backend)  # fmt: skip
+    if ref_logprobs is not None and ref_logprobs.requires_grad and torch.is_grad_enabled():
+        raise ValueError("ref_logprobs: requires grad, but the fused step computes only the policy's gradients; "
+                         "detach it")  # fmt: skip
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    weights = ppo_ops.token_weights(valid, loss_agg_mode, acc)
+    n_valid = valid.sum().clamp(min=1).to(acc)
+    args = ppo_ops.fused_args(labels, old_logprobs, advantages, valid, ref_logprobs, weights, float(temperature),
+                              int(ignore_index), low, high, clip_ratio_c, kl_kind, float(kl_coef),
+                              float(entropy_coef), acc)  # fmt: skip
+    if chunk_size is None:
+        chunk_size = max(1, DEFAULT_CHUNK_BYTES // (vocab * dtype.itemsize))
+    n_rows = labels.numel()
+    loss, stats = _LinearPPO.apply(hidden.reshape(n_rows, hidden.shape[-1]), weight, bias, impl, dtype,
+                                   int(chunk_size), need_grad, args)  # fmt: skip
+    return loss, ppo_ops.fused_metrics(loss, stats, weights, n_valid, ref_logprobs is not None)
+
+
+class _LinearPPO(torch.autograd.Function):
+    """Chunked matmul + fused PPO sweep; the gradients are finished in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, impl, dtype, chunk_size, need_grad, args):
+        fwd, fwd_inplace = ppo_ops._FUSED_OPS[impl]
+        labels, old, adv, ref, weights, *scalars = args
+        need_hidden, need_weight, need_bias = (need_grad and n for n in ctx.needs_input_grad[:3])
+        w, b = _cast_head(weight, bias, dtype)
+        grad_hidden = hidden.new_empty(hidden.shape, dtype=dtype) if need_hidden else None
+        grad_weight = torch.zeros_like(w) if need_weight else None
+        grad_bias = torch.zeros(w.shape[0], dtype=weights.dtype, device=w.device) if need_bias else None
+        loss = torch.zeros((), dtype=weights.dtype, device=hidden.device)
+        stats = []
+        for rows, h, logits in _chunk_logits(hidden, w, b, dtype, chunk_size):
+            chunk = (labels[rows], old[rows], adv[rows], None if ref is None else ref[rows], weights[rows])
+            if need_grad:
+                part, st = fwd_inplace(logits, *chunk, *scalars)  # logits now hold dL/dlogits
+                _backprop_chunk(logits, rows, h, w, grad_hidden, grad_weight, grad_bias)
+            else:
+                part, st, _ = fwd(logits, *chunk, *scalars, False)
+            loss += part
+            stats.append(st)
+            del logits
+        stats = torch.cat(stats) if stats else weights.new_zeros((0, 7))
+        ctx.grads = (grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("linear_ppo_loss: backward ran twice (its gradients were consumed in the first)")
+        if grad_loss is None:
+            return (None,) * 8
+        out = []
+        for grad, dtype in zip(grads, ctx.dtypes, strict=True):
+            if grad is not None:
+                grad = ppo_ops._scale_unless_one(grad, grad_loss.reshape(1).to(grad.dtype)).to(dtype)
+            out.append(grad)
+        return (*out, None, None, None, None, None)
+
+
+def _cast_head(weight, bias, dtype):
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def _chunk_logits(hidden, w, b, dtype, chunk_size):
+    """Yields ``(rows, h, logits)`` chunk by chunk: ``h = hidden[rows]`` in ``dtype`` and
+    ``h @ w.T + b`` (``w``, ``b`` already in ``dtype``), with autocast off, so that every
+    pass over the chunks makes the same logits."""
+    n_rows = hidden.shape[0]
+    with torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, n_rows, chunk_size):
+            rows = slice(start, min(n_rows, start + chunk_size))
+            h = hidden[rows].to(dtype)
+            yield rows, h, torch.nn.functional.linear(h, w, b)
+
+
+def _backprop_chunk(grad_logits, rows, h, w, grad_hidden, grad_weight, grad_bias) -> None:
+    """A chunk's logits gradient G into the gradients that are wanted (the others are None):
+    ``grad_hidden[rows] = G @ w``, ``grad_weight += G.T @ h``, ``grad_bias += sum_rows G``."""
+    if grad_hidden is not None:
+        torch.mm(grad_logits, w, out=grad_hidden[rows])
+    if grad_weight is not None:
+        grad_weight.addmm_(grad_logits.t(), h)
+    if grad_bias is not None:
+        grad_bias += grad_logits.sum(0, dtype=grad_bias.dtype)
+
+
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     """The matmul dtype: autocast's where it is on for the device (as ``F.linear`` would
     use), else the inputs'."""
@@ -140,16 +294,13 @@ class _LinearLogprobs(torch.autograd.Function):
         logprobs = hidden.new_empty(n_rows, dtype=acc)
         lse = hidden.new_empty(n_rows, dtype=acc)
         entropy = hidden.new_empty(n_rows if return_entropy else 0, dtype=acc)
-        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
-        with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, n_rows, chunk_size):
-                rows = slice(start, min(n_rows, start + chunk_size))
-                logits = torch.nn.functional.linear(hidden[rows].to(dtype), w, b)
-                lp, row_lse, ent = fwd(logits, labels[rows], temperature, ignore_index, return_entropy, False)
-                logprobs[rows], lse[rows] = lp, row_lse
-                if return_entropy:
-                    entropy[rows] = ent
-                del logits
+        w, b = _cast_head(weight, bias, dtype)
+        for rows, _, logits in _chunk_logits(hidden, w, b, dtype, chunk_size):
+            lp, row_lse, ent = fwd(logits, labels[rows], temperature, ignore_index, return_entropy, False)
+            logprobs[rows], lse[rows] = lp, row_lse
+            if return_entropy:
+                entropy[rows] = ent
+            del logits
         ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
         ctx.temperature, ctx.ignore_index, ctx.return_entropy = temperature, ignore_index, return_entropy
         ctx.chunk_size, ctx.impl, ctx.dtype = chunk_size, impl, dtype
@@ -172,26 +323,17 @@ class _LinearLogprobs(torch.autograd.Function):
             grad_entropy = grad_entropy.to(lse.dtype).contiguous()
         else:
             grad_entropy = None
-        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+        w, b = _cast_head(weight, bias, dtype)
         grad_hidden = hidden.new_empty(hidden.shape, dtype=dtype) if need_hidden else None
         grad_weight = torch.zeros_like(w) if need_weight else None  # accumulated in the matmul dtype
         grad_bias = torch.zeros(weight.shape[0], dtype=lse.dtype, device=weight.device) if need_bias else None
-        n_rows = hidden.shape[0]
-        with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, n_rows, ctx.chunk_size):
-                rows = slice(start, min(n_rows, start + ctx.chunk_size))
-                h = hidden[rows].to(dtype)
-                grad_logits = torch.nn.functional.linear(h, w, b)  # the forward's logits, recomputed
-                bwd_inplace(grad_logits, grad_logprobs[rows], None if grad_entropy is None else grad_entropy[rows],
-                            labels[rows], lse[rows], entropy[rows] if ctx.return_entropy else entropy,
-                            ctx.temperature, ctx.ignore_index)  # fmt: skip
-                if need_hidden:
-                    torch.mm(grad_logits, w, out=grad_hidden[rows])
-                if need_weight:
-                    grad_weight.addmm_(grad_logits.t(), h)
-                if need_bias:
-                    grad_bias += grad_logits.sum(0, dtype=lse.dtype)
-                del grad_logits
+        # the forward's logits, recomputed, then overwritten with their gradient
+        for rows, h, grad_logits in _chunk_logits(hidden, w, b, dtype, ctx.chunk_size):
+            bwd_inplace(grad_logits, grad_logprobs[rows], None if grad_entropy is None else grad_entropy[rows],
+                        labels[rows], lse[rows], entropy[rows] if ctx.return_entropy else entropy,
+                        ctx.temperature, ctx.ignore_index)  # fmt: skip
+            _backprop_chunk(grad_logits, rows, h, w, grad_hidden, grad_weight, grad_bias)
+            del grad_logits
         grad_hidden = None if grad_hidden is None else grad_hidden.to(hidden.dtype)
         grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
         grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)

@@ -62,6 +62,9 @@ class PipelineConfig:
     dpo_rpo_alpha: float = 1.0
     dpo_loss_type: str = "sigmoid"
     dpo_learning_rate: float = 1e-4
+    # Control: the SFT model trained on for this many more SFT steps (0: skip), to tell what the RL
+    # stages add beyond more supervised training on this task.
+    sft_control_steps: int = 200
     progress: bool = True
 
     def __post_init__(self):
@@ -74,7 +77,7 @@ class PipelineConfig:
         """Seconds, for smoke tests: too short to learn much."""
         small = dict(sft_steps=20, eval_prompts=16, batch_size=8, comparison_prompts=64, samples_per_prompt=4,
                      rm_steps=10, rm_update_steps=4, ppo_steps=4, ppo_rounds=2, ppo_rollout_batch_size=8,
-                     ppo_mini_batch_size=4, ppo_epochs=1, dpo_steps=5)  # fmt: skip
+                     ppo_mini_batch_size=4, ppo_epochs=1, dpo_steps=5, sft_control_steps=5)  # fmt: skip
         return cls(**{**small, **kw})
 
 
@@ -204,6 +207,15 @@ def run(config: PipelineConfig, log=print) -> dict:
     results["success_dpo"] = success(dpo_policy)
     log(f"[pipeline] held-out exact match after DPO: {results['success_dpo']:.3f}")
 
+    if config.sft_control_steps:
+        log("[pipeline] control: the SFT model trained on with SFT")
+        control = copy.deepcopy(policy)
+        SFTTrainer(control, tokenizer, toy.sft_dataset(4000, seed=config.seed),
+                   cfg("sft-control", config.sft_control_steps, learning_rate=3e-3)).train()  # fmt: skip
+        results["success_sft_control"] = success(control)
+        log(f"[pipeline] held-out exact match after {config.sft_control_steps} more SFT steps: "
+            f"{results['success_sft_control']:.3f}")  # fmt: skip
+
     results["seconds"] = time.time() - started
     report = {"config": dataclasses.asdict(config), "results": results}
     (out / "report.json").write_text(json.dumps(report, indent=1))
@@ -219,7 +231,9 @@ def run(config: PipelineConfig, log=print) -> dict:
             f"| DPO (from SFT, {config.dpo_loss_type}, rpo_alpha={config.dpo_rpo_alpha}) | exact match | "
             f"{results['success_dpo']:.3f} |",
         ]
-    )
+        + ([f"| control: SFT continued for {config.sft_control_steps} more steps | exact match | "
+            f"{results['success_sft_control']:.3f} |"] if config.sft_control_steps else [])
+    )  # fmt: skip
     (out / "report.md").write_text(
         f"# RLHF pipeline on the sorting task\n\n{table}\n\n{results['seconds']:.0f} s in all."
         + ("\n\n![curves](curves.png)\n" if plotted else "\n")
