@@ -178,6 +178,29 @@ def test_ppo_runs_and_checkpoints(tokenizer, tmp_path):
     assert set(state["modules"]) == {"model", "value_model"} and "kl_coef" in state["extra"]
 
 
+@pytest.mark.parametrize("value_head", [False, True], ids=["value-model", "value-head"])
+def test_ppo_fused_lm_head_trains_like_logits(tokenizer, tmp_path, value_head, monkeypatch):
+    """PPO with fused_lm_head (rollout log-probs through linear_token_logprobs, the policy loss
+    through linear_ppo_loss) follows the logits path: same samples, metrics and weights."""
+    import rlhf_kernels
+
+    calls = []
+    real = rlhf_kernels.linear_ppo_loss
+    monkeypatch.setattr(rlhf_kernels, "linear_ppo_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    runs = []
+    for fused in (False, True):
+        trainer = _ppo(tokenizer, tmp_path / str(fused), value_head=value_head, max_steps=2, fused_lm_head=fused,
+                       entropy_coef=0.01)  # fmt: skip
+        runs.append((trainer.train(), trainer.model))
+    (hist_a, model_a), (hist_b, model_b) = runs
+    assert len(calls) == 2 * 2 * 2  # 2 steps x (8 prompts / mini-batches of 4) x 2 epochs
+    for a, b in zip(hist_a, hist_b, strict=True):
+        for key in ("score", "kl", "pg_loss", "entropy", "value_loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-5), key
+    for p, q in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5)
+
+
 def test_ppo_reward_rises(tokenizer, tmp_path):
     """From a briefly fine-tuned policy, PPO on the task's scorer raises the mean
     score of its samples, and the KL to the reference stays finite."""

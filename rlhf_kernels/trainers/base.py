@@ -107,31 +107,44 @@ def next_token_logprobs(model, input_ids, attention_mask, mask, *, fused_lm_head
     """``[B, T-1]`` log-probs of ``input_ids[:, 1:]`` under a causal LM (0 where ``mask[:, 1:]`` is 0).
 
     From the model's logits with :func:`rlhf_kernels.token_logprobs`, or with
-    ``fused_lm_head`` from its last hidden state and output embedding with
-    :func:`rlhf_kernels.linear_token_logprobs`, which never holds the ``[B, T, V]``
-    logits. That path still calls the model itself (so DDP's hooks run), asking for
-    hidden states and the logits of the last position only (``logits_to_keep=1``), and
-    checks once per model that those logits equal the head applied to the last hidden
-    state: models that scale or soft-cap their logits fail that check with a clear error.
+    ``fused_lm_head`` from its last hidden state and output embedding (see
+    :func:`last_hidden_and_head`) with :func:`rlhf_kernels.linear_token_logprobs`,
+    which never holds the ``[B, T, V]`` logits.
     """
     labels, mask = input_ids[:, 1:], mask[:, 1:]
     if not fused_lm_head:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         return rlhf_kernels.token_logprobs(logits[:, :-1], labels, mask, temperature=temperature, backend=backend)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1)
-    hidden, head = out.hidden_states[-1], unwrap(model).get_output_embeddings()
-    if not getattr(head, "_rlhf_fused_head_checked", False):
-        with torch.no_grad():
-            last = torch.nn.functional.linear(hidden[:, -1], head.weight, head.bias)
-            if out.logits.shape[1] != 1 or not torch.allclose(last.float(), out.logits[:, -1].float(), rtol=1e-3,
-                                                               atol=1e-3):  # fmt: skip
-                raise ValueError(
-                    "fused_lm_head: this model's logits are not its output embedding applied to its last hidden "
-                    "state (scaled or soft-capped logits, or no logits_to_keep support); use fused_lm_head=False"
-                )
-        head._rlhf_fused_head_checked = True
+    hidden, head = last_hidden_and_head(model, input_ids=input_ids, attention_mask=attention_mask)
     return rlhf_kernels.linear_token_logprobs(hidden[:, :-1], head.weight, labels, mask, bias=head.bias,
                                               temperature=temperature, backend=backend)  # fmt: skip
+
+
+def last_hidden_and_head(model, **inputs) -> tuple[torch.Tensor, torch.nn.Module]:
+    """A causal LM's last hidden state ``[B, T, H]`` and its output embedding (the LM head).
+
+    The model is called itself (so DDP's hooks run), asking for hidden states and the
+    logits of the last position only (``logits_to_keep=1``). Once per model, those logits
+    are checked against the head applied to the last hidden state: a model that scales
+    or soft-caps its logits, or cannot skip them, fails with a clear error.
+    """
+    out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+    hidden, head = out.hidden_states[-1], unwrap(model).get_output_embeddings()
+    if not getattr(head, "_rlhf_fused_head_checked", False):
+        config = getattr(unwrap(model), "config", None)
+        scaled = [n for n in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+                  if getattr(config, n, None) not in (None, 1, 1.0)]  # fmt: skip
+        with torch.no_grad():  # 1% tolerance: under bf16 autocast the two products may round differently
+            last = torch.nn.functional.linear(hidden[:, -1], head.weight, head.bias).float()
+            want = out.logits[:, -1].float()
+            same = out.logits.shape[1] == 1 and torch.allclose(last, want, rtol=1e-2, atol=1e-2 * want.abs().max())
+        if scaled or not same:
+            raise ValueError(
+                "fused_lm_head: this model's logits are not its output embedding applied to its last hidden state "
+                f"({', '.join(scaled) or 'they differ, or logits_to_keep is not supported'}); use fused_lm_head=False"
+            )
+        head._rlhf_fused_head_checked = True
+    return hidden, head
 
 
 class Trainer:

@@ -9,7 +9,8 @@ mini-batches:
 3. per-token rewards ``-kl_coef * KL_t`` plus the score on the last response
    token; ``gae`` gives advantages and returns, whitened over the response;
 4. clipped surrogate from the logits (``ppo_loss_from_logits``, entropy bonus
-   optional) plus ``vf_coef`` times the clipped value loss;
+   optional; with ``fused_lm_head``, ``linear_ppo_loss`` from the last hidden
+   state, never holding the logits) plus ``vf_coef`` times the clipped value loss;
 5. with ``kl_target`` the KL coefficient adapts (Ziegler et al.'s controller).
 """
 
@@ -22,7 +23,7 @@ from collections.abc import Callable
 import torch
 
 import rlhf_kernels
-from rlhf_kernels.trainers.base import Trainer, TrainerConfig, unwrap
+from rlhf_kernels.trainers.base import Trainer, TrainerConfig, last_hidden_and_head, unwrap
 from rlhf_kernels.trainers.sampling import encode_prompts
 
 
@@ -137,16 +138,33 @@ class PPOTrainer(Trainer):
         return out.logits[:, prompt_width - 1 : -1]
 
     def _policy_and_values(self, sequences, attention, width):
-        """Response logits of the policy and the critic's values: one forward with a value
-        head, two with a separate value model."""
+        """The policy's response logits, or with ``fused_lm_head`` its response hidden states
+        and LM head (``(x, head)``, head None for logits), and the critic's values: one forward
+        with a value head, two with a separate value model."""
+        fused = self.config.fused_lm_head
+        inputs = dict(input_ids=sequences, attention_mask=attention, position_ids=self._positions(attention))
         if self.value_head is None:
-            return self._response_logits(self.model, sequences, attention, width), self._values(
-                sequences, attention, width
-            )
-        out = self.model(input_ids=sequences, attention_mask=attention, position_ids=self._positions(attention),
-                         output_hidden_states=True)  # fmt: skip
-        values = self.value_head(out.hidden_states[-1][:, width - 1 : -1])
-        return out.logits[:, width - 1 : -1], values.float()
+            values = self._values(sequences, attention, width)
+            if fused:
+                hidden, head = last_hidden_and_head(self.model, **inputs)
+                return (hidden[:, width - 1 : -1], head), values
+            return (self._response_logits(self.model, sequences, attention, width), None), values
+        if fused:
+            hidden, head = last_hidden_and_head(self.model, **inputs)
+            x = hidden[:, width - 1 : -1]
+        else:
+            out = self.model(**inputs, output_hidden_states=True)
+            hidden, head, x = out.hidden_states[-1], None, out.logits[:, width - 1 : -1]
+        return (x, head), self.value_head(hidden[:, width - 1 : -1]).float()
+
+    def _logprobs(self, x, head, response, mask):
+        """Log-probs of the sampled tokens under logits / temperature, as generate sampled them."""
+        cfg = self.config
+        if head is None:
+            return rlhf_kernels.token_logprobs(x.float(), response, mask, temperature=cfg.temperature,
+                                               backend=cfg.backend)  # fmt: skip
+        return rlhf_kernels.linear_token_logprobs(x, head.weight, response, mask, bias=head.bias,
+                                                  temperature=cfg.temperature, backend=cfg.backend)  # fmt: skip
 
     @torch.no_grad()
     def rollout(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -167,14 +185,15 @@ class PPOTrainer(Trainer):
         attention = torch.cat([prompt_attention, response_mask.long()], dim=1)
         sequences = torch.cat([prompt_ids, torch.where(response_mask, response, tok.pad_token_id)], dim=1)
 
-        old_logits, values = self._policy_and_values(sequences, attention, width)
-        old_logits = old_logits.float()
-        # the log-probs of the distribution that was sampled: logits / temperature, as generate used
-        old_logprobs = rlhf_kernels.token_logprobs(old_logits, response, response_mask, temperature=cfg.temperature,
-                                                   backend=cfg.backend)  # fmt: skip
-        ref_logits = self._response_logits(self.ref_model, sequences, attention, width).float()
-        ref_logprobs = rlhf_kernels.token_logprobs(ref_logits, response, response_mask, temperature=cfg.temperature,
-                                                   backend=cfg.backend)  # fmt: skip
+        (x, head), values = self._policy_and_values(sequences, attention, width)
+        old_logprobs = self._logprobs(x, head, response, response_mask)
+        if cfg.fused_lm_head:
+            ref_hidden, ref_head = last_hidden_and_head(self.ref_model, input_ids=sequences, attention_mask=attention,
+                                                        position_ids=self._positions(attention))  # fmt: skip
+            ref_logprobs = self._logprobs(ref_hidden[:, width - 1 : -1], ref_head, response, response_mask)
+        else:
+            ref_logits = self._response_logits(self.ref_model, sequences, attention, width)
+            ref_logprobs = self._logprobs(ref_logits, None, response, response_mask)
 
         texts = tok.batch_decode(torch.where(response_mask, response, tok.pad_token_id), skip_special_tokens=True)
         scores = self._scores(prompts, texts).to(self.device)
@@ -231,13 +250,16 @@ class PPOTrainer(Trainer):
             for start in range(0, len(prompts), mini_batch):
                 idx = order[start : start + mini_batch]
                 with self.autocast():
-                    logits, values = self._policy_and_values(batch["sequences"][idx], batch["attention"][idx], width)
+                    (x, head), values = self._policy_and_values(batch["sequences"][idx], batch["attention"][idx],
+                                                                width)  # fmt: skip
                     mask = batch["response_mask"][idx]
-                    pg_loss, m = rlhf_kernels.ppo_loss_from_logits(
-                        logits, batch["response"][idx], batch["old_logprobs"][idx], batch["advantages"][idx], mask,
-                        temperature=cfg.temperature, clip_ratio=cfg.clip_ratio, entropy_coef=cfg.entropy_coef,
-                        backend=cfg.backend,
-                    )  # fmt: skip
+                    step = dict(temperature=cfg.temperature, clip_ratio=cfg.clip_ratio, entropy_coef=cfg.entropy_coef,
+                                backend=cfg.backend)  # fmt: skip
+                    per_token = (batch["response"][idx], batch["old_logprobs"][idx], batch["advantages"][idx], mask)
+                    if head is None:
+                        pg_loss, m = rlhf_kernels.ppo_loss_from_logits(x, *per_token, **step)
+                    else:  # from the hidden states: the [B, T, V] logits are never held
+                        pg_loss, m = rlhf_kernels.linear_ppo_loss(x, head.weight, *per_token, bias=head.bias, **step)
                     vf = rlhf_kernels.ppo_value_loss(
                         values, batch["values"][idx], batch["returns"][idx], mask,
                         clip_range_value=cfg.clip_range_value, backend=cfg.backend,

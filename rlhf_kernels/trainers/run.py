@@ -54,7 +54,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when there is a GPU), cpu or cuda")
     parser.add_argument("--backend", default="auto", help="rlhf_kernels backend for the ops")
     parser.add_argument("--fused-lm-head", action="store_true",
-                        help="sft/dpo: log-probs from the last hidden state and the LM head (linear_token_logprobs), "
+                        help="sft/dpo/ppo: log-probs and the PPO loss from the last hidden state and the LM head, "
                         "never holding [B, T, V] logits")  # fmt: skip
     parser.add_argument("--beta", type=float, default=0.1, help="dpo: beta")
     parser.add_argument("--loss-type", default="sigmoid", help="dpo: loss type")
