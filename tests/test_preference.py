@@ -356,6 +356,16 @@ def test_empty_batch_with_many_programs_enabled(monkeypatch, device, backend):
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"], native_op=NATIVE_OP))
+def test_empty_bco_pair_with_given_delta(device, backend):
+    """An empty batch stores metrics[7] = 0 on every kernel backend, also with bco_delta given."""
+    empty = torch.zeros(0, device=device)
+    op = getattr(torch.ops.rlhf_kernels, f"preference_fwd_{backend}")
+    args = (empty, empty, empty, empty, None, None, 0.2, 0.0, 0.0, 0.0, 0.05, 0.7, False, 1.0, True)
+    metrics = op("bco_pair", *args)[3]
+    assert metrics.shape == (8,) and (metrics == 0).all()
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"], native_op=NATIVE_OP))
 @pytest.mark.parametrize("n", [16385, 40000])
 @pytest.mark.parametrize("loss_type", ["sigmoid", "bco_pair", "orpo"])
 def test_above_multi_threshold_default_chunks(device, backend, n, loss_type):

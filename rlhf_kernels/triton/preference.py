@@ -324,8 +324,8 @@ def _pref_fwd_kernel(
     tl.store(metrics_ptr + 4, tl.sum(acc4, axis=0) * inv_n)
     tl.store(metrics_ptr + 5, tl.sum(acc5, axis=0) * inv_n)
     tl.store(metrics_ptr + 6, tl.sum(acc6, axis=0) * inv_n)
-    if LOSS == 5:
-        tl.store(metrics_ptr + 7, delta)
+    if LOSS == 5:  # the delta used, 0 for an empty batch (as the CPU and CUDA kernels)
+        tl.store(metrics_ptr + 7, tl.where(n > 0, delta, 0.0).to(acc_ty))
     else:
         tl.store(metrics_ptr + 7, tl.zeros((), acc_ty))
 
