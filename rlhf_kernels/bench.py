@@ -4,15 +4,18 @@
 Times are medians over repeated runs with the 25th-75th percentile spread;
 memory is the peak extra memory of the measured step (CUDA: the rise of
 ``max_memory_allocated``; CPU: the peak of the allocations the profiler sees)
-and the bytes autograd saves for backward besides the logits; on CUDA the
-achieved bandwidth is reported against the card's peak.
+and the bytes a forward leaves allocated for its backward; on CUDA the achieved
+bandwidth (or, for matmul-bound ops, TFLOP/s over a whole forward + backward) is
+reported against the card's peak.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -36,6 +39,7 @@ PEAK_TBPS = {
     "A100 80GB PCIe": 1.935,
     "A100": 1.555,
     "L40S": 0.864,
+    "L40": 0.864,
     "L4": 0.3,
     "RTX 4090": 1.008,
 }
@@ -51,6 +55,7 @@ PEAK_TFLOPS = {
     "H100": 989.0,
     "A100": 312.0,
     "L40S": 362.0,
+    "L40": 181.0,
     "L4": 121.0,
     "RTX 4090": 165.0,
 }
@@ -87,7 +92,7 @@ class Result:
     min_ms: float
     runs: int
     peak_mem_mb: float | None
-    saved_mb: float | None
+    saved_mb: float | None  # held from forward to backward (see _held_bytes)
     bytes_moved: int
     tbps: float | None = None
     frac_peak: float | None = None  # of the card's peak bandwidth, or of its peak TFLOP/s for matmul-bound ops
@@ -241,8 +246,12 @@ def _fused_linear_baselines(device: torch.device) -> dict[str, Callable]:
     try:
         from cut_cross_entropy import linear_cross_entropy
 
-        provs["cut_cross_entropy"] = lambda i: -linear_cross_entropy(i["hidden"], i["weight"], i["labels"],
-                                                                     reduction="none")  # fmt: skip
+        # its default filters small gradient entries (an approximation); filter_eps=None is exact
+        def cce(i, **kw):
+            return -linear_cross_entropy(i["hidden"], i["weight"], i["labels"], reduction="none", **kw)
+
+        provs["cut_cross_entropy"] = cce
+        provs["cut_cross_entropy[exact]"] = functools.partial(cce, filter_eps=None)
     except ImportError:
         pass
     return provs
@@ -621,20 +630,29 @@ def _peak_bytes(fn: Callable[[], object], setup: Callable[[], object], device) -
     return peak
 
 
-def _saved_bytes(fn: Callable, inputs: dict[str, torch.Tensor]) -> int:
-    """Bytes autograd keeps for backward, not counting the inputs themselves."""
-    own = {t.untyped_storage().data_ptr() for t in inputs.values()}
-    total = 0
+def _held_bytes(fn: Callable, inputs: dict[str, torch.Tensor], device) -> int:
+    """Bytes a forward leaves allocated for its backward: everything it allocated that is
+    still alive when it returns (the output, the tensors autograd saved, and anything an op
+    keeps on its own, such as the gradients a fused op computes in forward).
 
-    def pack(t):
-        nonlocal total
-        if t.untyped_storage().data_ptr() not in own:
-            total += t.numel() * t.element_size()
-        return t
+    CUDA: the rise of ``memory_allocated``. CPU: the net of the profiler's allocation
+    and free events during the call.
+    """
+    _sync(device)
+    if device.type == "cuda":
+        before = torch.cuda.memory_allocated(device)
+        out = fn(inputs)
+        _sync(device)
+        held = torch.cuda.memory_allocated(device) - before
+        del out
+        return held
+    from torch.profiler import ProfilerActivity, profile
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(inputs)
-    return total
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn(inputs)
+    held = sum(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    del out
+    return held
 
 
 @dataclasses.dataclass
@@ -701,7 +719,7 @@ def bench_problem(problem: Problem, device: torch.device, *, include=None, warmu
             times = _time(case.step, case.setup, device, warmup=warmup, repeat=repeat, budget_s=budget_s)
             saved = None
             if case.mode == "fwd+bwd":
-                saved = _saved_bytes(problem.providers[case.provider], case.setup())
+                saved = _held_bytes(problem.providers[case.provider], case.setup(), device)
         except Exception as exc:  # report, keep benchmarking the others
             log(f"  {label} failed: {type(exc).__name__}: {exc}")
             results.append(Result(provider=case.provider, mode=case.mode, median_ms=math.nan, p25_ms=math.nan,
@@ -713,7 +731,8 @@ def bench_problem(problem: Problem, device: torch.device, *, include=None, warmu
         tbps = nbytes / (med * 1e-3) / 1e12 if device.type == "cuda" and nbytes else None
         frac = (tbps / peak) if (tbps and peak) else None
         tflops = None
-        if problem.flops:
+        if problem.flops and case.mode == "fwd+bwd":
+            # whole steps only: fused providers move the gradient matmuls into their forward
             tflops = problem.flops[case.mode] / (med * 1e-3) / 1e12
             frac = tflops / peak_flops if (device.type == "cuda" and peak_flops) else None
         results.append(Result(provider=case.provider, mode=case.mode, median_ms=med, p25_ms=q[0], p75_ms=q[2],
@@ -801,7 +820,7 @@ def _mib(v: float | None) -> str:
 def format_table(results: list[Result]) -> str:
     head = (
         f"{'op':>15} {'shape':>18} {'dtype':>8} {'mode':>7} {'provider':>24} {'median ms':>10} {'p25-p75 ms':>17} "
-        f"{'peak MiB':>9} {'saved MiB':>9} {'TB/s':>6} {'TFLOP/s':>7} {'%peak':>6} {'vs base':>8}"
+        f"{'peak MiB':>9} {'held MiB':>9} {'TB/s':>6} {'TFLOP/s':>7} {'%peak':>6} {'vs base':>8}"
     )
     lines = [head, "-" * len(head)]
     eager = {(r.op, r.shape, r.dtype, r.mode): r.median_ms for r in results if r.provider == r.baseline}
@@ -907,9 +926,12 @@ def run(
         # Rewritten after every problem, so a run cut short (a time limit on a lent
         # GPU) still leaves every timing it finished on disk.
         payload = {"environment": env, "complete": complete, "results": [dataclasses.asdict(r) for r in results]}
-        base.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str))
         table = format_table(results)
-        base.with_suffix(".txt").write_text(table + "\n" + ("" if complete else "(incomplete run)\n"))
+        for suffix, text in ((".json", json.dumps(payload, indent=1, default=str)),
+                             (".txt", table + "\n" + ("" if complete else "(incomplete run)\n"))):  # fmt: skip
+            tmp = base.with_suffix(suffix + ".tmp")  # a kill mid-write leaves the last complete file
+            tmp.write_text(text)
+            os.replace(tmp, base.with_suffix(suffix))
         return table
 
     results: list[Result] = []

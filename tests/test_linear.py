@@ -217,6 +217,11 @@ def test_autocast(device, backend):
     for name, a, b in zip(("logprobs", "hidden", "weight", "bias"), (got[0], *got[2]), (want[0], *want[2]),
                           strict=True):  # fmt: skip
         assert_norm_close(a.cpu(), b, NORM_TOL[torch.bfloat16], name)
+    # bf16 hidden states (a layer's autocast output) with the float32 head, as F.linear accepts them
+    with torch.autocast(device, dtype=torch.bfloat16):
+        mixed = run(*map(to, (rounded[0], weight, bias, labels, mask)), chunk_size=4, backend=backend)
+    assert mixed[2][0].dtype == torch.bfloat16
+    assert_norm_close(mixed[0].cpu(), want[0], NORM_TOL[torch.bfloat16], "logprobs, bf16 hidden")
 
 
 # --- linear_ppo_loss ---------------------------------------------------------------------------
@@ -324,3 +329,17 @@ def test_ppo_bad_input():
     with pytest.raises(ValueError, match="ref_logprobs: requires grad"):
         rlhf_kernels.linear_ppo_loss(hidden.requires_grad_(True), weight, labels, old, adv, mask,
                                      ref_logprobs=ref.requires_grad_(True), backend="native")  # fmt: skip
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"]))
+def test_weight_gradient_precision_does_not_grow_with_chunks(device, backend):
+    """bf16: the weight gradient summed over 128 chunks is as accurate as over one (the sum
+    is kept in float32, not rounded to bf16 per chunk)."""
+    hidden, weight, _, labels, mask = make_inputs((16, 64), 32, 256, torch.bfloat16, scale=3.0)
+    hidden, weight, labels, mask = (t.to(device) for t in (hidden, weight, labels, mask))
+    want = oracle(*[t.cpu() for t in (hidden, weight)], None, labels.cpu(), mask.cpu())[2][1]
+    errors = []
+    for chunk_size in (labels.numel(), 8):
+        got = run(hidden, weight, None, labels, mask, chunk_size=chunk_size, backend=backend)[2][1]
+        errors.append(float((got.cpu().double() - want).norm() / want.norm()))
+    assert errors[1] < 1.25 * errors[0], errors

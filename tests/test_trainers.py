@@ -95,20 +95,41 @@ def test_fused_lm_head_trains_like_logits(tokenizer, tmp_path, trainer, monkeypa
         torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5)
 
 
-def test_fused_lm_head_refuses_scaled_logits(tokenizer):
+def test_fused_lm_head_refuses_what_it_cannot_reproduce(tokenizer):
+    """fused_lm_head matches the logits path on a plain model, and refuses a head with a hook
+    (or an adapter), a config that soft-caps logits, and logits the head does not reproduce."""
     from rlhf_kernels.trainers.base import next_token_logprobs
 
-    model = toy.build_model(tokenizer, seed=7)
+    def fresh():
+        return toy.build_model(tokenizer, seed=7)
+
     ids = torch.randint(0, len(tokenizer), (2, 6))
     ones = torch.ones_like(ids)
-    head = model.get_output_embeddings()
+    model = fresh()
     got = next_token_logprobs(model, ids, ones, ones, fused_lm_head=True)
-    want = next_token_logprobs(model, ids, ones, ones)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    head._rlhf_fused_head_checked = False
-    head.register_forward_hook(lambda module, args, out: out * 0.5)  # logits no longer head(hidden)
-    with pytest.raises(ValueError, match="fused_lm_head"):
-        next_token_logprobs(model, ids, ones, ones, fused_lm_head=True)
+    torch.testing.assert_close(got, next_token_logprobs(model, ids, ones, ones), rtol=1e-4, atol=1e-5)
+
+    hooked = fresh()
+    hooked.get_output_embeddings().register_forward_hook(lambda module, args, out: out * 0.5)
+    with pytest.raises(ValueError, match="fused_lm_head: the output embedding is not a plain nn.Linear"):
+        next_token_logprobs(hooked, ids, ones, ones, fused_lm_head=True)
+
+    capped = fresh()
+    capped.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        next_token_logprobs(capped, ids, ones, ones, fused_lm_head=True)
+
+    scaled = fresh()
+
+    class Scaled(type(scaled)):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 0.5
+            return out
+
+    scaled.__class__ = Scaled
+    with pytest.raises(ValueError, match="they differ"):
+        next_token_logprobs(scaled, ids, ones, ones, fused_lm_head=True)
 
 
 def test_resume_continues_exactly(tokenizer, tmp_path):

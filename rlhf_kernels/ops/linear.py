@@ -34,14 +34,16 @@ to a reference) gets the same memory profile.
 
 The matmuls run in the inputs' dtype, or in autocast's where autocast is on (as
 ``F.linear`` would), with the forward's choice reused by the recomputation in
-backward. The weight gradient is accumulated chunk by chunk in that dtype (one
-rounding per chunk for bfloat16 / float16; each chunk's product accumulates in
-float32 inside the matmul) and returned in the weight's dtype.
+backward. For bfloat16 / float16 matmuls the weight gradient is accumulated over the
+chunks in float32 (a ``[V, H]`` float32 buffer while the gradient is built; on CUDA
+each chunk's product is added in place by ``addmm(out_dtype=float32)``, elsewhere
+rounded once to 16 bits first) and returned in the weight's dtype.
 """
 
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import torch
 
@@ -99,6 +101,7 @@ def linear_token_logprobs(
                                            ignore_index, check_labels)  # fmt: skip
     impl = _dispatch.resolve(backend, hidden.device, "token_logprobs_fwd_native")
     if impl == "torch":
+        _warn_unfused(backend)
         logits = torch.nn.functional.linear(hidden, weight, bias)
         return reference.token_logprobs(logits, labels, mask, temperature=float(temperature),
                                          ignore_index=int(ignore_index), return_entropy=return_entropy)  # fmt: skip
@@ -172,6 +175,8 @@ def linear_ppo_loss(
     dtype = _compute_dtype(hidden)
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     impl = _dispatch.resolve(backend, hidden.device, "ppo_logits_fused_native")
+    if impl == "torch":
+        _warn_unfused(backend)
     if impl == "torch" or (dtype == torch.float16 and need_grad):
         logprobs, entropy = linear_token_logprobs(
             hidden, weight, labels, valid, bias=bias, temperature=temperature, ignore_index=ignore_index,
@@ -207,7 +212,7 @@ class _LinearPPO(torch.autograd.Function):
         need_hidden, need_weight, need_bias = (need_grad and n for n in ctx.needs_input_grad[:3])
         w, b = _cast_head(weight, bias, dtype)
         grad_hidden = hidden.new_empty(hidden.shape, dtype=dtype) if need_hidden else None
-        grad_weight = torch.zeros_like(w) if need_weight else None
+        grad_weight = _weight_grad_buffer(w) if need_weight else None
         grad_bias = torch.zeros(w.shape[0], dtype=weights.dtype, device=w.device) if need_bias else None
         loss = torch.zeros((), dtype=weights.dtype, device=hidden.device)
         stats = []
@@ -222,24 +227,24 @@ class _LinearPPO(torch.autograd.Function):
             stats.append(st)
             del logits
         stats = torch.cat(stats) if stats else weights.new_zeros((0, 7))
-        ctx.grads = (grad_hidden, grad_weight, grad_bias)
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        # held until backward in the inputs' dtypes: the float32 weight accumulator is not kept
+        ctx.grads = tuple(None if g is None else g.to(t.dtype)
+                          for g, t in zip((grad_hidden, grad_weight, grad_bias), (hidden, weight, bias), strict=True))
         ctx.mark_non_differentiable(stats)
         ctx.set_materialize_grads(False)
         return loss, stats
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_stats):
         grads, ctx.grads = ctx.grads, None
         if grads is None:
             raise RuntimeError("linear_ppo_loss: backward ran twice (its gradients were consumed in the first)")
         if grad_loss is None:
             return (None,) * 8
-        out = []
-        for grad, dtype in zip(grads, ctx.dtypes, strict=True):
-            if grad is not None:
-                grad = ppo_ops._scale_unless_one(grad, grad_loss.reshape(1).to(grad.dtype)).to(dtype)
-            out.append(grad)
+        # the upstream scalar stays float32 (not rounded to a 16-bit gradient's dtype)
+        scale = grad_loss.reshape(1).float()
+        out = [None if grad is None else ppo_ops._scale_unless_one(grad, scale) for grad in grads]
         return (*out, None, None, None, None, None)
 
 
@@ -259,24 +264,58 @@ def _chunk_logits(hidden, w, b, dtype, chunk_size):
             yield rows, h, torch.nn.functional.linear(h, w, b)
 
 
+def _weight_grad_buffer(w: torch.Tensor) -> torch.Tensor:
+    """The weight gradient's accumulator: float32 for 16-bit matmuls, so that its rounding
+    does not grow with the number of chunks (a 16-bit sum rounded per chunk did)."""
+    return torch.zeros(w.shape, dtype=torch.float32 if w.dtype in (torch.bfloat16, torch.float16) else w.dtype,
+                       device=w.device)  # fmt: skip
+
+
+def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` possibly float32 and ``a``, ``b`` 16-bit: CUDA's addmm with
+    out_dtype accumulates in place; elsewhere the 16-bit product (rounded once) is added."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda and _ADDMM_OUT_DTYPE[0]:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        except (RuntimeError, TypeError):  # an older torch: remember, and use the fallback
+            _ADDMM_OUT_DTYPE[0] = False
+            acc.add_(a @ b)
+    else:
+        acc.add_(a @ b)
+
+
+_ADDMM_OUT_DTYPE = [True]
+
+
 def _backprop_chunk(grad_logits, rows, h, w, grad_hidden, grad_weight, grad_bias) -> None:
     """A chunk's logits gradient G into the gradients that are wanted (the others are None):
     ``grad_hidden[rows] = G @ w``, ``grad_weight += G.T @ h``, ``grad_bias += sum_rows G``."""
     if grad_hidden is not None:
         torch.mm(grad_logits, w, out=grad_hidden[rows])
     if grad_weight is not None:
-        grad_weight.addmm_(grad_logits.t(), h)
+        _accumulate_product(grad_weight, grad_logits.t(), h)
     if grad_bias is not None:
         grad_bias += grad_logits.sum(0, dtype=grad_bias.dtype)
+
+
+def _warn_unfused(backend: str) -> None:
+    if backend == "auto":  # asked for "torch" explicitly: the oracle, no surprise
+        warnings.warn("rlhf_kernels: no kernel backend here (no native extension, no Triton on this device): the "
+                      "fused-linear ops fall back to the torch composition, which builds the [N, V] logits",
+                      RuntimeWarning, stacklevel=3)  # fmt: skip
+
+
+def _autocast_on(hidden: torch.Tensor) -> bool:
+    device = hidden.device.type
+    return device in ("cpu", "cuda") and torch.is_autocast_enabled(device) and hidden.dtype != torch.float64
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     """The matmul dtype: autocast's where it is on for the device (as ``F.linear`` would
     use), else the inputs'."""
-    device = hidden.device.type
-    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device) and hidden.dtype != torch.float64:
-        return torch.get_autocast_dtype(device)
-    return hidden.dtype
+    return torch.get_autocast_dtype(hidden.device.type) if _autocast_on(hidden) else hidden.dtype
 
 
 class _LinearLogprobs(torch.autograd.Function):
@@ -309,6 +348,7 @@ class _LinearLogprobs(torch.autograd.Function):
         return logprobs, entropy
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logprobs, grad_entropy):
         hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
@@ -325,7 +365,7 @@ class _LinearLogprobs(torch.autograd.Function):
             grad_entropy = None
         w, b = _cast_head(weight, bias, dtype)
         grad_hidden = hidden.new_empty(hidden.shape, dtype=dtype) if need_hidden else None
-        grad_weight = torch.zeros_like(w) if need_weight else None  # accumulated in the matmul dtype
+        grad_weight = _weight_grad_buffer(w) if need_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=lse.dtype, device=weight.device) if need_bias else None
         # the forward's logits, recomputed, then overwritten with their gradient
         for rows, h, grad_logits in _chunk_logits(hidden, w, b, dtype, ctx.chunk_size):
@@ -356,7 +396,7 @@ def _check_inputs(hidden, weight, bias, labels, chunk_size) -> None:
         )
     if weight.shape[0] == 0:
         raise ValueError("weight: the vocab (first) dim is empty")
-    if weight.dtype != hidden.dtype and _compute_dtype(hidden) == hidden.dtype:  # autocast casts both
+    if weight.dtype != hidden.dtype and not _autocast_on(hidden):  # autocast casts both
         raise TypeError(f"weight: dtype {weight.dtype} differs from hidden's {hidden.dtype}")
     if weight.device != hidden.device:
         raise ValueError(f"weight: on device {weight.device}, but hidden is on {hidden.device}")

@@ -43,8 +43,9 @@ on the triton and native backends (csrc/preference.h has the table with the
 derivatives); the ``torch`` backend (rlhf_kernels.reference.preference) writes
 each formula as above. On a GPU the forward is one program up to 16384 pairs;
 above, fixed 2048-pair chunks run in parallel and one more program sums their
-metric partials in a fixed order (no atomics: the same bits on every run and
-GPU for a given batch size, though not the same bits as the one-program sums).
+metric partials in a fixed order (no atomics: the same bits on every run for a
+given batch size and device, though not the same bits as the one-program sums; the
+Triton and CUDA kernels round their partials differently).
 """
 
 from __future__ import annotations

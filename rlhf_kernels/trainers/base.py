@@ -123,15 +123,38 @@ def next_token_logprobs(model, input_ids, attention_mask, mask, *, fused_lm_head
 def last_hidden_and_head(model, **inputs) -> tuple[torch.Tensor, torch.nn.Module]:
     """A causal LM's last hidden state ``[B, T, H]`` and its output embedding (the LM head).
 
-    The model is called itself (so DDP's hooks run), asking for hidden states and the
-    logits of the last position only (``logits_to_keep=1``). Once per model, those logits
-    are checked against the head applied to the last hidden state: a model that scales
-    or soft-caps its logits, or cannot skip them, fails with a clear error.
+    The model is called itself (so DDP's hooks run) with ``logits_to_keep=1``, so that it
+    computes the logits of the last position only, and a forward hook on its decoder
+    keeps the decoder's output (the final-normed hidden state): no other layer's output
+    is kept alive, unlike ``output_hidden_states`` (the fallback for models without
+    ``get_decoder``). The head must be a plain ``nn.Linear`` without hooks (an adapter
+    such as LoRA on it would be bypassed), and once per model the last position's logits
+    are checked against it: a model that scales or soft-caps its logits, or cannot skip
+    them, fails with a clear error.
     """
-    out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
-    hidden, head = out.hidden_states[-1], unwrap(model).get_output_embeddings()
+    inner = unwrap(model)
+    head = inner.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head._forward_hooks or head._forward_pre_hooks:
+        raise ValueError("fused_lm_head: the output embedding is not a plain nn.Linear (an adapter or a hook "
+                         f"changes its output: {type(head).__name__}); use fused_lm_head=False")  # fmt: skip
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    captured = []
+    if decoder is not None and decoder is not inner:
+        handle = decoder.register_forward_hook(
+            lambda module, args, out: captured.append(out.last_hidden_state if hasattr(out, "last_hidden_state")
+                                                      else out[0])  # fmt: skip
+        )
+        try:
+            out = model(**inputs, logits_to_keep=1)
+        finally:
+            handle.remove()
+    if len(captured) == 1:
+        hidden = captured[0]
+    else:
+        out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+        hidden = out.hidden_states[-1]
     if not getattr(head, "_rlhf_fused_head_checked", False):
-        config = getattr(unwrap(model), "config", None)
+        config = getattr(inner, "config", None)
         scaled = [n for n in ("final_logit_softcapping", "logit_scale", "logits_scaling")
                   if getattr(config, n, None) not in (None, 1, 1.0)]  # fmt: skip
         with torch.no_grad():  # 1% tolerance: under bf16 autocast the two products may round differently
