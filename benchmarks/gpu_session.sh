@@ -10,6 +10,10 @@
 # there), benchmarks under BENCH_LIMIT (default 270 s). The benchmark driver rewrites
 # its JSON and table after every problem, so a cut-short run still returns what it
 # timed. Use OPS="gae ppo_step" (bench.OPS names) to benchmark a subset.
+#
+# Baselines that the machine lacks travel as wheels in .whl/ (ignored by git; name it in
+# the device call's carry): `pip download --no-deps -d .whl liger-kernel cut-cross-entropy`
+# (both pure Python); they are installed into /tmp/site here.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu-session}
 PY=${PYTHON:-python3}
@@ -19,6 +23,11 @@ export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 
 has() { [[ " $PHASES " == *" $1 "* ]]; }
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/session.log"; }
 
 {
