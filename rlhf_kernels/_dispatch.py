@@ -84,3 +84,34 @@ def kernel_ops(*names: str) -> dict[str, tuple]:
         if all(op is not None for op in ops):
             found[backend] = tuple(op.default for op in ops)
     return found
+
+
+# --- autograd: one registration, two entry points -----------------------------------
+# torch.library's autograd wrapper re-reads the op's schema on every differentiable call
+# (torch._library.utils.fill_defaults rebuilds the argument list once per argument:
+# 20-60 us a call for these schemas, more than the kernels of a small batch). Eager
+# calls go through an equivalent autograd.Function instead; traced calls
+# (torch.compile) and calls without grad go through the registered op.
+_EAGER: dict = {}
+
+
+def register_autograd(op, backward, setup_context) -> None:
+    """``torch.library.register_autograd(op, backward, setup_context=...)``, plus the
+    same formula as an autograd.Function that :func:`call` uses in eager mode."""
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+    def forward(ctx, *args):
+        output = op(*args)  # grad mode is off in here: the op's own wrapper takes its no-grad path
+        setup_context(ctx, args, output)
+        return output
+
+    _EAGER[op] = type(f"{op.__name__}_eager", (torch.autograd.Function,),
+                      {"forward": staticmethod(forward), "backward": staticmethod(backward)})  # fmt: skip
+
+
+def call(op, *args):
+    """Run a kernel op with its autograd formula: all arguments positional."""
+    eager = _EAGER.get(op)
+    if eager is None or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return op(*args)
+    return eager.apply(*args)

@@ -109,8 +109,8 @@ def token_logprobs(
         # rows that share memory (e.g. an expand) cannot each receive their own gradient in place
         inplace_backward = False
     fwd = _FWD_OPS[impl]
-    logprobs, _, entropy = fwd(
-        logits, labels, float(temperature), int(ignore_index), bool(return_entropy), bool(inplace_backward)
+    logprobs, _, entropy = _dispatch.call(
+        fwd, logits, labels, float(temperature), int(ignore_index), bool(return_entropy), bool(inplace_backward)
     )
     return (logprobs, entropy) if return_entropy else logprobs
 
@@ -164,7 +164,8 @@ def sequence_logprobs(
     labels = labels.long()
     if mask is not None:
         labels = labels.masked_fill(mask == 0, ignore_index)
-    total, _, _ = _SEQ_FWD_OPS[impl](logits, labels, float(temperature), int(ignore_index), bool(average))
+    total, _, _ = _dispatch.call(_SEQ_FWD_OPS[impl], logits, labels, float(temperature), int(ignore_index),
+                                 bool(average))  # fmt: skip
     return total
 
 
@@ -345,7 +346,7 @@ def _make_backward(bwd, bwd_inplace):
 
 
 for _fwd, _bwd, _bwd_inplace in _OPS.values():
-    torch.library.register_autograd(_fwd, _make_backward(_bwd, _bwd_inplace), setup_context=_setup_context)
+    _dispatch.register_autograd(_fwd, _make_backward(_bwd, _bwd_inplace), setup_context=_setup_context)
 
 
 # --- sequence_logprobs ---------------------------------------------------------
@@ -408,4 +409,4 @@ def _make_seq_backward(bwd):
 
 
 for _fwd, _tok_bwd in _SEQ_OPS.values():
-    torch.library.register_autograd(_fwd, _make_seq_backward(_tok_bwd), setup_context=_seq_setup_context)
+    _dispatch.register_autograd(_fwd, _make_seq_backward(_tok_bwd), setup_context=_seq_setup_context)

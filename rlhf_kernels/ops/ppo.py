@@ -139,9 +139,10 @@ def ppo_policy_loss(
     acc = _acc_dtype(logprobs, old_logprobs, advantages)
     x, old, adv, m = _rows(logprobs, acc), _rows(old_logprobs.detach(), acc), _rows(advantages.detach(), acc), mask
     m = _rows(m.detach() != 0, torch.uint8)
-    row_loss, stats = _OPS[impl]["ppo_loss_fwd"](
-        _POLICY, x, old, adv, m, float(low), float(high), float(clip_ratio_c or 0.0), clip_ratio_c is not None
-    )
+    row_loss, stats = _dispatch.call(
+        _OPS[impl]["ppo_loss_fwd"], _POLICY, x, old, adv, m, float(low), float(high), float(clip_ratio_c or 0.0),
+        clip_ratio_c is not None,
+    )  # fmt: skip
     loss, count = _aggregate(row_loss, stats, x.shape[-1], loss_agg_mode)
     return PolicyLossOutput(loss, stats[:, 1].sum() / count, stats[:, 2].sum() / count, stats[:, 3].sum() / count)
 
@@ -173,7 +174,8 @@ def ppo_value_loss(
     acc = _acc_dtype(values, old_values, returns)
     v, old, ret = _rows(values, acc), _rows(old_values.detach(), acc), _rows(returns.detach(), acc)
     m = _rows(mask.detach() != 0, torch.uint8)
-    row_loss, stats = _OPS[impl]["ppo_loss_fwd"](_VALUE, v, old, ret, m, float(clip_range_value), 0.0, 0.0, False)
+    row_loss, stats = _dispatch.call(_OPS[impl]["ppo_loss_fwd"], _VALUE, v, old, ret, m, float(clip_range_value), 0.0,
+                                     0.0, False)  # fmt: skip
     loss, count = _aggregate(row_loss, stats, v.shape[-1], loss_agg_mode)
     return ValueLossOutput(loss, stats[:, 1].sum() / count)
 
@@ -192,7 +194,7 @@ def kl_penalty(
     if impl == "torch":
         return reference.kl_penalty(logprobs, ref_logprobs, kind)
     acc = _acc_dtype(logprobs, ref_logprobs)
-    return _OPS[impl]["kl_fwd"](logprobs.to(acc).contiguous(), ref_logprobs.to(acc).contiguous(), kind)
+    return _dispatch.call(_OPS[impl]["kl_fwd"], logprobs.to(acc).contiguous(), ref_logprobs.to(acc).contiguous(), kind)
 
 
 class PPOLossMetrics(NamedTuple):
@@ -409,7 +411,7 @@ def _fused_from_logits(impl, logits, labels, old, adv, valid, ref, temperature, 
     if need_grad and inplace and not rows_may_overlap(logits):
         loss, stats = _FusedInplace.apply(logits, ops[1], args)
     else:
-        loss, stats, _ = ops[0](logits, *args, need_grad)
+        loss, stats, _ = _dispatch.call(ops[0], logits, *args, need_grad)
     return loss, fused_metrics(loss, stats, weights, n_valid, ref is not None)
 
 
@@ -524,7 +526,7 @@ def masked_whiten(
     if impl == "torch" or x.numel() == 0:
         return reference.masked_whiten(x, mask, shift_mean=shift_mean, eps=eps)
     flat_mask = (mask.detach() != 0).to(torch.uint8).contiguous().view(-1)
-    out, _ = _OPS[impl]["masked_whiten"](x.contiguous().view(-1), flat_mask, shift_mean, float(eps))
+    out, _ = _dispatch.call(_OPS[impl]["masked_whiten"], x.contiguous().view(-1), flat_mask, shift_mean, float(eps))
     return out.view(x.shape)
 
 
@@ -832,7 +834,7 @@ for _backend, (_fwd, _bwd) in _dispatch.kernel_ops("ppo_loss_fwd", "ppo_loss_bwd
         grad_x = bwd(kind, x, old, third, mask, grad_row, p0, p1, p2, has_dual) if ctx.needs_input_grad[1] else None
         return None, grad_x, None, None, None, None, None, None, None
 
-    torch.library.register_autograd(_fwd, _loss_backward, setup_context=_loss_setup)
+    _dispatch.register_autograd(_fwd, _loss_backward, setup_context=_loss_setup)
 for _backend, (_fwd, _bwd) in _dispatch.kernel_ops("kl_penalty_fwd", "kl_penalty_bwd").items():
     _OPS.setdefault(_backend, {})["kl_fwd"] = _fwd
 
@@ -846,7 +848,7 @@ for _backend, (_fwd, _bwd) in _dispatch.kernel_ops("kl_penalty_fwd", "kl_penalty
         d = bwd(logp, ref, ctx.kind, grad)
         return (d if ctx.needs_input_grad[0] else None), (-d if ctx.needs_input_grad[1] else None), None
 
-    torch.library.register_autograd(_fwd, _kl_backward, setup_context=_kl_setup)
+    _dispatch.register_autograd(_fwd, _kl_backward, setup_context=_kl_setup)
 
 for _backend, (_g,) in _dispatch.kernel_ops("grpo_advantages").items():
     _OPS.setdefault(_backend, {})["grpo_advantages"] = _g
@@ -876,7 +878,7 @@ def _whiten_backward(ctx, grad, _grad_stats):
 
 for _backend, (_w,) in _dispatch.kernel_ops("masked_whiten").items():
     _OPS.setdefault(_backend, {})["masked_whiten"] = _w
-    torch.library.register_autograd(_w, _whiten_backward, setup_context=_whiten_setup)
+    _dispatch.register_autograd(_w, _whiten_backward, setup_context=_whiten_setup)
 
 # The fused single sweep: autograd on the out-of-place op hands back the gradient that
 # forward wrote, scaled in place by the upstream gradient (a 0-dim tensor, so no sync).
@@ -921,4 +923,4 @@ def _scale_unless_one(grad, scale):
 
 
 for _fused, _ in _FUSED_OPS.values():
-    torch.library.register_autograd(_fused, _fused_backward, setup_context=_fused_setup)
+    _dispatch.register_autograd(_fused, _fused_backward, setup_context=_fused_setup)

@@ -435,9 +435,9 @@ def _run(
     def prep(t):
         return None if t is None else t.to(acc).contiguous()
 
-    return _FWD_OPS[impl](
-        loss, prep(chosen), prep(rejected), prep(ref_chosen), prep(ref_rejected), prep(margin), prep(kl),
-        float(beta), float(gamma), float(label_smoothing), float(center), float(tau), float(bco_delta),
+    return _dispatch.call(
+        _FWD_OPS[impl], loss, prep(chosen), prep(rejected), prep(ref_chosen), prep(ref_rejected), prep(margin),
+        prep(kl), float(beta), float(gamma), float(label_smoothing), float(center), float(tau), float(bco_delta),
         bool(bco_batch_mean), float(weight), bool(rewards),
     )  # fmt: skip
 
@@ -536,4 +536,4 @@ def _make_backward(bwd):
 
 
 for _fwd, _bwd in _OPS.values():
-    torch.library.register_autograd(_fwd, _make_backward(_bwd), setup_context=_setup_context)
+    _dispatch.register_autograd(_fwd, _make_backward(_bwd), setup_context=_setup_context)
