@@ -343,3 +343,28 @@ def test_weight_gradient_precision_does_not_grow_with_chunks(device, backend):
         got = run(hidden, weight, None, labels, mask, chunk_size=chunk_size, backend=backend)[2][1]
         errors.append(float((got.cpu().double() - want).norm() / want.norm()))
     assert errors[1] < 1.25 * errors[0], errors
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_ppo_torch_compile_fullgraph(device, backend):
+    if backend == "triton" and device == "cpu":
+        pytest.skip("torch.compile cannot trace interpreted Triton kernels; checked on GPU")
+    hidden, weight, bias, labels, old, adv, mask, _ = (None if t is None else t.to(device)
+                                                       for t in ppo_inputs(torch.float32, with_ref=False))  # fmt: skip
+
+    def step(h, w):
+        loss, metrics = rlhf_kernels.linear_ppo_loss(h, w, labels, old, adv, mask, bias=bias, entropy_coef=0.01,
+                                                     chunk_size=5, check_labels=False, backend=backend)  # fmt: skip
+        return loss + 0 * metrics.clipfrac
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    eager_leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, weight)]
+    compiled_leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, weight)]
+    want = step(*eager_leaves)
+    want.backward()
+    got = compiled(*compiled_leaves)
+    got.backward()
+    torch.testing.assert_close(got, want)
+    for a, b in zip(compiled_leaves, eager_leaves, strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
