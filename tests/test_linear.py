@@ -347,6 +347,8 @@ def test_weight_gradient_precision_does_not_grow_with_chunks(device, backend):
 
 @pytest.mark.parametrize("device,backend", backend_cases())
 def test_ppo_torch_compile_fullgraph(device, backend):
+    """Traced, linear_ppo_loss takes its two-pass route (the fused-in-forward Function gave
+    zero gradients under dynamo on torch 2.11); same loss and gradients as eager."""
     if backend == "triton" and device == "cpu":
         pytest.skip("torch.compile cannot trace interpreted Triton kernels; checked on GPU")
     hidden, weight, bias, labels, old, adv, mask, _ = (None if t is None else t.to(device)

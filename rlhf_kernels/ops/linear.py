@@ -156,8 +156,8 @@ def linear_ppo_loss(
     scales them by the upstream gradient (on the device, skipped when it is 1); so
     backward runs once. Liger-Kernel's fused linear GRPO loss works the same way.
 
-    float16 inputs that need a gradient, and the ``"torch"`` backend, take the two-pass
-    route instead: :func:`linear_token_logprobs` (log-probs and entropy, chunked and
+    float16 inputs that need a gradient, the ``"torch"`` backend and calls traced by
+    ``torch.compile`` take the two-pass route instead: :func:`linear_token_logprobs` (log-probs and entropy, chunked and
     recomputed in backward) and the O(B T) loss ops, as ``grad_in_forward=False`` does
     for logits; ``ref_logprobs`` may then require grad. Autocast as in
     :func:`linear_token_logprobs`.
@@ -177,7 +177,10 @@ def linear_ppo_loss(
     impl = _dispatch.resolve(backend, hidden.device, "ppo_logits_fused_native")
     if impl == "torch":
         _warn_unfused(backend)
-    if impl == "torch" or (dtype == torch.float16 and need_grad):
+    # The two-pass route also under torch.compile: traced by dynamo on torch 2.11 (the lent GPU
+    # machines' version), the fused-in-forward Function below gave zero gradients; the two-pass
+    # route traces correctly there and on 2.14.
+    if impl == "torch" or (dtype == torch.float16 and need_grad) or torch.compiler.is_compiling():
         logprobs, entropy = linear_token_logprobs(
             hidden, weight, labels, valid, bias=bias, temperature=temperature, ignore_index=ignore_index,
             return_entropy=True, chunk_size=chunk_size, check_labels=False, backend=backend,
@@ -211,7 +214,7 @@ class _LinearPPO(torch.autograd.Function):
         labels, old, adv, ref, weights, *scalars = args
         need_hidden, need_weight, need_bias = (need_grad and n for n in ctx.needs_input_grad[:3])
         w, b = _cast_head(weight, bias, dtype)
-        grad_hidden = hidden.new_empty(hidden.shape, dtype=dtype) if need_hidden else None
+        hidden_parts = [] if need_hidden else None
         grad_weight = _weight_grad_buffer(w) if need_weight else None
         grad_bias = torch.zeros(w.shape[0], dtype=weights.dtype, device=w.device) if need_bias else None
         loss = torch.zeros((), dtype=weights.dtype, device=hidden.device)
@@ -220,16 +223,20 @@ class _LinearPPO(torch.autograd.Function):
             chunk = (labels[rows], old[rows], adv[rows], None if ref is None else ref[rows], weights[rows])
             if need_grad:
                 part, st = fwd_inplace(logits, *chunk, *scalars)  # logits now hold dL/dlogits
-                _backprop_chunk(logits, rows, h, w, grad_hidden, grad_weight, grad_bias)
+                _backprop_chunk(logits, h, w, hidden_parts, grad_weight, grad_bias)
             else:
                 part, st, _ = fwd(logits, *chunk, *scalars, False)
             loss += part
             stats.append(st)
             del logits
         stats = torch.cat(stats) if stats else weights.new_zeros((0, 7))
+        grad_hidden = _cat_rows(hidden_parts, hidden, dtype)
         # held until backward in the inputs' dtypes: the float32 weight accumulator is not kept
-        ctx.grads = tuple(None if g is None else g.to(t.dtype)
-                          for g, t in zip((grad_hidden, grad_weight, grad_bias), (hidden, weight, bias), strict=True))
+        grads = [None if g is None else g.to(t.dtype)
+                 for g, t in zip((grad_hidden, grad_weight, grad_bias), (hidden, weight, bias), strict=True)]
+        ctx.has_grad = tuple(g is not None for g in grads)
+        ctx.save_for_backward(*[g for g in grads if g is not None])
+        ctx.consumed = False
         ctx.mark_non_differentiable(stats)
         ctx.set_materialize_grads(False)
         return loss, stats
@@ -237,11 +244,13 @@ class _LinearPPO(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_stats):
-        grads, ctx.grads = ctx.grads, None
-        if grads is None:
+        if ctx.consumed:
             raise RuntimeError("linear_ppo_loss: backward ran twice (its gradients were consumed in the first)")
+        ctx.consumed = True
         if grad_loss is None:
             return (None,) * 8
+        saved = iter(ctx.saved_tensors)
+        grads = [next(saved) if has else None for has in ctx.has_grad]
         # the upstream scalar stays float32 (not rounded to a 16-bit gradient's dtype)
         scale = grad_loss.reshape(1).float()
         out = [None if grad is None else ppo_ops._scale_unless_one(grad, scale) for grad in grads]
@@ -262,6 +271,13 @@ def _chunk_logits(hidden, w, b, dtype, chunk_size):
             rows = slice(start, min(n_rows, start + chunk_size))
             h = hidden[rows].to(dtype)
             yield rows, h, torch.nn.functional.linear(h, w, b)
+
+
+def _cat_rows(parts, hidden, dtype):
+    """The hidden states' gradient from its chunks (None when it is not wanted)."""
+    if parts is None:
+        return None
+    return torch.cat(parts) if parts else hidden.new_zeros(hidden.shape, dtype=dtype)
 
 
 def _weight_grad_buffer(w: torch.Tensor) -> torch.Tensor:
@@ -289,11 +305,13 @@ def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> 
 _ADDMM_OUT_DTYPE = [True]
 
 
-def _backprop_chunk(grad_logits, rows, h, w, grad_hidden, grad_weight, grad_bias) -> None:
+def _backprop_chunk(grad_logits, h, w, hidden_parts, grad_weight, grad_bias) -> None:
     """A chunk's logits gradient G into the gradients that are wanted (the others are None):
-    ``grad_hidden[rows] = G @ w``, ``grad_weight += G.T @ h``, ``grad_bias += sum_rows G``."""
-    if grad_hidden is not None:
-        torch.mm(grad_logits, w, out=grad_hidden[rows])
+    ``G @ w`` appended to ``hidden_parts``, ``grad_weight += G.T @ h``, ``grad_bias += sum_rows G``.
+    (No ``out=`` into row slices of one buffer: traced by torch.compile on torch 2.11, such
+    writes were lost.)"""
+    if hidden_parts is not None:
+        hidden_parts.append(grad_logits @ w)
     if grad_weight is not None:
         _accumulate_product(grad_weight, grad_logits.t(), h)
     if grad_bias is not None:
@@ -354,7 +372,7 @@ class _LinearLogprobs(torch.autograd.Function):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         if not (need_hidden or need_weight or need_bias):
             return (None,) * 10
-        bwd_inplace = logprobs_ops._OPS[ctx.impl][2]
+        _, bwd, bwd_inplace = logprobs_ops._OPS[ctx.impl]
         dtype = ctx.dtype
         if grad_logprobs is None:
             grad_logprobs = torch.zeros_like(lse)
@@ -364,16 +382,22 @@ class _LinearLogprobs(torch.autograd.Function):
         else:
             grad_entropy = None
         w, b = _cast_head(weight, bias, dtype)
-        grad_hidden = hidden.new_empty(hidden.shape, dtype=dtype) if need_hidden else None
+        hidden_parts = [] if need_hidden else None
         grad_weight = _weight_grad_buffer(w) if need_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=lse.dtype, device=weight.device) if need_bias else None
-        # the forward's logits, recomputed, then overwritten with their gradient
-        for rows, h, grad_logits in _chunk_logits(hidden, w, b, dtype, ctx.chunk_size):
-            bwd_inplace(grad_logits, grad_logprobs[rows], None if grad_entropy is None else grad_entropy[rows],
-                        labels[rows], lse[rows], entropy[rows] if ctx.return_entropy else entropy,
-                        ctx.temperature, ctx.ignore_index)  # fmt: skip
-            _backprop_chunk(grad_logits, rows, h, w, grad_hidden, grad_weight, grad_bias)
-            del grad_logits
+        # the forward's logits, recomputed, then overwritten with their gradient (a fresh
+        # buffer when traced, so that no in-place write of a custom op is traced)
+        for rows, h, logits in _chunk_logits(hidden, w, b, dtype, ctx.chunk_size):
+            args = (grad_logprobs[rows], None if grad_entropy is None else grad_entropy[rows], labels[rows],
+                    lse[rows], entropy[rows] if ctx.return_entropy else entropy, ctx.temperature, ctx.ignore_index)
+            if torch.compiler.is_compiling():
+                grad_logits = bwd(args[0], args[1], logits, *args[2:])
+            else:
+                bwd_inplace(logits, *args)
+                grad_logits = logits
+            _backprop_chunk(grad_logits, h, w, hidden_parts, grad_weight, grad_bias)
+            del logits, grad_logits
+        grad_hidden = _cat_rows(hidden_parts, hidden, dtype)
         grad_hidden = None if grad_hidden is None else grad_hidden.to(hidden.dtype)
         grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
         grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
