@@ -131,10 +131,12 @@ def test_reference_free_and_bco_delta(device, backend):
         torch.testing.assert_close(got.losses.double(), want[0], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("device,backend", backend_cases(native_op=NATIVE_OP))
-def test_simpo_orpo_kto_bradley_terry(device, backend):
-    g = torch.Generator().manual_seed(11)
-    c, r = [(-torch.rand(25, generator=g, dtype=torch.float64) * 3 - 1e-3).to(device) for _ in range(2)]
+def check_relatives(device, backend, n, kto_sizes, seed):
+    """SimPO, ORPO (its two metric means), KTO (unpaired; ``kto_sizes``: desirable,
+    undesirable, KL samples, then their references), Bradley-Terry with centring, with and
+    without a margin, and reference-free DPO, each against its float64 reference."""
+    g = torch.Generator().manual_seed(seed)
+    c, r = [(-torch.rand(n, generator=g, dtype=torch.float64) * 3 - 1e-3).to(device) for _ in range(2)]
     tol = TOL[torch.float64]
 
     def check(fn, ref_fn, tensors):
@@ -144,21 +146,24 @@ def test_simpo_orpo_kto_bradley_terry(device, backend):
           lambda a, b: reference.simpo_loss(a, b, beta=2.5, gamma=0.3, label_smoothing=0.1), [c, r])  # fmt: skip
     check(lambda a, b: rlhf_kernels.orpo_loss(a, b, beta=0.2, backend=backend),
           lambda a, b: reference.orpo_loss(a, b, beta=0.2), [c, r])  # fmt: skip
-    kto = [(torch.randn(n, generator=g, dtype=torch.float64) - 20).to(device) for n in (7, 4, 9, 7, 4, 9)]
+    kto = [(torch.randn(k, generator=g, dtype=torch.float64) - 20).to(device) for k in kto_sizes]
     kto[2] = kto[5] + 0.5  # a positive KL estimate
     check(lambda *t: rlhf_kernels.kto_loss(*t, beta=0.4, desirable_weight=1.3, undesirable_weight=0.7,
                                            backend=backend),
           lambda *t: reference.kto_loss(*t, beta=0.4, desirable_weight=1.3, undesirable_weight=0.7), kto)  # fmt: skip
-    margin = torch.rand(25, generator=g, dtype=torch.float64).to(device)
+    margin = torch.rand(n, generator=g, dtype=torch.float64).to(device)
     for m in (None, margin):
-        got = forward_backward(
-            lambda a, b, m=m: rlhf_kernels.bradley_terry_loss(a, b, margin=m, center_rewards_coefficient=0.01,
-                                                              backend=backend), [c * 3, r * 3])  # fmt: skip
-        want = forward_backward(
-            lambda a, b, m=m: reference.bradley_terry_loss(a, b, margin=m, center_rewards_coefficient=0.01),
-            [c * 3, r * 3],
-        )
-        compare(got, want, tol)
+        check(lambda a, b, m=m: rlhf_kernels.bradley_terry_loss(a, b, margin=m, center_rewards_coefficient=0.01,
+                                                                backend=backend),
+              lambda a, b, m=m: reference.bradley_terry_loss(a, b, margin=m, center_rewards_coefficient=0.01),
+              [c * 3, r * 3])  # fmt: skip
+    check(lambda a, b: rlhf_kernels.dpo_loss(a, b, beta=0.1, reference_free=True, backend=backend),
+          lambda a, b: reference.dpo_loss(a, b, beta=0.1, reference_free=True), [c * 30, r * 30])  # fmt: skip
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op=NATIVE_OP))
+def test_simpo_orpo_kto_bradley_terry(device, backend):
+    check_relatives(device, backend, 25, (7, 4, 9, 7, 4, 9), seed=11)
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(native_op=NATIVE_OP))
@@ -288,33 +293,9 @@ def test_dpo_many_programs(monkeypatch, device, backend, loss_type, n, dtype):
 @pytest.mark.parametrize("device,backend", backend_cases(["triton"], native_op=NATIVE_OP))
 @pytest.mark.parametrize("n", list(MANY_PROGRAMS))
 def test_relatives_many_programs(monkeypatch, device, backend, n):
-    """SimPO, ORPO (its two metric means), KTO (unpaired, one launch per side), Bradley-Terry
-    with a margin and centring, and reference-free DPO on the per-chunk forward."""
+    """The relatives of DPO on the per-chunk forward (KTO: one launch per side)."""
     _many_programs(monkeypatch, MANY_PROGRAMS[n])
-    g = torch.Generator().manual_seed(n)
-    c, r = [(-torch.rand(n, generator=g, dtype=torch.float64) * 3 - 1e-3).to(device) for _ in range(2)]
-    tol = TOL[torch.float64]
-
-    def check(fn, ref_fn, tensors):
-        compare(forward_backward(fn, tensors), forward_backward(ref_fn, tensors), tol)
-
-    check(lambda a, b: rlhf_kernels.simpo_loss(a, b, beta=2.5, gamma=0.3, label_smoothing=0.1, backend=backend),
-          lambda a, b: reference.simpo_loss(a, b, beta=2.5, gamma=0.3, label_smoothing=0.1), [c, r])  # fmt: skip
-    check(lambda a, b: rlhf_kernels.orpo_loss(a, b, beta=0.2, backend=backend),
-          lambda a, b: reference.orpo_loss(a, b, beta=0.2), [c, r])  # fmt: skip
-    sizes = (n, n // 2 + 1, 9, n, n // 2 + 1, 9)  # desirable, undesirable, KL samples
-    kto = [(torch.randn(k, generator=g, dtype=torch.float64) - 20).to(device) for k in sizes]
-    kto[2] = kto[5] + 0.5  # a positive KL estimate
-    check(lambda *t: rlhf_kernels.kto_loss(*t, beta=0.4, desirable_weight=1.3, undesirable_weight=0.7,
-                                           backend=backend),
-          lambda *t: reference.kto_loss(*t, beta=0.4, desirable_weight=1.3, undesirable_weight=0.7), kto)  # fmt: skip
-    margin = torch.rand(n, generator=g, dtype=torch.float64).to(device)
-    check(lambda a, b: rlhf_kernels.bradley_terry_loss(a, b, margin=margin, center_rewards_coefficient=0.01,
-                                                       backend=backend),
-          lambda a, b: reference.bradley_terry_loss(a, b, margin=margin, center_rewards_coefficient=0.01),
-          [c * 3, r * 3])  # fmt: skip
-    check(lambda a, b: rlhf_kernels.dpo_loss(a, b, beta=0.1, reference_free=True, backend=backend),
-          lambda a, b: reference.dpo_loss(a, b, beta=0.1, reference_free=True), [c * 30, r * 30])  # fmt: skip
+    check_relatives(device, backend, n, (n, n // 2 + 1, 9, n, n // 2 + 1, 9), seed=n)
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(["triton"], native_op=NATIVE_OP))

@@ -194,7 +194,7 @@ def linear_ppo_loss(
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     weights = ppo_ops.token_weights(valid, loss_agg_mode, acc)
     n_valid = valid.sum().clamp(min=1).to(acc)
-    args = ppo_ops.fused_args(labels, old_logprobs, advantages, valid, ref_logprobs, weights, float(temperature),
+    args = ppo_ops._fused_args(labels, old_logprobs, advantages, valid, ref_logprobs, weights, float(temperature),
                               int(ignore_index), low, high, clip_ratio_c, kl_kind, float(kl_coef),
                               float(entropy_coef), acc)  # fmt: skip
     if chunk_size is None:
@@ -202,7 +202,7 @@ def linear_ppo_loss(
     n_rows = labels.numel()
     loss, stats = _LinearPPO.apply(hidden.reshape(n_rows, hidden.shape[-1]), weight, bias, impl, dtype,
                                    int(chunk_size), need_grad, args)  # fmt: skip
-    return loss, ppo_ops.fused_metrics(loss, stats, weights, n_valid, ref_logprobs is not None)
+    return loss, ppo_ops._fused_metrics(loss, stats, weights, n_valid, ref_logprobs is not None)
 
 
 class _LinearPPO(torch.autograd.Function):

@@ -404,7 +404,7 @@ def _fused_from_logits(impl, logits, labels, old, adv, valid, ref, temperature, 
         logits = logits.contiguous()
     weights = token_weights(valid, mode, acc)
     n_valid = valid.sum().clamp(min=1).to(acc)
-    args = fused_args(labels, old, adv, valid, ref, weights, temperature, ignore_index, low, high, clip_c, kl_kind,
+    args = _fused_args(labels, old, adv, valid, ref, weights, temperature, ignore_index, low, high, clip_c, kl_kind,
                       kl_coef, entropy_coef, acc)  # fmt: skip
     ops = _FUSED_OPS[impl]
     need_grad = torch.is_grad_enabled() and logits.requires_grad
@@ -412,10 +412,10 @@ def _fused_from_logits(impl, logits, labels, old, adv, valid, ref, temperature, 
         loss, stats = _FusedInplace.apply(logits, ops[1], args)
     else:
         loss, stats, _ = _dispatch.call(ops[0], logits, *args, need_grad)
-    return loss, fused_metrics(loss, stats, weights, n_valid, ref is not None)
+    return loss, _fused_metrics(loss, stats, weights, n_valid, ref is not None)
 
 
-def fused_args(labels, old, adv, valid, ref, weights, temperature, ignore_index, low, high, clip_c, kl_kind, kl_coef,
+def _fused_args(labels, old, adv, valid, ref, weights, temperature, ignore_index, low, high, clip_c, kl_kind, kl_coef,
                entropy_coef, acc):  # fmt: skip
     """The fused kernel's per-token and scalar arguments after the logits (flattened tokens)."""
     return (
@@ -427,7 +427,7 @@ def fused_args(labels, old, adv, valid, ref, weights, temperature, ignore_index,
     )  # fmt: skip
 
 
-def fused_metrics(loss, stats, weights, n_valid, has_ref) -> PPOLossMetrics:
+def _fused_metrics(loss, stats, weights, n_valid, has_ref) -> PPOLossMetrics:
     """The metrics from the fused kernel's per-token stats ([tokens, 7])."""
     weighted = (stats[:, 1:4] * weights.flatten()[:, None]).sum(0)  # pg loss, entropy, kl
     fractions = stats[:, 4:7].sum(0) / n_valid  # clipfrac, clipfrac lower, approx kl
