@@ -462,12 +462,14 @@ void check_ppo_rows(const std::vector<std::pair<const char*, const at::Tensor*>>
 }
 
 PpoLossParams ppo_loss_params(int64_t kind, const at::Tensor& x, const at::Tensor& old, const at::Tensor& third,
-                              const at::Tensor& mask, double p0, double p1, double p2, bool has_dual) {
+                              const at::Tensor& mask, double p0, double p1, double p2, bool has_dual, int64_t agg) {
   TORCH_CHECK_VALUE(kind == 0 || kind == 1, "kind: expected 0 (policy) or 1 (value), got ", kind);
+  TORCH_CHECK_VALUE(agg >= 0 && agg <= 3, "agg: expected a loss_agg_mode id in 0..3, got ", agg);
   check_ppo_rows({{"x", &x}, {"old", &old}, {"third", &third}}, mask);
   PpoLossParams p;
   p.dtype = x.scalar_type() == at::kDouble ? ScalarKind::Float64 : ScalarKind::Float32;
   p.kind = static_cast<int>(kind);
+  p.agg = static_cast<int>(agg);
   p.batch = x.size(0);
   p.time = x.size(1);
   p.x = x.data_ptr();
@@ -481,28 +483,40 @@ PpoLossParams ppo_loss_params(int64_t kind, const at::Tensor& x, const at::Tenso
   return p;
 }
 
-std::tuple<at::Tensor, at::Tensor> ppo_loss_fwd(int64_t kind, const at::Tensor& x, const at::Tensor& old,
-                                                const at::Tensor& third, const at::Tensor& mask, double p0, double p1,
-                                                double p2, bool has_dual) {
-  PpoLossParams p = ppo_loss_params(kind, x, old, third, mask, p0, p1, p2, has_dual);
-  at::Tensor row_loss = at::empty({p.batch}, x.options());
-  at::Tensor stats = at::empty({p.batch, 4}, x.options());
-  p.row_loss = row_loss.data_ptr();
-  p.stats = stats.data_ptr();
-  if (p.batch == 0) return {row_loss, stats};
+// (loss [], metrics [5], rows [B, 5]); ppo.h states the math.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_loss_fwd(int64_t kind, const at::Tensor& x, const at::Tensor& old,
+                                                            const at::Tensor& third, const at::Tensor& mask,
+                                                            double p0, double p1, double p2, bool has_dual,
+                                                            int64_t agg) {
+  PpoLossParams p = ppo_loss_params(kind, x, old, third, mask, p0, p1, p2, has_dual, agg);
+  at::Tensor loss = at::empty({}, x.options());
+  at::Tensor metrics = at::empty({5}, x.options());
+  at::Tensor rows = at::empty({p.batch, 5}, x.options());
+  p.loss = loss.data_ptr();
+  p.metrics = metrics.data_ptr();
+  p.rows = rows.data_ptr();
   run_kernel(x.device(), p, RLHF_CUDA_FN(ppo_loss_fwd_cuda), &ppo_loss_fwd_cpu);
-  return {row_loss, stats};
+  return {loss, metrics, rows};
 }
 
 at::Tensor ppo_loss_bwd(int64_t kind, const at::Tensor& x, const at::Tensor& old, const at::Tensor& third,
-                        const at::Tensor& mask, const at::Tensor& grad_row, double p0, double p1, double p2,
-                        bool has_dual) {
-  PpoLossParams p = ppo_loss_params(kind, x, old, third, mask, p0, p1, p2, has_dual);
-  at::Tensor g = grad_row.to(x.scalar_type()).contiguous();
-  TORCH_CHECK_VALUE(g.numel() == p.batch && g.device() == x.device(), "grad_row: expected ", p.batch,
-                    " values on ", x.device());
+                        const at::Tensor& mask, const at::Tensor& rows, const at::Tensor& metrics,
+                        const at::Tensor& grad_loss, double p0, double p1, double p2, bool has_dual, int64_t agg) {
+  PpoLossParams p = ppo_loss_params(kind, x, old, third, mask, p0, p1, p2, has_dual, agg);
+  const auto check_aux = [&](const char* name, const at::Tensor& t, at::IntArrayRef shape) {
+    TORCH_CHECK_VALUE(t.sizes() == shape && t.scalar_type() == x.scalar_type() && t.is_contiguous() &&
+                          t.device() == x.device(),
+                      name, ": expected a contiguous ", x.scalar_type(), " tensor of shape ", shape, " on ",
+                      x.device(), " (the forward's output)");
+  };
+  check_aux("rows", rows, {p.batch, 5});
+  check_aux("metrics", metrics, {5});
+  at::Tensor g = grad_loss.to(x.scalar_type()).contiguous();
+  TORCH_CHECK_VALUE(g.numel() == 1 && g.device() == x.device(), "grad_loss: expected one value on ", x.device());
   at::Tensor grad = at::empty_like(x);
-  p.grad_row = g.data_ptr();
+  p.rows = rows.data_ptr();
+  p.metrics = metrics.data_ptr();
+  p.grad_loss = g.data_ptr();
   p.grad_x = grad.data_ptr();
   if (p.batch == 0 || p.time == 0) return grad;
   run_kernel(x.device(), p, RLHF_CUDA_FN(ppo_loss_bwd_cuda), &ppo_loss_bwd_cpu);
@@ -731,10 +745,10 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   m.def("gae_native(Tensor rewards, Tensor values, Tensor? mask, float gamma, float lam) -> (Tensor, Tensor)");
   m.def(
       "ppo_loss_fwd_native(int kind, Tensor x, Tensor old, Tensor third, Tensor mask, float p0, float p1, float p2, "
-      "bool has_dual) -> (Tensor, Tensor)");
+      "bool has_dual, int agg) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "ppo_loss_bwd_native(int kind, Tensor x, Tensor old, Tensor third, Tensor mask, Tensor grad_row, float p0, "
-      "float p1, float p2, bool has_dual) -> Tensor");
+      "ppo_loss_bwd_native(int kind, Tensor x, Tensor old, Tensor third, Tensor mask, Tensor rows, Tensor metrics, "
+      "Tensor grad_loss, float p0, float p1, float p2, bool has_dual, int agg) -> Tensor");
   m.def("kl_penalty_fwd_native(Tensor logp, Tensor ref, str kind) -> Tensor");
   m.def("masked_whiten_native(Tensor x, Tensor mask, bool shift_mean, float eps) -> (Tensor, Tensor)");
   m.def("grpo_advantages_native(Tensor scores, Tensor offsets, bool norm_by_std, float eps) -> Tensor");

@@ -67,12 +67,23 @@ void gae_cpu(const GaeParams& p);
 //     diff = v - old, vc = old + clamp(diff, -e, e), e1 = v - R, e2 = vc - R,
 //     l = 0.5 max(e1^2, e2^2), use2 = e2^2 > e1^2, clip = use2,
 //     dl = use2 ? (-e < diff < e ? e2 : 0) : e1,  kl = lower = 0
-// Forward: per row b, row_loss[b] = sum over valid t of l, and
-//   stats[b, 0..3] = (number of valid t, sum of clip, sum of kl, sum of lower).
-// Backward: grad_x[b, t] = valid ? grad_row[b] * dl : 0.
+// Forward: per row b, rows[b, 0..4] = (sum over valid t of l, number of
+//   valid t, sum of clip, sum of kl, sum of lower); then, in double, over
+//   rows: L = sum loss_b, Lm = sum loss_b / max(count_b, 1), N = sum count_b,
+//   S = number of rows with count_b > 0, total = max(N, 1), seqs = max(S, 1),
+//   and the aggregated loss (agg, the loss_agg_mode)
+//     0 token-mean: L / total          1 seq-mean-token-sum: L / seqs
+//     2 seq-mean-token-mean: Lm / seqs 3 seq-mean-token-sum-norm: L / T
+//   with metrics[0..4] = (sum clip / total, sum kl / total, sum lower / total,
+//   total, seqs).
+// Backward: grad_x[b, t] = valid ? grad_loss * w_b * dl : 0, w_b the weight
+//   of row b's loss sum in the aggregate: 1 / total, 1 / seqs,
+//   1 / (max(count_b, 1) seqs), 1 / T for agg 0..3 (count_b from rows,
+//   total and seqs from metrics).
 struct PpoLossParams {
   ScalarKind dtype = ScalarKind::Float32;
   int kind = 0;
+  int agg = 0;
   int64_t batch = 0;
   int64_t time = 0;
   const void* x = nullptr;
@@ -81,10 +92,11 @@ struct PpoLossParams {
   const uint8_t* mask = nullptr;
   double p0 = 0.2, p1 = 0.2, p2 = 3.0;
   bool has_dual = false;
-  void* row_loss = nullptr;        // forward: [B]
-  void* stats = nullptr;           // forward: [B, 4]
-  const void* grad_row = nullptr;  // backward: [B]
-  void* grad_x = nullptr;          // backward: [B, T]
+  void* rows = nullptr;             // [B, 5]: written by the forward, read by the backward
+  void* metrics = nullptr;          // [5]: written by the forward, read by the backward
+  void* loss = nullptr;             // forward: [] (the aggregated loss)
+  const void* grad_loss = nullptr;  // backward: [] (d out / d loss)
+  void* grad_x = nullptr;           // backward: [B, T]
 };
 
 // KL estimators, elementwise over n contiguous values, d = logp - ref:

@@ -1,5 +1,6 @@
 // CUDA kernels of the PPO token losses (forward: per-row loss sums and
-// statistics; backward: per-token gradient) and of the KL estimators.
+// statistics, then one block folds them into the aggregated loss and metrics;
+// backward: per-token gradient) and of the KL estimators.
 // ppo.h states the math; the per-token formulas are in ppo_loss_math.h,
 // shared with the CPU kernels (ppo_loss_cpu.cpp), so both devices evaluate
 // the same expressions.
@@ -15,11 +16,15 @@
 //     loaded before any is used, to keep several loads in flight per thread.
 //     Each thread accumulates its tokens in a fixed order, then the five sums
 //     (three for VALUE: kl and lower are 0) are reduced with warp shuffles and
-//     shared memory in a fixed tree: deterministic, run to run.
+//     shared memory in a fixed tree: deterministic, run to run. A second
+//     launch of one block folds the [B, 5] row sums into the loss and metrics
+//     (ppo_loss_math.h: AggSums, in double; threads stride over rows, then a
+//     fixed tree): two launches where eager PyTorch needs a dozen.
 //   * Backward and KL: one element per thread over the flattened [B * T]
 //     (resp. n) elements, grid-stride past the grid limit. The backward finds
 //     the row of element i as i / T with a multiply-high (FastDivU64,
-//     common.cuh), not a 64-bit division.
+//     common.cuh), not a 64-bit division, and the row's weight in the
+//     aggregate from its count (ppo_loss_math.h: row_weight).
 //   * All token indices and row offsets are int64.
 // Numerics: each token's loss and gradient are the same expressions as on the
 // CPU; the forward's sums are reassociated (per-thread partial sums, then a
@@ -46,6 +51,8 @@ constexpr int kUnroll = 4;  // tokens per thread per forward step
 constexpr int kBwdThreads = 256;
 constexpr int kKlThreads = 256;
 constexpr int kMaxSums = 5;  // loss, count, clip, kl, lower
+constexpr int kAggThreads = 256;
+constexpr int kAggSums = 7;  // AggSums' fields
 constexpr int64_t kMaxGrid = 2147483647;  // gridDim.x limit
 
 static_assert(kFwdThreads % kWarp == 0 && kFwdWarps <= kWarp, "forward block size");
@@ -59,8 +66,17 @@ struct FwdArgs {
   int64_t batch;
   int64_t time;
   ppo_loss::LossConsts<A> k;
-  A* row_loss;  // [batch]
-  A* stats;     // [batch, 4]
+  A* rows;  // [batch, 5]
+};
+
+template <typename A>
+struct AggArgs {
+  const A* rows;  // [batch, 5]
+  int64_t batch;
+  int64_t time;
+  int agg;
+  A* loss;     // []
+  A* metrics;  // [5]
 };
 
 template <typename A>
@@ -72,8 +88,12 @@ struct BwdArgs {
   int64_t n;  // batch * time
   FastDivU64 div_time;
   ppo_loss::LossConsts<A> k;
-  const A* grad_row;  // [batch]
-  A* grad_x;          // [batch, time]
+  int64_t time;
+  int agg;
+  const A* rows;       // [batch, 5]: the counts
+  const A* metrics;    // [5]: total, seqs
+  const A* grad_loss;  // []
+  A* grad_x;           // [batch, time]
 };
 
 template <typename A>
@@ -89,7 +109,7 @@ struct KlArgs {
 // Forward
 // ---------------------------------------------------------------------------
 // Grid: min(batch, 2^31 - 1) blocks of kFwdThreads threads; block b owns rows
-// b, b + gridDim.x, ... and writes row_loss[row] and stats[row, 0..4).
+// b, b + gridDim.x, ... and writes rows[row, 0..5).
 // Thread j reads tokens j, j + kFwdThreads, ... of the row.
 // Bytes per row: reads T * (3 * sizeof(A) + 1) (x, old, third, mask; 13 per
 // token for float), each once, and writes 5 * sizeof(A). T == 0 writes zeros.
@@ -144,13 +164,32 @@ __global__ void __launch_bounds__(kFwdThreads) ppo_loss_fwd_kernel(const FwdArgs
 
     block_sum<kFwdThreads, kSums>(sums, smem);
     if (tid == 0) {
-      a.row_loss[row] = sums[0];
-      A* const st = a.stats + row * ppo_loss::kStats;
-      st[0] = sums[1];
-      st[1] = sums[2];
-      st[2] = sums[3];
-      st[3] = sums[4];
+      A* const r = a.rows + row * ppo_loss::kRowSums;
+#pragma unroll
+      for (int s = 0; s < kMaxSums; ++s) r[s] = sums[s];
     }
+  }
+}
+
+// One block: thread j folds rows j, j + kAggThreads, ... into an AggSums, then
+// the block sums them in a fixed tree and thread 0 writes the loss and metrics.
+// Reads 5 values per row once (B = 4096: 80 KiB for float).
+template <typename A>
+__global__ void __launch_bounds__(kAggThreads) ppo_loss_agg_kernel(const AggArgs<A> a) {
+  __shared__ double smem[kAggThreads / kWarp][kAggSums];
+  ppo_loss::AggSums s;
+  for (int64_t row = threadIdx.x; row < a.batch; row += kAggThreads) s.add_row(a.rows + row * ppo_loss::kRowSums);
+  double v[kAggSums] = {s.loss, s.loss_per_token, s.count, s.clip, s.kl, s.lower, s.seqs};
+  block_sum<kAggThreads, kAggSums>(v, smem);
+  if (threadIdx.x == 0) {
+    s.loss = v[0];
+    s.loss_per_token = v[1];
+    s.count = v[2];
+    s.clip = v[3];
+    s.kl = v[4];
+    s.lower = v[5];
+    s.seqs = v[6];
+    ppo_loss::finish_agg<A>(s, a.agg, a.time, a.loss, a.metrics);
   }
 }
 
@@ -159,13 +198,15 @@ __global__ void __launch_bounds__(kFwdThreads) ppo_loss_fwd_kernel(const FwdArgs
 // ---------------------------------------------------------------------------
 // Grid: min(ceil(B * T / kBwdThreads), 2^31 - 1) blocks of kBwdThreads
 // threads; thread j owns flat elements i = j, j + total threads, ... and
-// writes grad_x[i] = mask[i] ? grad_row[i / T] * dl(i) : 0.
+// writes grad_x[i] = mask[i] ? grad_loss * w(i / T) * dl(i) : 0, w the row's
+// weight in the aggregate (ppo_loss_math.h: row_weight).
 // Bytes: reads x, old, third, mask once (13 bytes per token for float) and
-// grad_row[i / T] (a cache hit after the first token of each row), writes
+// row i / T's count (a cache hit after the first token of each row), writes
 // grad_x once (4 bytes per token for float).
 template <typename A, int kKind, bool kDual>
 __global__ void __launch_bounds__(kBwdThreads) ppo_loss_bwd_kernel(const BwdArgs<A> a) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kBwdThreads;
+  const A grad_loss = *a.grad_loss;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kBwdThreads + threadIdx.x; i < a.n;
        i += stride) {
     const bool keep = a.mask[i] != 0;
@@ -173,7 +214,8 @@ __global__ void __launch_bounds__(kBwdThreads) ppo_loss_bwd_kernel(const BwdArgs
     const A ov = a.old[i];
     const A tv = a.third[i];
     const int64_t row = static_cast<int64_t>(a.div_time.div(static_cast<uint64_t>(i)));
-    const A g = a.grad_row[row];
+    const A count = a.rows[row * ppo_loss::kRowSums + 1];
+    const A g = grad_loss * ppo_loss::row_weight<A>(a.agg, count, a.metrics, a.time);
     const ppo_loss::TokenOut<A> o = ppo_loss::loss_token<A, kKind, kDual>(xv, ov, tv, a.k);
     a.grad_x[i] = keep ? g * o.dloss : A(0);
   }
@@ -228,17 +270,27 @@ void launch_fwd(const PpoLossParams& p, cudaStream_t stream) {
   a.batch = p.batch;
   a.time = p.time;
   a.k = ppo_loss::make_consts<A>(p);
-  a.row_loss = static_cast<A*>(p.row_loss);
-  a.stats = static_cast<A*>(p.stats);
-  const dim3 grid(static_cast<unsigned>(p.batch < kMaxGrid ? p.batch : kMaxGrid));
-  if (p.kind == ppo_loss::kValue) {
-    ppo_loss_fwd_kernel<A, ppo_loss::kValue, false><<<grid, kFwdThreads, 0, stream>>>(a);
-  } else if (p.has_dual) {
-    ppo_loss_fwd_kernel<A, ppo_loss::kPolicy, true><<<grid, kFwdThreads, 0, stream>>>(a);
-  } else {
-    ppo_loss_fwd_kernel<A, ppo_loss::kPolicy, false><<<grid, kFwdThreads, 0, stream>>>(a);
+  a.rows = static_cast<A*>(p.rows);
+  if (p.batch > 0) {  // (a 0-block launch is an error)
+    const dim3 grid(static_cast<unsigned>(p.batch < kMaxGrid ? p.batch : kMaxGrid));
+    if (p.kind == ppo_loss::kValue) {
+      ppo_loss_fwd_kernel<A, ppo_loss::kValue, false><<<grid, kFwdThreads, 0, stream>>>(a);
+    } else if (p.has_dual) {
+      ppo_loss_fwd_kernel<A, ppo_loss::kPolicy, true><<<grid, kFwdThreads, 0, stream>>>(a);
+    } else {
+      ppo_loss_fwd_kernel<A, ppo_loss::kPolicy, false><<<grid, kFwdThreads, 0, stream>>>(a);
+    }
+    check_launch("ppo loss forward kernel launch");
   }
-  check_launch("ppo loss forward kernel launch");
+  AggArgs<A> g;
+  g.rows = a.rows;
+  g.batch = p.batch;
+  g.time = p.time;
+  g.agg = p.agg;
+  g.loss = static_cast<A*>(p.loss);
+  g.metrics = static_cast<A*>(p.metrics);
+  ppo_loss_agg_kernel<A><<<1, kAggThreads, 0, stream>>>(g);
+  check_launch("ppo loss aggregation kernel launch");
 }
 
 template <typename A>
@@ -251,7 +303,11 @@ void launch_bwd(const PpoLossParams& p, cudaStream_t stream) {
   a.n = p.batch * p.time;
   a.div_time = FastDivU64::make(static_cast<uint64_t>(p.time));
   a.k = ppo_loss::make_consts<A>(p);
-  a.grad_row = static_cast<const A*>(p.grad_row);
+  a.time = p.time;
+  a.agg = p.agg;
+  a.rows = static_cast<const A*>(p.rows);
+  a.metrics = static_cast<const A*>(p.metrics);
+  a.grad_loss = static_cast<const A*>(p.grad_loss);
   a.grad_x = static_cast<A*>(p.grad_x);
   const dim3 grid = grid_for(a.n, kBwdThreads);
   if (p.kind == ppo_loss::kValue) {

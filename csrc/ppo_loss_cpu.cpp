@@ -1,5 +1,6 @@
 // CPU kernels of the PPO token losses (forward: per-row loss sums and
-// statistics; backward: per-token gradient) and of the KL estimators.
+// statistics, then the aggregated loss and metrics; backward: per-token
+// gradient) and of the KL estimators.
 // ppo.h states the math; the per-token formulas are in ppo_loss_math.h,
 // shared with the CUDA kernels (ppo_loss.cu).
 //
@@ -8,9 +9,9 @@
 // input type (float or double), so the result does not depend on the thread
 // count. The KL estimators are elementwise, split into contiguous ranges.
 // Bytes: the forward reads x, old, third and the mask once and writes
-// 5 values per row; the backward also reads grad_row[b] once per row and
-// writes grad_x once; the KL kernels read 2 (3 for backward) arrays once and
-// write one.
+// 5 values per row, then folds those into the loss and metrics (ppo.h); the
+// backward also reads the row's count once and writes grad_x once; the KL
+// kernels read 2 (3 for backward) arrays once and write one.
 //
 // The fused PPO sweep from logits (PpoLogitsParams): rows in parallel; per
 // row the vectorised log-sum-exp and gradient loops of logprobs_cpu.h around
@@ -55,12 +56,12 @@ void loss_fwd_rows(const PpoLossParams& p, int64_t row_begin, int64_t row_end) {
         lower_sum += o.lower;
       }
     }
-    static_cast<A*>(p.row_loss)[row] = loss_sum;
-    A* const stats = static_cast<A*>(p.stats) + row * ppo_loss::kStats;
-    stats[0] = count;
-    stats[1] = clip_sum;
-    stats[2] = kl_sum;
-    stats[3] = lower_sum;
+    A* const r = static_cast<A*>(p.rows) + row * ppo_loss::kRowSums;
+    r[0] = loss_sum;
+    r[1] = count;
+    r[2] = clip_sum;
+    r[3] = kl_sum;
+    r[4] = lower_sum;
   }
 }
 
@@ -68,13 +69,16 @@ template <typename A, int kKind, bool kDual>
 void loss_bwd_rows(const PpoLossParams& p, int64_t row_begin, int64_t row_end) {
   const ppo_loss::LossConsts<A> k = ppo_loss::make_consts<A>(p);
   const int64_t time = p.time;
+  const A* const metrics = static_cast<const A*>(p.metrics);
+  const A grad_loss = *static_cast<const A*>(p.grad_loss);
   for (int64_t row = row_begin; row < row_end; ++row) {
     const A* const x = static_cast<const A*>(p.x) + row * time;
     const A* const old = static_cast<const A*>(p.old) + row * time;
     const A* const third = static_cast<const A*>(p.third) + row * time;
     const uint8_t* const mask = p.mask + row * time;
     A* const grad = static_cast<A*>(p.grad_x) + row * time;
-    const A g = static_cast<const A*>(p.grad_row)[row];
+    const A count = static_cast<const A*>(p.rows)[row * ppo_loss::kRowSums + 1];
+    const A g = grad_loss * ppo_loss::row_weight<A>(p.agg, count, metrics, time);
     for (int64_t t = 0; t < time; ++t) {
       if (mask[t] == 0) {
         grad[t] = A(0);
@@ -113,6 +117,7 @@ constexpr int64_t kKlGrain = 32768;
 // Runs rows(p, row_begin, row_end) over all rows in parallel.
 using RowsFn = void (*)(const PpoLossParams&, int64_t, int64_t);
 void parallel_rows(const PpoLossParams& p, RowsFn rows) {
+  if (p.batch == 0) return;
   at::parallel_for(0, p.batch, grain_size(p.time), [&](int64_t b, int64_t e) { rows(p, b, e); });
 }
 
@@ -122,6 +127,10 @@ void loss_fwd(const PpoLossParams& p) {
   parallel_rows(p, p.kind == kValue ? &loss_fwd_rows<A, kValue, false>
                    : p.has_dual    ? &loss_fwd_rows<A, kPolicy, true>
                                    : &loss_fwd_rows<A, kPolicy, false>);
+  AggSums sums;  // in row order: the same result for any thread count
+  const A* const rows = static_cast<const A*>(p.rows);
+  for (int64_t row = 0; row < p.batch; ++row) sums.add_row(rows + row * kRowSums);
+  finish_agg<A>(sums, p.agg, p.time, static_cast<A*>(p.loss), static_cast<A*>(p.metrics));
 }
 
 template <typename A>

@@ -35,7 +35,14 @@ namespace ppo_loss {
 
 constexpr int kPolicy = 0;
 constexpr int kValue = 1;
-constexpr int kStats = 4;  // stats[b, 0..3]: count, clipped, kl, clipped-lower
+constexpr int kRowSums = 5;  // rows[b, 0..4]: loss, count, clipped, kl, clipped-lower
+constexpr int kMetrics = 5;  // metrics[0..4]: clipfrac, approx kl, clipfrac lower, total, seqs
+
+// loss_agg_mode ids (rlhf_kernels/ops/ppo.py: _AGG_IDS)
+constexpr int kTokenMean = 0;
+constexpr int kSeqMeanTokenSum = 1;
+constexpr int kSeqMeanTokenMean = 2;
+constexpr int kSeqMeanTokenSumNorm = 3;
 
 constexpr int kKlK1 = 0;
 constexpr int kKlAbs = 1;
@@ -165,6 +172,58 @@ RLHF_HD TokenOut<A> loss_token(A x, A old, A third, const LossConsts<A>& k) {
 }
 
 // ---------------------------------------------------------------------------
+// Aggregation over rows (ppo.h, PpoLossParams): the running sums in double,
+// whatever A is, folded row by row (CPU, in row order) or per thread and then
+// in a fixed tree (CUDA): deterministic either way.
+// ---------------------------------------------------------------------------
+struct AggSums {
+  double loss = 0, loss_per_token = 0, count = 0, clip = 0, kl = 0, lower = 0, seqs = 0;
+
+  template <typename A>
+  RLHF_HD void add_row(const A* r) {  // r = rows[b, 0..4]
+    const double count_b = static_cast<double>(r[1]);
+    loss += static_cast<double>(r[0]);
+    loss_per_token += static_cast<double>(r[0]) / (count_b > 1.0 ? count_b : 1.0);
+    count += count_b;
+    clip += static_cast<double>(r[2]);
+    kl += static_cast<double>(r[3]);
+    lower += static_cast<double>(r[4]);
+    seqs += count_b > 0.0 ? 1.0 : 0.0;
+  }
+};
+
+// Writes the aggregated loss and metrics[0..4] from the sums over all rows.
+template <typename A>
+RLHF_HD void finish_agg(const AggSums& s, int agg, int64_t time, A* loss, A* metrics) {
+  const double total = s.count > 1.0 ? s.count : 1.0;
+  const double seqs = s.seqs > 1.0 ? s.seqs : 1.0;
+  double l;
+  switch (agg) {
+    case kTokenMean: l = s.loss / total; break;
+    case kSeqMeanTokenSum: l = s.loss / seqs; break;
+    case kSeqMeanTokenMean: l = s.loss_per_token / seqs; break;
+    default: l = s.loss / static_cast<double>(time > 0 ? time : 1); break;
+  }
+  *loss = static_cast<A>(l);
+  metrics[0] = static_cast<A>(s.clip / total);
+  metrics[1] = static_cast<A>(s.kl / total);
+  metrics[2] = static_cast<A>(s.lower / total);
+  metrics[3] = static_cast<A>(total);
+  metrics[4] = static_cast<A>(seqs);
+}
+
+// d loss / d (row b's loss sum): the backward's per-row factor.
+template <typename A>
+RLHF_HD A row_weight(int agg, A count_b, const A* metrics, int64_t time) {
+  switch (agg) {
+    case kTokenMean: return A(1) / metrics[3];
+    case kSeqMeanTokenSum: return A(1) / metrics[4];
+    case kSeqMeanTokenMean: return A(1) / ((count_b > A(1) ? count_b : A(1)) * metrics[4]);
+    default: return A(1) / static_cast<A>(time > 0 ? time : 1);
+  }
+}
+
+// ---------------------------------------------------------------------------
 // KL estimators, d = logp - ref: value and d value / d logp
 // ---------------------------------------------------------------------------
 template <typename A>
@@ -280,14 +339,15 @@ RLHF_HD FusedTokenOut<A> fused_token(A logp, A entropy, A old, A adv, A ref, A w
 }
 
 // Validates p; returns false when there is nothing to write. The forward
-// writes zeros for T == 0 (every row is empty), so it runs whenever batch > 0.
+// always writes the loss and metrics (B == 0 or T == 0: no valid token).
 inline bool check_loss(const PpoLossParams& p, const char* what, bool forward) {
   if (p.batch < 0 || p.time < 0) fail(what, "negative batch or time");
   if (p.kind != kPolicy && p.kind != kValue) fail(what, "kind must be 0 (policy) or 1 (value)");
+  if (p.agg < kTokenMean || p.agg > kSeqMeanTokenSumNorm) fail(what, "agg must be in 0..3");
   if (p.dtype != ScalarKind::Float32 && p.dtype != ScalarKind::Float64) {
     fail(what, "dtype must be float32 or float64");
   }
-  return forward ? p.batch > 0 : (p.batch > 0 && p.time > 0);
+  return forward || (p.batch > 0 && p.time > 0);
 }
 
 // Validates p; returns false when there is nothing to write.

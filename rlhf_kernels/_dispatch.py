@@ -89,9 +89,11 @@ def kernel_ops(*names: str) -> dict[str, tuple]:
 # --- autograd: one registration, two entry points -----------------------------------
 # torch.library's autograd wrapper re-reads the op's schema on every differentiable call
 # (torch._library.utils.fill_defaults rebuilds the argument list once per argument:
-# 20-60 us a call for these schemas, more than the kernels of a small batch). Eager
-# calls go through an equivalent autograd.Function instead; traced calls
-# (torch.compile) and calls without grad go through the registered op.
+# 20-60 us a call for these schemas, more than the kernels of a small batch), and even a
+# call without grad passes through its Python autograd kernel (about 6 us). Eager calls
+# go through an equivalent autograd.Function that runs the op below the autograd layer
+# (as torch's own wrapper does), and eager calls without grad go straight below it;
+# traced calls (torch.compile) go through the registered op.
 _EAGER: dict = {}
 
 
@@ -101,7 +103,8 @@ def register_autograd(op, backward, setup_context) -> None:
     torch.library.register_autograd(op, backward, setup_context=setup_context)
 
     def forward(ctx, *args):
-        output = op(*args)  # grad mode is off in here: the op's own wrapper takes its no-grad path
+        with torch._C._AutoDispatchBelowAutograd():
+            output = op(*args)
         setup_context(ctx, args, output)
         return output
 
@@ -112,6 +115,11 @@ def register_autograd(op, backward, setup_context) -> None:
 def call(op, *args):
     """Run a kernel op with its autograd formula: all arguments positional."""
     eager = _EAGER.get(op)
-    if eager is None or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if eager is None or torch.compiler.is_compiling():
         return op(*args)
-    return eager.apply(*args)
+    if torch.is_grad_enabled():
+        return eager.apply(*args)
+    # No graph to record: skip the op's Python autograd kernel. Only functional ops
+    # register autograd here, so no version counter goes unbumped.
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)

@@ -9,6 +9,11 @@ from conftest import backend_cases
 import rlhf_kernels
 from rlhf_kernels.reference import ppo as reference
 
+try:
+    from rlhf_kernels.triton import ppo as triton_ppo
+except ImportError:  # no triton: the triton cases are skipped
+    triton_ppo = None
+
 AGG_MODES = rlhf_kernels.ops.ppo.LOSS_AGG_MODES
 
 
@@ -99,6 +104,44 @@ def test_value_loss(device, backend, mode):
     torch.testing.assert_close(out.loss, want[0])
     torch.testing.assert_close(out.clipfrac, want[1])
     torch.testing.assert_close(x.grad, xr.grad)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op="ppo_loss_fwd_native"))
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_policy_loss_many_rows(monkeypatch, device, backend, mode):
+    """More rows than one step of the in-kernel aggregation (AGG_BLOCK rows per Triton step, 256 CUDA threads),
+    with empty rows among them and an upstream gradient that is not 1."""
+    rows = 300
+    if backend == "triton" and device == "cpu":  # the interpreter runs a program per row: fewer rows, smaller steps
+        monkeypatch.setattr(triton_ppo, "AGG_BLOCK", 16)
+        rows = 40
+    g = torch.Generator().manual_seed(11)
+    logp, old, adv, mask = ppo_inputs(rows, 3, device, g, "response")
+    mask[::7] = False
+    x = logp.float().requires_grad_(True)
+    out = rlhf_kernels.ppo_policy_loss(x, old.float(), adv.float(), mask, clip_ratio_c=3.0, loss_agg_mode=mode,
+                                       backend=backend)  # fmt: skip
+    (2.5 * out.loss).backward()
+    xr = logp.clone().requires_grad_(True)
+    want = reference.ppo_policy_loss(xr, old, adv, mask, clip_ratio_c=3.0, loss_agg_mode=mode)
+    (2.5 * want[0]).backward()
+    for got_v, want_v in zip(out, want, strict=True):
+        torch.testing.assert_close(got_v.double(), want_v, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op="ppo_loss_fwd_native"))
+@pytest.mark.parametrize("B,T", [(0, 5), (3, 0)])
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_losses_without_tokens(device, backend, B, T, mode):
+    """No token at all: zero losses and metrics (no 0 / 0) and an empty or zero gradient."""
+    x = torch.zeros(B, T, device=device, requires_grad=True)
+    zeros = torch.zeros(B, T, device=device)
+    pol = rlhf_kernels.ppo_policy_loss(x, zeros, zeros, zeros.bool(), loss_agg_mode=mode, backend=backend)
+    val = rlhf_kernels.ppo_value_loss(x, zeros, zeros, zeros.bool(), loss_agg_mode=mode, backend=backend)
+    (pol.loss + val.loss).backward()
+    assert [v.item() for v in (*pol, *val)] == [0.0] * 6
+    assert x.grad.shape == (B, T) and not x.grad.any()
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(native_op="ppo_loss_fwd_native"))
@@ -413,8 +456,11 @@ def test_ppo_opcheck(device, backend):
     x = logp.float().requires_grad_(True)
     m = mask.to(torch.uint8)
     ops = torch.ops.rlhf_kernels
-    torch.library.opcheck(getattr(ops, f"ppo_loss_fwd_{backend}"), (0, x, old.float(), adv.float(), m, 0.2, 0.28, 3.0,
-                                                                    True))  # fmt: skip
+    for agg in range(4):
+        torch.library.opcheck(getattr(ops, f"ppo_loss_fwd_{backend}"), (0, x, old.float(), adv.float(), m, 0.2, 0.28,
+                                                                        3.0, True, agg))  # fmt: skip
+    torch.library.opcheck(getattr(ops, f"ppo_loss_fwd_{backend}"), (1, x, old.float(), adv.float(), m, 0.2, 0.0, 0.0,
+                                                                    False, 2))  # fmt: skip
     torch.library.opcheck(getattr(ops, f"kl_penalty_fwd_{backend}"), (x, old.float(), "k3"))
     torch.library.opcheck(getattr(ops, f"gae_{backend}"), (adv.float(), old.float(), m, 0.99, 0.95))
 

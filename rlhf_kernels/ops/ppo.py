@@ -30,7 +30,11 @@ Both are aggregated over the response mask by ``loss_agg_mode``:
 sequences of their token sums), ``seq-mean-token-mean`` (mean over sequences of
 their token means) and ``seq-mean-token-sum-norm`` (sum over sequences of token
 sums, divided by the padded length T, as in Dr. GRPO). Sequences without a valid
-token drop out of the sequence means.
+token drop out of the sequence means; with no valid token at all the loss is 0.
+On the kernel backends the aggregation happens on the device: one kernel writes
+per-row sums, a second (one block) folds them into the loss and the metrics, and
+the backward is one kernel that weights each token by its row's share of the
+aggregate; no eager reductions between them.
 
 KL penalties of the policy to the reference, per token, with
 :math:`d = \log\pi - \log\pi_{ref}`: ``k1`` :math:`d`, ``abs`` :math:`|d|`, ``k2``
@@ -137,14 +141,13 @@ def ppo_policy_loss(
             )
         )  # fmt: skip
     acc = _acc_dtype(logprobs, old_logprobs, advantages)
-    x, old, adv, m = _rows(logprobs, acc), _rows(old_logprobs.detach(), acc), _rows(advantages.detach(), acc), mask
-    m = _rows(m.detach() != 0, torch.uint8)
-    row_loss, stats = _dispatch.call(
-        _OPS[impl]["ppo_loss_fwd"], _POLICY, x, old, adv, m, float(low), float(high), float(clip_ratio_c or 0.0),
-        clip_ratio_c is not None,
+    x, old, adv = _rows(logprobs, acc), _rows(old_logprobs.detach(), acc), _rows(advantages.detach(), acc)
+    loss, metrics, _ = _dispatch.call(
+        _OPS[impl]["ppo_loss_fwd"], _POLICY, x, old, adv, _mask_rows(mask), float(low), float(high),
+        float(clip_ratio_c or 0.0), clip_ratio_c is not None, _AGG_IDS[loss_agg_mode],
     )  # fmt: skip
-    loss, count = _aggregate(row_loss, stats, x.shape[-1], loss_agg_mode)
-    return PolicyLossOutput(loss, stats[:, 1].sum() / count, stats[:, 2].sum() / count, stats[:, 3].sum() / count)
+    clipfrac, approx_kl, clipfrac_lower, _, _ = metrics.unbind()
+    return PolicyLossOutput(loss, clipfrac, approx_kl, clipfrac_lower)
 
 
 def ppo_value_loss(
@@ -173,11 +176,9 @@ def ppo_value_loss(
         )
     acc = _acc_dtype(values, old_values, returns)
     v, old, ret = _rows(values, acc), _rows(old_values.detach(), acc), _rows(returns.detach(), acc)
-    m = _rows(mask.detach() != 0, torch.uint8)
-    row_loss, stats = _dispatch.call(_OPS[impl]["ppo_loss_fwd"], _VALUE, v, old, ret, m, float(clip_range_value), 0.0,
-                                     0.0, False)  # fmt: skip
-    loss, count = _aggregate(row_loss, stats, v.shape[-1], loss_agg_mode)
-    return ValueLossOutput(loss, stats[:, 1].sum() / count)
+    loss, metrics, _ = _dispatch.call(_OPS[impl]["ppo_loss_fwd"], _VALUE, v, old, ret, _mask_rows(mask),
+                                      float(clip_range_value), 0.0, 0.0, False, _AGG_IDS[loss_agg_mode])  # fmt: skip
+    return ValueLossOutput(loss, metrics[0])
 
 
 def kl_penalty(
@@ -661,21 +662,23 @@ def _unit_time_stride(t):
 
 
 def _rows(t, dtype):
+    if t.dtype == dtype and t.is_contiguous():  # the common case, without two calls into torch
+        return t
     return t.to(dtype).contiguous()
 
 
-def _aggregate(row_loss, stats, T, mode):
-    """The scalar loss from per-row sums (differentiable through row_loss), and the token count."""
-    count = stats[:, 0]
-    total = count.sum().clamp(min=1)
-    if mode == "token-mean":
-        return row_loss.sum() / total, total
-    n_seqs = (count > 0).to(row_loss.dtype).sum().clamp(min=1)
-    if mode == "seq-mean-token-sum":
-        return row_loss.sum() / n_seqs, total
-    if mode == "seq-mean-token-mean":
-        return (row_loss / count.clamp(min=1)).sum() / n_seqs, total
-    return row_loss.sum() / T, total
+def _mask_rows(mask):
+    """The kernels' mask: contiguous uint8, nonzero = valid (a bool mask is reinterpreted, not converted)."""
+    m = mask.detach()
+    if m.dtype == torch.bool:
+        m = m.view(torch.uint8)
+    elif m.dtype != torch.uint8:
+        m = m != 0
+        m = m.view(torch.uint8)
+    return m.contiguous()
+
+
+_AGG_IDS = {mode: i for i, mode in enumerate(LOSS_AGG_MODES)}  # csrc/ppo_loss_math.h: kTokenMean ...
 
 
 # --- torch.library registration -------------------------------------------------------------
@@ -687,11 +690,11 @@ def _fake_gae(rewards, values, mask, gamma, lam):
     return rewards.new_empty(rewards.shape), rewards.new_empty(rewards.shape)
 
 
-def _fake_loss_fwd(kind, x, old, third, mask, p0, p1, p2, has_dual):
-    return x.new_empty(x.shape[0]), x.new_empty(x.shape[0], 4)
+def _fake_loss_fwd(kind, x, old, third, mask, p0, p1, p2, has_dual, agg):
+    return x.new_empty(()), x.new_empty(5), x.new_empty(x.shape[0], 5)
 
 
-def _fake_loss_bwd(kind, x, old, third, mask, grad_row, p0, p1, p2, has_dual):
+def _fake_loss_bwd(kind, x, old, third, mask, rows, metrics, grad_loss, p0, p1, p2, has_dual, agg):
     return x.new_empty(x.shape)
 
 
@@ -738,16 +741,17 @@ if triton_impl is not None:
     @triton_op("rlhf_kernels::ppo_loss_fwd_triton", mutates_args=())
     def _loss_fwd_triton(
         kind: int, x: torch.Tensor, old: torch.Tensor, third: torch.Tensor, mask: torch.Tensor, p0: float,
-        p1: float, p2: float, has_dual: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        return triton_impl.ppo_loss_fwd(kind, x, old, third, mask, p0, p1, p2, has_dual, launch=wrap_triton)
+        p1: float, p2: float, has_dual: bool, agg: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        return triton_impl.ppo_loss_fwd(kind, x, old, third, mask, p0, p1, p2, has_dual, agg, launch=wrap_triton)
 
     @triton_op("rlhf_kernels::ppo_loss_bwd_triton", mutates_args=())
     def _loss_bwd_triton(
-        kind: int, x: torch.Tensor, old: torch.Tensor, third: torch.Tensor, mask: torch.Tensor,
-        grad_row: torch.Tensor, p0: float, p1: float, p2: float, has_dual: bool,
+        kind: int, x: torch.Tensor, old: torch.Tensor, third: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
+        metrics: torch.Tensor, grad_loss: torch.Tensor, p0: float, p1: float, p2: float, has_dual: bool, agg: int,
     ) -> torch.Tensor:  # fmt: skip
-        return triton_impl.ppo_loss_bwd(kind, x, old, third, mask, grad_row, p0, p1, p2, has_dual, launch=wrap_triton)
+        return triton_impl.ppo_loss_bwd(kind, x, old, third, mask, rows, metrics, grad_loss, p0, p1, p2, has_dual,
+                                        agg, launch=wrap_triton)  # fmt: skip
 
     @triton_op("rlhf_kernels::kl_penalty_fwd_triton", mutates_args=())
     def _kl_fwd_triton(logp: torch.Tensor, ref: torch.Tensor, kind: str) -> torch.Tensor:
@@ -823,16 +827,19 @@ for _backend, (_fwd, _bwd) in _dispatch.kernel_ops("ppo_loss_fwd", "ppo_loss_bwd
     _OPS.setdefault(_backend, {})["ppo_loss_fwd"] = _fwd
 
     def _loss_setup(ctx, inputs, output):
-        kind, x, old, third, mask, p0, p1, p2, has_dual = inputs
-        ctx.save_for_backward(x, old, third, mask)
-        ctx.args = (kind, p0, p1, p2, has_dual)
-        ctx.mark_non_differentiable(output[1])
+        kind, x, old, third, mask, p0, p1, p2, has_dual, agg = inputs
+        _, metrics, rows = output
+        ctx.save_for_backward(x, old, third, mask, rows, metrics)
+        ctx.args = (kind, p0, p1, p2, has_dual, agg)
+        ctx.mark_non_differentiable(metrics, rows)
 
-    def _loss_backward(ctx, grad_row, _grad_stats, bwd=_bwd):
-        x, old, third, mask = ctx.saved_tensors
-        kind, p0, p1, p2, has_dual = ctx.args
-        grad_x = bwd(kind, x, old, third, mask, grad_row, p0, p1, p2, has_dual) if ctx.needs_input_grad[1] else None
-        return None, grad_x, None, None, None, None, None, None, None
+    def _loss_backward(ctx, grad_loss, _grad_metrics, _grad_rows, bwd=_bwd):
+        x, old, third, mask, rows, metrics = ctx.saved_tensors
+        kind, p0, p1, p2, has_dual, agg = ctx.args
+        grad_x = None
+        if ctx.needs_input_grad[1]:
+            grad_x = bwd(kind, x, old, third, mask, rows, metrics, grad_loss, p0, p1, p2, has_dual, agg)
+        return None, grad_x, None, None, None, None, None, None, None, None
 
     _dispatch.register_autograd(_fwd, _loss_backward, setup_context=_loss_setup)
 for _backend, (_fwd, _bwd) in _dispatch.kernel_ops("kl_penalty_fwd", "kl_penalty_bwd").items():

@@ -433,7 +433,9 @@ def _run(
     acc = _acc_dtype(like)
 
     def prep(t):
-        return None if t is None else t.to(acc).contiguous()
+        if t is None or (t.dtype == acc and t.is_contiguous()):  # the common case, without two calls into torch
+            return t
+        return t.to(acc).contiguous()
 
     return _dispatch.call(
         _FWD_OPS[impl], loss, prep(chosen), prep(rejected), prep(ref_chosen), prep(ref_rejected), prep(margin),

@@ -79,7 +79,7 @@ def agg_loss(loss_mat, mask, mode):
     if mode == "seq-mean-token-mean":
         return (seq_sum / seq_count.clamp(min=1)).sum() / n_seqs
     if mode == "seq-mean-token-sum-norm":
-        return seq_sum.sum() / loss_mat.shape[-1]
+        return seq_sum.sum() / max(loss_mat.shape[-1], 1)  # T = 0: no token, loss 0
     raise ValueError(f"unknown loss_agg_mode {mode!r}")
 
 

@@ -106,7 +106,10 @@ def gae(rewards, values, mask, gamma, lam, launch=None):
 
 POLICY = 0
 VALUE = 1
-STATS = 4  # per-row statistics besides the loss sum: count, clipped, kl (policy), clipped-lower (policy)
+N_ROW_SUMS = 5  # per row: loss sum, count, clipped, kl (policy), clipped-lower (policy)
+ROW_SUMS = tl.constexpr(N_ROW_SUMS)  # kernels may only read constexpr globals
+METRICS = 5  # clipfrac, approx kl, clipfrac lower, total tokens, sequences with tokens (both at least 1)
+AGG_BLOCK = 1024  # rows per step of the aggregation program
 
 
 @triton.jit
@@ -154,17 +157,17 @@ def _value_token(v, old_v, ret, clip_range):
 
 @triton.jit
 def _ppo_loss_fwd_kernel(
-    x_ptr, old_ptr, third_ptr, mask_ptr, row_loss_ptr, stats_ptr, T,
+    x_ptr, old_ptr, third_ptr, mask_ptr, rows_ptr, T,
     p0_hi, p0_lo, p1_hi, p1_lo, p2_hi, p2_lo, KIND: tl.constexpr, HAS_DUAL: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     # Grid: (B,). Each program owns one row of [B, T] contiguous inputs and
-    # writes its masked loss sum and statistics (count, clipped, kl, clipped
+    # writes rows[b, 0..4] = (masked loss sum, count, clipped, kl, clipped
     # lower). POLICY: x = logprobs, old = old logprobs, third = advantages,
     # (p0, p1, p2) = (clip low, clip high, dual-clip c). VALUE: x = values,
     # old = old values, third = returns, p0 = clip range. Reads 13 bytes per
-    # token (float32 + bool mask); the aggregation over rows is O(B).
+    # token (float32 + bool mask); _ppo_loss_agg_kernel folds the rows.
     row = tl.program_id(0).to(tl.int64)
-    acc_ty = row_loss_ptr.dtype.element_ty
+    acc_ty = rows_ptr.dtype.element_ty
     p0 = join_float(p0_hi, p0_lo, acc_ty)
     p1 = join_float(p1_hi, p1_lo, acc_ty)
     p2 = join_float(p2_hi, p2_lo, acc_ty)
@@ -190,20 +193,68 @@ def _ppo_loss_fwd_kernel(
         loss_sum += tl.where(keep, loss, 0.0)
         count += keep.to(acc_ty)
         clip_sum += tl.where(keep, clip_hit, 0.0)
-    tl.store(row_loss_ptr + row, tl.sum(loss_sum, axis=0))
-    tl.store(stats_ptr + row * 4 + 0, tl.sum(count, axis=0))
-    tl.store(stats_ptr + row * 4 + 1, tl.sum(clip_sum, axis=0))
-    tl.store(stats_ptr + row * 4 + 2, tl.sum(kl_sum, axis=0))
-    tl.store(stats_ptr + row * 4 + 3, tl.sum(lower_sum, axis=0))
+    out = rows_ptr + row * ROW_SUMS
+    tl.store(out + 0, tl.sum(loss_sum, axis=0))
+    tl.store(out + 1, tl.sum(count, axis=0))
+    tl.store(out + 2, tl.sum(clip_sum, axis=0))
+    tl.store(out + 3, tl.sum(kl_sum, axis=0))
+    tl.store(out + 4, tl.sum(lower_sum, axis=0))
+
+
+@triton.jit
+def _ppo_loss_agg_kernel(rows_ptr, loss_ptr, metrics_ptr, B, T, AGG: tl.constexpr, BLOCK: tl.constexpr):
+    # Grid: (1,). Folds rows [B, 5] into the aggregated loss and metrics
+    # (csrc/ppo.h, PpoLossParams), in float64 whatever the input type; a fixed
+    # order, so deterministic. Reads 5 values per row once.
+    cols = tl.arange(0, BLOCK)
+    loss = tl.zeros((BLOCK,), tl.float64)
+    loss_per_token = tl.zeros((BLOCK,), tl.float64)
+    count = tl.zeros((BLOCK,), tl.float64)
+    clip = tl.zeros((BLOCK,), tl.float64)
+    kl = tl.zeros((BLOCK,), tl.float64)
+    lower = tl.zeros((BLOCK,), tl.float64)
+    seqs = tl.zeros((BLOCK,), tl.float64)
+    for start in range(0, B, BLOCK):
+        r = start + cols
+        inb = r < B
+        base = rows_ptr + r.to(tl.int64) * ROW_SUMS
+        row_loss = tl.load(base + 0, mask=inb, other=0.0).to(tl.float64)
+        row_count = tl.load(base + 1, mask=inb, other=0.0).to(tl.float64)
+        loss += row_loss
+        loss_per_token += row_loss / tl.maximum(row_count, 1.0)
+        count += row_count
+        clip += tl.load(base + 2, mask=inb, other=0.0).to(tl.float64)
+        kl += tl.load(base + 3, mask=inb, other=0.0).to(tl.float64)
+        lower += tl.load(base + 4, mask=inb, other=0.0).to(tl.float64)
+        seqs += tl.where(row_count > 0, 1.0, 0.0).to(tl.float64)
+    total = tl.maximum(tl.sum(count, axis=0), 1.0)
+    n_seqs = tl.maximum(tl.sum(seqs, axis=0), 1.0)
+    if AGG == 0:
+        result = tl.sum(loss, axis=0) / total
+    elif AGG == 1:
+        result = tl.sum(loss, axis=0) / n_seqs
+    elif AGG == 2:
+        result = tl.sum(loss_per_token, axis=0) / n_seqs
+    else:
+        result = tl.sum(loss, axis=0) / tl.maximum(T, 1).to(tl.float64)
+    out_ty = loss_ptr.dtype.element_ty
+    tl.store(loss_ptr, result.to(out_ty))
+    tl.store(metrics_ptr + 0, (tl.sum(clip, axis=0) / total).to(out_ty))
+    tl.store(metrics_ptr + 1, (tl.sum(kl, axis=0) / total).to(out_ty))
+    tl.store(metrics_ptr + 2, (tl.sum(lower, axis=0) / total).to(out_ty))
+    tl.store(metrics_ptr + 3, total.to(out_ty))
+    tl.store(metrics_ptr + 4, n_seqs.to(out_ty))
 
 
 @triton.jit
 def _ppo_loss_bwd_kernel(
-    x_ptr, old_ptr, third_ptr, mask_ptr, grad_row_ptr, grad_x_ptr, T,
-    p0_hi, p0_lo, p1_hi, p1_lo, p2_hi, p2_lo, KIND: tl.constexpr, HAS_DUAL: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr, old_ptr, third_ptr, mask_ptr, rows_ptr, metrics_ptr, grad_loss_ptr, grad_x_ptr, T,
+    p0_hi, p0_lo, p1_hi, p1_lo, p2_hi, p2_lo, KIND: tl.constexpr, HAS_DUAL: tl.constexpr, AGG: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
     # Grid: (B, cdiv(T, BLOCK)). Each program owns BLOCK tokens of one row:
-    # d loss / d x = grad_row[b] * mask * d token_loss / d x.
+    # d loss / d x = grad_loss * w_b * mask * d token_loss / d x, w_b the
+    # row's weight in the aggregate (csrc/ppo_loss_math.h: row_weight).
     row = tl.program_id(0).to(tl.int64)
     acc_ty = grad_x_ptr.dtype.element_ty
     p0 = join_float(p0_hi, p0_lo, acc_ty)
@@ -216,7 +267,15 @@ def _ppo_loss_bwd_kernel(
     x = tl.load(x_ptr + offs, mask=inb, other=0.0)
     old = tl.load(old_ptr + offs, mask=inb, other=0.0)
     third = tl.load(third_ptr + offs, mask=inb, other=0.0)
-    g = tl.load(grad_row_ptr + row)
+    if AGG == 0:
+        w = 1.0 / tl.load(metrics_ptr + 3)
+    elif AGG == 1:
+        w = 1.0 / tl.load(metrics_ptr + 4)
+    elif AGG == 2:
+        w = 1.0 / (tl.maximum(tl.load(rows_ptr + row * ROW_SUMS + 1), 1.0) * tl.load(metrics_ptr + 4))
+    else:
+        w = 1.0 / tl.maximum(T, 1).to(acc_ty)
+    g = tl.load(grad_loss_ptr) * w
     if KIND == 0:
         _, dloss, _, _, _ = _policy_token(x, old, third, p0, p1, p2, HAS_DUAL)
     else:
@@ -229,30 +288,31 @@ def _loss_block(T: int) -> int:
     return max(16, min(512, triton.next_power_of_2(T)))
 
 
-def ppo_loss_fwd(kind, x, old, third, mask, p0, p1, p2, has_dual, launch=None):
-    """Per-row loss sums [B] and statistics [B, 4] of contiguous [B, T] inputs."""
+def ppo_loss_fwd(kind, x, old, third, mask, p0, p1, p2, has_dual, agg, launch=None):
+    """(loss [], metrics [5], rows [B, 5]) of contiguous [B, T] inputs (csrc/ppo.h: PpoLossParams)."""
     B, T = x.shape
-    row_loss = torch.empty(B, dtype=x.dtype, device=x.device)
-    stats = torch.empty(B, STATS, dtype=x.dtype, device=x.device)
-    if B == 0:
-        return row_loss, stats
-    block = _loss_block(T)
-    kernel = _ppo_loss_fwd_kernel if launch is None else launch(_ppo_loss_fwd_kernel)
-    kernel[(B,)](x, old, third, mask, row_loss, stats, T, *split_float(p0), *split_float(p1), *split_float(p2),
-                 KIND=kind, HAS_DUAL=has_dual, BLOCK=block, num_warps=4)  # fmt: skip
-    return row_loss, stats
+    loss = torch.empty((), dtype=x.dtype, device=x.device)
+    metrics = torch.empty(METRICS, dtype=x.dtype, device=x.device)
+    rows = torch.empty(B, N_ROW_SUMS, dtype=x.dtype, device=x.device)
+    if B > 0:
+        kernel = _ppo_loss_fwd_kernel if launch is None else launch(_ppo_loss_fwd_kernel)
+        kernel[(B,)](x, old, third, mask, rows, T, *split_float(p0), *split_float(p1), *split_float(p2),
+                     KIND=kind, HAS_DUAL=has_dual, BLOCK=_loss_block(T), num_warps=4)  # fmt: skip
+    agg_kernel = _ppo_loss_agg_kernel if launch is None else launch(_ppo_loss_agg_kernel)
+    agg_kernel[(1,)](rows, loss, metrics, B, T, AGG=agg, BLOCK=AGG_BLOCK, num_warps=8)
+    return loss, metrics, rows
 
 
-def ppo_loss_bwd(kind, x, old, third, mask, grad_row, p0, p1, p2, has_dual, launch=None):
+def ppo_loss_bwd(kind, x, old, third, mask, rows, metrics, grad_loss, p0, p1, p2, has_dual, agg, launch=None):
     B, T = x.shape
     grad = torch.empty_like(x)
     if B == 0 or T == 0:
         return grad
     block = _loss_block(T)
     kernel = _ppo_loss_bwd_kernel if launch is None else launch(_ppo_loss_bwd_kernel)
-    kernel[(B, triton.cdiv(T, block))](x, old, third, mask, grad_row.contiguous(), grad, T, *split_float(p0),
-                                       *split_float(p1), *split_float(p2), KIND=kind, HAS_DUAL=has_dual,
-                                       BLOCK=block, num_warps=4)  # fmt: skip
+    kernel[(B, triton.cdiv(T, block))](x, old, third, mask, rows, metrics, grad_loss.to(x.dtype).contiguous(), grad,
+                                       T, *split_float(p0), *split_float(p1), *split_float(p2), KIND=kind,
+                                       HAS_DUAL=has_dual, AGG=agg, BLOCK=block, num_warps=4)  # fmt: skip
     return grad
 
 
@@ -325,10 +385,16 @@ def kernel_configs():
     scalars = {"T": "i64", **{f"p{i}_{part}": "fp32" for i in range(3) for part in ("hi", "lo")}}
     consts = {"KIND": "constexpr", "HAS_DUAL": "constexpr", "BLOCK": "constexpr"}
     for kind, dual in ((POLICY, False), (POLICY, True), (VALUE, False)):
-        fwd = {**common, "row_loss_ptr": "*fp32", "stats_ptr": "*fp32", **scalars, **consts}
-        bwd = {**common, "grad_row_ptr": "*fp32", "grad_x_ptr": "*fp32", **scalars, **consts}
+        fwd = {**common, "rows_ptr": "*fp32", **scalars, **consts}
         configs.append((_ppo_loss_fwd_kernel, fwd, {"KIND": kind, "HAS_DUAL": dual, "BLOCK": 512}, 4))
-        configs.append((_ppo_loss_bwd_kernel, bwd, {"KIND": kind, "HAS_DUAL": dual, "BLOCK": 512}, 4))
+        for agg in range(4):
+            bwd = {**common, "rows_ptr": "*fp32", "metrics_ptr": "*fp32", "grad_loss_ptr": "*fp32",
+                   "grad_x_ptr": "*fp32", **scalars, **consts, "AGG": "constexpr"}  # fmt: skip
+            configs.append((_ppo_loss_bwd_kernel, bwd, {"KIND": kind, "HAS_DUAL": dual, "AGG": agg, "BLOCK": 512}, 4))
+    for agg in range(4):
+        sig = {"rows_ptr": "*fp32", "loss_ptr": "*fp32", "metrics_ptr": "*fp32", "B": "i64", "T": "i64",
+               "AGG": "constexpr", "BLOCK": "constexpr"}  # fmt: skip
+        configs.append((_ppo_loss_agg_kernel, sig, {"AGG": agg, "BLOCK": AGG_BLOCK}, 8))
     for kind in KL_KIND_IDS.values():
         for backward in (False, True):
             sig = {"logp_ptr": "*fp32", "ref_ptr": "*fp32", "out_ptr": "*fp32", "grad_out_ptr": "*fp32", "n": "i64",
