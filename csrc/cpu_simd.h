@@ -32,28 +32,53 @@ typedef int32_t vi __attribute__((vector_size(64)));
 typedef uint32_t vu __attribute__((vector_size(64)));
 constexpr int kLanes = 16;
 
-RLHF_INLINE vf splat(float v) { return vf{} + v; }
+// 8 floats: one ymm register. The PPO token math (ppo_loss_math.h on lanes)
+// keeps comparison masks as values; GCC lowers a 64-byte comparison whose mask
+// is a value lane by lane in the always_inline helpers (they are compiled for
+// the baseline ISA before being inlined into the per-ISA entry points), while
+// 32-byte ones come out as whole-register compares and blends.
+typedef float vf8 __attribute__((vector_size(32)));
+typedef int32_t vi8 __attribute__((vector_size(32)));
+typedef uint32_t vu8 __attribute__((vector_size(32)));
 
-// exp(x) for x <= 0 (x = z - max): Cody-Waite reduction to r in [-ln2/2, ln2/2]
-// and a degree-6 Taylor polynomial (truncation < 1.2e-7 relative). Exactly 0
-// below -87 (where float exp is subnormal) and for -inf; NaN stays NaN.
-RLHF_INLINE vf exp_nonpos(vf x) {
-  const vf lo = splat(-87.0f);
-  const vf xc = x < lo ? lo : x;
-  const vf shifter = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const vf n = (xc * 1.4426950408889634f + shifter) - shifter;
-  const vf r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  vf p = splat(1.0f / 720.0f);
+RLHF_INLINE vf splat(float v) { return vf{} + v; }
+RLHF_INLINE vf8 splat8(float v) { return vf8{} + v; }
+
+// 2^n p(r) for xc in [-87, 88]: Cody-Waite reduction to r in [-ln2/2, ln2/2]
+// and a degree-6 Taylor polynomial (truncation < 1.2e-7 relative), the
+// exponent n in [-126, 127] written straight into the float's bits.
+// V / VI: vf / vi or vf8 / vi8.
+template <typename V, typename VI>
+RLHF_INLINE V exp_core(V xc) {
+  const V shifter = V{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const V n = (xc * 1.4426950408889634f + shifter) - shifter;
+  const V r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  V p = V{} + 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
   p = p * r + 1.0f / 24.0f;
   p = p * r + 1.0f / 6.0f;
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;  // n in [-126, 0]
-  const vf y = p * (vf)e;
+  const VI e = (__builtin_convertvector(n, VI) + 127) << 23;
+  return p * (V)e;
+}
+
+// exp(x) for x <= 0 (x = z - max). Exactly 0 below -87 (where float exp is
+// subnormal) and for -inf; NaN stays NaN.
+RLHF_INLINE vf exp_nonpos(vf x) {
+  const vf lo = splat(-87.0f);
+  const vf y = exp_core<vf, vi>(x < lo ? lo : x);
   return x < lo ? vf{} : y;
 }
+
+// exp(x) for |x| <= 87 (clamped to [-87, 88] outside); NaN stays NaN.
+RLHF_INLINE vf8 exp_bounded(vf8 x) {
+  const vf8 lo = splat8(-87.0f), hi = splat8(88.0f);
+  return exp_core<vf8, vi8>(x < lo ? lo : (x > hi ? hi : x));
+}
+
+RLHF_INLINE vf8 abs(vf8 x) { return (vf8)((vu8)x & 0x7fffffffu); }
 
 // log1p(e) for e in [0, 1]: 2 atanh(u) with u = e / (2 + e) in [0, 1/3], as
 // 2u (1 + u^2/3 + ... + u^14/15) (truncation < 3e-9 relative). Relative
@@ -80,6 +105,11 @@ RLHF_INLINE float hmax(vf v) {
 RLHF_INLINE float hsum(vf v) {
   float s = 0;
   for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+RLHF_INLINE float hsum(vf8 v) {
+  float s = 0;
+  for (int i = 0; i < 8; ++i) s += v[i];
   return s;
 }
 

@@ -5,9 +5,9 @@
 // shared with the CUDA kernels (ppo_loss.cu).
 //
 // Rows run in parallel with at::parallel_for (OpenMP in standard torch
-// builds); within a row the five sums are plain serial loops over t in the
-// input type (float or double), so the result does not depend on the thread
-// count. The KL estimators are elementwise, split into contiguous ranges.
+// builds); within a row the five sums are loops over t in the input type
+// (float: 16 lanes at a time, double: scalar), so the result does not depend
+// on the thread count. The KL estimators are elementwise, split into contiguous ranges.
 // Bytes: the forward reads x, old, third and the mask once and writes
 // 5 values per row, then folds those into the loss and metrics (ppo.h); the
 // backward also reads the row's count once and writes grad_x once; the KL
@@ -22,9 +22,11 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "cpu_simd.h"
 #include "logprobs_cpu.h"
@@ -34,79 +36,195 @@
 namespace rlhf {
 namespace {
 
+// float32 rows run 8 tokens per step as simd::vf8 lanes through the same
+// token functions (ppo_loss_math.h instantiates them on vf8): masked lanes and
+// the padding of a row's last step are computed and not selected. float64
+// rows (the gradcheck path) are scalar, with libm's exp. The row loops are
+// always_inline and instantiated once per ISA (the entry points below), like
+// logprobs_cpu.h's. Row sums add lane-wise partial sums, then the lanes in
+// order: reassociated against a serial sum, but fixed for any thread count.
+using simd::vf8;
+using simd::vi8;
+constexpr int kLanes = 8;
+
+// Tokens [t, t + n) of a row into lanes (n <= 16; the rest 0, mask 0).
+struct Lanes {
+  vf8 x, old, third;
+  vi8 keep;  // -1 where valid
+};
+// (Fixed-size copies compile to vector moves; only a row's last step pays a call.)
+RLHF_INLINE vf8 load_lanes(const float* a, int64_t n) {
+  vf8 v{};
+  if (n == kLanes) {
+    memcpy(&v, a, sizeof(vf8));
+  } else {
+    memcpy(&v, a, static_cast<size_t>(n) * sizeof(float));
+  }
+  return v;
+}
+RLHF_INLINE void store_lanes(float* a, vf8 v, int64_t n) {
+  if (n == kLanes) {
+    memcpy(a, &v, sizeof(vf8));
+  } else {
+    memcpy(a, &v, static_cast<size_t>(n) * sizeof(float));
+  }
+}
+RLHF_INLINE Lanes load_tokens(const PpoLossParams& p, int64_t base, int64_t n) {
+  Lanes l;
+  l.x = load_lanes(static_cast<const float*>(p.x) + base, n);
+  l.old = load_lanes(static_cast<const float*>(p.old) + base, n);
+  l.third = load_lanes(static_cast<const float*>(p.third) + base, n);
+  // Widened by a plain loop (the compiler vectorises it); __builtin_convertvector
+  // from 16 bytes to 16 ints is lowered lane by lane.
+  int32_t m[kLanes];
+  const uint8_t* const mask = p.mask + base;
+  if (n == kLanes) {
+    for (int i = 0; i < kLanes; ++i) m[i] = mask[i];
+  } else {
+    for (int i = 0; i < kLanes; ++i) m[i] = i < n ? mask[i] : 0;
+  }
+  vi8 keep;
+  memcpy(&keep, m, sizeof(vi8));
+  l.keep = keep != 0;
+  return l;
+}
+
+RLHF_INLINE ppo_loss::LossConsts<vf8> lane_consts(const PpoLossParams& p) {
+  const ppo_loss::LossConsts<float> k = ppo_loss::make_consts<float>(p);
+  return {simd::splat8(k.lo), simd::splat8(k.hi), simd::splat8(k.c), simd::splat8(k.eps)};
+}
+
 template <typename A, int kKind, bool kDual>
-void loss_fwd_rows(const PpoLossParams& p, int64_t row_begin, int64_t row_end) {
-  const ppo_loss::LossConsts<A> k = ppo_loss::make_consts<A>(p);
+RLHF_INLINE void loss_fwd_rows(const PpoLossParams& p, int64_t row_begin, int64_t row_end) {
   const int64_t time = p.time;
-  for (int64_t row = row_begin; row < row_end; ++row) {
-    const A* const x = static_cast<const A*>(p.x) + row * time;
-    const A* const old = static_cast<const A*>(p.old) + row * time;
-    const A* const third = static_cast<const A*>(p.third) + row * time;
-    const uint8_t* const mask = p.mask + row * time;
-    A loss_sum = A(0), count = A(0), clip_sum = A(0), kl_sum = A(0), lower_sum = A(0);
-    for (int64_t t = 0; t < time; ++t) {
-      if (mask[t] == 0) continue;
-      const ppo_loss::TokenOut<A> o =
-          ppo_loss::loss_token<A, kKind, kDual>(x[t], old[t], third[t], k);
-      loss_sum += o.loss;
-      count += A(1);
-      clip_sum += o.clip;
-      if (kKind == ppo_loss::kPolicy) {
+  if constexpr (std::is_same_v<A, float>) {
+    const ppo_loss::LossConsts<vf8> k = lane_consts(p);
+    const vf8 zero{}, one = simd::splat8(1.0f);
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      vf8 loss_sum{}, count{}, clip_sum{}, kl_sum{}, lower_sum{};
+      for (int64_t t = 0; t < time; t += kLanes) {
+        const Lanes l = load_tokens(p, row * time + t, std::min<int64_t>(kLanes, time - t));
+        const ppo_loss::TokenOut<vf8> o = ppo_loss::loss_token<vf8, kKind, kDual>(l.x, l.old, l.third, k);
+        loss_sum += l.keep ? o.loss : zero;
+        count += l.keep ? one : zero;
+        clip_sum += l.keep ? o.clip : zero;
+        if (kKind == ppo_loss::kPolicy) {
+          kl_sum += l.keep ? o.kl : zero;
+          lower_sum += l.keep ? o.lower : zero;
+        }
+      }
+      float* const r = static_cast<float*>(p.rows) + row * ppo_loss::kRowSums;
+      r[0] = simd::hsum(loss_sum);
+      r[1] = simd::hsum(count);
+      r[2] = simd::hsum(clip_sum);
+      r[3] = simd::hsum(kl_sum);
+      r[4] = simd::hsum(lower_sum);
+    }
+  } else {
+    const ppo_loss::LossConsts<A> k = ppo_loss::make_consts<A>(p);
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      const A* const x = static_cast<const A*>(p.x) + row * time;
+      const A* const old = static_cast<const A*>(p.old) + row * time;
+      const A* const third = static_cast<const A*>(p.third) + row * time;
+      const uint8_t* const mask = p.mask + row * time;
+      A loss_sum = A(0), count = A(0), clip_sum = A(0), kl_sum = A(0), lower_sum = A(0);
+      for (int64_t t = 0; t < time; ++t) {
+        if (mask[t] == 0) continue;
+        const ppo_loss::TokenOut<A> o = ppo_loss::loss_token<A, kKind, kDual>(x[t], old[t], third[t], k);
+        loss_sum += o.loss;
+        count += A(1);
+        clip_sum += o.clip;
         kl_sum += o.kl;
         lower_sum += o.lower;
       }
+      A* const r = static_cast<A*>(p.rows) + row * ppo_loss::kRowSums;
+      r[0] = loss_sum;
+      r[1] = count;
+      r[2] = clip_sum;
+      r[3] = kl_sum;
+      r[4] = lower_sum;
     }
-    A* const r = static_cast<A*>(p.rows) + row * ppo_loss::kRowSums;
-    r[0] = loss_sum;
-    r[1] = count;
-    r[2] = clip_sum;
-    r[3] = kl_sum;
-    r[4] = lower_sum;
   }
 }
 
 template <typename A, int kKind, bool kDual>
-void loss_bwd_rows(const PpoLossParams& p, int64_t row_begin, int64_t row_end) {
-  const ppo_loss::LossConsts<A> k = ppo_loss::make_consts<A>(p);
+RLHF_INLINE void loss_bwd_rows(const PpoLossParams& p, int64_t row_begin, int64_t row_end) {
   const int64_t time = p.time;
   const A* const metrics = static_cast<const A*>(p.metrics);
   const A grad_loss = *static_cast<const A*>(p.grad_loss);
   for (int64_t row = row_begin; row < row_end; ++row) {
-    const A* const x = static_cast<const A*>(p.x) + row * time;
-    const A* const old = static_cast<const A*>(p.old) + row * time;
-    const A* const third = static_cast<const A*>(p.third) + row * time;
-    const uint8_t* const mask = p.mask + row * time;
-    A* const grad = static_cast<A*>(p.grad_x) + row * time;
     const A count = static_cast<const A*>(p.rows)[row * ppo_loss::kRowSums + 1];
     const A g = grad_loss * ppo_loss::row_weight<A>(p.agg, count, metrics, time);
-    for (int64_t t = 0; t < time; ++t) {
-      if (mask[t] == 0) {
-        grad[t] = A(0);
-        continue;
+    A* const grad = static_cast<A*>(p.grad_x) + row * time;
+    if constexpr (std::is_same_v<A, float>) {
+      const ppo_loss::LossConsts<vf8> k = lane_consts(p);
+      const vf8 gv = simd::splat8(g);
+      for (int64_t t = 0; t < time; t += kLanes) {
+        const int64_t n = std::min<int64_t>(kLanes, time - t);
+        const Lanes l = load_tokens(p, row * time + t, n);
+        const ppo_loss::TokenOut<vf8> o = ppo_loss::loss_token<vf8, kKind, kDual>(l.x, l.old, l.third, k);
+        const vf8 out = l.keep ? gv * o.dloss : vf8{};
+        store_lanes(grad + t, out, n);
       }
-      const ppo_loss::TokenOut<A> o =
-          ppo_loss::loss_token<A, kKind, kDual>(x[t], old[t], third[t], k);
-      grad[t] = g * o.dloss;
+    } else {
+      const ppo_loss::LossConsts<A> k = ppo_loss::make_consts<A>(p);
+      const A* const x = static_cast<const A*>(p.x) + row * time;
+      const A* const old = static_cast<const A*>(p.old) + row * time;
+      const A* const third = static_cast<const A*>(p.third) + row * time;
+      const uint8_t* const mask = p.mask + row * time;
+      for (int64_t t = 0; t < time; ++t) {
+        grad[t] = mask[t] != 0 ? g * ppo_loss::loss_token<A, kKind, kDual>(x[t], old[t], third[t], k).dloss : A(0);
+      }
     }
   }
 }
 
 template <typename A, int kKind>
-void kl_range(const KlParams& p, int64_t begin, int64_t end) {
+RLHF_INLINE void kl_range(const KlParams& p, int64_t begin, int64_t end) {
   const A* const logp = static_cast<const A*>(p.logp);
   const A* const ref = static_cast<const A*>(p.ref);
+  const A* const g = static_cast<const A*>(p.grad_out);  // backward only
   A* const out = static_cast<A*>(p.out);
-  if (p.grad_out != nullptr) {
-    const A* const g = static_cast<const A*>(p.grad_out);
-    for (int64_t i = begin; i < end; ++i) {
-      out[i] = g[i] * ppo_loss::kl_token<A, kKind>(logp[i], ref[i]).d;
+  if constexpr (std::is_same_v<A, float>) {
+    for (int64_t i = begin; i < end; i += kLanes) {
+      const int64_t n = std::min<int64_t>(kLanes, end - i);
+      const ppo_loss::KlOut<vf8> o = ppo_loss::kl_token<vf8, kKind>(load_lanes(logp + i, n), load_lanes(ref + i, n));
+      const vf8 v = g != nullptr ? load_lanes(g + i, n) * o.d : o.value;
+      store_lanes(out + i, v, n);
     }
   } else {
     for (int64_t i = begin; i < end; ++i) {
-      out[i] = ppo_loss::kl_token<A, kKind>(logp[i], ref[i]).value;
+      const ppo_loss::KlOut<A> o = ppo_loss::kl_token<A, kKind>(logp[i], ref[i]);
+      out[i] = g != nullptr ? g[i] * o.d : o.value;
     }
   }
 }
+
+// Entry points per ISA: name_base / name_avx2 / name_avx512 (cpu_simd.h's targets).
+#ifdef RLHF_HAS_ISA_DISPATCH
+#define RLHF_ISA_ENTRIES(name, body, Params, TPARAMS, TARGS)                                        \
+  template <TPARAMS>                                                                               \
+  void name##_base(const Params& p, int64_t b, int64_t e) { body<TARGS>(p, b, e); }                \
+  template <TPARAMS>                                                                               \
+  RLHF_TARGET_AVX2 void name##_avx2(const Params& p, int64_t b, int64_t e) { body<TARGS>(p, b, e); } \
+  template <TPARAMS>                                                                               \
+  RLHF_TARGET_AVX512 void name##_avx512(const Params& p, int64_t b, int64_t e) { body<TARGS>(p, b, e); }
+#define RLHF_ISA_PICK(name, TARGS)                                            \
+  (simd::cpu_isa() == simd::Isa::Avx512 ? &name##_avx512<TARGS>               \
+   : simd::cpu_isa() == simd::Isa::Avx2 ? &name##_avx2<TARGS>                 \
+                                        : &name##_base<TARGS>)
+#else
+#define RLHF_ISA_ENTRIES(name, body, Params, TPARAMS, TARGS) \
+  template <TPARAMS>                                         \
+  void name##_base(const Params& p, int64_t b, int64_t e) { body<TARGS>(p, b, e); }
+#define RLHF_ISA_PICK(name, TARGS) (&name##_base<TARGS>)
+#endif
+#define RLHF_COMMA ,
+RLHF_ISA_ENTRIES(loss_fwd_entry, loss_fwd_rows, PpoLossParams,
+                 typename A RLHF_COMMA int kKind RLHF_COMMA bool kDual, A RLHF_COMMA kKind RLHF_COMMA kDual)
+RLHF_ISA_ENTRIES(loss_bwd_entry, loss_bwd_rows, PpoLossParams,
+                 typename A RLHF_COMMA int kKind RLHF_COMMA bool kDual, A RLHF_COMMA kKind RLHF_COMMA kDual)
+RLHF_ISA_ENTRIES(kl_entry, kl_range, KlParams, typename A RLHF_COMMA int kKind, A RLHF_COMMA kKind)
 
 // About 32k tokens per task: rows are independent and cheap.
 int64_t grain_size(int64_t time) {
@@ -124,9 +242,9 @@ void parallel_rows(const PpoLossParams& p, RowsFn rows) {
 template <typename A>
 void loss_fwd(const PpoLossParams& p) {
   using namespace ppo_loss;
-  parallel_rows(p, p.kind == kValue ? &loss_fwd_rows<A, kValue, false>
-                   : p.has_dual    ? &loss_fwd_rows<A, kPolicy, true>
-                                   : &loss_fwd_rows<A, kPolicy, false>);
+  parallel_rows(p, p.kind == kValue ? RLHF_ISA_PICK(loss_fwd_entry, A RLHF_COMMA kValue RLHF_COMMA false)
+                   : p.has_dual    ? RLHF_ISA_PICK(loss_fwd_entry, A RLHF_COMMA kPolicy RLHF_COMMA true)
+                                   : RLHF_ISA_PICK(loss_fwd_entry, A RLHF_COMMA kPolicy RLHF_COMMA false));
   AggSums sums;  // in row order: the same result for any thread count
   const A* const rows = static_cast<const A*>(p.rows);
   for (int64_t row = 0; row < p.batch; ++row) sums.add_row(rows + row * kRowSums);
@@ -136,19 +254,19 @@ void loss_fwd(const PpoLossParams& p) {
 template <typename A>
 void loss_bwd(const PpoLossParams& p) {
   using namespace ppo_loss;
-  parallel_rows(p, p.kind == kValue ? &loss_bwd_rows<A, kValue, false>
-                   : p.has_dual    ? &loss_bwd_rows<A, kPolicy, true>
-                                   : &loss_bwd_rows<A, kPolicy, false>);
+  parallel_rows(p, p.kind == kValue ? RLHF_ISA_PICK(loss_bwd_entry, A RLHF_COMMA kValue RLHF_COMMA false)
+                   : p.has_dual    ? RLHF_ISA_PICK(loss_bwd_entry, A RLHF_COMMA kPolicy RLHF_COMMA true)
+                                   : RLHF_ISA_PICK(loss_bwd_entry, A RLHF_COMMA kPolicy RLHF_COMMA false));
 }
 
 template <typename A>
 void kl(const KlParams& p) {
   void (*fn)(const KlParams&, int64_t, int64_t) = nullptr;
   switch (p.kind) {
-    case ppo_loss::kKlK1: fn = &kl_range<A, ppo_loss::kKlK1>; break;
-    case ppo_loss::kKlAbs: fn = &kl_range<A, ppo_loss::kKlAbs>; break;
-    case ppo_loss::kKlK2: fn = &kl_range<A, ppo_loss::kKlK2>; break;
-    default: fn = &kl_range<A, ppo_loss::kKlK3>; break;
+    case ppo_loss::kKlK1: fn = RLHF_ISA_PICK(kl_entry, A RLHF_COMMA ppo_loss::kKlK1); break;
+    case ppo_loss::kKlAbs: fn = RLHF_ISA_PICK(kl_entry, A RLHF_COMMA ppo_loss::kKlAbs); break;
+    case ppo_loss::kKlK2: fn = RLHF_ISA_PICK(kl_entry, A RLHF_COMMA ppo_loss::kKlK2); break;
+    default: fn = RLHF_ISA_PICK(kl_entry, A RLHF_COMMA ppo_loss::kKlK3); break;
   }
   at::parallel_for(0, p.n, kKlGrain, [&](int64_t b, int64_t e) { fn(p, b, e); });
 }

@@ -8,8 +8,10 @@
 //
 // Every device-callable function is RLHF_HD (logprobs.h: __host__ __device__
 // __forceinline__ under nvcc, plain inline otherwise) and templated on the
-// compute type A (float for float32, double for float64). exp goes through
-// expf / exp: nvcc's accurate device versions on the GPU, libm on the host.
+// compute type A (float for float32, double for float64; on the host also
+// simd::vf8, 8 float lanes, see lit below). exp goes through expf / exp:
+// nvcc's accurate device versions on the GPU, libm on the host, and
+// cpu_simd.h's polynomial for simd::vf8 (< 2e-7 relative).
 // The constants derived from the double parameters (1 - low, 1 + high, ...)
 // are formed in A, as the Triton kernels do after rounding the parameters.
 // nvcc contracts a * b + c into an FMA where the host compiler does not (the
@@ -29,6 +31,9 @@
 #include <string>
 
 #include "ppo.h"
+#if !defined(__CUDACC__)
+#include "cpu_simd.h"
+#endif
 
 namespace rlhf {
 namespace ppo_loss {
@@ -66,8 +71,25 @@ RLHF_HD A clamp(A x, A lo, A hi) {
 // max(a, b); NaN if either is NaN. Ties return b (same value).
 template <typename A>
 RLHF_HD A max_nan(A a, A b) {
-  return (a > b || a != a) ? a : b;
+  return ((a > b) | (a != a)) ? a : b;  // | and & rather than || and &&: lane-wise on simd::vf
 }
+
+// The constant v in type A. The token functions below are also instantiated
+// on the host for A = simd::vf8 (8 floats: ppo_loss_cpu.cpp), where
+// comparisons give lane masks, `auto` holds them, and ?: selects per lane.
+template <typename A>
+RLHF_HD A lit(double v) {
+  return static_cast<A>(v);
+}
+
+#if !defined(__CUDACC__)
+template <>
+RLHF_HD simd::vf8 lit<simd::vf8>(double v) {
+  return simd::splat8(static_cast<float>(v));
+}
+RLHF_HD simd::vf8 m_exp(simd::vf8 x) { return simd::exp_bounded(x); }
+RLHF_HD simd::vf8 m_abs(simd::vf8 x) { return simd::abs(x); }
+#endif
 
 // ---------------------------------------------------------------------------
 // Per-call constants
@@ -111,33 +133,33 @@ struct TokenOut {
 template <typename A, bool kDual>
 RLHF_HD TokenOut<A> policy_token(A logp, A old, A adv, const LossConsts<A>& k) {
   const A diff = logp - old;
-  const A log_ratio = clamp(diff, A(-20), A(20));
+  const A log_ratio = clamp(diff, lit<A>(-20), lit<A>(20));
   const A ratio = m_exp(log_ratio);
-  const A dratio = m_abs(diff) < A(20) ? ratio : A(0);  // the clamp cuts the gradient outside
+  const A dratio = m_abs(diff) < lit<A>(20) ? ratio : lit<A>(0);  // the clamp cuts the gradient outside
   const A clipped_ratio = clamp(ratio, k.lo, k.hi);
-  const bool in_clip = ratio > k.lo && ratio < k.hi;
+  const auto in_clip = (ratio > k.lo) & (ratio < k.hi);
   const A loss1 = -adv * ratio;
   const A loss2 = -adv * clipped_ratio;
-  const bool clip_hit = loss2 > loss1;
+  const auto clip_hit = loss2 > loss1;
   const A clipped = max_nan(loss1, loss2);
   // The max picks the unclipped term unless the clipped one is strictly
   // larger (ties: the unclipped term's gradient, equal to the clipped one's
   // inside the clip range).
   const A dunclipped = -adv * dratio;
-  const A dclipped = clip_hit ? (in_clip ? dunclipped : A(0)) : dunclipped;
+  const A dclipped = clip_hit ? (in_clip ? dunclipped : lit<A>(0)) : dunclipped;
   TokenOut<A> o;
   o.loss = clipped;
   o.dloss = dclipped;
-  o.clip = clip_hit ? A(1) : A(0);
+  o.clip = clip_hit ? lit<A>(1) : lit<A>(0);
   o.kl = -log_ratio;
-  o.lower = A(0);
+  o.lower = lit<A>(0);
   if (kDual) {
     const A loss3 = -adv * k.c;
-    const bool neg = adv < A(0);
-    const bool use3 = neg && loss3 < clipped;
+    const auto neg = adv < lit<A>(0);
+    const auto use3 = neg & (loss3 < clipped);
     o.loss = use3 ? loss3 : clipped;
-    o.dloss = use3 ? A(0) : dclipped;
-    o.lower = (neg && clipped > loss3) ? A(1) : A(0);
+    o.dloss = use3 ? lit<A>(0) : dclipped;
+    o.lower = (neg & (clipped > loss3)) ? lit<A>(1) : lit<A>(0);
   }
   return o;
 }
@@ -153,14 +175,14 @@ RLHF_HD TokenOut<A> value_token(A v, A old, A ret, const LossConsts<A>& k) {
   const A e2 = clipped_v - ret;
   const A l1 = e1 * e1;
   const A l2 = e2 * e2;
-  const bool inside = diff > -k.eps && diff < k.eps;
-  const bool use2 = l2 > l1;
+  const auto inside = (diff > -k.eps) & (diff < k.eps);
+  const auto use2 = l2 > l1;
   TokenOut<A> o;
-  o.loss = A(0.5) * max_nan(l1, l2);
-  o.dloss = use2 ? (inside ? e2 : A(0)) : e1;
-  o.clip = use2 ? A(1) : A(0);
-  o.kl = A(0);
-  o.lower = A(0);
+  o.loss = lit<A>(0.5) * max_nan(l1, l2);
+  o.dloss = use2 ? (inside ? e2 : lit<A>(0)) : e1;
+  o.clip = use2 ? lit<A>(1) : lit<A>(0);
+  o.kl = lit<A>(0);
+  o.lower = lit<A>(0);
   return o;
 }
 
@@ -239,21 +261,21 @@ RLHF_HD KlOut<A> kl_token(A logp, A ref) {
   KlOut<A> o;
   if (kKind == kKlK1) {
     o.value = diff;
-    o.d = A(1);
+    o.d = lit<A>(1);
   } else if (kKind == kKlAbs) {
     o.value = m_abs(diff);
-    o.d = diff > A(0) ? A(1) : (diff < A(0) ? A(-1) : A(0));
+    o.d = diff > lit<A>(0) ? lit<A>(1) : (diff < lit<A>(0) ? lit<A>(-1) : lit<A>(0));
   } else if (kKind == kKlK2) {
-    o.value = A(0.5) * diff * diff;
+    o.value = lit<A>(0.5) * diff * diff;
     o.d = diff;
   } else {
-    const A kl = clamp(-diff, A(-20), A(20));
+    const A kl = clamp(-diff, lit<A>(-20), lit<A>(20));
     const A e = m_exp(kl);
-    const A raw = e - kl - A(1);
-    o.value = clamp(raw, A(-10), A(10));
+    const A raw = e - kl - lit<A>(1);
+    o.value = clamp(raw, lit<A>(-10), lit<A>(10));
     // d/dlogp = -(e - 1) inside both clamps, 0 outside
-    const bool live = m_abs(diff) < A(20) && raw < A(10) && raw > A(-10);
-    o.d = live ? A(1) - e : A(0);
+    const auto live = (m_abs(diff) < lit<A>(20)) & (raw < lit<A>(10)) & (raw > lit<A>(-10));
+    o.d = live ? lit<A>(1) - e : lit<A>(0);
   }
   return o;
 }
