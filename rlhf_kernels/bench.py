@@ -504,6 +504,14 @@ def ppo_step_problem(batch, time_steps, vocab, dtype, device) -> Problem:
                 i["logits"], i["labels"], i["old"], i["adv"], i["mask"], ref_logprobs=i["ref"], kl_coef=0.05,
                 entropy_coef=0.01, check_labels=False, grad_in_forward=fused, backend=b,
             )[0]  # fmt: skip
+    if device.type == "cuda" and "triton" in _kernel_backends(device, "ppo_logits_fused_native"):
+        # the Triton sweep's first pass without its one-tile-ahead load (triton/ppo.py: fused_prefetch)
+        provs["rlhf_kernels[triton,fused,no prefetch]"] = lambda i: _without_prefetch(
+            lambda: rlhf_kernels.ppo_loss_from_logits(
+                i["logits"], i["labels"], i["old"], i["adv"], i["mask"], ref_logprobs=i["ref"], kl_coef=0.05,
+                entropy_coef=0.01, check_labels=False, backend="triton",
+            )[0]
+        )  # fmt: skip
     args = ("logits", "labels", "old", "adv", "mask", "ref")
     provs["eager"] = lambda i: eager_ppo_step(*(i[k] for k in args))
     provs["torch.compile"] = lambda i: _compiled(eager_ppo_step)(*(i[k] for k in args))
@@ -513,6 +521,19 @@ def ppo_step_problem(batch, time_steps, vocab, dtype, device) -> Problem:
     # writes their gradient once (what the fused sweep and the floor move; the two-pass path reads twice).
     return Problem("ppo_step", f"{batch}x{time_steps}x{vocab}", dtype, inputs, ("logits",), provs,
                    {"fwd": size, "bwd": 2 * size, "fwd+bwd": 2 * size})  # fmt: skip
+
+
+def _without_prefetch(fn):
+    """fn() with RLHF_KERNELS_FUSED_PREFETCH=0 (read at launch, so the kernel launched inside fn sees it)."""
+    old = os.environ.get("RLHF_KERNELS_FUSED_PREFETCH")
+    os.environ["RLHF_KERNELS_FUSED_PREFETCH"] = "0"
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ["RLHF_KERNELS_FUSED_PREFETCH"]
+        else:
+            os.environ["RLHF_KERNELS_FUSED_PREFETCH"] = old
 
 
 def eager_linear_ppo_step(hidden, weight, labels, old, adv, mask, ref):

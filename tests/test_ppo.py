@@ -684,6 +684,25 @@ def test_ppo_from_logits_empty_time(device, backend, grad_in_forward):
     assert loss.item() == 0 and metrics.clipfrac.item() == 0 and logits.grad.shape == (2, 0, 50)
 
 
+@pytest.mark.parametrize("device,backend", backend_cases(["triton"], native_op=FUSED))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ppo_from_logits_prefetch_is_exact(monkeypatch, device, backend, dtype):
+    """The fused sweep's one-tile-ahead load (RLHF_KERNELS_FUSED_PREFETCH) changes the schedule, not
+    the result: same loss, stats and gradient, with V spanning several tiles and a partial last one."""
+    g = torch.Generator().manual_seed(16)
+    logits, labels, old, adv, mask, ref = fused_inputs(2, 3, 5000, g, dtype=dtype, device=device)
+    out = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("RLHF_KERNELS_FUSED_PREFETCH", flag)
+        x = logits.clone().requires_grad_(True)
+        loss, metrics = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, ref_logprobs=ref, kl_coef=0.1,
+                                                          entropy_coef=0.01, backend=backend)  # fmt: skip
+        loss.backward()
+        out.append((loss, *metrics, x.grad))
+    for a, b in zip(*out, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"], native_op=FUSED))
 def test_ppo_from_logits_fused_grad_modes(device, backend):
     """Without grad the fused sweep writes no gradient and gives the same loss; the upstream

@@ -30,17 +30,28 @@ def _row_start(row, size1, size2, stride0, stride1, stride2):
 
 
 @triton.jit
-def _online_lse2(row_ptr, V, scale2, acc_ty: tl.constexpr, HAS_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+def _online_lse2(
+    row_ptr, V, scale2, acc_ty: tl.constexpr, HAS_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
+):  # fmt: skip
     """Streams one row of V logits once, BLOCK_V at a time, with u = x * scale2
     (z / T in base-2 units): returns the online max m, s = sum 2^(u - m) and,
-    with HAS_ENTROPY, w = sum 2^(u - m) (u - m) (else 0)."""
+    with HAS_ENTROPY, w = sum 2^(u - m) (u - m) (else 0). With PREFETCH the next
+    tile's load is issued before this tile's reductions (two tiles in flight per
+    program, a few more registers): for launches with one program per SM."""
     cols = tl.arange(0, BLOCK_V).to(tl.int64)
     m = tl.full((), float("-inf"), acc_ty)
     s = tl.zeros((), acc_ty)
     w = tl.zeros((), acc_ty)
+    if PREFETCH:
+        x_next = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf"))
     for start in range(0, V, BLOCK_V):
         offs = start + cols
-        x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf"))
+        if PREFETCH:
+            x = x_next
+            x_next = tl.load(row_ptr + BLOCK_V + offs, mask=offs + BLOCK_V < V, other=float("-inf"))
+        else:
+            x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf"))
         u = x.to(acc_ty) * scale2
         m_new = tl.maximum(m, tl.max(u, axis=0))
         # While every logit seen so far is -inf, use 0 as the pivot so that

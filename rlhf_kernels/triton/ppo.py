@@ -8,6 +8,8 @@ csrc/ppo.h and rlhf_kernels.ops.ppo.gae's docstring.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -415,7 +417,7 @@ def _ppo_logits_kernel(
     inv_temp_hi, inv_temp_lo, low_hi, low_lo, high_hi, high_lo, c_hi, c_lo, kl_coef_hi, kl_coef_lo,
     ent_coef_hi, ent_coef_lo, ignore_index,
     HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr, KL_KIND: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
-    WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     # Grid: (G,), G <= rows = B * T; program i owns token rows i, i + G, ...
     # (G = rows without the gradient; with it the launcher caps G so that the
@@ -453,7 +455,7 @@ def _ppo_logits_kernel(
                     tl.store(g_row + offs, tl.zeros((BLOCK_V,), acc_ty) + fill, mask=offs < V)
         else:
             x_row = logits_ptr + _row_start(row, size1, size2, stride0, stride1, stride2)
-            m, s, w2 = _online_lse2(x_row, V, scale2, acc_ty, True, BLOCK_V)
+            m, s, w2 = _online_lse2(x_row, V, scale2, acc_ty, True, BLOCK_V, PREFETCH)
             lse2 = m + tl.log2(s)
             x_label = tl.load(x_row + label).to(acc_ty)
             logp = (x_label * scale2 - lse2) * ln2
@@ -532,9 +534,23 @@ def ppo_logits_fused(
         rows, vocab, *layout, *grad_layout, *split_float(1.0 / temperature), *split_float(low), *split_float(high),
         *split_float(clip_c), *split_float(kl_coef), *split_float(entropy_coef), ignore_index,
         HAS_DUAL=has_dual, HAS_REF=ref is not None, KL_KIND=kl_kind, HAS_ENTROPY_GRAD=entropy_coef != 0,
-        WRITE_GRAD=grad is not None, BLOCK_V=block, num_warps=num_warps,
+        WRITE_GRAD=grad is not None, BLOCK_V=block, PREFETCH=fused_prefetch(), num_warps=num_warps,
     )  # fmt: skip
     return stats
+
+
+def fused_prefetch() -> bool:
+    """Whether the fused sweep's first pass (from HBM) issues each tile's load one tile
+    ahead. (The gradient pass re-reads from L2 and is at the register ceiling already:
+    prefetching there spills fp16 on sm_90.)
+
+    The sweep runs about one program per SM (register-bound at 16 warps, and the
+    gradient launch is capped for L2 besides), so its bytes in flight per SM are one
+    8 KiB tile unless the next load goes out early; by Little's law that is well
+    short of HBM bandwidth. On by default; ``RLHF_KERNELS_FUSED_PREFETCH=0`` turns it
+    off (``rlhf-kernels bench --op ppo_step`` on CUDA times both). Unmeasured on a GPU
+    so far."""
+    return os.environ.get("RLHF_KERNELS_FUSED_PREFETCH", "1") != "0"
 
 
 def _fused_block(vocab: int, itemsize: int) -> tuple[int, int]:
@@ -571,7 +587,8 @@ def _fused_configs():
                 for write in (False, True):
                     const = {"HAS_DUAL": dual, "HAS_REF": has_ref, "KL_KIND": kind, "HAS_ENTROPY_GRAD": ent,
                              "WRITE_GRAD": write, "BLOCK_V": block}  # fmt: skip
-                    configs.append((_ppo_logits_kernel, sig, const, num_warps))
+                    for prefetch in (False, True):
+                        configs.append((_ppo_logits_kernel, sig, {**const, "PREFETCH": prefetch}, num_warps))
         sig = {"x_ptr": f"*{ty}", "scale_ptr": "*fp32", **{n: "i64" for n in ("V", "size1", "size2", "stride0",
                                                                           "stride1", "stride2")},
                "BLOCK": "constexpr"}  # fmt: skip
