@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 namespace rlhf {
 namespace simd {
@@ -41,8 +42,42 @@ typedef float vf8 __attribute__((vector_size(32)));
 typedef int32_t vi8 __attribute__((vector_size(32)));
 typedef uint32_t vu8 __attribute__((vector_size(32)));
 
+constexpr int kLanes8 = 8;
+
 RLHF_INLINE vf splat(float v) { return vf{} + v; }
 RLHF_INLINE vf8 splat8(float v) { return vf8{} + v; }
+
+// a[0, n) into lanes, n <= 8, the rest 0. (Fixed-size copies compile to vector
+// moves; only a row's last, partial step pays a memcpy call.)
+RLHF_INLINE vf8 load8(const float* a, int64_t n) {
+  vf8 v{};
+  if (n == kLanes8) {
+    memcpy(&v, a, sizeof(vf8));
+  } else {
+    memcpy(&v, a, static_cast<size_t>(n) * sizeof(float));
+  }
+  return v;
+}
+RLHF_INLINE void store8(float* a, vf8 v, int64_t n) {
+  if (n == kLanes8) {
+    memcpy(a, &v, sizeof(vf8));
+  } else {
+    memcpy(a, &v, static_cast<size_t>(n) * sizeof(float));
+  }
+}
+// -1 where mask[i] != 0 for i < n, else 0. Widened by a plain loop (the compiler
+// vectorises it): __builtin_convertvector from bytes to ints is lowered lane by lane.
+RLHF_INLINE vi8 mask8(const uint8_t* mask, int64_t n) {
+  int32_t m[kLanes8];
+  if (n == kLanes8) {
+    for (int i = 0; i < kLanes8; ++i) m[i] = mask[i];
+  } else {
+    for (int i = 0; i < kLanes8; ++i) m[i] = i < n ? mask[i] : 0;
+  }
+  vi8 v;
+  memcpy(&v, m, sizeof(vi8));
+  return v != 0;
+}
 
 // 2^n p(r) for xc in [-87, 88]: Cody-Waite reduction to r in [-ln2/2, ln2/2]
 // and a degree-6 Taylor polynomial (truncation < 1.2e-7 relative), the
@@ -131,3 +166,27 @@ inline Isa cpu_isa() {
 
 }  // namespace simd
 }  // namespace rlhf
+
+// RLHF_ISA_ENTRIES(name, body, Params, TPARAMS, TARGS) defines name_base,
+// name_avx2 and name_avx512 (template <TPARAMS>, each calling body<TARGS>(p, b, e)
+// under its target), RLHF_ISA_PICK(name, TARGS) the one this CPU runs. Commas
+// inside TPARAMS / TARGS are written RLHF_COMMA. body must be always_inline.
+#define RLHF_COMMA ,
+#ifdef RLHF_HAS_ISA_DISPATCH
+#define RLHF_ISA_ENTRIES(name, body, Params, TPARAMS, TARGS)                                          \
+  template <TPARAMS>                                                                                 \
+  void name##_base(const Params& p, int64_t b, int64_t e) { body<TARGS>(p, b, e); }                  \
+  template <TPARAMS>                                                                                 \
+  RLHF_TARGET_AVX2 void name##_avx2(const Params& p, int64_t b, int64_t e) { body<TARGS>(p, b, e); } \
+  template <TPARAMS>                                                                                 \
+  RLHF_TARGET_AVX512 void name##_avx512(const Params& p, int64_t b, int64_t e) { body<TARGS>(p, b, e); }
+#define RLHF_ISA_PICK(name, TARGS)                                                      \
+  (::rlhf::simd::cpu_isa() == ::rlhf::simd::Isa::Avx512 ? &name##_avx512<TARGS>        \
+   : ::rlhf::simd::cpu_isa() == ::rlhf::simd::Isa::Avx2 ? &name##_avx2<TARGS>          \
+                                                        : &name##_base<TARGS>)
+#else
+#define RLHF_ISA_ENTRIES(name, body, Params, TPARAMS, TARGS) \
+  template <TPARAMS>                                         \
+  void name##_base(const Params& p, int64_t b, int64_t e) { body<TARGS>(p, b, e); }
+#define RLHF_ISA_PICK(name, TARGS) (&name##_base<TARGS>)
+#endif

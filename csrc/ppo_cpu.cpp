@@ -16,14 +16,19 @@
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
 #include <cstdint>
 #include <stdexcept>
+#include <type_traits>
+#include <vector>
 
+#include "cpu_simd.h"
 #include "ppo.h"
 
 namespace rlhf {
 namespace {
+
+using simd::vf8;
+using simd::vi8;
 
 template <typename A>
 void gae_rows(const GaeParams& p, int64_t row_begin, int64_t row_end) {
@@ -60,7 +65,7 @@ int64_t grain_size(int64_t time) {
 // Tasks of whole kWhitenChunk-element chunks (at::parallel_for, OpenMP): the
 // partials, their merge order and hence the result do not depend on the
 // thread count. Reads x twice (once per pass) and the mask once, writes out
-// once.
+// once. Both passes are instantiated per ISA (cpu_simd.h: RLHF_ISA_ENTRIES).
 
 template <typename A>
 struct Moments {
@@ -81,42 +86,103 @@ Moments<A> chan_merge(const Moments<A>& a, const Moments<A>& b) {
   return r;
 }
 
-// Two-pass (count, mean, M2) of the valid elements of one chunk; 8 interleaved
-// accumulators (vectorisable, and a shorter summation chain).
+// Two-pass (count, mean, M2) of the valid elements of one chunk, over 8
+// interleaved partial sums (element i into lane i % 8; simd::vf8 lanes for
+// float32), then the lanes in order.
 template <typename T, typename A>
-Moments<A> chunk_moments(const T* x, const uint8_t* mask, int64_t len) {
-  constexpr int kLanes = 8;
-  A sum[kLanes] = {}, m2[kLanes] = {};
-  int64_t count = 0;
-  for (int64_t i = 0; i < len; ++i) {
-    const bool valid = mask[i] != 0;
-    count += valid;
-    sum[i % kLanes] += valid ? static_cast<A>(x[i]) : A(0);
-  }
-  A total = A(0);
-  for (int l = 0; l < kLanes; ++l) total += sum[l];
+RLHF_INLINE Moments<A> chunk_moments(const T* x, const uint8_t* mask, int64_t len) {
+  constexpr int kLanes = simd::kLanes8;
   Moments<A> r;
-  r.n = count;
-  r.mean = total / static_cast<A>(std::max<int64_t>(count, 1));
-  for (int64_t i = 0; i < len; ++i) {
-    const A d = mask[i] != 0 ? static_cast<A>(x[i]) - r.mean : A(0);
-    m2[i % kLanes] += d * d;
+  if constexpr (std::is_same_v<T, float>) {
+    const vf8 zero{}, one = simd::splat8(1.0f);
+    vf8 sum{}, count{};
+    for (int64_t i = 0; i < len; i += kLanes) {
+      const int64_t n = std::min<int64_t>(kLanes, len - i);
+      const vi8 keep = simd::mask8(mask + i, n);
+      sum += keep ? simd::load8(x + i, n) : zero;
+      count += keep ? one : zero;
+    }
+    r.n = static_cast<int64_t>(simd::hsum(count));  // exact: at most kWhitenChunk
+    r.mean = simd::hsum(sum) / static_cast<float>(std::max<int64_t>(r.n, 1));
+    const vf8 mean = simd::splat8(r.mean);
+    vf8 m2{};
+    for (int64_t i = 0; i < len; i += kLanes) {
+      const int64_t n = std::min<int64_t>(kLanes, len - i);
+      const vf8 d = simd::mask8(mask + i, n) ? simd::load8(x + i, n) - mean : zero;
+      m2 += d * d;
+    }
+    r.m2 = simd::hsum(m2);
+  } else {
+    A sum[kLanes] = {}, m2[kLanes] = {};
+    int64_t count = 0;
+    for (int64_t i = 0; i < len; ++i) {
+      const bool valid = mask[i] != 0;
+      count += valid;
+      sum[i % kLanes] += valid ? static_cast<A>(x[i]) : A(0);
+    }
+    A total = A(0);
+    for (int l = 0; l < kLanes; ++l) total += sum[l];
+    r.n = count;
+    r.mean = total / static_cast<A>(std::max<int64_t>(count, 1));
+    for (int64_t i = 0; i < len; ++i) {
+      const A d = mask[i] != 0 ? static_cast<A>(x[i]) - r.mean : A(0);
+      m2[i % kLanes] += d * d;
+    }
+    for (int l = 0; l < kLanes; ++l) r.m2 += m2[l];
   }
-  for (int l = 0; l < kLanes; ++l) r.m2 += m2[l];
   return r;
 }
 
+// One whitening call's state, shared by its two parallel passes.
+template <typename A>
+struct WhitenTask {
+  const WhitenParams* p;
+  Moments<A>* parts;  // [n_parts]
+  A mean = A(0), rstd = A(1), back = A(0);
+};
+
+// Pass 1 over chunks [b, e): their moments.
+template <typename T, typename A>
+RLHF_INLINE void whiten_moments(const WhitenTask<A>& t, int64_t b, int64_t e) {
+  const WhitenParams& p = *t.p;
+  for (int64_t c = b; c < e; ++c) {
+    const int64_t begin = c * kWhitenChunk;
+    t.parts[c] = chunk_moments<T, A>(static_cast<const T*>(p.x) + begin, p.mask + begin,
+                                     std::min(kWhitenChunk, p.n - begin));
+  }
+}
+
+// Pass 2 over chunks [b, e): out = (x - mean) * rstd + back.
+template <typename T, typename A>
+RLHF_INLINE void whiten_apply(const WhitenTask<A>& t, int64_t b, int64_t e) {
+  const WhitenParams& p = *t.p;
+  const T* const x = static_cast<const T*>(p.x);
+  A* const out = static_cast<A*>(p.out);
+  const int64_t end = std::min(e * kWhitenChunk, p.n);
+  if constexpr (std::is_same_v<T, float>) {
+    const vf8 mean = simd::splat8(t.mean), rstd = simd::splat8(t.rstd), back = simd::splat8(t.back);
+    for (int64_t i = b * kWhitenChunk; i < end; i += simd::kLanes8) {
+      const int64_t n = std::min<int64_t>(simd::kLanes8, end - i);
+      simd::store8(out + i, (simd::load8(x + i, n) - mean) * rstd + back, n);
+    }
+  } else {
+    for (int64_t i = b * kWhitenChunk; i < end; ++i) out[i] = (static_cast<A>(x[i]) - t.mean) * t.rstd + t.back;
+  }
+}
+
+RLHF_ISA_ENTRIES(whiten_moments_entry, whiten_moments, WhitenTask<A>, typename T RLHF_COMMA typename A,
+                 T RLHF_COMMA A)
+RLHF_ISA_ENTRIES(whiten_apply_entry, whiten_apply, WhitenTask<A>, typename T RLHF_COMMA typename A, T RLHF_COMMA A)
+
 template <typename T, typename A>
 void whiten_impl(const WhitenParams& p) {
-  const T* const x = static_cast<const T*>(p.x);
   const int64_t n_parts = (p.n + kWhitenChunk - 1) / kWhitenChunk;
   std::vector<Moments<A>> parts(static_cast<size_t>(n_parts));
-  at::parallel_for(0, n_parts, 1, [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c) {
-      const int64_t begin = c * kWhitenChunk;
-      parts[c] = chunk_moments<T, A>(x + begin, p.mask + begin, std::min(kWhitenChunk, p.n - begin));
-    }
-  });
+  WhitenTask<A> task;
+  task.p = &p;
+  task.parts = parts.data();
+  const auto moments = RLHF_ISA_PICK(whiten_moments_entry, T RLHF_COMMA A);
+  at::parallel_for(0, n_parts, 1, [&](int64_t b, int64_t e) { moments(task, b, e); });
   Moments<A> total;
   for (const Moments<A>& part : parts) total = chan_merge(total, part);  // fixed order
   const A var = total.m2 / static_cast<A>(std::max<int64_t>(total.n - 1, 1));
@@ -126,12 +192,11 @@ void whiten_impl(const WhitenParams& p) {
   stats[1] = total.mean;
   stats[2] = var;
   stats[3] = rstd;
-  const A mean = total.mean, back = p.shift_mean ? A(0) : total.mean;
-  A* const out = static_cast<A*>(p.out);
-  at::parallel_for(0, n_parts, 1, [&](int64_t b, int64_t e) {
-    const int64_t end = std::min(e * kWhitenChunk, p.n);
-    for (int64_t i = b * kWhitenChunk; i < end; ++i) out[i] = (static_cast<A>(x[i]) - mean) * rstd + back;
-  });
+  task.mean = total.mean;
+  task.rstd = rstd;
+  task.back = p.shift_mean ? A(0) : total.mean;
+  const auto apply = RLHF_ISA_PICK(whiten_apply_entry, T RLHF_COMMA A);
+  at::parallel_for(0, n_parts, 1, [&](int64_t b, int64_t e) { apply(task, b, e); });
 }
 
 // --- GRPO advantages -------------------------------------------------------------------

@@ -22,7 +22,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -45,47 +44,21 @@ namespace {
 // order: reassociated against a serial sum, but fixed for any thread count.
 using simd::vf8;
 using simd::vi8;
-constexpr int kLanes = 8;
+using simd::load8;
+using simd::store8;
+constexpr int kLanes = simd::kLanes8;
 
-// Tokens [t, t + n) of a row into lanes (n <= 16; the rest 0, mask 0).
+// Tokens [t, t + n) of a row into lanes (n <= 8; the rest 0, mask 0).
 struct Lanes {
   vf8 x, old, third;
   vi8 keep;  // -1 where valid
 };
-// (Fixed-size copies compile to vector moves; only a row's last step pays a call.)
-RLHF_INLINE vf8 load_lanes(const float* a, int64_t n) {
-  vf8 v{};
-  if (n == kLanes) {
-    memcpy(&v, a, sizeof(vf8));
-  } else {
-    memcpy(&v, a, static_cast<size_t>(n) * sizeof(float));
-  }
-  return v;
-}
-RLHF_INLINE void store_lanes(float* a, vf8 v, int64_t n) {
-  if (n == kLanes) {
-    memcpy(a, &v, sizeof(vf8));
-  } else {
-    memcpy(a, &v, static_cast<size_t>(n) * sizeof(float));
-  }
-}
 RLHF_INLINE Lanes load_tokens(const PpoLossParams& p, int64_t base, int64_t n) {
   Lanes l;
-  l.x = load_lanes(static_cast<const float*>(p.x) + base, n);
-  l.old = load_lanes(static_cast<const float*>(p.old) + base, n);
-  l.third = load_lanes(static_cast<const float*>(p.third) + base, n);
-  // Widened by a plain loop (the compiler vectorises it); __builtin_convertvector
-  // from 16 bytes to 16 ints is lowered lane by lane.
-  int32_t m[kLanes];
-  const uint8_t* const mask = p.mask + base;
-  if (n == kLanes) {
-    for (int i = 0; i < kLanes; ++i) m[i] = mask[i];
-  } else {
-    for (int i = 0; i < kLanes; ++i) m[i] = i < n ? mask[i] : 0;
-  }
-  vi8 keep;
-  memcpy(&keep, m, sizeof(vi8));
-  l.keep = keep != 0;
+  l.x = load8(static_cast<const float*>(p.x) + base, n);
+  l.old = load8(static_cast<const float*>(p.old) + base, n);
+  l.third = load8(static_cast<const float*>(p.third) + base, n);
+  l.keep = simd::mask8(p.mask + base, n);
   return l;
 }
 
@@ -164,7 +137,7 @@ RLHF_INLINE void loss_bwd_rows(const PpoLossParams& p, int64_t row_begin, int64_
         const Lanes l = load_tokens(p, row * time + t, n);
         const ppo_loss::TokenOut<vf8> o = ppo_loss::loss_token<vf8, kKind, kDual>(l.x, l.old, l.third, k);
         const vf8 out = l.keep ? gv * o.dloss : vf8{};
-        store_lanes(grad + t, out, n);
+        store8(grad + t, out, n);
       }
     } else {
       const ppo_loss::LossConsts<A> k = ppo_loss::make_consts<A>(p);
@@ -188,9 +161,9 @@ RLHF_INLINE void kl_range(const KlParams& p, int64_t begin, int64_t end) {
   if constexpr (std::is_same_v<A, float>) {
     for (int64_t i = begin; i < end; i += kLanes) {
       const int64_t n = std::min<int64_t>(kLanes, end - i);
-      const ppo_loss::KlOut<vf8> o = ppo_loss::kl_token<vf8, kKind>(load_lanes(logp + i, n), load_lanes(ref + i, n));
-      const vf8 v = g != nullptr ? load_lanes(g + i, n) * o.d : o.value;
-      store_lanes(out + i, v, n);
+      const ppo_loss::KlOut<vf8> o = ppo_loss::kl_token<vf8, kKind>(load8(logp + i, n), load8(ref + i, n));
+      const vf8 v = g != nullptr ? load8(g + i, n) * o.d : o.value;
+      store8(out + i, v, n);
     }
   } else {
     for (int64_t i = begin; i < end; ++i) {
@@ -200,26 +173,7 @@ RLHF_INLINE void kl_range(const KlParams& p, int64_t begin, int64_t end) {
   }
 }
 
-// Entry points per ISA: name_base / name_avx2 / name_avx512 (cpu_simd.h's targets).
-#ifdef RLHF_HAS_ISA_DISPATCH
-#define RLHF_ISA_ENTRIES(name, body, Params, TPARAMS, TARGS)                                        \
-  template <TPARAMS>                                                                               \
-  void name##_base(const Params& p, int64_t b, int64_t e) { body<TARGS>(p, b, e); }                \
-  template <TPARAMS>                                                                               \
-  RLHF_TARGET_AVX2 void name##_avx2(const Params& p, int64_t b, int64_t e) { body<TARGS>(p, b, e); } \
-  template <TPARAMS>                                                                               \
-  RLHF_TARGET_AVX512 void name##_avx512(const Params& p, int64_t b, int64_t e) { body<TARGS>(p, b, e); }
-#define RLHF_ISA_PICK(name, TARGS)                                            \
-  (simd::cpu_isa() == simd::Isa::Avx512 ? &name##_avx512<TARGS>               \
-   : simd::cpu_isa() == simd::Isa::Avx2 ? &name##_avx2<TARGS>                 \
-                                        : &name##_base<TARGS>)
-#else
-#define RLHF_ISA_ENTRIES(name, body, Params, TPARAMS, TARGS) \
-  template <TPARAMS>                                         \
-  void name##_base(const Params& p, int64_t b, int64_t e) { body<TARGS>(p, b, e); }
-#define RLHF_ISA_PICK(name, TARGS) (&name##_base<TARGS>)
-#endif
-#define RLHF_COMMA ,
+// Entry points per ISA (cpu_simd.h: RLHF_ISA_ENTRIES).
 RLHF_ISA_ENTRIES(loss_fwd_entry, loss_fwd_rows, PpoLossParams,
                  typename A RLHF_COMMA int kKind RLHF_COMMA bool kDual, A RLHF_COMMA kKind RLHF_COMMA kDual)
 RLHF_ISA_ENTRIES(loss_bwd_entry, loss_bwd_rows, PpoLossParams,

@@ -526,8 +526,8 @@ def masked_whiten(
     impl = _dispatch.resolve(backend, x.device, "masked_whiten_native")
     if impl == "torch" or x.numel() == 0:
         return reference.masked_whiten(x, mask, shift_mean=shift_mean, eps=eps)
-    flat_mask = (mask.detach() != 0).to(torch.uint8).contiguous().view(-1)
-    out, _ = _dispatch.call(_OPS[impl]["masked_whiten"], x.contiguous().view(-1), flat_mask, shift_mean, float(eps))
+    out, _ = _dispatch.call(_OPS[impl]["masked_whiten"], x.contiguous().view(-1), _mask_rows(mask).view(-1),
+                            shift_mean, float(eps))  # fmt: skip
     return out.view(x.shape)
 
 
