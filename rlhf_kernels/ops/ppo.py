@@ -104,7 +104,7 @@ def gae(
     if impl == "torch":
         return reference.gae(rewards, values, mask, gamma=gamma, lam=lam)
     rewards, values = _unit_time_stride(rewards), _unit_time_stride(values)
-    m = None if mask is None else _unit_time_stride((mask.detach() != 0).to(torch.uint8))
+    m = None if mask is None else _unit_time_stride(_mask_bytes(mask))
     return _OPS[impl]["gae"](rewards, values, m, float(gamma), float(lam))
 
 
@@ -667,15 +667,16 @@ def _rows(t, dtype):
     return t.to(dtype).contiguous()
 
 
-def _mask_rows(mask):
-    """The kernels' mask: contiguous uint8, nonzero = valid (a bool mask is reinterpreted, not converted)."""
+def _mask_bytes(mask):
+    """The kernels' mask: uint8, nonzero = valid (a bool mask is reinterpreted, not converted); strides kept."""
     m = mask.detach()
-    if m.dtype == torch.bool:
-        m = m.view(torch.uint8)
-    elif m.dtype != torch.uint8:
-        m = m != 0
-        m = m.view(torch.uint8)
-    return m.contiguous()
+    if m.dtype == torch.uint8:
+        return m
+    return (m if m.dtype == torch.bool else m != 0).view(torch.uint8)
+
+
+def _mask_rows(mask):
+    return _mask_bytes(mask).contiguous()
 
 
 _AGG_IDS = {mode: i for i, mode in enumerate(LOSS_AGG_MODES)}  # csrc/ppo_loss_math.h: kTokenMean ...
@@ -832,12 +833,13 @@ for _backend, (_fwd, _bwd) in _dispatch.kernel_ops("ppo_loss_fwd", "ppo_loss_bwd
         ctx.save_for_backward(x, old, third, mask, rows, metrics)
         ctx.args = (kind, p0, p1, p2, has_dual, agg)
         ctx.mark_non_differentiable(metrics, rows)
+        ctx.set_materialize_grads(False)  # no zero tensors for the non-differentiable outputs
 
     def _loss_backward(ctx, grad_loss, _grad_metrics, _grad_rows, bwd=_bwd):
         x, old, third, mask, rows, metrics = ctx.saved_tensors
         kind, p0, p1, p2, has_dual, agg = ctx.args
         grad_x = None
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and grad_loss is not None:
             grad_x = bwd(kind, x, old, third, mask, rows, metrics, grad_loss, p0, p1, p2, has_dual, agg)
         return None, grad_x, None, None, None, None, None, None, None, None
 

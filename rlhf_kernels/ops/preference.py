@@ -512,6 +512,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(chosen, rejected, ref_chosen, ref_rejected, margin, kl, metrics)
     ctx.args = (loss, beta, gamma, label_smoothing, center, tau, weight)
     ctx.mark_non_differentiable(chosen_rewards, rejected_rewards, metrics)
+    ctx.set_materialize_grads(False)  # no zero tensors for them; backward takes a None grad_losses too
 
 
 def _make_backward(bwd):
