@@ -119,7 +119,7 @@ def call(op, *args):
         return op(*args)
     if torch.is_grad_enabled():
         return eager.apply(*args)
-    # No graph to record: skip the op's Python autograd kernel. Only functional ops
-    # register autograd here, so no version counter goes unbumped.
+    # No graph to record: skip the op's Python autograd kernel, as torch's own no-grad
+    # path does. Only functional ops (no mutated or aliased arguments) come through here.
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)

@@ -142,11 +142,13 @@ def ppo_policy_loss(
         )  # fmt: skip
     acc = _acc_dtype(logprobs, old_logprobs, advantages)
     x, old, adv = _rows(logprobs, acc), _rows(old_logprobs.detach(), acc), _rows(advantages.detach(), acc)
+    graph = _records_graph(x)
     loss, metrics, _ = _dispatch.call(
-        _OPS[impl]["ppo_loss_fwd"], _POLICY, x, old, adv, _mask_rows(mask), float(low), float(high),
+        _OPS[impl]["ppo_loss_fwd"], _POLICY, x, old, adv, _mask_rows(mask, graph), float(low), float(high),
         float(clip_ratio_c or 0.0), clip_ratio_c is not None, _AGG_IDS[loss_agg_mode],
     )  # fmt: skip
-    clipfrac, approx_kl, clipfrac_lower, _, _ = metrics.unbind()
+    # backward reads metrics[3:] (the normalisers): hand out a copy when it is saved
+    clipfrac, approx_kl, clipfrac_lower = (metrics[:3].clone() if graph else metrics[:3]).unbind()
     return PolicyLossOutput(loss, clipfrac, approx_kl, clipfrac_lower)
 
 
@@ -176,9 +178,10 @@ def ppo_value_loss(
         )
     acc = _acc_dtype(values, old_values, returns)
     v, old, ret = _rows(values, acc), _rows(old_values.detach(), acc), _rows(returns.detach(), acc)
-    loss, metrics, _ = _dispatch.call(_OPS[impl]["ppo_loss_fwd"], _VALUE, v, old, ret, _mask_rows(mask),
+    graph = _records_graph(v)
+    loss, metrics, _ = _dispatch.call(_OPS[impl]["ppo_loss_fwd"], _VALUE, v, old, ret, _mask_rows(mask, graph),
                                       float(clip_range_value), 0.0, 0.0, False, _AGG_IDS[loss_agg_mode])  # fmt: skip
-    return ValueLossOutput(loss, metrics[0])
+    return ValueLossOutput(loss, metrics[0].clone() if graph else metrics[0])  # (as in ppo_policy_loss)
 
 
 def kl_penalty(
@@ -526,8 +529,8 @@ def masked_whiten(
     impl = _dispatch.resolve(backend, x.device, "masked_whiten_native")
     if impl == "torch" or x.numel() == 0:
         return reference.masked_whiten(x, mask, shift_mean=shift_mean, eps=eps)
-    out, _ = _dispatch.call(_OPS[impl]["masked_whiten"], x.contiguous().view(-1), _mask_rows(mask).view(-1),
-                            shift_mean, float(eps))  # fmt: skip
+    out, _ = _dispatch.call(_OPS[impl]["masked_whiten"], x.contiguous().view(-1),
+                            _mask_rows(mask, _records_graph(x)).view(-1), shift_mean, float(eps))  # fmt: skip
     return out.view(x.shape)
 
 
@@ -675,8 +678,18 @@ def _mask_bytes(mask):
     return (m if m.dtype == torch.bool else m != 0).view(torch.uint8)
 
 
-def _mask_rows(mask):
-    return _mask_bytes(mask).contiguous()
+def _mask_rows(mask, saved=False):
+    """Contiguous _mask_bytes. ``saved``: autograd will keep it for backward, so it must not share the
+    caller's storage (an in-place change of the caller's mask would then fail the backward)."""
+    m = _mask_bytes(mask).contiguous()
+    if saved and not torch.compiler.is_compiling():  # (traced graphs keep their own copies)
+        if m.untyped_storage().data_ptr() == mask.untyped_storage().data_ptr():
+            m = m.clone()
+    return m
+
+
+def _records_graph(x):
+    return torch.is_grad_enabled() and x.requires_grad
 
 
 _AGG_IDS = {mode: i for i, mode in enumerate(LOSS_AGG_MODES)}  # csrc/ppo_loss_math.h: kTokenMean ...
@@ -876,7 +889,7 @@ def _whiten_backward(ctx, grad, _grad_stats):
     if not ctx.needs_input_grad[0]:
         return None, None, None, None
     count, mean, _var, rstd = stats.unbind()
-    m = mask.to(stats.dtype)
+    m = (mask != 0).to(stats.dtype)  # any nonzero byte is a valid element
     centred = x.to(stats.dtype) - mean
     g = grad.to(stats.dtype)
     d_var = -0.5 * rstd**3 * (g * centred).sum()

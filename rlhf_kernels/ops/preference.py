@@ -198,7 +198,7 @@ def dpo_loss(
             impl, loss_type, pc, pr, rc, rr, beta=beta, label_smoothing=label_smoothing, tau=discopop_tau,
             bco_delta=0.0 if bco_delta is None else float(bco_delta), bco_batch_mean=bco_delta is None,
         )  # fmt: skip
-        metrics = dict(zip(METRIC_NAMES, m[:5].unbind(), strict=True)) if return_metrics else None
+        metrics = dict(zip(METRIC_NAMES, _user_view(m[:5], losses).unbind(), strict=True)) if return_metrics else None
     if return_metrics:
         return DPOLossWithMetrics(losses, cr, rj, metrics)
     return DPOLossOutput(losses, cr, rj)
@@ -251,6 +251,7 @@ def orpo_loss(
     if impl == "torch":
         return ORPOLossOutput(*reference.orpo_loss(pc, pr, beta=beta))
     losses, cr, rj, m = _run(impl, "orpo", pc, pr, beta=beta)
+    m = _user_view(m, losses)
     return ORPOLossOutput(losses, cr, rj, m[5], m[6])
 
 
@@ -346,7 +347,7 @@ def bradley_terry_loss(
     losses, _, _, metrics = _run(
         impl, "sigmoid", c, r, margin=m, beta=1.0, center=float(center_rewards_coefficient), rewards=False
     )
-    return BradleyTerryOutput(losses.mean(), metrics[1])
+    return BradleyTerryOutput(losses.mean(), _user_view(metrics[1], losses))
 
 
 # --- argument checks ----------------------------------------------------------------------
@@ -398,6 +399,15 @@ def _check_smoothing(loss_type, label_smoothing):
         raise ValueError(
             f"label_smoothing: {label_smoothing} is outside [{lo}, {hi}{bound} for loss_type={loss_type!r}"
         )
+
+
+def _user_view(metrics: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    """Metrics handed to the caller: a copy when the forward recorded a graph (``losses`` has a
+    grad_fn), which saved the metrics tensor for backward, so that changing them in place cannot
+    break the backward."""
+    if torch.compiler.is_compiling():  # traced graphs keep their own copies
+        return metrics
+    return metrics.clone() if losses.grad_fn is not None else metrics
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
