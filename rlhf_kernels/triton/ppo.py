@@ -115,16 +115,28 @@ AGG_BLOCK = 1024  # rows per step of the aggregation program
 
 
 @triton.jit
+def _max(a, b):
+    """max / min that propagate NaN (Triton's default drops it on GPU): a NaN token stays NaN, as in
+    torch.clamp / torch.maximum and csrc/ppo_loss_math.h."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _min(a, b):
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _policy_token(logp, old, adv, low, high, clip_c, HAS_DUAL: tl.constexpr):
     """Per-token PPO loss, d loss / d logp and the clip indicators (verl's compute_policy_loss)."""
-    log_ratio = tl.minimum(tl.maximum(logp - old, -20.0), 20.0)
+    log_ratio = _min(_max(logp - old, -20.0), 20.0)
     ratio = tl.exp(log_ratio)
     dratio = tl.where(tl.abs(logp - old) < 20.0, ratio, 0.0)  # clamp cuts the gradient outside
-    clipped_ratio = tl.minimum(tl.maximum(ratio, 1.0 - low), 1.0 + high)
+    clipped_ratio = _min(_max(ratio, 1.0 - low), 1.0 + high)
     in_clip = (ratio > 1.0 - low) & (ratio < 1.0 + high)
     loss1 = -adv * ratio
     loss2 = -adv * clipped_ratio
-    clipped = tl.maximum(loss1, loss2)
+    clipped = _max(loss1, loss2)
     # max picks the unclipped term unless the clipped one is larger (ties: same gradient)
     dclipped = tl.where(loss2 > loss1, tl.where(in_clip, -adv * dratio, 0.0), -adv * dratio)
     clip_hit = (loss2 > loss1).to(tl.float32)
@@ -145,14 +157,14 @@ def _policy_token(logp, old, adv, low, high, clip_c, HAS_DUAL: tl.constexpr):
 def _value_token(v, old_v, ret, clip_range):
     """Per-token 0.5 * max((v - R)^2, (clip(v, old +- eps) - R)^2) and d/dv."""
     diff = v - old_v
-    clipped_v = old_v + tl.minimum(tl.maximum(diff, -clip_range), clip_range)
+    clipped_v = old_v + _min(_max(diff, -clip_range), clip_range)
     e1 = v - ret
     e2 = clipped_v - ret
     l1 = e1 * e1
     l2 = e2 * e2
     inside = (diff > -clip_range) & (diff < clip_range)
     use2 = l2 > l1
-    loss = 0.5 * tl.maximum(l1, l2)
+    loss = 0.5 * _max(l1, l2)
     dloss = tl.where(use2, tl.where(inside, e2, 0.0), e1)
     return loss, dloss, use2.to(tl.float32)
 
@@ -334,10 +346,10 @@ def _kl_token(logp, ref, KIND: tl.constexpr):
     elif KIND == 2:
         return 0.5 * diff * diff, diff
     else:
-        kl = tl.minimum(tl.maximum(-diff, -20.0), 20.0)
+        kl = _min(_max(-diff, -20.0), 20.0)
         e = tl.exp(kl)
         raw = e - kl - 1.0
-        value = tl.minimum(tl.maximum(raw, -10.0), 10.0)
+        value = _min(_max(raw, -10.0), 10.0)
         # d/dlogp = -(e - 1) inside both clamps, 0 outside
         live = (tl.abs(diff) < 20.0) & (raw < 10.0) & (raw > -10.0)
         return value, tl.where(live, 1.0 - e, 0.0)
