@@ -282,6 +282,23 @@ def test_masked_whiten_byte_mask_values(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(native_op="ppo_loss_fwd_native"))
+def test_nan_token_propagates(device, backend):
+    """A NaN log-prob (or value) at a valid token makes the loss NaN on every backend (clamps and maxes
+    propagate NaN, as torch.clamp does); at a masked token it is ignored by the kernels."""
+    g = torch.Generator().manual_seed(12)
+    logp, old, adv, mask = ppo_inputs(2, 9, device, g, "none")
+    logp = logp.float().clone()
+    logp[1, 4] = float("nan")
+    assert rlhf_kernels.ppo_policy_loss(logp, old.float(), adv.float(), mask, clip_ratio_c=3.0,
+                                        backend=backend).loss.isnan()  # fmt: skip
+    assert rlhf_kernels.ppo_value_loss(logp, old.float(), adv.float(), mask, backend=backend).loss.isnan()
+    assert rlhf_kernels.kl_penalty(logp, old.float(), "k3", backend=backend)[1, 4].isnan()
+    if backend != "torch":  # the reference multiplies by the mask, so a masked NaN poisons it
+        mask[1, 4] = False
+        assert rlhf_kernels.ppo_policy_loss(logp, old.float(), adv.float(), mask, backend=backend).loss.isfinite()
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op="ppo_loss_fwd_native"))
 def test_inplace_changes_after_forward_do_not_break_backward(device, backend):
     """The caller may reuse its mask buffer or scale the returned metrics in place before backward:
     what backward needs was saved apart from them (and gives the original mask's gradient)."""
