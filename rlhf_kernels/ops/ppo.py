@@ -682,8 +682,9 @@ def _mask_rows(mask, saved=False):
     """Contiguous _mask_bytes. ``saved``: autograd will keep it for backward, so it must not share the
     caller's storage (an in-place change of the caller's mask would then fail the backward)."""
     m = _mask_bytes(mask).contiguous()
-    if saved and not torch.compiler.is_compiling():  # (traced graphs keep their own copies)
-        if m.untyped_storage().data_ptr() == mask.untyped_storage().data_ptr():
+    if saved:
+        # a traced graph saves the caller's tensor as well; storages cannot be compared while tracing
+        if torch.compiler.is_compiling() or m.untyped_storage().data_ptr() == mask.untyped_storage().data_ptr():
             m = m.clone()
     return m
 
