@@ -144,7 +144,7 @@ RLHF_INLINE float hsum(vf v) {
 }
 RLHF_INLINE float hsum(vf8 v) {
   float s = 0;
-  for (int i = 0; i < 8; ++i) s += v[i];
+  for (int i = 0; i < kLanes8; ++i) s += v[i];
   return s;
 }
 

@@ -6,7 +6,7 @@
 //
 // Rows run in parallel with at::parallel_for (OpenMP in standard torch
 // builds); within a row the five sums are loops over t in the input type
-// (float: 16 lanes at a time, double: scalar), so the result does not depend
+// (float: 8 lanes at a time, double: scalar), so the result does not depend
 // on the thread count. The KL estimators are elementwise, split into contiguous ranges.
 // Bytes: the forward reads x, old, third and the mask once and writes
 // 5 values per row, then folds those into the loss and metrics (ppo.h); the
@@ -62,16 +62,22 @@ RLHF_INLINE Lanes load_tokens(const PpoLossParams& p, int64_t base, int64_t n) {
   return l;
 }
 
-RLHF_INLINE ppo_loss::LossConsts<vf8> lane_consts(const PpoLossParams& p) {
-  const ppo_loss::LossConsts<float> k = ppo_loss::make_consts<float>(p);
-  return {simd::splat8(k.lo), simd::splat8(k.hi), simd::splat8(k.c), simd::splat8(k.eps)};
+// The per-call constants in the type the token loop runs in: lanes for float, else A.
+template <typename A>
+RLHF_INLINE auto loop_consts(const PpoLossParams& p) {
+  const ppo_loss::LossConsts<A> k = ppo_loss::make_consts<A>(p);
+  if constexpr (std::is_same_v<A, float>) {
+    return ppo_loss::LossConsts<vf8>{simd::splat8(k.lo), simd::splat8(k.hi), simd::splat8(k.c), simd::splat8(k.eps)};
+  } else {
+    return k;
+  }
 }
 
 template <typename A, int kKind, bool kDual>
 RLHF_INLINE void loss_fwd_rows(const PpoLossParams& p, int64_t row_begin, int64_t row_end) {
   const int64_t time = p.time;
   if constexpr (std::is_same_v<A, float>) {
-    const ppo_loss::LossConsts<vf8> k = lane_consts(p);
+    const auto k = loop_consts<A>(p);
     const vf8 zero{}, one = simd::splat8(1.0f);
     for (int64_t row = row_begin; row < row_end; ++row) {
       vf8 loss_sum{}, count{}, clip_sum{}, kl_sum{}, lower_sum{};
@@ -94,7 +100,7 @@ RLHF_INLINE void loss_fwd_rows(const PpoLossParams& p, int64_t row_begin, int64_
       r[4] = simd::hsum(lower_sum);
     }
   } else {
-    const ppo_loss::LossConsts<A> k = ppo_loss::make_consts<A>(p);
+    const auto k = loop_consts<A>(p);
     for (int64_t row = row_begin; row < row_end; ++row) {
       const A* const x = static_cast<const A*>(p.x) + row * time;
       const A* const old = static_cast<const A*>(p.old) + row * time;
@@ -125,12 +131,12 @@ RLHF_INLINE void loss_bwd_rows(const PpoLossParams& p, int64_t row_begin, int64_
   const int64_t time = p.time;
   const A* const metrics = static_cast<const A*>(p.metrics);
   const A grad_loss = *static_cast<const A*>(p.grad_loss);
+  const auto k = loop_consts<A>(p);
   for (int64_t row = row_begin; row < row_end; ++row) {
     const A count = static_cast<const A*>(p.rows)[row * ppo_loss::kRowSums + 1];
     const A g = grad_loss * ppo_loss::row_weight<A>(p.agg, count, metrics, time);
     A* const grad = static_cast<A*>(p.grad_x) + row * time;
     if constexpr (std::is_same_v<A, float>) {
-      const ppo_loss::LossConsts<vf8> k = lane_consts(p);
       const vf8 gv = simd::splat8(g);
       for (int64_t t = 0; t < time; t += kLanes) {
         const int64_t n = std::min<int64_t>(kLanes, time - t);
@@ -140,7 +146,6 @@ RLHF_INLINE void loss_bwd_rows(const PpoLossParams& p, int64_t row_begin, int64_
         store8(grad + t, out, n);
       }
     } else {
-      const ppo_loss::LossConsts<A> k = ppo_loss::make_consts<A>(p);
       const A* const x = static_cast<const A*>(p.x) + row * time;
       const A* const old = static_cast<const A*>(p.old) + row * time;
       const A* const third = static_cast<const A*>(p.third) + row * time;

@@ -679,14 +679,11 @@ def _mask_bytes(mask):
 
 
 def _mask_rows(mask, saved=False):
-    """Contiguous _mask_bytes. ``saved``: autograd will keep it for backward, so it must not share the
-    caller's storage (an in-place change of the caller's mask would then fail the backward)."""
-    m = _mask_bytes(mask).contiguous()
-    if saved:
-        # a traced graph saves the caller's tensor as well; storages cannot be compared while tracing
-        if torch.compiler.is_compiling() or m.untyped_storage().data_ptr() == mask.untyped_storage().data_ptr():
-            m = m.clone()
-    return m
+    """Contiguous _mask_bytes. ``saved``: autograd will keep it for backward, so it is copied (B * T bytes)
+    rather than share the caller's storage (an in-place change of the caller's mask would then fail the
+    backward, eager or traced)."""
+    m = _mask_bytes(mask)
+    return m.clone(memory_format=torch.contiguous_format) if saved else m.contiguous()
 
 
 def _records_graph(x):

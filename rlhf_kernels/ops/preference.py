@@ -402,12 +402,10 @@ def _check_smoothing(loss_type, label_smoothing):
 
 
 def _user_view(metrics: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
-    """Metrics handed to the caller: a copy when the forward recorded a graph (``losses`` has a
-    grad_fn), which saved the metrics tensor for backward, so that changing them in place cannot
+    """Metrics handed to the caller: a copy when the forward recorded a graph (``losses`` requires
+    grad), which saved the metrics tensor for backward, so that changing them in place cannot
     break the backward."""
-    if torch.compiler.is_compiling():  # (no grad_fn while tracing)
-        return metrics.clone() if losses.requires_grad else metrics
-    return metrics.clone() if losses.grad_fn is not None else metrics
+    return metrics.clone() if losses.requires_grad else metrics
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
