@@ -16,13 +16,16 @@ except ImportError as exc:  # not built, or built against another torch
     _C = None
     LOAD_ERROR = f"{type(exc).__name__}: {exc}"
 
+# Read once: dispatch asks on every call, also inside torch.compile, which cannot trace a pybind function.
+_HAS_CUDA = _C is not None and bool(_C.build_info()["cuda"])
+
 
 def available() -> bool:
     return _C is not None
 
 
 def has_cuda() -> bool:
-    return _C is not None and bool(_C.build_info()["cuda"])
+    return _HAS_CUDA
 
 
 def info() -> dict[str, Any]:

@@ -29,10 +29,14 @@ def test_build_info_reports_backends_and_versions():
         assert info["auto"]["cpu"] == "torch"
 
 
-def test_auto_prefers_triton_on_cuda(monkeypatch):
+def test_auto_prefers_native_then_triton_on_cuda(monkeypatch):
     monkeypatch.setattr(_dispatch, "unavailable_reason", lambda backend, device, native_op=None: None)
-    assert _dispatch.resolve("auto", torch.device("cuda")) == "triton"
+    assert _dispatch.resolve("auto", torch.device("cuda")) == "native"
     assert _dispatch.resolve("auto", torch.device("cpu")) == "native"
+    no_native = lambda backend, device, native_op=None: "not built" if backend == "native" else None  # noqa: E731
+    monkeypatch.setattr(_dispatch, "unavailable_reason", no_native)
+    assert _dispatch.resolve("auto", torch.device("cuda")) == "triton"
+    assert _dispatch.resolve("auto", torch.device("cpu")) == "torch"
 
 
 def test_info_command_prints_json():

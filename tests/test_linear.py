@@ -51,9 +51,10 @@ def run(hidden, weight, bias, labels, mask, *, seed=1, **kw):
 def _loss_and_grads(out, leaves, seed):
     lp, ent = out if isinstance(out, tuple) else (out, None)
     g = torch.Generator().manual_seed(seed)
-    loss = (lp.double() * torch.randn(lp.shape, generator=g, dtype=torch.float64)).sum()
+    weights = lambda t: torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device)  # noqa: E731
+    loss = (lp.double() * weights(lp)).sum()
     if ent is not None:
-        loss = loss + (ent.double() * torch.randn(ent.shape, generator=g, dtype=torch.float64)).sum()
+        loss = loss + (ent.double() * weights(ent)).sum()
     loss.backward()
     grads = [None if t is None else t.grad for t in leaves]
     return lp.detach(), None if ent is None else ent.detach(), grads

@@ -671,11 +671,16 @@ def _rows(t, dtype):
 
 
 def _mask_bytes(mask):
-    """The kernels' mask: uint8, nonzero = valid (a bool mask is reinterpreted, not converted); strides kept."""
+    """The kernels' mask: uint8, nonzero = valid (a bool mask is reinterpreted, not converted); strides kept.
+
+    Under torch.compile a bool mask is converted instead: Inductor cannot lower a bool -> uint8 view (and
+    fuses the conversion into whatever produced the mask)."""
     m = mask.detach()
     if m.dtype == torch.uint8:
         return m
-    return (m if m.dtype == torch.bool else m != 0).view(torch.uint8)
+    if m.dtype != torch.bool:
+        m = m != 0
+    return m.to(torch.uint8) if torch.compiler.is_compiling() else m.view(torch.uint8)
 
 
 def _mask_rows(mask, saved=False):

@@ -655,6 +655,16 @@ def _sqrt_rn(v):
 
 
 @triton.jit
+def _div_rn(a, b):
+    # IEEE-rounded quotient of two scalars: float32 `/` is div.full.f32 on GPU (up to 2 ulp off), which
+    # made a constant group's mean differ from its scores and its advantages nonzero. float64's is exact.
+    if b.dtype == tl.float64:
+        return a / b
+    else:
+        return tl.math.div_rn(a, b)
+
+
+@triton.jit
 def _whiten_partial_kernel(x_ptr, mask_ptr, count_ptr, mean_ptr, m2_ptr, n, CHUNK: tl.constexpr):
     # Grid: (cdiv(n, CHUNK),). Program c owns the elements [c CHUNK, (c + 1) CHUNK)
     # of the flat x and writes their (count, mean, M2) over the valid ones: the
@@ -668,7 +678,7 @@ def _whiten_partial_kernel(x_ptr, mask_ptr, count_ptr, mean_ptr, m2_ptr, n, CHUN
     valid = tl.load(mask_ptr + offs, mask=inb, other=0) != 0
     x = tl.where(valid, tl.load(x_ptr + offs, mask=inb, other=0.0).to(acc_ty), 0.0)
     count = tl.sum(valid.to(tl.int32), 0)
-    mean = tl.sum(x, 0) / tl.maximum(count, 1).to(acc_ty)
+    mean = _div_rn(tl.sum(x, 0), tl.maximum(count, 1).to(acc_ty))
     dev = tl.where(valid, x - mean, 0.0)
     tl.store(count_ptr + pid, count)
     tl.store(mean_ptr + pid, mean)
@@ -695,21 +705,21 @@ def _whiten_merge_kernel(count_ptr, mean_ptr, m2_ptr, stats_ptr, n_parts, eps_hi
         m2 = tl.load(m2_ptr + offs, mask=inb, other=0.0)
         block_n = tl.sum(c, 0)
         cf = c.to(acc_ty)
-        block_mean = tl.sum(cf * mu, 0) / tl.maximum(block_n, 1).to(acc_ty)
+        block_mean = _div_rn(tl.sum(cf * mu, 0), tl.maximum(block_n, 1).to(acc_ty))
         dev = mu - block_mean
         block_m2 = tl.sum(m2 + cf * dev * dev, 0)
         new_n = total_n + block_n
-        w = block_n.to(acc_ty) / tl.maximum(new_n, 1).to(acc_ty)
+        w = _div_rn(block_n.to(acc_ty), tl.maximum(new_n, 1).to(acc_ty))
         delta = block_mean - total_mean
         total_mean = total_mean + delta * w
         total_m2 = total_m2 + block_m2 + delta * delta * total_n.to(acc_ty) * w
         total_n = new_n
-    var = total_m2 / tl.maximum(total_n - 1, 1).to(acc_ty)
+    var = _div_rn(total_m2, tl.maximum(total_n - 1, 1).to(acc_ty))
     eps = join_float(eps_hi, eps_lo, acc_ty)
     tl.store(stats_ptr, total_n.to(acc_ty))
     tl.store(stats_ptr + 1, total_mean)
     tl.store(stats_ptr + 2, var)
-    tl.store(stats_ptr + 3, 1.0 / _sqrt_rn(var + eps))
+    tl.store(stats_ptr + 3, _div_rn(tl.full((), 1.0, acc_ty), _sqrt_rn(var + eps)))
 
 
 @triton.jit
@@ -770,7 +780,7 @@ def _grpo_kernel(scores_ptr, offsets_ptr, out_ptr, n, eps_hi, eps_lo, NORM_BY_ST
     for k in range(start, end, BLOCK):
         offs = k + cols
         acc += tl.load(scores_ptr + offs, mask=offs < end, other=0.0).to(acc_ty)
-    mean = tl.sum(acc, 0) / tl.maximum(size, 1).to(acc_ty)
+    mean = _div_rn(tl.sum(acc, 0), tl.maximum(size, 1).to(acc_ty))
     denom = tl.full((), 1.0, acc_ty)
     if NORM_BY_STD:
         acc = tl.zeros((BLOCK,), acc_ty)
@@ -779,7 +789,7 @@ def _grpo_kernel(scores_ptr, offsets_ptr, out_ptr, n, eps_hi, eps_lo, NORM_BY_ST
             s = tl.load(scores_ptr + offs, mask=offs < end, other=0.0).to(acc_ty)
             dev = tl.where(offs < end, s - mean, 0.0)
             acc += dev * dev
-        var = tl.sum(acc, 0) / tl.maximum(size - 1, 1).to(acc_ty)
+        var = _div_rn(tl.sum(acc, 0), tl.maximum(size - 1, 1).to(acc_ty))
         std = tl.where(size > 1, _sqrt_rn(var), 1.0)
         denom = std + join_float(eps_hi, eps_lo, acc_ty)
     for k in range(start, end, BLOCK):
