@@ -3,7 +3,7 @@
 # extension in place, run the GPU tests, run the benchmarks, and leave the logs and
 # results in $OUT (at most 8 files come back from a lent machine; this writes 7).
 #
-#   benchmarks/gpu_session.sh [phases]    phases: any of build tests bench (default: all three)
+#   benchmarks/gpu_session.sh [phases]    phases: any of build tests overhead bench (default: all four)
 #
 # Everything runs against one deadline, TOTAL seconds from the start (default 585: the
 # device tool stops a command at 600). The build gets at most BUILD_LIMIT (170 s; about
@@ -24,7 +24,7 @@
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu-session}
 PY=${PYTHON:-python3}
-PHASES=${*:-build tests bench}
+PHASES=${*:-build tests overhead bench}
 TOTAL=${TOTAL:-585}
 START=$(date +%s)
 mkdir -p "$OUT"
@@ -82,6 +82,12 @@ if has tests; then
   log "tests exit code $? (124/130: cut at the limit); summary:"
   grep -E "^(FAILED|ERROR) " "$OUT/tests.log" | head -40 | tee -a "$OUT/session.log"
   tail -3 "$OUT/tests.log" | tee -a "$OUT/session.log"
+fi
+
+if has overhead; then
+  log "per-call host overhead (benchmarks/overhead.py --profile)"
+  PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" timeout 60 "$PY" benchmarks/overhead.py --device cuda --profile \
+    >>"$OUT/session.log" 2>&1
 fi
 
 if has bench; then

@@ -23,10 +23,30 @@
 // stats and gradient row are 0 (labels outside [0, V): NaN, never an address).
 // grad may be the logits themselves (in place): grad_row reads each element
 // before the same thread overwrites it.
+//
+// On sm_90 the gradient-writing sweep has a second kernel that reads the
+// logits from HBM exactly once (ppo_logits_cluster_kernel): a thread-block
+// cluster of C <= 8 blocks owns one row at a time, each block copying its
+// slice (at most cluster_slice_bytes(), 64 KiB by default) into shared memory
+// with cp.async, so the row is held on chip between the log-sum-exp and the
+// gradient. The blocks' partial (max, sum, entropy) states are merged through
+// distributed shared memory in rank order (every block gets the same bits),
+// then each block writes its slice of the gradient from shared memory. Bytes:
+// V * sizeof(T) read and V * sizeof(T) written per row, the floor for this
+// step; several slices in flight per SM (two blocks per SM, all of a slice's
+// copies issued at once) keep HBM busy. Taken when the rows (logits and grad)
+// start on 16-byte boundaries, T is not double, and C <= 8; else the kernel
+// above runs. Measured on an H200 (8 x 2048 x 128256 bf16, whole step with
+// backward): 5.70 ms with the streaming kernel (its second read missing L2),
+// 4.52 ms with this one at the default 64 KiB slices (4 blocks a cluster);
+// the read + write floor is 2.03 ms, so this kernel still waits on something
+// (the serial per-row merge, or too few slices in flight): to be profiled.
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -70,6 +90,36 @@ struct FusedArgs {
   acc_t<T>* stats;
 };
 
+// Thread 0's step of a row in both kernels: from the row's merged log-sum-exp
+// state, the label's log-prob, the entropy and fused_token's PPO / KL terms;
+// writes the 7 per-token stats (when write_stats) and broadcasts
+// (lse, H, g, gH) through bcast.
+template <typename T>
+__device__ __forceinline__ void finish_row(const FusedArgs<T>& a, int64_t row, const OnlineLSE<acc_t<T>, true>& st,
+                                           acc_t<T> z_label, bool write_stats, acc_t<T>* bcast) {
+  using Acc = acc_t<T>;
+  const Acc log_s = log_acc(st.s);
+  const Acc lse = st.m + log_s;
+  const Acc entropy = log_s - st.w / st.s;
+  const Acc ref = a.ref != nullptr ? a.ref[row] : Acc(0);
+  const ppo_loss::FusedTokenOut<Acc> o = ppo_loss::fused_token<Acc>(
+      z_label - lse, entropy, a.old[row], a.adv[row], ref, a.weights[row], a.c, a.has_dual, a.kl_kind);
+  if (write_stats) {
+    Acc* s = a.stats + row * kFusedStats;
+    s[0] = o.weighted;
+    s[1] = o.pg;
+    s[2] = entropy;
+    s[3] = o.kl;
+    s[4] = o.clip;
+    s[5] = o.lower;
+    s[6] = o.neg_log_ratio;
+  }
+  bcast[0] = lse;
+  bcast[1] = entropy;
+  bcast[2] = o.g;
+  bcast[3] = o.gh;
+}
+
 template <typename T, bool kWriteGrad>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<T>) ppo_logits_kernel(const FusedArgs<T> a) {
   using Acc = acc_t<T>;
@@ -98,26 +148,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>) ppo_logits_kernel(con
     // Pass 1, as logprobs_fwd_kernel (stream_row in common.cuh).
     const State st = stream_row<kThreads>(x, V, inv_t, smem);
 
-    if (tid == 0) {
-      const Acc log_s = log_acc(st.s);
-      const Acc lse = st.m + log_s;
-      const Acc entropy = log_s - st.w / st.s;
-      const Acc ref = a.ref != nullptr ? a.ref[row] : Acc(0);
-      const ppo_loss::FusedTokenOut<Acc> o = ppo_loss::fused_token<Acc>(
-          z_label - lse, entropy, a.old[row], a.adv[row], ref, a.weights[row], a.c, a.has_dual, a.kl_kind);
-      Acc* s = a.stats + row * kFusedStats;
-      s[0] = o.weighted;
-      s[1] = o.pg;
-      s[2] = entropy;
-      s[3] = o.kl;
-      s[4] = o.clip;
-      s[5] = o.lower;
-      s[6] = o.neg_log_ratio;
-      bcast[0] = lse;
-      bcast[1] = entropy;
-      bcast[2] = o.g;
-      bcast[3] = o.gh;
-    }
+    if (tid == 0) finish_row(a, row, st, z_label, true, bcast);
 
     if (kWriteGrad) {
       // bcast is read here and rewritten by thread 0 only after the next
@@ -137,6 +168,138 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>) ppo_logits_kernel(con
   }
 }
 
+// --- the one-read sweep: a cluster holds the row in shared memory (sm_90) ---
+
+constexpr int kClusterThreads = 256;
+constexpr int kMaxCluster = 8;  // the portable cluster size
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+#endif
+}
+
+// Grid: clusters of C blocks (C = cluster size, 1 <= C <= 8), cluster k owning
+// rows k, k + #clusters, ... Block r of a cluster owns the row's elements
+// [r S, min(V, (r + 1) S)); S (a multiple of the 16-byte vector) is the
+// `slice` argument and the dynamic shared memory holds S elements. Per row:
+//   1. copy the slice into shared memory (cp.async, all at once; the scalar
+//      tail of the last slice with plain loads), thread 0 reads z_label;
+//   2. the block's OnlineLSE over the slice (from shared memory) into
+//      part[parity], then cluster barrier;
+//   3. thread 0 merges the C partial states of the cluster (read remotely, in
+//      rank order), runs finish_row (rank 0 writes the stats), broadcasts;
+//   4. the block writes its slice of the gradient from shared memory.
+// part[] alternates between two slots by row parity: a block can only write a
+// slot again two rows later, after a cluster barrier that every block of the
+// cluster reaches only when done reading it. A row's label is the same for
+// the whole cluster, so skipped rows are skipped by all its blocks together.
+// In place (grad == logits) is safe: the slice is in shared memory before any
+// block writes, and z_label is read before the barrier that precedes them.
+template <typename T>
+__global__ void __launch_bounds__(kClusterThreads, 2) ppo_logits_cluster_kernel(const FusedArgs<T> a, int slice) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  using Acc = acc_t<T>;
+  using State = OnlineLSE<Acc, true>;
+  constexpr int kN = Vec<T>::kN;
+  extern __shared__ __align__(16) unsigned char dyn_smem[];
+  T* buf = reinterpret_cast<T*>(dyn_smem);
+  __shared__ State warp_states[kClusterThreads / kWarpSize];
+  __shared__ State part[2];
+  __shared__ Acc bcast[4];
+
+  const cg::cluster_group cluster = cg::this_cluster();
+  const int n_blocks = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int64_t n_clusters = gridDim.x / n_blocks;
+  const int tid = static_cast<int>(threadIdx.x);
+  const int V = a.vocab;
+  const Acc inv_t = a.inv_t;
+  const int begin = min(V, rank * slice);
+  const int len = min(V, begin + slice) - begin;
+  const int nvec = len / kN;
+  int parity = 0;
+
+  for (int64_t row = blockIdx.x / n_blocks; row < a.rows; row += n_clusters) {
+    const int64_t y = a.labels[row];
+    T* out = a.grad + a.grad_layout.offset(row) + begin;
+    if (y == a.ignore_index || y < 0 || y >= V) {
+      const Acc v = (y == a.ignore_index) ? Acc(0) : quiet_nan<Acc>();
+      if (rank == 0 && tid < kFusedStats) a.stats[row * kFusedStats + tid] = v;
+      fill_row<kClusterThreads>(out, len, v);
+      continue;
+    }
+    const T* src = a.logits + a.layout.offset(row) + begin;
+    for (int i = tid; i < nvec; i += kClusterThreads) cp_async16(buf + i * kN, src + i * kN);
+    for (int j = nvec * kN + tid; j < len; j += kClusterThreads) buf[j] = src[j];
+    Acc z_label = Acc(0);
+    if (tid == 0) z_label = mul_rn(to_acc(a.logits[a.layout.offset(row) + y]), inv_t);
+    cp_async_wait_all();
+    __syncthreads();
+
+    State st;
+    st.reset();
+    for (int i = tid; i < nvec; i += kClusterThreads) {
+      Acc z[kN];
+      Vec<T>::load(buf + i * kN, z);
+#pragma unroll
+      for (int k = 0; k < kN; ++k) z[k] = mul_rn(z[k], inv_t);
+      st.template push<kN>(z);
+    }
+    for (int j = nvec * kN + tid; j < len; j += kClusterThreads) {
+      const Acc z[1] = {mul_rn(to_acc(buf[j]), inv_t)};
+      st.template push<1>(z);
+    }
+    block_reduce<kClusterThreads>(st, warp_states);
+    if (tid == 0) part[parity] = st;
+    cluster.sync();
+
+    if (tid == 0) {
+      State merged;
+      merged.reset();
+      for (int r = 0; r < n_blocks; ++r) {
+        const State* p = cluster.map_shared_rank(&part[parity], r);
+        merged.merge(p->m, p->s, p->w);
+      }
+      finish_row(a, row, merged, z_label, rank == 0, bcast);
+    }
+    __syncthreads();
+
+    const Acc row_t = row_inv_t(bcast[0], inv_t);
+    const auto write = [&](const auto& op) {
+      for (int i = tid; i < nvec; i += kClusterThreads) {
+        Acc u[kN];
+        Vec<T>::load(buf + i * kN, u);
+        const int j0 = begin + i * kN;
+#pragma unroll
+        for (int k = 0; k < kN; ++k) u[k] = op(u[k], j0 + k);
+        Vec<T>::store(out + i * kN, u);
+      }
+      for (int j = nvec * kN + tid; j < len; j += kClusterThreads) {
+        out[j] = from_acc<T>(op(to_acc(buf[j]), begin + j));
+      }
+    };
+    if (bcast[3] != Acc(0)) {
+      write(GradOp<Acc, true>{bcast[0], bcast[2], bcast[3], bcast[1], row_t, static_cast<int>(y)});
+    } else {
+      write(GradOp<Acc, false>{bcast[0], bcast[2], Acc(0), Acc(0), row_t, static_cast<int>(y)});
+    }
+    parity ^= 1;
+    __syncthreads();  // buf and bcast are rewritten by the next row
+  }
+  cluster.sync();  // no block leaves while another may still read its part[]
+#endif
+}
+
 void check_launch(const char* what) {
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) {
@@ -154,6 +317,77 @@ int64_t grad_grid(int64_t rows, int64_t row_bytes) {
   }
   const int64_t resident = std::max<int64_t>(sms, (int64_t(l2) / 2) / std::max<int64_t>(1, row_bytes));
   return std::min(rows, resident);
+}
+
+// Largest slice of a row a cluster block holds in shared memory, in bytes
+// (RLHF_KERNELS_CLUSTER_SLICE_BYTES; 0 turns the one-read sweep off).
+int64_t cluster_slice_bytes() {
+  const char* env = std::getenv("RLHF_KERNELS_CLUSTER_SLICE_BYTES");
+  return env != nullptr ? std::atoll(env) : 64 * 1024;
+}
+
+bool rows_aligned16(const void* base, const RowLayout& l, int64_t rows, int64_t itemsize) {
+  if (reinterpret_cast<uintptr_t>(base) % 16 != 0) return false;
+  const bool many0 = rows > l.size1 * l.size2;
+  return (!many0 || (l.stride0 * itemsize) % 16 == 0) && (l.size1 <= 1 || (l.stride1 * itemsize) % 16 == 0) &&
+         (l.size2 <= 1 || (l.stride2 * itemsize) % 16 == 0);
+}
+
+// Launches ppo_logits_cluster_kernel when it applies (see the top of this
+// file); false leaves the work to the caller.
+template <typename T>
+bool launch_cluster(const FusedArgs<T>& a, const PpoLogitsParams& p, cudaStream_t stream) {
+  if constexpr (sizeof(T) == 8) {
+    return false;  // double (gradcheck) keeps the streaming kernel
+  } else {
+  const int64_t budget = cluster_slice_bytes();
+  const int64_t item = sizeof(T);
+  constexpr int64_t kN = 16 / sizeof(T);
+  if (budget < 16 || !rows_aligned16(p.logits, p.logits_layout, p.rows, item) ||
+      !rows_aligned16(p.grad, p.grad_layout, p.rows, item)) {
+    return false;
+  }
+  const int64_t C = std::max<int64_t>(1, (p.vocab * item + budget - 1) / budget);
+  if (C > kMaxCluster) return false;
+  const int64_t slice = ((p.vocab + C - 1) / C + kN - 1) / kN * kN;
+  const size_t smem = static_cast<size_t>(slice * item);
+  int dev = 0, major = 0;
+  cudaFuncAttributes attr{};
+  const auto kernel = ppo_logits_cluster_kernel<T>;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major < 9 ||
+      cudaFuncGetAttributes(&attr, kernel) != cudaSuccess || attr.binaryVersion < 90 || attr.ptxVersion < 90 ||
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
+          cudaSuccess) {
+    (void)cudaGetLastError();  // not sm_90 code, or too much shared memory: the other kernel runs
+    return false;
+  }
+  cudaLaunchAttribute cluster_dim{};
+  cluster_dim.id = cudaLaunchAttributeClusterDimension;
+  cluster_dim.val.clusterDim.x = static_cast<unsigned>(C);
+  cluster_dim.val.clusterDim.y = 1;
+  cluster_dim.val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(C));
+  cfg.blockDim = dim3(kClusterThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = &cluster_dim;
+  cfg.numAttrs = 1;
+  int max_clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&max_clusters, kernel, &cfg) != cudaSuccess || max_clusters < 1) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  const int64_t clusters = std::min<int64_t>(p.rows, max_clusters);
+  cfg.gridDim = dim3(static_cast<unsigned>(clusters * C));
+  const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, a, static_cast<int>(slice));
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("rlhf_kernels: ppo_logits_cluster_kernel launch failed: ") +
+                             cudaGetErrorString(err));
+  }
+  return true;
+  }
 }
 
 template <typename T>
@@ -178,6 +412,7 @@ void launch(const PpoLogitsParams& p, cudaStream_t stream) {
   a.kl_kind = p.ref != nullptr ? p.kl_kind : -1;
   a.stats = static_cast<Acc*>(p.stats);
   if (p.grad != nullptr) {
+    if (launch_cluster(a, p, stream)) return;
     const int64_t grid = std::min(grad_grid(p.rows, p.vocab * int64_t(sizeof(T))), kMaxGrid);
     ppo_logits_kernel<T, true><<<dim3(static_cast<unsigned>(grid)), kThreads, 0, stream>>>(a);
   } else {

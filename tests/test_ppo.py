@@ -788,6 +788,37 @@ def test_ppo_from_logits_prefetch_is_exact(monkeypatch, device, backend, dtype):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+CLUSTER_CASES = {  # (B, T, V, RLHF_KERNELS_CLUSTER_SLICE_BYTES): what the CUDA one-read sweep sees
+    "default": (3, 6, 1000, None),  # one block per cluster
+    "off": (3, 6, 1000, "0"),  # the streaming kernel
+    "4-8-blocks": (3, 6, 1000, "512"),  # bf16: 4 slices of 256; fp32: 8 of 128, the last one 104
+    "tail": (1, 1, 1003, "512"),  # one row: aligned, with a scalar tail in the last slice
+    "empty-slice": (1, 1, 33, "20"),  # slices of 8: the 6th block of 7 holds nothing
+    "too-many-blocks": (2, 2, 1000, "64"),  # > 8 blocks: the streaming kernel
+    "unaligned-rows": (2, 3, 1003, "512"),  # rows not on 16-byte boundaries: the streaming kernel
+}
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["native"], native_op=FUSED))
+@pytest.mark.parametrize("case", list(CLUSTER_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+def test_ppo_from_logits_cluster_sweep(monkeypatch, device, backend, case, dtype, inplace):
+    """The CUDA gradient sweep that holds each row in the shared memory of a thread-block
+    cluster (sm_90), with the row cut into 1 to 8 slices, a scalar tail, an empty slice, in
+    place, and the cases that fall back to the streaming kernel. (On CPU and before sm_90 this
+    runs the other kernels: same expectations.)"""
+    B, T, V, budget = CLUSTER_CASES[case]
+    if budget is not None:
+        monkeypatch.setenv("RLHF_KERNELS_CLUSTER_SLICE_BYTES", budget)
+    g = torch.Generator().manual_seed(17)
+    logits, labels, old, adv, mask, ref = fused_inputs(B, T, V, g, dtype, device)
+    if B * T > 2:
+        labels[0, 1] = -100  # a skipped row: every block of its cluster skips it
+    check_fused(logits, labels, old, adv, mask, backend, inplace_backward=inplace, clip_ratio_c=3.0,
+                ref_logprobs=ref, kl_coef=0.05, entropy_coef=0.01, temperature=1.3)  # fmt: skip
+
+
 @pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"], native_op=FUSED))
 def test_ppo_from_logits_fused_grad_modes(device, backend):
     """Without grad the fused sweep writes no gradient and gives the same loss; the upstream
