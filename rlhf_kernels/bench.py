@@ -509,7 +509,7 @@ def ppo_step_problem(batch, time_steps, vocab, dtype, device) -> Problem:
         provs["rlhf_kernels[triton,fused,no prefetch]"] = lambda i: _without_prefetch(
             lambda: rlhf_kernels.ppo_loss_from_logits(
                 i["logits"], i["labels"], i["old"], i["adv"], i["mask"], ref_logprobs=i["ref"], kl_coef=0.05,
-                entropy_coef=0.01, check_labels=False, backend="triton",
+                entropy_coef=0.01, check_labels=False, grad_in_forward=True, backend="triton",
             )[0]
         )  # fmt: skip
     args = ("logits", "labels", "old", "adv", "mask", "ref")

@@ -734,7 +734,7 @@ def test_ppo_from_logits_float16_keeps_small_gradients(device, backend):
     logits = (logits.float() * 4).half()  # peaked rows: many probabilities near 1e-6
     scale = 65536.0
     x = logits.clone().requires_grad_(True)
-    loss, _ = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, backend=backend)
+    loss, _ = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, grad_in_forward=True, backend=backend)
     (loss * scale).backward()
     _, want = fused_oracle(logits, labels, old, adv, mask)
     big = (want * scale).abs() > 1e-2  # float16-normal after scaling; most are subnormal unscaled
@@ -781,8 +781,8 @@ def test_ppo_from_logits_prefetch_is_exact(monkeypatch, device, backend, dtype):
         monkeypatch.setenv("RLHF_KERNELS_FUSED_PREFETCH", flag)
         x = logits.clone().requires_grad_(True)
         loss, metrics = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, ref_logprobs=ref, kl_coef=0.1,
-                                                          entropy_coef=0.01, backend=backend)  # fmt: skip
-        loss.backward()
+                                                          entropy_coef=0.01, grad_in_forward=True, backend=backend)
+        loss.backward()  # fmt: skip
         out.append((loss, *metrics, x.grad))
     for a, b in zip(*out, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -826,10 +826,11 @@ def test_ppo_from_logits_fused_grad_modes(device, backend):
     g = torch.Generator().manual_seed(15)
     logits, labels, old, adv, mask, _ = fused_inputs(2, 4, 200, g, device=device)
     x = logits.clone().requires_grad_(True)
-    loss, _ = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, entropy_coef=0.1, backend=backend)
+    fused = dict(entropy_coef=0.1, grad_in_forward=True, backend=backend)
+    loss, _ = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, **fused)
     (3.0 * loss).backward(retain_graph=True)
     with torch.no_grad():
-        loss_ng, _ = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, entropy_coef=0.1, backend=backend)
+        loss_ng, _ = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, **fused)
     # bitwise on CPU; compiled GPU kernels with and without the gradient sweep may contract FMAs differently
     torch.testing.assert_close(loss_ng, loss.detach(), rtol=0 if device == "cpu" else 2e-7, atol=0)
     _, want_grad = fused_oracle(logits, labels, old, adv, mask, entropy_coef=0.1)
@@ -837,7 +838,8 @@ def test_ppo_from_logits_fused_grad_modes(device, backend):
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
     y = (logits.clone().requires_grad_(True)) * 1
-    loss, _ = rlhf_kernels.ppo_loss_from_logits(y, labels, old, adv, mask, inplace_backward=True, backend=backend)
+    loss, _ = rlhf_kernels.ppo_loss_from_logits(y, labels, old, adv, mask, inplace_backward=True,
+                                                grad_in_forward=True, backend=backend)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         loss.backward()
@@ -862,7 +864,8 @@ def test_ppo_from_logits_bad_inputs():
     with pytest.raises(ValueError, match="temperature: must be positive"):
         call(logits, labels, old, adv, mask, temperature=0.0, backend="triton")
     with pytest.raises(ValueError, match="ref_logprobs: requires grad"):
-        call(logits, labels, old, adv, mask, ref_logprobs=ref.requires_grad_(True), kl_coef=0.1, backend="triton")
+        call(logits, labels, old, adv, mask, ref_logprobs=ref.requires_grad_(True), kl_coef=0.1,
+             grad_in_forward=True, backend="triton")
 
 
 def test_token_weights_reproduce_agg_loss():
@@ -893,7 +896,8 @@ def test_ppo_fused_opcheck(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"], native_op=FUSED))
-def test_ppo_from_logits_compile_fullgraph(device, backend):
+@pytest.mark.parametrize("grad_in_forward", [True, False], ids=["fused", "two-pass"])
+def test_ppo_from_logits_compile_fullgraph(device, backend, grad_in_forward):
     if backend == "triton" and device == "cpu":
         pytest.skip("torch.compile cannot trace interpreted Triton kernels; checked on GPU")
     g = torch.Generator().manual_seed(19)
@@ -901,7 +905,8 @@ def test_ppo_from_logits_compile_fullgraph(device, backend):
 
     def step(x):
         loss, metrics = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, ref_logprobs=ref, kl_coef=0.1,
-                                                          entropy_coef=0.01, check_labels=False, backend=backend)
+                                                          entropy_coef=0.01, check_labels=False,
+                                                          grad_in_forward=grad_in_forward, backend=backend)
         return loss, metrics.clipfrac  # fmt: skip
 
     torch._dynamo.reset()
@@ -920,8 +925,9 @@ CPU_NATIVE = [c for c in backend_cases(["native"], native_op=FUSED) if c.id == "
 
 
 @pytest.mark.parametrize("device,backend", CPU_NATIVE)
-@pytest.mark.parametrize("inplace", [False, True], ids=["fused", "fused-inplace"])
-def test_ppo_from_logits_no_float32_temporary(device, backend, inplace):
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+@pytest.mark.parametrize("grad_in_forward", [True, False], ids=["fused", "two-pass"])
+def test_ppo_from_logits_no_float32_temporary(device, backend, inplace, grad_in_forward):
     """The whole bf16 step (forward + backward) allocates at most one bf16 [B, T, V] gradient
     besides O(B T) buffers: no float32 copy of the logits."""
     from rlhf_kernels.bench import _peak_bytes
@@ -935,7 +941,8 @@ def test_ppo_from_logits_no_float32_temporary(device, backend, inplace):
 
     def step(x):
         loss, _ = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, ref_logprobs=ref, kl_coef=0.1,
-                                                    entropy_coef=0.01, inplace_backward=inplace, backend=backend)
+                                                    entropy_coef=0.01, inplace_backward=inplace,
+                                                    grad_in_forward=grad_in_forward, backend=backend)
         loss.backward()  # fmt: skip
 
     step(setup())

@@ -230,7 +230,7 @@ def ppo_loss_from_logits(
     loss_agg_mode: str = "token-mean",
     ignore_index: int = -100,
     check_labels: bool = True,
-    grad_in_forward: bool = True,
+    grad_in_forward: bool = False,
     inplace_backward: bool = False,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, PPOLossMetrics]:
@@ -264,12 +264,22 @@ def ppo_loss_from_logits(
     Two ways to run it (kernel backends; ``"torch"`` is the float64-capable
     reference composition and ignores both flags):
 
-    * ``grad_in_forward=True`` (default): one kernel sweeps the logits once in
+    * ``grad_in_forward=False`` (default): the composition of :func:`token_logprobs`
+      (forward reads the logits once, keeping two floats per token; backward
+      reads them again and writes their gradient, in place with
+      ``inplace_backward``) and fused ``O(B T)`` kernels for the PPO, KL and
+      aggregation arithmetic. Holds nothing logits-sized between the passes
+      except the logits themselves, and differentiates ``ref_logprobs`` too.
+      The faster of the two as measured so far: on an H200, 8 x 2048 x 128256
+      bf16, a whole step took 3.52 ms (CUDA C++) and 4.09 ms (Triton) against
+      4.52 and 7.22 ms fused (benchmarks/results/bench-NVIDIA_H200-20261126-024735.txt;
+      the read + write floor is 2.03 ms); on CPU the two are within 5%.
+    * ``grad_in_forward=True``: one kernel sweeps the logits once in
       token chunks: online log-sum-exp, label log-prob, entropy, ratio,
       clipping, KL and weight in registers; since :math:`g_t, g_{H,t}` are then
-      known, a second pass over the same row (cache-resident) writes the
-      gradient. Logits are read from memory once and the gradient written once,
-      the minimum for a policy step. The gradient (``logits``' dtype and shape)
+      known, a second pass over the same row writes the gradient. Meant to read
+      the logits from memory once and write the gradient once, the minimum for
+      a policy step. The gradient (``logits``' dtype and shape)
       is held from forward to backward instead of the logits, and backward
       scales it in place by the upstream gradient. That scale is usually
       exactly 1 (``loss.backward()``): on CUDA a tiny kernel reads it on the
@@ -285,13 +295,10 @@ def ppo_loss_from_logits(
       must not require grad. float16 logits that need a gradient take the
       two-pass path instead: a float16 gradient stored before the upstream
       (loss-scaled) gradient multiplies it would lose its small entries below
-      float16's range (bfloat16 has float32's range and stays fused).
-    * ``grad_in_forward=False``: the composition of :func:`token_logprobs`
-      (forward reads the logits once, keeping two floats per token; backward
-      reads them again and writes their gradient, in place with
-      ``inplace_backward``) and fused ``O(B T)`` kernels for the PPO, KL and
-      aggregation arithmetic. Holds nothing logits-sized between the passes
-      except the logits themselves, and differentiates ``ref_logprobs`` too.
+      float16's range (bfloat16 has float32's range and stays fused). On
+      sm_90 the CUDA kernel holds each row in a thread-block cluster's shared
+      memory, so the logits really are read once (csrc/ppo_logits.cu); it is
+      not yet faster than the two-pass path there.
 
     Neither creates a ``[B, T, V]`` float32 temporary. Returns ``(loss, metrics)``;
     the metrics are detached (``clipfrac``, ``clipfrac_lower`` and
