@@ -744,10 +744,15 @@ def test_ppo_from_logits_float16_keeps_small_gradients(device, backend):
 
 @pytest.mark.parametrize("device,backend", backend_cases(["triton"]))
 @pytest.mark.parametrize("scale", [1.0, 2.5])
-def test_scale_unless_one_on_a_sliced_gradient(device, backend, scale):
+@pytest.mark.parametrize("sms", [1, None], ids=["4-programs", "one-per-tile"])
+def test_scale_unless_one_on_a_sliced_gradient(monkeypatch, device, backend, scale, sms):
     """The backward's in-place scaling (the Triton kernel CUDA uses for both kernel
-    backends) addresses the rows of a view: the rows outside it stay untouched."""
+    backends) addresses the rows of a view: the rows outside it stay untouched; with fewer
+    programs than tiles each program walks several (across row boundaries)."""
     from rlhf_kernels.triton import ppo as triton_ppo
+
+    if sms is not None:
+        monkeypatch.setattr(triton_ppo, "_sm_count", lambda device: sms)
 
     base = torch.randn(3, 5, 4100, generator=torch.Generator().manual_seed(3)).to(device)
     want = base.clone()
