@@ -74,8 +74,8 @@ def main():
         for backend in _dispatch.BACKENDS:
             if _dispatch.unavailable_reason(backend, device, native_op) is not None:
                 continue
-            fwd = per_call_us(lambda: fn(backend, False), device)
-            both = per_call_us(lambda: fn(backend, True), device)
+            fwd = per_call_us(lambda fn=fn, backend=backend: fn(backend, False), device)
+            both = per_call_us(lambda fn=fn, backend=backend: fn(backend, True), device)
             print(f"  {name:24s} {backend:7s} fwd {fwd:8.1f}   fwd+bwd {both:8.1f}")
             if args.profile and backend != "torch":
                 prof = cProfile.Profile()

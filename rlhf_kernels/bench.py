@@ -99,6 +99,7 @@ class Result:
     error: str | None = None
     tflops: float | None = None
     baseline: str = "eager"
+    graph_us: float | None = None  # device time per call, from a CUDA graph replay (small ops, see _graph_us)
 
 
 # --- the providers: how people compute per-token log-probs today, and ours ---------
@@ -624,6 +625,53 @@ def _time(fn: Callable[[], object], setup: Callable[[], object], device, *, warm
     return times
 
 
+# Ops whose small problems are bound by the host (launch and Python overhead): on CUDA their
+# providers are also timed as CUDA graph replays, which leaves the device time alone.
+GRAPH_OPS = ("dpo_loss", "ppo_policy_loss", "grpo_advantages", "masked_whiten", "gae")
+_GRAPH_CALLS = 10  # calls captured in one graph: replay overhead is shared by them
+
+
+def _graph_skip(problem: Problem, case: Case) -> bool:
+    """Loops over time steps (the Python GAE loop, and the torch backend's, which is one) would
+    capture thousands of launches a call: they keep their eager timing only."""
+    return "loop" in case.provider or (problem.op == "gae" and case.provider == "rlhf_kernels[torch]")
+
+
+def _graph_us(case: Case, grad_inputs: tuple[str, ...], device, *, repeat: int = 10) -> float:
+    """Median device time in us of one call of case.step, from replays of a CUDA graph that
+    captured _GRAPH_CALLS calls (the gradients of the inputs are dropped between calls, so
+    each backward writes a fresh one as in the eager timing). Raises if the step cannot be
+    captured (a host synchronisation inside it, say)."""
+    state = case.setup()
+
+    def calls():
+        for _ in range(_GRAPH_CALLS):
+            if isinstance(state, dict):
+                for key in grad_inputs:
+                    state[key].grad = None
+            case.step(state)
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graph asks
+        calls()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        calls()
+    graph.replay()
+    times = []
+    for _ in range(repeat):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end) * 1e3 / _GRAPH_CALLS)
+    del graph
+    return statistics.median(times)
+
+
 def _peak_bytes(fn: Callable[[], object], setup: Callable[[], object], device) -> int:
     """Peak bytes allocated by fn(setup()) beyond what existed before it ran.
 
@@ -756,12 +804,19 @@ def bench_problem(problem: Problem, device: torch.device, *, include=None, warmu
             # whole steps only: fused providers move the gradient matmuls into their forward
             tflops = problem.flops[case.mode] / (med * 1e-3) / 1e12
             frac = tflops / peak_flops if (device.type == "cuda" and peak_flops) else None
+        graph_us = None
+        if device.type == "cuda" and problem.op in GRAPH_OPS and case.mode != "bwd" and not _graph_skip(problem, case):
+            try:
+                graph_us = _graph_us(case, problem.grad_inputs, device)
+            except Exception as exc:  # reported, not fatal: the eager timing stands
+                log(f"  {label} no CUDA graph: {type(exc).__name__}: {str(exc)[:120]}")
         results.append(Result(provider=case.provider, mode=case.mode, median_ms=med, p25_ms=q[0], p75_ms=q[2],
                               min_ms=min(times), runs=len(times), peak_mem_mb=None,
                               saved_mb=None if saved is None else saved / 2**20, bytes_moved=nbytes, tbps=tbps,
-                              frac_peak=frac, tflops=tflops, **common))  # fmt: skip
+                              frac_peak=frac, tflops=tflops, graph_us=graph_us, **common))  # fmt: skip
         rate = f"  {tbps:5.2f} TB/s" if tbps else (f"  {tflops:6.1f} TFLOP/s" if tflops else "")
-        log(f"  {label} {med:9.3f} ms  [{q[0]:.3f}, {q[2]:.3f}]" + rate)
+        graph = f"  graph {graph_us:8.1f} us/call" if graph_us is not None else ""
+        log(f"  {label} {med:9.3f} ms  [{q[0]:.3f}, {q[2]:.3f}]" + rate + graph)
     return results
 
 
@@ -840,25 +895,32 @@ def _mib(v: float | None) -> str:
 
 
 def format_table(results: list[Result]) -> str:
+    graphs = any(r.graph_us is not None for r in results)  # CUDA: device time of the small ops too
     head = (
         f"{'op':>15} {'shape':>18} {'dtype':>8} {'mode':>7} {'provider':>24} {'median ms':>10} {'p25-p75 ms':>17} "
         f"{'peak MiB':>9} {'held MiB':>9} {'TB/s':>6} {'TFLOP/s':>7} {'%peak':>6} {'vs base':>8}"
+        + (f" {'graph us':>9} {'vs base':>8}" if graphs else "")
     )
     lines = [head, "-" * len(head)]
-    eager = {(r.op, r.shape, r.dtype, r.mode): r.median_ms for r in results if r.provider == r.baseline}
+    base_of = {(r.op, r.shape, r.dtype, r.mode): r for r in results if r.provider == r.baseline and not r.error}
     for r in results:
         if r.error:
             lines.append(f"{r.op:>15} {r.shape:>18} {r.dtype:>8} {r.mode:>7} {r.provider:>24}  failed: {r.error[:60]}")
             continue
-        base = eager.get((r.op, r.shape, r.dtype, r.mode))
-        speedup = f"{base / r.median_ms:7.2f}x" if base else ""
-        lines.append(
+        base = base_of.get((r.op, r.shape, r.dtype, r.mode))
+        speedup = f"{base.median_ms / r.median_ms:7.2f}x" if base else ""
+        line = (
             f"{r.op:>15} {r.shape:>18} {r.dtype:>8} {r.mode:>7} {r.provider:>24} {r.median_ms:10.3f} "
             f"{r.p25_ms:8.3f}-{r.p75_ms:<8.3f} {_mib(r.peak_mem_mb)} {_mib(r.saved_mb)} "
             f"{(f'{r.tbps:6.2f}' if r.tbps else ''):>6} {(f'{r.tflops:7.1f}' if r.tflops else ''):>7} "
             f"{(f'{100 * r.frac_peak:5.1f}%' if r.frac_peak else ''):>6} "
             f"{speedup:>8}"
         )
+        if graphs:
+            g = r.graph_us
+            g_speedup = f"{base.graph_us / g:7.2f}x" if (g and base is not None and base.graph_us) else ""
+            line += f" {(f'{g:9.1f}' if g is not None else ''):>9} {g_speedup:>8}"
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="microbenchmarks of every backend against the baselines")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for JSON, table and PNG")
-    bench.add_argument("--quick", action="store_true", help="one shape per op: a small one on CPU, the issue's target shape on CUDA")
+    bench.add_argument("--quick", action="store_true",
+                       help="one shape per op: a small one on CPU, the issue's target shape on CUDA")
     bench.add_argument("--shape", type=_shape, action="append", help="NxV[xDTYPE], repeatable")
     bench.add_argument("--only", action="append", help="only providers whose name contains this, repeatable")
     bench.add_argument("--repeat", type=int, default=10)

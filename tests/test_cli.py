@@ -133,3 +133,20 @@ def test_offline_and_bad_input_fail_clearly(local_model_and_data, tmp_path, monk
     with pytest.raises(SystemExit):
         cli.main(["pipeline", "--model", str(root / "model")])
     assert "--model and --dataset go together" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_bench_times_small_ops_as_cuda_graphs():
+    """On CUDA the host-bound small ops are also timed as CUDA graph replays (device time):
+    every provider that can be captured gets graph_us, the Python loops are left out."""
+    from rlhf_kernels import bench
+
+    device = torch.device("cuda")
+    results = bench.bench_problem(bench.dpo_loss_problem(64, device), device, repeat=3, log=lambda *a: None)
+    timed = {(r.provider, r.mode): r.graph_us for r in results if r.mode != "bwd"}
+    assert timed and all(us is not None and 0 < us < 1e4 for us in timed.values()), timed
+    assert all(r.graph_us is None for r in results if r.mode == "bwd")
+    results = bench.bench_problem(bench.gae_problem(8, 64, device), device, repeat=3, log=lambda *a: None)
+    assert {r.provider for r in results if r.graph_us is None} == {"python_loop", "rlhf_kernels[torch]"}
+    assert "graph us" in bench.format_table(results)
