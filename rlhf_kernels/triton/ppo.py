@@ -561,8 +561,9 @@ def fused_prefetch() -> bool:
     gradient launch is capped for L2 besides), so its bytes in flight per SM are one
     8 KiB tile unless the next load goes out early; by Little's law that is well
     short of HBM bandwidth. On by default; ``RLHF_KERNELS_FUSED_PREFETCH=0`` turns it
-    off (``rlhf-kernels bench --op ppo_step`` on CUDA times both). Unmeasured on a GPU
-    so far."""
+    off (``rlhf-kernels bench --op ppo_step`` on CUDA times both). On an H200 (8 x 2048 x
+    128256 bf16, whole step) it took the sweep from 9.42 to 7.22 ms (9.65 to 7.46 ms in an
+    earlier run): kept on."""
     return os.environ.get("RLHF_KERNELS_FUSED_PREFETCH", "1") != "0"
 
 
