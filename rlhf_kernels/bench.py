@@ -505,14 +505,21 @@ def ppo_step_problem(batch, time_steps, vocab, dtype, device) -> Problem:
                 i["logits"], i["labels"], i["old"], i["adv"], i["mask"], ref_logprobs=i["ref"], kl_coef=0.05,
                 entropy_coef=0.01, check_labels=False, grad_in_forward=fused, backend=b,
             )[0]  # fmt: skip
-    if device.type == "cuda" and "triton" in _kernel_backends(device, "ppo_logits_fused_native"):
-        # the Triton sweep's first pass without its one-tile-ahead load (triton/ppo.py: fused_prefetch)
-        provs["rlhf_kernels[triton,fused,no prefetch]"] = lambda i: _without_prefetch(
-            lambda: rlhf_kernels.ppo_loss_from_logits(
-                i["logits"], i["labels"], i["old"], i["adv"], i["mask"], ref_logprobs=i["ref"], kl_coef=0.05,
-                entropy_coef=0.01, check_labels=False, grad_in_forward=True, backend="triton",
-            )[0]
-        )  # fmt: skip
+
+    def fused_with(backend, env):
+        # the single sweep with schedule knobs set (read at launch, so the kernel launched inside sees them)
+        return lambda i: _with_env(env, lambda: rlhf_kernels.ppo_loss_from_logits(
+            i["logits"], i["labels"], i["old"], i["adv"], i["mask"], ref_logprobs=i["ref"], kl_coef=0.05,
+            entropy_coef=0.01, check_labels=False, grad_in_forward=True, backend=backend,
+        )[0])  # fmt: skip
+
+    fused_backends = _kernel_backends(device, "ppo_logits_fused_native") if device.type == "cuda" else []
+    if "triton" in fused_backends:  # the Triton sweep's first pass without its one-tile-ahead load (fused_prefetch)
+        provs["rlhf_kernels[triton,fused,no prefetch]"] = fused_with("triton", {"RLHF_KERNELS_FUSED_PREFETCH": "0"})
+    if "native" in fused_backends:  # the CUDA one-read sweep's slice size (csrc/ppo_logits.cu), 0: streaming kernel
+        for label, size in (("32K", "32768"), ("128K", "131072"), ("off", "0")):
+            provs[f"rlhf_kernels[native,fused,slice {label}]"] = fused_with(
+                "native", {"RLHF_KERNELS_CLUSTER_SLICE_BYTES": size})
     args = ("logits", "labels", "old", "adv", "mask", "ref")
     provs["eager"] = lambda i: eager_ppo_step(*(i[k] for k in args))
     provs["torch.compile"] = lambda i: _compiled(eager_ppo_step)(*(i[k] for k in args))
@@ -524,17 +531,18 @@ def ppo_step_problem(batch, time_steps, vocab, dtype, device) -> Problem:
                    {"fwd": size, "bwd": 2 * size, "fwd+bwd": 2 * size})  # fmt: skip
 
 
-def _without_prefetch(fn):
-    """fn() with RLHF_KERNELS_FUSED_PREFETCH=0 (read at launch, so the kernel launched inside fn sees it)."""
-    old = os.environ.get("RLHF_KERNELS_FUSED_PREFETCH")
-    os.environ["RLHF_KERNELS_FUSED_PREFETCH"] = "0"
+def _with_env(env: dict[str, str], fn):
+    """fn() with the environment variables ``env`` set, restored afterwards."""
+    old = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
     try:
         return fn()
     finally:
-        if old is None:
-            del os.environ["RLHF_KERNELS_FUSED_PREFETCH"]
-        else:
-            os.environ["RLHF_KERNELS_FUSED_PREFETCH"] = old
+        for key, value in old.items():
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
 
 
 def eager_linear_ppo_step(hidden, weight, labels, old, adv, mask, ref):
