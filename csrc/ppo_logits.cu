@@ -33,8 +33,10 @@
 // distributed shared memory in rank order (every block gets the same bits),
 // then each block writes its slice of the gradient from shared memory. Bytes:
 // V * sizeof(T) read and V * sizeof(T) written per row, the floor for this
-// step; several slices in flight per SM (two blocks per SM, all of a slice's
-// copies issued at once) keep HBM busy. Taken when the rows (logits and grad)
+// step; several slices in flight per SM (three 64 KiB blocks fit an SM's
+// shared memory, all of a slice's copies issued at once) keep HBM busy. A
+// pipelined variant (RLHF_KERNELS_CLUSTER_PIPELINE=1, opt-in until timed)
+// copies the next row while writing this one's gradient. Taken when the rows (logits and grad)
 // start on 16-byte boundaries, T is not double, and C <= 8; else the kernel
 // above runs. Measured on an H200 (8 x 2048 x 128256 bf16, whole step with
 // backward): 5.70 ms with the streaming kernel (its second read missing L2),
@@ -47,8 +49,12 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <limits>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 
 #include "common.cuh"
 #include "ppo.h"
@@ -90,20 +96,34 @@ struct FusedArgs {
   acc_t<T>* stats;
 };
 
-// Thread 0's step of a row in both kernels: from the row's merged log-sum-exp
+// A token's per-row inputs besides its logits. Loaded where the kernel can
+// wait for them least: the cluster kernels' thread 0 loads them before the
+// row's log-sum-exp, so that their latency hides behind it.
+template <typename Acc>
+struct RowScalars {
+  Acc old, adv, ref, weight;
+};
+
+template <typename T>
+__device__ __forceinline__ RowScalars<acc_t<T>> load_row_scalars(const FusedArgs<T>& a, int64_t row) {
+  using Acc = acc_t<T>;
+  return {a.old[row], a.adv[row], a.ref != nullptr ? a.ref[row] : Acc(0), a.weights[row]};
+}
+
+// Thread 0's step of a row in all kernels: from the row's merged log-sum-exp
 // state, the label's log-prob, the entropy and fused_token's PPO / KL terms;
 // writes the 7 per-token stats (when write_stats) and broadcasts
 // (lse, H, g, gH) through bcast.
 template <typename T>
 __device__ __forceinline__ void finish_row(const FusedArgs<T>& a, int64_t row, const OnlineLSE<acc_t<T>, true>& st,
-                                           acc_t<T> z_label, bool write_stats, acc_t<T>* bcast) {
+                                           acc_t<T> z_label, const RowScalars<acc_t<T>>& in, bool write_stats,
+                                           acc_t<T>* bcast) {
   using Acc = acc_t<T>;
   const Acc log_s = log_acc(st.s);
   const Acc lse = st.m + log_s;
   const Acc entropy = log_s - st.w / st.s;
-  const Acc ref = a.ref != nullptr ? a.ref[row] : Acc(0);
   const ppo_loss::FusedTokenOut<Acc> o = ppo_loss::fused_token<Acc>(
-      z_label - lse, entropy, a.old[row], a.adv[row], ref, a.weights[row], a.c, a.has_dual, a.kl_kind);
+      z_label - lse, entropy, in.old, in.adv, in.ref, in.weight, a.c, a.has_dual, a.kl_kind);
   if (write_stats) {
     Acc* s = a.stats + row * kFusedStats;
     s[0] = o.weighted;
@@ -148,7 +168,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>) ppo_logits_kernel(con
     // Pass 1, as logprobs_fwd_kernel (stream_row in common.cuh).
     const State st = stream_row<kThreads>(x, V, inv_t, smem);
 
-    if (tid == 0) finish_row(a, row, st, z_label, true, bcast);
+    if (tid == 0) finish_row(a, row, st, z_label, load_row_scalars(a, row), true, bcast);
 
     if (kWriteGrad) {
       // bcast is read here and rewritten by thread 0 only after the next
@@ -173,14 +193,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>) ppo_logits_kernel(con
 constexpr int kClusterThreads = 256;
 constexpr int kMaxCluster = 8;  // the portable cluster size
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+[[maybe_unused]] __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
 #endif
 }
 
-__device__ __forceinline__ void cp_async_wait_all() {
+[[maybe_unused]] __device__ __forceinline__ void cp_async_wait_all() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::: "memory");
   asm volatile("cp.async.wait_group 0;\n" ::: "memory");
@@ -204,7 +224,22 @@ __device__ __forceinline__ void cp_async_wait_all() {
 // the whole cluster, so skipped rows are skipped by all its blocks together.
 // In place (grad == logits) is safe: the slice is in shared memory before any
 // block writes, and z_label is read before the barrier that precedes them.
-template <typename T>
+//
+// kPipe (RLHF_KERNELS_CLUSTER_PIPELINE=1; opt-in until a GPU run has timed
+// it): every element of buf is private to one thread (the copy, the
+// log-sum-exp and the gradient loops give vector i and tail element j to the
+// same thread), so
+//   * no block barrier guards buf: a thread waits for its own copies only;
+//   * while writing row k's gradient each thread copies row k + #clusters's
+//     vector i into slot i right after it has used slot i (its registers are
+//     consumed before the copy is issued), so the next row's read overlaps
+//     this row's writes and the next row's serial tail;
+//   * thread 0 loads the row's scalars before the log-sum-exp, and warp 0
+//     reads the C partial states in parallel (lane r from rank r), merged in
+//     rank order through shuffles: the same bits in every block;
+//   * bcast needs no end-of-row barrier: thread 0 rewrites it only after the
+//     next row's cluster barrier, which each thread reaches after reading it.
+template <typename T, bool kPipe>
 __global__ void __launch_bounds__(kClusterThreads, 2) ppo_logits_cluster_kernel(const FusedArgs<T> a, int slice) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
@@ -227,24 +262,32 @@ __global__ void __launch_bounds__(kClusterThreads, 2) ppo_logits_cluster_kernel(
   const int begin = min(V, rank * slice);
   const int len = min(V, begin + slice) - begin;
   const int nvec = len / kN;
+  const auto kept = [&](int64_t y) { return y != a.ignore_index && y >= 0 && y < V; };
   int parity = 0;
+  bool in_flight = false;  // kPipe: this row's slice was copied during the previous row
 
   for (int64_t row = blockIdx.x / n_blocks; row < a.rows; row += n_clusters) {
     const int64_t y = a.labels[row];
     T* out = a.grad + a.grad_layout.offset(row) + begin;
-    if (y == a.ignore_index || y < 0 || y >= V) {
+    if (!kept(y)) {  // (never in flight: only kept rows are copied ahead)
       const Acc v = (y == a.ignore_index) ? Acc(0) : quiet_nan<Acc>();
       if (rank == 0 && tid < kFusedStats) a.stats[row * kFusedStats + tid] = v;
       fill_row<kClusterThreads>(out, len, v);
       continue;
     }
-    const T* src = a.logits + a.layout.offset(row) + begin;
-    for (int i = tid; i < nvec; i += kClusterThreads) cp_async16(buf + i * kN, src + i * kN);
-    for (int j = nvec * kN + tid; j < len; j += kClusterThreads) buf[j] = src[j];
+    if (!in_flight) {
+      const T* src = a.logits + a.layout.offset(row) + begin;
+      for (int i = tid; i < nvec; i += kClusterThreads) cp_async16(buf + i * kN, src + i * kN);
+      for (int j = nvec * kN + tid; j < len; j += kClusterThreads) buf[j] = src[j];
+    }
     Acc z_label = Acc(0);
-    if (tid == 0) z_label = mul_rn(to_acc(a.logits[a.layout.offset(row) + y]), inv_t);
+    RowScalars<Acc> scalars{};
+    if (tid == 0) {
+      z_label = mul_rn(to_acc(a.logits[a.layout.offset(row) + y]), inv_t);
+      if (kPipe) scalars = load_row_scalars(a, row);
+    }
     cp_async_wait_all();
-    __syncthreads();
+    if (!kPipe) __syncthreads();
 
     State st;
     st.reset();
@@ -263,17 +306,33 @@ __global__ void __launch_bounds__(kClusterThreads, 2) ppo_logits_cluster_kernel(
     if (tid == 0) part[parity] = st;
     cluster.sync();
 
-    if (tid == 0) {
+    if (kPipe) {
+      if (tid < kWarpSize) {
+        State mine;
+        mine.reset();
+        if (tid < n_blocks) mine = *cluster.map_shared_rank(&part[parity], tid);
+        State merged;
+        merged.reset();
+        for (int r = 0; r < n_blocks; ++r) {
+          merged.merge(__shfl_sync(kFullMask, mine.m, r), __shfl_sync(kFullMask, mine.s, r),
+                       __shfl_sync(kFullMask, mine.w, r));
+        }
+        if (tid == 0) finish_row(a, row, merged, z_label, scalars, rank == 0, bcast);
+      }
+    } else if (tid == 0) {
       State merged;
       merged.reset();
       for (int r = 0; r < n_blocks; ++r) {
         const State* p = cluster.map_shared_rank(&part[parity], r);
         merged.merge(p->m, p->s, p->w);
       }
-      finish_row(a, row, merged, z_label, rank == 0, bcast);
+      finish_row(a, row, merged, z_label, load_row_scalars(a, row), rank == 0, bcast);
     }
     __syncthreads();
 
+    const int64_t next = row + n_clusters;
+    const bool copy_next = kPipe && next < a.rows && kept(a.labels[next]);
+    const T* src_next = copy_next ? a.logits + a.layout.offset(next) + begin : nullptr;
     const Acc row_t = row_inv_t(bcast[0], inv_t);
     const auto write = [&](const auto& op) {
       for (int i = tid; i < nvec; i += kClusterThreads) {
@@ -283,9 +342,11 @@ __global__ void __launch_bounds__(kClusterThreads, 2) ppo_logits_cluster_kernel(
 #pragma unroll
         for (int k = 0; k < kN; ++k) u[k] = op(u[k], j0 + k);
         Vec<T>::store(out + i * kN, u);
+        if (copy_next) cp_async16(buf + i * kN, src_next + i * kN);  // slot i is used: u was consumed above
       }
       for (int j = nvec * kN + tid; j < len; j += kClusterThreads) {
         out[j] = from_acc<T>(op(to_acc(buf[j]), begin + j));
+        if (copy_next) buf[j] = src_next[j];
       }
     };
     if (bcast[3] != Acc(0)) {
@@ -293,9 +354,11 @@ __global__ void __launch_bounds__(kClusterThreads, 2) ppo_logits_cluster_kernel(
     } else {
       write(GradOp<Acc, false>{bcast[0], bcast[2], Acc(0), Acc(0), row_t, static_cast<int>(y)});
     }
+    in_flight = copy_next;
     parity ^= 1;
-    __syncthreads();  // buf and bcast are rewritten by the next row
+    if (!kPipe) __syncthreads();  // buf and bcast are rewritten by the next row
   }
+  cp_async_wait_all();  // (nothing in flight here: the last row of a cluster copies no successor)
   cluster.sync();  // no block leaves while another may still read its part[]
 #endif
 }
@@ -326,6 +389,19 @@ int64_t cluster_slice_bytes() {
   return env != nullptr ? std::atoll(env) : 64 * 1024;
 }
 
+// At most this many clusters (RLHF_KERNELS_CLUSTER_MAX; unset or 0: as many
+// as fit the GPU). A testing and tuning knob: few clusters walk many rows each.
+int64_t cluster_cap() {
+  const char* env = std::getenv("RLHF_KERNELS_CLUSTER_MAX");
+  const int64_t cap = env != nullptr ? std::atoll(env) : 0;
+  return cap > 0 ? cap : std::numeric_limits<int64_t>::max();
+}
+
+bool cluster_pipelined() {
+  const char* env = std::getenv("RLHF_KERNELS_CLUSTER_PIPELINE");
+  return env != nullptr && env[0] == '1';
+}
+
 bool rows_aligned16(const void* base, const RowLayout& l, int64_t rows, int64_t itemsize) {
   if (reinterpret_cast<uintptr_t>(base) % 16 != 0) return false;
   const bool many0 = rows > l.size1 * l.size2;
@@ -333,60 +409,119 @@ bool rows_aligned16(const void* base, const RowLayout& l, int64_t rows, int64_t 
          (l.size2 <= 1 || (l.stride2 * itemsize) % 16 == 0);
 }
 
-// Launches ppo_logits_cluster_kernel when it applies (see the top of this
+// What launch_cluster needs to know about one cluster kernel on one device,
+// queried once: whether it holds sm_90 code, and the most dynamic shared
+// memory a block may take. The kernel's attribute is raised to that maximum
+// once and never lowered, so concurrent launches with different slices (host
+// threads, captured graphs) never see an attribute below their own need.
+struct ClusterKernelInfo {
+  bool usable = false;
+  int64_t max_dynamic_smem = 0;
+};
+
+constexpr int kMaxDevices = 64;
+
+template <typename Kernel>
+ClusterKernelInfo cluster_kernel_info(Kernel kernel, int dev) {
+  static std::mutex mutex;
+  static std::map<int, ClusterKernelInfo> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto hit = cache.find(dev);
+  if (hit != cache.end()) return hit->second;
+  ClusterKernelInfo info;
+  int major = 0, optin = 0;
+  cudaFuncAttributes attr{};
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9 &&
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess &&
+      cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.binaryVersion >= 90 && attr.ptxVersion >= 90) {
+    const int64_t max_dynamic = int64_t(optin) - int64_t(attr.sharedSizeBytes);
+    if (max_dynamic >= 16 && cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                  static_cast<int>(max_dynamic)) == cudaSuccess) {
+      info.usable = true;
+      info.max_dynamic_smem = max_dynamic;
+    }
+  }
+  (void)cudaGetLastError();  // a failed query is an answer (the streaming kernel runs), not an error to report
+  cache[dev] = info;
+  return info;
+}
+
+// A launch of `blocks` blocks in clusters of C, `smem` dynamic bytes each;
+// *attr (the cluster shape) must outlive the returned configuration.
+cudaLaunchConfig_t cluster_config(int64_t C, int64_t blocks, size_t smem, cudaStream_t stream,
+                                  cudaLaunchAttribute* attr) {
+  *attr = cudaLaunchAttribute{};
+  attr->id = cudaLaunchAttributeClusterDimension;
+  attr->val.clusterDim.x = static_cast<unsigned>(C);
+  attr->val.clusterDim.y = 1;
+  attr->val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(blocks));
+  cfg.blockDim = dim3(kClusterThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
+// Co-resident clusters of C blocks with `smem` bytes each (0: none), queried once per shape.
+template <typename Kernel>
+int max_active_clusters(Kernel kernel, int dev, int64_t C, size_t smem) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, int64_t, size_t>, int> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(dev, C, smem);
+  const auto hit = cache.find(key);
+  if (hit != cache.end()) return hit->second;
+  cudaLaunchAttribute cluster_dim;
+  const cudaLaunchConfig_t cfg = cluster_config(C, C, smem, nullptr, &cluster_dim);
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) clusters = 0;
+  (void)cudaGetLastError();
+  cache[key] = clusters;
+  return clusters;
+}
+
+// Launches one of the cluster kernels when it applies (see the top of this
 // file); false leaves the work to the caller.
 template <typename T>
 bool launch_cluster(const FusedArgs<T>& a, const PpoLogitsParams& p, cudaStream_t stream) {
   if constexpr (sizeof(T) == 8) {
     return false;  // double (gradcheck) keeps the streaming kernel
   } else {
-  const int64_t budget = cluster_slice_bytes();
-  const int64_t item = sizeof(T);
-  constexpr int64_t kN = 16 / sizeof(T);
-  if (budget < 16 || !rows_aligned16(p.logits, p.logits_layout, p.rows, item) ||
-      !rows_aligned16(p.grad, p.grad_layout, p.rows, item)) {
-    return false;
-  }
-  const int64_t C = std::max<int64_t>(1, (p.vocab * item + budget - 1) / budget);
-  if (C > kMaxCluster) return false;
-  const int64_t slice = ((p.vocab + C - 1) / C + kN - 1) / kN * kN;
-  const size_t smem = static_cast<size_t>(slice * item);
-  int dev = 0, major = 0;
-  cudaFuncAttributes attr{};
-  const auto kernel = ppo_logits_cluster_kernel<T>;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major < 9 ||
-      cudaFuncGetAttributes(&attr, kernel) != cudaSuccess || attr.binaryVersion < 90 || attr.ptxVersion < 90 ||
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
-          cudaSuccess) {
-    (void)cudaGetLastError();  // not sm_90 code, or too much shared memory: the other kernel runs
-    return false;
-  }
-  cudaLaunchAttribute cluster_dim{};
-  cluster_dim.id = cudaLaunchAttributeClusterDimension;
-  cluster_dim.val.clusterDim.x = static_cast<unsigned>(C);
-  cluster_dim.val.clusterDim.y = 1;
-  cluster_dim.val.clusterDim.z = 1;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>(C));
-  cfg.blockDim = dim3(kClusterThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cfg.attrs = &cluster_dim;
-  cfg.numAttrs = 1;
-  int max_clusters = 0;
-  if (cudaOccupancyMaxActiveClusters(&max_clusters, kernel, &cfg) != cudaSuccess || max_clusters < 1) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  const int64_t clusters = std::min<int64_t>(p.rows, max_clusters);
-  cfg.gridDim = dim3(static_cast<unsigned>(clusters * C));
-  const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, a, static_cast<int>(slice));
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("rlhf_kernels: ppo_logits_cluster_kernel launch failed: ") +
-                             cudaGetErrorString(err));
-  }
-  return true;
+    const int64_t item = sizeof(T);
+    constexpr int64_t kN = 16 / sizeof(T);
+    int64_t budget = cluster_slice_bytes();
+    int dev = 0;
+    // An error pending from earlier work stays for the caller's check to report.
+    if (budget < 16 || cudaPeekAtLastError() != cudaSuccess || cudaGetDevice(&dev) != cudaSuccess ||
+        dev >= kMaxDevices || !rows_aligned16(p.logits, p.logits_layout, p.rows, item) ||
+        !rows_aligned16(p.grad, p.grad_layout, p.rows, item)) {
+      return false;
+    }
+    const bool pipelined = cluster_pipelined();
+    const auto kernel = pipelined ? ppo_logits_cluster_kernel<T, true> : ppo_logits_cluster_kernel<T, false>;
+    const ClusterKernelInfo info = cluster_kernel_info(kernel, dev);
+    if (!info.usable) return false;
+    budget = std::min(budget, info.max_dynamic_smem) / 16 * 16;  // a block holds at most this much
+    const int64_t C = std::max<int64_t>(1, (p.vocab * item + budget - 1) / budget);
+    if (C > kMaxCluster) return false;
+    const int64_t slice = ((p.vocab + C - 1) / C + kN - 1) / kN * kN;
+    const size_t smem = static_cast<size_t>(slice * item);
+    if (static_cast<int64_t>(smem) > info.max_dynamic_smem) return false;
+    const int clusters_max = max_active_clusters(kernel, dev, C, smem);
+    if (clusters_max < 1) return false;
+    const int64_t clusters = std::min({p.rows, static_cast<int64_t>(clusters_max), cluster_cap()});
+    cudaLaunchAttribute cluster_dim;
+    const cudaLaunchConfig_t cfg = cluster_config(C, clusters * C, smem, stream, &cluster_dim);
+    const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, a, static_cast<int>(slice));
+    if (err != cudaSuccess) {
+      (void)cudaGetLastError();  // reported here, not again by the next launch's check
+      throw std::runtime_error(std::string("rlhf_kernels: ppo_logits cluster kernel launch failed: ") +
+                               cudaGetErrorString(err));
+    }
+    return true;
   }
 }
 

@@ -520,6 +520,9 @@ def ppo_step_problem(batch, time_steps, vocab, dtype, device) -> Problem:
         for label, size in (("32K", "32768"), ("128K", "131072"), ("off", "0")):
             provs[f"rlhf_kernels[native,fused,slice {label}]"] = fused_with(
                 "native", {"RLHF_KERNELS_CLUSTER_SLICE_BYTES": size})
+        for label, size in (("", "65536"), (",slice 32K", "32768")):  # the variant that copies a row ahead
+            provs[f"rlhf_kernels[native,fused,pipelined{label}]"] = fused_with(
+                "native", {"RLHF_KERNELS_CLUSTER_PIPELINE": "1", "RLHF_KERNELS_CLUSTER_SLICE_BYTES": size})
     args = ("logits", "labels", "old", "adv", "mask", "ref")
     provs["eager"] = lambda i: eager_ppo_step(*(i[k] for k in args))
     provs["torch.compile"] = lambda i: _compiled(eager_ppo_step)(*(i[k] for k in args))

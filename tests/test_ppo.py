@@ -808,12 +808,18 @@ CLUSTER_CASES = {  # (B, T, V, RLHF_KERNELS_CLUSTER_SLICE_BYTES): what the CUDA 
 @pytest.mark.parametrize("case", list(CLUSTER_CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
-def test_ppo_from_logits_cluster_sweep(monkeypatch, device, backend, case, dtype, inplace):
+@pytest.mark.parametrize("pipeline,clusters", [("0", "0"), ("1", "0"), ("1", "2")],
+                         ids=["plain", "pipelined", "pipelined-2-clusters"])  # fmt: skip
+def test_ppo_from_logits_cluster_sweep(monkeypatch, device, backend, case, dtype, inplace, pipeline, clusters):
     """The CUDA gradient sweep that holds each row in the shared memory of a thread-block
     cluster (sm_90), with the row cut into 1 to 8 slices, a scalar tail, an empty slice, in
     place, and the cases that fall back to the streaming kernel. (On CPU and before sm_90 this
-    runs the other kernels: same expectations.)"""
+    runs the other kernels: same expectations.) The pipelined variant copies the next row of
+    its cluster while writing this one's gradient: with at most 2 clusters each walks many
+    rows, a skipped one among them."""
     B, T, V, budget = CLUSTER_CASES[case]
+    monkeypatch.setenv("RLHF_KERNELS_CLUSTER_PIPELINE", pipeline)
+    monkeypatch.setenv("RLHF_KERNELS_CLUSTER_MAX", clusters)
     if budget is not None:
         monkeypatch.setenv("RLHF_KERNELS_CLUSTER_SLICE_BYTES", budget)
     g = torch.Generator().manual_seed(17)
