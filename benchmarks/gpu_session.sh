@@ -93,7 +93,7 @@ fi
 if has bench; then
   limit=$(($(left) - 5))
   ops=()
-  for op in ${OPS:-token_logprobs ppo_step gae dpo_loss dpo_step ppo_policy_loss sequence_logprobs masked_whiten \
+  for op in ${OPS:-ppo_step dpo_loss ppo_policy_loss token_logprobs gae dpo_step sequence_logprobs masked_whiten \
     grpo_advantages linear_logprobs linear_ppo_step}; do ops+=(--op "$op"); done
   log "benchmarks (limit $limit s): ${BENCH_ARGS=--quick} ${ops[*]}"
   # shellcheck disable=SC2086

@@ -150,3 +150,20 @@ def test_bench_times_small_ops_as_cuda_graphs():
     results = bench.bench_problem(bench.gae_problem(8, 64, device), device, repeat=3, log=lambda *a: None)
     assert {r.provider for r in results if r.graph_us is None} == {"python_loop", "rlhf_kernels[torch]"}
     assert "graph us" in bench.format_table(results)
+
+
+def test_triton_launch_wrapper_forwards_grid_and_arguments():
+    """wrap_triton's device wrapper hands grid, arguments and result through unchanged (it only
+    adds a torch.cuda.device context when the first tensor is on a non-current GPU)."""
+    from rlhf_kernels.triton._common import _OnTensorDevice
+
+    calls = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((grid, args, kwargs)) or "launched"
+
+    x = torch.zeros(3)
+    assert _OnTensorDevice(Kernel())[(4, 2)](x, 7, BLOCK=16) == "launched"
+    assert calls == [((4, 2), (x, 7), {"BLOCK": 16})]
+    assert _OnTensorDevice(Kernel())[(1,)](5) == "launched"  # no tensor argument at all

@@ -16,10 +16,35 @@ except ImportError:  # pragma: no cover
 def wrap_triton(kernel):
     """``torch.library.wrap_triton``, except that a kernel run by the Triton interpreter
     (``TRITON_INTERPRET=1``) is launched as it is: torch >= 2.12 does the same, older
-    torch (2.11, on the lent GPU machines) refuses interpreted kernels."""
+    torch (2.11, on the lent GPU machines) refuses interpreted kernels. A GPU launch runs
+    on the device of its first tensor argument (see :class:`_OnTensorDevice`)."""
     if isinstance(kernel, InterpretedFunction):
         return kernel
-    return _torch_wrap_triton(kernel)
+    return _OnTensorDevice(_torch_wrap_triton(kernel))
+
+
+class _OnTensorDevice:
+    """``kernel[grid](*args)`` under ``torch.cuda.device`` of the first tensor argument.
+
+    Triton launches on the current CUDA device. Tensors elsewhere (a model split over GPUs
+    with ``device_map="auto"`` keeps the LM head's logits on the last GPU while cuda:0 stays
+    current) would be read by a kernel on the wrong GPU; the native backend guards its
+    launches the same way (csrc/bindings.cpp: run_kernel). Costs a device query per launch."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+            if device is None or device.type != "cuda" or device.index in (None, torch.cuda.current_device()):
+                return launch(*args, **kwargs)
+            with torch.cuda.device(device):
+                return launch(*args, **kwargs)
+
+        return run
 
 
 def split_float(value: float) -> tuple[float, float]:
