@@ -71,7 +71,9 @@ if has build; then
 fi
 
 if has tests; then
-  limit=$(min "${TEST_LIMIT:-200}" $(($(left) - ${BENCH_MIN:-200})))
+  reserve=$((${BENCH_MIN:-200} + 20))  # the benchmarks' share, and pytest's kill grace
+  has overhead && reserve=$((reserve + 60))
+  limit=$(min "${TEST_LIMIT:-200}" $(($(left) - reserve)))
   ((limit < 30)) && limit=30
   log "GPU tests (limit $limit s, -k '${TEST_K=not cuda-torch}')"
   xdist=()
@@ -79,8 +81,10 @@ if has tests; then
   "$PY" -c "import pytest_timeout" 2>/dev/null && xdist+=(--timeout 120)  # a hung kernel fails its test only
   timeout -s INT -k 20 "$limit" "$PY" -m pytest -m gpu ${TEST_K:+-k "$TEST_K"} -v -p no:cacheprovider \
     "${xdist[@]}" -rfE --maxfail=300 tests >"$OUT/tests.log" 2>&1
-  log "tests exit code $? (124/130: cut at the limit); summary:"
-  grep -E "^(FAILED|ERROR) " "$OUT/tests.log" | head -40 | tee -a "$OUT/session.log"
+  log "tests exit code $? (124: cut at the limit); failures:"
+  # the short summary's lines, or (cut before it) xdist's per-test lines: "[gw3] [ 12%] FAILED tests/..."
+  grep -E "(^|\] )(FAILED|ERROR) tests/" "$OUT/tests.log" | sed -E 's/^\[gw[0-9]+\] \[ *[0-9]+%\] //' |
+    sort -u | head -60 | tee -a "$OUT/session.log"
   tail -3 "$OUT/tests.log" | tee -a "$OUT/session.log"
 fi
 
@@ -90,7 +94,7 @@ if has overhead; then
     >>"$OUT/session.log" 2>&1
 fi
 
-if has bench; then
+if has bench && (($(left) > 15)); then
   limit=$(($(left) - 5))
   ops=()
   for op in ${OPS:-ppo_step dpo_loss ppo_policy_loss token_logprobs gae dpo_step sequence_logprobs masked_whiten \

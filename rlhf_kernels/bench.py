@@ -573,7 +573,7 @@ def linear_ppo_step_problem(batch, time_steps, hidden_size, vocab, dtype, device
         if b != "torch":  # the LM head's logits, then the fused sweep from logits
             provs[f"head + rlhf_kernels[{b}] from logits"] = lambda i, b=b: rlhf_kernels.ppo_loss_from_logits(
                 i["hidden"] @ i["weight"].t(), i["labels"], i["old"], i["adv"], i["mask"], ref_logprobs=i["ref"],
-                backend=b, **step,
+                grad_in_forward=True, backend=b, **step,
             )[0]  # fmt: skip
     args = ("hidden", "weight", "labels", "old", "adv", "mask", "ref")
     provs["eager"] = lambda i: eager_linear_ppo_step(*(i[k] for k in args))
@@ -644,32 +644,45 @@ _GRAPH_CALLS = 10  # calls captured in one graph: replay overhead is shared by t
 
 def _graph_skip(problem: Problem, case: Case) -> bool:
     """Loops over time steps (the Python GAE loop, and the torch backend's, which is one) would
-    capture thousands of launches a call: they keep their eager timing only."""
-    return "loop" in case.provider or (problem.op == "gae" and case.provider == "rlhf_kernels[torch]")
+    capture thousands of launches a call, and the torch backend's GRPO groups with torch.unique,
+    which waits for the host: they keep their eager timing only."""
+    torch_backend = case.provider == "rlhf_kernels[torch]"
+    return "loop" in case.provider or (torch_backend and problem.op in ("gae", "grpo_advantages"))
 
 
 def _graph_us(case: Case, grad_inputs: tuple[str, ...], device, *, repeat: int = 10) -> float:
     """Median device time in us of one call of case.step, from replays of a CUDA graph that
     captured _GRAPH_CALLS calls (the gradients of the inputs are dropped between calls, so
-    each backward writes a fresh one as in the eager timing). Raises if the step cannot be
-    captured (a host synchronisation inside it, say)."""
-    state = case.setup()
+    each backward writes a fresh one as in the eager timing). A step that synchronises with
+    the host (torch.unique, .item()) cannot be captured: the warm-up runs with torch's sync
+    debug mode set to raise, so such a step raises there, before any capture starts."""
+    with torch.cuda.device(device):  # torch.cuda.graph captures the current device's work
+        state = case.setup()
 
-    def calls():
-        for _ in range(_GRAPH_CALLS):
-            if isinstance(state, dict):
-                for key in grad_inputs:
-                    state[key].grad = None
-            case.step(state)
+        def calls():
+            for _ in range(_GRAPH_CALLS):
+                if isinstance(state, dict):
+                    for key in grad_inputs:
+                        state[key].grad = None
+                case.step(state)
 
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graph asks
-        calls()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        calls()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graph asks
+                calls()
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            calls()
+        return _replay_us(graph, repeat)
+
+
+def _replay_us(graph, repeat: int) -> float:
     graph.replay()
     times = []
     for _ in range(repeat):

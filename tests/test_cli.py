@@ -150,6 +150,8 @@ def test_bench_times_small_ops_as_cuda_graphs():
     results = bench.bench_problem(bench.gae_problem(8, 64, device), device, repeat=3, log=lambda *a: None)
     assert {r.provider for r in results if r.graph_us is None} == {"python_loop", "rlhf_kernels[torch]"}
     assert "graph us" in bench.format_table(results)
+    results = bench.bench_problem(bench.grpo_advantages_problem(64, 8, device), device, repeat=3, log=print)
+    assert {r.provider for r in results if r.graph_us is None} == {"rlhf_kernels[torch]"}
 
 
 def test_triton_launch_wrapper_forwards_grid_and_arguments():
