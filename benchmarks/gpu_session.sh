@@ -3,7 +3,8 @@
 # extension in place, run the GPU tests, run the benchmarks, and leave the logs and
 # results in $OUT (at most 8 files come back from a lent machine; this writes 7).
 #
-#   benchmarks/gpu_session.sh [phases]    phases: any of build tests overhead bench (default: all four)
+#   benchmarks/gpu_session.sh [phases]    phases: any of build tests overhead profile bench
+#                                         (default: all but profile)
 #
 # Everything runs against one deadline, TOTAL seconds from the start (default 585: the
 # device tool stops a command at 600). The build gets at most BUILD_LIMIT (170 s; about
@@ -25,6 +26,8 @@ set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu-session}
 PY=${PYTHON:-python3}
 PHASES=${*:-build tests overhead bench}
+# profile: Nsight Compute on the kernels furthest from their targets (benchmarks/profile_kernels.py),
+# its sections as text in ncu.log (about a minute; the 8th file that comes back).
 TOTAL=${TOTAL:-585}
 START=$(date +%s)
 mkdir -p "$OUT"
@@ -92,6 +95,18 @@ if has overhead; then
   log "per-call host overhead (benchmarks/overhead.py --profile)"
   PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" timeout 60 "$PY" benchmarks/overhead.py --device cuda --profile \
     >>"$OUT/session.log" 2>&1
+fi
+
+if has profile; then
+  log "Nsight Compute (benchmarks/profile_kernels.py)"
+  kernels=$("$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); import profile_kernels as p; print(p.KERNELS)")
+  sections=()
+  for s in SpeedOfLight MemoryWorkloadAnalysis Occupancy LaunchStats WarpStateStats SchedulerStats; do
+    sections+=(--section "$s")
+  done
+  timeout "$(min 180 $(($(left) - 60)))" ncu --clock-control none --profile-from-start off -k "regex:$kernels" \
+    "${sections[@]}" "$PY" benchmarks/profile_kernels.py >"$OUT/ncu.log" 2>&1
+  log "ncu exit code $?"
 fi
 
 if has bench && (($(left) > 15)); then
