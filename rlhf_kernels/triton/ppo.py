@@ -815,7 +815,7 @@ def _grpo_kernel(scores_ptr, offsets_ptr, out_ptr, n, eps_hi, eps_lo, NORM_BY_ST
         offs = k + cols
         s = tl.load(scores_ptr + offs, mask=offs < end, other=0.0).to(acc_ty)
         if NORM_BY_STD:
-            tl.store(out_ptr + offs, (s - mean) / denom, mask=offs < end)
+            tl.store(out_ptr + offs, _div_rn(s - mean, tl.zeros((BLOCK,), acc_ty) + denom), mask=offs < end)
         else:
             tl.store(out_ptr + offs, s - mean, mask=offs < end)
 
