@@ -55,6 +55,7 @@
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "common.cuh"
 #include "ppo.h"
@@ -421,12 +422,15 @@ struct ClusterKernelInfo {
 
 constexpr int kMaxDevices = 64;
 
+// (The caches below are keyed by the kernel's address: kernels of one signature,
+// the plain and the pipelined sweep, share a template instantiation.)
 template <typename Kernel>
 ClusterKernelInfo cluster_kernel_info(Kernel kernel, int dev) {
   static std::mutex mutex;
-  static std::map<int, ClusterKernelInfo> cache;
+  static std::map<std::pair<const void*, int>, ClusterKernelInfo> cache;
   std::lock_guard<std::mutex> lock(mutex);
-  const auto hit = cache.find(dev);
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), dev);
+  const auto hit = cache.find(key);
   if (hit != cache.end()) return hit->second;
   ClusterKernelInfo info;
   int major = 0, optin = 0;
@@ -442,7 +446,7 @@ ClusterKernelInfo cluster_kernel_info(Kernel kernel, int dev) {
     }
   }
   (void)cudaGetLastError();  // a failed query is an answer (the streaming kernel runs), not an error to report
-  cache[dev] = info;
+  cache[key] = info;
   return info;
 }
 
@@ -469,9 +473,9 @@ cudaLaunchConfig_t cluster_config(int64_t C, int64_t blocks, size_t smem, cudaSt
 template <typename Kernel>
 int max_active_clusters(Kernel kernel, int dev, int64_t C, size_t smem) {
   static std::mutex mutex;
-  static std::map<std::tuple<int, int64_t, size_t>, int> cache;
+  static std::map<std::tuple<const void*, int, int64_t, size_t>, int> cache;
   std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_tuple(dev, C, smem);
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), dev, C, smem);
   const auto hit = cache.find(key);
   if (hit != cache.end()) return hit->second;
   cudaLaunchAttribute cluster_dim;
