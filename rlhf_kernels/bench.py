@@ -213,6 +213,12 @@ def token_logprobs_problem(n_tokens, vocab, dtype, device, temperature=1.0) -> P
         provs[f"rlhf_kernels[{b}]"] = lambda i, b=b: rlhf_kernels.token_logprobs(
             i["logits"], i["labels"], temperature=temperature, check_labels=False, backend=b
         )
+    if device.type == "cuda" and "triton" in _kernel_backends(device):  # one tile ahead (triton/logprobs.py)
+        provs["rlhf_kernels[triton,prefetch]"] = lambda i: _with_env(
+            {"RLHF_KERNELS_LOGPROBS_PREFETCH": "1"},
+            lambda: rlhf_kernels.token_logprobs(i["logits"], i["labels"], temperature=temperature,
+                                                check_labels=False, backend="triton"),
+        )  # fmt: skip
     provs["eager"] = lambda i: eager_logprobs(i["logits"], i["labels"], temperature)
     provs["torch.compile"] = lambda i: _compiled(eager_logprobs)(i["logits"], i["labels"], temperature)
     liger = _liger_cross_entropy() if device.type == "cuda" else None

@@ -213,6 +213,27 @@ def test_forward_saves_only_what_backward_needs(device, backend):
     assert sum(n for _, n in saved if n < 1000) <= 3 * labels.numel()
 
 
+@pytest.mark.parametrize("device,backend", backend_cases(["triton"]))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_forward_prefetch_is_exact(monkeypatch, device, backend, dtype):
+    """The forward's one-tile-ahead load (RLHF_KERNELS_LOGPROBS_PREFETCH) changes the schedule,
+    not the result: the same bits, over several tiles with a partial last one, with entropy,
+    an ignored and a -inf-led row."""
+    g = torch.Generator().manual_seed(31)
+    logits = (torch.randn(5, 9000, generator=g) * 3).to(dtype)
+    logits[3, :5000] = float("-inf")
+    labels = torch.randint(5000, 9000, (5,), generator=g)
+    labels[1] = -100
+    out = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("RLHF_KERNELS_LOGPROBS_PREFETCH", flag)
+        out.append(rlhf_kernels.token_logprobs(logits.to(device), labels.to(device), return_entropy=True,
+                                               backend=backend))  # fmt: skip
+    for a, b in zip(*out, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(out[0][0].cpu().double(), reference(logits.double(), labels), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("device,backend", backend_cases())
 def test_all_tokens_masked(device, backend):
     logits, labels, _ = make_batch(2, 3, 50, torch.float32, device)
