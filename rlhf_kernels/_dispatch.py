@@ -6,9 +6,9 @@
 H200 the CUDA C++ kernels were as fast as or faster than the Triton ones for every
 op (benchmarks/results/bench-NVIDIA_H200-20261126-023316.txt: token_logprobs
 fwd+bwd 3.15 vs 3.49 ms, GAE 0.073 vs 0.188 ms, PPO losses 0.39 vs 1.34 ms), so
-Triton is the default only where the extension is absent or CPU-only. Triton runs on CPU tensors only under
-``TRITON_INTERPRET=1`` (how CI tests the kernels), and is never picked by
-``"auto"`` there.
+Triton is the default only where the extension is absent or CPU-only. Triton runs
+on CPU tensors only under ``TRITON_INTERPRET=1`` (how CI tests the kernels), and is
+never picked by ``"auto"`` there.
 """
 
 from __future__ import annotations

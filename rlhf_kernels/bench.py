@@ -502,33 +502,34 @@ def ppo_step_problem(batch, time_steps, vocab, dtype, device) -> Problem:
     mask = (torch.arange(time_steps) < time_steps - 3).expand(batch, time_steps).to(device)
     inputs = {"logits": logits, "labels": labels, "old": old, "adv": adv, "mask": mask, "ref": ref}
     provs: dict[str, Callable] = {}
+
+    def ours(backend, fused, env=None):
+        # env: schedule knobs, read at launch, so the kernel launched inside sees them
+        def step(i):
+            return rlhf_kernels.ppo_loss_from_logits(
+                i["logits"], i["labels"], i["old"], i["adv"], i["mask"], ref_logprobs=i["ref"], kl_coef=0.05,
+                entropy_coef=0.01, check_labels=False, grad_in_forward=fused, backend=backend,
+            )[0]  # fmt: skip
+
+        return step if env is None else (lambda i: _with_env(env, lambda: step(i)))
+
     for b in _kernel_backends(device, "ppo_logits_fused_native"):
         # fused: one sweep from logits to loss, writing the gradient in forward (1 read + 1 write);
         # two-pass: forward reads the logits, backward reads them again and writes the gradient
         variants = ((",fused", True), (",two-pass", False)) if b != "torch" else (("", False),)
         for variant, fused in variants:
-            provs[f"rlhf_kernels[{b}{variant}]"] = lambda i, b=b, fused=fused: rlhf_kernels.ppo_loss_from_logits(
-                i["logits"], i["labels"], i["old"], i["adv"], i["mask"], ref_logprobs=i["ref"], kl_coef=0.05,
-                entropy_coef=0.01, check_labels=False, grad_in_forward=fused, backend=b,
-            )[0]  # fmt: skip
-
-    def fused_with(backend, env):
-        # the single sweep with schedule knobs set (read at launch, so the kernel launched inside sees them)
-        return lambda i: _with_env(env, lambda: rlhf_kernels.ppo_loss_from_logits(
-            i["logits"], i["labels"], i["old"], i["adv"], i["mask"], ref_logprobs=i["ref"], kl_coef=0.05,
-            entropy_coef=0.01, check_labels=False, grad_in_forward=True, backend=backend,
-        )[0])  # fmt: skip
+            provs[f"rlhf_kernels[{b}{variant}]"] = ours(b, fused)
 
     fused_backends = _kernel_backends(device, "ppo_logits_fused_native") if device.type == "cuda" else []
     if "triton" in fused_backends:  # the Triton sweep's first pass without its one-tile-ahead load (fused_prefetch)
-        provs["rlhf_kernels[triton,fused,no prefetch]"] = fused_with("triton", {"RLHF_KERNELS_FUSED_PREFETCH": "0"})
+        provs["rlhf_kernels[triton,fused,no prefetch]"] = ours("triton", True, {"RLHF_KERNELS_FUSED_PREFETCH": "0"})
     if "native" in fused_backends:  # the CUDA one-read sweep's slice size (csrc/ppo_logits.cu), 0: streaming kernel
         for label, size in (("32K", "32768"), ("128K", "131072"), ("off", "0")):
-            provs[f"rlhf_kernels[native,fused,slice {label}]"] = fused_with(
-                "native", {"RLHF_KERNELS_CLUSTER_SLICE_BYTES": size})
+            provs[f"rlhf_kernels[native,fused,slice {label}]"] = ours(
+                "native", True, {"RLHF_KERNELS_CLUSTER_SLICE_BYTES": size})
         for label, size in (("", "65536"), (",slice 32K", "32768")):  # the variant that copies a row ahead
-            provs[f"rlhf_kernels[native,fused,pipelined{label}]"] = fused_with(
-                "native", {"RLHF_KERNELS_CLUSTER_PIPELINE": "1", "RLHF_KERNELS_CLUSTER_SLICE_BYTES": size})
+            provs[f"rlhf_kernels[native,fused,pipelined{label}]"] = ours(
+                "native", True, {"RLHF_KERNELS_CLUSTER_PIPELINE": "1", "RLHF_KERNELS_CLUSTER_SLICE_BYTES": size})
     args = ("logits", "labels", "old", "adv", "mask", "ref")
     provs["eager"] = lambda i: eager_ppo_step(*(i[k] for k in args))
     provs["torch.compile"] = lambda i: _compiled(eager_ppo_step)(*(i[k] for k in args))
@@ -657,11 +658,12 @@ def _graph_skip(problem: Problem, case: Case) -> bool:
 
 
 def _graph_us(case: Case, grad_inputs: tuple[str, ...], device, *, repeat: int = 10) -> float:
-    """Median device time in us of one call of case.step, from replays of a CUDA graph that
-    captured _GRAPH_CALLS calls (the gradients of the inputs are dropped between calls, so
-    each backward writes a fresh one as in the eager timing). A step that synchronises with
-    the host (torch.unique, .item()) cannot be captured: the warm-up runs with torch's sync
-    debug mode set to raise, so such a step raises there, before any capture starts."""
+    """Median device time in us of one call of case.step, from replays (timed as _time does,
+    L2 flushed before each) of a CUDA graph that captured _GRAPH_CALLS calls (the gradients
+    of the inputs are dropped between calls, so each backward writes a fresh one as in the
+    eager timing). A step that synchronises with the host (torch.unique, .item()) cannot be
+    captured: the warm-up runs with torch's sync debug mode set to raise, so such a step
+    raises there, before any capture starts."""
     with torch.cuda.device(device):  # torch.cuda.graph captures the current device's work
         state = case.setup()
 
@@ -685,21 +687,8 @@ def _graph_us(case: Case, grad_inputs: tuple[str, ...], device, *, repeat: int =
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             calls()
-        return _replay_us(graph, repeat)
-
-
-def _replay_us(graph, repeat: int) -> float:
-    graph.replay()
-    times = []
-    for _ in range(repeat):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end) * 1e3 / _GRAPH_CALLS)
-    del graph
-    return statistics.median(times)
+        times = _time(lambda _: graph.replay(), lambda: None, device, warmup=1, repeat=repeat, budget_s=20.0)
+        return statistics.median(times) * 1e3 / _GRAPH_CALLS
 
 
 def _peak_bytes(fn: Callable[[], object], setup: Callable[[], object], device) -> int:
