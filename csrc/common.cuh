@@ -1,13 +1,18 @@
-// Device helpers shared by the token log-prob CUDA kernels (logprobs.cu).
+// Device helpers shared by the token log-prob CUDA kernels (logprobs.cu,
+// ppo_logits.cu).
 //
 // Contents:
 //   * accumulation type per storage type (float, or double for double) and
 //     conversions between the two (exact widening, round-to-nearest back),
+//   * the base-2 row math: row_scale, exp2_ftz, max_keep_nan, mul_rn,
 //   * Vec<T>: 16-byte vector loads / stores that unpack to / pack from the
 //     accumulation type (8 x half/bf16, 4 x float, 2 x double),
 //   * split_row(): scalar head / 16-byte aligned body / scalar tail of a row,
-//   * OnlineLSE: the streaming (max, sum-exp, weighted sum) state, its merge,
-//     and warp / block reductions of it.
+//   * OnlineLSE: the streaming (max, sum 2^d, weighted sum) state, its merge,
+//     warp / block reductions of it, and row_stats (lse, log-prob, entropy),
+//   * GradOp / grad_vec / grad_row: the gradient of a row.
+// The scalar math (OnlineLSE, row_stats, GradOp, grad_vec) is also compiled
+// for the host, where tests/test_cuda_math.py checks it against float64.
 //
 // No torch headers: this is compiled by plain nvcc.
 #pragma once
@@ -55,51 +60,98 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(flo
 
 // INFINITY / NAN are constant expressions usable on the device without
 // --expt-relaxed-constexpr (std::numeric_limits would need that flag).
-template <typename Acc> __device__ __forceinline__ Acc neg_inf() {
+template <typename Acc> __host__ __device__ __forceinline__ Acc neg_inf() {
   return static_cast<Acc>(-INFINITY);
 }
-template <typename Acc> __device__ __forceinline__ Acc quiet_nan() {
+template <typename Acc> __host__ __device__ __forceinline__ Acc quiet_nan() {
   return static_cast<Acc>(NAN);
 }
 
-// exp(d) for d <= 0 (or NaN). For float, exp2f of a pre-scaled argument is one
-// MUFU.EX2 plus a multiply (max error 2 ulp); the extra rounding of d * log2(e)
-// costs a relative |d| * 6e-8, negligible where exp(d) is not already tiny.
-// Multiplying the difference (not folding the scale into an FMA with -m*log2e)
-// keeps exp(0) == 1 exactly for the row maximum.
-__device__ __forceinline__ float exp_acc(float d) {
-  return exp2f(d * 1.4426950408889634f);
-}
-__device__ __forceinline__ double exp_acc(double d) { return exp(d); }
+// The row math runs in base 2: a logit x is scaled once to z = x * c with
+// c = log2(e) / T (row_scale), so that every exponential is a bare 2^d (one
+// MUFU.EX2 for float) and no per-element multiply by log2(e) is needed;
+// results are converted back to nats once per row (row_stats, GradOp).
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2 = 0.6931471805599453;
 
-// exp(d) for the online state only: a bare MUFU.EX2 whose results below
-// 2^-126 are flushed to 0 (saves exp2f's 3-instruction denormal fix-up in the
-// hottest loop). Harmless there: a flushed term of s is below 2^-126 while
-// s >= 1 (the row max contributes exp(0) = 1), and a flushed term of w,
-// e * d with d > -104, is below 2^-119, i.e. far below the float rounding of
-// either sum. Same for the rescale factors. -inf gives +0, NaN gives NaN.
-__device__ __forceinline__ float exp_sum_term(float d) {
+// The base-2 scale c = log2(e) / T of a row, rounded once from double.
+template <typename Acc>
+__host__ __device__ __forceinline__ Acc row_scale(double inv_temperature) {
+  return static_cast<Acc>(inv_temperature * kLog2e);
+}
+
+// 2^d with results below the smallest normal flushed to 0: for float a bare
+// MUFU.EX2 (within 2 ulp; exp2f would add a 3-instruction
+// denormal fix-up). Harmless everywhere it is used: a flushed term of the
+// log-sum-exp sum is below 2^-126 while the sum is >= 1 (the row max
+// contributes 2^0 = 1), a flushed entropy term e * d (d >= dead_exp = -256) is
+// below 2^-118, and a flushed probability changes a gradient by less than 2^-126
+// times its scale. -inf gives +0, NaN gives NaN. On the host (tests of this
+// header, tests/test_cuda_math.py) the same function with libm.
+__host__ __device__ __forceinline__ float exp2_ftz(float d) {
+#ifdef __CUDA_ARCH__
   float r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(d * 1.4426950408889634f));
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(d));
   return r;
+#else
+  const float r = std::exp2(d);
+  return std::fpclassify(r) == FP_SUBNORMAL ? 0.0f : r;
+#endif
 }
-__device__ __forceinline__ double exp_sum_term(double d) { return exp(d); }
-__device__ __forceinline__ float log_acc(float x) { return logf(x); }
-__device__ __forceinline__ double log_acc(double x) { return log(x); }
+__host__ __device__ __forceinline__ double exp2_ftz(double d) { return exp2(d); }
+__host__ __device__ __forceinline__ float log2_acc(float x) { return log2f(x); }
+__host__ __device__ __forceinline__ double log2_acc(double x) { return log2(x); }
 
-// z = x * inv_t, always rounded to the accumulation type: the explicit
+// A base-2 exponent d that stands for "no probability": 2^dead_exp is exactly 0
+// (float: below 2^-149, and flushed by exp2_ftz; double: below 2^-1074), and
+// it is small enough in magnitude that coefficient * dead_exp stays finite for
+// any coefficient below ~1e36 (float): -inf logits are clamped to it where
+// 0 * -inf would be NaN.
+template <typename Acc> __host__ __device__ __forceinline__ Acc dead_exp();
+template <> __host__ __device__ __forceinline__ float dead_exp<float>() { return -256.0f; }
+template <> __host__ __device__ __forceinline__ double dead_exp<double>() { return -2048.0; }
+
+// max(d, lo) for a constant, non-NaN lo that keeps a NaN d: one FMNMX.NaN on
+// sm_80+, a compare and select elsewhere (d < lo is false for NaN).
+__host__ __device__ __forceinline__ float max_keep_nan(float d, float lo) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(d), "f"(lo));
+  return r;
+#else
+  return d < lo ? lo : d;
+#endif
+}
+__host__ __device__ __forceinline__ double max_keep_nan(double d, double lo) { return d < lo ? lo : d; }
+
+// Logits within a factor ~1.44 / T of the float maximum overflow to +-inf when
+// scaled (float only; |x| > 2.3e38 at T = 1): their rows come out NaN.
+//
+// z = x * c, always rounded to the accumulation type: the explicit
 // rounding multiply keeps the compiler from contracting it into the FMA of a
-// following subtraction, so every use of z (the max, exp(z - m), the -inf
+// following subtraction, so every use of z (the max, 2^(z - m), the -inf
 // test, the label's logit) sees the same value; e.g. a one-token vocabulary
 // then gives logprob exactly 0.
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__host__ __device__ __forceinline__ float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+__host__ __device__ __forceinline__ double mul_rn(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
 
 // fmax/fmaxf ignore a NaN operand (IEEE maxNum). The online state relies on
 // that: NaN logits never become the running max, and reach the outputs through
 // the sum instead (exp(NaN - m) = NaN).
-__device__ __forceinline__ float max_acc(float a, float b) { return fmaxf(a, b); }
-__device__ __forceinline__ double max_acc(double a, double b) { return fmax(a, b); }
+__host__ __device__ __forceinline__ float max_acc(float a, float b) { return fmaxf(a, b); }
+__host__ __device__ __forceinline__ double max_acc(double a, double b) { return fmax(a, b); }
 
 // ---------------------------------------------------------------------------
 // 16-byte vectors
@@ -291,22 +343,26 @@ struct FastRowLayout {
 // ---------------------------------------------------------------------------
 // Online log-sum-exp state
 // ---------------------------------------------------------------------------
-// Over a set of values z_j the state holds
+// Over a set of values z_j, logits in base-2 units (z = x * row_scale(1/T)),
+// the state holds
 //   m = max_j z_j                         (-inf for an empty set),
-//   s = sum_j exp(z_j - m),
-//   w = sum_j exp(z_j - m) * (z_j - m)    (only when kW).
-// Then lse = m + log(s) and, with p_j = exp(z_j - lse),
-//   entropy = lse - sum_j p_j z_j = log(s) - w / s.
-// w is taken relative to m (rather than sum exp(z - m) * z, which would give
+//   s = sum_j 2^(z_j - m),
+//   w = sum_j 2^(z_j - m) * (z_j - m)     (only when kW).
+// Then, in nats, with p_j = 2^(z_j - m) / s the softmax,
+//   lse = ln2 * (m + log2(s)),
+//   logprob_y = ln2 * ((z_y - m) - log2(s)),
+//   entropy = -sum_j p_j ln(p_j) = ln2 * (log2(s) - w / s)   (row_stats).
+// w is taken relative to m (rather than sum 2^(z - m) * z, which would give
 // entropy = lse - w' / s) so that the entropy never subtracts two numbers of
-// the size of the logits: once m is finite, s >= 1 and w <= 0, so
-// entropy = log(s) + |w| / s adds two non-negative terms and small entropies
-// of confident rows keep their relative accuracy.
+// the size of the logits: once m is finite, s >= 1 and w <= 0, so the entropy
+// adds two non-negative terms and small entropies of confident rows keep
+// their relative accuracy; for the same reason logprob_y subtracts m from z_y
+// before log2(s) (exactly 0 for the row's maximum), never lse from z_y.
 //
 // -inf logits (masked vocabulary) contribute exactly 0 to s and w. A state
 // whose m is -inf is "empty": its s and w are 0 (or NaN if it saw a NaN) and
-// are never rescaled, so exp(-inf - -inf) and 0 * -inf never happen.
-// NaN logits: max_acc skips them, exp(NaN - m) = NaN poisons s, so lse,
+// are never rescaled, so 2^(-inf - -inf) and 0 * -inf never happen.
+// NaN logits: max_acc skips them, 2^(NaN - m) = NaN poisons s, so lse,
 // logprob and entropy come out NaN. +inf logits give NaN as well.
 //
 // Plain aggregate (no constructors) so that it can live in __shared__.
@@ -314,7 +370,7 @@ template <typename Acc, bool kW>
 struct OnlineLSE {
   Acc m, s, w;
 
-  __device__ __forceinline__ void reset() {
+  __host__ __device__ __forceinline__ void reset() {
     m = neg_inf<Acc>();
     s = Acc(0);
     w = Acc(0);
@@ -322,47 +378,60 @@ struct OnlineLSE {
 
   // Adds K values. The chunk maximum is taken first, so the state is rescaled
   // at most once per chunk (and rarely at all once the row max was seen).
+  // Per value, once m is finite: a subtraction, one 2^d, an add (and for kW
+  // a NaN-keeping max and an fma). 2^kDead is exactly 0 and 0 * kDead is 0
+  // (dead_exp): kDead stands in for d = -inf (z = -inf with m finite; also
+  // clamps finite d below it, whose terms are 0 either way), and, while m is
+  // still -inf, for every z = -inf (whose z - m would be NaN).
   template <int K>
-  __device__ __forceinline__ void push(const Acc* z) {
+  __host__ __device__ __forceinline__ void push(const Acc* z) {
     Acc cm = z[0];
 #pragma unroll
     for (int k = 1; k < K; ++k) cm = max_acc(cm, z[k]);
     if (cm > m) {  // false for NaN cm
       if (m != neg_inf<Acc>()) {
         const Acc dm = m - cm;  // < 0
-        const Acc a = exp_sum_term(dm);
+        const Acc a = exp2_ftz(dm);
         if (kW) w = a * fma(s, dm, w);
         s *= a;
       }
       m = cm;
     }
-    // exp(kDead) underflows to exactly 0 in float and double, and
-    // 0 * kDead is 0: used for z == -inf, where z - m is -inf (m finite) or
-    // NaN (m still -inf).
-    const Acc kDead = Acc(-1.0e4);
+    const Acc kDead = dead_exp<Acc>();
+    if (m != neg_inf<Acc>()) {
 #pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const Acc d = (z[k] == neg_inf<Acc>()) ? kDead : z[k] - m;
-      const Acc e = exp_sum_term(d);
-      s += e;
-      if (kW) w = fma(e, d, w);
+      for (int k = 0; k < K; ++k) {
+        Acc d = z[k] - m;  // -inf for z = -inf, NaN for NaN
+        if (kW) d = max_keep_nan(d, kDead);
+        const Acc e = exp2_ftz(d);
+        s += e;
+        if (kW) w = fma(e, d, w);
+      }
+    } else {  // nothing but -inf (and NaN) seen so far
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const Acc d = (z[k] == neg_inf<Acc>()) ? kDead : z[k] - m;
+        const Acc e = exp2_ftz(d);
+        s += e;
+        if (kW) w = fma(e, d, w);
+      }
     }
   }
 
   // Merges the state (om, os, ow) into this one. Symmetric, so a butterfly
   // reduction gives every lane the same bits.
-  __device__ __forceinline__ void merge(Acc om, Acc os, Acc ow) {
+  __host__ __device__ __forceinline__ void merge(Acc om, Acc os, Acc ow) {
     const Acc mn = max_acc(m, om);
     Acc sa = s, wa = w, sb = os, wb = ow;
     if (m != neg_inf<Acc>()) {
       const Acc dm = m - mn;
-      const Acc a = exp_sum_term(dm);
+      const Acc a = exp2_ftz(dm);
       sa = s * a;
       if (kW) wa = a * fma(s, dm, w);
     }
     if (om != neg_inf<Acc>()) {
       const Acc dm = om - mn;
-      const Acc a = exp_sum_term(dm);
+      const Acc a = exp2_ftz(dm);
       sb = os * a;
       if (kW) wb = a * fma(os, dm, ow);
     }
@@ -371,6 +440,36 @@ struct OnlineLSE {
     w = kW ? wa + wb : Acc(0);
   }
 };
+
+// A row's results in nats from its merged state and the label's base-2 logit
+// z_y (the same rounding as the values pushed: mul_rn(x_y, scale)).
+template <typename Acc>
+struct RowStats {
+  Acc lse, logprob, entropy;
+  Acc lse2;  // the log-normalizer in base 2, m + log2(s), for GradOp in the same kernel
+};
+
+// The once-per-row conversions to nats are done in double (free at one row
+// per block): each result is then rounded once. A backward kernel that only has
+// the saved lse (nats) converts it back with lse2_from_nats, within about one
+// float ulp of lse2; kernels that compute the gradient in the same pass use
+// lse2 as it is.
+template <typename Acc, bool kW>
+__host__ __device__ __forceinline__ RowStats<Acc> row_stats(const OnlineLSE<Acc, kW>& st, Acc z_label) {
+  const double log2_s = static_cast<double>(log2_acc(st.s));
+  const double m = static_cast<double>(st.m);
+  RowStats<Acc> r;
+  r.lse = static_cast<Acc>((m + log2_s) * kLn2);
+  r.lse2 = static_cast<Acc>(m + log2_s);
+  r.logprob = static_cast<Acc>(((static_cast<double>(z_label) - m) - log2_s) * kLn2);
+  r.entropy = kW ? static_cast<Acc>((log2_s - static_cast<double>(st.w) / static_cast<double>(st.s)) * kLn2) : Acc(0);
+  return r;
+}
+
+template <typename Acc>
+__host__ __device__ __forceinline__ Acc lse2_from_nats(Acc lse) {
+  return static_cast<Acc>(static_cast<double>(lse) * kLog2e);
+}
 
 // Butterfly all-reduce over the 32 lanes of a warp; all lanes must be active.
 template <typename Acc, bool kW>
@@ -449,12 +548,12 @@ __device__ __forceinline__ void block_sum(T (&v)[N], T (*smem)[N]) {
 // ---------------------------------------------------------------------------
 
 // Streams one kept row x[0:V] through the block's kThreads threads: each
-// thread pushes its share of z = x / T into an OnlineLSE state (scalar head,
-// 16-byte body, scalar tail), then the states are merged across the block.
-// The returned state is valid in thread 0. Reached by every thread (it has
-// block barriers).
+// thread pushes its share of z = x * scale (scale = row_scale(1/T): base-2
+// units) into an OnlineLSE state (scalar head, 16-byte body, scalar tail),
+// then the states are merged across the block. The returned state is valid in
+// thread 0. Reached by every thread (it has block barriers).
 template <int kThreads, typename T, bool kEntropy>
-__device__ __forceinline__ OnlineLSE<acc_t<T>, kEntropy> stream_row(const T* x, int V, acc_t<T> inv_t,
+__device__ __forceinline__ OnlineLSE<acc_t<T>, kEntropy> stream_row(const T* x, int V, acc_t<T> scale,
                                                                     OnlineLSE<acc_t<T>, kEntropy>* smem) {
   using Acc = acc_t<T>;
   constexpr int kN = Vec<T>::kN;
@@ -464,7 +563,7 @@ __device__ __forceinline__ OnlineLSE<acc_t<T>, kEntropy> stream_row(const T* x, 
   const RowSplit sp = split_row(x, V);
 
   if (tid < sp.head) {  // head < kN <= kThreads
-    const Acc z[1] = {mul_rn(to_acc(x[tid]), inv_t)};
+    const Acc z[1] = {mul_rn(to_acc(x[tid]), scale)};
     st.template push<1>(z);
   }
 
@@ -480,19 +579,19 @@ __device__ __forceinline__ OnlineLSE<acc_t<T>, kEntropy> stream_row(const T* x, 
 #pragma unroll
     for (int u = 0; u < kU; ++u) Vec<T>::load(body + (i + u * kThreads) * kN, z + u * kN);
 #pragma unroll
-    for (int k = 0; k < kU * kN; ++k) z[k] = mul_rn(z[k], inv_t);
+    for (int k = 0; k < kU * kN; ++k) z[k] = mul_rn(z[k], scale);
     st.template push<kU * kN>(z);
   }
   if (kU > 1 && i < sp.nvec) {
     Acc z[kN];
     Vec<T>::load(body + i * kN, z);
 #pragma unroll
-    for (int k = 0; k < kN; ++k) z[k] = mul_rn(z[k], inv_t);
+    for (int k = 0; k < kN; ++k) z[k] = mul_rn(z[k], scale);
     st.template push<kN>(z);
   }
 
   if (tid < V - sp.body_end) {  // tail < kN <= kThreads
-    const Acc z[1] = {mul_rn(to_acc(x[sp.body_end + tid]), inv_t)};
+    const Acc z[1] = {mul_rn(to_acc(x[sp.body_end + tid]), scale)};
     st.template push<1>(z);
   }
 
@@ -501,35 +600,73 @@ __device__ __forceinline__ OnlineLSE<acc_t<T>, kEntropy> stream_row(const T* x, 
 }
 
 // Gradient of one element, in the accumulation type:
-//   d = z - lse, p = exp(d),
+//   d = x / T - lse (nats), p = exp(d),
 //   grad = ( g * (1[j == y] - p) - gH * p * (d + H) ) / T
-//        = ( 1[j == y] * g  -  p * (g + gH * (d + H)) ) * inv_t.
-// The fma form rounds g * (1 - p) once for the label. A z of -inf has p = 0
-// and contributes nothing else (d + H = -inf would make 0 * -inf = NaN), so it
-// is selected explicitly. A row of only -inf logits (lse = -inf) has a NaN
-// log-prob, and its gradient is NaN too, as in torch, the CPU kernel and the
-// Triton kernel: build the op with inv_t = row_inv_t(lse, inv_t).
+//        = 1[j == y] * g / T  -  p * (g + gH * (d + H)) / T,
+// evaluated in base 2 with the row's constants folded once (make):
+//   d2 = fma(x, c, -lse2)       c = log2(e) / T, lse2 = lse * log2(e), d = d2 * ln2,
+//   p = 2^d2,
+//   grad = fma(-p, a0 + a1 * d2, 1[j == y] * gi)
+//          gi = g / T, a0 = (g + gH * H) / T, a1 = gH * ln2 / T
+//          (without entropy a0 = gi and the a1 term is dropped).
+// Per element that is an fma, a 2^d and an fma (with entropy also a NaN-keeping
+// max and one more fma); grad_row tests for the label once per 16-byte vector
+// and calls the one-argument form for vectors without it. The fma form rounds
+// g * (1 - p) / T once for the label. A logit of -inf has p = 0 and
+// contributes nothing else: without entropy fma(-0, a0, 0) is 0; with entropy
+// d2 = -inf is clamped to dead_exp() so that a0 + a1 * d2 stays finite. A row of only
+// -inf logits (lse = -inf) has a NaN log-prob, and its gradient is NaN too, as
+// in torch, the CPU kernel and the Triton kernel: make() then sets c and the
+// coefficients to NaN.
 template <typename Acc, bool kEntropy>
 struct GradOp {
-  Acc lse, g, gH, H, inv_t;
+  Acc c, lse2, gi, a0, a1;
   int y;
 
-  __device__ __forceinline__ Acc operator()(Acc xv, int j) const {
-    const Acc z = mul_rn(xv, inv_t);
-    const Acc d = z - lse;
-    const Acc p = exp_acc(d);
-    const Acc onehot_g = (j == y) ? g : Acc(0);
-    const Acc t = kEntropy ? fma(gH, d + H, g) : g;
-    const Acc r = (z == neg_inf<Acc>()) ? onehot_g : fma(-p, t, onehot_g);
-    return r * inv_t;
+  // lse2: the row's log-normalizer in base 2 (RowStats::lse2, or
+  // lse2_from_nats of a saved lse); H: its entropy (nats); g, gH: the upstream
+  // gradients of its log-prob and entropy; inv_t = 1 / T and
+  // scale = row_scale(1 / T) as the forward used them.
+  __host__ __device__ __forceinline__ static GradOp make(Acc lse2, Acc g, Acc gH, Acc H, Acc inv_t, Acc scale,
+                                                         int y) {
+    const bool dead = lse2 == neg_inf<Acc>();
+    const Acc inv = dead ? quiet_nan<Acc>() : inv_t;
+    GradOp op;
+    op.c = dead ? quiet_nan<Acc>() : scale;
+    op.lse2 = lse2;
+    op.gi = g * inv;
+    op.a0 = kEntropy ? fma(gH * inv, H, op.gi) : op.gi;
+    op.a1 = kEntropy ? gH * inv * Acc(kLn2) : Acc(0);
+    op.y = y;
+    return op;
+  }
+
+  // Element j of the row.
+  __host__ __device__ __forceinline__ Acc operator()(Acc x, int j) const { return eval(x, j == y ? gi : Acc(0)); }
+  // An element known not to be the label's.
+  __host__ __device__ __forceinline__ Acc operator()(Acc x) const { return eval(x, Acc(0)); }
+
+  __host__ __device__ __forceinline__ Acc eval(Acc x, Acc onehot) const {
+    Acc d2 = fma(x, c, -lse2);
+    if (kEntropy) d2 = max_keep_nan(d2, dead_exp<Acc>());
+    const Acc p = exp2_ftz(d2);
+    const Acc t = kEntropy ? fma(a1, d2, a0) : a0;
+    return fma(-p, t, onehot);
   }
 };
 
-// A row's 1/T for GradOp: NaN when lse is -inf (the row has no distribution),
-// so that every element of its gradient is NaN. Decided once per row.
-template <typename Acc>
-__device__ __forceinline__ Acc row_inv_t(Acc lse, Acc inv_t) {
-  return lse == neg_inf<Acc>() ? quiet_nan<Acc>() : inv_t;
+// u[k] = op(u[k], j0 + k) for one vector of kN elements starting at element
+// j0: the label test once per vector (the one vector of a row that holds the
+// label takes the per-element form).
+template <int kN, typename Op, typename Acc>
+__host__ __device__ __forceinline__ void grad_vec(const Op& op, Acc* u, int j0) {
+  if (static_cast<unsigned>(op.y - j0) < static_cast<unsigned>(kN)) {
+#pragma unroll
+    for (int k = 0; k < kN; ++k) u[k] = op(u[k], j0 + k);
+  } else {
+#pragma unroll
+    for (int k = 0; k < kN; ++k) u[k] = op(u[k]);
+  }
 }
 
 // Writes `value` (0 or NaN) to the n elements of a gradient row.
@@ -578,11 +715,8 @@ __device__ __forceinline__ void grad_row(const T* x, T* out, int V, const Op& op
       Vec<T>::load(xb + (i + kThreads) * kN, v);
       const int j0 = sp.head + i * kN;
       const int j1 = j0 + kThreads * kN;
-#pragma unroll
-      for (int k = 0; k < kN; ++k) {
-        u[k] = op(u[k], j0 + k);
-        v[k] = op(v[k], j1 + k);
-      }
+      grad_vec<kN>(op, u, j0);
+      grad_vec<kN>(op, v, j1);
       Vec<T>::store(ob + i * kN, u);
       Vec<T>::store(ob + (i + kThreads) * kN, v);
     }
@@ -590,8 +724,7 @@ __device__ __forceinline__ void grad_row(const T* x, T* out, int V, const Op& op
       Acc u[kN];
       Vec<T>::load(xb + i * kN, u);
       const int j0 = sp.head + i * kN;
-#pragma unroll
-      for (int k = 0; k < kN; ++k) u[k] = op(u[k], j0 + k);
+      grad_vec<kN>(op, u, j0);
       Vec<T>::store(ob + i * kN, u);
     }
 

@@ -56,7 +56,7 @@ struct FwdArgs {
   int vocab;
   const int64_t* labels;
   int64_t ignore_index;
-  acc_t<T> inv_t;
+  acc_t<T> scale;  // row_scale(1 / T): logits to base-2 units
   acc_t<T>* logprobs;
   acc_t<T>* lse;
   acc_t<T>* entropy;  // used only when the kernel's kEntropy is true
@@ -73,6 +73,7 @@ struct BwdArgs {
   const int64_t* labels;
   int64_t ignore_index;
   acc_t<T> inv_t;
+  acc_t<T> scale;  // row_scale(1 / T)
   const acc_t<T>* lse;
   const acc_t<T>* entropy;       // used only when kEntropy
   const acc_t<T>* grad_logprobs;
@@ -90,7 +91,7 @@ struct SeqFwdArgs {
   int vocab;
   const int64_t* labels;
   int64_t ignore_index;
-  acc_t<T> inv_t;
+  acc_t<T> scale;  // row_scale(1 / T)
   acc_t<T>* lse;
   acc_t<T>* partial;  // [items]
   int32_t* count;     // [items]
@@ -116,7 +117,7 @@ __global__ void __launch_bounds__(kThreads, kFwdMinBlocks<T>)
 
   const int tid = static_cast<int>(threadIdx.x);
   const int V = a.vocab;
-  const Acc inv_t = a.inv_t;
+  const Acc scale = a.scale;
 
   for (int64_t row = static_cast<int64_t>(blockIdx.x); row < a.rows; row += gridDim.x) {
     const int64_t y = a.labels[row];
@@ -135,16 +136,15 @@ __global__ void __launch_bounds__(kThreads, kFwdMinBlocks<T>)
     const T* x = a.logits + a.layout.offset(row);
     // Issued now so that its latency hides behind the streaming loop.
     Acc z_label = Acc(0);
-    if (tid == 0) z_label = mul_rn(to_acc(x[static_cast<int>(y)]), inv_t);
+    if (tid == 0) z_label = mul_rn(to_acc(x[static_cast<int>(y)]), scale);
 
-    const State st = stream_row<kThreads>(x, V, inv_t, smem);
+    const State st = stream_row<kThreads>(x, V, scale, smem);
 
     if (tid == 0) {
-      const Acc log_s = log_acc(st.s);
-      const Acc lse = st.m + log_s;
-      a.lse[row] = lse;
-      a.logprobs[row] = z_label - lse;
-      if (kEntropy) a.entropy[row] = log_s - st.w / st.s;
+      const RowStats<Acc> r = row_stats(st, z_label);
+      a.lse[row] = r.lse;
+      a.logprobs[row] = r.logprob;
+      if (kEntropy) a.entropy[row] = r.entropy;
     }
   }
 }
@@ -167,7 +167,7 @@ __global__ void __launch_bounds__(kThreads, kSeqMinBlocks<T>) seq_logprobs_fwd_k
 
   const int tid = static_cast<int>(threadIdx.x);
   const int V = a.vocab;
-  const Acc inv_t = a.inv_t;
+  const Acc scale = a.scale;
 
   for (int64_t item = static_cast<int64_t>(blockIdx.x); item < a.items; item += gridDim.x) {
     const int64_t seq = item / a.n_chunks;
@@ -192,14 +192,14 @@ __global__ void __launch_bounds__(kThreads, kSeqMinBlocks<T>) seq_logprobs_fwd_k
       }
       const T* x = a.logits + a.layout.offset(row);
       Acc z_label = Acc(0);
-      if (tid == 0) z_label = mul_rn(to_acc(x[static_cast<int>(y)]), inv_t);
+      if (tid == 0) z_label = mul_rn(to_acc(x[static_cast<int>(y)]), scale);
 
-      const State st = stream_row<kThreads>(x, V, inv_t, smem);
+      const State st = stream_row<kThreads>(x, V, scale, smem);
 
       if (tid == 0) {
-        const Acc lse = st.m + log_acc(st.s);
-        a.lse[row] = lse;
-        sum += z_label - lse;
+        const RowStats<Acc> r = row_stats(st, z_label);
+        a.lse[row] = r.lse;
+        sum += r.logprob;
       }
     }
     if (tid == 0) {
@@ -234,14 +234,9 @@ __global__ void __launch_bounds__(kThreads) logprobs_bwd_kernel(const BwdArgs<T>
     }
 
     const T* x = a.logits + a.logits_layout.offset(row);
-    GradOp<Acc, kEntropy> op;
-    op.lse = a.lse[row];
-    op.g = a.grad_logprobs[row];
-    op.gH = kEntropy ? a.grad_entropy[row] : Acc(0);
-    op.H = kEntropy ? a.entropy[row] : Acc(0);
-    op.inv_t = row_inv_t(op.lse, a.inv_t);
-    op.y = static_cast<int>(y);
-
+    const GradOp<Acc, kEntropy> op = GradOp<Acc, kEntropy>::make(
+        lse2_from_nats(a.lse[row]), a.grad_logprobs[row], kEntropy ? a.grad_entropy[row] : Acc(0),
+        kEntropy ? a.entropy[row] : Acc(0), a.inv_t, a.scale, static_cast<int>(y));
     grad_row<kThreads>(x, out, V, op);
   }
 }
@@ -289,7 +284,7 @@ void launch_fwd(const LogprobsFwdParams& p, cudaStream_t stream) {
   a.vocab = static_cast<int>(p.vocab);
   a.labels = p.labels;
   a.ignore_index = p.ignore_index;
-  a.inv_t = static_cast<Acc>(p.inv_temperature);
+  a.scale = row_scale<Acc>(p.inv_temperature);
   a.logprobs = static_cast<Acc*>(p.logprobs);
   a.lse = static_cast<Acc*>(p.lse);
   a.entropy = static_cast<Acc*>(p.entropy);
@@ -315,6 +310,7 @@ void launch_bwd(const LogprobsBwdParams& p, cudaStream_t stream) {
   a.labels = p.labels;
   a.ignore_index = p.ignore_index;
   a.inv_t = static_cast<Acc>(p.inv_temperature);
+  a.scale = row_scale<Acc>(p.inv_temperature);
   a.lse = static_cast<const Acc*>(p.lse);
   a.entropy = static_cast<const Acc*>(p.entropy);
   a.grad_logprobs = static_cast<const Acc*>(p.grad_logprobs);
@@ -341,7 +337,7 @@ void launch_seq_fwd(const SeqLogprobsFwdParams& p, cudaStream_t stream) {
   a.vocab = static_cast<int>(p.tok.vocab);
   a.labels = p.tok.labels;
   a.ignore_index = p.tok.ignore_index;
-  a.inv_t = static_cast<Acc>(p.tok.inv_temperature);
+  a.scale = row_scale<Acc>(p.tok.inv_temperature);
   a.lse = static_cast<Acc*>(p.tok.lse);
   a.partial = static_cast<Acc*>(p.partial);
   a.count = p.count;

@@ -8,9 +8,9 @@
 // Per row:
 //   pass 1: the block streams the V logits once through an OnlineLSE state
 //           (max, sum exp, entropy sum), merged over the block;
-//   thread 0: logp = z_y - lse, H, then fused_token: the clipped surrogate,
+//   thread 0: logp = z_y - lse, H (row_stats), then fused_token: the clipped surrogate,
 //           KL, the weighted loss term, dL/dlogp and dL/dH; writes the 7
-//           per-token stats and broadcasts (lse, H, g, gH) through shared
+//           per-token stats and broadcasts (lse2, H, g, gH) through shared
 //           memory;
 //   pass 2 (kWriteGrad): the block reads the row again and writes
 //           grad_j = (g (1[j == y] - p_j) - gH p_j (z_j - lse + H)) / T.
@@ -87,6 +87,7 @@ struct FusedArgs {
   const int64_t* labels;
   int64_t ignore_index;
   acc_t<T> inv_t;
+  acc_t<T> scale;  // row_scale(1 / T): logits to base-2 units (common.cuh)
   const acc_t<T>* old;
   const acc_t<T>* adv;
   const acc_t<T>* ref;  // nullptr: no KL term
@@ -112,19 +113,19 @@ __device__ __forceinline__ RowScalars<acc_t<T>> load_row_scalars(const FusedArgs
 }
 
 // Thread 0's step of a row in all kernels: from the row's merged log-sum-exp
-// state, the label's log-prob, the entropy and fused_token's PPO / KL terms;
+// state and the label's base-2 logit, the label's log-prob, the entropy and
+// fused_token's PPO / KL terms;
 // writes the 7 per-token stats (when write_stats) and broadcasts
-// (lse, H, g, gH) through bcast.
+// (lse2, H, g, gH) through bcast, lse2 in base 2 (RowStats).
 template <typename T>
 __device__ __forceinline__ void finish_row(const FusedArgs<T>& a, int64_t row, const OnlineLSE<acc_t<T>, true>& st,
                                            acc_t<T> z_label, const RowScalars<acc_t<T>>& in, bool write_stats,
                                            acc_t<T>* bcast) {
   using Acc = acc_t<T>;
-  const Acc log_s = log_acc(st.s);
-  const Acc lse = st.m + log_s;
-  const Acc entropy = log_s - st.w / st.s;
+  const RowStats<Acc> r = row_stats(st, z_label);
+  const Acc entropy = r.entropy;
   const ppo_loss::FusedTokenOut<Acc> o = ppo_loss::fused_token<Acc>(
-      z_label - lse, entropy, in.old, in.adv, in.ref, in.weight, a.c, a.has_dual, a.kl_kind);
+      r.logprob, entropy, in.old, in.adv, in.ref, in.weight, a.c, a.has_dual, a.kl_kind);
   if (write_stats) {
     Acc* s = a.stats + row * kFusedStats;
     s[0] = o.weighted;
@@ -135,7 +136,7 @@ __device__ __forceinline__ void finish_row(const FusedArgs<T>& a, int64_t row, c
     s[5] = o.lower;
     s[6] = o.neg_log_ratio;
   }
-  bcast[0] = lse;
+  bcast[0] = r.lse2;  // (base 2: the gradient sweeps build GradOp from it)
   bcast[1] = entropy;
   bcast[2] = o.g;
   bcast[3] = o.gh;
@@ -146,11 +147,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>) ppo_logits_kernel(con
   using Acc = acc_t<T>;
   using State = OnlineLSE<Acc, true>;
   __shared__ State smem[kThreads / kWarpSize];
-  __shared__ Acc bcast[4];  // lse, H, g, gH of the current row
+  __shared__ Acc bcast[4];  // lse2, H, g, gH of the current row
 
   const int tid = static_cast<int>(threadIdx.x);
   const int V = a.vocab;
-  const Acc inv_t = a.inv_t;
+  const Acc scale = a.scale;
 
   for (int64_t row = static_cast<int64_t>(blockIdx.x); row < a.rows; row += gridDim.x) {
     const int64_t y = a.labels[row];
@@ -164,10 +165,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>) ppo_logits_kernel(con
 
     const T* x = a.logits + a.layout.offset(row);
     Acc z_label = Acc(0);
-    if (tid == 0) z_label = mul_rn(to_acc(x[static_cast<int>(y)]), inv_t);
+    if (tid == 0) z_label = mul_rn(to_acc(x[static_cast<int>(y)]), scale);
 
     // Pass 1, as logprobs_fwd_kernel (stream_row in common.cuh).
-    const State st = stream_row<kThreads>(x, V, inv_t, smem);
+    const State st = stream_row<kThreads>(x, V, scale, smem);
 
     if (tid == 0) finish_row(a, row, st, z_label, load_row_scalars(a, row), true, bcast);
 
@@ -177,13 +178,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>) ppo_logits_kernel(con
       __syncthreads();
       T* out = a.grad + a.grad_layout.offset(row);
       const Acc gh = bcast[3];
-      const Acc row_t = row_inv_t(bcast[0], inv_t);
       if (gh != Acc(0)) {
-        GradOp<Acc, true> op{bcast[0], bcast[2], gh, bcast[1], row_t, static_cast<int>(y)};
-        grad_row<kThreads>(x, out, V, op);
+        grad_row<kThreads>(x, out, V, GradOp<Acc, true>::make(bcast[0], bcast[2], gh, bcast[1], a.inv_t, scale,
+                                                               static_cast<int>(y)));
       } else {
-        GradOp<Acc, false> op{bcast[0], bcast[2], Acc(0), Acc(0), row_t, static_cast<int>(y)};
-        grad_row<kThreads>(x, out, V, op);
+        grad_row<kThreads>(x, out, V, GradOp<Acc, false>::make(bcast[0], bcast[2], Acc(0), Acc(0), a.inv_t, scale,
+                                                                static_cast<int>(y)));
       }
     }
   }
@@ -216,12 +216,15 @@ constexpr int kMaxCluster = 8;  // the portable cluster size
 //      tail of the last slice with plain loads), thread 0 reads z_label;
 //   2. the block's OnlineLSE over the slice (from shared memory) into
 //      part[parity], then cluster barrier;
-//   3. thread 0 merges the C partial states of the cluster (read remotely, in
-//      rank order), runs finish_row (rank 0 writes the stats), broadcasts;
+//   3. warp 0 reads the C partial states in parallel (lane r from rank r) and
+//      merges them in rank order through shuffles (the same bits in every
+//      block); thread 0 runs finish_row (rank 0 writes the stats) with the
+//      row's scalars, which it loaded before the log-sum-exp, and broadcasts;
 //   4. the block writes its slice of the gradient from shared memory.
 // part[] alternates between two slots by row parity: a block can only write a
 // slot again two rows later, after a cluster barrier that every block of the
-// cluster reaches only when done reading it. A row's label is the same for
+// cluster reaches only when done reading it. Each block loads the next row's
+// label one row ahead. A row's label is the same for
 // the whole cluster, so skipped rows are skipped by all its blocks together.
 // In place (grad == logits) is safe: the slice is in shared memory before any
 // block writes, and z_label is read before the barrier that precedes them.
@@ -235,9 +238,6 @@ constexpr int kMaxCluster = 8;  // the portable cluster size
 //     vector i into slot i right after it has used slot i (its registers are
 //     consumed before the copy is issued), so the next row's read overlaps
 //     this row's writes and the next row's serial tail;
-//   * thread 0 loads the row's scalars before the log-sum-exp, and warp 0
-//     reads the C partial states in parallel (lane r from rank r), merged in
-//     rank order through shuffles: the same bits in every block;
 //   * bcast needs no end-of-row barrier: thread 0 rewrites it only after the
 //     next row's cluster barrier, which each thread reaches after reading it.
 template <typename T, bool kPipe>
@@ -259,16 +259,21 @@ __global__ void __launch_bounds__(kClusterThreads, 2) ppo_logits_cluster_kernel(
   const int64_t n_clusters = gridDim.x / n_blocks;
   const int tid = static_cast<int>(threadIdx.x);
   const int V = a.vocab;
-  const Acc inv_t = a.inv_t;
+  const Acc scale = a.scale;
   const int begin = min(V, rank * slice);
   const int len = min(V, begin + slice) - begin;
   const int nvec = len / kN;
   const auto kept = [&](int64_t y) { return y != a.ignore_index && y >= 0 && y < V; };
   int parity = 0;
   bool in_flight = false;  // kPipe: this row's slice was copied during the previous row
+  const int64_t first = blockIdx.x / n_blocks;
+  int64_t y_ahead = first < a.rows ? a.labels[first] : 0;
 
-  for (int64_t row = blockIdx.x / n_blocks; row < a.rows; row += n_clusters) {
-    const int64_t y = a.labels[row];
+  for (int64_t row = first; row < a.rows; row += n_clusters) {
+    const int64_t y = y_ahead;
+    const int64_t next = row + n_clusters;
+    // The next row's label, loaded a whole row ahead: its latency is not on the row's path.
+    y_ahead = next < a.rows ? a.labels[next] : 0;
     T* out = a.grad + a.grad_layout.offset(row) + begin;
     if (!kept(y)) {  // (never in flight: only kept rows are copied ahead)
       const Acc v = (y == a.ignore_index) ? Acc(0) : quiet_nan<Acc>();
@@ -284,8 +289,8 @@ __global__ void __launch_bounds__(kClusterThreads, 2) ppo_logits_cluster_kernel(
     Acc z_label = Acc(0);
     RowScalars<Acc> scalars{};
     if (tid == 0) {
-      z_label = mul_rn(to_acc(a.logits[a.layout.offset(row) + y]), inv_t);
-      if (kPipe) scalars = load_row_scalars(a, row);
+      z_label = mul_rn(to_acc(a.logits[a.layout.offset(row) + y]), scale);
+      scalars = load_row_scalars(a, row);
     }
     cp_async_wait_all();
     if (!kPipe) __syncthreads();
@@ -296,52 +301,38 @@ __global__ void __launch_bounds__(kClusterThreads, 2) ppo_logits_cluster_kernel(
       Acc z[kN];
       Vec<T>::load(buf + i * kN, z);
 #pragma unroll
-      for (int k = 0; k < kN; ++k) z[k] = mul_rn(z[k], inv_t);
+      for (int k = 0; k < kN; ++k) z[k] = mul_rn(z[k], scale);
       st.template push<kN>(z);
     }
     for (int j = nvec * kN + tid; j < len; j += kClusterThreads) {
-      const Acc z[1] = {mul_rn(to_acc(buf[j]), inv_t)};
+      const Acc z[1] = {mul_rn(to_acc(buf[j]), scale)};
       st.template push<1>(z);
     }
     block_reduce<kClusterThreads>(st, warp_states);
     if (tid == 0) part[parity] = st;
     cluster.sync();
 
-    if (kPipe) {
-      if (tid < kWarpSize) {
-        State mine;
-        mine.reset();
-        if (tid < n_blocks) mine = *cluster.map_shared_rank(&part[parity], tid);
-        State merged;
-        merged.reset();
-        for (int r = 0; r < n_blocks; ++r) {
-          merged.merge(__shfl_sync(kFullMask, mine.m, r), __shfl_sync(kFullMask, mine.s, r),
-                       __shfl_sync(kFullMask, mine.w, r));
-        }
-        if (tid == 0) finish_row(a, row, merged, z_label, scalars, rank == 0, bcast);
-      }
-    } else if (tid == 0) {
+    if (tid < kWarpSize) {
+      State mine;
+      mine.reset();
+      if (tid < n_blocks) mine = *cluster.map_shared_rank(&part[parity], tid);
       State merged;
       merged.reset();
       for (int r = 0; r < n_blocks; ++r) {
-        const State* p = cluster.map_shared_rank(&part[parity], r);
-        merged.merge(p->m, p->s, p->w);
+        merged.merge(__shfl_sync(kFullMask, mine.m, r), __shfl_sync(kFullMask, mine.s, r),
+                     __shfl_sync(kFullMask, mine.w, r));
       }
-      finish_row(a, row, merged, z_label, load_row_scalars(a, row), rank == 0, bcast);
+      if (tid == 0) finish_row(a, row, merged, z_label, scalars, rank == 0, bcast);
     }
     __syncthreads();
 
-    const int64_t next = row + n_clusters;
-    const bool copy_next = kPipe && next < a.rows && kept(a.labels[next]);
+    const bool copy_next = kPipe && next < a.rows && kept(y_ahead);
     const T* src_next = copy_next ? a.logits + a.layout.offset(next) + begin : nullptr;
-    const Acc row_t = row_inv_t(bcast[0], inv_t);
     const auto write = [&](const auto& op) {
       for (int i = tid; i < nvec; i += kClusterThreads) {
         Acc u[kN];
         Vec<T>::load(buf + i * kN, u);
-        const int j0 = begin + i * kN;
-#pragma unroll
-        for (int k = 0; k < kN; ++k) u[k] = op(u[k], j0 + k);
+        grad_vec<kN>(op, u, begin + i * kN);
         Vec<T>::store(out + i * kN, u);
         if (copy_next) cp_async16(buf + i * kN, src_next + i * kN);  // slot i is used: u was consumed above
       }
@@ -351,9 +342,9 @@ __global__ void __launch_bounds__(kClusterThreads, 2) ppo_logits_cluster_kernel(
       }
     };
     if (bcast[3] != Acc(0)) {
-      write(GradOp<Acc, true>{bcast[0], bcast[2], bcast[3], bcast[1], row_t, static_cast<int>(y)});
+      write(GradOp<Acc, true>::make(bcast[0], bcast[2], bcast[3], bcast[1], a.inv_t, scale, static_cast<int>(y)));
     } else {
-      write(GradOp<Acc, false>{bcast[0], bcast[2], Acc(0), Acc(0), row_t, static_cast<int>(y)});
+      write(GradOp<Acc, false>::make(bcast[0], bcast[2], Acc(0), Acc(0), a.inv_t, scale, static_cast<int>(y)));
     }
     in_flight = copy_next;
     parity ^= 1;
@@ -542,6 +533,7 @@ void launch(const PpoLogitsParams& p, cudaStream_t stream) {
   a.labels = p.labels;
   a.ignore_index = p.ignore_index;
   a.inv_t = static_cast<Acc>(p.inv_temperature);
+  a.scale = row_scale<Acc>(p.inv_temperature);
   a.old = static_cast<const Acc*>(p.old);
   a.adv = static_cast<const Acc*>(p.adv);
   a.ref = static_cast<const Acc*>(p.ref);

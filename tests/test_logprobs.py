@@ -278,6 +278,24 @@ def test_row_of_only_negative_infinity(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nan_or_inf_logit_poisons_its_row(device, backend, dtype):
+    """One NaN or +inf logit anywhere in a row (here mid-row, in a vector body) makes that row's
+    log-prob, entropy and gradient NaN, as torch's log_softmax does (a max that skipped the NaN,
+    or an exponent clamp that dropped it, would give a finite, wrong row); other rows are
+    untouched."""
+    logits = torch.randn(3, 3000, generator=torch.Generator().manual_seed(7)).to(dtype)
+    logits[0, 1234] = float("nan")
+    logits[2, 2001] = float("inf")
+    logits = logits.to(device)
+    labels = torch.tensor([3, 5, 2999], device=device)
+    lp, ent, grad = run(rlhf_kernels.token_logprobs, logits, labels, None, backend=backend, return_entropy=True)
+    for row in (0, 2):
+        assert torch.isnan(lp[row]) and torch.isnan(ent[row]) and torch.isnan(grad[row]).all(), row
+    assert torch.isfinite(lp[1]) and torch.isfinite(ent[1]) and torch.isfinite(grad[1]).all()
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
 def test_unchecked_out_of_range_label_is_nan(device, backend):
     logits, labels, _ = make_batch(1, 4, 30, torch.float32, device)
     labels = labels.clone()

@@ -796,6 +796,28 @@ def test_ppo_from_logits_prefetch_is_exact(monkeypatch, device, backend, dtype):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("device,backend", backend_cases(native_op=FUSED))
+@pytest.mark.parametrize("grad_in_forward", [True, False], ids=["fused", "two-pass"])
+def test_ppo_from_logits_nan_logit_stays_in_its_row(device, backend, grad_in_forward):
+    """A NaN logit makes its token's log-prob, entropy and gradient row NaN (and so the loss);
+    the gradient rows of the other tokens stay finite, with and without the entropy term."""
+    g = torch.Generator().manual_seed(17)
+    logits, labels, old, adv, _, ref = fused_inputs(2, 3, 1500, g, device=device)
+    mask = torch.ones_like(labels, dtype=torch.bool)
+    logits = logits.clone()
+    logits[1, 2, 777] = float("nan")
+    x = logits.requires_grad_(True)
+    loss, _ = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, ref_logprobs=ref, kl_coef=0.1,
+                                                entropy_coef=0.01, grad_in_forward=grad_in_forward,
+                                                backend=backend)  # fmt: skip
+    loss.backward()
+    assert torch.isnan(loss)
+    assert torch.isnan(x.grad[1, 2]).all()
+    others = torch.ones(2, 3, dtype=torch.bool)
+    others[1, 2] = False
+    assert torch.isfinite(x.grad[others]).all()
+
+
 CLUSTER_CASES = {  # (B, T, V, RLHF_KERNELS_CLUSTER_SLICE_BYTES): what the CUDA one-read sweep sees
     "default": (3, 6, 1000, None),  # one block per cluster
     "off": (3, 6, 1000, "0"),  # the streaming kernel
