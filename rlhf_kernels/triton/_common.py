@@ -59,4 +59,9 @@ def split_float(value: float) -> tuple[float, float]:
 
 @triton.jit
 def join_float(hi, lo, acc_ty: tl.constexpr):
-    return tl.cast(hi, acc_ty) + tl.cast(lo, acc_ty)
+    """The value that :func:`split_float` split, in ``acc_ty``. In float32 that is ``hi``
+    itself (``hi + lo`` rounds back to it), used straight from the kernel's parameters:
+    no register holds a loop-invariant sum."""
+    if acc_ty == tl.float64:
+        return tl.cast(hi, acc_ty) + tl.cast(lo, acc_ty)
+    return tl.cast(hi, acc_ty)

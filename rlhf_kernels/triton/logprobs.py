@@ -24,27 +24,81 @@ _LN2 = tl.constexpr(0.6931471805599453)
 
 @triton.jit
 def _row_start(row, size1, size2, stride0, stride1, stride2):
-    i2 = row % size2
-    rest = row // size2
-    i1 = rest % size1
-    i0 = rest // size1
-    return i0 * stride0 + i1 * stride1 + i2 * stride2
+    """Element offset of row ``row`` (int64). The row index and sizes are below 2^31
+    (kernel_layout), so the index arithmetic is 32-bit (a 64-bit division is a
+    subroutine call whose calling convention spills registers), the products 64-bit."""
+    r = tl.cast(row, tl.int32)
+    n2 = tl.cast(size2, tl.int32)  # (tl.cast: a size of 1 arrives as a constant, not a tensor)
+    n1 = tl.cast(size1, tl.int32)
+    i2 = r % n2
+    rest = r // n2
+    i1 = rest % n1
+    i0 = rest // n1
+    return i0.to(tl.int64) * stride0 + i1.to(tl.int64) * stride1 + i2.to(tl.int64) * stride2
+
+
+def kernel_layout(t: torch.Tensor, name: str = "logits") -> tuple[int, int, int, int, int]:
+    """:func:`row_layout` of ``t`` for the kernels above: at most three unmergeable leading
+    dims, and fewer than 2^31 rows (_row_start's index arithmetic is 32-bit)."""
+    layout = row_layout(t)
+    if layout is None:
+        raise ValueError(f"{name}: more than three non-mergeable leading dims; pass a contiguous tensor")
+    if t.numel() // max(1, t.shape[-1]) >= 1 << 31:
+        raise ValueError(f"{name}: 2^31 or more rows are not supported by the Triton kernels")
+    return layout
+
+
+@triton.constexpr_function
+def _lane_vec(bits, block):
+    """Elements of a lane row: one 16-byte vector, at most the tile."""
+    return max(1, min(128 // bits, block))
+
+
+@triton.jit
+def _tile_cols(row_ptr, BLOCK_V: tl.constexpr, LANE_ROWS: tl.constexpr = True):
+    """Offsets of a tile's elements as [BLOCK_V // VEC, VEC] lane rows (_lane_vec; with
+    LANE_ROWS=False a single row of BLOCK_V), int32 (V < 2^30: _block_v). Every loop over a
+    row's tiles uses this one shape, so that a kernel with two passes keeps one set of
+    offset registers."""
+    VEC: tl.constexpr = _lane_vec(row_ptr.dtype.element_ty.primitive_bitwidth, BLOCK_V) if LANE_ROWS else BLOCK_V
+    return tl.arange(0, BLOCK_V // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+
+
+@triton.constexpr_function
+def _dead_exp(bits):
+    """A base-2 exponent for "no probability" (as csrc/common.cuh dead_exp): 2^it is exactly 0
+    and coefficient * it stays finite for coefficients up to ~1e36 (float32). -inf logits are
+    clamped to it where 0 * -inf would be NaN."""
+    return -2048.0 if bits == 64 else -256.0
 
 
 @triton.jit
 def _online_lse2(
     row_ptr, V, scale2, acc_ty: tl.constexpr, HAS_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
-    PREFETCH: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, LANE_ROWS: tl.constexpr = True,
 ):  # fmt: skip
     """Streams one row of V logits once, BLOCK_V at a time, with u = x * scale2
-    (z / T in base-2 units): returns the online max m, s = sum 2^(u - m) and,
-    with HAS_ENTROPY, w = sum 2^(u - m) (u - m) (else 0). With PREFETCH the next
-    tile's load is issued before this tile's reductions (two tiles in flight per
-    program, a few more registers): for launches with one program per SM."""
-    cols = tl.arange(0, BLOCK_V).to(tl.int64)
-    m = tl.full((), float("-inf"), acc_ty)
-    s = tl.zeros((), acc_ty)
-    w = tl.zeros((), acc_ty)
+    (z / T in base-2 units): returns the max m, s = sum 2^(u - m) and, with
+    HAS_ENTROPY, w = sum 2^(u - m) (u - m) (else 0).
+
+    A tile is seen as BLOCK_V // VEC lane rows of VEC contiguous elements (one
+    16-byte vector each, which the compiler gives to one thread), and each lane row
+    keeps its own running (m, s, w): a tile then costs no reduction across threads
+    (no shuffles, no barriers) and one rescale per lane row; the lane states are
+    merged once, at the end of the row. Per element: a multiply, a max, a
+    subtraction, one 2^x and an add (with entropy also a NaN-keeping max and an fma).
+    With PREFETCH the next tile's load is issued before this tile's math (two tiles
+    in flight per program): for launches with one program per SM.
+
+    LANE_ROWS=False makes the whole tile one lane row (a reduction across the program per
+    tile, fewer live registers): for the kernels that keep more per-row state live
+    (the sequence and fused PPO sweeps), which lane rows push past ptxas's 64-register
+    target into spills (compile_check). Which is faster there is for a GPU run to say."""
+    cols = _tile_cols(row_ptr, BLOCK_V, LANE_ROWS)
+    LANES: tl.constexpr = cols.shape[0]
+    m = tl.full((LANES,), float("-inf"), acc_ty)
+    s = tl.zeros((LANES,), acc_ty)
+    w = tl.zeros((LANES,), acc_ty)
     if PREFETCH:
         x_next = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf"))
     for start in range(0, V, BLOCK_V):
@@ -55,21 +109,62 @@ def _online_lse2(
         else:
             x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf"))
         u = x.to(acc_ty) * scale2
-        m_new = tl.maximum(m, tl.max(u, axis=0))
-        # While every logit seen so far is -inf, use 0 as the pivot so that
-        # no -inf - -inf appears; the sums then stay 0.
+        m_new = tl.maximum(m, tl.max(u, axis=1))
+        # While a lane row has seen only -inf, its pivot is 0 so that no -inf - -inf appears
+        # (its sums stay 0).
         pivot = tl.where(m_new == float("-inf"), 0.0, m_new).to(acc_ty)
         alpha = tl.exp2(m - pivot)
-        e = tl.exp2(u - pivot)
+        d = u - pivot[:, None]
         if HAS_ENTROPY:
-            # w = sum e (u - m), relative to the max so that H = log2 s - w / s does
-            # not cancel for large logits; moving the pivot shifts each (u - m).
-            w = (
-                alpha * (w + s * tl.where(s > 0, m - pivot, 0.0)) + tl.sum(e * tl.where(e > 0, u - pivot, 0.0), axis=0)
-            ).to(acc_ty)
-        s = s * alpha + tl.sum(e, axis=0)
+            # w = sum e (u - m), relative to the max so that H = log2 s - w / s does not cancel
+            # for large logits. d of a -inf logit becomes _dead_exp: 2^d = 0 and 0 * d = 0,
+            # where 0 * -inf would be NaN; a NaN logit stays NaN.
+            d = tl.maximum(d, _dead_exp(acc_ty.primitive_bitwidth), propagate_nan=tl.PropagateNan.ALL)
+            e = tl.exp2(d)
+            w = (alpha * (w + s * tl.where(s > 0, m - pivot, 0.0)) + tl.sum(e * d, axis=1)).to(acc_ty)
+        else:
+            e = tl.exp2(d)
+        s = (s * alpha + tl.sum(e, axis=1)).to(acc_ty)
         m = m_new
-    return m, s, w
+    # The lane states, merged to the row's max.
+    m_row = tl.max(m, axis=0)
+    pivot = tl.where(m_row == float("-inf"), 0.0, m_row).to(acc_ty)
+    a = tl.exp2(m - pivot)
+    s_row = tl.sum(s * a, axis=0)
+    w_row = tl.zeros((), acc_ty)
+    if HAS_ENTROPY:
+        w_row = tl.sum(a * (w + s * tl.where(s > 0, m - pivot, 0.0)), axis=0)
+    return m_row, s_row, w_row
+
+
+@triton.jit
+def _grad_tile(x, offs, label, scale2, lse2, gi, a0, a1, acc_ty: tl.constexpr, HAS_ENTROPY: tl.constexpr):
+    """The gradient of a tile of a row's logits x (elements offs):
+        grad_j = (g (1[j == y] - p_j) - gH p_j (z_j - lse + H)) / T
+               = fma(-p_j, a0 + a1 d_j, 1[j == y] gi),   d_j = u_j - lse2 = log2 p_j,
+    with gi = g / T, a0 = (g + gH H) / T, a1 = gH ln2 / T (_grad_consts). d of a -inf
+    logit is clamped to _dead_exp so that a1 d stays finite (p = 0 there)."""
+    d = tl.fma(x.to(acc_ty), scale2, -lse2)
+    if HAS_ENTROPY:
+        d = tl.maximum(d, _dead_exp(acc_ty.primitive_bitwidth), propagate_nan=tl.PropagateNan.ALL)
+        t = tl.fma(a1, d, a0)
+    else:
+        t = a0
+    return tl.fma(-tl.exp2(d), t, tl.where(offs == label, gi, 0.0))
+
+
+@triton.jit
+def _grad_consts(g, gh, entropy, inv_temp, acc_ty: tl.constexpr, HAS_ENTROPY: tl.constexpr):
+    """A row's (gi, a0, a1) for _grad_tile from its entropy (nats) and the upstream
+    gradients g, gh of its log-prob and entropy."""
+    gi = g * inv_temp
+    a0 = gi
+    a1 = tl.zeros((), acc_ty)
+    if HAS_ENTROPY:
+        ghi = gh * inv_temp
+        a0 = tl.fma(ghi, entropy, gi)
+        a1 = ghi * tl.full((), _LN2, acc_ty)
+    return gi, a0, a1
 
 
 @triton.jit
@@ -117,12 +212,14 @@ def _logprobs_fwd_kernel(
     else:
         row_ptr = logits_ptr + _row_start(row, size1, size2, stride0, stride1, stride2)
         m, s, w = _online_lse2(row_ptr, V, scale2, acc_ty, HAS_ENTROPY, BLOCK_V, PREFETCH)
-        lse2 = m + tl.log2(s)
+        log2_s = tl.log2(s)
         x_label = tl.load(row_ptr + label).to(acc_ty)
-        tl.store(lse_ptr + row, lse2 * ln2)
-        tl.store(logprobs_ptr + row, (x_label * scale2 - lse2) * ln2)
+        tl.store(lse_ptr + row, (m + log2_s) * ln2)
+        # m is subtracted before log2(s): a confident token's small log-prob keeps its
+        # relative accuracy (z_y - lse would cancel at the size of the logits).
+        tl.store(logprobs_ptr + row, ((x_label * scale2 - m) - log2_s) * ln2)
         if HAS_ENTROPY:
-            tl.store(entropy_ptr + row, (tl.log2(s) - w / s) * ln2)
+            tl.store(entropy_ptr + row, (log2_s - w / s) * ln2)
 
 
 @triton.jit
@@ -158,38 +255,38 @@ def _logprobs_bwd_kernel(
     # before it is written by the same program.
     row = tl.program_id(0).to(tl.int64)
     acc_ty = lse_ptr.dtype.element_ty
-    ln2 = tl.full((), _LN2, acc_ty)
-    log2e = tl.full((), _LOG2E, acc_ty)
     inv_temp = join_float(inv_temp_hi, inv_temp_lo, acc_ty)
-    scale2 = inv_temp * log2e
+    scale2 = inv_temp * tl.full((), _LOG2E, acc_ty)
     label = tl.load(labels_ptr + row)
-    cols = tl.arange(0, BLOCK_V).to(tl.int64)
+    cols = _tile_cols(logits_ptr, BLOCK_V)
     x_ptr = logits_ptr + _row_start(row, size1, size2, stride0, stride1, stride2)
     g_ptr = grad_ptr + _row_start(row, g_size1, g_size2, g_stride0, g_stride1, g_stride2)
     if label == ignore_index:
         for start in range(0, V, BLOCK_V):
             offs = start + cols
-            tl.store(g_ptr + offs, tl.zeros((BLOCK_V,), acc_ty), mask=offs < V)
+            tl.store(g_ptr + offs, tl.zeros(cols.shape, acc_ty), mask=offs < V)
     elif (label < 0) | (label >= V):
         for start in range(0, V, BLOCK_V):
             offs = start + cols
-            tl.store(g_ptr + offs, tl.full((BLOCK_V,), float("nan"), acc_ty), mask=offs < V)
+            tl.store(g_ptr + offs, tl.full(cols.shape, float("nan"), acc_ty), mask=offs < V)
     else:
-        lse2 = tl.load(lse_ptr + row) * log2e
+        lse = tl.load(lse_ptr + row)
         g = tl.load(grad_logprobs_ptr + row)
+        gh = tl.zeros((), acc_ty)
+        entropy = tl.zeros((), acc_ty)
         if HAS_ENTROPY:
             gh = tl.load(grad_entropy_ptr + row)
-            # z - lse + H in base-2 units: (u - lse2 + H2) * ln2.
-            shift2 = tl.load(entropy_ptr + row) * log2e - lse2
+            entropy = tl.load(entropy_ptr + row)
+        # The saved lse (nats) to base 2, in float64 (one rounding). A row of only -inf logits
+        # has lse = -inf and d = -inf + inf = NaN: a NaN gradient, as torch.
+        lse2 = (lse.to(tl.float64) * tl.full((), _LOG2E, tl.float64)).to(acc_ty)
+        gi, a0, a1 = _grad_consts(g, gh, entropy, inv_temp, acc_ty, HAS_ENTROPY)
+        label32 = label.to(tl.int32)
         for start in range(0, V, BLOCK_V):
             offs = start + cols
             x = tl.load(x_ptr + offs, mask=offs < V, other=0.0)
-            u = x.to(acc_ty) * scale2
-            p = tl.exp2(u - lse2)
-            d = tl.where(offs == label, g - g * p, -g * p)
-            if HAS_ENTROPY:
-                d -= gh * p * tl.where(p > 0, u + shift2, 0.0) * ln2
-            tl.store(g_ptr + offs, (d * inv_temp).to(g_ptr.dtype.element_ty), mask=offs < V)
+            d = _grad_tile(x, offs, label32, scale2, lse2, gi, a0, a1, acc_ty, HAS_ENTROPY)
+            tl.store(g_ptr + offs, d.to(g_ptr.dtype.element_ty), mask=offs < V)
 
 
 @triton.jit
@@ -220,17 +317,17 @@ def _seq_logprobs_fwd_kernel(
     # it accumulates the token log-probs in order in the accumulation type and
     # writes one partial sum and one kept-token count (the launcher sums the
     # [B, n_chunks] partials in a fixed order: no atomics, reproducible bits).
-    item = tl.program_id(0).to(tl.int64)
+    item = tl.program_id(0)  # int32: the 32-bit division below is inline (64-bit is a subroutine call)
     acc_ty = lse_ptr.dtype.element_ty
     ln2 = tl.full((), _LN2, acc_ty)
     scale2 = (join_float(inv_temp_hi, inv_temp_lo, acc_ty)) * tl.full((), _LOG2E, acc_ty)
-    b = item // n_chunks
-    t0 = (item - b * n_chunks) * chunk
+    b = item // n_chunks.to(tl.int32)  # (n_chunks <= items < 2^31)
+    t0 = (item - b * n_chunks).to(tl.int64) * chunk
     t1 = tl.minimum(t0 + chunk, T)
     total = tl.zeros((), acc_ty)
     count = tl.zeros((), tl.int32)
     for t in range(t0, t1):
-        row = b * T + t
+        row = b.to(tl.int64) * T + t
         label = tl.load(labels_ptr + row)
         if label == ignore_index:
             tl.store(lse_ptr + row, 0.0)
@@ -241,11 +338,11 @@ def _seq_logprobs_fwd_kernel(
                 total += float("nan")
             else:
                 row_ptr = logits_ptr + _row_start(row, size1, size2, stride0, stride1, stride2)
-                m, s, _ = _online_lse2(row_ptr, V, scale2, acc_ty, False, BLOCK_V)
-                lse2 = m + tl.log2(s)
+                m, s, _ = _online_lse2(row_ptr, V, scale2, acc_ty, False, BLOCK_V, LANE_ROWS=False)
+                log2_s = tl.log2(s)
                 x_label = tl.load(row_ptr + label).to(acc_ty)
-                tl.store(lse_ptr + row, lse2 * ln2)
-                total += (x_label * scale2 - lse2) * ln2
+                tl.store(lse_ptr + row, (m + log2_s) * ln2)
+                total += ((x_label * scale2 - m) - log2_s) * ln2
     tl.store(partial_ptr + item, total)
     tl.store(count_ptr + item, count)
 
@@ -253,7 +350,10 @@ def _seq_logprobs_fwd_kernel(
 def _block_v(vocab: int, itemsize: int) -> tuple[int, int]:
     """Vocab tile and warp count: 8 KiB of logits per loop step, 16 elements (two
     16-byte loads for 16-bit types) per thread, so that a 256-thread program
-    stays near 64 registers and several programs fit on an SM."""
+    stays near 64 registers and several programs fit on an SM. Offsets within a row
+    are int32, so V is capped (as the CUDA kernels cap it)."""
+    if vocab > 1 << 30:
+        raise ValueError(f"logits: a vocabulary of {vocab} entries is above the supported 2^30")
     block = min(triton.next_power_of_2(vocab), 8192 // itemsize)
     num_warps = max(1, min(8, block // (16 * 32)))
     return block, num_warps
@@ -267,9 +367,7 @@ def logprobs_fwd(
     logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int, return_entropy: bool, launch=None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. ``labels`` is int64 of the leading shape."""
-    layout = row_layout(logits)
-    if layout is None:
-        raise ValueError("logits: more than three non-mergeable leading dims; pass a contiguous tensor")
+    layout = kernel_layout(logits)
     lead = logits.shape[:-1]
     vocab = logits.shape[-1]
     acc = _acc_dtype(logits.dtype)
@@ -326,9 +424,7 @@ def sequence_logprobs_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the sequence kernel: ``(sequence_logprobs [B], kept counts [B], lse)``.
     ``labels`` is int64 of the leading shape ``[B, ...]`` (mask folded in)."""
-    layout = row_layout(logits)
-    if layout is None:
-        raise ValueError("logits: more than three non-mergeable leading dims; pass a contiguous tensor")
+    layout = kernel_layout(logits)
     lead = logits.shape[:-1]
     batch = lead[0]
     rows = labels.numel()
@@ -378,10 +474,8 @@ def logprobs_bwd(
     launch=None,
 ) -> None:
     """Launch the backward kernel, writing into ``grad_logits`` (may be ``logits``)."""
-    layout = row_layout(logits)
-    grad_layout = row_layout(grad_logits)
-    if layout is None or grad_layout is None:
-        raise ValueError("logits: more than three non-mergeable leading dims; pass a contiguous tensor")
+    layout = kernel_layout(logits)
+    grad_layout = kernel_layout(grad_logits)
     rows = lse.numel()
     if rows == 0:
         return
@@ -418,7 +512,9 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], in
             block, num_warps = _block_v(vocab, itemsize)
             for has_entropy in (False, True):
                 const = {"HAS_ENTROPY": has_entropy, "BLOCK_V": block}
+                # V as the JIT passes it: i32 (V < 2^30, _block_v); the rest at their widest
                 ints = {n: "i64" for n in ("V", "size1", "size2", "stride0", "stride1", "stride2", "ignore_index")}
+                ints["V"] = "i32"
                 fwd_sig = {
                     "logits_ptr": f"*{ty}",
                     "labels_ptr": "*i64",
@@ -457,7 +553,8 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], in
                         "lse_ptr": "*fp32",
                         "partial_ptr": "*fp32",
                         "count_ptr": "*i32",
-                        **{n: "i64" for n in ("V", "T", "chunk", "n_chunks", "size1", "size2")},
+                        "V": "i32",
+                        **{n: "i64" for n in ("T", "chunk", "n_chunks", "size1", "size2")},
                         **{n: "i64" for n in ("stride0", "stride1", "stride2")},
                         "inv_temp_hi": "fp32",
                         "inv_temp_lo": "fp32",

@@ -15,9 +15,18 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_kernels._layout import row_layout
 from rlhf_kernels.triton._common import join_float, split_float
-from rlhf_kernels.triton.logprobs import _LN2, _LOG2E, _block_v, _online_lse2, _row_start
+from rlhf_kernels.triton.logprobs import (
+    _LN2,
+    _LOG2E,
+    _block_v,
+    _grad_consts,
+    _grad_tile,
+    _online_lse2,
+    _row_start,
+    _tile_cols,
+    kernel_layout,
+)
 
 
 @triton.jit
@@ -452,7 +461,7 @@ def _ppo_logits_kernel(
     log2e = tl.full((), _LOG2E, acc_ty)
     inv_temp = join_float(inv_temp_hi, inv_temp_lo, acc_ty)
     scale2 = inv_temp * log2e
-    cols = tl.arange(0, BLOCK_V).to(tl.int64)
+    cols = _tile_cols(logits_ptr, BLOCK_V, False)  # (the same offsets as pass 1's: _online_lse2 LANE_ROWS)
     for row in range(tl.program_id(0).to(tl.int64), rows, tl.num_programs(0)):
         st = stats_ptr + row * 7
         label = tl.load(labels_ptr + row)
@@ -465,14 +474,15 @@ def _ppo_logits_kernel(
             if WRITE_GRAD:
                 for start in range(0, V, BLOCK_V):
                     offs = start + cols
-                    tl.store(g_row + offs, tl.zeros((BLOCK_V,), acc_ty) + fill, mask=offs < V)
+                    tl.store(g_row + offs, tl.zeros(cols.shape, acc_ty) + fill, mask=offs < V)
         else:
             x_row = logits_ptr + _row_start(row, size1, size2, stride0, stride1, stride2)
-            m, s, w2 = _online_lse2(x_row, V, scale2, acc_ty, True, BLOCK_V, PREFETCH)
-            lse2 = m + tl.log2(s)
+            m, s, w2 = _online_lse2(x_row, V, scale2, acc_ty, True, BLOCK_V, PREFETCH, LANE_ROWS=False)
+            log2_s = tl.log2(s)
+            lse2 = m + log2_s
             x_label = tl.load(x_row + label).to(acc_ty)
-            logp = (x_label * scale2 - lse2) * ln2
-            entropy = (tl.log2(s) - w2 / s) * ln2
+            logp = ((x_label * scale2 - m) - log2_s) * ln2  # m first: see _logprobs_fwd_kernel
+            entropy = (log2_s - w2 / s) * ln2
 
             old = tl.load(old_ptr + row)
             adv = tl.load(adv_ptr + row)
@@ -499,18 +509,13 @@ def _ppo_logits_kernel(
             tl.store(st + 6, neg_log_ratio)
 
             if WRITE_GRAD:
-                g = weight * dlogp
-                gh = -ent_coef * weight
-                shift2 = entropy * log2e - lse2  # z - lse + H in base-2 units: u + shift2
+                gi, a0, a1 = _grad_consts(weight * dlogp, -ent_coef * weight, entropy, inv_temp, acc_ty,
+                                          HAS_ENTROPY_GRAD)  # fmt: skip
                 for start in range(0, V, BLOCK_V):
                     offs = start + cols
                     x = tl.load(x_row + offs, mask=offs < V, other=0.0)
-                    u = x.to(acc_ty) * scale2
-                    p = tl.exp2(u - lse2)
-                    d = tl.where(offs == label, g - g * p, -g * p)
-                    if HAS_ENTROPY_GRAD:
-                        d -= gh * p * tl.where(p > 0, u + shift2, 0.0) * ln2
-                    tl.store(g_row + offs, (d * inv_temp).to(g_row.dtype.element_ty), mask=offs < V)
+                    d = _grad_tile(x, offs, label, scale2, lse2, gi, a0, a1, acc_ty, HAS_ENTROPY_GRAD)
+                    tl.store(g_row + offs, d.to(g_row.dtype.element_ty), mask=offs < V)
 
 
 def ppo_logits_fused(
@@ -524,10 +529,8 @@ def ppo_logits_fused(
     accumulation dtype. ``grad`` is ``None`` (no gradient), a fresh tensor or
     ``logits`` itself (in place).
     """
-    layout = row_layout(logits)
-    grad_layout = layout if grad is None else row_layout(grad)
-    if layout is None or grad_layout is None:
-        raise ValueError("logits: more than three non-mergeable leading dims; pass a contiguous tensor")
+    layout = kernel_layout(logits)
+    grad_layout = layout if grad is None else kernel_layout(grad)
     rows = labels.numel()
     stats = torch.empty(rows, FUSED_STATS, dtype=old.dtype, device=logits.device)
     if rows == 0:
@@ -586,6 +589,7 @@ def _fused_configs():
     configs = []
     ints = {n: "i64" for n in ("rows", "V", "size1", "size2", "stride0", "stride1", "stride2", "g_size1", "g_size2",
                                "g_stride0", "g_stride1", "g_stride2")}  # fmt: skip
+    ints["V"] = "i32"  # as the JIT passes it (V < 2^30: _block_v)
     floats = {f"{n}_{part}": "fp32" for n in ("inv_temp", "low", "high", "c", "kl_coef", "ent_coef")
               for part in ("hi", "lo")}  # fmt: skip
     consts = ("HAS_DUAL", "HAS_REF", "KL_KIND", "HAS_ENTROPY_GRAD", "WRITE_GRAD", "BLOCK_V")
@@ -635,9 +639,9 @@ def _scale_unless_one_kernel(x_ptr, scale_ptr, n_tiles, V, size1, size2, stride0
 def scale_unless_one_(x, scale, launch=None):
     """``x *= scale`` in place for a ``[..., V]`` ``x`` whose rows ``row_layout`` addresses
     (last stride 1) and a one-element ``scale``; skipped on the device when it is 1."""
-    layout = row_layout(x)
-    if layout is None or x.stride(-1) != 1:
-        raise ValueError("x: expected unit last stride and at most three unmergeable leading dims")
+    if x.stride(-1) != 1:
+        raise ValueError("x: expected unit last stride")
+    layout = kernel_layout(x, "x")
     vocab = x.shape[-1]
     if x.numel():
         n_tiles = x.numel() // vocab * triton.cdiv(vocab, _SCALE_BLOCK)
