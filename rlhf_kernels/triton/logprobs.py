@@ -211,9 +211,9 @@ def _logprobs_fwd_kernel(
             tl.store(entropy_ptr + row, float("nan"))
     else:
         row_ptr = logits_ptr + _row_start(row, size1, size2, stride0, stride1, stride2)
+        x_label = tl.load(row_ptr + label).to(acc_ty)  # issued first: its latency hides behind the row
         m, s, w = _online_lse2(row_ptr, V, scale2, acc_ty, HAS_ENTROPY, BLOCK_V, PREFETCH)
         log2_s = tl.log2(s)
-        x_label = tl.load(row_ptr + label).to(acc_ty)
         tl.store(lse_ptr + row, (m + log2_s) * ln2)
         # m is subtracted before log2(s): a confident token's small log-prob keeps its
         # relative accuracy (z_y - lse would cancel at the size of the logits).
