@@ -521,8 +521,8 @@ def ppo_step_problem(batch, time_steps, vocab, dtype, device) -> Problem:
             provs[f"rlhf_kernels[{b}{variant}]"] = ours(b, fused)
 
     fused_backends = _kernel_backends(device, "ppo_logits_fused_native") if device.type == "cuda" else []
-    if "triton" in fused_backends:  # the Triton sweep's first pass without its one-tile-ahead load (fused_prefetch)
-        provs["rlhf_kernels[triton,fused,no prefetch]"] = ours("triton", True, {"RLHF_KERNELS_FUSED_PREFETCH": "0"})
+    if "triton" in fused_backends:  # the Triton sweep's first pass on lane rows, no tile ahead (fused_prefetch)
+        provs["rlhf_kernels[triton,fused,lane rows]"] = ours("triton", True, {"RLHF_KERNELS_FUSED_PREFETCH": "0"})
     if "native" in fused_backends:  # the CUDA one-read sweep's slice size (csrc/ppo_logits.cu), 0: streaming kernel
         for label, size in (("32K", "32768"), ("128K", "131072"), ("off", "0")):
             provs[f"rlhf_kernels[native,fused,slice {label}]"] = ours(

@@ -779,9 +779,11 @@ def test_ppo_from_logits_empty_time(device, backend, grad_in_forward):
 
 @pytest.mark.parametrize("device,backend", backend_cases(["triton"], native_op=FUSED))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_ppo_from_logits_prefetch_is_exact(monkeypatch, device, backend, dtype):
-    """The fused sweep's one-tile-ahead load (RLHF_KERNELS_FUSED_PREFETCH) changes the schedule, not
-    the result: same loss, stats and gradient, with V spanning several tiles and a partial last one."""
+def test_ppo_from_logits_prefetch_settings_agree(monkeypatch, device, backend, dtype):
+    """RLHF_KERNELS_FUSED_PREFETCH picks the fused sweep's first pass: one tile loaded ahead with a
+    reduction across the program per tile (1), or per-lane states merged once per row (0). Same
+    loss, stats and gradient to float rounding (the sums are merged in another order), with V
+    spanning several tiles and a partial last one."""
     g = torch.Generator().manual_seed(16)
     logits, labels, old, adv, mask, ref = fused_inputs(2, 3, 5000, g, dtype=dtype, device=device)
     out = []
@@ -792,8 +794,10 @@ def test_ppo_from_logits_prefetch_is_exact(monkeypatch, device, backend, dtype):
                                                           entropy_coef=0.01, grad_in_forward=True, backend=backend)
         loss.backward()  # fmt: skip
         out.append((loss, *metrics, x.grad))
-    for a, b in zip(*out, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(out[0][:-1], out[1][:-1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # the gradient is stored in the logits' dtype: one bf16 rounding step apart at most
+    torch.testing.assert_close(out[0][-1], out[1][-1], rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-6)
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(native_op=FUSED))

@@ -461,7 +461,10 @@ def _ppo_logits_kernel(
     log2e = tl.full((), _LOG2E, acc_ty)
     inv_temp = join_float(inv_temp_hi, inv_temp_lo, acc_ty)
     scale2 = inv_temp * log2e
-    cols = _tile_cols(logits_ptr, BLOCK_V, False)  # (the same offsets as pass 1's: _online_lse2 LANE_ROWS)
+    # Pass 1 with lane rows only without PREFETCH: lane rows and the prefetched tile together
+    # cross ptxas's 64-register target into spills (see fused_prefetch).
+    LANE_ROWS: tl.constexpr = _no(PREFETCH)
+    cols = _tile_cols(logits_ptr, BLOCK_V, LANE_ROWS)  # (the same offsets as pass 1's)
     for row in range(tl.program_id(0).to(tl.int64), rows, tl.num_programs(0)):
         st = stats_ptr + row * 7
         label = tl.load(labels_ptr + row)
@@ -477,7 +480,7 @@ def _ppo_logits_kernel(
                     tl.store(g_row + offs, tl.zeros(cols.shape, acc_ty) + fill, mask=offs < V)
         else:
             x_row = logits_ptr + _row_start(row, size1, size2, stride0, stride1, stride2)
-            m, s, w2 = _online_lse2(x_row, V, scale2, acc_ty, True, BLOCK_V, PREFETCH, LANE_ROWS=False)
+            m, s, w2 = _online_lse2(x_row, V, scale2, acc_ty, True, BLOCK_V, PREFETCH, LANE_ROWS)
             log2_s = tl.log2(s)
             lse2 = m + log2_s
             x_label = tl.load(x_row + label).to(acc_ty)
@@ -566,8 +569,19 @@ def fused_prefetch() -> bool:
     short of HBM bandwidth. On by default; ``RLHF_KERNELS_FUSED_PREFETCH=0`` turns it
     off (``rlhf-kernels bench --op ppo_step`` on CUDA times both). On an H200 (8 x 2048 x
     128256 bf16, whole step) it took the sweep from 9.42 to 7.22 ms (9.65 to 7.46 ms in an
-    earlier run): kept on."""
+    earlier run): kept on.
+
+    That was against a first pass that reduces across the program (shuffles and a barrier)
+    every tile. Without PREFETCH the first pass now keeps per-lane states instead
+    (_online_lse2's lane rows: no barrier per tile, so the warps drift apart and overlap
+    each other's loads; both together spill): the off setting is the comparison the
+    next GPU run makes."""
     return os.environ.get("RLHF_KERNELS_FUSED_PREFETCH", "1") != "0"
+
+
+@triton.constexpr_function
+def _no(flag):
+    return not flag
 
 
 def _fused_block(vocab: int, itemsize: int) -> tuple[int, int]:
