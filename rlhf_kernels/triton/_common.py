@@ -60,8 +60,22 @@ def split_float(value: float) -> tuple[float, float]:
 @triton.jit
 def join_float(hi, lo, acc_ty: tl.constexpr):
     """The value that :func:`split_float` split, in ``acc_ty``. In float32 that is ``hi``
-    itself (``hi + lo`` rounds back to it), used straight from the kernel's parameters:
-    no register holds a loop-invariant sum."""
+    itself, the value rounded once to float32 (``hi + lo`` rounds to it, or, on a rare
+    tie, one ulp off), used straight from the kernel's parameters: no register holds a
+    loop-invariant sum."""
     if acc_ty == tl.float64:
         return tl.cast(hi, acc_ty) + tl.cast(lo, acc_ty)
     return tl.cast(hi, acc_ty)
+
+
+def with_ones(entry, names):
+    """A compile-check entry ``(kernel, signature, constexprs, num_warps)`` with the int
+    arguments in ``names`` set to 1 the way the JIT passes an int equal to 1: as a constant,
+    which has no tensor methods (``.to``) and can change the kernel's types."""
+    kernel, signature, constexprs, num_warps = entry
+    signature, constexprs = dict(signature), dict(constexprs)
+    for name in names:
+        if name in signature:
+            signature[name] = "constexpr"
+            constexprs[name] = 1
+    return kernel, signature, constexprs, num_warps

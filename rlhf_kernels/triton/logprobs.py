@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from rlhf_kernels._layout import row_layout
-from rlhf_kernels.triton._common import join_float, split_float
+from rlhf_kernels.triton._common import join_float, split_float, with_ones
 
 # Kernels may only read globals that are constexpr.
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -321,7 +321,8 @@ def _seq_logprobs_fwd_kernel(
     acc_ty = lse_ptr.dtype.element_ty
     ln2 = tl.full((), _LN2, acc_ty)
     scale2 = (join_float(inv_temp_hi, inv_temp_lo, acc_ty)) * tl.full((), _LOG2E, acc_ty)
-    b = item // n_chunks.to(tl.int32)  # (n_chunks <= items < 2^31)
+    # (n_chunks <= items < 2^31; tl.cast: a value of 1 arrives as a constant, not a tensor)
+    b = item // tl.cast(n_chunks, tl.int32)
     t0 = (item - b * n_chunks).to(tl.int64) * chunk
     t1 = tl.minimum(t0 + chunk, T)
     total = tl.zeros((), acc_ty)
@@ -563,4 +564,15 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], in
                     }
                     configs.append((_seq_logprobs_fwd_kernel, seq_sig, {"BLOCK_V": block}, num_warps))
                 configs.append((_logprobs_bwd_kernel, bwd_sig, const, num_warps))
+    # Ints equal to 1 reach the JIT as constants: the usual layout of contiguous logits
+    # (size1 = 1), one chunk per sequence (n_chunks = 1: [B, V] logits, T = 1, large B), and
+    # a one-word vocabulary.
+    for entry in list(configs):
+        if entry[1]["logits_ptr"] == "*bf16" and entry[2]["BLOCK_V"] == 4096:
+            configs.append(with_ones(entry, ("size1", "g_size1", "n_chunks", "chunk", "T")))
+    for entry in list(configs):  # the V = 7 configurations, as V = 1
+        if entry[1]["logits_ptr"] in ("*fp32", "*bf16") and entry[2]["BLOCK_V"] == 8:
+            block, num_warps = _block_v(1, 4 if entry[1]["logits_ptr"] == "*fp32" else 2)
+            one = (entry[0], entry[1], {**entry[2], "BLOCK_V": block}, num_warps)
+            configs.append(with_ones(one, ("V", "size1", "g_size1", "n_chunks", "chunk", "T")))
     return configs

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_kernels.triton._common import join_float, split_float
+from rlhf_kernels.triton._common import join_float, split_float, with_ones
 from rlhf_kernels.triton.logprobs import (
     _LN2,
     _LOG2E,
@@ -625,6 +625,11 @@ def _fused_configs():
                                                                           "stride0", "stride1", "stride2")},
                "BLOCK": "constexpr"}  # fmt: skip
         configs.append((_scale_unless_one_kernel, sig, {"BLOCK": _SCALE_BLOCK}, 8))
+    # Ints equal to 1 reach the JIT as constants (a contiguous [N, V] layout has size1 = 1;
+    # one token, one tile): the usual case must compile too.
+    for entry in list(configs):
+        if entry[1].get("logits_ptr", entry[1].get("x_ptr")) == "*bf16" and entry[2].get("BLOCK_V", 4096) == 4096:
+            configs.append(with_ones(entry, ("size1", "g_size1", "rows", "n_tiles")))
     return configs
 
 
