@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +46,29 @@ def test_gpu_code_compiles_without_spills():
         assert f"{title}: " in out.stdout and "skipped" not in out.stdout.split(f"{title}: ")[1].splitlines()[0]
     for arch in ("sm_80", "sm_90"):
         assert arch in out.stdout
+
+
+SASS_SAMPLE = """
+        Function : row_kernel
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0020*/                   FFMA R8, R4, R5, R6 ;
+        /*0030*/                   MUFU.EX2 R8, R8 ;
+        /*0040*/                   STG.E.128 desc[UR4][R2.64], R8 ;
+        /*0050*/               @!P0 BRA 0x10 ;
+        /*0060*/                   EXIT ;
+        Function : other_kernel
+        /*0000*/                   EXIT ;
+"""
+
+
+def test_sass_loop_counter_finds_the_loop():
+    """benchmarks/sass_loops.py (the no-GPU instruction count of hot loops) parses cuobjdump's SASS:
+    one loop of five instructions with one 16-byte load and store, only in the function asked for."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import sass_loops
+
+    lines = sass_loops.loops(SASS_SAMPLE, "row_kernel")
+    assert lines[0].startswith("row_kernel  (7 instructions)")
+    assert len(lines) == 2 and "loop of    5  ld128=1 st128=1" in lines[1] and "MUFU:1" in lines[1]
+    assert sass_loops.loops(SASS_SAMPLE, "missing") == []
