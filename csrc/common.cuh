@@ -132,18 +132,16 @@ __host__ __device__ __forceinline__ double max_keep_nan(double d, double lo) { r
 // following subtraction, so every use of z (the max, 2^(z - m), the -inf
 // test, the label's logit) sees the same value; e.g. a one-token vocabulary
 // then gives logprob exactly 0.
-__host__ __device__ __forceinline__ float mul_rn(float a, float b) {
+template <typename Acc>
+__host__ __device__ __forceinline__ Acc mul_rn(Acc a, Acc b) {
 #ifdef __CUDA_ARCH__
-  return __fmul_rn(a, b);
+  if constexpr (sizeof(Acc) == 8) {
+    return __dmul_rn(a, b);
+  } else {
+    return __fmul_rn(a, b);
+  }
 #else
-  return a * b;
-#endif
-}
-__host__ __device__ __forceinline__ double mul_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dmul_rn(a, b);
-#else
-  return a * b;
+  return a * b;  // (the host compiler contracts nothing into an FMA here: no -ffp-contract=fast)
 #endif
 }
 

@@ -138,6 +138,18 @@ def _online_lse2(
 
 
 @triton.jit
+def _row_results(m, s, w, x_label, scale2, acc_ty: tl.constexpr):
+    """A row's (lse2, lse, log-prob, entropy) from _online_lse2's (m, s, w) and its label's
+    logit: lse2 = m + log2 s in base 2, the rest in nats. m is subtracted from the label's
+    base-2 logit before log2 s: a confident token's small log-prob keeps its relative
+    accuracy (z_y - lse would cancel at the size of the logits)."""
+    ln2 = tl.full((), _LN2, acc_ty)
+    log2_s = tl.log2(s)
+    lse2 = m + log2_s
+    return lse2, lse2 * ln2, ((x_label * scale2 - m) - log2_s) * ln2, (log2_s - w / s) * ln2
+
+
+@triton.jit
 def _grad_tile(x, offs, label, scale2, lse2, gi, a0, a1, acc_ty: tl.constexpr, HAS_ENTROPY: tl.constexpr):
     """The gradient of a tile of a row's logits x (elements offs):
         grad_j = (g (1[j == y] - p_j) - gH p_j (z_j - lse + H)) / T
@@ -196,7 +208,6 @@ def _logprobs_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     acc_ty = lse_ptr.dtype.element_ty
     # Constants in the accumulation type (a bare float literal would be float32).
-    ln2 = tl.full((), _LN2, acc_ty)
     scale2 = (join_float(inv_temp_hi, inv_temp_lo, acc_ty)) * tl.full((), _LOG2E, acc_ty)
     label = tl.load(labels_ptr + row)
     if label == ignore_index:
@@ -213,13 +224,11 @@ def _logprobs_fwd_kernel(
         row_ptr = logits_ptr + _row_start(row, size1, size2, stride0, stride1, stride2)
         x_label = tl.load(row_ptr + label).to(acc_ty)  # issued first: its latency hides behind the row
         m, s, w = _online_lse2(row_ptr, V, scale2, acc_ty, HAS_ENTROPY, BLOCK_V, PREFETCH)
-        log2_s = tl.log2(s)
-        tl.store(lse_ptr + row, (m + log2_s) * ln2)
-        # m is subtracted before log2(s): a confident token's small log-prob keeps its
-        # relative accuracy (z_y - lse would cancel at the size of the logits).
-        tl.store(logprobs_ptr + row, ((x_label * scale2 - m) - log2_s) * ln2)
+        _, lse, logp, entropy = _row_results(m, s, w, x_label, scale2, acc_ty)
+        tl.store(lse_ptr + row, lse)
+        tl.store(logprobs_ptr + row, logp)
         if HAS_ENTROPY:
-            tl.store(entropy_ptr + row, (log2_s - w / s) * ln2)
+            tl.store(entropy_ptr + row, entropy)
 
 
 @triton.jit
@@ -319,7 +328,6 @@ def _seq_logprobs_fwd_kernel(
     # [B, n_chunks] partials in a fixed order: no atomics, reproducible bits).
     item = tl.program_id(0)  # int32: the 32-bit division below is inline (64-bit is a subroutine call)
     acc_ty = lse_ptr.dtype.element_ty
-    ln2 = tl.full((), _LN2, acc_ty)
     scale2 = (join_float(inv_temp_hi, inv_temp_lo, acc_ty)) * tl.full((), _LOG2E, acc_ty)
     # (n_chunks <= items < 2^31; tl.cast: a value of 1 arrives as a constant, not a tensor)
     b = item // tl.cast(n_chunks, tl.int32)
@@ -339,11 +347,11 @@ def _seq_logprobs_fwd_kernel(
                 total += float("nan")
             else:
                 row_ptr = logits_ptr + _row_start(row, size1, size2, stride0, stride1, stride2)
-                m, s, _ = _online_lse2(row_ptr, V, scale2, acc_ty, False, BLOCK_V, LANE_ROWS=False)
-                log2_s = tl.log2(s)
+                m, s, w = _online_lse2(row_ptr, V, scale2, acc_ty, False, BLOCK_V, LANE_ROWS=False)
                 x_label = tl.load(row_ptr + label).to(acc_ty)
-                tl.store(lse_ptr + row, (m + log2_s) * ln2)
-                total += ((x_label * scale2 - m) - log2_s) * ln2
+                _, lse, logp, _ = _row_results(m, s, w, x_label, scale2, acc_ty)
+                tl.store(lse_ptr + row, lse)
+                total += logp
     tl.store(partial_ptr + item, total)
     tl.store(count_ptr + item, count)
 

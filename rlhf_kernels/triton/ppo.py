@@ -17,12 +17,12 @@ import triton.language as tl
 
 from rlhf_kernels.triton._common import join_float, split_float, with_ones
 from rlhf_kernels.triton.logprobs import (
-    _LN2,
     _LOG2E,
     _block_v,
     _grad_consts,
     _grad_tile,
     _online_lse2,
+    _row_results,
     _row_start,
     _tile_cols,
     kernel_layout,
@@ -457,7 +457,6 @@ def _ppo_logits_kernel(
     # place): pass 2 reads each element before the same program writes it.
     # Ignored / masked rows read no logits and get zero stats and gradient.
     acc_ty = stats_ptr.dtype.element_ty
-    ln2 = tl.full((), _LN2, acc_ty)
     log2e = tl.full((), _LOG2E, acc_ty)
     inv_temp = join_float(inv_temp_hi, inv_temp_lo, acc_ty)
     scale2 = inv_temp * log2e
@@ -481,11 +480,8 @@ def _ppo_logits_kernel(
         else:
             x_row = logits_ptr + _row_start(row, size1, size2, stride0, stride1, stride2)
             m, s, w2 = _online_lse2(x_row, V, scale2, acc_ty, True, BLOCK_V, PREFETCH, LANE_ROWS)
-            log2_s = tl.log2(s)
-            lse2 = m + log2_s
             x_label = tl.load(x_row + label).to(acc_ty)
-            logp = ((x_label * scale2 - m) - log2_s) * ln2  # m first: see _logprobs_fwd_kernel
-            entropy = (log2_s - w2 / s) * ln2
+            lse2, _, logp, entropy = _row_results(m, s, w2, x_label, scale2, acc_ty)
 
             old = tl.load(old_ptr + row)
             adv = tl.load(adv_ptr + row)
