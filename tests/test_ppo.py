@@ -31,6 +31,27 @@ def make_mask(B, T, g, kind):
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(native_op="gae_native"))
+def test_gae_carries_across_long_masked_gaps(device, backend):
+    # Masked runs longer than a kernel's chunk (a tool call's observation tokens): the
+    # next value and the running advantage cross whole chunks with no valid position.
+    g = torch.Generator().manual_seed(7)
+    B, T = 5, 1100
+    rewards = torch.randn(B, T, generator=g, dtype=torch.float64)
+    values = torch.randn(B, T, generator=g, dtype=torch.float64)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 100:700] = False  # one gap over several chunks
+    mask[1, 1:1099] = False  # only the two ends valid
+    mask[2, 513:] = False  # valid prefix, a long masked tail
+    mask[3, :900] = False  # a long masked head
+    mask[4, ::129] = False  # isolated holes
+    want = reference.gae(rewards, values, mask, gamma=0.99, lam=0.95)
+    got = rlhf_kernels.gae(rewards.to(device), values.to(device), mask.to(device), gamma=0.99, lam=0.95,
+                           backend=backend)  # fmt: skip
+    for x, y in zip(got, want, strict=True):
+        torch.testing.assert_close(x.cpu(), y, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op="gae_native"))
 @pytest.mark.parametrize("B,T", [(1, 1), (3, 7), (4, 130), (2, 1500)])
 @pytest.mark.parametrize("mask_kind", ["none", "response", "gaps"])
 @pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.99, 0.9), (1.0, 1.0), (0.0, 0.5)])

@@ -43,57 +43,114 @@ def _nearest_valid_combine(has_right, value_right, has_left, value_left):
     return tl.maximum(has_left, has_right), tl.where(has_left != 0, value_left, value_right)
 
 
+GAE_LANES = 32  # a row's chunk spans one warp's lanes, 4 consecutive positions per lane
+GAE_ROWS = 4  # rows per program, one per warp
+
+
+@triton.jit
+def _gae_column(r_row, v_row, m_row, t, T, row_ok, HAS_MASK: tl.constexpr):
+    inb = (t >= 0) & (t < T) & row_ok
+    r = tl.load(r_row + t, mask=inb, other=0.0)
+    v = tl.load(v_row + t, mask=inb, other=0.0)
+    if HAS_MASK:
+        return r, v, tl.load(m_row + t, mask=inb, other=0) != 0
+    return r, v, inb
+
+
+@triton.jit
+def _gae_chunk(r_row, v_row, m_row, pos, T, row_ok, HAS_MASK: tl.constexpr):
+    # Rewards, values and validity at positions pos + k, k = 0..3, of each lane.
+    r0, v0, m0 = _gae_column(r_row, v_row, m_row, pos, T, row_ok, HAS_MASK)
+    r1, v1, m1 = _gae_column(r_row, v_row, m_row, pos + 1, T, row_ok, HAS_MASK)
+    r2, v2, m2 = _gae_column(r_row, v_row, m_row, pos + 2, T, row_ok, HAS_MASK)
+    r3, v3, m3 = _gae_column(r_row, v_row, m_row, pos + 3, T, row_ok, HAS_MASK)
+    return r0, r1, r2, r3, v0, v1, v2, v3, m0, m1, m2, m3
+
+
 @triton.jit
 def _gae_kernel(
     rewards_ptr, values_ptr, mask_ptr, adv_ptr, ret_ptr,
-    T, r_stride, v_stride, m_stride, gamma_hi, gamma_lo, gamma_lam_hi, gamma_lam_lo,
-    HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
+    B, T, r_stride, v_stride, m_stride, gamma_hi, gamma_lo, gamma_lam_hi, gamma_lam_lo,
+    HAS_MASK: tl.constexpr, ROWS: tl.constexpr, LANES: tl.constexpr,
 ):  # fmt: skip
-    # Grid: (B,). Each program owns one row and walks it right to left in
-    # BLOCK-wide chunks, carrying (running advantage, next valid value) from
-    # the chunk on its right; inside a chunk, loaded in reverse order, both
-    # recurrences are forward associative scans (combine(accumulated, next)).
-    # Reads rewards, values (twice: shifted by one for the next value, a cache
-    # hit) and the mask; writes advantages and returns: ~17 bytes per
-    # element in float32.
-    row = tl.program_id(0).to(tl.int64)
+    # Grid: (cdiv(B, ROWS),), one warp per row (the layout of csrc/ppo.cu's kernel).
+    # A warp walks its row right to left in chunks of 4 * LANES positions: lane l
+    # holds the 4 consecutive positions 4 (LANES - 1 - l) + k, k = 0..3, as four
+    # [ROWS, LANES] columns (four loads a lane, 16 bytes apart: the warp's loads
+    # cover the same 128-byte lines, so memory traffic is that of 16-byte vectors,
+    # and the layout is one row per warp whatever the rows' alignment), and lane 0
+    # is the chunk's right end. Within a lane both recurrences run sequentially
+    # from its right end; across lanes they are forward scans (lane order is right
+    # to left: no reverse scans, which have been unreliable on GPUs) over the
+    # lanes' summaries: the nearest valid value, and the composed affine map
+    # x -> d + c x of the running advantage. A lane takes its right neighbour's
+    # inclusive result (a shuffle), and the results at the chunk's left end carry
+    # into the next chunk. No shared memory, no barriers; the next chunk's loads
+    # are in flight during a chunk's scans. Reads rewards, values and the mask,
+    # writes advantages and returns: ~17 bytes per element in float32, each once.
     acc_ty = adv_ptr.dtype.element_ty
     gamma = join_float(gamma_hi, gamma_lo, acc_ty)
     gamma_lam = join_float(gamma_lam_hi, gamma_lam_lo, acc_ty)
-    cols = tl.arange(0, BLOCK)
-    carry_adv = tl.zeros((), acc_ty)
-    carry_next_value = tl.zeros((), acc_ty)
-    n_chunks = tl.cdiv(T, BLOCK)
-    for k in range(n_chunks):
-        start = (n_chunks - 1 - k) * BLOCK
-        # Positions right to left, so that both recurrences are forward scans
-        # (reverse scans with order-dependent operators have been unreliable on GPUs).
-        offs = start + (BLOCK - 1 - cols)
-        inb = offs < T
-        nxt = offs + 1
-        nxt_in = nxt < T
-        r = tl.load(rewards_ptr + row * r_stride + offs, mask=inb, other=0.0).to(acc_ty)
-        v = tl.load(values_ptr + row * v_stride + offs, mask=inb, other=0.0).to(acc_ty)
-        v_next = tl.load(values_ptr + row * v_stride + nxt, mask=nxt_in, other=0.0).to(acc_ty)
-        if HAS_MASK:
-            valid = tl.load(mask_ptr + row * m_stride + offs, mask=inb, other=0).to(tl.int32)
-            valid_next = tl.load(mask_ptr + row * m_stride + nxt, mask=nxt_in, other=0).to(tl.int32)
-        else:
-            valid = inb.to(tl.int32)
-            valid_next = nxt_in.to(tl.int32)
-        # value at the nearest valid position strictly right of t
-        has, nearest = tl.associative_scan((valid_next, v_next), 0, _nearest_valid_combine)
-        next_value = tl.where(has != 0, nearest, carry_next_value)
-        delta = r + gamma * next_value - v
-        c = tl.where(valid != 0, gamma_lam, 1.0).to(acc_ty)
-        d = tl.where(valid != 0, delta, 0.0).to(acc_ty)
-        c_scan, d_scan = tl.associative_scan((c, d), 0, _affine_combine)
-        adv = d_scan + c_scan * carry_adv
-        tl.store(adv_ptr + row * T + offs, adv, mask=inb)
-        tl.store(ret_ptr + row * T + offs, adv + v, mask=inb)
-        first = offs == start
-        carry_adv = tl.sum(tl.where(first, adv, 0.0), axis=0).to(acc_ty)
-        carry_next_value = tl.sum(tl.where(first, next_value, 0.0), axis=0).to(acc_ty)
+    CHUNK: tl.constexpr = 4 * LANES
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = (rows < B)[:, None]
+    rows = rows.to(tl.int64)[:, None]
+    r_row, v_row, m_row = rewards_ptr + rows * r_stride, values_ptr + rows * v_stride, mask_ptr + rows * m_stride
+    adv_row, ret_row = adv_ptr + rows * T, ret_ptr + rows * T
+    lane = tl.arange(0, LANES)
+    right_lane = tl.broadcast_to(tl.maximum(lane - 1, 0)[None, :], (ROWS, LANES))
+    left_lane = tl.full((ROWS, LANES), LANES - 1, tl.int32)
+    rightmost = (lane == 0)[None, :]
+    carry_adv = tl.zeros((ROWS, LANES), acc_ty)  # the advantage entering from the right, in every lane
+    carry_next = tl.zeros((ROWS, LANES), acc_ty)  # the next value entering from the right
+    pos = (tl.cdiv(T, CHUNK) - 1) * CHUNK + (4 * (LANES - 1 - lane))[None, :]
+    ahead = _gae_chunk(r_row, v_row, m_row, pos, T, row_ok, HAS_MASK)
+    for _ in range(tl.cdiv(T, CHUNK)):
+        here = pos
+        r0, r1, r2, r3, v0, v1, v2, v3, m0, m1, m2, m3 = ahead
+        pos = here - CHUNK
+        ahead = _gae_chunk(r_row, v_row, m_row, pos, T, row_ok, HAS_MASK)
+        r0, r1, r2, r3 = r0.to(acc_ty), r1.to(acc_ty), r2.to(acc_ty), r3.to(acc_ty)
+        v0, v1, v2, v3 = v0.to(acc_ty), v1.to(acc_ty), v2.to(acc_ty), v3.to(acc_ty)
+        # Next value at each position: the value at the nearest valid position right of it.
+        has = (m0 | m1 | m2 | m3).to(tl.int32)
+        leftmost = tl.where(m0, v0, tl.where(m1, v1, tl.where(m2, v2, v3)))
+        has_inc, value_inc = tl.associative_scan((has, leftmost), 1, _nearest_valid_combine)
+        from_right = tl.where(rightmost, 0, tl.gather(has_inc, right_lane, 1)) != 0
+        n3 = tl.where(from_right, tl.gather(value_inc, right_lane, 1), carry_next)
+        n2 = tl.where(m3, v3, n3)
+        n1 = tl.where(m2, v2, n2)
+        n0 = tl.where(m1, v1, n1)
+        carry_next = tl.gather(tl.where(m0, v0, n0), left_lane, 1)
+        # Running advantage: x -> d + c x per position, (gamma lam, delta) if valid, else the identity.
+        c0 = tl.where(m0, gamma_lam, 1.0).to(acc_ty)
+        c1 = tl.where(m1, gamma_lam, 1.0).to(acc_ty)
+        c2 = tl.where(m2, gamma_lam, 1.0).to(acc_ty)
+        c3 = tl.where(m3, gamma_lam, 1.0).to(acc_ty)
+        d0 = tl.where(m0, r0 + gamma * n0 - v0, 0.0).to(acc_ty)
+        d1 = tl.where(m1, r1 + gamma * n1 - v1, 0.0).to(acc_ty)
+        d2 = tl.where(m2, r2 + gamma * n2 - v2, 0.0).to(acc_ty)
+        d3 = tl.where(m3, r3 + gamma * n3 - v3, 0.0).to(acc_ty)
+        c_inc, d_inc = tl.associative_scan((c0 * c1 * c2 * c3, d0 + c0 * (d1 + c1 * (d2 + c2 * d3))), 1,
+                                           _affine_combine)  # fmt: skip
+        c_right = tl.where(rightmost, 1.0, tl.gather(c_inc, right_lane, 1))
+        d_right = tl.where(rightmost, 0.0, tl.gather(d_inc, right_lane, 1))
+        a3 = d3 + c3 * (d_right + c_right * carry_adv)
+        a2 = d2 + c2 * a3
+        a1 = d1 + c1 * a2
+        a0 = d0 + c0 * a1
+        carry_adv = tl.gather(a0, left_lane, 1)
+        _gae_store(adv_row, ret_row, here, T, row_ok, a0, v0)
+        _gae_store(adv_row, ret_row, here + 1, T, row_ok, a1, v1)
+        _gae_store(adv_row, ret_row, here + 2, T, row_ok, a2, v2)
+        _gae_store(adv_row, ret_row, here + 3, T, row_ok, a3, v3)
+
+
+@triton.jit
+def _gae_store(adv_row, ret_row, t, T, row_ok, adv, value):
+    inb = (t < T) & row_ok
+    tl.store(adv_row + t, adv, mask=inb)
+    tl.store(ret_row + t, adv + value, mask=inb)
 
 
 def gae(rewards, values, mask, gamma, lam, launch=None):
@@ -103,13 +160,12 @@ def gae(rewards, values, mask, gamma, lam, launch=None):
     returns = torch.empty_like(advantages)
     if B == 0 or T == 0:
         return advantages, returns
-    block = max(16, min(1024, triton.next_power_of_2(T)))
     kernel = _gae_kernel if launch is None else launch(_gae_kernel)
-    kernel[(B,)](
+    kernel[(triton.cdiv(B, GAE_ROWS),)](
         rewards, values, values if mask is None else mask, advantages, returns,
-        T, rewards.stride(0), values.stride(0), 0 if mask is None else mask.stride(0), *split_float(gamma),
+        B, T, rewards.stride(0), values.stride(0), 0 if mask is None else mask.stride(0), *split_float(gamma),
         *split_float(gamma * lam),
-        HAS_MASK=mask is not None, BLOCK=block, num_warps=4 if block <= 512 else 8,
+        HAS_MASK=mask is not None, ROWS=GAE_ROWS, LANES=GAE_LANES, num_warps=GAE_ROWS,
     )  # fmt: skip
     return advantages, returns
 
@@ -398,13 +454,17 @@ def kernel_configs():
     """The PPO kernels as launched (float32), for AOT compile checks."""
     configs = []
     for has_mask in (False, True):
-        for block, warps in ((128, 4), (1024, 8)):
-            sig = {"rewards_ptr": "*fp32", "values_ptr": "*fp32", "mask_ptr": "*u8" if has_mask else "*fp32",
-                   "adv_ptr": "*fp32", "ret_ptr": "*fp32", "T": "i64", "r_stride": "i64", "v_stride": "i64",
-                   "m_stride": "i64", "gamma_hi": "fp32", "gamma_lo": "fp32", "gamma_lam_hi": "fp32",
-                   "gamma_lam_lo": "fp32", "HAS_MASK": "constexpr",
-                   "BLOCK": "constexpr"}  # fmt: skip
-            configs.append((_gae_kernel, sig, {"HAS_MASK": has_mask, "BLOCK": block}, warps))
+        for dtype in ("fp32", "fp64"):
+            sig = {"rewards_ptr": f"*{dtype}", "values_ptr": f"*{dtype}",
+                   "mask_ptr": "*u8" if has_mask else f"*{dtype}", "adv_ptr": f"*{dtype}",
+                   "ret_ptr": f"*{dtype}", "B": "i32", "T": "i32", "r_stride": "i32", "v_stride": "i32",
+                   "m_stride": "i32", "gamma_hi": "fp32", "gamma_lo": "fp32", "gamma_lam_hi": "fp32",
+                   "gamma_lam_lo": "fp32", "HAS_MASK": "constexpr", "ROWS": "constexpr",
+                   "LANES": "constexpr"}  # fmt: skip
+            entry = (_gae_kernel, sig, {"HAS_MASK": has_mask, "ROWS": GAE_ROWS, "LANES": GAE_LANES}, GAE_ROWS)
+            configs.append(entry)
+            if dtype == "fp32":
+                configs.append(with_ones(entry, ("B", "T", "r_stride", "v_stride", "m_stride")))
     common = {"x_ptr": "*fp32", "old_ptr": "*fp32", "third_ptr": "*fp32", "mask_ptr": "*u8"}
     scalars = {"T": "i64", **{f"p{i}_{part}": "fp32" for i in range(3) for part in ("hi", "lo")}}
     consts = {"KIND": "constexpr", "HAS_DUAL": "constexpr", "BLOCK": "constexpr"}
