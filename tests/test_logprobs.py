@@ -307,6 +307,22 @@ def test_unchecked_out_of_range_label_is_nan(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("dtype,ignore_index", [(torch.int32, -(2**63)), (torch.uint8, -100), (torch.int16, 2**40)])
+def test_ignore_index_outside_the_label_dtype(device, backend, dtype, ignore_index):
+    # No label can equal such an ignore_index; a comparison in the labels' own dtype would
+    # wrap it (int32 against -2**63 is 0, uint8 against -100 is 156) and drop real tokens.
+    logits = torch.randn(2, 3, 200, dtype=torch.float64)
+    labels = torch.tensor([[0, 156, 7], [0, 0, 199]], dtype=dtype)
+    want = reference(logits, labels.long(), ignore_index=-1)
+    lp = rlhf_kernels.token_logprobs(logits.float().to(device), labels.to(device), ignore_index=ignore_index,
+                                     backend=backend)  # fmt: skip
+    torch.testing.assert_close(lp.double().cpu(), want, atol=1e-5, rtol=1e-5)
+    seq = rlhf_kernels.sequence_logprobs(logits.float().to(device), labels.to(device), ignore_index=ignore_index,
+                                         average=True, backend=backend)  # fmt: skip
+    torch.testing.assert_close(seq.double().cpu(), want.mean(-1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
 def test_int64_offsets(device, backend):
     """Rows that start past 2**31 elements. torch.empty does not touch pages, so
     the 4 GiB buffer costs only the two rows that are written."""

@@ -155,7 +155,7 @@ def sequence_logprobs(
         total = lp.sum(-1)
         if not average:
             return total
-        kept = labels != ignore_index
+        kept = reference.kept_labels(labels, ignore_index)
         if mask is not None:
             kept = kept & mask.bool()
         return total / kept.reshape(logits.shape[0], -1).sum(-1).clamp(min=1).to(total.dtype)
@@ -216,7 +216,7 @@ def _check_labels_and_options(labels, mask, lead, vocab, device, source, tempera
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
     if check_labels and labels.numel() > 0 and not torch.compiler.is_compiling():
-        kept = labels != ignore_index
+        kept = reference.kept_labels(labels, ignore_index)
         if mask is not None:
             kept &= mask.bool()
         bad = kept & ((labels < 0) | (labels >= vocab))

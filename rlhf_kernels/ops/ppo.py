@@ -53,6 +53,7 @@ import torch
 from rlhf_kernels import _dispatch, native
 from rlhf_kernels._layout import row_layout, rows_may_overlap
 from rlhf_kernels.reference import ppo as reference
+from rlhf_kernels.reference.logprobs import kept_labels
 
 try:
     from torch.library import triton_op
@@ -363,7 +364,7 @@ def _check_step_args(lead, old_logprobs, advantages, mask, ref_logprobs, kl_coef
 def _valid_tokens(mask, labels, ignore_index):
     """bool, integer or float mask: nonzero means valid; an ignored label has no log-prob, so it is masked too."""
     if isinstance(labels, torch.Tensor) and labels.shape == mask.shape and labels.device == mask.device:
-        return (mask != 0) & (labels != ignore_index)
+        return (mask != 0) & kept_labels(labels, ignore_index)
     return mask != 0  # token_logprobs' checks report the bad labels
 
 

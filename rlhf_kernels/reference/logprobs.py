@@ -12,6 +12,12 @@ from __future__ import annotations
 import torch
 
 
+def kept_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """``labels != ignore_index``, compared in int64: a narrower label dtype would wrap an
+    ``ignore_index`` outside its range (int32 labels against -2**63 compare with 0)."""
+    return (labels if labels.dtype == torch.int64 else labels.long()) != ignore_index
+
+
 def token_logprobs(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -23,7 +29,7 @@ def token_logprobs(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     acc = torch.promote_types(logits.dtype, torch.float32)
     vocab = logits.shape[-1]
-    valid = labels != ignore_index
+    valid = kept_labels(labels, ignore_index)
     if mask is not None:
         valid = valid & mask.bool()
     in_range = (labels >= 0) & (labels < vocab)

@@ -149,13 +149,13 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards, *, margin=None, center_
 
 def sequence_logprobs(logits, labels, mask=None, *, temperature=1.0, ignore_index=-100, average=False):
     """Sum (or mean over kept tokens; 0 for a sequence with none) of the token log-probs of each sequence."""
-    from rlhf_kernels.reference.logprobs import token_logprobs
+    from rlhf_kernels.reference.logprobs import kept_labels, token_logprobs
 
     lp = token_logprobs(logits, labels, mask, temperature=temperature, ignore_index=ignore_index)
     total = lp.reshape(lp.shape[0], -1).sum(-1)
     if not average:
         return total
-    valid = labels != ignore_index
+    valid = kept_labels(labels, ignore_index)
     if mask is not None:
         valid = valid & mask.bool()
     return total / valid.reshape(valid.shape[0], -1).sum(-1).clamp(min=1).to(lp.dtype)

@@ -78,6 +78,10 @@ class TrainerConfig:
     # Log-probs from the last hidden state and the LM head with linear_token_logprobs (chunked:
     # the [B, T, V] logits are never held) instead of from the model's logits; see next_token_logprobs.
     fused_lm_head: bool = False
+    # Dropout off in the trained and frozen models (TRL's disable_dropout): log-probs that
+    # depend on a dropout mask make DPO rewards and PPO's ratio (old log-probs scored in
+    # one mode, updates in another) noisy from the first step.
+    disable_dropout: bool = True
 
 
 def init_distributed(device_type: str = "cpu") -> tuple[int, int]:
@@ -100,6 +104,19 @@ def init_distributed(device_type: str = "cpu") -> tuple[int, int]:
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """The module inside a ``DistributedDataParallel`` wrapper (or the module itself)."""
     return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+def disable_dropout(module: torch.nn.Module) -> torch.nn.Module:
+    """Zero every dropout rate in ``module``: ``nn.Dropout`` layers and the float rates that
+    attention implementations read from their module (``attention_dropout``, ``dropout``,
+    ``attn_pdrop`` ...), so that train and eval mode compute the same function."""
+    for sub in module.modules():
+        if isinstance(sub, torch.nn.modules.dropout._DropoutNd):
+            sub.p = 0.0
+        for name, value in list(vars(sub).items()):
+            if ("dropout" in name or name.endswith("pdrop")) and isinstance(value, float):
+                setattr(sub, name, 0.0)
+    return module
 
 
 def next_token_logprobs(model, input_ids, attention_mask, mask, *, fused_lm_head=False, temperature=1.0,
@@ -170,6 +187,17 @@ def last_hidden_and_head(model, **inputs) -> tuple[torch.Tensor, torch.nn.Module
     return hidden, head
 
 
+def truncate_pair(bos: list[int], prompt: list[int], completion: list[int], max_length: int):
+    """``(bos + prompt, completion)`` cut to ``max_length`` tokens in all: the prompt keeps
+    its end (the tokens next to the completion), the completion its start, and each keeps
+    at least ``max_length // 2`` tokens (with bos) when it has them."""
+    if len(bos) + len(prompt) + len(completion) <= max_length:
+        return bos + prompt, completion
+    keep_c = min(len(completion), max_length - min(len(bos) + len(prompt), max_length // 2))
+    keep_p = max(0, max_length - keep_c - len(bos))
+    return bos + prompt[len(prompt) - keep_p :], completion[:keep_c]
+
+
 class Trainer:
     required_columns: tuple[str, ...] = ()
 
@@ -190,6 +218,8 @@ class Trainer:
                 f"config: batch_size={config.batch_size} (the global batch) is not divisible by the "
                 f"{self.world_size} processes"
             )
+        if config.disable_dropout:
+            disable_dropout(model)
         self.model = model
         self.tokenizer = tokenizer
         self.dataset = dataset
@@ -292,16 +322,20 @@ class Trainer:
     # --- shared helpers ---------------------------------------------------------------------
     def encode_pairs(self, prompts: list[str], completions: list[str]):
         """Token ids of ``<bos> prompt completion <eos>``, right-padded, with a mask
-        that is 1 on completion tokens (the ones whose log-probs are trained)."""
+        that is 1 on completion tokens (the ones whose log-probs are trained).
+
+        A pair longer than ``max_length`` loses tokens from the prompt's start (after
+        bos) and the completion's end, each keeping at least half of ``max_length``
+        when it is that long: a long prompt never crowds out its completion."""
         tok = self.tokenizer
         ids, loss_mask = [], []
         for prompt, completion in zip(prompts, completions, strict=True):
             bos = [] if tok.bos_token_id is None else [tok.bos_token_id]
-            p = [*bos, *tok(prompt, add_special_tokens=False).input_ids]
+            p = tok(prompt, add_special_tokens=False).input_ids
             c = [*tok(completion, add_special_tokens=False).input_ids, tok.eos_token_id]
-            seq = (p + c)[: self.config.max_length]
-            ids.append(seq)
-            loss_mask.append(([0] * len(p) + [1] * len(c))[: self.config.max_length])
+            p, c = truncate_pair(bos, p, c, self.config.max_length)
+            ids.append(p + c)
+            loss_mask.append([0] * len(p) + [1] * len(c))
         width = max(len(s) for s in ids)
         input_ids = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
         attention = torch.zeros((len(ids), width), dtype=torch.long)
@@ -386,20 +420,31 @@ class Trainer:
             sys.stderr.write(line + "\n")
 
     def training_step(self) -> dict[str, float]:
-        """One optimiser step over ``gradient_accumulation_steps`` micro-batches; returns metrics."""
+        """One optimiser step over ``gradient_accumulation_steps`` micro-batches; returns metrics.
+
+        The step's micro-batches are collated first and handed to :meth:`begin_step`, so
+        that a loss normalised by a count (tokens) can use the whole step's count."""
         cfg = self.config
+        n = cfg.gradient_accumulation_steps
+        micro_batches = []
+        for micro in range(n):
+            indices = self._batch_indices(self.step * n + micro)
+            micro_batches.append((indices, self.collate(self.dataset[indices])))
+        self.begin_step([batch for _, batch in micro_batches])
         sums: dict[str, float] = {}
-        for micro in range(cfg.gradient_accumulation_steps):
-            rows = self.dataset[self._batch_indices(self.step * cfg.gradient_accumulation_steps + micro)]
-            last = micro == cfg.gradient_accumulation_steps - 1
-            with self._grad_sync(last):
+        for micro, (indices, batch) in enumerate(micro_batches):
+            self.current_indices = indices  # the dataset rows of this micro-batch
+            with self._grad_sync(micro == n - 1):
                 with self.autocast():
-                    loss, metrics = self.compute_loss(self.collate(rows))
-                (loss / cfg.gradient_accumulation_steps).backward()
+                    loss, metrics = self.compute_loss(batch)
+                (loss / n).backward()
             for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / cfg.gradient_accumulation_steps
+                sums[k] = sums.get(k, 0.0) + float(v) / n
         sums["grad_norm"] = self.optimizer_step()
         return sums
+
+    def begin_step(self, batches: list[dict[str, Any]]) -> None:
+        """Called with the collated micro-batches of a step before the first forward."""
 
     def clip_groups(self) -> list[list[torch.nn.Parameter]]:
         """Parameter sets whose gradients are clipped to ``max_grad_norm`` each; the

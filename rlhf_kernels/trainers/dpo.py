@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import rlhf_kernels
-from rlhf_kernels.trainers.base import Trainer, TrainerConfig, next_token_logprobs
+from rlhf_kernels.trainers.base import Trainer, TrainerConfig, disable_dropout, next_token_logprobs
 
 
 class DPOTrainer(Trainer):
@@ -29,6 +29,8 @@ class DPOTrainer(Trainer):
             raise ValueError(f"loss_type: unknown {loss_type!r}; expected one of {rlhf_kernels.DPO_LOSS_TYPES}")
         super().__init__(model, tokenizer, dataset, config or TrainerConfig(output_dir="runs/dpo"))
         self.ref_model = ref_model.eval().requires_grad_(False)
+        if self.config.disable_dropout:
+            disable_dropout(self.ref_model)
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.rpo_alpha = rpo_alpha
         self.average = loss_type == "ipo"
@@ -60,20 +62,17 @@ class DPOTrainer(Trainer):
         out = []
         for start in range(0, len(self.dataset), self.config.batch_size):
             rows = self.dataset[start : start + self.config.batch_size]
-            lp = self.sequence_logprobs(self.ref_model, self.collate(rows))
+            with self.autocast():  # as compute_loss runs, so that both paths give the same rewards
+                lp = self.sequence_logprobs(self.ref_model, self.collate(rows))
             n = len(rows["prompt"])
             out.append(torch.stack([lp[:n], lp[n:]], dim=1))
         return torch.cat(out)  # [len(dataset), 2]: chosen, rejected
-
-    def _batch_indices(self, micro_step):
-        self._current = super()._batch_indices(micro_step)
-        return self._current
 
     def compute_loss(self, batch):
         n = batch["n"]
         lp = self.sequence_logprobs(self.model, batch)
         if self.ref_cache is not None:
-            ref = self.ref_cache[torch.tensor(self._current, device=self.ref_cache.device)]
+            ref = self.ref_cache[torch.tensor(self.current_indices, device=self.ref_cache.device)]
             ref_c, ref_r = ref[:, 0], ref[:, 1]
         else:
             with torch.no_grad():

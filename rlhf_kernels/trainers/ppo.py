@@ -23,8 +23,8 @@ from collections.abc import Callable
 import torch
 
 import rlhf_kernels
-from rlhf_kernels.trainers.base import Trainer, TrainerConfig, last_hidden_and_head, unwrap
-from rlhf_kernels.trainers.sampling import encode_prompts
+from rlhf_kernels.trainers.base import Trainer, TrainerConfig, disable_dropout, last_hidden_and_head, unwrap
+from rlhf_kernels.trainers.sampling import encode_prompts, pure_sampling
 
 
 @dataclasses.dataclass
@@ -100,6 +100,12 @@ class PPOTrainer(Trainer):
             )
         self.ref_model = ref_model.eval().requires_grad_(False)
         self.reward_model = None if reward_model is None else reward_model.eval().requires_grad_(False)
+        if self.reward_model is not None:  # it reads the last token that is not the tokenizer's padding
+            self.reward_model.config.pad_token_id = tokenizer.pad_token_id
+        if config.disable_dropout:
+            for module in (self.ref_model, self.value_model, self.reward_model):
+                if module is not None:
+                    disable_dropout(module)
         self.reward_fn = reward_fn
         self.kl_coef = config.kl_coef
 
@@ -168,15 +174,25 @@ class PPOTrainer(Trainer):
 
     @torch.no_grad()
     def rollout(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        tok, cfg = self.tokenizer, self.config
-        prompt_ids, prompt_attention = encode_prompts(tok, prompts, self.device)
+        prompt_ids, prompt_attention = encode_prompts(self.tokenizer, prompts, self.device)
         width = prompt_ids.shape[1]
+        # Sampling and scoring in eval mode (the sampling policy is the one scored) and
+        # under the updates' autocast (so the first update recomputes the same function).
         self.model.eval()
+        self.critic.eval()
+        try:
+            with self.autocast():
+                return self._rollout(prompts, prompt_ids, prompt_attention, width)
+        finally:
+            self.model.train()
+            self.critic.train()
+
+    def _rollout(self, prompts, prompt_ids, prompt_attention, width):
+        tok, cfg = self.tokenizer, self.config
         generated = unwrap(self.model).generate(  # DDP has no generate; sampling needs no gradient sync
-            prompt_ids, attention_mask=prompt_attention, do_sample=True, temperature=cfg.temperature, top_k=0,
-            max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            prompt_ids, attention_mask=prompt_attention, max_new_tokens=cfg.max_new_tokens,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **pure_sampling(cfg.temperature),
         )  # fmt: skip
-        self.model.train()
         response = generated[:, width:]
         # response tokens up to and including the first eos
         is_eos = response == tok.eos_token_id

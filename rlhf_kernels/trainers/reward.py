@@ -23,8 +23,9 @@ class RewardTrainer(Trainer):
                 f"model: expected an AutoModelForSequenceClassification-style model with num_labels=1 (a scalar "
                 f"head), got {type(model).__name__} with num_labels={getattr(model.config, 'num_labels', None)}"
             )
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
+        # The head reads the last token that is not padding, found by the config's pad id:
+        # it must be the tokenizer's, which pads the batches (as TRL's RewardTrainer sets it).
+        model.config.pad_token_id = tokenizer.pad_token_id
         super().__init__(model, tokenizer, dataset, config or TrainerConfig(output_dir="runs/reward"))
         self.center_rewards_coefficient = center_rewards_coefficient
 

@@ -29,6 +29,27 @@ def encode_prompts(tokenizer, prompts: list[str], device=None) -> tuple[torch.Te
     return input_ids.to(device), attention.to(device)
 
 
+def pure_sampling(temperature: float = 1.0) -> dict:
+    """``generate`` keyword arguments that sample from exactly ``softmax(logits / temperature)``.
+
+    A model's own generation config (``generation_config.json`` from the hub) may set
+    top-k, top-p, min-p, repetition penalties and the like, and ``generate`` applies
+    them unless told otherwise; PPO's old log-probs (and an honest sample) need the
+    plain distribution, so every such processor is switched off explicitly."""
+    from transformers import GenerationConfig
+
+    kw = dict(
+        do_sample=True, temperature=temperature, num_beams=1, top_k=0, top_p=1.0, min_p=None, typical_p=1.0,
+        epsilon_cutoff=0.0, eta_cutoff=0.0, top_h=None, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, bad_words_ids=None, sequence_bias=None,
+        suppress_tokens=None, begin_suppress_tokens=None, forced_bos_token_id=None, forced_eos_token_id=None,
+        min_length=0, min_new_tokens=None, exponential_decay_length_penalty=None, guidance_scale=None,
+        watermarking_config=None, renormalize_logits=False,
+    )  # fmt: skip
+    known = GenerationConfig()
+    return {k: v for k, v in kw.items() if hasattr(known, k)}  # keys this transformers version has
+
+
 @torch.no_grad()
 def generate(
     model, tokenizer, prompts: list[str], *, num_samples: int = 1, do_sample: bool = False, temperature: float = 1.0,
@@ -45,7 +66,7 @@ def generate(
         input_ids, attention = encode_prompts(tokenizer, chunk, device)
         input_ids = input_ids.repeat_interleave(num_samples, 0)
         attention = attention.repeat_interleave(num_samples, 0)
-        sample_kw = dict(do_sample=True, temperature=temperature, top_k=0) if do_sample else dict(do_sample=False)
+        sample_kw = pure_sampling(temperature) if do_sample else dict(do_sample=False)
         generated = model.generate(
             input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id, **sample_kw,

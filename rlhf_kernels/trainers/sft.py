@@ -17,11 +17,16 @@ class SFTTrainer(Trainer):
         ids, attention, mask = self.encode_pairs(rows["prompt"], rows["completion"])
         return {"input_ids": ids, "attention_mask": attention, "completion_mask": mask}
 
+    def begin_step(self, batches):
+        # The token mean over the whole step: every micro-batch of the gradient accumulation
+        # and every DDP rank (see Trainer.per_rank_share), not a mean of per-batch means.
+        # Trainer.training_step divides each micro-batch's loss by their number.
+        tokens = sum(b["completion_mask"][:, 1:].sum() for b in batches)
+        self._tokens_per_micro_batch = self.per_rank_share(tokens).clamp(min=1) / len(batches)
+
     def compute_loss(self, batch):
-        mask = batch["completion_mask"][:, 1:]
         logprobs = next_token_logprobs(self.model, batch["input_ids"], batch["attention_mask"],
                                        batch["completion_mask"], fused_lm_head=self.config.fused_lm_head,
                                        backend=self.config.backend)  # fmt: skip
-        # the global token mean, also across DDP ranks (see Trainer.per_rank_share)
-        loss = -logprobs.sum() / self.per_rank_share(mask.sum()).clamp(min=1)
+        loss = -logprobs.sum() / self._tokens_per_micro_batch
         return loss, {"loss": loss.detach()}
