@@ -339,8 +339,10 @@ RLHF_HD FusedTokenOut<A> fused_token(A logp, A entropy, A old, A adv, A ref, A w
   if (kl_kind >= 0) {
     const KlOut<A> q = kl_any<A>(kl_kind, logp, ref);
     kl = q.value;
-    term += c.kl_coef * q.value;
-    dlogp += c.kl_coef * q.d;
+    if (c.kl_coef != A(0)) {  // kl_coef = 0: the KL is a metric only; an inf / NaN KL must not reach the loss
+      term += c.kl_coef * q.value;
+      dlogp += c.kl_coef * q.d;
+    }
   }
   FusedTokenOut<A> f;
   f.weighted = weight * term;

@@ -884,7 +884,7 @@ def default_problems(device: torch.device, quick: bool, ops=OPS) -> list[Callabl
             "sequence_logprobs": [(4, 256, 32000, bf16)],
             "dpo_step": [(2, 256, 32000, bf16)],
             "dpo_loss": [(64,), (65536,)],
-            "gae": [(512, 512), (512, 2048)],
+            "gae": [(512, 512), (512, 2048), (4096, 2048)],  # the last: the target shape
             "masked_whiten": [(64, 2048)],
             "grpo_advantages": [(512, 16)],
             "ppo_policy_loss": [(64, 2048)],

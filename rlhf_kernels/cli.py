@@ -20,6 +20,13 @@ def _shape(text: str):
         raise argparse.ArgumentTypeError(f"expected NxV or NxVxDTYPE (dtype bf16|fp16|fp32), got {text!r}") from exc
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     from rlhf_kernels.bench import OPS
 
@@ -33,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="one shape per op: a small one on CPU, the issue's target shape on CUDA")
     bench.add_argument("--shape", type=_shape, action="append", help="NxV[xDTYPE], repeatable")
     bench.add_argument("--only", action="append", help="only providers whose name contains this, repeatable")
-    bench.add_argument("--repeat", type=int, default=10)
+    bench.add_argument("--repeat", type=_positive_int, default=10, help="timed runs per case (default: 10)")
     bench.add_argument(
         "--op",
         action="append",
@@ -84,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ops = tuple(args.op) if args.op else bench_mod.OPS
+    if args.shape and "token_logprobs" not in ops:
+        parser.error("bench: --shape sets token_logprobs shapes; add --op token_logprobs")
     bench_mod.run(device, args.out, quick=args.quick, include=args.only, repeat=args.repeat, ops=ops, shapes=args.shape)
     return 0
 

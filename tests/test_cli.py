@@ -135,6 +135,18 @@ def test_offline_and_bad_input_fail_clearly(local_model_and_data, tmp_path, monk
     assert "--model and --dataset go together" in capsys.readouterr().err
 
 
+def test_bench_arguments_fail_clearly(tmp_path, capsys):
+    from rlhf_kernels import cli
+
+    for argv, message in (
+        (["bench", "--repeat", "0"], "--repeat: expected a positive integer"),
+        (["bench", "--op", "gae", "--shape", "8x100"], "--shape sets token_logprobs shapes"),
+    ):
+        with pytest.raises(SystemExit):
+            cli.main([*argv, "--out", str(tmp_path)])
+        assert message in capsys.readouterr().err, argv
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
 def test_bench_times_small_ops_as_cuda_graphs():

@@ -18,6 +18,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     pytest.skip(f"trl is not importable ({exc}); pip install trl to run the TRL integration tests",
                 allow_module_level=True)  # fmt: skip
 
+from rlhf_kernels import native  # noqa: E402
 from rlhf_kernels.integrations import trl as rk_trl  # noqa: E402
 from rlhf_kernels.trainers import toy  # noqa: E402
 
@@ -124,6 +125,32 @@ def test_padding_labels_are_not_ignored(patched):
         trl_utils.selective_log_softmax(logits, index)
     with pytest.raises((RuntimeError, IndexError)):
         trl_utils.selective_log_softmax.__rlhf_kernels_original__(logits, index)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_float_row_mask_and_int32_index(backend):
+    """What TRL accepts: a 0/1 float row mask, an int32 index (label 0 included: it must not
+    be taken for the patch's no-ignore sentinel)."""
+    if backend == "native" and not native.available():
+        pytest.skip("extension not built")
+    original = trl_utils.selective_log_softmax
+    logits, index, row_mask = _inputs(torch.float32, (2, 6, 30))
+    index[:, 0] = 0
+    want = original(logits, index, row_mask=row_mask)
+    with rk_trl.patched(backend=backend):
+        got = trl_utils.selective_log_softmax(logits, index.int(), row_mask=row_mask.float())
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+    assert (got[:, 0][row_mask[:, 0]] != 0).all()
+
+
+def test_nested_patched_keeps_the_outer_backend():
+    rk_trl.patch(backend="torch")
+    try:
+        with rk_trl.patched(backend="native"):
+            assert rk_trl._backend == "native"
+        assert rk_trl.is_patched() and rk_trl._backend == "torch"
+    finally:
+        rk_trl.unpatch()
 
 
 def test_patch_unpatch_are_idempotent_and_reach_importers():

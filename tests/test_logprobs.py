@@ -385,6 +385,10 @@ BAD_INPUTS = [
     ("float_mask", lambda x, y: (x, y), {"mask": torch.ones(2, 4)}, TypeError, "mask"),
     ("unknown_backend", lambda x, y: (x, y), {"backend": "cuda_graphs"}, ValueError, "backend"),
     ("empty_vocab", lambda x, y: (x[..., :0], y), {}, ValueError, "logits"),
+    ("huge_temperature", lambda x, y: (x, y), {"temperature": 10**400}, ValueError, "temperature"),
+    ("ignore_index_past_int64", lambda x, y: (x, y), {"ignore_index": 2**64}, ValueError, "ignore_index"),
+    ("string_flag", lambda x, y: (x, y), {"return_entropy": "no"}, TypeError, "return_entropy"),
+    ("int_flag", lambda x, y: (x, y), {"check_labels": 0}, TypeError, "check_labels"),
 ]
 
 

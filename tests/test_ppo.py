@@ -314,9 +314,11 @@ def test_nan_token_propagates(device, backend):
                                         backend=backend).loss.isnan()  # fmt: skip
     assert rlhf_kernels.ppo_value_loss(logp, old.float(), adv.float(), mask, backend=backend).loss.isnan()
     assert rlhf_kernels.kl_penalty(logp, old.float(), "k3", backend=backend)[1, 4].isnan()
-    if backend != "torch":  # the reference multiplies by the mask, so a masked NaN poisons it
-        mask[1, 4] = False
-        assert rlhf_kernels.ppo_policy_loss(logp, old.float(), adv.float(), mask, backend=backend).loss.isfinite()
+    mask[1, 4] = False  # every backend selects by the mask: a NaN at padding never reaches the loss
+    assert rlhf_kernels.ppo_policy_loss(logp, old.float(), adv.float(), mask, backend=backend).loss.isfinite()
+    assert rlhf_kernels.ppo_value_loss(logp, old.float(), adv.float(), mask, backend=backend).loss.isfinite()
+    whitened = rlhf_kernels.masked_whiten(logp, mask, backend=backend)
+    assert whitened[mask].isfinite().all()
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(native_op="ppo_loss_fwd_native"))
@@ -843,6 +845,41 @@ def test_ppo_from_logits_nan_logit_stays_in_its_row(device, backend, grad_in_for
     assert torch.isfinite(x.grad[others]).all()
 
 
+@pytest.mark.parametrize("device,backend", backend_cases(native_op=FUSED))
+@pytest.mark.parametrize("grad_in_forward", [True, False], ids=["fused", "two-pass"])
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3", "abs"])
+def test_ppo_from_logits_non_finite_kl_and_padding(device, backend, grad_in_forward, kind):
+    """With kl_coef = 0 the KL is a metric only: a NaN or inf reference log-prob (or a -inf
+    log-prob) must not reach the loss or the gradient. NaN in old / ref log-probs or advantages
+    at masked positions never does, on either path."""
+    g = torch.Generator().manual_seed(23)
+    logits, labels, old, adv, mask, ref = fused_inputs(2, 5, 300, g, device=device)
+    mask = mask.clone()
+    mask[1] = True
+    ref = ref.clone()
+    ref[1, 1], ref[1, 2] = float("nan"), -float("inf")
+    x = logits.clone().requires_grad_(True)
+    loss, metrics = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, ref_logprobs=ref, kl_coef=0.0,
+                                                      kl_kind=kind, grad_in_forward=grad_in_forward,
+                                                      backend=backend)  # fmt: skip
+    loss.backward()
+    want = rlhf_kernels.ppo_loss_from_logits(logits.double(), labels, old.double(), adv.double(), mask,
+                                             backend="torch")[0]  # fmt: skip
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+    assert x.grad.isfinite().all()
+
+    mask[0, 3] = False
+    old, adv, ref = old.clone(), adv.clone(), ref.clone()
+    old[0, 3], adv[0, 3], ref[0, 3] = float("nan"), float("nan"), float("nan")
+    ref[1] = old[1]  # finite KL on every kept token
+    x.grad = None
+    loss, metrics = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, ref_logprobs=ref, kl_coef=0.1,
+                                                      kl_kind=kind, grad_in_forward=grad_in_forward,
+                                                      backend=backend)  # fmt: skip
+    loss.backward()
+    assert loss.isfinite() and metrics.kl.isfinite() and x.grad.isfinite().all()
+
+
 CLUSTER_CASES = {  # (B, T, V, RLHF_KERNELS_CLUSTER_SLICE_BYTES): what the CUDA one-read sweep sees
     "default": (3, 6, 1000, None),  # one block per cluster
     "off": (3, 6, 1000, "0"),  # the streaming kernel
@@ -1011,3 +1048,14 @@ def test_ppo_from_logits_no_float32_temporary(device, backend, inplace, grad_in_
     # one bf16 gradient: the op's (out of place) or the leaf's, from the `* 1` in setup (in place);
     # a float32 temporary alone would be 2 * size
     assert peak < size + 64 * 1024, f"peak {peak} bytes for {size} bytes of logits"
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op="gae_native"))
+def test_gae_under_vmap(device, backend):
+    """vmap's batched tensors look like plain tensors to type(): an eager call under a functorch
+    transform must take the registered op (and its per-sample fallback), never a raw launch."""
+    g = torch.Generator().manual_seed(3)
+    r, v = (torch.randn(3, 2, 5, generator=g).to(device) for _ in range(2))
+    got = torch.vmap(lambda a, c: rlhf_kernels.gae(a, c, gamma=0.9, backend=backend)[0])(r, v)
+    want = torch.stack([reference.gae(r[i].cpu().double(), v[i].cpu().double(), gamma=0.9)[0] for i in range(3)])
+    torch.testing.assert_close(got.double().cpu(), want, atol=1e-5, rtol=1e-5)

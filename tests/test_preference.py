@@ -336,6 +336,21 @@ def test_empty_batch_with_many_programs_enabled(monkeypatch, device, backend):
     assert orpo.log_odds_ratio == 0 and orpo.log_odds_chosen == 0
 
 
+@pytest.mark.parametrize("device,backend", backend_cases(native_op=NATIVE_OP))
+def test_empty_batch_metrics_are_zero(device, backend):
+    """Every backend, the reference included, reports 0 (not 0 / 0) for an empty batch."""
+    empty = torch.zeros(0, device=device)
+    out = rlhf_kernels.dpo_loss(empty, empty, empty, empty, return_metrics=True, backend=backend)
+    assert all(v == 0 for v in out.metrics.values())
+    orpo = rlhf_kernels.orpo_loss(empty, empty, backend=backend)
+    assert orpo.log_odds_ratio == 0 and orpo.log_odds_chosen == 0
+    bt = rlhf_kernels.bradley_terry_loss(empty, empty, center_rewards_coefficient=0.1, backend=backend)
+    assert bt.loss == 0 and bt.accuracy == 0
+    seq = rlhf_kernels.sequence_logprobs(torch.zeros(0, 4, 7, device=device), torch.zeros(0, 4, dtype=torch.long,
+                                         device=device), average=True, backend=backend)  # fmt: skip
+    assert seq.shape == (0,)
+
+
 @pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"], native_op=NATIVE_OP))
 def test_empty_bco_pair_with_given_delta(device, backend):
     """An empty batch stores metrics[7] = 0 on every kernel backend, also with bco_delta given."""
@@ -397,6 +412,12 @@ def test_dpo_bad_inputs():
         rlhf_kernels.dpo_loss(pc.long(), pr, rc, rr)
     with pytest.raises(ValueError, match="ref_rejected_logps: expected a 1-D"):
         rlhf_kernels.dpo_loss(pc, pr, rc, rr[None])
+    with pytest.raises(TypeError, match="bco_delta: expected a finite number"):
+        rlhf_kernels.dpo_loss(pc, pr, rc, rr, loss_type="bco_pair", bco_delta=float("nan"))
+    with pytest.raises(TypeError, match="return_metrics: expected a bool"):
+        rlhf_kernels.dpo_loss(pc, pr, rc, rr, return_metrics="yes")
+    with pytest.raises(TypeError, match="average: expected a bool"):
+        rlhf_kernels.sequence_logprobs(torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long), average="yes")
     with pytest.raises(ValueError, match="discopop_tau"):
         rlhf_kernels.dpo_loss(pc, pr, rc, rr, loss_type="discopop", discopop_tau=0.0)
     with pytest.raises(ValueError, match="ref_chosen_logps: on device meta"):
@@ -624,3 +645,40 @@ def test_tiny_losses_keep_relative_accuracy(device, backend):
     zeros = torch.zeros_like(pc)
     got = rlhf_kernels.dpo_loss(pc, zeros, zeros, zeros, beta=1.0, backend=backend).losses
     torch.testing.assert_close(got, torch.exp(-pc), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"], native_op=NATIVE_OP))
+def test_eager_calls_skip_the_custom_op_wrapper_only_when_unobserved(device, backend):
+    """Eager calls of a functional Triton op run its Python function directly; under a
+    dispatch mode (a profiler, FakeTensorMode ...) they go through the registered op, which the
+    mode sees. C++ ops and ops that write an argument always go through the dispatcher."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from rlhf_kernels import _dispatch
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    pc, pr, rc, rr = inputs(5, torch.float32, device)
+    pc.requires_grad_(True)
+    plain = rlhf_kernels.dpo_loss(pc, pr, rc, rr, backend=backend)
+    plain.losses.sum().backward()
+    grad = pc.grad.clone()
+    op = getattr(torch.ops.rlhf_kernels, f"preference_fwd_{backend}").default
+    assert (_dispatch._DIRECT[op] is not None) == (backend == "triton")  # the first call looked it up
+    if backend == "triton":
+        assert _dispatch._python_impl(torch.ops.rlhf_kernels.scale_unless_one_triton.default) is None  # writes x
+    pc.grad = None
+    with Seen() as seen:
+        watched = rlhf_kernels.dpo_loss(pc, pr, rc, rr, backend=backend)
+        watched.losses.sum().backward()
+    assert any(f"preference_fwd_{backend}" in name for name in seen.ops)
+    assert any(f"preference_bwd_{backend}" in name for name in seen.ops)
+    torch.testing.assert_close(watched.losses, plain.losses, rtol=0, atol=0)
+    torch.testing.assert_close(pc.grad, grad, rtol=0, atol=0)

@@ -106,13 +106,15 @@ def is_patched() -> bool:
 @contextmanager
 def patched(backend: str = "auto") -> Iterator[None]:
     """``with patched(): ...`` patches for the block (and unpatches only if it patched)."""
-    was_patched = is_patched()
+    was_patched, outer_backend = is_patched(), _backend
     patch(backend)
     try:
         yield
     finally:
         if not was_patched:
             unpatch()
+        else:  # an enclosing patch() keeps its own backend
+            patch(outer_backend)
 
 
 # --- version check ---------------------------------------------------------------------------
@@ -199,6 +201,13 @@ def _covered(logits, index=None) -> bool:
     return True
 
 
+def _mask(row_mask):
+    """TRL takes any 0/1 row mask; the op takes bool or integer masks (nonzero: kept)."""
+    if isinstance(row_mask, torch.Tensor) and row_mask.dtype.is_floating_point:
+        return row_mask != 0
+    return row_mask
+
+
 def _make_selective_log_softmax(original, utils):
     @functools.wraps(original)
     def selective_log_softmax(logits, index, temperature=1.0, row_mask=None):
@@ -208,7 +217,7 @@ def _make_selective_log_softmax(original, utils):
             return original(logits, index, temperature=temperature, row_mask=row_mask)
         out_dtype = torch.float32 if _trl_would_use_its_kernel(utils, logits, index, row_mask) else logits.dtype
         logprobs = token_logprobs(
-            logits, index, row_mask, temperature=temperature, ignore_index=_NO_IGNORE_INDEX, backend=_backend
+            logits, index, _mask(row_mask), temperature=temperature, ignore_index=_NO_IGNORE_INDEX, backend=_backend
         )
         return logprobs.to(out_dtype)
 
@@ -240,7 +249,7 @@ def _make_logprobs_and_entropy(original, utils):
                             row_mask=row_mask)  # fmt: skip
         out_dtype = torch.float32 if _trl_would_use_its_kernel(utils, logits, index, row_mask) else logits.dtype
         logprobs, entropy = token_logprobs(
-            logits, index, row_mask, temperature=temperature, ignore_index=_NO_IGNORE_INDEX, return_entropy=True,
+            logits, index, _mask(row_mask), temperature=temperature, ignore_index=_NO_IGNORE_INDEX, return_entropy=True,
             backend=_backend,
         )  # fmt: skip
         if not entropy_requires_grad:

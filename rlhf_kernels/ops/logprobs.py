@@ -29,14 +29,17 @@ of DPO's sequence log-probs, and TRL's ``selective_log_softmax``.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 from torch.library import triton_op
 
 from rlhf_kernels import _dispatch, native
+from rlhf_kernels._checks import check_flags
 from rlhf_kernels._layout import row_layout, rows_may_overlap
 from rlhf_kernels.reference import logprobs as reference
+from rlhf_kernels.reference import preference as reference_preference
 
 try:
     from rlhf_kernels.triton import logprobs as triton_impl
@@ -87,6 +90,7 @@ def token_logprobs(
         float64 logits), or ``(logprobs, entropy)`` with ``return_entropy``.
         Ignored and masked tokens are 0 in both.
     """
+    check_flags(return_entropy=return_entropy, inplace_backward=inplace_backward, check_labels=check_labels)
     _check_inputs(logits, labels, mask, temperature, ignore_index, check_labels)
     impl = _dispatch.resolve(backend, logits.device, "token_logprobs_fwd_native")
     if impl == "torch":
@@ -146,19 +150,12 @@ def sequence_logprobs(
     """
     if isinstance(logits, torch.Tensor) and logits.dim() < 2:
         raise ValueError(f"logits: expected shape [B, T, V] (or [B, V]), got {tuple(logits.shape)}")
+    check_flags(average=average, check_labels=check_labels)
     _check_inputs(logits, labels, mask, temperature, ignore_index, check_labels)
     impl = _dispatch.resolve(backend, logits.device, "sequence_logprobs_fwd_native")
     if impl == "torch":
-        lp = reference.token_logprobs(
-            logits, labels, mask, temperature=float(temperature), ignore_index=int(ignore_index)
-        ).reshape(logits.shape[0], -1)
-        total = lp.sum(-1)
-        if not average:
-            return total
-        kept = reference.kept_labels(labels, ignore_index)
-        if mask is not None:
-            kept = kept & mask.bool()
-        return total / kept.reshape(logits.shape[0], -1).sum(-1).clamp(min=1).to(total.dtype)
+        return reference_preference.sequence_logprobs(logits, labels, mask, temperature=float(temperature),
+                                                      ignore_index=int(ignore_index), average=average)  # fmt: skip
     if row_layout(logits) is None:
         logits = logits.contiguous()
     labels = labels.long()
@@ -191,6 +188,13 @@ def _check_inputs(logits, labels, mask, temperature, ignore_index, check_labels)
                               temperature, ignore_index, check_labels)  # fmt: skip
 
 
+def _as_float(value: numbers.Real) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an int past float's range, e.g. 10**400
+        return math.inf if value > 0 else -math.inf
+
+
 def _check_labels_and_options(labels, mask, lead, vocab, device, source, temperature, ignore_index, check_labels):
     """Checks of labels, mask and the scalar options against rows of shape ``lead`` over
     ``vocab`` words; ``source`` names the tensor that fixed ``lead`` (logits or hidden)."""
@@ -211,10 +215,12 @@ def _check_labels_and_options(labels, mask, lead, vocab, device, source, tempera
             raise ValueError(f"mask: on device {mask.device}, but {source} are on {device}")
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature: expected a number, got {type(temperature).__name__}")
-    if not (temperature > 0 and temperature < float("inf")):
+    if not (temperature > 0 and math.isfinite(_as_float(temperature))):
         raise ValueError(f"temperature: must be positive and finite, got {temperature}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index: must fit in int64, got {ignore_index}")
     if check_labels and labels.numel() > 0 and not torch.compiler.is_compiling():
         kept = reference.kept_labels(labels, ignore_index)
         if mask is not None:
@@ -339,7 +345,7 @@ def _make_backward(bwd, bwd_inplace):
             torch.autograd.graph.increment_version(logits)
             grad_logits = logits
         else:
-            grad_logits = bwd(grad_logprobs, grad_entropy, logits, *args[2:])
+            grad_logits = _dispatch.call_below_autograd(bwd, grad_logprobs, grad_entropy, logits, *args[2:])
         return grad_logits, None, None, None, None, None
 
     return backward
@@ -402,7 +408,8 @@ def _make_seq_backward(bwd):
             g = g / n_valid.clamp(min=1)
         # Each token of sequence b gets g_b: a [B, T] float tensor, the token backward's input.
         g_tok = g.reshape((-1,) + (1,) * (lse.dim() - 1)).expand(lse.shape).contiguous()
-        grad_logits = bwd(g_tok, None, logits, labels, lse, lse.new_empty(0), ctx.temperature, ctx.ignore_index)
+        grad_logits = _dispatch.call_below_autograd(bwd, g_tok, None, logits, labels, lse, lse.new_empty(0),
+                                                    ctx.temperature, ctx.ignore_index)  # fmt: skip
         return grad_logits, None, None, None, None
 
     return backward

@@ -106,7 +106,7 @@ def gae(
         return reference.gae(rewards, values, mask, gamma=gamma, lam=lam)
     rewards, values = _unit_time_stride(rewards), _unit_time_stride(values)
     m = None if mask is None else _unit_time_stride(_mask_bytes(mask))
-    return _OPS[impl]["gae"](rewards, values, m, float(gamma), float(lam))
+    return _dispatch.call_below_autograd(_OPS[impl]["gae"], rewards, values, m, float(gamma), float(lam))
 
 
 def ppo_policy_loss(
@@ -605,12 +605,12 @@ def grpo_advantages(
     kernel = _OPS[impl]["grpo_advantages"]
     if group_ids is None:
         offsets = torch.arange(0, scores.numel() + 1, group_size, dtype=torch.int64, device=scores.device)
-        return kernel(s.detach().contiguous(), offsets, norm_by_std, float(eps))
+        return _dispatch.call_below_autograd(kernel, s.detach().contiguous(), offsets, norm_by_std, float(eps))
     sorted_ids, order = torch.sort(group_ids.detach(), stable=True)
     counts = torch.unique_consecutive(sorted_ids, return_counts=True)[1]
     offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=scores.device)
     torch.cumsum(counts, 0, out=offsets[1:])
-    sorted_adv = kernel(s.detach()[order].contiguous(), offsets, norm_by_std, float(eps))
+    sorted_adv = _dispatch.call_below_autograd(kernel, s.detach()[order].contiguous(), offsets, norm_by_std, float(eps))
     return torch.empty_like(sorted_adv).index_copy_(0, order, sorted_adv)
 
 
@@ -864,7 +864,8 @@ for _backend, (_fwd, _bwd) in _dispatch.kernel_ops("ppo_loss_fwd", "ppo_loss_bwd
         kind, p0, p1, p2, has_dual, agg = ctx.args
         grad_x = None
         if ctx.needs_input_grad[1] and grad_loss is not None:
-            grad_x = bwd(kind, x, old, third, mask, rows, metrics, grad_loss, p0, p1, p2, has_dual, agg)
+            grad_x = _dispatch.call_below_autograd(bwd, kind, x, old, third, mask, rows, metrics, grad_loss, p0, p1,
+                                                   p2, has_dual, agg)  # fmt: skip
         return None, grad_x, None, None, None, None, None, None, None, None
 
     _dispatch.register_autograd(_fwd, _loss_backward, setup_context=_loss_setup)
@@ -878,7 +879,7 @@ for _backend, (_fwd, _bwd) in _dispatch.kernel_ops("kl_penalty_fwd", "kl_penalty
 
     def _kl_backward(ctx, grad, bwd=_bwd):
         logp, ref = ctx.saved_tensors
-        d = bwd(logp, ref, ctx.kind, grad)
+        d = _dispatch.call_below_autograd(bwd, logp, ref, ctx.kind, grad)
         return (d if ctx.needs_input_grad[0] else None), (-d if ctx.needs_input_grad[1] else None), None
 
     _dispatch.register_autograd(_fwd, _kl_backward, setup_context=_kl_setup)

@@ -56,6 +56,7 @@ from typing import NamedTuple
 import torch
 
 from rlhf_kernels import _dispatch, native
+from rlhf_kernels._checks import check_flags
 from rlhf_kernels.reference import preference as reference
 
 try:
@@ -169,8 +170,9 @@ def dpo_loss(
     _check_positive("beta", beta)
     _check_positive("discopop_tau", discopop_tau)
     _check_smoothing(loss_type, label_smoothing)
-    if bco_delta is not None and not isinstance(bco_delta, numbers.Real):
-        raise TypeError(f"bco_delta: expected a number or None, got {type(bco_delta).__name__}")
+    check_flags(reference_free=reference_free, return_metrics=return_metrics)
+    if bco_delta is not None:
+        _check_real("bco_delta", bco_delta)
     impl = _dispatch.resolve(backend, pc.device, _NATIVE_OP)
 
     if impl == "torch":
@@ -347,7 +349,7 @@ def bradley_terry_loss(
     losses, _, _, metrics = _run(
         impl, "sigmoid", c, r, margin=m, beta=1.0, center=float(center_rewards_coefficient), rewards=False
     )
-    return BradleyTerryOutput(losses.mean(), _user_view(metrics[1], losses))
+    return BradleyTerryOutput(reference.batch_mean(losses), _user_view(metrics[1], losses))
 
 
 # --- argument checks ----------------------------------------------------------------------
@@ -414,12 +416,13 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
 
 def _metrics_from(losses, chosen_rewards, rejected_rewards) -> dict[str, torch.Tensor]:
     with torch.no_grad():
+        mean = reference.batch_mean  # 0 for an empty batch, as the kernels' metrics
         values = (
-            losses.mean(),
-            (chosen_rewards > rejected_rewards).to(losses.dtype).mean(),
-            (chosen_rewards - rejected_rewards).mean(),
-            chosen_rewards.mean(),
-            rejected_rewards.mean(),
+            mean(losses),
+            mean((chosen_rewards > rejected_rewards).to(losses.dtype)),
+            mean(chosen_rewards - rejected_rewards),
+            mean(chosen_rewards),
+            mean(rejected_rewards),
         )
     return dict(zip(METRIC_NAMES, values, strict=True))
 
@@ -533,9 +536,9 @@ def _make_backward(bwd):
         none = (None,) * 16
         if grad_losses is None or not (need_a or need_b):
             return none
-        ga, gb = bwd(loss, chosen, rejected, ref_chosen, ref_rejected, margin, kl, metrics, beta, gamma,
-                     label_smoothing, center, tau, weight, grad_losses.contiguous(), 1, 1.0,
-                     need_a, need_b)  # fmt: skip
+        ga, gb = _dispatch.call_below_autograd(bwd, loss, chosen, rejected, ref_chosen, ref_rejected, margin, kl,
+                                               metrics, beta, gamma, label_smoothing, center, tau, weight,
+                                               grad_losses.contiguous(), 1, 1.0, need_a, need_b)  # fmt: skip
         grads = list(none)
         grads[1] = ga if needs[1] else None
         grads[3] = -ga if (needs[3] and ref_chosen is not None) else None

@@ -37,19 +37,26 @@ def gae(rewards, values, mask=None, *, gamma=1.0, lam=0.95):
     return advantages, advantages + values
 
 
+def _kept(x, mask):
+    """``x`` where ``mask`` is set, else 0: selected rather than multiplied, so that a NaN or
+    inf at a masked (padding) position drops out, as the kernels never read it."""
+    # mask != 0 is a new tensor (mask.bool() of a bool mask is the caller's own, which where
+    # would save for backward: changing it in place afterwards would break the backward)
+    return torch.where(mask != 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def masked_mean(x, mask, dim=None):
-    mask = mask.bool().to(x.dtype)
-    total = (x * mask).sum() if dim is None else (x * mask).sum(dim)
-    count = mask.sum() if dim is None else mask.sum(dim)
+    total = _kept(x, mask).sum() if dim is None else _kept(x, mask).sum(dim)
+    m = mask.bool().to(x.dtype)
+    count = m.sum() if dim is None else m.sum(dim)
     return total / count.clamp(min=1)
 
 
 def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
     (x,) = _acc(x)
-    m = mask.bool().to(x.dtype)
-    count = m.sum()
-    mean = (x * m).sum() / count.clamp(min=1)
-    var = ((x - mean) ** 2 * m).sum() / (count - 1).clamp(min=1)  # unbiased, as PPO implementations use
+    count = mask.bool().to(x.dtype).sum()
+    mean = _kept(x, mask).sum() / count.clamp(min=1)
+    var = _kept((x - mean) ** 2, mask).sum() / (count - 1).clamp(min=1)  # unbiased, as PPO implementations use
     whitened = (x - mean) * torch.rsqrt(var + eps)
     return whitened if shift_mean else whitened + mean
 
@@ -68,9 +75,10 @@ def grpo_advantages(scores, group_ids, *, norm_by_std=True, eps=1e-6):
 
 def agg_loss(loss_mat, mask, mode):
     m = mask.bool().to(loss_mat.dtype)
+    kept = _kept(loss_mat, mask)
     if mode == "token-mean":
-        return (loss_mat * m).sum() / m.sum().clamp(min=1)
-    seq_sum = (loss_mat * m).sum(-1)
+        return kept.sum() / m.sum().clamp(min=1)
+    seq_sum = kept.sum(-1)
     seq_count = m.sum(-1)
     has_tokens = (seq_count > 0).to(loss_mat.dtype)
     n_seqs = has_tokens.sum().clamp(min=1)  # sequences without tokens drop out of the averages

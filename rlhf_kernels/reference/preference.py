@@ -100,6 +100,11 @@ def simpo_loss(policy_chosen_logps, policy_rejected_logps, *, beta=2.0, gamma=0.
     return losses, (beta * c).detach(), (beta * r).detach()
 
 
+def batch_mean(x):
+    """The mean over a batch, 0 for an empty one (as the kernels' metrics): no NaN from 0 / 0."""
+    return x.sum() / max(x.numel(), 1)
+
+
 def _log1mexp(x):
     """log(1 - exp(x)) for x < 0."""
     return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
@@ -111,7 +116,7 @@ def orpo_loss(policy_chosen_logps, policy_rejected_logps, *, beta=0.1):
     log_odds = (x - y) - (_log1mexp(x) - _log1mexp(y))
     ratio = F.logsigmoid(log_odds)
     losses = -beta * ratio
-    return losses, (beta * c).detach(), (beta * r).detach(), ratio.mean().detach(), log_odds.mean().detach()
+    return losses, (beta * c).detach(), (beta * r).detach(), batch_mean(ratio).detach(), batch_mean(log_odds).detach()
 
 
 def kto_loss(
@@ -140,10 +145,10 @@ def kto_loss(
 def bradley_terry_loss(chosen_rewards, rejected_rewards, *, margin=None, center_rewards_coefficient=0.0):
     c, r, m = _acc(chosen_rewards, rejected_rewards, margin)
     z = c - r if m is None else c - r - m
-    loss = -F.logsigmoid(z).mean()
+    loss = batch_mean(-F.logsigmoid(z))
     if center_rewards_coefficient:
-        loss = loss + center_rewards_coefficient * ((c + r) ** 2).mean()
-    accuracy = (c > r).to(c.dtype).mean().detach()
+        loss = loss + center_rewards_coefficient * batch_mean((c + r) ** 2)
+    accuracy = batch_mean((c > r).to(c.dtype)).detach()
     return loss, accuracy
 
 
@@ -151,11 +156,14 @@ def sequence_logprobs(logits, labels, mask=None, *, temperature=1.0, ignore_inde
     """Sum (or mean over kept tokens; 0 for a sequence with none) of the token log-probs of each sequence."""
     from rlhf_kernels.reference.logprobs import kept_labels, token_logprobs
 
+    def per_sequence(x):  # [B, ...] -> [B, tokens] (B = 0 included)
+        return x.reshape(x.shape[0], -1) if x.shape[0] else x.reshape(0, 1)
+
     lp = token_logprobs(logits, labels, mask, temperature=temperature, ignore_index=ignore_index)
-    total = lp.reshape(lp.shape[0], -1).sum(-1)
+    total = per_sequence(lp).sum(-1)
     if not average:
         return total
     valid = kept_labels(labels, ignore_index)
     if mask is not None:
         valid = valid & mask.bool()
-    return total / valid.reshape(valid.shape[0], -1).sum(-1).clamp(min=1).to(lp.dtype)
+    return total / per_sequence(valid).sum(-1).clamp(min=1).to(lp.dtype)

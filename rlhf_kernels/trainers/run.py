@@ -164,7 +164,9 @@ def run(args: argparse.Namespace):
         common.pop("batch_size")
         trainer = PPOTrainer(
             model, copy.deepcopy(model), value_model.to(device), tokenizer, dataset,
-            PPOConfig(**common, rollout_batch_size=args.batch_size, mini_batch_size=max(1, args.batch_size // 2)),
+            # two mini-batches per rollout when the batch splits evenly, else one
+            PPOConfig(**common, rollout_batch_size=args.batch_size,
+                      mini_batch_size=args.batch_size // 2 if args.batch_size % 2 == 0 else args.batch_size),
             **reward,
         )  # fmt: skip
     trainer.train(resume_from=args.resume_from)

@@ -557,8 +557,9 @@ def _ppo_logits_kernel(
             if HAS_REF:
                 kl_coef = join_float(kl_coef_hi, kl_coef_lo, acc_ty)
                 kl, dkl = _kl_token(logp, tl.load(ref_ptr + row), KL_KIND)
-                term += kl_coef * kl
-                dlogp += kl_coef * dkl
+                # kl_coef = 0: the KL is a metric only; an inf / NaN KL must not reach the loss
+                term += tl.where(kl_coef != 0, kl_coef * kl, 0.0)
+                dlogp += tl.where(kl_coef != 0, kl_coef * dkl, 0.0)
             tl.store(st + 0, weight * term)
             tl.store(st + 1, pg)
             tl.store(st + 2, entropy)
