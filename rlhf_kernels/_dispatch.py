@@ -103,9 +103,10 @@ def kernel_ops(*names: str) -> dict[str, tuple]:
 # another ~40 us a call in the dispatcher and custom_op's backend wrapper (argument
 # conversion, output aliasing checks), against ~2 us for the launch itself: on this
 # repository's CPU a 16-argument op took 49 us registered, 7 us called directly. Eager
-# calls on plain tensors, with no dispatch mode active, call its Python function directly
-# (the same function the op runs, launches unwrapped); anything else takes the registered
-# op. The C++ ops (native) always go through the dispatcher, which is cheap for them.
+# calls on plain tensors that nothing observes (_observed: no dispatch mode, functorch
+# transform, profiler or tracer) call its Python function directly (the same function the
+# op runs, launches unwrapped); anything else takes the registered op. The C++ ops
+# (native) always go through the dispatcher, which is cheap for them.
 _EAGER: dict = {}
 _DIRECT: dict = {}  # op -> its Python function, or None for a C++ op
 _UNKNOWN = object()
@@ -125,13 +126,27 @@ def _python_impl(op):
     return getattr(opdef, "_init_fn", None)
 
 
+def _observed() -> bool:
+    """Whether something above the kernels watches or records op calls: a dispatch mode
+    (FakeTensorMode, FlopCounterMode ...), a functorch transform (vmap's and grad's wrapped
+    tensors look like plain tensors to type()), the profiler (its op names come from the
+    dispatcher), the TorchScript tracer or make_fx's pre-dispatch tracing."""
+    return bool(
+        torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._are_functorch_transforms_active()
+        or torch.autograd._profiler_enabled()
+        or torch._C._get_tracing_state() is not None
+        or torch._C._dispatch_tls_local_include_set().has(torch._C.DispatchKey.PreDispatch)
+    )
+
+
 def _runner(op, args):
     """``op`` itself, or its Python function when nothing but plain tensors can see the call."""
     direct = _DIRECT.get(op, _UNKNOWN)
     if direct is _UNKNOWN:
         direct = _DIRECT[op] = _python_impl(op)
-    if direct is None or torch._C._len_torch_dispatch_stack() > 0 or torch._C._are_functorch_transforms_active():
-        return op  # (vmap's and grad's wrapped tensors look like plain tensors to type())
+    if direct is None or _observed():
+        return op
     for a in args:
         if isinstance(a, torch.Tensor) and type(a) is not torch.Tensor:  # a subclass (DTensor, fake ...)
             return op

@@ -650,8 +650,9 @@ def test_tiny_losses_keep_relative_accuracy(device, backend):
 @pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"], native_op=NATIVE_OP))
 def test_eager_calls_skip_the_custom_op_wrapper_only_when_unobserved(device, backend):
     """Eager calls of a functional Triton op run its Python function directly; under a
-    dispatch mode (a profiler, FakeTensorMode ...) they go through the registered op, which the
-    mode sees. C++ ops and ops that write an argument always go through the dispatcher."""
+    dispatch mode (FlopCounterMode, FakeTensorMode ...), torch.profiler or a tracer they go
+    through the registered op, which those see. C++ ops and ops that write an argument always
+    go through the dispatcher."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from rlhf_kernels import _dispatch
@@ -682,3 +683,11 @@ def test_eager_calls_skip_the_custom_op_wrapper_only_when_unobserved(device, bac
     assert any(f"preference_bwd_{backend}" in name for name in seen.ops)
     torch.testing.assert_close(watched.losses, plain.losses, rtol=0, atol=0)
     torch.testing.assert_close(pc.grad, grad, rtol=0, atol=0)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        rlhf_kernels.dpo_loss(pc, pr, rc, rr, backend=backend)
+    assert any(f"preference_fwd_{backend}" in e.name for e in prof.events())
+    with torch.no_grad():  # the TorchScript tracer records the op (and replays it on new inputs)
+        traced = torch.jit.trace(lambda *t: rlhf_kernels.dpo_loss(*t, backend=backend).losses,
+                                 (pc.detach(), pr, rc, rr))  # fmt: skip
+        other = inputs(5, torch.float32, device, seed=9)
+        torch.testing.assert_close(traced(*other), rlhf_kernels.dpo_loss(*other, backend=backend).losses)

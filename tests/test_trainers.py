@@ -215,6 +215,9 @@ def test_sft_gradient_accumulation_is_one_token_mean(tokenizer, tmp_path):
         trainer.training_step()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+    fresh = SFTTrainer(toy.build_model(tokenizer, seed=5), tokenizer, data, config(tmp_path, batch_size=4))
+    loss, _ = fresh.compute_loss(fresh.collate(data[:4]))  # outside training_step: the batch's own token mean
+    assert torch.isfinite(loss) and loss > 0
 
 
 def test_pure_sampling_ignores_the_models_generation_config(tokenizer):

@@ -22,11 +22,16 @@ class SFTTrainer(Trainer):
         # and every DDP rank (see Trainer.per_rank_share), not a mean of per-batch means.
         # Trainer.training_step divides each micro-batch's loss by their number.
         tokens = sum(b["completion_mask"][:, 1:].sum() for b in batches)
-        self._tokens_per_micro_batch = self.per_rank_share(tokens).clamp(min=1) / len(batches)
+        share = self.per_rank_share(tokens).clamp(min=1) / len(batches)
+        for b in batches:
+            b["tokens_per_micro_batch"] = share
 
     def compute_loss(self, batch):
         logprobs = next_token_logprobs(self.model, batch["input_ids"], batch["attention_mask"],
                                        batch["completion_mask"], fused_lm_head=self.config.fused_lm_head,
                                        backend=self.config.backend)  # fmt: skip
-        loss = -logprobs.sum() / self._tokens_per_micro_batch
+        denominator = batch.get("tokens_per_micro_batch")
+        if denominator is None:  # a batch from outside training_step (e.g. an evaluation): its own mean
+            denominator = self.per_rank_share(batch["completion_mask"][:, 1:].sum()).clamp(min=1)
+        loss = -logprobs.sum() / denominator
         return loss, {"loss": loss.detach()}
