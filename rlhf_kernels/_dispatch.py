@@ -131,13 +131,16 @@ def _observed() -> bool:
     (FakeTensorMode, FlopCounterMode ...), a functorch transform (vmap's and grad's wrapped
     tensors look like plain tensors to type()), the profiler (its op names come from the
     dispatcher), the TorchScript tracer or make_fx's pre-dispatch tracing."""
-    return bool(
-        torch._C._len_torch_dispatch_stack() > 0
-        or torch._C._are_functorch_transforms_active()
-        or torch.autograd._profiler_enabled()
-        or torch._C._get_tracing_state() is not None
-        or torch._C._dispatch_tls_local_include_set().has(torch._C.DispatchKey.PreDispatch)
-    )
+    try:
+        return bool(
+            torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._are_functorch_transforms_active()
+            or torch.autograd._profiler_enabled()
+            or torch._C._get_tracing_state() is not None
+            or torch._C._dispatch_tls_local_include_set().has(torch._C.DispatchKey.PreDispatch)
+        )
+    except AttributeError:  # a torch without one of these hooks: assume watched, take the op
+        return True
 
 
 def _runner(op, args):

@@ -30,6 +30,21 @@ def make_mask(B, T, g, kind):
     return mask
 
 
+@pytest.mark.parametrize("device,backend", backend_cases(["triton"]))
+def test_gae_triton_several_rows_per_program(monkeypatch, device, backend):
+    """The Triton kernel takes ROWS rows (warps) per program; the launcher uses one, the
+    kernel supports more (a partial last program included)."""
+    monkeypatch.setattr(triton_ppo, "GAE_ROWS", 4)
+    g = torch.Generator().manual_seed(5)
+    rewards, values = (torch.randn(5, 300, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = make_mask(5, 300, g, "gaps")
+    want = reference.gae(rewards, values, mask, gamma=0.99, lam=0.95)
+    got = rlhf_kernels.gae(rewards.to(device), values.to(device), mask.to(device), gamma=0.99, lam=0.95,
+                           backend=backend)  # fmt: skip
+    for x, y in zip(got, want, strict=True):
+        torch.testing.assert_close(x.cpu(), y, atol=1e-12, rtol=1e-12)
+
+
 @pytest.mark.parametrize("device,backend", backend_cases(native_op="gae_native"))
 def test_gae_carries_across_long_masked_gaps(device, backend):
     # Masked runs longer than a kernel's chunk (a tool call's observation tokens): the

@@ -44,7 +44,11 @@ def _nearest_valid_combine(has_right, value_right, has_left, value_left):
 
 
 GAE_LANES = 32  # a row's chunk spans one warp's lanes, 4 consecutive positions per lane
-GAE_ROWS = 4  # rows per program, one per warp
+# Rows per program, one per warp. One: with more, Triton 3.6's coalescer gives the column
+# loads a transposed layout and converts through shared memory (24-32 barriers a chunk,
+# sm_90 AOT compile); Triton 3.8 keeps the warp-per-row layout either way. A one-warp
+# program has no barrier at all; up to 32 fit on an SM.
+GAE_ROWS = 1
 
 
 @triton.jit
