@@ -464,7 +464,7 @@ void check_ppo_rows(const std::vector<std::pair<const char*, const at::Tensor*>>
 PpoLossParams ppo_loss_params(int64_t kind, const at::Tensor& x, const at::Tensor& old, const at::Tensor& third,
                               const at::Tensor& mask, double p0, double p1, double p2, bool has_dual, int64_t agg) {
   TORCH_CHECK_VALUE(kind == 0 || kind == 1, "kind: expected 0 (policy) or 1 (value), got ", kind);
-  TORCH_CHECK_VALUE(agg >= 0 && agg <= 3, "agg: expected a loss_agg_mode id in 0..3, got ", agg);
+  TORCH_CHECK_VALUE(agg >= 0 && agg <= 4, "agg: expected a loss_agg_mode id in 0..4, got ", agg);
   check_ppo_rows({{"x", &x}, {"old", &old}, {"third", &third}}, mask);
   PpoLossParams p;
   p.dtype = x.scalar_type() == at::kDouble ? ScalarKind::Float64 : ScalarKind::Float32;

@@ -74,11 +74,12 @@ void gae_cpu(const GaeParams& p);
 //   and the aggregated loss (agg, the loss_agg_mode)
 //     0 token-mean: L / total          1 seq-mean-token-sum: L / seqs
 //     2 seq-mean-token-mean: Lm / seqs 3 seq-mean-token-sum-norm: L / T
+//     4 token-sum: L
 //   with metrics[0..4] = (sum clip / total, sum kl / total, sum lower / total,
 //   total, seqs).
 // Backward: grad_x[b, t] = valid ? grad_loss * w_b * dl : 0, w_b the weight
 //   of row b's loss sum in the aggregate: 1 / total, 1 / seqs,
-//   1 / (max(count_b, 1) seqs), 1 / T for agg 0..3 (count_b from rows,
+//   1 / (max(count_b, 1) seqs), 1 / T, 1 for agg 0..4 (count_b from rows,
 //   total and seqs from metrics).
 struct PpoLossParams {
   ScalarKind dtype = ScalarKind::Float32;

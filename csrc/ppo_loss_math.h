@@ -48,6 +48,7 @@ constexpr int kTokenMean = 0;
 constexpr int kSeqMeanTokenSum = 1;
 constexpr int kSeqMeanTokenMean = 2;
 constexpr int kSeqMeanTokenSumNorm = 3;
+constexpr int kTokenSum = 4;
 
 constexpr int kKlK1 = 0;
 constexpr int kKlAbs = 1;
@@ -224,7 +225,8 @@ RLHF_HD void finish_agg(const AggSums& s, int agg, int64_t time, A* loss, A* met
     case kTokenMean: l = s.loss / total; break;
     case kSeqMeanTokenSum: l = s.loss / seqs; break;
     case kSeqMeanTokenMean: l = s.loss_per_token / seqs; break;
-    default: l = s.loss / static_cast<double>(time > 0 ? time : 1); break;
+    case kTokenSum: l = s.loss; break;
+    default: l = s.loss / static_cast<double>(time > 0 ? time : 1); break;  // kSeqMeanTokenSumNorm
   }
   *loss = static_cast<A>(l);
   metrics[0] = static_cast<A>(s.clip / total);
@@ -241,7 +243,8 @@ RLHF_HD A row_weight(int agg, A count_b, const A* metrics, int64_t time) {
     case kTokenMean: return A(1) / metrics[3];
     case kSeqMeanTokenSum: return A(1) / metrics[4];
     case kSeqMeanTokenMean: return A(1) / ((count_b > A(1) ? count_b : A(1)) * metrics[4]);
-    default: return A(1) / static_cast<A>(time > 0 ? time : 1);
+    case kTokenSum: return A(1);
+    default: return A(1) / static_cast<A>(time > 0 ? time : 1);  // kSeqMeanTokenSumNorm
   }
 }
 
@@ -367,7 +370,7 @@ RLHF_HD FusedTokenOut<A> fused_token(A logp, A entropy, A old, A adv, A ref, A w
 inline bool check_loss(const PpoLossParams& p, const char* what, bool forward) {
   if (p.batch < 0 || p.time < 0) fail(what, "negative batch or time");
   if (p.kind != kPolicy && p.kind != kValue) fail(what, "kind must be 0 (policy) or 1 (value)");
-  if (p.agg < kTokenMean || p.agg > kSeqMeanTokenSumNorm) fail(what, "agg must be in 0..3");
+  if (p.agg < kTokenMean || p.agg > kTokenSum) fail(what, "agg must be in 0..4");
   if (p.dtype != ScalarKind::Float32 && p.dtype != ScalarKind::Float64) {
     fail(what, "dtype must be float32 or float64");
   }

@@ -318,6 +318,22 @@ def test_masked_whiten_byte_mask_values(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(native_op="ppo_loss_fwd_native"))
+def test_token_sum_is_token_mean_times_count(device, backend):
+    """verl's token-sum: the plain sum over valid tokens (no normaliser), forward and gradient."""
+    g = torch.Generator().manual_seed(31)
+    logp, old, adv, mask = ppo_inputs(3, 11, device, g, "gaps")
+    n = int((mask != 0).sum())
+    grads = []
+    for mode in ("token-sum", "token-mean"):
+        x = logp.float().clone().requires_grad_(True)
+        out = rlhf_kernels.ppo_policy_loss(x, old.float(), adv.float(), mask, loss_agg_mode=mode, backend=backend)
+        out.loss.backward()
+        grads.append((out.loss.detach(), x.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0] * n, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0][1], grads[1][1] * n, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op="ppo_loss_fwd_native"))
 def test_nan_token_propagates(device, backend):
     """A NaN log-prob (or value) at a valid token makes the loss NaN on every backend (clamps and maxes
     propagate NaN, as torch.clamp does); at a masked token it is ignored by the kernels."""

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+# The order gives the kernels' mode ids (csrc/ppo_loss_math.h: kTokenMean ... kTokenSum).
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm", "token-sum")
 KL_KINDS = ("k1", "abs", "k2", "k3")
 
 
@@ -78,6 +79,8 @@ def agg_loss(loss_mat, mask, mode):
     kept = _kept(loss_mat, mask)
     if mode == "token-mean":
         return kept.sum() / m.sum().clamp(min=1)
+    if mode == "token-sum":
+        return kept.sum()
     seq_sum = kept.sum(-1)
     seq_count = m.sum(-1)
     has_tokens = (seq_count > 0).to(loss_mat.dtype)

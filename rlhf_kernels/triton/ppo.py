@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from rlhf_kernels.reference.ppo import LOSS_AGG_MODES
 from rlhf_kernels.triton._common import join_float, split_float, with_ones
 from rlhf_kernels.triton.logprobs import (
     _LOG2E,
@@ -319,6 +320,8 @@ def _ppo_loss_agg_kernel(rows_ptr, loss_ptr, metrics_ptr, B, T, AGG: tl.constexp
         result = tl.sum(loss, axis=0) / n_seqs
     elif AGG == 2:
         result = tl.sum(loss_per_token, axis=0) / n_seqs
+    elif AGG == 4:
+        result = tl.sum(loss, axis=0)
     else:
         result = tl.sum(loss, axis=0) / tl.maximum(T, 1).to(tl.float64)
     out_ty = loss_ptr.dtype.element_ty
@@ -357,6 +360,8 @@ def _ppo_loss_bwd_kernel(
         w = 1.0 / tl.load(metrics_ptr + 4)
     elif AGG == 2:
         w = 1.0 / (tl.maximum(tl.load(rows_ptr + row * ROW_SUMS + 1), 1.0) * tl.load(metrics_ptr + 4))
+    elif AGG == 4:
+        w = tl.full((), 1.0, acc_ty)
     else:
         w = 1.0 / tl.maximum(T, 1).to(acc_ty)
     g = tl.load(grad_loss_ptr) * w
@@ -475,11 +480,11 @@ def kernel_configs():
     for kind, dual in ((POLICY, False), (POLICY, True), (VALUE, False)):
         fwd = {**common, "rows_ptr": "*fp32", **scalars, **consts}
         configs.append((_ppo_loss_fwd_kernel, fwd, {"KIND": kind, "HAS_DUAL": dual, "BLOCK": 512}, 4))
-        for agg in range(4):
+        for agg in range(len(LOSS_AGG_MODES)):  # AGG = the mode's index
             bwd = {**common, "rows_ptr": "*fp32", "metrics_ptr": "*fp32", "grad_loss_ptr": "*fp32",
                    "grad_x_ptr": "*fp32", **scalars, **consts, "AGG": "constexpr"}  # fmt: skip
             configs.append((_ppo_loss_bwd_kernel, bwd, {"KIND": kind, "HAS_DUAL": dual, "AGG": agg, "BLOCK": 512}, 4))
-    for agg in range(4):
+    for agg in range(len(LOSS_AGG_MODES)):  # AGG = the mode's index
         sig = {"rows_ptr": "*fp32", "loss_ptr": "*fp32", "metrics_ptr": "*fp32", "B": "i64", "T": "i64",
                "AGG": "constexpr", "BLOCK": "constexpr"}  # fmt: skip
         configs.append((_ppo_loss_agg_kernel, sig, {"AGG": agg, "BLOCK": AGG_BLOCK}, 8))
