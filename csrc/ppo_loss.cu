@@ -207,15 +207,22 @@ template <typename A, int kKind, bool kDual>
 __global__ void __launch_bounds__(kBwdThreads) ppo_loss_bwd_kernel(const BwdArgs<A> a) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kBwdThreads;
   const A grad_loss = *a.grad_loss;
+  // Only seq-mean-token-mean weighs rows by their own count; every other mode's weight is
+  // one number, formed once.
+  const bool per_row = a.agg == ppo_loss::kSeqMeanTokenMean;
+  const A g_all = grad_loss * ppo_loss::row_weight<A>(a.agg, A(1), a.metrics, a.time);
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kBwdThreads + threadIdx.x; i < a.n;
        i += stride) {
     const bool keep = a.mask[i] != 0;
     const A xv = a.x[i];
     const A ov = a.old[i];
     const A tv = a.third[i];
-    const int64_t row = static_cast<int64_t>(a.div_time.div(static_cast<uint64_t>(i)));
-    const A count = a.rows[row * ppo_loss::kRowSums + 1];
-    const A g = grad_loss * ppo_loss::row_weight<A>(a.agg, count, a.metrics, a.time);
+    A g = g_all;
+    if (per_row) {
+      const int64_t row = static_cast<int64_t>(a.div_time.div(static_cast<uint64_t>(i)));
+      const A count = a.rows[row * ppo_loss::kRowSums + 1];
+      g = grad_loss * ppo_loss::row_weight<A>(a.agg, count, a.metrics, a.time);
+    }
     const ppo_loss::TokenOut<A> o = ppo_loss::loss_token<A, kKind, kDual>(xv, ov, tv, a.k);
     a.grad_x[i] = keep ? g * o.dloss : A(0);
   }

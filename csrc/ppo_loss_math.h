@@ -239,13 +239,17 @@ RLHF_HD void finish_agg(const AggSums& s, int agg, int64_t time, A* loss, A* met
 // d loss / d (row b's loss sum): the backward's per-row factor.
 template <typename A>
 RLHF_HD A row_weight(int agg, A count_b, const A* metrics, int64_t time) {
+  // One division for all modes (four division sites made ptxas spill in the float value
+  // backward on sm_80).
+  A denominator;
   switch (agg) {
-    case kTokenMean: return A(1) / metrics[3];
-    case kSeqMeanTokenSum: return A(1) / metrics[4];
-    case kSeqMeanTokenMean: return A(1) / ((count_b > A(1) ? count_b : A(1)) * metrics[4]);
-    case kTokenSum: return A(1);
-    default: return A(1) / static_cast<A>(time > 0 ? time : 1);  // kSeqMeanTokenSumNorm
+    case kTokenMean: denominator = metrics[3]; break;
+    case kSeqMeanTokenSum: denominator = metrics[4]; break;
+    case kSeqMeanTokenMean: denominator = (count_b > A(1) ? count_b : A(1)) * metrics[4]; break;
+    case kTokenSum: denominator = A(1); break;
+    default: denominator = static_cast<A>(time > 0 ? time : 1); break;  // kSeqMeanTokenSumNorm
   }
+  return A(1) / denominator;
 }
 
 // ---------------------------------------------------------------------------
