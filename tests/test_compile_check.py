@@ -72,3 +72,26 @@ def test_sass_loop_counter_finds_the_loop():
     assert lines[0].startswith("row_kernel  (7 instructions)")
     assert len(lines) == 2 and "loop of    5  ld128=1 st128=1" in lines[1] and "MUFU:1" in lines[1]
     assert sass_loops.loops(SASS_SAMPLE, "missing") == []
+
+
+def test_triton_sweep_runs(monkeypatch, capsys):
+    """benchmarks/triton_sweep.py (the `sweep` phase of a GPU session) runs end to end, here on CPU
+    tensors through the Triton interpreter: one configuration, timed forward and backward, and
+    the launcher's tile choice restored afterwards."""
+    import os
+
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs the Triton interpreter for CPU tensors")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import triton_sweep
+
+    from rlhf_kernels.triton import logprobs as triton_logprobs
+
+    chosen = triton_logprobs._block_v
+    monkeypatch.setattr(sys, "argv", ["triton_sweep.py", "--device", "cpu", "--rows", "2", "--vocab", "300",
+                                      "--budget", "0"])  # fmt: skip
+    triton_sweep.main()
+    out = capsys.readouterr().out
+    assert "fwd" in out and "bwd" in out and "TB/s" in out and "budget spent" in out, out
+    assert triton_logprobs._block_v is chosen and "RLHF_KERNELS_LOGPROBS_PREFETCH" not in os.environ
