@@ -376,13 +376,14 @@ def test_ppo_value_head_shares_the_policy_forward(tokenizer, tmp_path):
     torch.testing.assert_close(resumed.value_head.summary.weight, head, rtol=0, atol=0)
 
 
-def test_ppo_first_update_recomputes_the_rollout(tokenizer, tmp_path):
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum-norm"])
+def test_ppo_first_update_recomputes_the_rollout(tokenizer, tmp_path, mode):
     # A policy with attention dropout: the trainer disables it, so the rollout's old
     # log-probs equal what the first update computes (ratio 1: approx_kl 0, no clipping).
     probe = toy.build_model(tokenizer)
     probe = type(probe)(type(probe.config)(**{**probe.config.to_dict(), "attention_dropout": 0.5}))
     assert probe.model.layers[0].self_attn.attention_dropout == 0.5  # the rate the trainer must zero
-    trainer = _ppo(tokenizer, tmp_path, max_steps=1, ppo_epochs=1, learning_rate=0.0,
+    trainer = _ppo(tokenizer, tmp_path, max_steps=1, ppo_epochs=1, learning_rate=0.0, loss_agg_mode=mode,
                    policy_config={"attention_dropout": 0.5})  # fmt: skip
     assert trainer.model.model.layers[0].self_attn.attention_dropout == 0.0
     history = trainer.train()
@@ -392,6 +393,8 @@ def test_ppo_first_update_recomputes_the_rollout(tokenizer, tmp_path):
 def test_ppo_bad_configuration(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="rollout_batch_size=8 is not divisible by mini_batch_size=3"):
         _ppo(tokenizer, tmp_path, mini_batch_size=3)
+    with pytest.raises(ValueError, match="config: loss_agg_mode must be one of"):
+        _ppo(tokenizer, tmp_path, loss_agg_mode="seq-mean")
 
 
 def test_pipeline_smoke(tmp_path):

@@ -47,6 +47,9 @@ class PPOConfig(TrainerConfig):
     vf_coef: float = 0.5
     entropy_coef: float = 0.0
     whiten_advantages: bool = True
+    # How the policy and value losses average over tokens (rlhf_kernels.ops.ppo.LOSS_AGG_MODES):
+    # token-mean, as TRL and verl default to; seq-mean-token-sum-norm is Dr. GRPO's.
+    loss_agg_mode: str = "token-mean"
 
 
 class ValueHead(torch.nn.Module):
@@ -84,6 +87,8 @@ class PPOTrainer(Trainer):
             )
         if config.kl_kind not in rlhf_kernels.ops.ppo.KL_KINDS:
             raise ValueError(f"config: kl_kind must be one of {rlhf_kernels.ops.ppo.KL_KINDS}")
+        if config.loss_agg_mode not in rlhf_kernels.ops.ppo.LOSS_AGG_MODES:
+            raise ValueError(f"config: loss_agg_mode must be one of {rlhf_kernels.ops.ppo.LOSS_AGG_MODES}")
         self.value_model = value_model
         self.value_head = None
         if value_model is None:
@@ -270,7 +275,7 @@ class PPOTrainer(Trainer):
                                                                 width)  # fmt: skip
                     mask = batch["response_mask"][idx]
                     step = dict(temperature=cfg.temperature, clip_ratio=cfg.clip_ratio, entropy_coef=cfg.entropy_coef,
-                                backend=cfg.backend)  # fmt: skip
+                                loss_agg_mode=cfg.loss_agg_mode, backend=cfg.backend)  # fmt: skip
                     per_token = (batch["response"][idx], batch["old_logprobs"][idx], batch["advantages"][idx], mask)
                     if head is None:
                         pg_loss, m = rlhf_kernels.ppo_loss_from_logits(x, *per_token, **step)
@@ -278,7 +283,7 @@ class PPOTrainer(Trainer):
                         pg_loss, m = rlhf_kernels.linear_ppo_loss(x, head.weight, *per_token, bias=head.bias, **step)
                     vf = rlhf_kernels.ppo_value_loss(
                         values, batch["values"][idx], batch["returns"][idx], mask,
-                        clip_range_value=cfg.clip_range_value, backend=cfg.backend,
+                        clip_range_value=cfg.clip_range_value, loss_agg_mode=cfg.loss_agg_mode, backend=cfg.backend,
                     )  # fmt: skip
                     loss = pg_loss + cfg.vf_coef * vf.loss
                 loss.backward()
