@@ -30,6 +30,15 @@ def make_mask(B, T, g, kind):
     return mask
 
 
+def assert_gae_matches_loop(rewards, values, mask, device, backend):
+    """float64 GAE (gamma 0.99, lam 0.95) on ``backend`` equals the Python reverse loop."""
+    want = reference.gae(rewards, values, mask, gamma=0.99, lam=0.95)
+    got = rlhf_kernels.gae(rewards.to(device), values.to(device), mask.to(device), gamma=0.99, lam=0.95,
+                           backend=backend)  # fmt: skip
+    for x, y in zip(got, want, strict=True):
+        torch.testing.assert_close(x.cpu(), y, atol=1e-12, rtol=1e-12)
+
+
 @pytest.mark.parametrize("device,backend", backend_cases(["triton"]))
 def test_gae_triton_several_rows_per_program(monkeypatch, device, backend):
     """The Triton kernel takes ROWS rows (warps) per program; the launcher uses one, the
@@ -38,11 +47,7 @@ def test_gae_triton_several_rows_per_program(monkeypatch, device, backend):
     g = torch.Generator().manual_seed(5)
     rewards, values = (torch.randn(5, 300, generator=g, dtype=torch.float64) for _ in range(2))
     mask = make_mask(5, 300, g, "gaps")
-    want = reference.gae(rewards, values, mask, gamma=0.99, lam=0.95)
-    got = rlhf_kernels.gae(rewards.to(device), values.to(device), mask.to(device), gamma=0.99, lam=0.95,
-                           backend=backend)  # fmt: skip
-    for x, y in zip(got, want, strict=True):
-        torch.testing.assert_close(x.cpu(), y, atol=1e-12, rtol=1e-12)
+    assert_gae_matches_loop(rewards, values, mask, device, backend)
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(native_op="gae_native"))
@@ -59,11 +64,7 @@ def test_gae_carries_across_long_masked_gaps(device, backend):
     mask[2, 513:] = False  # valid prefix, a long masked tail
     mask[3, :900] = False  # a long masked head
     mask[4, ::129] = False  # isolated holes
-    want = reference.gae(rewards, values, mask, gamma=0.99, lam=0.95)
-    got = rlhf_kernels.gae(rewards.to(device), values.to(device), mask.to(device), gamma=0.99, lam=0.95,
-                           backend=backend)  # fmt: skip
-    for x, y in zip(got, want, strict=True):
-        torch.testing.assert_close(x.cpu(), y, atol=1e-12, rtol=1e-12)
+    assert_gae_matches_loop(rewards, values, mask, device, backend)
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(native_op="gae_native"))

@@ -53,6 +53,7 @@ from typing import NamedTuple
 import torch
 
 from rlhf_kernels import _dispatch, native
+from rlhf_kernels._checks import check_flags
 from rlhf_kernels._layout import row_layout, rows_may_overlap
 from rlhf_kernels.reference import ppo as reference
 from rlhf_kernels.reference.logprobs import kept_labels
@@ -313,9 +314,7 @@ def ppo_loss_from_logits(
     low, high = _check_step_args(tuple(logits.shape[:2]), old_logprobs, advantages, mask, ref_logprobs, kl_coef,
                                  entropy_coef, kl_kind, loss_agg_mode, clip_ratio, clip_ratio_low, clip_ratio_high,
                                  clip_ratio_c)  # fmt: skip
-    for name, flag in (("grad_in_forward", grad_in_forward), ("inplace_backward", inplace_backward)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
+    check_flags(grad_in_forward=grad_in_forward, inplace_backward=inplace_backward)
     from rlhf_kernels.ops import logprobs as logprobs_ops
 
     mask = _valid_tokens(mask, labels, ignore_index)
@@ -533,8 +532,7 @@ def masked_whiten(
         \Big(-\sum_j \bar g_j + [\text{not shift\_mean}] \sum_j g_j\Big),\quad r = (\sigma^2 + \epsilon)^{-1/2}.
     """
     _check_rows(x=x, mask=mask, any_rank=True)
-    if not isinstance(shift_mean, bool):
-        raise TypeError(f"shift_mean: expected a bool, got {type(shift_mean).__name__}")
+    check_flags(shift_mean=shift_mean)
     _check_real("eps", eps)
     if eps < 0:
         raise ValueError(f"eps: must be >= 0, got {eps}")
@@ -576,8 +574,7 @@ def grpo_advantages(
         raise ValueError("scores: expected a 1-D floating-point tensor of per-response scores")
     if (group_size is None) == (group_ids is None):
         raise ValueError("group_size / group_ids: give exactly one")
-    if not isinstance(norm_by_std, bool):
-        raise TypeError(f"norm_by_std: expected a bool, got {type(norm_by_std).__name__}")
+    check_flags(norm_by_std=norm_by_std)
     _check_real("eps", eps)
     if eps < 0:
         raise ValueError(f"eps: must be >= 0, got {eps}")
