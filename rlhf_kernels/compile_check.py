@@ -9,6 +9,11 @@
 A kernel that spills registers fails the check. ``rlhf-kernels check-compile``
 runs both and prints a report; the test suite runs it in a subprocess (the
 Triton interpreter, used for the CPU tests, replaces the kernels' JIT objects).
+
+:func:`check_writes` runs torch.compile's own analysis of which arguments a
+``wrap_triton`` kernel writes on every configuration: a read-only input that it
+takes for written makes AOT autograd copy results back into that input (a failed
+compile when the input is a leaf that requires grad).
 """
 
 from __future__ import annotations
@@ -106,6 +111,62 @@ def check_triton(archs=ARCHS) -> list[KernelReport]:
                     r.name = f"{key[0]}[{dtype},{flags},warps={num_warps}]"
                     reports.append(r)
     return reports
+
+
+_TENSOR_TYPES = {"fp64": "float64", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16",
+                 "i64": "int64", "i32": "int32", "i8": "int8", "u8": "uint8", "i1": "bool"}  # fmt: skip
+
+
+class _Target:
+    """A stand-in for triton's active driver where there is no GPU: torch's analysis asks it
+    only for the compile target."""
+
+    def __init__(self, cc: int):
+        self.cc = cc
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", self.cc, 32)
+
+
+def check_writes(cc: int = 90) -> dict[str, list[str]]:
+    """Kernel name -> the pointer arguments that torch.compile's analysis of a wrap_triton
+    launch (torch._higher_order_ops.triton_kernel_wrap, on the kernel's TTIR) takes as
+    written, over every configuration the launchers can pick. When the analysis fails,
+    torch takes every tensor argument as written, and so does this report."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the kernels that are analysed here")
+    import torch
+    import triton
+    from torch._higher_order_ops import triton_kernel_wrap as tkw
+
+    from rlhf_kernels.triton import logprobs, ppo, preference
+
+    def written(kernel, kwargs) -> set[str]:
+        if hasattr(tkw, "identify_accessed_tensors"):  # torch >= 2.12
+            return {d.name for d in tkw.identify_accessed_tensors(kernel, kwargs, {}).read_writes.writes}
+        return set(tkw.identify_mutated_tensors(kernel, kwargs, {}))
+
+    driver = triton.runtime.driver
+    previous = driver._active
+    driver.set_active(_Target(cc))
+    writes: dict[str, set[str]] = {}
+    try:
+        for kernel, signature, constexprs, _ in (
+            logprobs.kernel_configs() + preference.kernel_configs() + ppo.kernel_configs()
+        ):
+            kwargs = dict(constexprs)
+            for name, ty in signature.items():
+                if ty.startswith("*"):
+                    kwargs[name] = torch.zeros(4, dtype=getattr(torch, _TENSOR_TYPES[ty[1:]]))
+                elif ty != "constexpr":
+                    kwargs[name] = 0.5 if ty.startswith("fp") else 3
+            name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
+            writes.setdefault(name, set()).update(written(kernel, kwargs))
+    finally:
+        driver._active = previous
+    return {name: sorted(w) for name, w in writes.items()}
 
 
 def find_nvcc() -> str | None:

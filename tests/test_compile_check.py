@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -46,6 +47,48 @@ def test_gpu_code_compiles_without_spills():
         assert f"{title}: " in out.stdout and "skipped" not in out.stdout.split(f"{title}: ")[1].splitlines()[0]
     for arch in ("sm_80", "sm_90"):
         assert arch in out.stdout
+
+
+# What each Triton kernel writes (its outputs; the in-place backward passes the logits as
+# grad_ptr). Anything else that torch.compile's analysis takes as written is a read-only
+# input it would copy back into: the cuda-triton compile tests failed so on an H100 when a
+# helper that took the logits pointer fed the gradient's store addresses.
+KERNEL_OUTPUTS = {
+    "_logprobs_fwd_kernel": {"logprobs_ptr", "lse_ptr", "entropy_ptr"},
+    "_seq_logprobs_fwd_kernel": {"partial_ptr", "count_ptr", "lse_ptr"},
+    "_logprobs_bwd_kernel": {"grad_ptr"},
+    "_pref_fwd_kernel": {"losses_ptr", "metrics_ptr", "chosen_rewards_ptr", "rejected_rewards_ptr"},
+    "_pref_bwd_kernel": {"grad_a_ptr", "grad_b_ptr"},
+    "_pref_fwd_partial_kernel": {"losses_ptr", "partials_ptr", "chosen_rewards_ptr", "rejected_rewards_ptr"},
+    "_pref_bco_partial_kernel": {"partials_ptr"},
+    "_pref_sum_partials_kernel": {"metrics_ptr"},
+    "_gae_kernel": {"adv_ptr", "ret_ptr"},
+    "_ppo_loss_fwd_kernel": {"rows_ptr"},
+    "_ppo_loss_bwd_kernel": {"grad_x_ptr"},
+    "_ppo_loss_agg_kernel": {"loss_ptr", "metrics_ptr"},
+    "_kl_kernel": {"out_ptr"},
+    "_ppo_logits_kernel": {"grad_ptr", "stats_ptr"},
+    "_scale_unless_one_kernel": {"x_ptr"},
+    "_whiten_partial_kernel": {"mean_ptr", "m2_ptr", "count_ptr"},
+    "_whiten_apply_kernel": {"out_ptr"},
+    "_whiten_merge_kernel": {"stats_ptr"},
+    "_grpo_kernel": {"out_ptr"},
+}
+
+
+def test_torch_compile_sees_only_outputs_written():
+    """torch.compile's analysis of each wrap_triton kernel (on its TTIR, for every launch
+    configuration) takes only the kernel's outputs as written; a kernel it cannot analyse
+    would count every argument. Compile-only: needs triton's compiler, not a GPU."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "import json; from rlhf_kernels import compile_check as c; print(json.dumps(c.check_writes()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-6000:]
+    writes = {name: set(w) for name, w in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+    assert set(writes) == set(KERNEL_OUTPUTS), "a new kernel needs its outputs in KERNEL_OUTPUTS"
+    for name, w in writes.items():
+        assert w and w <= KERNEL_OUTPUTS[name], f"{name}: taken as written: {sorted(w - KERNEL_OUTPUTS[name])}"
 
 
 SASS_SAMPLE = """

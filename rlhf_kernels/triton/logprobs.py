@@ -55,12 +55,18 @@ def _lane_vec(bits, block):
 
 
 @triton.jit
-def _tile_cols(row_ptr, BLOCK_V: tl.constexpr, LANE_ROWS: tl.constexpr = True):
-    """Offsets of a tile's elements as [BLOCK_V // VEC, VEC] lane rows (_lane_vec; with
-    LANE_ROWS=False a single row of BLOCK_V), int32 (V < 2^30: _block_v). Every loop over a
-    row's tiles uses this one shape, so that a kernel with two passes keeps one set of
-    offset registers."""
-    VEC: tl.constexpr = _lane_vec(row_ptr.dtype.element_ty.primitive_bitwidth, BLOCK_V) if LANE_ROWS else BLOCK_V
+def _tile_cols(BITS: tl.constexpr, BLOCK_V: tl.constexpr, LANE_ROWS: tl.constexpr = True):
+    """Offsets of a tile's elements as [BLOCK_V // VEC, VEC] lane rows (_lane_vec of BITS, the
+    logits' element width; with LANE_ROWS=False a single row of BLOCK_V), int32 (V < 2^30:
+    _block_v). Every loop over a row's tiles uses this one shape, so that a kernel with two
+    passes keeps one set of offset registers.
+
+    Takes the width, not the logits pointer: torch.compile's mutation analysis of a
+    wrap_triton kernel (torch._higher_order_ops.triton_kernel_wrap) follows a store's address
+    back through every operand of a call, so offsets computed from a call that took the
+    logits pointer marked the logits as written, and AOT autograd then copied the gradient's
+    values back into a leaf that requires grad (a failed compile of the backward)."""
+    VEC: tl.constexpr = _lane_vec(BITS, BLOCK_V) if LANE_ROWS else BLOCK_V
     return tl.arange(0, BLOCK_V // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
 
 
@@ -94,7 +100,7 @@ def _online_lse2(
     tile, fewer live registers): for the kernels that keep more per-row state live
     (the sequence and fused PPO sweeps), which lane rows push past ptxas's 64-register
     target into spills (compile_check). Which is faster there is for a GPU run to say."""
-    cols = _tile_cols(row_ptr, BLOCK_V, LANE_ROWS)
+    cols = _tile_cols(row_ptr.dtype.element_ty.primitive_bitwidth, BLOCK_V, LANE_ROWS)
     LANES: tl.constexpr = cols.shape[0]
     m = tl.full((LANES,), float("-inf"), acc_ty)
     s = tl.zeros((LANES,), acc_ty)
@@ -267,7 +273,7 @@ def _logprobs_bwd_kernel(
     inv_temp = join_float(inv_temp_hi, inv_temp_lo, acc_ty)
     scale2 = inv_temp * tl.full((), _LOG2E, acc_ty)
     label = tl.load(labels_ptr + row)
-    cols = _tile_cols(logits_ptr, BLOCK_V)
+    cols = _tile_cols(logits_ptr.dtype.element_ty.primitive_bitwidth, BLOCK_V)
     x_ptr = logits_ptr + _row_start(row, size1, size2, stride0, stride1, stride2)
     g_ptr = grad_ptr + _row_start(row, g_size1, g_size2, g_stride0, g_stride1, g_stride2)
     if label == ignore_index:

@@ -532,7 +532,8 @@ def _ppo_logits_kernel(
     # Pass 1 with lane rows only without PREFETCH: lane rows and the prefetched tile together
     # cross ptxas's 64-register target into spills (see fused_prefetch).
     LANE_ROWS: tl.constexpr = _no(PREFETCH)
-    cols = _tile_cols(logits_ptr, BLOCK_V, LANE_ROWS)  # (the same offsets as pass 1's)
+    # (the same offsets as pass 1's)
+    cols = _tile_cols(logits_ptr.dtype.element_ty.primitive_bitwidth, BLOCK_V, LANE_ROWS)
     for row in range(tl.program_id(0).to(tl.int64), rows, tl.num_programs(0)):
         st = stats_ptr + row * 7
         label = tl.load(labels_ptr + row)
