@@ -213,12 +213,18 @@ def token_logprobs_problem(n_tokens, vocab, dtype, device, temperature=1.0) -> P
         provs[f"rlhf_kernels[{b}]"] = lambda i, b=b: rlhf_kernels.token_logprobs(
             i["logits"], i["labels"], temperature=temperature, check_labels=False, backend=b
         )
-    if device.type == "cuda" and "triton" in _kernel_backends(device):  # one tile ahead (triton/logprobs.py)
-        provs["rlhf_kernels[triton,prefetch]"] = lambda i: _with_env(
-            {"RLHF_KERNELS_LOGPROBS_PREFETCH": "1"},
-            lambda: rlhf_kernels.token_logprobs(i["logits"], i["labels"], temperature=temperature,
-                                                check_labels=False, backend="triton"),
-        )  # fmt: skip
+    # Launch knobs, timed side by side: the Triton forward's one-tile-ahead load, and evict-first
+    # loads / stores (triton/logprobs.py logprobs_stream; the CUDA backward's stream_hints)
+    knobs = (("triton", "prefetch", "RLHF_KERNELS_LOGPROBS_PREFETCH"),
+             ("triton", "stream", "RLHF_KERNELS_STREAM_HINTS"),
+             ("native", "stream", "RLHF_KERNELS_STREAM_HINTS"))  # fmt: skip
+    for b, knob, var in knobs if device.type == "cuda" else ():
+        if b in _kernel_backends(device):
+            provs[f"rlhf_kernels[{b},{knob}]"] = lambda i, b=b, var=var: _with_env(
+                {var: "1"},
+                lambda: rlhf_kernels.token_logprobs(i["logits"], i["labels"], temperature=temperature,
+                                                    check_labels=False, backend=b),
+            )  # fmt: skip
     provs["eager"] = lambda i: eager_logprobs(i["logits"], i["labels"], temperature)
     provs["torch.compile"] = lambda i: _compiled(eager_logprobs)(i["logits"], i["labels"], temperature)
     liger = _liger_cross_entropy() if device.type == "cuda" else None
@@ -527,9 +533,8 @@ def ppo_step_problem(batch, time_steps, vocab, dtype, device) -> Problem:
         for label, size in (("32K", "32768"), ("128K", "131072"), ("off", "0")):
             provs[f"rlhf_kernels[native,fused,slice {label}]"] = ours(
                 "native", True, {"RLHF_KERNELS_CLUSTER_SLICE_BYTES": size})
-        for label, size in (("", "65536"), (",slice 32K", "32768")):  # the variant that copies a row ahead
-            provs[f"rlhf_kernels[native,fused,pipelined{label}]"] = ours(
-                "native", True, {"RLHF_KERNELS_CLUSTER_PIPELINE": "1", "RLHF_KERNELS_CLUSTER_SLICE_BYTES": size})
+        # the cluster kernel without its next-row copy (the default copies a row ahead)
+        provs["rlhf_kernels[native,fused,plain]"] = ours("native", True, {"RLHF_KERNELS_CLUSTER_PIPELINE": "0"})
     args = ("logits", "labels", "old", "adv", "mask", "ref")
     provs["eager"] = lambda i: eager_ppo_step(*(i[k] for k in args))
     provs["torch.compile"] = lambda i: _compiled(eager_ppo_step)(*(i[k] for k in args))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import HAS_CUDA, backend_cases
@@ -232,6 +234,30 @@ def test_forward_prefetch_is_exact(monkeypatch, device, backend, dtype):
     for a, b in zip(*out, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(out[0][0].cpu().double(), reference(logits.double(), labels), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"]))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_stream_hints_are_exact(monkeypatch, device, backend, dtype):
+    """Evict-first loads and stores (RLHF_KERNELS_STREAM_HINTS) are cache policy only: the
+    same bits forward and backward, entropy on, over rows of an odd length (their starts off
+    the 16-byte grid: scalar heads and tails around the vectors), with an ignored and a
+    -inf-led row (double keeps the plain kernel on CUDA)."""
+    g = torch.Generator().manual_seed(37)
+    base = (torch.randn(4, 9003, generator=g) * 3).to(dtype)
+    base[2, :5000] = float("-inf")
+    labels = torch.randint(5000, 9000, (4,), generator=g)
+    labels[1] = -100
+    out = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("RLHF_KERNELS_STREAM_HINTS", flag)
+        x = base.to(device).requires_grad_(True)
+        lp, ent = rlhf_kernels.token_logprobs(x, labels.to(device), return_entropy=True, backend=backend)
+        (lp.sum() + 0.5 * ent.sum()).backward()
+        out.append((lp.detach(), ent.detach(), x.grad))
+    for a, b in zip(*out, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(out[0][0].cpu().double(), reference(base.double(), labels), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())
@@ -591,3 +617,23 @@ def test_eager_autograd_path_matches_the_registered_op(device, backend):
     for a, b in zip(eager, registered, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(x1.grad, x2.grad, rtol=0, atol=0)
+
+
+def test_float32_split_of_launch_scalars():
+    """The Triton launchers' float arguments (1/T and the like) are rounded to float32 without a
+    tensor (triton/_common.py to_float32): the same value as torch's rounding, sign of zero,
+    subnormals, ties and values past float32's range (+-inf) included; hi + lo keeps a double."""
+    common = pytest.importorskip("rlhf_kernels.triton._common")
+    g = torch.Generator().manual_seed(41)
+    values = (torch.rand(20000, generator=g, dtype=torch.float64) - 0.5) * 10 ** (
+        torch.rand(20000, generator=g, dtype=torch.float64) * 90 - 50
+    )
+    edge = [0.0, -0.0, 1 / 3, 2.0**-149, 2.0**-150, 1.5 * 2.0**-149, 1 + 2.0**-24, 1 + 3 * 2.0**-24,
+            3.4028234663852886e38, 3.4028235677973366e38, 3.402823669209385e38, 1e39, -1e300, math.inf, -math.inf]
+    for v in [*values.tolist(), *edge]:
+        want = float(torch.tensor(v, dtype=torch.float32))
+        got = common.to_float32(v)
+        assert got == want and math.copysign(1, got) == math.copysign(1, want), (v, got, want)
+    hi, lo = common.split_float(0.7)
+    assert common.to_float32(hi) == hi and common.to_float32(lo) == lo and abs(hi + lo - 0.7) < 1e-15
+    assert all(x != x for x in common.split_float(float("nan")))

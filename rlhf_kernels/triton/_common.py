@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -53,8 +56,21 @@ def split_float(value: float) -> tuple[float, float]:
     Triton passes Python float arguments as float32; kernels that compute in
     float64 rebuild the double with :func:`join_float`.
     """
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
+    hi = to_float32(value)
+    return hi, to_float32(value - hi)
+
+
+_F32 = struct.Struct("<f")
+
+
+def to_float32(value: float) -> float:
+    """``value`` rounded to float32 (to nearest even; past float32's range, +-inf), as
+    ``float(torch.tensor(value, dtype=torch.float32))`` gives, without a tensor: every
+    Triton launch splits its float arguments, and a tensor each cost a few us a call."""
+    try:
+        return _F32.unpack(_F32.pack(value))[0]
+    except OverflowError:  # finite, but rounds past float32's largest
+        return math.copysign(math.inf, value)
 
 
 @triton.jit
