@@ -41,7 +41,11 @@ namespace {
 
 constexpr int kWarp = kWarpSize;
 constexpr int kFwdThreads = 512;
-constexpr int kFwdWarps = kFwdThreads / kWarp;
+// Up to kSmallFwdMax pairs (a training batch: 8 .. 256 pairs a device) the
+// one-block forward runs on a 128-thread block instead: at most 4 pairs a
+// thread, and its 7 double metric sums are reduced over 4 warps, not 16.
+constexpr int kSmallFwdThreads = 128;
+constexpr int64_t kSmallFwdMax = 512;
 constexpr int kChunkThreads = 256;  // per-chunk forward blocks: 8 pairs per thread
 constexpr int kChunkWarps = kChunkThreads / kWarp;
 constexpr int kSumThreads = 256;  // the block that sums the workspace
@@ -50,7 +54,8 @@ constexpr int kCols = kPrefMetrics;  // workspace row: sums of metrics 0..6, bco
 constexpr int kBwdThreads = 256;
 constexpr int64_t kMaxGrid = 2147483647;  // gridDim.x limit
 
-static_assert(kFwdThreads % kWarp == 0 && kFwdWarps <= kWarp, "forward block size");
+static_assert(kFwdThreads % kWarp == 0 && kFwdThreads / kWarp <= kWarp, "forward block size");
+static_assert(kSmallFwdThreads % kWarp == 0 && kSmallFwdThreads <= kFwdThreads, "small forward block size");
 static_assert(kChunkThreads % kWarp == 0 && kChunkWarps <= kWarp, "chunk block size");
 static_assert(kSumThreads % kWarp == 0 && kSumWarps <= kWarp, "sum block size");
 static_assert(kPrefFwdChunk % kChunkThreads == 0, "a chunk is whole rounds of the block");
@@ -118,19 +123,21 @@ __device__ __forceinline__ void fwd_span(const FwdArgs<Acc>& p, const pref::Cons
   }
 }
 
-// Grid: 1 block of kFwdThreads threads, for n <= kPrefFwdMultiMin; thread t
-// owns i = t, t + kFwdThreads, ... and writes losses[i], chosen_rewards[i],
+// Grid: 1 block of kThreads threads (kSmallFwdThreads up to kSmallFwdMax
+// pairs, else kFwdThreads), for n <= kPrefFwdMultiMin; thread t owns
+// i = t, t + kThreads, ... and writes losses[i], chosen_rewards[i],
 // rejected_rewards[i]; thread 0 writes metrics[0 .. 8).
 // Bytes: reads the 2..5 inputs of n values once (twice for bco_pair with a
 // batch-mean delta: the first pass computes d = sum_j (beta a_j + beta b_j)
 // / 2n, broadcast through shared memory), writes n losses, up to 2n rewards
 // and 8 metrics. n == 0 writes metrics zeros.
-template <typename Acc>
-__global__ void __launch_bounds__(kFwdThreads, 1) preference_fwd_kernel(const FwdArgs<Acc> p) {
+template <typename Acc, int kThreads>
+__global__ void __launch_bounds__(kThreads, 1) preference_fwd_kernel(const FwdArgs<Acc> p) {
   // Sums in double for every input type, as the CPU kernel: n can be large and
   // the batch-mean delta of bco_pair feeds every loss.
-  __shared__ double sum_smem[kFwdWarps][pref::kSums];
-  __shared__ double bco_smem[kFwdWarps][1];
+  constexpr int kWarps = kThreads / kWarp;
+  __shared__ double sum_smem[kWarps][pref::kSums];
+  __shared__ double bco_smem[kWarps][1];
   __shared__ Acc bco_delta;
 
   const int tid = static_cast<int>(threadIdx.x);
@@ -141,8 +148,8 @@ __global__ void __launch_bounds__(kFwdThreads, 1) preference_fwd_kernel(const Fw
   // Uniform over the block (kernel arguments), so every thread reaches the
   // barriers inside.
   if (c.loss == PrefLoss::BcoPair && p.bco_batch_mean) {
-    double t[1] = {bco_span<kFwdThreads>(p.in, c.beta, 0, n)};
-    block_sum<kFwdThreads, 1>(t, bco_smem);
+    double t[1] = {bco_span<kThreads>(p.in, c.beta, 0, n)};
+    block_sum<kThreads, 1>(t, bco_smem);
     if (tid == 0) bco_delta = n > 0 ? static_cast<Acc>(t[0] / static_cast<double>(2 * n)) : Acc(0);
     __syncthreads();
     c.delta = bco_delta;
@@ -151,9 +158,9 @@ __global__ void __launch_bounds__(kFwdThreads, 1) preference_fwd_kernel(const Fw
   double sums[pref::kSums];
 #pragma unroll
   for (int k = 0; k < pref::kSums; ++k) sums[k] = 0.0;
-  fwd_span<kFwdThreads>(p, c, 0, n, sums);
+  fwd_span<kThreads>(p, c, 0, n, sums);
 
-  block_sum<kFwdThreads, pref::kSums>(sums, sum_smem);
+  block_sum<kThreads, pref::kSums>(sums, sum_smem);
   if (tid == 0) {
 #pragma unroll
     for (int k = 0; k < pref::kSums; ++k) {
@@ -301,8 +308,13 @@ void launch_fwd(const PrefFwdParams& p, cudaStream_t stream) {
   a.metrics = static_cast<Acc*>(p.metrics);
   a.partials = static_cast<double*>(p.partials);
   a.parts = pref_fwd_parts(p.n);
+  if (a.parts == 0 && p.n <= kSmallFwdMax) {
+    preference_fwd_kernel<Acc, kSmallFwdThreads><<<1, kSmallFwdThreads, 0, stream>>>(a);
+    check_launch("preference forward kernel launch");
+    return;
+  }
   if (a.parts == 0) {
-    preference_fwd_kernel<Acc><<<1, kFwdThreads, 0, stream>>>(a);
+    preference_fwd_kernel<Acc, kFwdThreads><<<1, kFwdThreads, 0, stream>>>(a);
     check_launch("preference forward kernel launch");
     return;
   }

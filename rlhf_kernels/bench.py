@@ -527,8 +527,11 @@ def ppo_step_problem(batch, time_steps, vocab, dtype, device) -> Problem:
             provs[f"rlhf_kernels[{b}{variant}]"] = ours(b, fused)
 
     fused_backends = _kernel_backends(device, "ppo_logits_fused_native") if device.type == "cuda" else []
-    if "triton" in fused_backends:  # the Triton sweep's first pass on lane rows, no tile ahead (fused_prefetch)
-        provs["rlhf_kernels[triton,fused,lane rows]"] = ours("triton", True, {"RLHF_KERNELS_FUSED_PREFETCH": "0"})
+    if "triton" in fused_backends:  # the Triton sweep's tile-ahead first pass (fused_prefetch), its program count
+        provs["rlhf_kernels[triton,fused,prefetch]"] = ours("triton", True, {"RLHF_KERNELS_FUSED_PREFETCH": "1"})
+        for label, per_sm in (("2 per SM", "2"), ("a program per row", "0")):
+            provs[f"rlhf_kernels[triton,fused,{label}]"] = ours(
+                "triton", True, {"RLHF_KERNELS_FUSED_PROGRAMS_PER_SM": per_sm})
     if "native" in fused_backends:  # the CUDA one-read sweep's slice size (csrc/ppo_logits.cu), 0: streaming kernel
         for label, size in (("32K", "32768"), ("128K", "131072"), ("off", "0")):
             provs[f"rlhf_kernels[native,fused,slice {label}]"] = ours(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import backend_cases
+from conftest import HAS_CUDA, backend_cases
 
 import rlhf_kernels
 from rlhf_kernels.reference import ppo as reference
@@ -853,6 +853,28 @@ def test_ppo_from_logits_prefetch_settings_agree(monkeypatch, device, backend, d
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     # the gradient is stored in the logits' dtype: one bf16 rounding step apart at most
     torch.testing.assert_close(out[0][-1], out[1][-1], rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="the program count is chosen for CUDA launches only")
+@pytest.mark.parametrize("backend", ["triton"])
+def test_ppo_from_logits_fused_program_count_is_schedule_only(monkeypatch, backend):
+    """RLHF_KERNELS_FUSED_PROGRAMS_PER_SM changes how many persistent programs walk the rows
+    (1 and 2 per SM: each walks several rows; 0: one per row), not the result: the same bits,
+    with more rows than programs."""
+    g = torch.Generator().manual_seed(18)
+    logits, labels, old, adv, mask, ref = fused_inputs(8, 130, 3001, g, dtype=torch.bfloat16, device="cuda")
+    out = []
+    for per_sm in ("1", "2", "0"):
+        monkeypatch.setenv("RLHF_KERNELS_FUSED_PROGRAMS_PER_SM", per_sm)
+        x = logits.clone().requires_grad_(True)
+        loss, metrics = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, ref_logprobs=ref, kl_coef=0.1,
+                                                          entropy_coef=0.01, grad_in_forward=True, backend=backend)
+        loss.backward()  # fmt: skip
+        out.append((loss, *metrics, x.grad))
+    for other in out[1:]:
+        for a, b in zip(out[0], other, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(native_op=FUSED))

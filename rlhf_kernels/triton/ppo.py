@@ -613,7 +613,9 @@ def ppo_logits_fused(
         # L2, but run at least one program per SM. A heuristic, to be tuned on hardware.
         props = torch.cuda.get_device_properties(logits.device)
         row_bytes = vocab * logits.element_size()
-        programs = min(rows, max(props.multi_processor_count, props.L2_cache_size // 2 // row_bytes))
+        per_sm = fused_programs_per_sm()
+        if per_sm > 0:
+            programs = min(rows, max(per_sm * props.multi_processor_count, props.L2_cache_size // 2 // row_bytes))
     kernel = _ppo_logits_kernel if launch is None else launch(_ppo_logits_kernel)
     kernel[(programs,)](
         logits, logits if grad is None else grad, labels, old, adv, old if ref is None else ref, weights, stats,
@@ -633,17 +635,26 @@ def fused_prefetch() -> bool:
     The sweep runs about one program per SM (register-bound at 16 warps, and the
     gradient launch is capped for L2 besides), so its bytes in flight per SM are one
     8 KiB tile unless the next load goes out early; by Little's law that is well
-    short of HBM bandwidth. On by default; ``RLHF_KERNELS_FUSED_PREFETCH=0`` turns it
-    off (``rlhf-kernels bench --op ppo_step`` on CUDA times both). On an H200 (8 x 2048 x
-    128256 bf16, whole step) it took the sweep from 9.42 to 7.22 ms (9.65 to 7.46 ms in an
-    earlier run): kept on.
+    short of HBM bandwidth (``rlhf-kernels bench --op ppo_step`` on CUDA times both
+    settings). On an H200 (8 x 2048 x 128256 bf16, whole step) it took the sweep from 9.42
+    to 7.22 ms (9.65 to 7.46 ms in an earlier run), and was kept on.
 
     That was against a first pass that reduces across the program (shuffles and a barrier)
-    every tile. Without PREFETCH the first pass now keeps per-lane states instead
+    every tile. Without PREFETCH the first pass keeps per-lane states instead
     (_online_lse2's lane rows: no barrier per tile, so the warps drift apart and overlap
-    each other's loads; both together spill): the off setting is the comparison the
-    next GPU run makes."""
-    return os.environ.get("RLHF_KERNELS_FUSED_PREFETCH", "1") != "0"
+    each other's loads; both together spill). On an H100 (same step) lane rows took
+    6.72 ms against 8.32 with the tile-ahead load
+    (benchmarks/results/bench-NVIDIA_H100_80GB_HBM3-20261126-092208.txt): off by default
+    now; ``RLHF_KERNELS_FUSED_PREFETCH=1`` turns it on."""
+    return os.environ.get("RLHF_KERNELS_FUSED_PREFETCH", "0") == "1"
+
+
+def fused_programs_per_sm() -> int:
+    """Programs per SM at least, for the fused sweep when it writes the gradient
+    (RLHF_KERNELS_FUSED_PROGRAMS_PER_SM, default 1; 0: one program per row). More programs
+    keep more bytes in flight but more rows than L2 holds, so that the gradient pass's
+    re-read goes to HBM: the benchmark times 1, 2 and 0 side by side."""
+    return int(os.environ.get("RLHF_KERNELS_FUSED_PROGRAMS_PER_SM", "1"))
 
 
 @triton.constexpr_function
