@@ -1,4 +1,4 @@
-"""Time the Triton log-prob kernels over vocab tile sizes, warp counts, prefetch and cache hints, on a GPU.
+"""Time the Triton log-prob kernels over vocab tile sizes, warp counts and prefetch, on a GPU.
 
     PYTHONPATH=. python benchmarks/triton_sweep.py [--rows 16384] [--vocab 128256] [--budget 90]
 
@@ -64,21 +64,15 @@ def main() -> None:
 
     started = time.time()
     try:
-        # the default tile first, with and without evict-first hints (logprobs_stream)
-        default = (chosen(args.vocab, 2)[0] * 2, chosen(args.vocab, 2)[1], False)
-        configs = [(*default, False), (*default, True)]
-        others = [c for c in itertools.product((4096, 8192, 16384), (4, 8, 16), (False, True)) if c != default]
-        configs += [(*c, s) for s in (False, True) for c in others]
-        for n, (tile_bytes, warps, prefetch, stream) in enumerate(configs):
+        configs = itertools.product((4096, 8192, 16384), (4, 8, 16), (False, True))
+        for n, (tile_bytes, warps, prefetch) in enumerate(configs):
             if n and time.time() - started > args.budget:  # the first one always runs
                 print("(budget spent: later configurations not run)")
                 break
             block = min(triton.next_power_of_2(args.vocab), tile_bytes // 2)
             triton_logprobs._block_v = lambda vocab, itemsize, b=block, w=warps: (b, w)
             os.environ["RLHF_KERNELS_LOGPROBS_PREFETCH"] = "1" if prefetch else "0"
-            os.environ["RLHF_KERNELS_STREAM_HINTS"] = "1" if stream else "0"
-            label = (f"tile {tile_bytes:5d} B ({block} bf16), {warps:2d} warps, prefetch {int(prefetch)}, "
-                     f"stream {int(stream)}")  # fmt: skip
+            label = f"tile {tile_bytes:5d} B ({block} bf16), {warps:2d} warps, prefetch {int(prefetch)}"
             try:
                 fwd = median_ms(forward, lambda: None, device)
                 line = f"{label}: fwd {fwd:.3f} ms {nbytes / fwd / 1e9:.2f} TB/s"
@@ -91,7 +85,6 @@ def main() -> None:
     finally:
         triton_logprobs._block_v = chosen
         os.environ.pop("RLHF_KERNELS_LOGPROBS_PREFETCH", None)
-        os.environ.pop("RLHF_KERNELS_STREAM_HINTS", None)
 
 
 if __name__ == "__main__":

@@ -162,56 +162,32 @@ __host__ __device__ __forceinline__ double max_acc(double a, double b) { return 
 
 template <typename T> struct Vec;
 
-// load / store of one vector for every Vec<T> (Codec: its unpack / pack).
-// kStream uses the evict-first forms (ld.global.cs / st.global.cs, i.e.
-// __ldcs / __stcs) for data touched once, which should not displace what L2
-// holds; for a row that is read again later (the fused sweep's slices) the
-// plain forms.
-template <typename T, typename Codec>
-struct VecIO {
-  template <bool kStream = false>
-  static __device__ __forceinline__ void load(const T* p, acc_t<T>* out) {
-    const uint4* q = reinterpret_cast<const uint4*>(p);
-    if constexpr (kStream) {
-      Codec::unpack(__ldcs(q), out);
-    } else {
-      Codec::unpack(*q, out);
-    }
-  }
-  template <bool kStream = false>
-  static __device__ __forceinline__ void store(T* p, const acc_t<T>* in) {
-    uint4* q = reinterpret_cast<uint4*>(p);
-    if constexpr (kStream) {
-      __stcs(q, Codec::pack(in));
-    } else {
-      *q = Codec::pack(in);
-    }
-  }
-};
-
-template <> struct Vec<float> : VecIO<float, Vec<float>> {
+template <> struct Vec<float> {
   static constexpr int kN = 4;
-  static __device__ __forceinline__ void unpack(const uint4& r, float* out) {
+  static __device__ __forceinline__ void load(const float* p, float* out) {
+    const uint4 r = *reinterpret_cast<const uint4*>(p);
     out[0] = __uint_as_float(r.x);
     out[1] = __uint_as_float(r.y);
     out[2] = __uint_as_float(r.z);
     out[3] = __uint_as_float(r.w);
   }
-  static __device__ __forceinline__ uint4 pack(const float* in) {
-    return make_uint4(__float_as_uint(in[0]), __float_as_uint(in[1]), __float_as_uint(in[2]),
-                      __float_as_uint(in[3]));
+  static __device__ __forceinline__ void store(float* p, const float* in) {
+    *reinterpret_cast<uint4*>(p) = make_uint4(__float_as_uint(in[0]), __float_as_uint(in[1]),
+                                              __float_as_uint(in[2]), __float_as_uint(in[3]));
   }
 };
 
-template <> struct Vec<double> : VecIO<double, Vec<double>> {
+template <> struct Vec<double> {
   static constexpr int kN = 2;
-  static __device__ __forceinline__ void unpack(const uint4& r, double* out) {
+  static __device__ __forceinline__ void load(const double* p, double* out) {
+    const uint4 r = *reinterpret_cast<const uint4*>(p);
     out[0] = __hiloint2double(static_cast<int>(r.y), static_cast<int>(r.x));
     out[1] = __hiloint2double(static_cast<int>(r.w), static_cast<int>(r.z));
   }
-  static __device__ __forceinline__ uint4 pack(const double* in) {
-    return make_uint4(static_cast<unsigned>(__double2loint(in[0])), static_cast<unsigned>(__double2hiint(in[0])),
-                      static_cast<unsigned>(__double2loint(in[1])), static_cast<unsigned>(__double2hiint(in[1])));
+  static __device__ __forceinline__ void store(double* p, const double* in) {
+    *reinterpret_cast<uint4*>(p) = make_uint4(
+        static_cast<unsigned>(__double2loint(in[0])), static_cast<unsigned>(__double2hiint(in[0])),
+        static_cast<unsigned>(__double2loint(in[1])), static_cast<unsigned>(__double2hiint(in[1])));
   }
 };
 
@@ -235,31 +211,35 @@ __device__ __forceinline__ unsigned f16_pack(float lo, float hi) {
 }
 }  // namespace detail
 
-template <> struct Vec<__nv_bfloat16> : VecIO<__nv_bfloat16, Vec<__nv_bfloat16>> {
+template <> struct Vec<__nv_bfloat16> {
   static constexpr int kN = 8;
-  static __device__ __forceinline__ void unpack(const uint4& r, float* out) {
+  static __device__ __forceinline__ void load(const __nv_bfloat16* p, float* out) {
+    const uint4 r = *reinterpret_cast<const uint4*>(p);
     out[0] = detail::bf16_lo(r.x); out[1] = detail::bf16_hi(r.x);
     out[2] = detail::bf16_lo(r.y); out[3] = detail::bf16_hi(r.y);
     out[4] = detail::bf16_lo(r.z); out[5] = detail::bf16_hi(r.z);
     out[6] = detail::bf16_lo(r.w); out[7] = detail::bf16_hi(r.w);
   }
-  static __device__ __forceinline__ uint4 pack(const float* in) {
-    return make_uint4(detail::bf16_pack(in[0], in[1]), detail::bf16_pack(in[2], in[3]),
-                      detail::bf16_pack(in[4], in[5]), detail::bf16_pack(in[6], in[7]));
+  static __device__ __forceinline__ void store(__nv_bfloat16* p, const float* in) {
+    *reinterpret_cast<uint4*>(p) =
+        make_uint4(detail::bf16_pack(in[0], in[1]), detail::bf16_pack(in[2], in[3]),
+                   detail::bf16_pack(in[4], in[5]), detail::bf16_pack(in[6], in[7]));
   }
 };
 
-template <> struct Vec<__half> : VecIO<__half, Vec<__half>> {
+template <> struct Vec<__half> {
   static constexpr int kN = 8;
-  static __device__ __forceinline__ void unpack(const uint4& r, float* out) {
+  static __device__ __forceinline__ void load(const __half* p, float* out) {
+    const uint4 r = *reinterpret_cast<const uint4*>(p);
     out[0] = detail::f16_lo(r.x); out[1] = detail::f16_hi(r.x);
     out[2] = detail::f16_lo(r.y); out[3] = detail::f16_hi(r.y);
     out[4] = detail::f16_lo(r.z); out[5] = detail::f16_hi(r.z);
     out[6] = detail::f16_lo(r.w); out[7] = detail::f16_hi(r.w);
   }
-  static __device__ __forceinline__ uint4 pack(const float* in) {
-    return make_uint4(detail::f16_pack(in[0], in[1]), detail::f16_pack(in[2], in[3]),
-                      detail::f16_pack(in[4], in[5]), detail::f16_pack(in[6], in[7]));
+  static __device__ __forceinline__ void store(__half* p, const float* in) {
+    *reinterpret_cast<uint4*>(p) =
+        make_uint4(detail::f16_pack(in[0], in[1]), detail::f16_pack(in[2], in[3]),
+                   detail::f16_pack(in[4], in[5]), detail::f16_pack(in[6], in[7]));
   }
 };
 
@@ -709,10 +689,7 @@ __device__ __forceinline__ void fill_row(T* out, int n, acc_t<T> value) {
 // else coalesced scalars. Each element is read and then written by the same
 // thread with no other thread touching it, so out == x (in place, same
 // layout) is safe.
-//
-// kStream: evict-first vector loads and stores (VecIO), for a row that nothing
-// reads again (the log-prob backward; RLHF_KERNELS_STREAM_HINTS).
-template <int kThreads, bool kStream = false, typename T, typename Op>
+template <int kThreads, typename T, typename Op>
 __device__ __forceinline__ void grad_row(const T* x, T* out, int V, const Op& op) {
   using Acc = acc_t<T>;
   constexpr int kN = Vec<T>::kN;
@@ -732,21 +709,21 @@ __device__ __forceinline__ void grad_row(const T* x, T* out, int V, const Op& op
     // keeps the read-before-write order per element when in place).
     for (; i + kThreads < sp.nvec; i += 2 * kThreads) {
       Acc u[kN], v[kN];
-      Vec<T>::template load<kStream>(xb + i * kN, u);
-      Vec<T>::template load<kStream>(xb + (i + kThreads) * kN, v);
+      Vec<T>::load(xb + i * kN, u);
+      Vec<T>::load(xb + (i + kThreads) * kN, v);
       const int j0 = sp.head + i * kN;
       const int j1 = j0 + kThreads * kN;
       grad_vec<kN>(op, u, j0);
       grad_vec<kN>(op, v, j1);
-      Vec<T>::template store<kStream>(ob + i * kN, u);
-      Vec<T>::template store<kStream>(ob + (i + kThreads) * kN, v);
+      Vec<T>::store(ob + i * kN, u);
+      Vec<T>::store(ob + (i + kThreads) * kN, v);
     }
     if (i < sp.nvec) {
       Acc u[kN];
-      Vec<T>::template load<kStream>(xb + i * kN, u);
+      Vec<T>::load(xb + i * kN, u);
       const int j0 = sp.head + i * kN;
       grad_vec<kN>(op, u, j0);
-      Vec<T>::template store<kStream>(ob + i * kN, u);
+      Vec<T>::store(ob + i * kN, u);
     }
 
     const int j = sp.body_end + tid;

@@ -21,7 +21,6 @@
 //     guarantee by requiring V <= 2^30 (so that index + 4 * blockDim never
 //     overflows).
 #include <cstdint>
-#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -221,8 +220,7 @@ __global__ void __launch_bounds__(kThreads, kSeqMinBlocks<T>) seq_logprobs_fwd_k
 // entropy term). Ignored / out-of-range rows only write (zeros / NaN).
 // Every element is read and then written by the same thread with no other
 // thread touching it, so grad == logits (in place, same layout) is safe.
-// kStream: evict-first loads and stores (RLHF_KERNELS_STREAM_HINTS=1; opt-in until timed).
-template <typename T, bool kEntropy, bool kStream>
+template <typename T, bool kEntropy>
 __global__ void __launch_bounds__(kThreads) logprobs_bwd_kernel(const BwdArgs<T> a) {
   using Acc = acc_t<T>;
   const int V = a.vocab;
@@ -239,7 +237,7 @@ __global__ void __launch_bounds__(kThreads) logprobs_bwd_kernel(const BwdArgs<T>
     const GradOp<Acc, kEntropy> op = GradOp<Acc, kEntropy>::make(
         lse2_from_nats(a.lse[row]), a.grad_logprobs[row], kEntropy ? a.grad_entropy[row] : Acc(0),
         kEntropy ? a.entropy[row] : Acc(0), a.inv_t, a.scale, static_cast<int>(y));
-    grad_row<kThreads, kStream>(x, out, V, op);
+    grad_row<kThreads>(x, out, V, op);
   }
 }
 
@@ -272,12 +270,6 @@ void check_layout(const RowLayout& l, const char* what) {
   }
 }
 
-// Evict-first loads and stores in the backward (RLHF_KERNELS_STREAM_HINTS=1).
-bool stream_hints() {
-  const char* env = std::getenv("RLHF_KERNELS_STREAM_HINTS");
-  return env != nullptr && env[0] == '1';
-}
-
 unsigned grid_for(int64_t rows) {
   return static_cast<unsigned>(rows < kMaxGrid ? rows : kMaxGrid);
 }
@@ -305,20 +297,6 @@ void launch_fwd(const LogprobsFwdParams& p, cudaStream_t stream) {
   check_launch("logprobs forward kernel launch");
 }
 
-// The evict-first variant only for 4- and 2-byte types: double's exp polynomial
-// leaves it no registers to spare (it spills 8 bytes on sm_90), and double is
-// not a speed path.
-template <typename T, bool kEntropy>
-void launch_bwd_kernel(const BwdArgs<T>& a, dim3 grid, cudaStream_t stream) {
-  if constexpr (sizeof(T) < 8) {
-    if (stream_hints()) {
-      logprobs_bwd_kernel<T, kEntropy, true><<<grid, kThreads, 0, stream>>>(a);
-      return;
-    }
-  }
-  logprobs_bwd_kernel<T, kEntropy, false><<<grid, kThreads, 0, stream>>>(a);
-}
-
 template <typename T>
 void launch_bwd(const LogprobsBwdParams& p, cudaStream_t stream) {
   using Acc = acc_t<T>;
@@ -339,9 +317,9 @@ void launch_bwd(const LogprobsBwdParams& p, cudaStream_t stream) {
   a.grad_entropy = static_cast<const Acc*>(p.grad_entropy);
   const dim3 grid(grid_for(p.rows));
   if (p.grad_entropy != nullptr) {
-    launch_bwd_kernel<T, true>(a, grid, stream);
+    logprobs_bwd_kernel<T, true><<<grid, kThreads, 0, stream>>>(a);
   } else {
-    launch_bwd_kernel<T, false>(a, grid, stream);
+    logprobs_bwd_kernel<T, false><<<grid, kThreads, 0, stream>>>(a);
   }
   check_launch("logprobs backward kernel launch");
 }

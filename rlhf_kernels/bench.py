@@ -213,18 +213,12 @@ def token_logprobs_problem(n_tokens, vocab, dtype, device, temperature=1.0) -> P
         provs[f"rlhf_kernels[{b}]"] = lambda i, b=b: rlhf_kernels.token_logprobs(
             i["logits"], i["labels"], temperature=temperature, check_labels=False, backend=b
         )
-    # Launch knobs, timed side by side: the Triton forward's one-tile-ahead load, and evict-first
-    # loads / stores (triton/logprobs.py logprobs_stream; the CUDA backward's stream_hints)
-    knobs = (("triton", "prefetch", "RLHF_KERNELS_LOGPROBS_PREFETCH"),
-             ("triton", "stream", "RLHF_KERNELS_STREAM_HINTS"),
-             ("native", "stream", "RLHF_KERNELS_STREAM_HINTS"))  # fmt: skip
-    for b, knob, var in knobs if device.type == "cuda" else ():
-        if b in _kernel_backends(device):
-            provs[f"rlhf_kernels[{b},{knob}]"] = lambda i, b=b, var=var: _with_env(
-                {var: "1"},
-                lambda: rlhf_kernels.token_logprobs(i["logits"], i["labels"], temperature=temperature,
-                                                    check_labels=False, backend=b),
-            )  # fmt: skip
+    if device.type == "cuda" and "triton" in _kernel_backends(device):  # one tile ahead (triton/logprobs.py)
+        provs["rlhf_kernels[triton,prefetch]"] = lambda i: _with_env(
+            {"RLHF_KERNELS_LOGPROBS_PREFETCH": "1"},
+            lambda: rlhf_kernels.token_logprobs(i["logits"], i["labels"], temperature=temperature,
+                                                check_labels=False, backend="triton"),
+        )  # fmt: skip
     provs["eager"] = lambda i: eager_logprobs(i["logits"], i["labels"], temperature)
     provs["torch.compile"] = lambda i: _compiled(eager_logprobs)(i["logits"], i["labels"], temperature)
     liger = _liger_cross_entropy() if device.type == "cuda" else None
@@ -529,7 +523,7 @@ def ppo_step_problem(batch, time_steps, vocab, dtype, device) -> Problem:
     fused_backends = _kernel_backends(device, "ppo_logits_fused_native") if device.type == "cuda" else []
     if "triton" in fused_backends:  # the Triton sweep's tile-ahead first pass (fused_prefetch), its program count
         provs["rlhf_kernels[triton,fused,prefetch]"] = ours("triton", True, {"RLHF_KERNELS_FUSED_PREFETCH": "1"})
-        for label, per_sm in (("2 per SM", "2"), ("a program per row", "0")):
+        for label, per_sm in (("1 per SM", "1"), ("2 per SM", "2")):  # persistent (default: a program per row)
             provs[f"rlhf_kernels[triton,fused,{label}]"] = ours(
                 "triton", True, {"RLHF_KERNELS_FUSED_PROGRAMS_PER_SM": per_sm})
     if "native" in fused_backends:  # the CUDA one-read sweep's slice size (csrc/ppo_logits.cu), 0: streaming kernel

@@ -236,30 +236,6 @@ def test_forward_prefetch_is_exact(monkeypatch, device, backend, dtype):
     torch.testing.assert_close(out[0][0].cpu().double(), reference(logits.double(), labels), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"]))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_stream_hints_are_exact(monkeypatch, device, backend, dtype):
-    """Evict-first loads and stores (RLHF_KERNELS_STREAM_HINTS) are cache policy only: the
-    same bits forward and backward, entropy on, over rows of an odd length (their starts off
-    the 16-byte grid: scalar heads and tails around the vectors), with an ignored and a
-    -inf-led row (double keeps the plain kernel on CUDA)."""
-    g = torch.Generator().manual_seed(37)
-    base = (torch.randn(4, 9003, generator=g) * 3).to(dtype)
-    base[2, :5000] = float("-inf")
-    labels = torch.randint(5000, 9000, (4,), generator=g)
-    labels[1] = -100
-    out = []
-    for flag in ("0", "1"):
-        monkeypatch.setenv("RLHF_KERNELS_STREAM_HINTS", flag)
-        x = base.to(device).requires_grad_(True)
-        lp, ent = rlhf_kernels.token_logprobs(x, labels.to(device), return_entropy=True, backend=backend)
-        (lp.sum() + 0.5 * ent.sum()).backward()
-        out.append((lp.detach(), ent.detach(), x.grad))
-    for a, b in zip(*out, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(out[0][0].cpu().double(), reference(base.double(), labels), rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("device,backend", backend_cases())
 def test_all_tokens_masked(device, backend):
     logits, labels, _ = make_batch(2, 3, 50, torch.float32, device)

@@ -859,13 +859,14 @@ def test_ppo_from_logits_prefetch_settings_agree(monkeypatch, device, backend, d
 @pytest.mark.skipif(not HAS_CUDA, reason="the program count is chosen for CUDA launches only")
 @pytest.mark.parametrize("backend", ["triton"])
 def test_ppo_from_logits_fused_program_count_is_schedule_only(monkeypatch, backend):
-    """RLHF_KERNELS_FUSED_PROGRAMS_PER_SM changes how many persistent programs walk the rows
-    (1 and 2 per SM: each walks several rows; 0: one per row), not the result: the same bits,
-    with more rows than programs."""
+    """RLHF_KERNELS_FUSED_PROGRAMS_PER_SM changes how many programs walk the rows (0, the
+    default: one per row; 1 and 2 per SM: persistent, each walking several rows, with more
+    rows than programs), not the result: the same bits."""
     g = torch.Generator().manual_seed(18)
-    logits, labels, old, adv, mask, ref = fused_inputs(8, 130, 3001, g, dtype=torch.bfloat16, device="cuda")
+    # rows of 256 KiB, so that L2 caps neither count: 300 rows over 1 or 2 programs per SM
+    logits, labels, old, adv, mask, ref = fused_inputs(3, 100, 128256, g, dtype=torch.bfloat16, device="cuda")
     out = []
-    for per_sm in ("1", "2", "0"):
+    for per_sm in ("0", "1", "2"):
         monkeypatch.setenv("RLHF_KERNELS_FUSED_PROGRAMS_PER_SM", per_sm)
         x = logits.clone().requires_grad_(True)
         loss, metrics = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, ref_logprobs=ref, kl_coef=0.1,

@@ -71,18 +71,6 @@ def _tile_cols(BITS: tl.constexpr, BLOCK_V: tl.constexpr, LANE_ROWS: tl.constexp
 
 
 @triton.constexpr_function
-def _evict(stream):
-    """A load's eviction policy: evict-first for data read once (STREAM, logprobs_stream)."""
-    return "evict_first" if stream else ""
-
-
-@triton.constexpr_function
-def _store_cache(stream):
-    """A store's cache modifier: streaming (.cs, evict-first) for data nothing reads soon."""
-    return ".cs" if stream else ""
-
-
-@triton.constexpr_function
 def _dead_exp(bits):
     """A base-2 exponent for "no probability" (as csrc/common.cuh dead_exp): 2^it is exactly 0
     and coefficient * it stays finite for coefficients up to ~1e36 (float32). -inf logits are
@@ -93,7 +81,7 @@ def _dead_exp(bits):
 @triton.jit
 def _online_lse2(
     row_ptr, V, scale2, acc_ty: tl.constexpr, HAS_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
-    PREFETCH: tl.constexpr = False, LANE_ROWS: tl.constexpr = True, STREAM: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, LANE_ROWS: tl.constexpr = True,
 ):  # fmt: skip
     """Streams one row of V logits once, BLOCK_V at a time, with u = x * scale2
     (z / T in base-2 units): returns the max m, s = sum 2^(u - m) and, with
@@ -111,24 +99,21 @@ def _online_lse2(
     LANE_ROWS=False makes the whole tile one lane row (a reduction across the program per
     tile, fewer live registers): for the kernels that keep more per-row state live
     (the sequence and fused PPO sweeps), which lane rows push past ptxas's 64-register
-    target into spills (compile_check). Which is faster there is for a GPU run to say.
-    STREAM loads evict-first (logprobs_stream)."""
+    target into spills (compile_check). Which is faster there is for a GPU run to say."""
     cols = _tile_cols(row_ptr.dtype.element_ty.primitive_bitwidth, BLOCK_V, LANE_ROWS)
     LANES: tl.constexpr = cols.shape[0]
     m = tl.full((LANES,), float("-inf"), acc_ty)
     s = tl.zeros((LANES,), acc_ty)
     w = tl.zeros((LANES,), acc_ty)
     if PREFETCH:
-        x_next = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf"), eviction_policy=_evict(STREAM))
+        x_next = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf"))
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         if PREFETCH:
             x = x_next
-            x_next = tl.load(
-                row_ptr + BLOCK_V + offs, mask=offs + BLOCK_V < V, other=float("-inf"), eviction_policy=_evict(STREAM)
-            )
+            x_next = tl.load(row_ptr + BLOCK_V + offs, mask=offs + BLOCK_V < V, other=float("-inf"))
         else:
-            x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf"), eviction_policy=_evict(STREAM))
+            x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf"))
         u = x.to(acc_ty) * scale2
         m_new = tl.maximum(m, tl.max(u, axis=1))
         # While a lane row has seen only -inf, its pivot is 0 so that no -inf - -inf appears
@@ -219,7 +204,6 @@ def _logprobs_fwd_kernel(
     HAS_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
     PREFETCH: tl.constexpr = False,
-    STREAM: tl.constexpr = False,
 ):
     # Grid: (rows,). Each program owns one row: it streams the V logits once
     # (V * itemsize bytes read) keeping an online max / sum of 2^(u - m)
@@ -245,7 +229,7 @@ def _logprobs_fwd_kernel(
     else:
         row_ptr = logits_ptr + _row_start(row, size1, size2, stride0, stride1, stride2)
         x_label = tl.load(row_ptr + label).to(acc_ty)  # issued first: its latency hides behind the row
-        m, s, w = _online_lse2(row_ptr, V, scale2, acc_ty, HAS_ENTROPY, BLOCK_V, PREFETCH, STREAM=STREAM)
+        m, s, w = _online_lse2(row_ptr, V, scale2, acc_ty, HAS_ENTROPY, BLOCK_V, PREFETCH)
         _, lse, logp, entropy = _row_results(m, s, w, x_label, scale2, acc_ty)
         tl.store(lse_ptr + row, lse)
         tl.store(logprobs_ptr + row, logp)
@@ -278,7 +262,6 @@ def _logprobs_bwd_kernel(
     ignore_index,
     HAS_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
-    STREAM: tl.constexpr = False,
 ):
     # Grid: (rows,). Each program owns one row of the gradient: it reads the V
     # logits once and writes V gradients once (2 * V * itemsize bytes), from
@@ -316,9 +299,9 @@ def _logprobs_bwd_kernel(
         label32 = label.to(tl.int32)
         for start in range(0, V, BLOCK_V):
             offs = start + cols
-            x = tl.load(x_ptr + offs, mask=offs < V, other=0.0, eviction_policy=_evict(STREAM))
+            x = tl.load(x_ptr + offs, mask=offs < V, other=0.0)
             d = _grad_tile(x, offs, label32, scale2, lse2, gi, a0, a1, acc_ty, HAS_ENTROPY)
-            tl.store(g_ptr + offs, d.to(g_ptr.dtype.element_ty), mask=offs < V, cache_modifier=_store_cache(STREAM))
+            tl.store(g_ptr + offs, d.to(g_ptr.dtype.element_ty), mask=offs < V)
 
 
 @triton.jit
@@ -425,18 +408,9 @@ def logprobs_fwd(
         HAS_ENTROPY=return_entropy,
         BLOCK_V=block,
         PREFETCH=logprobs_prefetch(),
-        STREAM=logprobs_stream(),
         num_warps=num_warps,
     )
     return logprobs, lse, entropy
-
-
-def logprobs_stream() -> bool:
-    """Whether the log-prob forward and backward load (and the backward stores) with
-    evict-first cache hints, as the CUDA backward does with the same switch
-    (RLHF_KERNELS_STREAM_HINTS=1): the logits are read once per pass and the gradient is
-    not read back soon, so neither needs to stay in L2. Off until a GPU run has timed it."""
-    return os.environ.get("RLHF_KERNELS_STREAM_HINTS", "0") == "1"
 
 
 def logprobs_prefetch() -> bool:
@@ -541,7 +515,6 @@ def logprobs_bwd(
         ignore_index,
         HAS_ENTROPY=has_entropy,
         BLOCK_V=block,
-        STREAM=logprobs_stream(),
         num_warps=num_warps,
     )
 
@@ -569,7 +542,6 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], in
                     "HAS_ENTROPY": "constexpr",
                     "BLOCK_V": "constexpr",
                     "PREFETCH": "constexpr",
-                    "STREAM": "constexpr",
                 }
                 bwd_ints = {f"g_{n}": "i64" for n in ("size1", "size2", "stride0", "stride1", "stride2")}
                 bwd_sig = {
@@ -586,13 +558,9 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], in
                     "inv_temp_lo": "fp32",
                     "HAS_ENTROPY": "constexpr",
                     "BLOCK_V": "constexpr",
-                    "STREAM": "constexpr",
                 }
-                for stream in (False, True):  # logprobs_stream
-                    for prefetch in (False, True):
-                        fwd_const = {**const, "PREFETCH": prefetch, "STREAM": stream}
-                        configs.append((_logprobs_fwd_kernel, fwd_sig, fwd_const, num_warps))
-                    configs.append((_logprobs_bwd_kernel, bwd_sig, {**const, "STREAM": stream}, num_warps))
+                for prefetch in (False, True):
+                    configs.append((_logprobs_fwd_kernel, fwd_sig, {**const, "PREFETCH": prefetch}, num_warps))
                 if not has_entropy:
                     seq_sig = {
                         "logits_ptr": f"*{ty}",
@@ -609,6 +577,7 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], in
                         "BLOCK_V": "constexpr",
                     }
                     configs.append((_seq_logprobs_fwd_kernel, seq_sig, {"BLOCK_V": block}, num_warps))
+                configs.append((_logprobs_bwd_kernel, bwd_sig, const, num_warps))
     # Ints equal to 1 reach the JIT as constants: the usual layout of contiguous logits
     # (size1 = 1), one chunk per sequence (n_chunks = 1: [B, V] logits, T = 1, large B), and
     # a one-word vocabulary.

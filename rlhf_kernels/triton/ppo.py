@@ -608,14 +608,13 @@ def ppo_logits_fused(
     vocab = logits.shape[-1]
     block, num_warps = _fused_block(vocab, logits.element_size())
     programs = rows
-    if grad is not None and logits.is_cuda:
-        # Pass 2 should re-read a row from L2: keep the rows in flight (one per program) within half of
-        # L2, but run at least one program per SM. A heuristic, to be tuned on hardware.
+    per_sm = fused_programs_per_sm()
+    if grad is not None and logits.is_cuda and per_sm > 0:
+        # Persistent programs, the rows in flight (one per program) within half of L2 so that pass 2
+        # re-reads its row from there, but at least per_sm programs per SM.
         props = torch.cuda.get_device_properties(logits.device)
         row_bytes = vocab * logits.element_size()
-        per_sm = fused_programs_per_sm()
-        if per_sm > 0:
-            programs = min(rows, max(per_sm * props.multi_processor_count, props.L2_cache_size // 2 // row_bytes))
+        programs = min(rows, max(per_sm * props.multi_processor_count, props.L2_cache_size // 2 // row_bytes))
     kernel = _ppo_logits_kernel if launch is None else launch(_ppo_logits_kernel)
     kernel[(programs,)](
         logits, logits if grad is None else grad, labels, old, adv, old if ref is None else ref, weights, stats,
@@ -632,29 +631,30 @@ def fused_prefetch() -> bool:
     ahead. (The gradient pass re-reads from L2 and is at the register ceiling already:
     prefetching there spills fp16 on sm_90.)
 
-    The sweep runs about one program per SM (register-bound at 16 warps, and the
-    gradient launch is capped for L2 besides), so its bytes in flight per SM are one
-    8 KiB tile unless the next load goes out early; by Little's law that is well
-    short of HBM bandwidth (``rlhf-kernels bench --op ppo_step`` on CUDA times both
-    settings). On an H200 (8 x 2048 x 128256 bf16, whole step) it took the sweep from 9.42
-    to 7.22 ms (9.65 to 7.46 ms in an earlier run), and was kept on.
-
-    That was against a first pass that reduces across the program (shuffles and a barrier)
-    every tile. Without PREFETCH the first pass keeps per-lane states instead
-    (_online_lse2's lane rows: no barrier per tile, so the warps drift apart and overlap
-    each other's loads; both together spill). On an H100 (same step) lane rows took
-    6.72 ms against 8.32 with the tile-ahead load
-    (benchmarks/results/bench-NVIDIA_H100_80GB_HBM3-20261126-092208.txt): off by default
-    now; ``RLHF_KERNELS_FUSED_PREFETCH=1`` turns it on."""
+    With about one program per SM (register-bound at 16 warps; the persistent launch of
+    fused_programs_per_sm) its bytes in flight per SM are one 8 KiB tile unless the next
+    load goes out early; by Little's law that is well short of HBM bandwidth. On an H200
+    (8 x 2048 x 128256 bf16, whole step) it took the sweep from 9.42 to 7.22 ms (9.65 to
+    7.46 ms in an earlier run), against a first pass that reduced across the program
+    (shuffles and a barrier) every tile. Without PREFETCH the first pass now keeps per-lane
+    states instead (_online_lse2's lane rows: no barrier per tile, so the warps drift apart
+    and overlap each other's loads; both together spill). On an H100 (same step, one
+    program per SM) lane rows took 6.72 ms against 8.32 with the tile-ahead load
+    (benchmarks/results/bench-NVIDIA_H100_80GB_HBM3-20261126-092208.txt): off by default;
+    ``RLHF_KERNELS_FUSED_PREFETCH=1`` turns it on (``rlhf-kernels bench --op ppo_step`` on
+    CUDA times both)."""
     return os.environ.get("RLHF_KERNELS_FUSED_PREFETCH", "0") == "1"
 
 
 def fused_programs_per_sm() -> int:
-    """Programs per SM at least, for the fused sweep when it writes the gradient
-    (RLHF_KERNELS_FUSED_PROGRAMS_PER_SM, default 1; 0: one program per row). More programs
-    keep more bytes in flight but more rows than L2 holds, so that the gradient pass's
-    re-read goes to HBM: the benchmark times 1, 2 and 0 side by side."""
-    return int(os.environ.get("RLHF_KERNELS_FUSED_PROGRAMS_PER_SM", "1"))
+    """How many programs the fused sweep runs when it writes the gradient:
+    RLHF_KERNELS_FUSED_PROGRAMS_PER_SM, 0 (the default) for one program per row, else
+    persistent programs, at least that many per SM, capped so that the rows in flight fit
+    half of L2 (for the gradient pass's re-read). More programs keep more bytes in flight,
+    and that won: on an H100 (8 x 2048 x 128256 bf16, whole step) 6.82 ms at 1 per SM, 5.15 at
+    2, 4.75 with a program per row (two-pass: 4.70;
+    benchmarks/results/bench-NVIDIA_H100_80GB_HBM3-20261126-095459.txt)."""
+    return int(os.environ.get("RLHF_KERNELS_FUSED_PROGRAMS_PER_SM", "0"))
 
 
 @triton.constexpr_function
@@ -666,9 +666,8 @@ def _fused_block(vocab: int, itemsize: int) -> tuple[int, int]:
     """The fused sweep's vocab tile and warps: the log-prob kernels' 8 KiB tile, with 8
     elements a thread (16 warps for 16-bit logits, 8 for float32), at least 4 warps.
 
-    The launcher keeps about one program per SM (rows in flight are capped by L2, so
-    that the gradient pass re-reads its row from cache), so each program needs many
-    bytes in flight: a whole 8 KiB tile per loop step. At 16 elements a thread (8
+    Written for persistent programs, about one per SM (fused_programs_per_sm), each of
+    which then needs many bytes in flight: a whole 8 KiB tile per loop step. At 16 elements a thread (8
     warps) the per-token math beside the tile puts this kernel at sm_90's 128-register
     ceiling (triton 3.6 spills there); at 8 a thread it needs ~100. With 2 warps ptxas
     spills the gradient sweep of a 1024-wide tile on sm_90.
