@@ -147,8 +147,8 @@ def test_nested_patched_keeps_the_outer_backend():
     rk_trl.patch(backend="torch")
     try:
         with rk_trl.patched(backend="native"):
-            assert rk_trl._backend == "native"
-        assert rk_trl.is_patched() and rk_trl._backend == "torch"
+            assert rk_trl._patcher.backend == "native"
+        assert rk_trl.is_patched() and rk_trl._patcher.backend == "torch"
     finally:
         rk_trl.unpatch()
 

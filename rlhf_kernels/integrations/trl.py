@@ -39,13 +39,11 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-import sys
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 
+from rlhf_kernels.integrations import _patching
 from rlhf_kernels.ops.logprobs import FLOAT_DTYPES, token_logprobs
 
 #: The trl releases whose helpers these replacements were checked against.
@@ -61,60 +59,29 @@ HELPERS = {
 # No label can take this value: every label outside [0, V) raises, as in TRL's gather.
 _NO_IGNORE_INDEX = -(2**63)
 
-_originals: dict[str, object] = {}  # helper name -> TRL's function, while patched
-_replacements: dict[str, object] = {}
-_backend = "auto"
 
-
-def patch(backend: str = "auto") -> list[str]:
-    """Replace TRL's helpers (see the module docstring); returns the ``module.name``
-    locations patched. Calling it again while patched only changes ``backend``."""
-    global _backend
-    _backend = backend
-    if _originals:
-        return _locations(_replacements)
+def _build():
     utils = _trl_utils()
     originals = {name: getattr(utils, name) for name in HELPERS}
-    _replacements.update(
+    replacements = dict(
         selective_log_softmax=_make_selective_log_softmax(originals["selective_log_softmax"], utils),
         entropy_from_logits=_make_entropy_from_logits(originals["entropy_from_logits"], utils),
         selective_log_softmax_and_entropy=_make_logprobs_and_entropy(
             originals["selective_log_softmax_and_entropy"], utils
         ),
     )
-    _originals.update(originals)
-    _swap(originals, _replacements)
-    return _locations(_replacements)
+    return originals, replacements
 
 
-def unpatch() -> list[str]:
-    """Put TRL's own functions back everywhere the patch put a replacement; returns the
-    locations restored (none when not patched)."""
-    if not _originals:
-        return []
-    restored = _locations(_replacements)
-    _swap(_replacements, _originals)
-    _originals.clear()
-    _replacements.clear()
-    return restored
+_patcher = _patching.Patcher("trl", _build)
 
 
-def is_patched() -> bool:
-    return bool(_originals)
-
-
-@contextmanager
-def patched(backend: str = "auto") -> Iterator[None]:
-    """``with patched(): ...`` patches for the block (and unpatches only if it patched)."""
-    was_patched, outer_backend = is_patched(), _backend
-    patch(backend)
-    try:
-        yield
-    finally:
-        if not was_patched:
-            unpatch()
-        else:  # an enclosing patch() keeps its own backend
-            patch(outer_backend)
+# patch(backend="auto") -> locations patched; unpatch() -> locations restored; is_patched();
+# ``with patched(backend): ...`` (see _patching.Patcher)
+patch = _patcher.patch
+unpatch = _patcher.unpatch
+is_patched = _patcher.is_patched
+patched = _patcher.patched
 
 
 # --- version check ---------------------------------------------------------------------------
@@ -158,30 +125,6 @@ def _sig(params) -> str:
     return "(" + ", ".join(params) + ")"
 
 
-# --- swapping ------------------------------------------------------------------------------------
-def _trl_modules():
-    return [m for name, m in list(sys.modules.items()) if m is not None and (name == "trl" or name.startswith("trl."))]
-
-
-def _swap(old: dict[str, object], new: dict[str, object]) -> None:
-    """In every imported ``trl`` module, rebind each attribute that is ``old[name]`` (the
-    object itself, whatever the attribute is called) to ``new[name]``."""
-    for module in _trl_modules():
-        for attr, value in list(vars(module).items()):
-            for name, fn in old.items():
-                if value is fn:
-                    setattr(module, attr, new[name])
-
-
-def _locations(fns: dict[str, object]) -> list[str]:
-    return sorted(
-        f"{m.__name__}.{attr}"
-        for m in _trl_modules()
-        for attr, v in list(vars(m).items())
-        if any(v is fn for fn in fns.values())
-    )
-
-
 # --- the replacements ------------------------------------------------------------------------
 def _trl_would_use_its_kernel(utils, logits, index=None, row_mask=None) -> bool:
     """Whether TRL's own function would take its Triton path (float32 outputs)."""
@@ -216,9 +159,8 @@ def _make_selective_log_softmax(original, utils):
         if not _covered(logits, index):
             return original(logits, index, temperature=temperature, row_mask=row_mask)
         out_dtype = torch.float32 if _trl_would_use_its_kernel(utils, logits, index, row_mask) else logits.dtype
-        logprobs = token_logprobs(
-            logits, index, _mask(row_mask), temperature=temperature, ignore_index=_NO_IGNORE_INDEX, backend=_backend
-        )
+        logprobs = token_logprobs(logits, index, _mask(row_mask), temperature=temperature,
+                                  ignore_index=_NO_IGNORE_INDEX, backend=_patcher.backend)  # fmt: skip
         return logprobs.to(out_dtype)
 
     selective_log_softmax.__rlhf_kernels_original__ = original
@@ -232,7 +174,7 @@ def _make_entropy_from_logits(original, utils):
             return original(logits, chunk_size=chunk_size)
         out_dtype = torch.float32 if _trl_would_use_its_kernel(utils, logits) else logits.dtype
         labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
-        _, entropy = token_logprobs(logits, labels, return_entropy=True, check_labels=False, backend=_backend)
+        _, entropy = token_logprobs(logits, labels, return_entropy=True, check_labels=False, backend=_patcher.backend)
         return entropy.to(out_dtype)
 
     entropy_from_logits.__rlhf_kernels_original__ = original
@@ -250,7 +192,7 @@ def _make_logprobs_and_entropy(original, utils):
         out_dtype = torch.float32 if _trl_would_use_its_kernel(utils, logits, index, row_mask) else logits.dtype
         logprobs, entropy = token_logprobs(
             logits, index, _mask(row_mask), temperature=temperature, ignore_index=_NO_IGNORE_INDEX, return_entropy=True,
-            backend=_backend,
+            backend=_patcher.backend,
         )  # fmt: skip
         if not entropy_requires_grad:
             entropy = entropy.detach()

@@ -1,0 +1,314 @@
+"""Drop-in for verl users: route verl's PPO / GRPO math and per-token log-probs through the ops.
+
+>>> from rlhf_kernels.integrations import verl as rk_verl
+>>> rk_verl.patch()      # in every process that imports verl (driver and workers)
+>>> ...                  # the verl trainer runs as before
+>>> rk_verl.unpatch()
+
+What is replaced, by identity in every imported ``verl`` module (``from ... import``
+copies and registry entries such as ``POLICY_LOSS_REGISTRY["vanilla"]`` included):
+
+``verl.trainer.ppo.core_algos``
+  ``compute_gae_advantage_return`` -> :func:`rlhf_kernels.gae` then :func:`masked_whiten`
+  (masked positions are skipped and carry the recursion, as verl does);
+  ``compute_grpo_outcome_advantage`` -> :func:`rlhf_kernels.grpo_advantages` over the
+  groups of equal ``index`` values (a group of one keeps verl's mean 0 and std 1);
+  ``compute_policy_loss`` (the legacy signature) and ``compute_policy_loss_vanilla`` (the
+  registry's ``"vanilla"``) ->
+  :func:`rlhf_kernels.ppo_policy_loss` (log-ratio clamped to +-20, clip-higher, dual clip);
+  ``compute_value_loss`` -> :func:`rlhf_kernels.ppo_value_loss`; ``kl_penalty`` ->
+  :func:`rlhf_kernels.kl_penalty` (``kl``/``k1``, ``abs``, ``mse``/``k2``, ``low_var_kl``/``k3``).
+``verl.utils.torch_functional``
+  ``logprobs_from_logits`` -> :func:`rlhf_kernels.token_logprobs` (``inplace_backward`` as
+  asked: the gradient overwrites the logits, as with verl's flash-attn kernel);
+  ``entropy_from_logits`` -> the op's entropy; ``masked_whiten`` -> :func:`masked_whiten`.
+
+Every replacement binds its arguments to the original's signature, so one module serves
+verl releases whose signatures differ; a call it does not cover goes to verl's own
+function: a loss_agg_mode the ops lack, global-batch normalisation arguments (``dp_size``
+> 1, ``batch_num_tokens`` ...), ``rollout_is_weights``, a ``"+"`` KL kind or ``"full"``,
+an ``index`` that numpy cannot sort, fewer than two valid tokens to whiten (verl raises),
+logits whose last dim is not contiguous. Results are those of verl's functions in meaning
+(float32 math, the inputs' dtype back), with one documented difference: the ops'
+``seq-mean-*`` modes average over sequences that have a valid token, as current verl
+does, where verl before 0.5 also counted empty rows.
+
+verl is not a dependency: nothing here imports it until :func:`patch`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+
+import torch
+
+from rlhf_kernels.integrations import _patching
+from rlhf_kernels.ops.logprobs import FLOAT_DTYPES, token_logprobs
+from rlhf_kernels.ops.ppo import gae, grpo_advantages, kl_penalty, masked_whiten, ppo_policy_loss, ppo_value_loss
+from rlhf_kernels.reference.ppo import LOSS_AGG_MODES
+
+CORE_ALGOS = "verl.trainer.ppo.core_algos"
+TORCH_FUNCTIONAL = "verl.utils.torch_functional"
+
+#: verl's KL kinds -> the op's.
+KL_KINDS = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
+
+# No label can take this value: verl's log-probs have no ignore index.
+_NO_IGNORE_INDEX = -(2**63)
+
+
+def _build():
+    originals, replacements = {}, {}
+    for module_name, names in _TARGETS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ImportError(f"rlhf_kernels.integrations.verl: cannot import {module_name} ({exc})") from exc
+        for name, (required, make) in names.items():
+            fn = getattr(module, name, None)
+            if fn is None:  # not in this verl release
+                continue
+            params = tuple(inspect.signature(fn).parameters)
+            if params[: len(required)] != required:
+                raise RuntimeError(
+                    f"rlhf_kernels.integrations.verl: {module_name}.{name}{_sig(params)} does not start with the "
+                    f"expected parameters {_sig(required)}; nothing was changed"
+                )
+            originals[f"{module_name}:{name}"] = fn
+            replacements[f"{module_name}:{name}"] = make(fn)
+    if not originals:
+        raise RuntimeError("rlhf_kernels.integrations.verl: none of the functions it replaces was found in verl")
+    return originals, replacements
+
+
+_patcher = _patching.Patcher("verl", _build)
+
+
+# patch(backend="auto") -> locations patched; unpatch() -> locations restored; is_patched();
+# ``with patched(backend): ...`` (see _patching.Patcher)
+patch = _patcher.patch
+unpatch = _patcher.unpatch
+is_patched = _patcher.is_patched
+patched = _patcher.patched
+
+
+def _sig(params) -> str:
+    return "(" + ", ".join(params) + ")"
+
+
+# --- the replacements ------------------------------------------------------------------------------
+def _wrap(original, body):
+    """A replacement with ``original``'s signature: ``body(args)`` gets the bound arguments
+    (defaults applied) and returns the result, or ``None`` for a call it does not cover,
+    which then goes to ``original``."""
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def replacement(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        out = body(bound.arguments)
+        return original(*args, **kwargs) if out is None else out
+
+    replacement.__rlhf_kernels_original__ = original
+    return replacement
+
+
+def _tensors(*ts) -> bool:
+    return all(isinstance(t, torch.Tensor) and t.dtype.is_floating_point for t in ts)
+
+
+def _defaults(a: dict, **defaults) -> bool:
+    """Whether the global-normalisation style arguments a newer verl may pass are at their
+    no-op values (absent ones count as such)."""
+    return all(a.get(name, value) == value for name, value in defaults.items())
+
+
+_GLOBAL = dict(dp_size=1, batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None)
+
+
+def _covered_agg(mode) -> bool:
+    return isinstance(mode, str) and mode in LOSS_AGG_MODES
+
+
+def _whiten(values, mask, shift_mean=True):
+    if not _tensors(values) or not isinstance(mask, torch.Tensor) or int((mask != 0).sum()) < 2:
+        return None  # verl raises for fewer than two valid values: let it
+    return masked_whiten(values, mask, shift_mean=bool(shift_mean), backend=_patcher.backend).to(values.dtype)
+
+
+def _make_masked_whiten(original):
+    return _wrap(original, lambda a: _whiten(a["values"], a["mask"], a.get("shift_mean", True)))
+
+
+def _make_gae(original):
+    def body(a):
+        rewards, values, mask = a["token_level_rewards"], a["values"], a["response_mask"]
+        if not _tensors(rewards, values) or rewards.shape != values.shape or rewards.dim() != 2:
+            return None
+        with torch.no_grad():
+            gamma, lam = float(a["gamma"]), float(a["lam"])
+            adv, ret = gae(rewards, values, mask, gamma=gamma, lam=lam, backend=_patcher.backend)
+            whitened = _whiten(adv, mask)
+        if whitened is None:
+            return None
+        return whitened.to(values.dtype), ret.to(values.dtype)
+
+    return _wrap(original, body)
+
+
+def _make_grpo(original):
+    def body(a):
+        import numpy as np
+
+        rewards, mask, index = a["token_level_rewards"], a["response_mask"], a["index"]
+        if not _tensors(rewards) or rewards.dim() != 2 or len(index) != rewards.shape[0]:
+            return None
+        try:
+            _, ids, counts = np.unique(np.asarray(index), return_inverse=True, return_counts=True)
+        except TypeError:  # ids numpy cannot order (mixed types): verl's dict grouping
+            return None
+        ids = ids.reshape(-1)
+        norm, eps = bool(a.get("norm_adv_by_std_in_grpo", True)), float(a.get("epsilon", 1e-6))
+        with torch.no_grad():
+            scores = rewards.sum(-1)
+            group_ids = torch.as_tensor(ids, dtype=torch.long, device=rewards.device)
+            adv = grpo_advantages(scores, group_ids=group_ids, norm_by_std=norm, eps=eps, backend=_patcher.backend)
+            alone = counts[ids] == 1
+            if alone.any():  # verl takes mean 0 and std 1 for a group of one (the op: its own mean, A = 0)
+                alone = torch.as_tensor(alone, device=rewards.device)
+                adv = torch.where(alone, scores.to(adv.dtype) / (1 + eps) if norm else scores.to(adv.dtype), adv)
+            out = (adv.unsqueeze(-1) * mask).to(rewards.dtype)
+        return out, out
+
+    return _wrap(original, body)
+
+
+def _policy_loss(old, logp, adv, mask, low, high, clip, clip_c, mode):
+    if not _tensors(old, logp, adv) or not _covered_agg(mode) or clip_c is None:
+        return None
+    return ppo_policy_loss(logp, old, adv, mask, clip_ratio=float(clip), clip_ratio_low=low, clip_ratio_high=high,
+                           clip_ratio_c=float(clip_c), loss_agg_mode=mode, backend=_patcher.backend)  # fmt: skip
+
+
+def _make_policy_loss(original):
+    """The legacy ``compute_policy_loss(old_log_prob, log_prob, advantages, response_mask,
+    cliprange, cliprange_low, cliprange_high, clip_ratio_c, loss_agg_mode)`` -> 4-tuple."""
+
+    def body(a):
+        clip = a.get("cliprange")
+        if clip is None:
+            return None
+        out = _policy_loss(a["old_log_prob"], a["log_prob"], a["advantages"], a["response_mask"],
+                           a.get("cliprange_low"), a.get("cliprange_high"), clip, a.get("clip_ratio_c", 3.0),
+                           a.get("loss_agg_mode", "token-mean"))  # fmt: skip
+        return None if out is None else tuple(out)
+
+    return _wrap(original, body)
+
+
+def _make_policy_loss_vanilla(original):
+    """``compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mask,
+    loss_agg_mode, config, rollout_is_weights)`` -> ``(pg_loss, metrics)``, the clip ranges
+    from the actor config."""
+
+    def body(a):
+        config = a.get("config")
+        if config is None or a.get("rollout_is_weights") is not None:
+            return None
+        info = getattr(config, "global_batch_info", None) or {}
+        if not _defaults(dict(info), **_GLOBAL):
+            return None
+        clip = getattr(config, "clip_ratio", None)
+        if clip is None:
+            return None
+        get = config.get if hasattr(config, "get") else (lambda k, d=None: getattr(config, k, d))
+        out = _policy_loss(a["old_log_prob"], a["log_prob"], a["advantages"], a["response_mask"],
+                           getattr(config, "clip_ratio_low", None), getattr(config, "clip_ratio_high", None), clip,
+                           get("clip_ratio_c", 3.0), a.get("loss_agg_mode", "token-mean"))  # fmt: skip
+        if out is None:
+            return None
+        metrics = {"actor/pg_clipfrac": out.clipfrac.item(), "actor/ppo_kl": out.approx_kl.item(),
+                   "actor/pg_clipfrac_lower": out.clipfrac_lower.item()}  # fmt: skip
+        return out.loss, metrics
+
+    return _wrap(original, body)
+
+
+def _make_value_loss(original):
+    def body(a):
+        vpreds, returns, values = a["vpreds"], a["returns"], a["values"]
+        mode = a.get("loss_agg_mode", "token-mean")
+        if not _tensors(vpreds, returns, values) or not _covered_agg(mode) or not _defaults(a, **_GLOBAL):
+            return None
+        out = ppo_value_loss(vpreds, values, returns, a["response_mask"], clip_range_value=float(a["cliprange_value"]),
+                             loss_agg_mode=mode, backend=_patcher.backend)  # fmt: skip
+        return tuple(out)
+
+    return _wrap(original, body)
+
+
+def _make_kl_penalty(original):
+    def body(a):
+        kind = KL_KINDS.get(a["kl_penalty"]) if isinstance(a["kl_penalty"], str) else None
+        logp, ref = a["logprob"], a["ref_logprob"]
+        if kind is None or not _tensors(logp, ref) or logp.shape != ref.shape:
+            return None
+        return kl_penalty(logp, ref, kind, backend=_patcher.backend).to(logp.dtype)
+
+    return _wrap(original, body)
+
+
+def _covered_logits(logits, labels=None) -> bool:
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 1 or logits.dtype not in FLOAT_DTYPES:
+        return False
+    if logits.shape[-1] > 1 and logits.stride(-1) != 1:
+        return False
+    return labels is None or (isinstance(labels, torch.Tensor) and tuple(labels.shape) == tuple(logits.shape[:-1]))
+
+
+def _make_logprobs(original):
+    def body(a):
+        logits, labels = a["logits"], a["labels"]
+        if not _covered_logits(logits, labels):
+            return None
+        inplace = bool(a.get("inplace_backward", False))
+        return token_logprobs(logits, labels, ignore_index=_NO_IGNORE_INDEX, inplace_backward=inplace,
+                              backend=_patcher.backend)  # fmt: skip
+
+    return _wrap(original, body)
+
+
+def _make_entropy(original):
+    def body(a):
+        logits = a["logits"]
+        if not _covered_logits(logits):
+            return None
+        labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+        _, entropy = token_logprobs(logits, labels, return_entropy=True, check_labels=False, backend=_patcher.backend)
+        return entropy.to(logits.dtype)
+
+    return _wrap(original, body)
+
+
+#: module -> function -> (the leading parameters the replacement reads, its factory).
+_TARGETS = {
+    CORE_ALGOS: {
+        "compute_gae_advantage_return": (("token_level_rewards", "values", "response_mask", "gamma", "lam"),
+                                         _make_gae),
+        "compute_grpo_outcome_advantage": (("token_level_rewards", "response_mask", "index"), _make_grpo),
+        "compute_policy_loss": (("old_log_prob", "log_prob", "advantages", "response_mask", "cliprange"),
+                                _make_policy_loss),
+        "compute_policy_loss_vanilla": (("old_log_prob", "log_prob", "advantages", "response_mask", "loss_agg_mode",
+                                         "config"), _make_policy_loss_vanilla),
+        "compute_value_loss": (("vpreds", "returns", "values", "response_mask", "cliprange_value"), _make_value_loss),
+        "kl_penalty": (("logprob", "ref_logprob", "kl_penalty"), _make_kl_penalty),
+    },
+    TORCH_FUNCTIONAL: {
+        "logprobs_from_logits": (("logits", "labels"), _make_logprobs),
+        "entropy_from_logits": (("logits",), _make_entropy),
+        "masked_whiten": (("values", "mask"), _make_masked_whiten),
+    },
+}  # fmt: skip
