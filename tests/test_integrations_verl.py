@@ -122,19 +122,6 @@ def compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, clipr
 
 
 @_counted
-def compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
-                                config=None, rollout_is_weights=None):  # fmt: skip
-    low = config.clip_ratio if config.clip_ratio_low is None else config.clip_ratio_low
-    high = config.clip_ratio if config.clip_ratio_high is None else config.clip_ratio_high
-    if rollout_is_weights is not None:
-        advantages = advantages * rollout_is_weights
-    loss, clipfrac, kl, lower = _pg(old_log_prob, log_prob, advantages, response_mask, low, high,
-                                    config.get("clip_ratio_c", 3.0), loss_agg_mode)  # fmt: skip
-    return loss, {"actor/pg_clipfrac": clipfrac.item(), "actor/ppo_kl": kl.item(),
-                  "actor/pg_clipfrac_lower": lower.item()}  # fmt: skip
-
-
-@_counted
 def compute_value_loss(vpreds, returns, values, response_mask, cliprange_value, loss_agg_mode="token-mean",
                        dp_size=1, batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None):  # fmt: skip
     vclip = torch.clamp(vpreds, values - cliprange_value, values + cliprange_value)
@@ -182,9 +169,9 @@ def fake_verl(monkeypatch):
     CALLS.clear()
     core = ModuleType("verl.trainer.ppo.core_algos")
     for fn in (compute_gae_advantage_return, compute_grpo_outcome_advantage, compute_policy_loss,
-               compute_policy_loss_vanilla, compute_value_loss, kl_penalty):  # fmt: skip
+               compute_value_loss, kl_penalty):  # fmt: skip
         setattr(core, fn.__name__, fn)
-    core.POLICY_LOSS_REGISTRY = {"vanilla": compute_policy_loss_vanilla}
+    core.ADV_ESTIMATOR_REGISTRY = {"gae": compute_gae_advantage_return}  # as verl's register_adv_est fills it
     functional = ModuleType("verl.utils.torch_functional")
     for fn in (logprobs_from_logits, entropy_from_logits, masked_whiten):
         setattr(functional, fn.__name__, fn)
@@ -201,11 +188,13 @@ def fake_verl(monkeypatch):
     rk_verl.unpatch()
 
 
-def _rollout(B=5, T=9, seed=0, dtype=torch.float64):
+def _rollout(B=5, T=9, seed=0, dtype=torch.float64, empty_row=True):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
     mask = (torch.rand(B, T, generator=g) > 0.25).long()
-    mask[1] = 0  # a row with no valid token
+    mask[:, -1] = 1
+    if empty_row:
+        mask[1] = 0  # a row with no valid token
     mask[2, :3] = 0  # a masked gap at the start
     old = r(B, T) * 0.5 - 2
     logp = old + r(B, T) * 0.3
@@ -223,16 +212,26 @@ def test_patch_reaches_every_copy_and_registry_and_unpatch_restores(fake_verl):
     locations = rk_verl.patch()
     assert rk_verl.is_patched()
     for where in ("verl.trainer.ppo.core_algos.compute_gae_advantage_return",
-                  "verl.trainer.ppo.core_algos.POLICY_LOSS_REGISTRY['vanilla']",
+                  "verl.trainer.ppo.core_algos.ADV_ESTIMATOR_REGISTRY['gae']",
                   "verl.workers.actor.dp_actor.kl_penalty", "verl.workers.actor.dp_actor.logprobs_from_logits",
                   "verl.workers.actor.dp_actor.compute_policy_loss", "verl.utils.torch_functional.masked_whiten"):
         assert where in locations, (where, locations)  # fmt: skip
-    assert fake_verl.core.POLICY_LOSS_REGISTRY["vanilla"] is not compute_policy_loss_vanilla
+    assert fake_verl.core.ADV_ESTIMATOR_REGISTRY["gae"] is fake_verl.core.compute_gae_advantage_return
+    assert fake_verl.core.compute_gae_advantage_return is not compute_gae_advantage_return
     assert fake_verl.actor.kl_penalty is fake_verl.core.kl_penalty is not kl_penalty
     assert rk_verl.patch() == locations  # idempotent
+    late = ModuleType("verl.late")  # imported after the patch, with its own copy of verl's function
+    late.kl_penalty = kl_penalty
+    sys.modules["verl.late"] = late
+    try:
+        assert "verl.late.kl_penalty" in rk_verl.patch() and late.kl_penalty is fake_verl.core.kl_penalty
+        assert "verl.late.kl_penalty" in rk_verl.unpatch() and late.kl_penalty is kl_penalty
+    finally:
+        del sys.modules["verl.late"]
+    locations = rk_verl.patch()
     assert sorted(rk_verl.unpatch()) == sorted(locations)
     assert not rk_verl.is_patched() and rk_verl.unpatch() == []
-    assert fake_verl.core.POLICY_LOSS_REGISTRY["vanilla"] is compute_policy_loss_vanilla
+    assert fake_verl.core.ADV_ESTIMATOR_REGISTRY["gae"] is compute_gae_advantage_return
     for name in ("core", "actor"):
         for attr, value in vars(getattr(fake_verl, name)).items():
             if callable(value):
@@ -258,7 +257,8 @@ def test_advantages_match_verl(fake_verl, backend, dtype):
     want = compute_gae_advantage_return(x.rewards, x.values, x.mask, gamma=0.99, lam=0.95)
     rk_verl.patch(backend)
     CALLS.clear()
-    got = fake_verl.core.compute_gae_advantage_return(x.rewards, x.values, x.mask, gamma=0.99, lam=0.95)
+    got = fake_verl.core.ADV_ESTIMATOR_REGISTRY["gae"](x.rewards, x.values, x.mask, gamma=0.99, lam=0.95)
+    assert CALLS == {}
     for a, b in zip(got, want, strict=True):
         assert a.dtype == dtype
         _close(a, b, tol)
@@ -276,7 +276,7 @@ def test_advantages_match_verl(fake_verl, backend, dtype):
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm",
                                   "token-sum"])  # fmt: skip
 def test_losses_match_verl_with_gradients(fake_verl, backend, mode):
-    x = _rollout(seed=1)
+    x = _rollout(seed=1, empty_row=False)  # (with one, the seq-mean modes go to verl: test_uncovered_calls_go_to_verl)
 
     def run(fn, **kw):
         logp = x.logp.clone().requires_grad_(True)
@@ -293,16 +293,6 @@ def test_losses_match_verl_with_gradients(fake_verl, backend, mode):
     for a, b in zip(got, want, strict=True):
         _close(a, b)
     _close(got_grad, want_grad)
-
-    config = SimpleNamespace(clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=0.28, get=lambda k, d=None: d,
-                             global_batch_info={})  # fmt: skip
-    want = compute_policy_loss_vanilla(x.old, x.logp, x.adv, x.mask, mode, config)
-    CALLS.clear()
-    got = fake_verl.core.POLICY_LOSS_REGISTRY["vanilla"](x.old, x.logp, x.adv, x.mask, mode, config)
-    assert CALLS == {} and set(got[1]) == set(want[1])
-    _close(got[0], want[0])
-    for key in want[1]:
-        _close(got[1][key], want[1][key])
 
     vpreds = x.vpreds.clone().requires_grad_(True)
     want = compute_value_loss(vpreds, x.returns, x.values, x.mask, 0.3, mode)
@@ -357,16 +347,20 @@ def test_uncovered_calls_go_to_verl(fake_verl):
                                            loss_agg_mode="token-mean-unbiased")  # fmt: skip
     two_ranks = fake_verl.core.compute_value_loss(x.vpreds, x.returns, x.values, x.mask, 0.3, dp_size=2)
     _close(two_ranks[0], compute_value_loss(x.vpreds, x.returns, x.values, x.mask, 0.3)[0] * 2)
-    config = SimpleNamespace(clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=None, get=lambda k, d=None: d,
-                             global_batch_info={})  # fmt: skip
-    weights = torch.full_like(x.adv, 0.5)
-    fake_verl.core.POLICY_LOSS_REGISTRY["vanilla"](x.old, x.logp, x.adv, x.mask, "token-mean", config, weights)
+    for mode in ("seq-mean-token-sum", "seq-mean-token-mean"):  # with a sequence that has no valid token
+        fake_verl.core.compute_policy_loss(x.old, x.logp, x.adv, x.mask, cliprange=0.2, loss_agg_mode=mode)
+    weights = x.mask * 0.5  # a float mask with weights: verl multiplies by them
+    fake_verl.core.compute_policy_loss(x.old, x.logp, x.adv, weights, cliprange=0.2)
+    fake_verl.core.compute_gae_advantage_return(x.rewards, x.values, weights, gamma=1.0, lam=0.95)
+    fake_verl.core.compute_gae_advantage_return(x.rewards, x.values, x.mask, gamma=1.01, lam=0.95)
+    fake_verl.core.compute_value_loss(x.vpreds, x.returns, x.values, x.mask, -0.1)
+    fake_verl.core.compute_grpo_outcome_advantage(x.rewards, x.mask, [(0, 1), (0, 2), (0, 1), (1, 1), (1, 1)])
     one = torch.zeros_like(x.mask)
     one[0, 0] = 1
     with pytest.raises(ValueError, match="two valid"):
         fake_verl.functional.masked_whiten(x.values, one)
-    assert CALLS == {"kl_penalty": 4, "compute_policy_loss": 1, "compute_value_loss": 2,
-                     "compute_policy_loss_vanilla": 1, "masked_whiten": 1}  # fmt: skip
+    assert CALLS == {"kl_penalty": 4, "compute_policy_loss": 4, "compute_value_loss": 3, "masked_whiten": 3,
+                     "compute_gae_advantage_return": 2, "compute_grpo_outcome_advantage": 1}  # fmt: skip
 
 
 def test_signature_mismatch_changes_nothing(fake_verl):
@@ -385,3 +379,23 @@ def test_patch_needs_verl(monkeypatch):
     with pytest.raises(ImportError, match="verl"):
         rk_verl.patch()
     assert not rk_verl.is_patched()
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int32, torch.float32, torch.float64], ids=str)
+def test_mask_dtypes_of_zeros_and_ones_stay_covered(fake_verl, mask_dtype):
+    """verl's response masks come as integers, floats or bools; 0/1 values in any of them are
+    what the ops read, so those calls stay with the ops (and match verl)."""
+    x = _rollout(seed=5, empty_row=False)
+    mask = x.mask.to(mask_dtype)
+    want = [compute_gae_advantage_return(x.rewards, x.values, mask, 0.99, 0.95),
+            compute_policy_loss(x.old, x.logp, x.adv, mask, cliprange=0.2),
+            compute_value_loss(x.vpreds, x.returns, x.values, mask, 0.3)]  # fmt: skip
+    rk_verl.patch()
+    CALLS.clear()
+    got = [fake_verl.core.compute_gae_advantage_return(x.rewards, x.values, mask, 0.99, 0.95),
+           fake_verl.core.compute_policy_loss(x.old, x.logp, x.adv, mask, cliprange=0.2),
+           fake_verl.core.compute_value_loss(x.vpreds, x.returns, x.values, mask, 0.3)]  # fmt: skip
+    assert CALLS == {}
+    for g, w in zip(got, want, strict=True):
+        for a, b in zip(g, w, strict=True):
+            _close(a, b)

@@ -60,13 +60,14 @@ class Patcher:
 
     def patch(self, backend: str = "auto") -> list[str]:
         """Put the replacements in place (see the integration's docstring); returns the
-        locations patched. Calling it again while patched only changes ``backend``."""
+        locations patched. Called again while patched, it sets ``backend`` and patches the
+        modules imported since."""
         self.backend = backend
         if not self.originals:
             originals, replacements = self.build()
             self.originals.update(originals)
             self.replacements.update(replacements)
-            swap(self.package, self.originals, self.replacements)
+        swap(self.package, self.originals, self.replacements)  # again: modules imported since
         return self.locations()
 
     def unpatch(self) -> list[str]:

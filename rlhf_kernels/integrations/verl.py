@@ -6,32 +6,38 @@
 >>> rk_verl.unpatch()
 
 What is replaced, by identity in every imported ``verl`` module (``from ... import``
-copies and registry entries such as ``POLICY_LOSS_REGISTRY["vanilla"]`` included):
+copies and registry entries such as ``ADV_ESTIMATOR_REGISTRY["gae"]`` included):
 
 ``verl.trainer.ppo.core_algos``
   ``compute_gae_advantage_return`` -> :func:`rlhf_kernels.gae` then :func:`masked_whiten`
   (masked positions are skipped and carry the recursion, as verl does);
   ``compute_grpo_outcome_advantage`` -> :func:`rlhf_kernels.grpo_advantages` over the
   groups of equal ``index`` values (a group of one keeps verl's mean 0 and std 1);
-  ``compute_policy_loss`` (the legacy signature) and ``compute_policy_loss_vanilla`` (the
-  registry's ``"vanilla"``) ->
+  ``compute_policy_loss`` (the legacy signature and 4-tuple) ->
   :func:`rlhf_kernels.ppo_policy_loss` (log-ratio clamped to +-20, clip-higher, dual clip);
   ``compute_value_loss`` -> :func:`rlhf_kernels.ppo_value_loss`; ``kl_penalty`` ->
   :func:`rlhf_kernels.kl_penalty` (``kl``/``k1``, ``abs``, ``mse``/``k2``, ``low_var_kl``/``k3``).
 ``verl.utils.torch_functional``
-  ``logprobs_from_logits`` -> :func:`rlhf_kernels.token_logprobs` (``inplace_backward`` as
-  asked: the gradient overwrites the logits, as with verl's flash-attn kernel);
+  ``logprobs_from_logits`` -> :func:`rlhf_kernels.token_logprobs` (float32 out, as verl's
+  flash-attn path; ``inplace_backward`` as asked: the gradient overwrites the logits);
   ``entropy_from_logits`` -> the op's entropy; ``masked_whiten`` -> :func:`masked_whiten`.
 
+Not replaced: the policy-loss registry's functions (``POLICY_LOSS_REGISTRY["vanilla"]``,
+which newer actors call): their return value and extra arguments have changed between
+verl releases (four values or a loss and a metrics dict; ``rollout_log_probs``,
+``rollout_is_weights``), so a replacement could not be sure of matching the installed one.
+
 Every replacement binds its arguments to the original's signature, so one module serves
-verl releases whose signatures differ; a call it does not cover goes to verl's own
-function: a loss_agg_mode the ops lack, global-batch normalisation arguments (``dp_size``
-> 1, ``batch_num_tokens`` ...), ``rollout_is_weights``, a ``"+"`` KL kind or ``"full"``,
-an ``index`` that numpy cannot sort, fewer than two valid tokens to whiten (verl raises),
-logits whose last dim is not contiguous. Results are those of verl's functions in meaning
-(float32 math, the inputs' dtype back), with one documented difference: the ops'
-``seq-mean-*`` modes average over sequences that have a valid token, as current verl
-does, where verl before 0.5 also counted empty rows.
+verl releases whose later arguments differ, and hands every call it does not cover to
+verl's own function with the same arguments: a loss_agg_mode the ops lack, a
+``seq-mean-*`` mode with a sequence that has no valid token (verl releases disagree on
+whether it counts), global-batch normalisation (``dp_size`` > 1, ``batch_num_tokens`` ...),
+masks with weights other than 0 and 1 (verl uses them as weights), gamma or lam outside
+[0, 1], a negative clip range, a ``"+"`` KL kind or ``"full"``, ``index`` values numpy
+cannot order or that are not scalars, fewer than two valid values to whiten (verl raises),
+shapes that only broadcast, logits whose last dim is not contiguous. Results are verl's
+in meaning, computed in float32 (float64 for float64 inputs) and returned in the dtype
+verl's own arithmetic would give.
 
 verl is not a dependency: nothing here imports it until :func:`patch`.
 """
@@ -129,14 +135,30 @@ def _defaults(a: dict, **defaults) -> bool:
 _GLOBAL = dict(dp_size=1, batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None)
 
 
-def _covered_agg(mode) -> bool:
-    return isinstance(mode, str) and mode in LOSS_AGG_MODES
+def _covered_agg(mode, mask) -> bool:
+    """A mode the ops have; for the seq-mean modes, only when every sequence has a valid
+    token (verl releases differ on whether an empty one counts: theirs decides)."""
+    if not (isinstance(mode, str) and mode in LOSS_AGG_MODES):
+        return False
+    if mode not in ("seq-mean-token-sum", "seq-mean-token-mean"):
+        return True
+    return bool((mask != 0).any(-1).all())
+
+
+def _binary(mask, like) -> bool:
+    """A mask of the rows' shape whose values are 0 and 1 (verl multiplies by the mask, so
+    other weights change its results; the ops read nonzero as valid)."""
+    if not isinstance(mask, torch.Tensor) or mask.shape != like.shape or mask.device != like.device:
+        return False
+    return not mask.dtype.is_floating_point or bool(((mask == 0) | (mask == 1)).all())
 
 
 def _whiten(values, mask, shift_mean=True):
-    if not _tensors(values) or not isinstance(mask, torch.Tensor) or int((mask != 0).sum()) < 2:
+    if not _tensors(values) or not _binary(mask, values) or int((mask != 0).sum()) < 2:
         return None  # verl raises for fewer than two valid values: let it
-    return masked_whiten(values, mask, shift_mean=bool(shift_mean), backend=_patcher.backend).to(values.dtype)
+    return masked_whiten(values, mask, shift_mean=bool(shift_mean), backend=_patcher.backend).to(
+        torch.promote_types(values.dtype, mask.dtype)
+    )
 
 
 def _make_masked_whiten(original):
@@ -148,13 +170,16 @@ def _make_gae(original):
         rewards, values, mask = a["token_level_rewards"], a["values"], a["response_mask"]
         if not _tensors(rewards, values) or rewards.shape != values.shape or rewards.dim() != 2:
             return None
+        gamma, lam = float(a["gamma"]), float(a["lam"])
+        if not (0 <= gamma <= 1 and 0 <= lam <= 1) or not _binary(mask, values):
+            return None
         with torch.no_grad():
-            gamma, lam = float(a["gamma"]), float(a["lam"])
             adv, ret = gae(rewards, values, mask, gamma=gamma, lam=lam, backend=_patcher.backend)
             whitened = _whiten(adv, mask)
         if whitened is None:
             return None
-        return whitened.to(values.dtype), ret.to(values.dtype)
+        dtype = torch.promote_types(rewards.dtype, values.dtype)
+        return whitened.to(dtype), ret.to(dtype)
 
     return _wrap(original, body)
 
@@ -164,10 +189,13 @@ def _make_grpo(original):
         import numpy as np
 
         rewards, mask, index = a["token_level_rewards"], a["response_mask"], a["index"]
-        if not _tensors(rewards) or rewards.dim() != 2 or len(index) != rewards.shape[0]:
+        if not _tensors(rewards) or rewards.dim() != 2 or not _binary(mask, rewards):
             return None
         try:
-            _, ids, counts = np.unique(np.asarray(index), return_inverse=True, return_counts=True)
+            index = np.asarray(index)
+            if index.shape != (rewards.shape[0],):  # (tuples of ids become rows: verl's dict grouping)
+                return None
+            _, ids, counts = np.unique(index, return_inverse=True, return_counts=True)
         except TypeError:  # ids numpy cannot order (mixed types): verl's dict grouping
             return None
         ids = ids.reshape(-1)
@@ -180,14 +208,19 @@ def _make_grpo(original):
             if alone.any():  # verl takes mean 0 and std 1 for a group of one (the op: its own mean, A = 0)
                 alone = torch.as_tensor(alone, device=rewards.device)
                 adv = torch.where(alone, scores.to(adv.dtype) / (1 + eps) if norm else scores.to(adv.dtype), adv)
-            out = (adv.unsqueeze(-1) * mask).to(rewards.dtype)
+            out = (adv.unsqueeze(-1) * mask).to(torch.promote_types(rewards.dtype, mask.dtype))
         return out, out
 
     return _wrap(original, body)
 
 
 def _policy_loss(old, logp, adv, mask, low, high, clip, clip_c, mode):
-    if not _tensors(old, logp, adv) or not _covered_agg(mode) or clip_c is None:
+    if not _tensors(old, logp, adv) or clip_c is None or not _binary(mask, logp) or not _covered_agg(mode, mask):
+        return None
+    if not (old.shape == logp.shape == adv.shape):
+        return None
+    ranges = [float(r) for r in (clip, low, high) if r is not None]
+    if min(ranges) < 0 or not float(clip_c) > 1:  # verl's own checks and messages for these
         return None
     return ppo_policy_loss(logp, old, adv, mask, clip_ratio=float(clip), clip_ratio_low=low, clip_ratio_high=high,
                            clip_ratio_c=float(clip_c), loss_agg_mode=mode, backend=_patcher.backend)  # fmt: skip
@@ -209,41 +242,17 @@ def _make_policy_loss(original):
     return _wrap(original, body)
 
 
-def _make_policy_loss_vanilla(original):
-    """``compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mask,
-    loss_agg_mode, config, rollout_is_weights)`` -> ``(pg_loss, metrics)``, the clip ranges
-    from the actor config."""
-
-    def body(a):
-        config = a.get("config")
-        if config is None or a.get("rollout_is_weights") is not None:
-            return None
-        info = getattr(config, "global_batch_info", None) or {}
-        if not _defaults(dict(info), **_GLOBAL):
-            return None
-        clip = getattr(config, "clip_ratio", None)
-        if clip is None:
-            return None
-        get = config.get if hasattr(config, "get") else (lambda k, d=None: getattr(config, k, d))
-        out = _policy_loss(a["old_log_prob"], a["log_prob"], a["advantages"], a["response_mask"],
-                           getattr(config, "clip_ratio_low", None), getattr(config, "clip_ratio_high", None), clip,
-                           get("clip_ratio_c", 3.0), a.get("loss_agg_mode", "token-mean"))  # fmt: skip
-        if out is None:
-            return None
-        metrics = {"actor/pg_clipfrac": out.clipfrac.item(), "actor/ppo_kl": out.approx_kl.item(),
-                   "actor/pg_clipfrac_lower": out.clipfrac_lower.item()}  # fmt: skip
-        return out.loss, metrics
-
-    return _wrap(original, body)
-
-
 def _make_value_loss(original):
     def body(a):
-        vpreds, returns, values = a["vpreds"], a["returns"], a["values"]
+        vpreds, returns, values, mask = a["vpreds"], a["returns"], a["values"], a["response_mask"]
         mode = a.get("loss_agg_mode", "token-mean")
-        if not _tensors(vpreds, returns, values) or not _covered_agg(mode) or not _defaults(a, **_GLOBAL):
+        if not _tensors(vpreds, returns, values) or not (vpreds.shape == returns.shape == values.shape):
             return None
-        out = ppo_value_loss(vpreds, values, returns, a["response_mask"], clip_range_value=float(a["cliprange_value"]),
+        if not _binary(mask, vpreds) or not _covered_agg(mode, mask) or not _defaults(a, **_GLOBAL):
+            return None
+        if not float(a["cliprange_value"]) >= 0:
+            return None
+        out = ppo_value_loss(vpreds, values, returns, mask, clip_range_value=float(a["cliprange_value"]),
                              loss_agg_mode=mode, backend=_patcher.backend)  # fmt: skip
         return tuple(out)
 
@@ -256,7 +265,7 @@ def _make_kl_penalty(original):
         logp, ref = a["logprob"], a["ref_logprob"]
         if kind is None or not _tensors(logp, ref) or logp.shape != ref.shape:
             return None
-        return kl_penalty(logp, ref, kind, backend=_patcher.backend).to(logp.dtype)
+        return kl_penalty(logp, ref, kind, backend=_patcher.backend).to(torch.promote_types(logp.dtype, ref.dtype))
 
     return _wrap(original, body)
 
@@ -301,8 +310,6 @@ _TARGETS = {
         "compute_grpo_outcome_advantage": (("token_level_rewards", "response_mask", "index"), _make_grpo),
         "compute_policy_loss": (("old_log_prob", "log_prob", "advantages", "response_mask", "cliprange"),
                                 _make_policy_loss),
-        "compute_policy_loss_vanilla": (("old_log_prob", "log_prob", "advantages", "response_mask", "loss_agg_mode",
-                                         "config"), _make_policy_loss_vanilla),
         "compute_value_loss": (("vpreds", "returns", "values", "response_mask", "cliprange_value"), _make_value_loss),
         "kl_penalty": (("logprob", "ref_logprob", "kl_penalty"), _make_kl_penalty),
     },
