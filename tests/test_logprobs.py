@@ -613,3 +613,4 @@ def test_float32_split_of_launch_scalars():
     hi, lo = common.split_float(0.7)
     assert common.to_float32(hi) == hi and common.to_float32(lo) == lo and abs(hi + lo - 0.7) < 1e-15
     assert all(x != x for x in common.split_float(float("nan")))
+    assert common.to_float32(2**200) == math.inf and common.to_float32(-(2**2000)) == -math.inf  # ints past float

@@ -68,9 +68,9 @@ def to_float32(value: float) -> float:
     ``float(torch.tensor(value, dtype=torch.float32))`` gives, without a tensor: every
     Triton launch splits its float arguments, and a tensor each cost a few us a call."""
     try:
-        return _F32.unpack(_F32.pack(value))[0]
-    except OverflowError:  # finite, but rounds past float32's largest
-        return math.copysign(math.inf, value)
+        return _F32.unpack(_F32.pack(float(value)))[0]
+    except (OverflowError, struct.error):  # finite (a float, or an int past float's range), past float32's
+        return math.inf if value > 0 else -math.inf
 
 
 @triton.jit
