@@ -48,3 +48,29 @@ def backend_cases(backends=_dispatch.BACKENDS, native_op=None):
                     marks.append(pytest.mark.skip(reason=reason))
             cases.append(pytest.param(device, backend, id=f"{device}-{backend}", marks=marks))
     return cases
+
+
+@pytest.fixture(params=list(_dispatch.BACKENDS))
+def cpu_backend(request):
+    """Each backend that runs on CPU here (the integration tests patch with it)."""
+    reason = _dispatch.unavailable_reason(request.param, torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(reason)
+    return request.param
+
+
+def counted(calls: dict):
+    """A decorator recording calls of a stand-in framework function in ``calls`` (name -> count),
+    keeping its signature (the integrations bind arguments to it)."""
+    import inspect
+
+    def wrap(fn):
+        def wrapper(*args, **kwargs):
+            calls[fn.__name__] = calls.get(fn.__name__, 0) + 1
+            return fn(*args, **kwargs)
+
+        wrapper.__name__ = fn.__name__
+        wrapper.__signature__ = inspect.signature(fn)
+        return wrapper
+
+    return wrap

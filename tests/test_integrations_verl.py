@@ -19,20 +19,14 @@ from types import ModuleType, SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import counted
 
 from rlhf_kernels.integrations import verl as rk_verl
 
 CALLS: dict[str, int] = {}
 
 
-def _counted(fn):
-    def wrapper(*args, **kwargs):
-        CALLS[fn.__name__] = CALLS.get(fn.__name__, 0) + 1
-        return fn(*args, **kwargs)
-
-    wrapper.__name__ = fn.__name__
-    wrapper.__signature__ = __import__("inspect").signature(fn)
-    return wrapper
+_counted = counted(CALLS)
 
 
 # --- verl's semantics, plainly --------------------------------------------------------------------
@@ -238,24 +232,12 @@ def test_patch_reaches_every_copy_and_registry_and_unpatch_restores(fake_verl):
                 assert value is originals[name][attr], attr
 
 
-BACKENDS = ["torch", "triton", "native"]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    from rlhf_kernels import _dispatch
-
-    if request.param != "torch" and _dispatch.unavailable_reason(request.param, torch.device("cpu")):
-        pytest.skip(f"{request.param} backend unavailable")
-    return request.param
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_advantages_match_verl(fake_verl, backend, dtype):
+def test_advantages_match_verl(fake_verl, cpu_backend, dtype):
     x = _rollout(dtype=dtype)
     tol = 1e-9 if dtype == torch.float64 else 1e-5
     want = compute_gae_advantage_return(x.rewards, x.values, x.mask, gamma=0.99, lam=0.95)
-    rk_verl.patch(backend)
+    rk_verl.patch(cpu_backend)
     CALLS.clear()
     got = fake_verl.core.ADV_ESTIMATOR_REGISTRY["gae"](x.rewards, x.values, x.mask, gamma=0.99, lam=0.95)
     assert CALLS == {}
@@ -275,7 +257,7 @@ def test_advantages_match_verl(fake_verl, backend, dtype):
 
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm",
                                   "token-sum"])  # fmt: skip
-def test_losses_match_verl_with_gradients(fake_verl, backend, mode):
+def test_losses_match_verl_with_gradients(fake_verl, cpu_backend, mode):
     x = _rollout(seed=1, empty_row=False)  # (with one, the seq-mean modes go to verl: test_uncovered_calls_go_to_verl)
 
     def run(fn, **kw):
@@ -286,7 +268,7 @@ def test_losses_match_verl_with_gradients(fake_verl, backend, mode):
         return out, logp.grad
 
     want, want_grad = run(compute_policy_loss)
-    rk_verl.patch(backend)
+    rk_verl.patch(cpu_backend)
     CALLS.clear()
     got, got_grad = run(fake_verl.actor.compute_policy_loss)  # through the actor's from-import copy
     assert CALLS == {}
@@ -306,7 +288,7 @@ def test_losses_match_verl_with_gradients(fake_verl, backend, mode):
     _close(got_grad, want_grad)
 
 
-def test_kl_logprobs_entropy_whiten_match_verl(fake_verl, backend):
+def test_kl_logprobs_entropy_whiten_match_verl(fake_verl, cpu_backend):
     x = _rollout(seed=2)
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(2, 6, 37, generator=g, dtype=torch.float32) * 3
@@ -317,7 +299,7 @@ def test_kl_logprobs_entropy_whiten_match_verl(fake_verl, backend):
             "entropy": entropy_from_logits(logits),
             "whiten": [masked_whiten(x.values, x.mask, shift) for shift in (True, False)]}  # fmt: skip
     want["logprobs"].sum().backward()
-    rk_verl.patch(backend)
+    rk_verl.patch(cpu_backend)
     CALLS.clear()
     for kind, w in zip(kinds, want["kl"], strict=True):
         _close(fake_verl.actor.kl_penalty(x.logp, x.old, kind), w)

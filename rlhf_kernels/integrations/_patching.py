@@ -1,50 +1,89 @@
 """Rebinding a framework's functions in every module that holds them (shared by the
-integrations): a ``from x import f`` copy is another attribute bound to the same object,
-and a registry (a module-level dict, such as verl's ``POLICY_LOSS_REGISTRY``) holds it as a
-value, so both are found by identity, in every imported module of the framework, including
-modules imported after a patch when the patch is applied again."""
+integrations): a ``from x import f`` copy is another attribute bound to the same object, a
+registry (a module-level dict, such as verl's ``ADV_ESTIMATOR_REGISTRY``) holds it as a
+value and a class defined in the framework as an attribute (a method), so all are found by
+identity, in every imported module of the framework, including modules imported after a
+patch when the patch is applied again."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import ModuleType
 
 
+def _inside(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
 def modules(package: str) -> list[ModuleType]:
     """The imported modules of ``package`` (itself and its submodules)."""
-    return [
-        m for name, m in list(sys.modules.items())
-        if m is not None and (name == package or name.startswith(package + "."))
-    ]  # fmt: skip
+    return [m for name, m in list(sys.modules.items()) if m is not None and _inside(name, package)]
+
+
+def check_params(integration: str, where: str, fn, required: tuple[str, ...]) -> None:
+    """Refuse (before anything is changed) a function whose leading parameters are not
+    ``required``: the replacement binds arguments by these names."""
+    params = tuple(inspect.signature(fn).parameters)
+    if params[: len(required)] != required:
+        raise RuntimeError(
+            f"rlhf_kernels.integrations.{integration}: {where}({', '.join(params)}) does not start with the "
+            f"expected parameters ({', '.join(required)}); nothing was changed"
+        )
+
+
+def wrap(original, body):
+    """A replacement with ``original``'s signature: ``body(args)`` gets the bound arguments
+    (a dict, defaults applied) and returns the result, or ``None`` for a call it does not
+    cover, which then goes to ``original`` with the same arguments."""
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def replacement(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        out = body(bound.arguments)
+        return original(*args, **kwargs) if out is None else out
+
+    replacement.__rlhf_kernels_original__ = original
+    return replacement
+
+
+def _holders(package: str):
+    """(owner, name, value, set) for every module attribute, value of a module-level dict
+    and attribute of a class defined in the package, in the package's imported modules."""
+    seen = set()
+    for module in modules(package):
+        for attr, value in list(vars(module).items()):
+            yield f"{module.__name__}.{attr}", value, functools.partial(setattr, module, attr)
+            if type(value) is dict:
+                for key, entry in list(value.items()):
+                    yield f"{module.__name__}.{attr}[{key!r}]", entry, functools.partial(value.__setitem__, key)
+            elif isinstance(value, type) and _inside(value.__module__, package) and id(value) not in seen:
+                seen.add(id(value))
+                for name, member in list(vars(value).items()):
+                    where = f"{value.__module__}.{value.__qualname__}.{name}"
+                    yield where, member, functools.partial(setattr, value, name)
 
 
 def swap(package: str, old: dict[str, object], new: dict[str, object]) -> None:
-    """In every imported module of ``package``, rebind each attribute, and each value of a
-    module-level dict, that is ``old[name]`` (the object itself) to ``new[name]``."""
+    """In every imported module of ``package``, rebind each attribute, value of a
+    module-level dict and attribute of a class defined there that is ``old[name]`` (the
+    object itself) to ``new[name]``."""
     by_id = {id(fn): new[name] for name, fn in old.items()}  # (the old objects are alive: ids unique)
-    for module in modules(package):
-        for attr, value in list(vars(module).items()):
-            if id(value) in by_id:
-                setattr(module, attr, by_id[id(value)])
-            elif type(value) is dict:
-                for key, entry in list(value.items()):
-                    if id(entry) in by_id:
-                        value[key] = by_id[id(entry)]
+    for _, value, rebind in list(_holders(package)):
+        if id(value) in by_id:
+            rebind(by_id[id(value)])
 
 
 def locations(package: str, fns: dict[str, object]) -> list[str]:
-    """Where the objects in ``fns`` are bound: ``module.attr`` and ``module.DICT[key]``."""
+    """Where the objects in ``fns`` are bound: ``module.attr``, ``module.DICT[key]`` and
+    ``module.Class.attr``."""
     ids = {id(fn) for fn in fns.values()}
-    found = []
-    for module in modules(package):
-        for attr, value in list(vars(module).items()):
-            if id(value) in ids:
-                found.append(f"{module.__name__}.{attr}")
-            elif type(value) is dict:
-                found += [f"{module.__name__}.{attr}[{key!r}]" for key, e in list(value.items()) if id(e) in ids]
-    return sorted(found)
+    return sorted({where for where, value, _ in _holders(package) if id(value) in ids})
 
 
 class Patcher:

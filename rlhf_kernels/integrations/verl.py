@@ -44,9 +44,7 @@ verl is not a dependency: nothing here imports it until :func:`patch`.
 
 from __future__ import annotations
 
-import functools
 import importlib
-import inspect
 
 import torch
 
@@ -76,12 +74,7 @@ def _build():
             fn = getattr(module, name, None)
             if fn is None:  # not in this verl release
                 continue
-            params = tuple(inspect.signature(fn).parameters)
-            if params[: len(required)] != required:
-                raise RuntimeError(
-                    f"rlhf_kernels.integrations.verl: {module_name}.{name}{_sig(params)} does not start with the "
-                    f"expected parameters {_sig(required)}; nothing was changed"
-                )
+            _patching.check_params("verl", f"{module_name}.{name}", fn, required)
             originals[f"{module_name}:{name}"] = fn
             replacements[f"{module_name}:{name}"] = make(fn)
     if not originals:
@@ -100,26 +93,8 @@ is_patched = _patcher.is_patched
 patched = _patcher.patched
 
 
-def _sig(params) -> str:
-    return "(" + ", ".join(params) + ")"
-
-
 # --- the replacements ------------------------------------------------------------------------------
-def _wrap(original, body):
-    """A replacement with ``original``'s signature: ``body(args)`` gets the bound arguments
-    (defaults applied) and returns the result, or ``None`` for a call it does not cover,
-    which then goes to ``original``."""
-    signature = inspect.signature(original)
-
-    @functools.wraps(original)
-    def replacement(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        out = body(bound.arguments)
-        return original(*args, **kwargs) if out is None else out
-
-    replacement.__rlhf_kernels_original__ = original
-    return replacement
+_wrap = _patching.wrap
 
 
 def _tensors(*ts) -> bool:

@@ -1,0 +1,176 @@
+"""rlhf_kernels.integrations.openrlhf against a stand-in OpenRLHF package.
+
+OpenRLHF is not installed here (it needs ray, deepspeed, vllm ...), so these tests build
+the modules the patch touches with plain implementations of OpenRLHF's semantics, written
+out from its documented behaviour: the k1 / k2 / k3 KL estimators (float32, clamped to
++-10 as current releases do), log-probs from logits with the temperature divided into the
+logits in place, and GAE that zeroes masked positions and runs the plain recursion. The
+patched functions must give their results, leave OpenRLHF's own function to the calls
+they do not cover, and put everything back on unpatch.
+"""
+
+from __future__ import annotations
+
+import sys
+from types import ModuleType, SimpleNamespace
+
+import pytest
+import torch
+from conftest import counted
+
+from rlhf_kernels.integrations import openrlhf as rk_openrlhf
+
+CALLS: dict[str, int] = {}
+
+
+_counted = counted(CALLS)
+
+
+@_counted
+def compute_approx_kl(log_probs, log_probs_base, kl_estimator="k1"):
+    x = log_probs.float() - log_probs_base.float()
+    if kl_estimator == "k1":
+        kl = x
+    elif kl_estimator == "k2":
+        kl = x**2 / 2
+    elif kl_estimator == "k3":
+        kl = torch.exp(-x) - 1 + x
+    else:
+        raise ValueError(kl_estimator)
+    return kl.clamp(min=-10, max=10)
+
+
+@_counted
+def log_probs_from_logits(logits, labels, temperature=1.0):
+    if temperature != 1.0:
+        logits.div_(temperature)
+    out = torch.log_softmax(logits.double(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return out.to(logits.dtype)
+
+
+class RemoteExperienceMaker:
+    __module__ = "openrlhf.trainer.ppo_utils.experience_maker"  # where OpenRLHF defines it
+
+    @torch.no_grad()
+    def get_advantages_and_returns(self, values, rewards, action_mask, gamma, lambd):
+        CALLS["get_advantages_and_returns"] = CALLS.get("get_advantages_and_returns", 0) + 1
+        if action_mask is not None:
+            values = values * action_mask
+            rewards = rewards * action_mask
+        last = 0
+        out = []
+        T = rewards.shape[1]
+        for t in reversed(range(T)):
+            next_value = values[:, t + 1] if t < T - 1 else 0.0
+            delta = rewards[:, t] + gamma * next_value - values[:, t]
+            last = delta + gamma * lambd * last
+            out.append(last)
+        advantages = torch.stack(out[::-1], dim=1)
+        return advantages.detach(), advantages + values
+
+
+ORIGINAL_GAE = RemoteExperienceMaker.__dict__["get_advantages_and_returns"]
+
+
+@pytest.fixture
+def fake_openrlhf(monkeypatch):
+    CALLS.clear()
+    utils = ModuleType("openrlhf.models.utils")
+    utils.compute_approx_kl = compute_approx_kl
+    utils.log_probs_from_logits = log_probs_from_logits
+    maker = ModuleType("openrlhf.trainer.ppo_utils.experience_maker")
+    maker.RemoteExperienceMaker = RemoteExperienceMaker
+    maker.compute_approx_kl = compute_approx_kl  # from-import copies, as OpenRLHF's modules hold them
+    actor = ModuleType("openrlhf.trainer.ppo_actor")
+    actor.compute_approx_kl = compute_approx_kl
+    names = ["openrlhf", "openrlhf.models", "openrlhf.trainer", "openrlhf.trainer.ppo_utils"]
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, ModuleType(name))
+    for module in (utils, maker, actor):
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    yield SimpleNamespace(utils=utils, maker=maker, actor=actor)
+    rk_openrlhf.unpatch()
+    assert RemoteExperienceMaker.__dict__["get_advantages_and_returns"] is ORIGINAL_GAE
+
+
+def _close(a, b, tol=1e-6):
+    torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol)
+
+
+def _data(seed=0, B=4, T=10, V=41):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    mask[1] = False
+    return SimpleNamespace(
+        logp=torch.randn(B, T, generator=g) * 0.5 - 3, base=torch.randn(B, T, generator=g) * 0.5 - 3,
+        values=torch.randn(B, T, generator=g), rewards=torch.randn(B, T, generator=g), mask=mask,
+        logits=torch.randn(B, T, V, generator=g) * 3, labels=torch.randint(0, V, (B, T), generator=g),
+    )  # fmt: skip
+
+
+def test_patch_reaches_copies_and_methods_and_unpatch_restores(fake_openrlhf):
+    locations = rk_openrlhf.patch()
+    for where in ("openrlhf.models.utils.compute_approx_kl", "openrlhf.trainer.ppo_actor.compute_approx_kl",
+                  "openrlhf.trainer.ppo_utils.experience_maker.compute_approx_kl",
+                  "openrlhf.models.utils.log_probs_from_logits",
+                  "openrlhf.trainer.ppo_utils.experience_maker.RemoteExperienceMaker.get_advantages_and_returns"):
+        assert where in locations, (where, locations)  # fmt: skip
+    assert fake_openrlhf.actor.compute_approx_kl is fake_openrlhf.utils.compute_approx_kl is not compute_approx_kl
+    assert RemoteExperienceMaker.__dict__["get_advantages_and_returns"] is not ORIGINAL_GAE
+    assert rk_openrlhf.patch() == locations
+    assert sorted(rk_openrlhf.unpatch()) == sorted(locations) and not rk_openrlhf.is_patched()
+    assert fake_openrlhf.actor.compute_approx_kl is compute_approx_kl
+    assert RemoteExperienceMaker.__dict__["get_advantages_and_returns"] is ORIGINAL_GAE
+
+
+def test_results_match_openrlhf(fake_openrlhf, cpu_backend):
+    x = _data()
+    kl_want = {k: compute_approx_kl(x.logp, x.base, kl_estimator=k) for k in ("k1", "k2", "k3")}
+    y = x.logits.clone().requires_grad_(True)
+    lp_want = log_probs_from_logits(y * 1.0, x.labels, temperature=0.7)
+    lp_want.sum().backward()
+    gae_want = RemoteExperienceMaker().get_advantages_and_returns(x.values, x.rewards, x.mask, 0.99, 0.95)
+    gae_nomask = RemoteExperienceMaker().get_advantages_and_returns(x.values, x.rewards, None, 1.0, 0.9)
+    rk_openrlhf.patch(cpu_backend)
+    CALLS.clear()
+    for k, want in kl_want.items():
+        got = fake_openrlhf.actor.compute_approx_kl(x.logp, x.base, kl_estimator=k)
+        assert got.dtype == torch.float32
+        _close(got, want)
+    z = x.logits.clone().requires_grad_(True)
+    scaled = z * 1.0
+    got = fake_openrlhf.utils.log_probs_from_logits(scaled, x.labels, temperature=0.7)
+    _close(scaled, x.logits / 0.7)  # divided in place, as OpenRLHF does
+    _close(got, lp_want, 1e-5)
+    got.sum().backward()
+    _close(z.grad, y.grad, 1e-5)
+    for (args, want) in (((x.values, x.rewards, x.mask, 0.99, 0.95), gae_want),
+                         ((x.values, x.rewards, None, 1.0, 0.9), gae_nomask)):  # fmt: skip
+        got = RemoteExperienceMaker().get_advantages_and_returns(*args)
+        for a, b in zip(got, want, strict=True):
+            _close(a, b, 1e-5)
+    assert CALLS == {}
+
+
+def test_uncovered_calls_go_to_openrlhf(fake_openrlhf):
+    x = _data(seed=1)
+    rk_openrlhf.patch()
+    CALLS.clear()
+    with pytest.raises(ValueError):
+        fake_openrlhf.utils.compute_approx_kl(x.logp, x.base, kl_estimator="k4")
+    far = fake_openrlhf.utils.compute_approx_kl(x.logp, x.base + 30, kl_estimator="k3")  # past the +-10 clamp
+    assert float(far.max()) == 10
+    RemoteExperienceMaker().get_advantages_and_returns(x.values, x.rewards, x.mask.float() * 0.5, 0.99, 0.95)
+    RemoteExperienceMaker().get_advantages_and_returns(x.values, x.rewards, x.mask, 1.5, 0.95)
+    assert CALLS == {"compute_approx_kl": 2, "get_advantages_and_returns": 2}
+
+
+def test_signature_mismatch_changes_nothing(fake_openrlhf):
+    def compute_approx_kl(log_probs_base, log_probs, kl_estimator="k1"):  # reordered
+        raise AssertionError("not to be called")
+
+    fake_openrlhf.utils.compute_approx_kl = compute_approx_kl
+    with pytest.raises(RuntimeError, match="compute_approx_kl"):
+        rk_openrlhf.patch()
+    assert not rk_openrlhf.is_patched()
+    assert RemoteExperienceMaker.__dict__["get_advantages_and_returns"] is ORIGINAL_GAE
