@@ -166,11 +166,45 @@ def test_uncovered_calls_go_to_openrlhf(fake_openrlhf):
 
 
 def test_signature_mismatch_changes_nothing(fake_openrlhf):
-    def compute_approx_kl(log_probs_base, log_probs, kl_estimator="k1"):  # reordered
+    def get_advantages_and_returns(self, rewards, values, action_mask, gamma, lambd):  # reordered
         raise AssertionError("not to be called")
 
-    fake_openrlhf.utils.compute_approx_kl = compute_approx_kl
-    with pytest.raises(RuntimeError, match="compute_approx_kl"):
-        rk_openrlhf.patch()
-    assert not rk_openrlhf.is_patched()
+    RemoteExperienceMaker.get_advantages_and_returns = get_advantages_and_returns
+    try:
+        with pytest.raises(RuntimeError, match="get_advantages_and_returns"):
+            rk_openrlhf.patch()
+        assert not rk_openrlhf.is_patched()
+        assert fake_openrlhf.utils.compute_approx_kl is compute_approx_kl  # checked before, swapped never
+    finally:
+        RemoteExperienceMaker.get_advantages_and_returns = ORIGINAL_GAE
+
+
+def test_missing_experience_maker_warns(fake_openrlhf, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openrlhf.trainer.ppo_utils.experience_maker", None)  # import fails
+    with pytest.warns(UserWarning, match="GAE is not patched"):
+        locations = rk_openrlhf.patch()
+    assert "openrlhf.models.utils.compute_approx_kl" in locations
     assert RemoteExperienceMaker.__dict__["get_advantages_and_returns"] is ORIGINAL_GAE
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_dtypes_match_openrlhf(fake_openrlhf, dtype, mask_dtype):
+    """Output dtypes as OpenRLHF's arithmetic gives them, for its mask and value dtypes."""
+    x = _data(seed=2)
+    values, rewards, mask = x.values.to(dtype), x.rewards.to(dtype), x.mask.to(mask_dtype)
+    logits = x.logits.to(dtype)
+    want = [RemoteExperienceMaker().get_advantages_and_returns(values, rewards, mask, 0.99, 0.95),
+            (log_probs_from_logits(logits.clone(), x.labels),),
+            (compute_approx_kl(x.logp.to(dtype), x.base.to(dtype), kl_estimator="k3"),)]  # fmt: skip
+    rk_openrlhf.patch()
+    CALLS.clear()
+    got = [RemoteExperienceMaker().get_advantages_and_returns(values, rewards, mask, 0.99, 0.95),
+           (fake_openrlhf.utils.log_probs_from_logits(logits.clone(), x.labels),),
+           (fake_openrlhf.utils.compute_approx_kl(x.logp.to(dtype), x.base.to(dtype), kl_estimator="k3"),)]  # fmt: skip
+    assert CALLS == {}
+    tol = 1e-5 if dtype != torch.bfloat16 else 2e-2
+    for g, w in zip(got, want, strict=True):
+        for a, b in zip(g, w, strict=True):
+            assert a.dtype == b.dtype
+            _close(a, b, tol)

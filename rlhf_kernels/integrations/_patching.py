@@ -3,7 +3,8 @@ integrations): a ``from x import f`` copy is another attribute bound to the same
 registry (a module-level dict, such as verl's ``ADV_ESTIMATOR_REGISTRY``) holds it as a
 value and a class defined in the framework as an attribute (a method), so all are found by
 identity, in every imported module of the framework, including modules imported after a
-patch when the patch is applied again."""
+patch when the patch is applied again. Not found: a function wrapped in ``staticmethod`` or
+``classmethod``, and members of classes nested in another class."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from contextlib import contextmanager
 from types import ModuleType
 
 
-def _inside(name: str, package: str) -> bool:
-    return name == package or name.startswith(package + ".")
+def _inside(name, package: str) -> bool:
+    return isinstance(name, str) and (name == package or name.startswith(package + "."))
 
 
 def modules(package: str) -> list[ModuleType]:
@@ -62,7 +63,7 @@ def _holders(package: str):
             if type(value) is dict:
                 for key, entry in list(value.items()):
                     yield f"{module.__name__}.{attr}[{key!r}]", entry, functools.partial(value.__setitem__, key)
-            elif isinstance(value, type) and _inside(value.__module__, package) and id(value) not in seen:
+            elif isinstance(value, type) and id(value) not in seen and _inside(vars(value).get("__module__"), package):
                 seen.add(id(value))
                 for name, member in list(vars(value).items()):
                     where = f"{value.__module__}.{value.__qualname__}.{name}"

@@ -22,11 +22,14 @@ copies, as the actor and experience maker hold them, included):
 
 Each replacement binds its arguments to the installed function's own signature and hands
 every call it does not cover to OpenRLHF with the same arguments: an estimator name it
-does not know, the older ``action_mask`` / ``use_kl_estimator_k3`` arguments of the KL when
-set, a KL value beyond +-10 (releases differ on clamping there: theirs decides), masks
-with weights other than 0 and 1, gamma or lambd outside [0, 1], shapes that only
-broadcast. The policy and value loss modules (``PolicyLoss``, ``ValueLoss``) are left
-alone: their arguments and return values changed between releases.
+does not know, the older ``action_mask`` argument of the KL when set (the older
+``use_kl_estimator_k3`` flag is read: k3 or k1), a KL value at +-10 or beyond (releases
+differ on clamping there: theirs decides), masks with weights other than 0 and 1, gamma
+or lambd outside [0, 1] or not scalars, arguments of newer releases that are not at their
+defaults, shapes that only broadcast. The experience maker must be importable when
+:func:`patch` first runs (a warning says when it is not). The policy and value loss
+modules (``PolicyLoss``, ``ValueLoss``) are left alone: their arguments and return values
+changed between releases.
 
 OpenRLHF is not a dependency: nothing here imports it until :func:`patch`.
 """
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 
 import torch
 
@@ -66,7 +70,9 @@ def _build():
             replacements[name] = make(fn)
     try:
         maker = importlib.import_module(EXPERIENCE_MAKER)
-    except ImportError:  # an OpenRLHF without this module (or without its Ray dependencies here)
+    except ImportError as exc:  # an OpenRLHF without this module (or without its Ray dependencies here)
+        warnings.warn(f"rlhf_kernels.integrations.openrlhf: {EXPERIENCE_MAKER} is not importable ({exc}); "
+                      "its GAE is not patched", stacklevel=3)  # fmt: skip
         maker = None
     for cls in [v for v in vars(maker).values() if isinstance(v, type)] if maker else ():
         fn = vars(cls).get("get_advantages_and_returns")
@@ -90,26 +96,30 @@ patched = _patcher.patched
 
 
 # --- the replacements ------------------------------------------------------------------------------
-def _unset(a: dict, fn, known) -> bool:
-    """Whether every argument outside ``known`` is at its default (older and newer releases
-    add arguments the replacement does not implement)."""
+_PLAIN = (type(None), bool, int, float, str)
+
+
+def _unset(fn, known):
+    """A test of the bound arguments: every argument outside ``known`` is at its default
+    (older and newer releases add arguments the replacement does not implement). Values
+    other than plain scalars count as set (their == may not give a bool)."""
     params = inspect.signature(fn).parameters
 
     def default(value, name):
         d = params[name].default
-        return value is d or (not isinstance(value, torch.Tensor) and not isinstance(d, torch.Tensor) and value == d)
+        return value is d or (isinstance(value, _PLAIN) and isinstance(d, _PLAIN) and value == d)
 
-    return all(default(a[name], name) for name in a if name not in known)
+    return lambda a: all(default(a[name], name) for name in a if name not in known)
 
 
 def _make_kl(original):
-    known = ("log_probs", "log_probs_base", "kl_estimator", "use_kl_estimator_k3", "action_mask")
+    unset = _unset(original, ("log_probs", "log_probs_base", "kl_estimator", "use_kl_estimator_k3", "action_mask"))
 
     def body(a):
         logp, base = a["log_probs"], a["log_probs_base"]
         if not all(isinstance(t, torch.Tensor) and t.dtype.is_floating_point for t in (logp, base)):
             return None
-        if logp.shape != base.shape or a.get("action_mask") is not None or not _unset(a, original, known):
+        if logp.shape != base.shape or a.get("action_mask") is not None or not unset(a):
             return None
         estimator = a.get("kl_estimator", "k3" if a.get("use_kl_estimator_k3") else "k1")
         kind = KL_ESTIMATORS.get(estimator) if isinstance(estimator, str) else None
@@ -124,6 +134,8 @@ def _make_kl(original):
 
 
 def _make_logprobs(original):
+    unset = _unset(original, ("logits", "labels", "temperature"))
+
     def body(a):
         logits, labels = a["logits"], a["labels"]
         temperature = a.get("temperature", 1.0)
@@ -133,7 +145,7 @@ def _make_logprobs(original):
             return None
         if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(logits.shape[:-1]):
             return None
-        if not _unset(a, original, ("logits", "labels", "temperature")) or not float(temperature) > 0:
+        if not unset(a) or not isinstance(temperature, (int, float)) or not temperature > 0:
             return None
         if temperature != 1.0:
             logits.div_(temperature)  # as OpenRLHF does: its callers may read the scaled logits again
@@ -147,14 +159,19 @@ _GAE_PARAMS = ("self", "values", "rewards", "action_mask", "gamma", "lambd")
 
 
 def _make_gae(original):
+    unset = _unset(original, _GAE_PARAMS)
+
     def body(a):
         values, rewards, mask = a["values"], a["rewards"], a["action_mask"]
         if not all(isinstance(t, torch.Tensor) and t.dtype.is_floating_point for t in (values, rewards)):
             return None
         if values.shape != rewards.shape or values.dim() != 2:
             return None
-        gamma, lam = float(a["gamma"]), float(a["lambd"])
-        if not (0 <= gamma <= 1 and 0 <= lam <= 1) or not _unset(a, original, _GAE_PARAMS):
+        try:
+            gamma, lam = float(a["gamma"]), float(a["lambd"])
+        except (TypeError, ValueError):  # e.g. a per-row tensor, which OpenRLHF's loop broadcasts
+            return None
+        if not (0 <= gamma <= 1 and 0 <= lam <= 1) or not unset(a):
             return None
         if mask is not None:
             if not isinstance(mask, torch.Tensor) or mask.shape != values.shape:
