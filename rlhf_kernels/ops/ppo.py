@@ -276,10 +276,10 @@ def ppo_loss_from_logits(
       except the logits themselves, and differentiates ``ref_logprobs`` too.
       A whole step at 8 x 2048 x 128256 bf16: on an H200, 3.52 ms (CUDA C++) and
       4.09 ms (Triton) against 4.52 and 7.22 ms fused (read + write floor 2.03 ms,
-      benchmarks/results/bench-NVIDIA_H200-20261126-024735.txt); on an H100, 4.62
-      and 4.76 ms against 3.60 and 8.32 ms fused (floor 2.82 ms,
-      benchmarks/results/bench-NVIDIA_H100_80GB_HBM3-20261126-092208.txt); on CPU
-      the two are within 5%.
+      benchmarks/results/bench-NVIDIA_H200-20261126-024735.txt); on an H100, 4.74
+      and 4.70 ms against 3.53 and 4.75 ms fused (floor 2.80 ms,
+      benchmarks/results/bench-NVIDIA_H100_80GB_HBM3-20261126-095459.txt, with
+      the sweeps' current defaults); on CPU the two are within 5%.
     * ``grad_in_forward=True``: one kernel sweeps the logits once in
       token chunks: online log-sum-exp, label log-prob, entropy, ratio,
       clipping, KL and weight in registers; since :math:`g_t, g_{H,t}` are then
@@ -304,8 +304,8 @@ def ppo_loss_from_logits(
       float16's range (bfloat16 has float32's range and stays fused). On
       sm_90 the CUDA kernel holds each row in a thread-block cluster's shared
       memory, so the logits really are read once (csrc/ppo_logits.cu): on the
-      H100 the fastest path (1.28x the floor); the Triton sweep re-reads each row
-      and is the slowest.
+      H100 the fastest path (1.26x the floor); the Triton sweep re-reads each
+      row (hoping for L2) and is on par with the two-pass path there.
 
     Neither creates a ``[B, T, V]`` float32 temporary. Returns ``(loss, metrics)``;
     the metrics are detached (``clipfrac``, ``clipfrac_lower`` and
