@@ -68,6 +68,13 @@ def _triton_ptxas() -> str:
     return str(path) if path.exists() else (shutil.which("ptxas") or "ptxas")
 
 
+def _triton_configs() -> list:
+    """Every (kernel, signature, constexprs, num_warps) the Triton launchers can pick."""
+    from rlhf_kernels.triton import logprobs, ppo, preference
+
+    return logprobs.kernel_configs() + preference.kernel_configs() + ppo.kernel_configs()
+
+
 def check_triton(archs=ARCHS) -> list[KernelReport]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the kernels that are compiled here")
@@ -75,15 +82,11 @@ def check_triton(archs=ARCHS) -> list[KernelReport]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from rlhf_kernels.triton import logprobs, ppo, preference
-
     ptxas = _triton_ptxas()
     reports = []
     seen = set()
     with tempfile.TemporaryDirectory() as tmp:
-        for kernel, signature, constexprs, num_warps in (
-            logprobs.kernel_configs() + preference.kernel_configs() + ppo.kernel_configs()
-        ):
+        for kernel, signature, constexprs, num_warps in _triton_configs():
             key = (
                 kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__,
                 tuple(signature.values()),
@@ -141,8 +144,6 @@ def check_writes(cc: int = 90) -> dict[str, list[str]]:
     import triton
     from torch._higher_order_ops import triton_kernel_wrap as tkw
 
-    from rlhf_kernels.triton import logprobs, ppo, preference
-
     def written(kernel, kwargs) -> set[str]:
         if hasattr(tkw, "identify_accessed_tensors"):  # torch >= 2.12
             return {d.name for d in tkw.identify_accessed_tensors(kernel, kwargs, {}).read_writes.writes}
@@ -153,9 +154,7 @@ def check_writes(cc: int = 90) -> dict[str, list[str]]:
     driver.set_active(_Target(cc))
     writes: dict[str, set[str]] = {}
     try:
-        for kernel, signature, constexprs, _ in (
-            logprobs.kernel_configs() + preference.kernel_configs() + ppo.kernel_configs()
-        ):
+        for kernel, signature, constexprs, _ in _triton_configs():
             kwargs = dict(constexprs)
             for name, ty in signature.items():
                 if ty.startswith("*"):

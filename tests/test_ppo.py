@@ -832,6 +832,20 @@ def test_ppo_from_logits_empty_time(device, backend, grad_in_forward):
     assert loss.item() == 0 and metrics.clipfrac.item() == 0 and logits.grad.shape == (2, 0, 50)
 
 
+def _fused_steps_under(monkeypatch, variable, settings, inputs, backend):
+    """(loss, *metrics, logits' gradient) of one fused step per setting of a launch knob."""
+    logits, labels, old, adv, mask, ref = inputs
+    out = []
+    for setting in settings:
+        monkeypatch.setenv(variable, setting)
+        x = logits.clone().requires_grad_(True)
+        loss, metrics = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, ref_logprobs=ref, kl_coef=0.1,
+                                                          entropy_coef=0.01, grad_in_forward=True, backend=backend)
+        loss.backward()  # fmt: skip
+        out.append((loss, *metrics, x.grad))
+    return out
+
+
 @pytest.mark.parametrize("device,backend", backend_cases(["triton"], native_op=FUSED))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ppo_from_logits_prefetch_settings_agree(monkeypatch, device, backend, dtype):
@@ -840,15 +854,8 @@ def test_ppo_from_logits_prefetch_settings_agree(monkeypatch, device, backend, d
     loss, stats and gradient to float rounding (the sums are merged in another order), with V
     spanning several tiles and a partial last one."""
     g = torch.Generator().manual_seed(16)
-    logits, labels, old, adv, mask, ref = fused_inputs(2, 3, 5000, g, dtype=dtype, device=device)
-    out = []
-    for flag in ("1", "0"):
-        monkeypatch.setenv("RLHF_KERNELS_FUSED_PREFETCH", flag)
-        x = logits.clone().requires_grad_(True)
-        loss, metrics = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, ref_logprobs=ref, kl_coef=0.1,
-                                                          entropy_coef=0.01, grad_in_forward=True, backend=backend)
-        loss.backward()  # fmt: skip
-        out.append((loss, *metrics, x.grad))
+    inputs = fused_inputs(2, 3, 5000, g, dtype=dtype, device=device)
+    out = _fused_steps_under(monkeypatch, "RLHF_KERNELS_FUSED_PREFETCH", ("1", "0"), inputs, backend)
     for a, b in zip(out[0][:-1], out[1][:-1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     # the gradient is stored in the logits' dtype: one bf16 rounding step apart at most
@@ -864,15 +871,8 @@ def test_ppo_from_logits_fused_program_count_is_schedule_only(monkeypatch, backe
     rows than programs), not the result: the same bits."""
     g = torch.Generator().manual_seed(18)
     # rows of 256 KiB, so that L2 caps neither count: 300 rows over 1 or 2 programs per SM
-    logits, labels, old, adv, mask, ref = fused_inputs(3, 100, 128256, g, dtype=torch.bfloat16, device="cuda")
-    out = []
-    for per_sm in ("0", "1", "2"):
-        monkeypatch.setenv("RLHF_KERNELS_FUSED_PROGRAMS_PER_SM", per_sm)
-        x = logits.clone().requires_grad_(True)
-        loss, metrics = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, ref_logprobs=ref, kl_coef=0.1,
-                                                          entropy_coef=0.01, grad_in_forward=True, backend=backend)
-        loss.backward()  # fmt: skip
-        out.append((loss, *metrics, x.grad))
+    inputs = fused_inputs(3, 100, 128256, g, dtype=torch.bfloat16, device="cuda")
+    out = _fused_steps_under(monkeypatch, "RLHF_KERNELS_FUSED_PROGRAMS_PER_SM", ("0", "1", "2"), inputs, backend)
     for other in out[1:]:
         for a, b in zip(out[0], other, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)

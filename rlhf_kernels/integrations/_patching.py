@@ -36,6 +36,22 @@ def check_params(integration: str, where: str, fn, required: tuple[str, ...]) ->
         )
 
 
+_PLAIN = (type(None), bool, int, float, str)
+
+
+def defaults_beyond(fn, known: tuple[str, ...]):
+    """A test of a call's bound arguments (``wrap``'s dict): every argument of ``fn`` outside
+    ``known`` is at its default (releases add arguments a replacement does not implement).
+    Values other than plain scalars count as set (their ``==`` may not give a bool)."""
+    params = inspect.signature(fn).parameters
+
+    def default(value, name):
+        d = params[name].default
+        return value is d or (isinstance(value, _PLAIN) and isinstance(d, _PLAIN) and value == d)
+
+    return lambda a: all(default(a[name], name) for name in a if name not in known)
+
+
 def wrap(original, body):
     """A replacement with ``original``'s signature: ``body(args)`` gets the bound arguments
     (a dict, defaults applied) and returns the result, or ``None`` for a call it does not

@@ -37,7 +37,6 @@ OpenRLHF is not a dependency: nothing here imports it until :func:`patch`.
 from __future__ import annotations
 
 import importlib
-import inspect
 import warnings
 
 import torch
@@ -96,20 +95,7 @@ patched = _patcher.patched
 
 
 # --- the replacements ------------------------------------------------------------------------------
-_PLAIN = (type(None), bool, int, float, str)
-
-
-def _unset(fn, known):
-    """A test of the bound arguments: every argument outside ``known`` is at its default
-    (older and newer releases add arguments the replacement does not implement). Values
-    other than plain scalars count as set (their == may not give a bool)."""
-    params = inspect.signature(fn).parameters
-
-    def default(value, name):
-        d = params[name].default
-        return value is d or (isinstance(value, _PLAIN) and isinstance(d, _PLAIN) and value == d)
-
-    return lambda a: all(default(a[name], name) for name in a if name not in known)
+_unset = _patching.defaults_beyond
 
 
 def _make_kl(original):

@@ -101,15 +101,6 @@ def _tensors(*ts) -> bool:
     return all(isinstance(t, torch.Tensor) and t.dtype.is_floating_point for t in ts)
 
 
-def _defaults(a: dict, **defaults) -> bool:
-    """Whether the global-normalisation style arguments a newer verl may pass are at their
-    no-op values (absent ones count as such)."""
-    return all(a.get(name, value) == value for name, value in defaults.items())
-
-
-_GLOBAL = dict(dp_size=1, batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None)
-
-
 def _covered_agg(mode, mask) -> bool:
     """A mode the ops have; for the seq-mean modes, only when every sequence has a valid
     token (verl releases differ on whether an empty one counts: theirs decides)."""
@@ -218,12 +209,17 @@ def _make_policy_loss(original):
 
 
 def _make_value_loss(original):
+    # newer releases' global-batch arguments (dp_size, batch_num_tokens ...) only at their defaults
+    unset = _patching.defaults_beyond(
+        original, ("vpreds", "returns", "values", "response_mask", "cliprange_value", "loss_agg_mode")
+    )
+
     def body(a):
         vpreds, returns, values, mask = a["vpreds"], a["returns"], a["values"], a["response_mask"]
         mode = a.get("loss_agg_mode", "token-mean")
         if not _tensors(vpreds, returns, values) or not (vpreds.shape == returns.shape == values.shape):
             return None
-        if not _binary(mask, vpreds) or not _covered_agg(mode, mask) or not _defaults(a, **_GLOBAL):
+        if not _binary(mask, vpreds) or not _covered_agg(mode, mask) or not unset(a):
             return None
         if not float(a["cliprange_value"]) >= 0:
             return None
