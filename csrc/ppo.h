@@ -73,7 +73,7 @@ void gae_cpu(const GaeParams& p);
 //   S = number of rows with count_b > 0, total = max(N, 1), seqs = max(S, 1),
 //   and the aggregated loss (agg, the loss_agg_mode)
 //     0 token-mean: L / total          1 seq-mean-token-sum: L / seqs
-//     2 seq-mean-token-mean: Lm / seqs 3 seq-mean-token-sum-norm: L / T
+//     2 seq-mean-token-mean: Lm / seqs 3 seq-mean-token-sum-norm: L / (seqs T)
 //     4 token-sum: L
 //   with metrics[0..4] = (sum clip / total, sum kl / total, sum lower / total,
 //   total, seqs).

@@ -170,17 +170,18 @@ RLHF_HD TokenOut<A> policy_token(A logp, A old, A adv, const LossConsts<A>& k) {
 // ---------------------------------------------------------------------------
 template <typename A>
 RLHF_HD TokenOut<A> value_token(A v, A old, A ret, const LossConsts<A>& k) {
-  const A diff = v - old;
-  const A clipped_v = old + clamp(diff, -k.eps, k.eps);
+  // clip(v, old - eps, old + eps), not old + clip(v - old, +-eps): inside the range it is v
+  // itself, bit for bit, so an unclipped token never counts as clipped by rounding (TRL's
+  // and verl's form). Then l2 > l1 only where v lies outside, where vc does not depend on v.
+  const A clipped_v = clamp(v, old - k.eps, old + k.eps);
   const A e1 = v - ret;
   const A e2 = clipped_v - ret;
   const A l1 = e1 * e1;
   const A l2 = e2 * e2;
-  const auto inside = (diff > -k.eps) & (diff < k.eps);
   const auto use2 = l2 > l1;
   TokenOut<A> o;
   o.loss = lit<A>(0.5) * max_nan(l1, l2);
-  o.dloss = use2 ? (inside ? e2 : lit<A>(0)) : e1;
+  o.dloss = use2 ? lit<A>(0) : e1;
   o.clip = use2 ? lit<A>(1) : lit<A>(0);
   o.kl = lit<A>(0);
   o.lower = lit<A>(0);
@@ -226,7 +227,7 @@ RLHF_HD void finish_agg(const AggSums& s, int agg, int64_t time, A* loss, A* met
     case kSeqMeanTokenSum: l = s.loss / seqs; break;
     case kSeqMeanTokenMean: l = s.loss_per_token / seqs; break;
     case kTokenSum: l = s.loss; break;
-    default: l = s.loss / static_cast<double>(time > 0 ? time : 1); break;  // kSeqMeanTokenSumNorm
+    default: l = s.loss / (seqs * static_cast<double>(time > 0 ? time : 1)); break;  // kSeqMeanTokenSumNorm
   }
   *loss = static_cast<A>(l);
   metrics[0] = static_cast<A>(s.clip / total);
@@ -247,7 +248,7 @@ RLHF_HD A row_weight(int agg, A count_b, const A* metrics, int64_t time) {
     case kSeqMeanTokenSum: denominator = metrics[4]; break;
     case kSeqMeanTokenMean: denominator = (count_b > A(1) ? count_b : A(1)) * metrics[4]; break;
     case kTokenSum: denominator = A(1); break;
-    default: denominator = static_cast<A>(time > 0 ? time : 1); break;  // kSeqMeanTokenSumNorm
+    default: denominator = metrics[4] * static_cast<A>(time > 0 ? time : 1); break;  // kSeqMeanTokenSumNorm
   }
   return A(1) / denominator;
 }

@@ -34,6 +34,10 @@ def masked_mean(x, m):
     return (x * m).sum() / m.sum().clamp(min=1)
 
 
+# verl 0.7 and earlier sum the sequences for seq-mean-token-sum-norm, 0.8 on average them
+SUM_NORM = {"rule": "mean"}
+
+
 def agg_loss(loss, m, mode):
     m = m.to(loss.dtype)
     if mode == "token-mean":
@@ -43,7 +47,7 @@ def agg_loss(loss, m, mode):
     rows = [(loss[i] * m[i]).sum() / (m[i].sum() if mode == "seq-mean-token-mean" else 1)
             for i in range(loss.shape[0]) if m[i].sum() > 0]  # fmt: skip
     if mode == "seq-mean-token-sum-norm":
-        return sum(rows) / loss.shape[-1]
+        return sum(rows) / loss.shape[-1] / (len(rows) if SUM_NORM["rule"] == "mean" else 1)
     if mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
         return sum(rows) / len(rows)
     raise NotImplementedError(mode)
@@ -166,6 +170,7 @@ def fake_verl(monkeypatch):
                compute_value_loss, kl_penalty):  # fmt: skip
         setattr(core, fn.__name__, fn)
     core.ADV_ESTIMATOR_REGISTRY = {"gae": compute_gae_advantage_return}  # as verl's register_adv_est fills it
+    core.agg_loss = agg_loss
     functional = ModuleType("verl.utils.torch_functional")
     for fn in (logprobs_from_logits, entropy_from_logits, masked_whiten):
         setattr(functional, fn.__name__, fn)
@@ -255,9 +260,12 @@ def test_advantages_match_verl(fake_verl, cpu_backend, dtype):
             _close(a, b, max(tol, 1e-7))
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm",
-                                  "token-sum"])  # fmt: skip
-def test_losses_match_verl_with_gradients(fake_verl, cpu_backend, mode):
+@pytest.mark.parametrize(("mode", "rule"), [
+    ("token-mean", "mean"), ("seq-mean-token-sum", "mean"), ("seq-mean-token-mean", "mean"), ("token-sum", "mean"),
+    ("seq-mean-token-sum-norm", "mean"), ("seq-mean-token-sum-norm", "sum"),  # verl 0.8 on / 0.7 and earlier
+])  # fmt: skip
+def test_losses_match_verl_with_gradients(fake_verl, cpu_backend, monkeypatch, mode, rule):
+    monkeypatch.setitem(SUM_NORM, "rule", rule)  # the patch reads it from agg_loss when it patches
     x = _rollout(seed=1, empty_row=False)  # (with one, the seq-mean modes go to verl: test_uncovered_calls_go_to_verl)
 
     def run(fn, **kw):
@@ -286,6 +294,22 @@ def test_losses_match_verl_with_gradients(fake_verl, cpu_backend, mode):
     for a, b in zip(got, want, strict=True):
         _close(a, b)
     _close(got_grad, want_grad)
+
+
+@pytest.mark.parametrize("agg", ["missing", "other rule"])
+def test_sum_norm_goes_to_verl_when_its_rule_is_unknown(fake_verl, cpu_backend, agg):
+    if agg == "missing":
+        del fake_verl.core.agg_loss
+    else:  # a rule that is neither (e.g. empty sequences counted): 3 / 3 / 2 on the probe
+        fake_verl.core.agg_loss = lambda loss, m, mode: (loss * m).sum() / loss.shape[0] / loss.shape[-1]
+    x = _rollout(seed=1, empty_row=False)
+    rk_verl.patch(cpu_backend)
+    CALLS.clear()
+    fake_verl.core.compute_policy_loss(x.old, x.logp, x.adv, x.mask, cliprange=0.2,
+                                       loss_agg_mode="seq-mean-token-sum-norm")  # fmt: skip
+    fake_verl.core.compute_value_loss(x.vpreds, x.returns, x.values, x.mask, 0.3, "seq-mean-token-sum-norm")
+    fake_verl.core.compute_value_loss(x.vpreds, x.returns, x.values, x.mask, 0.3, "token-mean")  # still covered
+    assert CALLS == {"compute_policy_loss": 1, "compute_value_loss": 1}
 
 
 def test_kl_logprobs_entropy_whiten_match_verl(fake_verl, cpu_backend):

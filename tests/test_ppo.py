@@ -144,6 +144,26 @@ def test_value_loss(device, backend, mode):
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(native_op="ppo_loss_fwd_native"))
+def test_value_loss_unclipped_tokens_never_count(device, backend):
+    """Values inside old +- eps are not clipped, bit for bit: clip(v, old - eps, old + eps) is v
+    there (as TRL and verl write it), where old + clip(v - old, +-eps) rounds, and a few float32
+    tokens then counted as clipped with a zero gradient."""
+    g = torch.Generator().manual_seed(5)
+    # drawn apart (v - old is then not exact in float32), with -0.069 < v - old < 0.099 < eps
+    old = torch.rand(64, 64, generator=g) * 0.099 - 0.03
+    values = (torch.rand(64, 64, generator=g) * 0.069).to(device)
+    old, returns = old.to(device), (torch.randn(64, 64, generator=g) * 3).to(device)
+    mask = torch.ones(64, 64, dtype=torch.bool, device=device)
+    x = values.clone().requires_grad_(True)
+    out = rlhf_kernels.ppo_value_loss(x, old, returns, mask, clip_range_value=0.1, backend=backend)
+    out.loss.backward()
+    assert out.clipfrac.item() == 0.0
+    err = values.double() - returns.double()
+    torch.testing.assert_close(out.loss.double(), 0.5 * (err**2).mean(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(x.grad.double(), err / err.numel(), atol=1e-9, rtol=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op="ppo_loss_fwd_native"))
 @pytest.mark.parametrize("mode", AGG_MODES)
 def test_policy_loss_many_rows(monkeypatch, device, backend, mode):
     """More rows than one step of the in-kernel aggregation (AGG_BLOCK rows per Triton step, 256 CUDA threads),

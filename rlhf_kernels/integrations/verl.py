@@ -30,14 +30,19 @@ verl releases (four values or a loss and a metrics dict; ``rollout_log_probs``,
 Every replacement binds its arguments to the original's signature, so one module serves
 verl releases whose later arguments differ, and hands every call it does not cover to
 verl's own function with the same arguments: a loss_agg_mode the ops lack, a
-``seq-mean-*`` mode with a sequence that has no valid token (verl releases disagree on
-whether it counts), global-batch normalisation (``dp_size`` > 1, ``batch_num_tokens`` ...),
-masks with weights other than 0 and 1 (verl uses them as weights), gamma or lam outside
-[0, 1], a negative clip range, a ``"+"`` KL kind or ``"full"``, ``index`` values numpy
-cannot order or that are not scalars, fewer than two valid values to whiten (verl raises),
-shapes that only broadcast, logits whose last dim is not contiguous. Results are verl's
+``seq-mean-token-sum`` / ``-mean`` mode with a sequence that has no valid token (verl
+releases disagree on whether it counts), ``seq-mean-token-sum-norm`` when the installed
+``agg_loss`` follows neither known rule (older releases sum over the sequences where newer
+ones and the op average; the patch asks ``agg_loss`` once and rescales), global-batch
+normalisation (``dp_size`` > 1, ``batch_num_tokens`` ...), masks with weights other than
+0 and 1 (verl uses them as weights), gamma or lam outside [0, 1], a negative clip range,
+a ``"+"`` KL kind or ``"full"``, ``index`` values numpy cannot order or that are not
+scalars, fewer than two valid values to whiten (verl raises), shapes that only broadcast,
+logits whose last dim is not contiguous. Results are verl's
 in meaning, computed in float32 (float64 for float64 inputs) and returned in the dtype
-verl's own arithmetic would give.
+verl's own arithmetic would give. ``tests/test_frameworks.py`` holds all of this to the
+real verl 0.9.1 (``make test-frameworks``); ``tests/test_integrations_verl.py`` to
+stand-ins for the semantics of other releases.
 
 verl is not a dependency: nothing here imports it until :func:`patch`.
 """
@@ -101,14 +106,44 @@ def _tensors(*ts) -> bool:
     return all(isinstance(t, torch.Tensor) and t.dtype.is_floating_point for t in ts)
 
 
-def _covered_agg(mode, mask) -> bool:
+def _sum_norm_rule():
+    """How the installed verl aggregates ``seq-mean-token-sum-norm``, asked of its own
+    ``agg_loss`` once, on ones over a [3, 2] mask with rows of 2, 1 and 0 valid tokens.
+    Releases up to 0.7 sum the sequences' token sums and divide by T (3 / 2 = 1.5:
+    ``"sum"``); 0.8 on take the mean over the sequences with a valid token first, as the
+    op does and as Dr. GRPO reads (3 / 2 / 2 = 0.75: ``"mean"``). None when it cannot tell:
+    that mode then stays with verl."""
+    try:
+        agg = importlib.import_module(CORE_ALGOS).agg_loss
+        probe = agg(torch.ones(3, 2), torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]]), "seq-mean-token-sum-norm")
+        got = float(probe)
+    except Exception:  # no agg_loss, another signature: verl keeps the mode
+        return None
+    return {1.5: "sum", 0.75: "mean"}.get(got)
+
+
+def _covered_agg(mode, mask, sum_norm) -> bool:
     """A mode the ops have; for the seq-mean modes, only when every sequence has a valid
-    token (verl releases differ on whether an empty one counts: theirs decides)."""
+    token (verl releases differ on whether an empty one counts: theirs decides); for
+    ``seq-mean-token-sum-norm``, only when the release's rule is known (``sum_norm``)."""
     if not (isinstance(mode, str) and mode in LOSS_AGG_MODES):
         return False
+    if mode == "seq-mean-token-sum-norm":
+        return sum_norm is not None
     if mode not in ("seq-mean-token-sum", "seq-mean-token-mean"):
         return True
     return bool((mask != 0).any(-1).all())
+
+
+def _as_verl_aggregates(out, mode, mask, sum_norm):
+    """The op's results, with the loss rescaled to the older verl rule for
+    ``seq-mean-token-sum-norm`` (sequence sum rather than mean: times the count of
+    sequences with a valid token, the op's divisor)."""
+    out = tuple(out)
+    if mode != "seq-mean-token-sum-norm" or sum_norm != "sum":
+        return out
+    seqs = (mask != 0).any(-1).sum().clamp(min=1).to(out[0].dtype)
+    return (out[0] * seqs, *out[1:])
 
 
 def _binary(mask, like) -> bool:
@@ -180,21 +215,25 @@ def _make_grpo(original):
     return _wrap(original, body)
 
 
-def _policy_loss(old, logp, adv, mask, low, high, clip, clip_c, mode):
-    if not _tensors(old, logp, adv) or clip_c is None or not _binary(mask, logp) or not _covered_agg(mode, mask):
+def _policy_loss(old, logp, adv, mask, low, high, clip, clip_c, mode, sum_norm):
+    if not _tensors(old, logp, adv) or clip_c is None or not _binary(mask, logp):
+        return None
+    if not _covered_agg(mode, mask, sum_norm):
         return None
     if not (old.shape == logp.shape == adv.shape):
         return None
     ranges = [float(r) for r in (clip, low, high) if r is not None]
     if min(ranges) < 0 or not float(clip_c) > 1:  # verl's own checks and messages for these
         return None
-    return ppo_policy_loss(logp, old, adv, mask, clip_ratio=float(clip), clip_ratio_low=low, clip_ratio_high=high,
-                           clip_ratio_c=float(clip_c), loss_agg_mode=mode, backend=_patcher.backend)  # fmt: skip
+    out = ppo_policy_loss(logp, old, adv, mask, clip_ratio=float(clip), clip_ratio_low=low, clip_ratio_high=high,
+                          clip_ratio_c=float(clip_c), loss_agg_mode=mode, backend=_patcher.backend)  # fmt: skip
+    return _as_verl_aggregates(out, mode, mask, sum_norm)
 
 
 def _make_policy_loss(original):
     """The legacy ``compute_policy_loss(old_log_prob, log_prob, advantages, response_mask,
     cliprange, cliprange_low, cliprange_high, clip_ratio_c, loss_agg_mode)`` -> 4-tuple."""
+    sum_norm = _sum_norm_rule()
 
     def body(a):
         clip = a.get("cliprange")
@@ -202,8 +241,8 @@ def _make_policy_loss(original):
             return None
         out = _policy_loss(a["old_log_prob"], a["log_prob"], a["advantages"], a["response_mask"],
                            a.get("cliprange_low"), a.get("cliprange_high"), clip, a.get("clip_ratio_c", 3.0),
-                           a.get("loss_agg_mode", "token-mean"))  # fmt: skip
-        return None if out is None else tuple(out)
+                           a.get("loss_agg_mode", "token-mean"), sum_norm)  # fmt: skip
+        return out
 
     return _wrap(original, body)
 
@@ -213,19 +252,20 @@ def _make_value_loss(original):
     unset = _patching.defaults_beyond(
         original, ("vpreds", "returns", "values", "response_mask", "cliprange_value", "loss_agg_mode")
     )
+    sum_norm = _sum_norm_rule()
 
     def body(a):
         vpreds, returns, values, mask = a["vpreds"], a["returns"], a["values"], a["response_mask"]
         mode = a.get("loss_agg_mode", "token-mean")
         if not _tensors(vpreds, returns, values) or not (vpreds.shape == returns.shape == values.shape):
             return None
-        if not _binary(mask, vpreds) or not _covered_agg(mode, mask) or not unset(a):
+        if not _binary(mask, vpreds) or not _covered_agg(mode, mask, sum_norm) or not unset(a):
             return None
         if not float(a["cliprange_value"]) >= 0:
             return None
         out = ppo_value_loss(vpreds, values, returns, mask, clip_range_value=float(a["cliprange_value"]),
                              loss_agg_mode=mode, backend=_patcher.backend)  # fmt: skip
-        return tuple(out)
+        return _as_verl_aggregates(out, mode, mask, sum_norm)
 
     return _wrap(original, body)
 

@@ -28,8 +28,9 @@ Value loss: :math:`\tfrac12\max((v - R)^2, (\operatorname{clip}(v, v_{old} \pm \
 Both are aggregated over the response mask by ``loss_agg_mode``:
 ``token-mean`` (mean over all valid tokens), ``seq-mean-token-sum`` (mean over
 sequences of their token sums), ``seq-mean-token-mean`` (mean over sequences of
-their token means), ``seq-mean-token-sum-norm`` (sum over sequences of token
-sums, divided by the padded length T, as in Dr. GRPO) and ``token-sum`` (the sum
+their token means), ``seq-mean-token-sum-norm`` (mean over sequences of their
+token sums divided by the padded length T, as in Dr. GRPO and verl 0.8 on; verl
+0.7 and earlier summed over the sequences) and ``token-sum`` (the sum
 over valid tokens, verl's mode for a caller that normalises across data-parallel
 ranks itself). Sequences without a valid
 token drop out of the sequence means; with no valid token at all the loss is 0.
@@ -253,7 +254,7 @@ def ppo_loss_from_logits(
     aggregation mode is a weighted token sum with weights that depend on the
     mask only: ``token-mean`` :math:`w_t = 1/n`, ``seq-mean-token-sum``
     :math:`1/S`, ``seq-mean-token-mean`` :math:`1/(S\,n_b)`,
-    ``seq-mean-token-sum-norm`` :math:`1/T`, ``token-sum`` :math:`1`
+    ``seq-mean-token-sum-norm`` :math:`1/(S\,T)`, ``token-sum`` :math:`1`
     (:math:`n` valid tokens, :math:`S` sequences with at least one, :math:`n_b` valid tokens of sequence :math:`b`;
     0 on masked tokens, so empty sequences drop out). Tokens whose label is
     ``ignore_index`` count as masked. The logits' gradient is, per token,
@@ -405,10 +406,10 @@ def token_weights(mask: torch.Tensor, loss_agg_mode: str, dtype: torch.dtype = t
         return m / m.sum().clamp(min=1)
     if loss_agg_mode == "token-sum":
         return m
-    if loss_agg_mode == "seq-mean-token-sum-norm":
-        return m / m.shape[-1]
     count = m.sum(-1, keepdim=True)
     n_seqs = (count > 0).to(dtype).sum().clamp(min=1)
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        return m / (n_seqs * max(m.shape[-1], 1))
     if loss_agg_mode == "seq-mean-token-sum":
         return m / n_seqs
     return m / (count.clamp(min=1) * n_seqs)

@@ -90,7 +90,7 @@ def agg_loss(loss_mat, mask, mode):
     if mode == "seq-mean-token-mean":
         return (seq_sum / seq_count.clamp(min=1)).sum() / n_seqs
     if mode == "seq-mean-token-sum-norm":
-        return seq_sum.sum() / max(loss_mat.shape[-1], 1)  # T = 0: no token, loss 0
+        return seq_sum.sum() / n_seqs / max(loss_mat.shape[-1], 1)  # T = 0: no token, loss 0
     raise ValueError(f"unknown loss_agg_mode {mode!r}")
 
 
@@ -122,7 +122,7 @@ def ppo_policy_loss(
 
 def ppo_value_loss(values, old_values, returns, mask, *, clip_range_value=0.2, loss_agg_mode="token-mean"):
     values, old_values, returns = _acc(values, old_values, returns)
-    clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    clipped_values = torch.clamp(values, old_values - clip_range_value, old_values + clip_range_value)
     losses1 = (values - returns) ** 2
     losses2 = (clipped_values - returns) ** 2
     loss = 0.5 * agg_loss(torch.maximum(losses1, losses2), mask, loss_agg_mode)

@@ -227,16 +227,14 @@ def _policy_token(logp, old, adv, low, high, clip_c, HAS_DUAL: tl.constexpr):
 @triton.jit
 def _value_token(v, old_v, ret, clip_range):
     """Per-token 0.5 * max((v - R)^2, (clip(v, old +- eps) - R)^2) and d/dv."""
-    diff = v - old_v
-    clipped_v = old_v + _min(_max(diff, -clip_range), clip_range)
+    clipped_v = _min(_max(v, old_v - clip_range), old_v + clip_range)  # v itself inside (csrc: value_token)
     e1 = v - ret
     e2 = clipped_v - ret
     l1 = e1 * e1
     l2 = e2 * e2
-    inside = (diff > -clip_range) & (diff < clip_range)
-    use2 = l2 > l1
+    use2 = l2 > l1  # only outside the range, where clipped_v does not depend on v
     loss = 0.5 * _max(l1, l2)
-    dloss = tl.where(use2, tl.where(inside, e2, 0.0), e1)
+    dloss = tl.where(use2, 0.0, e1)
     return loss, dloss, use2.to(tl.float32)
 
 
@@ -323,7 +321,7 @@ def _ppo_loss_agg_kernel(rows_ptr, loss_ptr, metrics_ptr, B, T, AGG: tl.constexp
     elif AGG == 4:
         result = tl.sum(loss, axis=0)
     else:
-        result = tl.sum(loss, axis=0) / tl.maximum(T, 1).to(tl.float64)
+        result = tl.sum(loss, axis=0) / (n_seqs * tl.maximum(T, 1).to(tl.float64))
     out_ty = loss_ptr.dtype.element_ty
     tl.store(loss_ptr, result.to(out_ty))
     tl.store(metrics_ptr + 0, (tl.sum(clip, axis=0) / total).to(out_ty))
@@ -363,7 +361,7 @@ def _ppo_loss_bwd_kernel(
     elif AGG == 4:
         w = tl.full((), 1.0, acc_ty)
     else:
-        w = 1.0 / tl.maximum(T, 1).to(acc_ty)
+        w = 1.0 / (tl.load(metrics_ptr + 4) * tl.maximum(T, 1).to(acc_ty))
     g = tl.load(grad_loss_ptr) * w
     if KIND == 0:
         _, dloss, _, _, _ = _policy_token(x, old, third, p0, p1, p2, HAS_DUAL)
