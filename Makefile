@@ -14,7 +14,11 @@ DEV_DEPS := numpy pytest pytest-benchmark hypothesis matplotlib ninja setuptools
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h csrc/*.cuh)
 
-.PHONY: setup test bench bench-pytest gpu-check compile-check lint info clean
+# verl and OpenRLHF, for tests/test_frameworks.py only: --no-deps into their own folder, so
+# that nothing they pin shadows the venv's packages in the main test run.
+FRAMEWORKS ?= .frameworks
+
+.PHONY: setup test test-frameworks bench bench-pytest gpu-check compile-check lint info clean
 
 $(VENV)/.deps: Makefile
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -28,7 +32,18 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 setup: $(VENV)/.built
 
 test: setup
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q tests --ignore=tests/test_frameworks.py
+	$(MAKE) --no-print-directory test-frameworks
+
+# The drop-ins against the real verl / OpenRLHF releases. Without the package index the
+# install fails, and the tests skip and say why.
+$(FRAMEWORKS)/.installed: tests/frameworks/requirements.txt $(VENV)/.deps
+	rm -rf $(FRAMEWORKS)
+	$(VPY) -m pip install -q --no-deps --target $(FRAMEWORKS) -r $< && touch $@ \
+		|| echo "make: verl / OpenRLHF could not be installed; tests/test_frameworks.py skips"
+
+test-frameworks: setup $(FRAMEWORKS)/.installed
+	PYTHONPATH=$(FRAMEWORKS):tests/frameworks/stubs $(VPY) -m pytest -q -W ignore::FutureWarning tests/test_frameworks.py
 
 bench: setup
 	$(VPY) -m rlhf_kernels.cli bench --out bench-out
@@ -51,4 +66,4 @@ gpu-check:
 	OUT=benchmarks/results/gpu-session PYTHON=$(PYTHON) MAX_JOBS=$(JOBS) benchmarks/gpu_session.sh
 
 clean:
-	rm -rf build bench-out rlhf_kernels/_C*.so *.egg-info
+	rm -rf build bench-out rlhf_kernels/_C*.so *.egg-info $(FRAMEWORKS)

@@ -1,0 +1,236 @@
+"""The verl and OpenRLHF drop-ins against the real releases, not stand-ins.
+
+``make test-frameworks`` installs the pinned releases (tests/frameworks/requirements.txt,
+verl 0.9.1 and OpenRLHF 0.11.2) into ``.frameworks/`` and runs this file with them on the
+path; elsewhere (``make test``, CI) it is skipped, since neither installs with its
+dependencies on a machine without a GPU. Each test calls the release's own function,
+captured before :func:`patch`, and the patched one on the same inputs, and checks that
+the patched call reached the op (a drop-in that quietly handed every call back to the
+framework would pass the comparison alone). float32 inputs are compared with the
+framework at float32; bfloat16 ones with the framework on the same values in float64,
+since its own bfloat16 arithmetic rounds at every step where the ops accumulate in float32.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from rlhf_kernels.integrations import openrlhf as rk_openrlhf
+from rlhf_kernels.integrations import verl as rk_verl
+
+AGG_MODES = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _counting(monkeypatch, module, names):
+    """Count the integration module's calls of the ops it imported by these names."""
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        op = getattr(module, name)
+
+        def counted(*args, _op=op, _name=name, **kwargs):
+            calls[_name] += 1
+            return _op(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.fixture
+def verl(monkeypatch):
+    core = pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl not installed: make test-frameworks")
+    functional = pytest.importorskip("verl.utils.torch_functional")
+    names = ["compute_gae_advantage_return", "compute_grpo_outcome_advantage", "compute_policy_loss",
+             "compute_value_loss", "kl_penalty"]  # fmt: skip
+    original = {n: getattr(core, n) for n in names}
+    original.update({n: getattr(functional, n) for n in ("logprobs_from_logits", "entropy_from_logits",
+                                                           "masked_whiten")})  # fmt: skip
+    calls = _counting(monkeypatch, rk_verl, ["gae", "grpo_advantages", "ppo_policy_loss", "ppo_value_loss",
+                                             "kl_penalty", "token_logprobs", "masked_whiten"])  # fmt: skip
+    rk_verl.patch("auto")
+    try:
+        yield core, functional, original, calls
+    finally:
+        rk_verl.unpatch()
+        assert all(getattr(core, n) is original[n] for n in names)
+        assert core.ADV_ESTIMATOR_REGISTRY["gae"] is original["compute_gae_advantage_return"]
+
+
+@pytest.fixture
+def openrlhf(monkeypatch):
+    utils = pytest.importorskip("openrlhf.models.utils", reason="OpenRLHF not installed: make test-frameworks")
+    maker = pytest.importorskip("openrlhf.trainer.ppo_utils.experience_maker")
+    original = {"compute_approx_kl": utils.compute_approx_kl, "log_probs_from_logits": utils.log_probs_from_logits,
+                "gae": maker.RemoteExperienceMaker.get_advantages_and_returns}  # fmt: skip
+    calls = _counting(monkeypatch, rk_openrlhf, ["kl_penalty", "token_logprobs", "gae"])
+    rk_openrlhf.patch("auto")
+    try:
+        yield utils, maker, original, calls
+    finally:
+        rk_openrlhf.unpatch()
+        assert utils.compute_approx_kl is original["compute_approx_kl"]
+        assert maker.RemoteExperienceMaker.get_advantages_and_returns is original["gae"]
+
+
+def _masks(B, T, g):
+    gaps = (torch.rand(B, T, generator=g) > 0.3).float()
+    gaps[:, -1] = 1
+    prefix = torch.zeros(B, T)
+    for b in range(B):
+        prefix[b, : 1 + b * (T - 1) // max(B - 1, 1)] = 1
+    empty = gaps.clone()
+    empty[1] = 0
+    return {"ones": torch.ones(B, T), "gaps": gaps, "prefix": prefix, "empty-row": empty}
+
+
+def _inputs(dtype, mask_kind, B=6, T=37, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = [(torch.randn(B, T, generator=g) * 0.5).to(dtype) for _ in range(4)]
+    return (*r, _masks(B, T, g)[mask_kind])
+
+
+def _tol(dtype):
+    return dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=2e-5, rtol=2e-5)
+
+
+def _wide(dtype, *ts):
+    """The framework's inputs: as given for float32, in float64 for bfloat16 (see the module docstring)."""
+    return [t.double() if dtype == torch.bfloat16 and t.dtype.is_floating_point else t for t in ts]
+
+
+def _close(got, want, tol):
+    for a, b in zip(got if isinstance(got, tuple | list) else [got], want if isinstance(want, tuple | list) else [want],
+                    strict=True):  # fmt: skip
+        torch.testing.assert_close(torch.as_tensor(a).double(), torch.as_tensor(b).double(), **tol)
+
+
+# --- verl --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_kind", ["ones", "gaps", "prefix", "empty-row"])
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.99, 1.0), (0.9, 0.0)])
+def test_verl_gae(verl, dtype, mask_kind, gamma, lam):
+    core, _, original, calls = verl
+    rewards, values, _, _, mask = _inputs(dtype, mask_kind)
+    got = core.ADV_ESTIMATOR_REGISTRY["gae"](rewards, values, mask.to(dtype), gamma, lam)
+    want = original["compute_gae_advantage_return"](*_wide(dtype, rewards, values, mask), gamma, lam)
+    assert calls["gae"] == 1 and got[0].dtype == dtype
+    _close(got, want, _tol(dtype))
+
+
+@pytest.mark.parametrize("group", [1, 2, 3])
+@pytest.mark.parametrize("norm", [True, False])
+def test_verl_grpo(verl, group, norm):
+    core, _, original, calls = verl
+    g = torch.Generator().manual_seed(4)
+    scores, mask = torch.randn(6, 11, generator=g), _masks(6, 11, g)["gaps"]
+    index = np.array([f"prompt-{i // group}" for i in range(6)], dtype=object)
+    got = core.compute_grpo_outcome_advantage(scores, mask, index, 1e-6, norm)
+    want = original["compute_grpo_outcome_advantage"](scores.clone(), mask, index, 1e-6, norm)  # (writes scores)
+    assert calls["grpo_advantages"] == 1
+    _close(got, want, dict(atol=1e-6, rtol=1e-5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("mask_kind", ["gaps", "empty-row"])
+@pytest.mark.parametrize("clip", [(0.2, None, None, 3.0), (0.2, 0.1, 0.28, 2.0)], ids=["symmetric", "clip-higher"])
+def test_verl_policy_and_value_loss(verl, dtype, mode, mask_kind, clip):
+    core, _, original, calls = verl
+    logp, old, adv, vpred, mask = _inputs(dtype, mask_kind, seed=1)
+    # verl releases differ on empty sequences in these two modes: such calls go to verl itself
+    covered = mask_kind != "empty-row" or mode in ("token-mean", "seq-mean-token-sum-norm")
+    wide = dtype == torch.bfloat16 and covered
+    tol = _tol(dtype) if covered else dict(atol=0, rtol=0)
+
+    def check(name, op, x, call):
+        """verl's ``name`` patched and its own, through ``call(fn, x, others)``, x differentiated."""
+        results = []
+        for fn, w in ((getattr(core, name), False), (original[name], wide)):
+            xg = (x.double() if w else x).clone().requires_grad_(True)
+            out = call(fn, xg, _wide(dtype, old, adv) if w else (old, adv))
+            out[0].backward()
+            results.append((out, xg.grad))
+        assert calls[op] == int(covered)
+        for got, want in zip(*results, strict=True):
+            _close(got, want, tol)
+
+    # policy: (old_log_prob, log_prob, advantages, ...); value: (vpreds, returns = adv, values = old, ...)
+    check("compute_policy_loss", "ppo_policy_loss", logp,
+          lambda fn, x, o: fn(o[0], x, o[1], mask, *clip, loss_agg_mode=mode))  # fmt: skip
+    check("compute_value_loss", "ppo_value_loss", vpred, lambda fn, x, o: fn(x, o[1], o[0], mask, 0.2, mode))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_verl_kl_penalty(verl, dtype):
+    core, _, original, calls = verl
+    logp, ref, _, _, _ = _inputs(dtype, "ones", seed=2)
+    kinds = ["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3"]
+    for kind in [*kinds, "k3+"]:
+        _close(core.kl_penalty(logp, ref, kind), original["kl_penalty"](*_wide(dtype, logp, ref), kind), _tol(dtype))
+    assert calls["kl_penalty"] == len(kinds)  # "k3+" (straight-through k2 gradient) stays with verl
+
+
+@pytest.mark.parametrize("dtype,V", list(itertools.product(DTYPES, [7, 1000])))
+def test_verl_logprobs_entropy_whiten(verl, dtype, V):
+    _, functional, original, calls = verl
+    g = torch.Generator().manual_seed(3)
+    logits, labels = (torch.randn(3, 5, V, generator=g) * 2).to(dtype), torch.randint(0, V, (3, 5), generator=g)
+    a, b = logits.clone().requires_grad_(True), logits.double().requires_grad_(True)
+    got, want = functional.logprobs_from_logits(a, labels, False), original["logprobs_from_logits"](b, labels, False)
+    got.sum().backward()
+    want.sum().backward()
+    _close(got, want, _tol(dtype))
+    _close(a.grad, b.grad, _tol(dtype))
+    _close(functional.entropy_from_logits(logits), original["entropy_from_logits"](logits.double()), _tol(dtype))
+    x, _, _, _, mask = _inputs(torch.float32, "gaps", seed=5)
+    _close(functional.masked_whiten(x, mask), original["masked_whiten"](x, mask), _tol(torch.float32))
+    assert calls["token_logprobs"] == 2 and calls["masked_whiten"] == 1
+
+
+# --- OpenRLHF ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_kind", ["ones", "gaps", "prefix"])
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.99, 1.0)])
+def test_openrlhf_gae(openrlhf, dtype, mask_kind, gamma, lam):
+    _, maker, original, calls = openrlhf
+    rewards, values, _, _, mask = _inputs(dtype, mask_kind, seed=6)
+    got = maker.RemoteExperienceMaker.get_advantages_and_returns(None, values, rewards, mask.to(dtype), gamma, lam)
+    want = original["gae"](None, *_wide(dtype, values, rewards, mask), gamma, lam)
+    assert calls["gae"] == 1
+    _close(got, want, _tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_openrlhf_approx_kl(openrlhf, dtype, estimator):
+    utils, _, original, calls = openrlhf
+    logp, base, old, _, _ = _inputs(dtype, "ones", seed=7)
+    a, b = (logp * 4).requires_grad_(True), (logp * 4).double().requires_grad_(True)
+    got = utils.compute_approx_kl(a, base, kl_estimator=estimator)
+    want = original["compute_approx_kl"](b, *_wide(dtype, base), kl_estimator=estimator)
+    got.sum().backward()
+    want.sum().backward()
+    _close(got, want, _tol(dtype))
+    _close(a.grad, b.grad, _tol(dtype))
+    # the importance-weighted gradient of 0.11 is OpenRLHF's own
+    _close(utils.compute_approx_kl(logp, base, old, estimator, True),
+           original["compute_approx_kl"](*_wide(dtype, logp, base, old), estimator, True), _tol(dtype))  # fmt: skip
+    assert calls["kl_penalty"] == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_openrlhf_logprobs(openrlhf, dtype, temperature):
+    utils, _, original, calls = openrlhf
+    g = torch.Generator().manual_seed(8)
+    logits, labels = (torch.randn(3, 5, 1000, generator=g) * 2).to(dtype), torch.randint(0, 1000, (3, 5), generator=g)
+    mine, theirs = logits.clone(), logits.clone()
+    got = utils.log_probs_from_logits(mine, labels, temperature)
+    want = original["log_probs_from_logits"](theirs, labels, temperature)
+    assert calls["token_logprobs"] == 1 and got.dtype == want.dtype
+    _close(got, want, _tol(dtype))
+    assert torch.equal(mine, theirs)  # the logits divided in place, as OpenRLHF does
