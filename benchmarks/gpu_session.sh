@@ -3,8 +3,8 @@
 # extension in place, run the GPU tests, run the benchmarks, and leave the logs and
 # results in $OUT (at most 8 files come back from a lent machine; this writes 7).
 #
-#   benchmarks/gpu_session.sh [phases]    phases: any of build tests overhead sweep profile bench
-#                                         (default: all but sweep and profile)
+#   benchmarks/gpu_session.sh [phases]    phases: any of build tests overhead sweep bwdsweep
+#                                         profile bench (default: build tests overhead bench)
 #
 # Everything runs against one deadline, TOTAL seconds from the start (default 585: the
 # device tool stops a command at 600). The build gets at most BUILD_LIMIT (170 s; about
@@ -28,6 +28,8 @@ PY=${PYTHON:-python3}
 PHASES=${*:-build tests overhead bench}
 # sweep: the Triton log-prob kernels over tile sizes, warp counts and prefetch
 # (benchmarks/triton_sweep.py, into session.log; at most SWEEP_LIMIT, 100 s).
+# bwdsweep: the log-prob backward of both kernel backends with rows cut into column parts
+# (benchmarks/bwd_sweep.py, RLHF_KERNELS_BWD_PART_COLS; into session.log; at most BWDSWEEP_LIMIT, 70 s).
 # profile: Nsight Compute on the kernels furthest from their targets (benchmarks/profile_kernels.py),
 # its sections as text in ncu.log (about a minute; the 8th file that comes back).
 TOTAL=${TOTAL:-585}
@@ -79,6 +81,7 @@ if has tests; then
   reserve=$((${BENCH_MIN:-200} + 20))  # the benchmarks' share, and pytest's kill grace
   has overhead && reserve=$((reserve + 60))
   has sweep && reserve=$((reserve + ${SWEEP_LIMIT:-100}))
+  has bwdsweep && reserve=$((reserve + ${BWDSWEEP_LIMIT:-70}))
   limit=$(min "${TEST_LIMIT:-200}" $(($(left) - reserve)))
   ((limit < 30)) && limit=30
   log "GPU tests (limit $limit s, -k '${TEST_K=not cuda-torch}')"
@@ -107,6 +110,16 @@ if has sweep; then
     PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" timeout "$limit" "$PY" benchmarks/triton_sweep.py \
       --budget $((limit - 25)) >>"$OUT/session.log" 2>&1
     log "sweep exit code $?"
+  fi
+fi
+
+if has bwdsweep; then
+  limit=$(min "${BWDSWEEP_LIMIT:-70}" $(($(left) - ${BENCH_MIN:-200})))
+  if ((limit > 20)); then
+    log "backward column-part sweep (benchmarks/bwd_sweep.py, limit $limit s)"
+    PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" timeout "$limit" "$PY" benchmarks/bwd_sweep.py \
+      --budget $((limit - 15)) >>"$OUT/session.log" 2>&1
+    log "bwd sweep exit code $?"
   fi
 fi
 

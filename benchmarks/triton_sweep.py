@@ -33,17 +33,28 @@ def median_ms(fn, setup, device) -> float:
     return times[len(times) // 2]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def sweep_parser(doc: str, budget: float) -> argparse.ArgumentParser:
+    """The sweeps' common options (benchmarks/bwd_sweep.py shares them)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=16384)
     parser.add_argument("--vocab", type=int, default=128256)
-    parser.add_argument("--budget", type=float, default=90.0, help="seconds; no new configuration after it")
+    parser.add_argument("--budget", type=float, default=budget, help="seconds; no new configuration after it")
     parser.add_argument("--device", default="cuda", help="cpu only for a smoke run under TRITON_INTERPRET=1")
-    args = parser.parse_args()
+    return parser
+
+
+def sweep_inputs(args) -> tuple[torch.device, torch.Tensor, torch.Tensor]:
+    """(device, bf16 logits [rows, vocab], labels) for a sweep, the same bits every run."""
     device = torch.device(args.device)
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(args.rows, args.vocab, generator=g) * 2).to(torch.bfloat16).to(device)
     labels = torch.randint(0, args.vocab, (args.rows,), generator=g).to(device)
+    return device, logits, labels
+
+
+def main() -> None:
+    args = sweep_parser(__doc__, 90.0).parse_args()
+    device, logits, labels = sweep_inputs(args)
     nbytes = logits.numel() * logits.element_size()
     chosen = triton_logprobs._block_v
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)"

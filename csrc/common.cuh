@@ -667,30 +667,50 @@ __host__ __device__ __forceinline__ void grad_vec(const Op& op, Acc* u, int j0) 
   }
 }
 
-// Writes `value` (0 or NaN) to the n elements of a gradient row.
-template <int kThreads, typename T>
-__device__ __forceinline__ void fill_row(T* out, int n, acc_t<T> value) {
+// A part of a row, for kernels that cut rows into `parts` pieces (blocks): part
+// p of a row split as split_row does owns the 16-byte body vectors [p * pv,
+// min((p + 1) * pv, nvec)), part 0 also the scalar head and part parts - 1 the
+// scalar tail; rows whose layout allows no vectors are cut into pieces of pv *
+// kN scalars. RowPart{} is the whole row. The launcher keeps parts * pv * kN
+// below 2^31 (and pv >= ceil(V / kN) when parts == 1).
+struct RowPart {
+  int part = 0;
+  int parts = 1;
+  int pv = 0x3fffffff;  // vectors per part (the whole row of any V <= 2^30; no int overflow below)
+  __device__ __forceinline__ bool first() const { return part == 0; }
+  __device__ __forceinline__ bool last() const { return part == parts - 1; }
+  __device__ __forceinline__ int vec_begin() const { return part * pv; }
+  __device__ __forceinline__ int vec_end(int nvec) const { return min(nvec, part * pv + pv); }
+};
+
+// Writes `value` (0 or NaN) to the n elements of a gradient row, or with
+// kParts to those of its part `rp`.
+template <int kThreads, bool kParts = false, typename T>
+__device__ __forceinline__ void fill_row(T* out, int n, acc_t<T> value, const RowPart rp = RowPart{}) {
   using Acc = acc_t<T>;
   constexpr int kN = Vec<T>::kN;
   const int tid = static_cast<int>(threadIdx.x);
   const RowSplit sp = split_row(out, n);
   const T v = from_acc<T>(value);
-  if (tid < sp.head) out[tid] = v;
+  if ((!kParts || rp.first()) && tid < sp.head) out[tid] = v;
   Acc vals[kN];
 #pragma unroll
   for (int k = 0; k < kN; ++k) vals[k] = value;
   T* body = out + sp.head;
-  for (int i = tid; i < sp.nvec; i += kThreads) Vec<T>::store(body + i * kN, vals);
-  if (tid < n - sp.body_end) out[sp.body_end + tid] = v;
+  const int end = kParts ? rp.vec_end(sp.nvec) : sp.nvec;
+  for (int i = (kParts ? rp.vec_begin() : 0) + tid; i < end; i += kThreads) Vec<T>::store(body + i * kN, vals);
+  if ((!kParts || rp.last()) && tid < n - sp.body_end) out[sp.body_end + tid] = v;
 }
 
-// Writes out[j] = op(x[j], j) for the V elements of one row with the block's
-// kThreads threads: 16-byte vectors where x and out share their alignment,
-// else coalesced scalars. Each element is read and then written by the same
-// thread with no other thread touching it, so out == x (in place, same
-// layout) is safe.
-template <int kThreads, typename T, typename Op>
-__device__ __forceinline__ void grad_row(const T* x, T* out, int V, const Op& op) {
+// Writes out[j] = op(x[j], j) for the V elements of one row, or with kParts
+// for those of its part `rp` (RowPart), with the block's kThreads threads:
+// 16-byte vectors where x and out share their alignment, else coalesced
+// scalars. Each element is read and then written by the same thread with no
+// other thread touching it, so out == x (in place, same layout) is safe.
+// (Without kParts the part bounds are not in the code at all: on sm_90 even
+// constant ones cost the bf16 backward 8 registers.)
+template <int kThreads, bool kParts = false, typename T, typename Op>
+__device__ __forceinline__ void grad_row(const T* x, T* out, int V, const Op& op, const RowPart rp = RowPart{}) {
   using Acc = acc_t<T>;
   constexpr int kN = Vec<T>::kN;
   const int tid = static_cast<int>(threadIdx.x);
@@ -700,14 +720,15 @@ __device__ __forceinline__ void grad_row(const T* x, T* out, int V, const Op& op
     // Same split for both rows, so every vector load pairs with an aligned
     // vector store at the same element offsets.
     const RowSplit sp = split_row(x, V);
-    if (tid < sp.head) out[tid] = from_acc<T>(op(to_acc(x[tid]), tid));
+    if ((!kParts || rp.first()) && tid < sp.head) out[tid] = from_acc<T>(op(to_acc(x[tid]), tid));
 
     const T* xb = x + sp.head;
     T* ob = out + sp.head;
-    int i = tid;
+    const int end = kParts ? rp.vec_end(sp.nvec) : sp.nvec;
+    int i = (kParts ? rp.vec_begin() : 0) + tid;
     // Both loads are issued before either store (memory parallelism; also
     // keeps the read-before-write order per element when in place).
-    for (; i + kThreads < sp.nvec; i += 2 * kThreads) {
+    for (; i + kThreads < end; i += 2 * kThreads) {
       Acc u[kN], v[kN];
       Vec<T>::load(xb + i * kN, u);
       Vec<T>::load(xb + (i + kThreads) * kN, v);
@@ -718,7 +739,7 @@ __device__ __forceinline__ void grad_row(const T* x, T* out, int V, const Op& op
       Vec<T>::store(ob + i * kN, u);
       Vec<T>::store(ob + (i + kThreads) * kN, v);
     }
-    if (i < sp.nvec) {
+    if (i < end) {
       Acc u[kN];
       Vec<T>::load(xb + i * kN, u);
       const int j0 = sp.head + i * kN;
@@ -727,14 +748,15 @@ __device__ __forceinline__ void grad_row(const T* x, T* out, int V, const Op& op
     }
 
     const int j = sp.body_end + tid;
-    if (tid < V - sp.body_end) out[j] = from_acc<T>(op(to_acc(x[j]), j));
+    if ((!kParts || rp.last()) && tid < V - sp.body_end) out[j] = from_acc<T>(op(to_acc(x[j]), j));
   } else {
     // Rows misaligned relative to each other: scalar, still coalesced
     // (consecutive threads, consecutive elements). Four loads in flight
-    // per thread before the stores.
+    // per thread before the stores. A part is pv * kN scalars here.
     constexpr int kU = 4;
-    int j = tid;
-    for (; j + (kU - 1) * kThreads < V; j += kU * kThreads) {
+    const int end = kParts ? min(V, rp.vec_end(0x7fffffff / kN) * kN) : V;
+    int j = (kParts ? rp.vec_begin() * kN : 0) + tid;
+    for (; j + (kU - 1) * kThreads < end; j += kU * kThreads) {
       Acc u[kU];
 #pragma unroll
       for (int k = 0; k < kU; ++k) u[k] = to_acc(x[j + k * kThreads]);
@@ -743,7 +765,7 @@ __device__ __forceinline__ void grad_row(const T* x, T* out, int V, const Op& op
         out[j + k * kThreads] = from_acc<T>(op(u[k], j + k * kThreads));
       }
     }
-    for (; j < V; j += kThreads) out[j] = from_acc<T>(op(to_acc(x[j]), j));
+    for (; j < end; j += kThreads) out[j] = from_acc<T>(op(to_acc(x[j]), j));
   }
 }
 

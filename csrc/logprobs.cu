@@ -21,6 +21,7 @@
 //     guarantee by requiring V <= 2^30 (so that index + 4 * blockDim never
 //     overflows).
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -47,6 +48,11 @@ constexpr int kFwdMinBlocks = sizeof(T) == 8 ? 4 : 0;
 // row loop: 64 registers are a few short for double, so ask for 2 blocks (128).
 template <typename T>
 constexpr int kSeqMinBlocks = sizeof(T) == 8 ? 2 : 0;
+// The backward with column parts keeps the part's bounds and the item's
+// division live as well: for double sm_90 then settles on 48 registers and
+// spills (at 64 too); 2 resident blocks allow 128. (Without parts: no hint.)
+template <typename T>
+constexpr int kBwdMinBlocks = sizeof(T) == 8 ? 2 : 0;
 
 template <typename T>
 struct FwdArgs {
@@ -78,6 +84,9 @@ struct BwdArgs {
   const acc_t<T>* entropy;       // used only when kEntropy
   const acc_t<T>* grad_logprobs;
   const acc_t<T>* grad_entropy;  // used only when kEntropy
+  int parts;                     // column parts per row (1: a block per row)
+  int part_vecs;                 // RowPart::pv
+  FastDivU64 div_parts;          // item / parts
 };
 
 template <typename T>
@@ -213,23 +222,36 @@ __global__ void __launch_bounds__(kThreads, kSeqMinBlocks<T>) seq_logprobs_fwd_k
 // Backward
 // ---------------------------------------------------------------------------
 
-// Grid: min(rows, 2^31 - 1) blocks of kThreads threads; block b owns rows
-// b, b + gridDim.x, ... and writes the whole gradient row grad[row, 0:V].
-// Per row: reads V * sizeof(T) bytes of logits and writes V * sizeof(T)
-// bytes of gradient, plus a few scalars (label, lse, g, and H, gH with the
-// entropy term). Ignored / out-of-range rows only write (zeros / NaN).
-// Every element is read and then written by the same thread with no other
-// thread touching it, so grad == logits (in place, same layout) is safe.
-template <typename T, bool kEntropy>
-__global__ void __launch_bounds__(kThreads) logprobs_bwd_kernel(const BwdArgs<T> a) {
+// Grid: min(rows * parts, 2^31 - 1) blocks of kThreads threads; block b owns
+// the items b, b + gridDim.x, ...; item i is part i % parts (RowPart) of row
+// i / parts, so consecutive blocks stream consecutive pieces of one row, as a
+// copy does (parts = 1: a block per row; see bwd_parts). Per row: reads V *
+// sizeof(T) bytes of logits and writes V * sizeof(T) bytes of gradient, plus
+// a few scalars per item (label, lse, g, and H, gH with the entropy term).
+// Ignored / out-of-range rows only write (zeros / NaN). Every element is read
+// and then written by the same thread with no other thread touching it, so
+// grad == logits (in place, same layout) is safe.
+// kParts: a.parts > 1 (without it, the block-per-row kernel as it was before
+// parts: 32 registers for bf16 on sm_90, where kParts takes 38-40).
+template <typename T, bool kEntropy, bool kParts>
+__global__ void __launch_bounds__(kThreads, kParts ? kBwdMinBlocks<T> : 0)
+    logprobs_bwd_kernel(const BwdArgs<T> a) {
   using Acc = acc_t<T>;
   const int V = a.vocab;
+  const int64_t items = kParts ? a.rows * a.parts : a.rows;
 
-  for (int64_t row = static_cast<int64_t>(blockIdx.x); row < a.rows; row += gridDim.x) {
+  for (int64_t item = static_cast<int64_t>(blockIdx.x); item < items; item += gridDim.x) {
+    const int64_t row = kParts ? static_cast<int64_t>(a.div_parts.div(static_cast<uint64_t>(item))) : item;
+    RowPart rp;
+    if (kParts) {
+      rp.part = static_cast<int>(item - row * a.parts);
+      rp.parts = a.parts;
+      rp.pv = a.part_vecs;
+    }
     const int64_t y = a.labels[row];
     T* out = a.grad + a.grad_layout.offset(row);
     if (y == a.ignore_index || y < 0 || y >= V) {
-      fill_row<kThreads>(out, V, (y == a.ignore_index) ? Acc(0) : quiet_nan<Acc>());
+      fill_row<kThreads, kParts>(out, V, (y == a.ignore_index) ? Acc(0) : quiet_nan<Acc>(), rp);
       continue;
     }
 
@@ -237,7 +259,7 @@ __global__ void __launch_bounds__(kThreads) logprobs_bwd_kernel(const BwdArgs<T>
     const GradOp<Acc, kEntropy> op = GradOp<Acc, kEntropy>::make(
         lse2_from_nats(a.lse[row]), a.grad_logprobs[row], kEntropy ? a.grad_entropy[row] : Acc(0),
         kEntropy ? a.entropy[row] : Acc(0), a.inv_t, a.scale, static_cast<int>(y));
-    grad_row<kThreads>(x, out, V, op);
+    grad_row<kThreads, kParts>(x, out, V, op, rp);
   }
 }
 
@@ -272,6 +294,31 @@ void check_layout(const RowLayout& l, const char* what) {
 
 unsigned grid_for(int64_t rows) {
   return static_cast<unsigned>(rows < kMaxGrid ? rows : kMaxGrid);
+}
+
+// Column parts per row of the backward: RLHF_KERNELS_BWD_PART_COLS columns a
+// part (rounded up to whole rounds of the block's 16-byte vectors, two per
+// thread), unset or 0 for a block per row (the default until a GPU run says
+// otherwise; rlhf_kernels/triton/logprobs.py: bwd_part_cols has the Triton
+// kernel's knob of the same name). Returns {parts, vectors per part}; one part
+// when the row fits in one or rows * parts would pass the grid limit.
+struct BwdParts {
+  int parts;
+  int pv;
+};
+
+BwdParts bwd_parts(int64_t rows, int vocab, int vec_elems) {
+  const BwdParts whole{1, RowPart{}.pv};
+  const char* env = std::getenv("RLHF_KERNELS_BWD_PART_COLS");
+  const long long want = env != nullptr ? std::atoll(env) : 0;
+  if (want <= 0 || want >= vocab) return whole;
+  const long long round = 2LL * kThreads * vec_elems;  // one step of grad_row's loop
+  const long long cols = (want + round - 1) / round * round;
+  const long long pv = cols / vec_elems;
+  const long long nvec = (static_cast<long long>(vocab) + vec_elems - 1) / vec_elems;
+  const long long parts = (nvec + pv - 1) / pv;
+  if (parts <= 1 || rows > kMaxGrid / parts) return whole;
+  return BwdParts{static_cast<int>(parts), static_cast<int>(pv)};
 }
 
 template <typename T>
@@ -315,11 +362,22 @@ void launch_bwd(const LogprobsBwdParams& p, cudaStream_t stream) {
   a.entropy = static_cast<const Acc*>(p.entropy);
   a.grad_logprobs = static_cast<const Acc*>(p.grad_logprobs);
   a.grad_entropy = static_cast<const Acc*>(p.grad_entropy);
-  const dim3 grid(grid_for(p.rows));
-  if (p.grad_entropy != nullptr) {
-    logprobs_bwd_kernel<T, true><<<grid, kThreads, 0, stream>>>(a);
+  const BwdParts parts = bwd_parts(p.rows, a.vocab, Vec<T>::kN);
+  a.parts = parts.parts;
+  a.part_vecs = parts.pv;
+  a.div_parts = FastDivU64::make(static_cast<uint64_t>(parts.parts));
+  const dim3 grid(grid_for(p.rows * parts.parts));
+  const bool entropy = p.grad_entropy != nullptr;
+  if (parts.parts > 1) {
+    if (entropy) {
+      logprobs_bwd_kernel<T, true, true><<<grid, kThreads, 0, stream>>>(a);
+    } else {
+      logprobs_bwd_kernel<T, false, true><<<grid, kThreads, 0, stream>>>(a);
+    }
+  } else if (entropy) {
+    logprobs_bwd_kernel<T, true, false><<<grid, kThreads, 0, stream>>>(a);
   } else {
-    logprobs_bwd_kernel<T, false><<<grid, kThreads, 0, stream>>>(a);
+    logprobs_bwd_kernel<T, false, false><<<grid, kThreads, 0, stream>>>(a);
   }
   check_launch("logprobs backward kernel launch");
 }

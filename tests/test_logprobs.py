@@ -10,6 +10,7 @@ from conftest import HAS_CUDA, backend_cases
 
 import rlhf_kernels
 from rlhf_kernels.reference.logprobs import token_logprobs as reference
+from rlhf_kernels.triton import logprobs as triton_logprobs
 
 # Tolerances per logits dtype, against the float64 reference evaluated on the
 # same (already rounded) logits. Outputs are float32 for all three dtypes, so
@@ -234,6 +235,43 @@ def test_forward_prefetch_is_exact(monkeypatch, device, backend, dtype):
     for a, b in zip(*out, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(out[0][0].cpu().double(), reference(logits.double(), labels), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"]))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("inplace_backward", [False, True], ids=["grad", "inplace"])
+def test_backward_parts_are_exact(monkeypatch, device, backend, dtype, inplace_backward):
+    """Rows cut into column parts (RLHF_KERNELS_BWD_PART_COLS; rounded up to whole tiles, the
+    last part short) give the same gradient bits as a program per row: with entropy, an
+    ignored row, an out-of-range label (NaN, with checks off), a -inf-led row and sliced
+    (non-contiguous) rows. (The CPU kernel has no parts: there it checks the knob is inert.)"""
+    g = torch.Generator().manual_seed(37)
+    full = (torch.randn(3, 3, 9001, generator=g) * 3).to(dtype)
+    full[1, 0, :5000] = float("-inf")
+    labels = torch.randint(5000, 9001, (3, 2), generator=g)
+    labels[0, 1], labels[2, 0] = -100, 9001
+    grads = []
+    for cols in ("0", "1000", "4096", "100000"):
+        monkeypatch.setenv("RLHF_KERNELS_BWD_PART_COLS", cols)
+        logits = full.clone().to(device)[:, :-1].requires_grad_(not inplace_backward)
+        leaf = logits
+        if inplace_backward:  # the gradient lands in the buffer of a non-leaf (logits * 1)
+            leaf = full.clone().to(device).requires_grad_(True)
+            logits = (leaf * 1)[:, :-1]
+        lp, ent = rlhf_kernels.token_logprobs(logits, labels.to(device), return_entropy=True, check_labels=False,
+                                              inplace_backward=inplace_backward, backend=backend)  # fmt: skip
+        (lp.nan_to_num(0).sum() + 0.3 * ent.nan_to_num(0).sum()).backward()
+        grads.append(leaf.grad)
+    for other in grads[1:]:
+        torch.testing.assert_close(other, grads[0], rtol=0, atol=0, equal_nan=True)
+    grad = grads[0]
+    assert torch.all(grad[0, 1] == 0) and torch.all(grad[2, 0].isnan()) and torch.isfinite(grad[0, 0]).all()
+    if backend == "triton":  # the settings above do cut these rows (3 to 9 parts) but the last
+        block = triton_logprobs._block_v(9001, full.element_size())[0]
+        monkeypatch.setenv("RLHF_KERNELS_BWD_PART_COLS", "1000")
+        assert 3 <= triton_logprobs.bwd_parts(6, 9001, block)[0] <= 9
+        monkeypatch.setenv("RLHF_KERNELS_BWD_PART_COLS", "100000")
+        assert triton_logprobs.bwd_parts(6, 9001, block)[0] == 1
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())

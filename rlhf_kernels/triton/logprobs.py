@@ -260,15 +260,23 @@ def _logprobs_bwd_kernel(
     inv_temp_hi,  # 1/T as hi + lo float32 parts, as in the forward kernel
     inv_temp_lo,
     ignore_index,
+    parts,  # column parts per row (1: a program per row)
+    part_cols,  # columns per part, a multiple of BLOCK_V
     HAS_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    # Grid: (rows,). Each program owns one row of the gradient: it reads the V
-    # logits once and writes V gradients once (2 * V * itemsize bytes), from
-    # dlogits_j = (g * (1[j == y] - p_j) - gH * p_j * (z_j - lse + H)) / T.
-    # grad_ptr may alias logits_ptr (in-place backward): each element is read
-    # before it is written by the same program.
-    row = tl.program_id(0).to(tl.int64)
+    # Grid: (rows * parts,). Program i owns the columns [p * part_cols,
+    # min(V, (p + 1) * part_cols)) of row i // parts (p = i % parts): it reads
+    # those logits once and writes their gradients once (2 * itemsize bytes an
+    # element), from dlogits_j = (g * (1[j == y] - p_j) - gH * p_j * (z_j - lse + H)) / T.
+    # Consecutive programs share a row, so the programs in flight stream one
+    # region of memory, as a copy does (see bwd_part_cols). grad_ptr may alias
+    # logits_ptr (in-place backward): each element is read before it is
+    # written by the same program.
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // parts
+    col0 = (pid % parts) * part_cols
+    col1 = tl.minimum(col0 + part_cols, V)
     acc_ty = lse_ptr.dtype.element_ty
     inv_temp = join_float(inv_temp_hi, inv_temp_lo, acc_ty)
     scale2 = inv_temp * tl.full((), _LOG2E, acc_ty)
@@ -276,12 +284,13 @@ def _logprobs_bwd_kernel(
     cols = _tile_cols(logits_ptr.dtype.element_ty.primitive_bitwidth, BLOCK_V)
     x_ptr = logits_ptr + _row_start(row, size1, size2, stride0, stride1, stride2)
     g_ptr = grad_ptr + _row_start(row, g_size1, g_size2, g_stride0, g_stride1, g_stride2)
+    # (A tile starting in [col0, col1) ends by col0 + part_cols: only V bounds it.)
     if label == ignore_index:
-        for start in range(0, V, BLOCK_V):
+        for start in range(col0, col1, BLOCK_V):
             offs = start + cols
             tl.store(g_ptr + offs, tl.zeros(cols.shape, acc_ty), mask=offs < V)
     elif (label < 0) | (label >= V):
-        for start in range(0, V, BLOCK_V):
+        for start in range(col0, col1, BLOCK_V):
             offs = start + cols
             tl.store(g_ptr + offs, tl.full(cols.shape, float("nan"), acc_ty), mask=offs < V)
     else:
@@ -297,7 +306,7 @@ def _logprobs_bwd_kernel(
         lse2 = (lse.to(tl.float64) * tl.full((), _LOG2E, tl.float64)).to(acc_ty)
         gi, a0, a1 = _grad_consts(g, gh, entropy, inv_temp, acc_ty, HAS_ENTROPY)
         label32 = label.to(tl.int32)
-        for start in range(0, V, BLOCK_V):
+        for start in range(col0, col1, BLOCK_V):
             offs = start + cols
             x = tl.load(x_ptr + offs, mask=offs < V, other=0.0)
             d = _grad_tile(x, offs, label32, scale2, lse2, gi, a0, a1, acc_ty, HAS_ENTROPY)
@@ -423,6 +432,7 @@ def logprobs_prefetch() -> bool:
     return os.environ.get("RLHF_KERNELS_LOGPROBS_PREFETCH", "0") == "1"
 
 
+_MAX_GRID = 2**31 - 1  # grid x limit
 _SEQ_TARGET_ITEMS = 2048  # as kSeqTargetItems in csrc/logprobs.h
 
 
@@ -498,9 +508,11 @@ def logprobs_bwd(
     has_entropy = grad_entropy is not None
     grad_logprobs = grad_logprobs.to(acc).contiguous()
     grad_entropy = grad_entropy.to(acc).contiguous() if has_entropy else grad_logprobs
-    block, num_warps = _block_v(logits.shape[-1], logits.element_size())
+    vocab = logits.shape[-1]
+    block, num_warps = _block_v(vocab, logits.element_size())
+    parts, part_cols = bwd_parts(rows, vocab, block)
     kernel = _logprobs_bwd_kernel if launch is None else launch(_logprobs_bwd_kernel)
-    kernel[(rows,)](
+    kernel[(rows * parts,)](
         logits,
         grad_logits,
         labels.contiguous(),
@@ -513,10 +525,37 @@ def logprobs_bwd(
         *grad_layout,
         *split_float(1.0 / temperature),
         ignore_index,
+        parts,
+        part_cols,
         HAS_ENTROPY=has_entropy,
         BLOCK_V=block,
         num_warps=num_warps,
     )
+
+
+def bwd_part_cols() -> int:
+    """Columns per program of the log-prob backward: RLHF_KERNELS_BWD_PART_COLS, 0 (the
+    default) for a program per row. The backward only streams (read a logit, write its
+    gradient), so a row can be cut into parts; with parts, consecutive programs cover
+    consecutive pieces of one row and the programs in flight read and write one region of
+    memory, as a copy kernel does, instead of one stream per row in flight. On the H100 the
+    per-row backward ran at 2.50-2.60 TB/s against the device copy's 3.00; whether parts
+    close the gap is for a GPU run to say (``benchmarks/bwd_sweep.py`` times them)."""
+    return int(os.environ.get("RLHF_KERNELS_BWD_PART_COLS", "0"))
+
+
+def bwd_parts(rows: int, vocab: int, block: int) -> tuple[int, int]:
+    """(parts per row, columns per part) for the backward's launch: whole rows unless
+    :func:`bwd_part_cols` asks for parts (rounded up to whole tiles) and the grid fits."""
+    whole = (1, triton.cdiv(max(vocab, 1), block) * block)
+    want = bwd_part_cols()
+    if want <= 0:
+        return whole
+    part_cols = triton.cdiv(want, block) * block
+    parts = triton.cdiv(vocab, part_cols)
+    if parts <= 1 or rows * parts > _MAX_GRID:
+        return whole
+    return parts, part_cols
 
 
 def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], int]]:
@@ -556,6 +595,8 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], in
                     **bwd_ints,
                     "inv_temp_hi": "fp32",
                     "inv_temp_lo": "fp32",
+                    "parts": "i32",
+                    "part_cols": "i32",
                     "HAS_ENTROPY": "constexpr",
                     "BLOCK_V": "constexpr",
                 }
@@ -583,10 +624,10 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], in
     # a one-word vocabulary.
     for entry in list(configs):
         if entry[1]["logits_ptr"] == "*bf16" and entry[2]["BLOCK_V"] == 4096:
-            configs.append(with_ones(entry, ("size1", "g_size1", "n_chunks", "chunk", "T")))
+            configs.append(with_ones(entry, ("size1", "g_size1", "n_chunks", "chunk", "T", "parts")))
     for entry in list(configs):  # the V = 7 configurations, as V = 1
         if entry[1]["logits_ptr"] in ("*fp32", "*bf16") and entry[2]["BLOCK_V"] == 8:
             block, num_warps = _block_v(1, 4 if entry[1]["logits_ptr"] == "*fp32" else 2)
             one = (entry[0], entry[1], {**entry[2], "BLOCK_V": block}, num_warps)
-            configs.append(with_ones(one, ("V", "size1", "g_size1", "n_chunks", "chunk", "T")))
+            configs.append(with_ones(one, ("V", "size1", "g_size1", "n_chunks", "chunk", "T", "parts", "part_cols")))
     return configs
