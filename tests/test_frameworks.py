@@ -47,17 +47,20 @@ def verl(monkeypatch):
     names = ["compute_gae_advantage_return", "compute_grpo_outcome_advantage", "compute_policy_loss",
              "compute_value_loss", "kl_penalty"]  # fmt: skip
     original = {n: getattr(core, n) for n in names}
+    original["vanilla"] = core.get_policy_loss_fn("vanilla")
     original.update({n: getattr(functional, n) for n in ("logprobs_from_logits", "entropy_from_logits",
                                                            "masked_whiten")})  # fmt: skip
     calls = _counting(monkeypatch, rk_verl, ["gae", "grpo_advantages", "ppo_policy_loss", "ppo_value_loss",
                                              "kl_penalty", "token_logprobs", "masked_whiten"])  # fmt: skip
     rk_verl.patch("auto")
+    calls.update(dict.fromkeys(calls, 0))  # (patch itself checks the vanilla loss on a probe call)
     try:
         yield core, functional, original, calls
     finally:
         rk_verl.unpatch()
         assert all(getattr(core, n) is original[n] for n in names)
         assert core.ADV_ESTIMATOR_REGISTRY["gae"] is original["compute_gae_advantage_return"]
+        assert core.get_policy_loss_fn("vanilla") is original["vanilla"]
 
 
 @pytest.fixture
@@ -162,6 +165,52 @@ def test_verl_policy_and_value_loss(verl, dtype, mode, mask_kind, clip):
     check("compute_policy_loss", "ppo_policy_loss", logp,
           lambda fn, x, o: fn(o[0], x, o[1], mask, *clip, loss_agg_mode=mode))  # fmt: skip
     check("compute_value_loss", "ppo_value_loss", vpred, lambda fn, x, o: fn(x, o[1], o[0], mask, 0.2, mode))
+
+
+GLOBAL_BATCH = {"none": {}, "dp2": dict(dp_size=2, batch_num_tokens=300, global_batch_size=14),
+                "dp2-norm": dict(dp_size=2, batch_num_tokens=300, global_batch_size=14, loss_scale_factor=64),
+                "dp1": dict(dp_size=1, batch_num_tokens=150, global_batch_size=7)}  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", [*AGG_MODES, "token-sum"])
+@pytest.mark.parametrize("batch", list(GLOBAL_BATCH))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_verl_vanilla_policy_loss_and_global_batch(verl, mode, batch, dtype):
+    """The registry's "vanilla" loss (what verl 0.9's actors call, with verl's own actor
+    config) and the value loss, with the global-batch arguments a data-parallel actor passes."""
+    core, _, original, calls = verl
+    from verl.workers.config import FSDPActorConfig
+
+    logp, old, adv, vpred, mask = _inputs(dtype, "gaps", seed=9)
+    config = FSDPActorConfig(strategy="fsdp", ppo_micro_batch_size_per_gpu=1, rollout_n=1, clip_ratio=0.2,
+                             clip_ratio_high=0.28, clip_ratio_c=3.0)  # fmt: skip
+    config.global_batch_info.update(GLOBAL_BATCH[batch])
+    tol = _tol(dtype)
+
+    def loss_and_grad(fn, x, *others):
+        x = x.clone().requires_grad_(True)
+        out = fn(x, *others)
+        out[0].backward()
+        return out, x.grad
+
+    vanilla = core.get_policy_loss_fn("vanilla")
+    assert vanilla is not original["vanilla"]
+    (got, metrics), got_grad = loss_and_grad(lambda x, o, a: vanilla(o, x, a, mask, mode, config), logp, old, adv)
+    (want, want_metrics), want_grad = loss_and_grad(lambda x, o, a: original["vanilla"](o, x, a, mask, mode, config),
+                                                    *_wide(dtype, logp, old, adv))  # fmt: skip
+    assert calls["ppo_policy_loss"] == 1 and set(metrics) == set(want_metrics)
+    _close(got, want, tol)
+    _close(got_grad, want_grad, tol)
+    _close([metrics[k] for k in sorted(metrics)], [want_metrics[k] for k in sorted(metrics)], tol)
+
+    info = GLOBAL_BATCH[batch]
+    got, got_grad = loss_and_grad(lambda x, r, v: core.compute_value_loss(x, r, v, mask, 0.2, mode, **info),
+                                  vpred, adv, old)  # fmt: skip
+    want, want_grad = loss_and_grad(lambda x, r, v: original["compute_value_loss"](x, r, v, mask, 0.2, mode, **info),
+                                    *_wide(dtype, vpred, adv, old))  # fmt: skip
+    assert calls["ppo_value_loss"] == 1
+    _close(got, want, tol)
+    _close(got_grad, want_grad, tol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

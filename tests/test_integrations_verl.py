@@ -38,19 +38,31 @@ def masked_mean(x, m):
 SUM_NORM = {"rule": "mean"}
 
 
-def agg_loss(loss, m, mode):
+def agg_loss(loss, m, mode, dp_size=1, batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None):
+    """With verl 0.8's global-batch arguments: dp_size ranks, the global batch's valid tokens
+    and sequences, a constant in place of T."""
     m = m.to(loss.dtype)
     if mode == "token-mean":
-        return (loss * m).sum() / m.sum()
+        if batch_num_tokens is None:
+            if dp_size > 1:
+                raise ValueError("(global) batch_num_tokens is required when dp_size > 1")
+            batch_num_tokens = m.sum()
+        return (loss * m).sum() / batch_num_tokens * dp_size
     if mode == "token-sum":
-        return (loss * m).sum()
+        return (loss * m).sum() * dp_size
     rows = [(loss[i] * m[i]).sum() / (m[i].sum() if mode == "seq-mean-token-mean" else 1)
             for i in range(loss.shape[0]) if m[i].sum() > 0]  # fmt: skip
-    if mode == "seq-mean-token-sum-norm":
-        return sum(rows) / loss.shape[-1] / (len(rows) if SUM_NORM["rule"] == "mean" else 1)
-    if mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
-        return sum(rows) / len(rows)
-    raise NotImplementedError(mode)
+    horizon = loss.shape[-1] if loss_scale_factor is None else loss_scale_factor
+    if mode == "seq-mean-token-sum-norm" and SUM_NORM["rule"] == "sum":
+        return sum(rows) / horizon
+    if mode not in ("seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+        raise NotImplementedError(mode)
+    if global_batch_size is None:
+        if dp_size > 1:
+            raise ValueError("global_batch_size is required when dp_size > 1")
+        global_batch_size = len(rows)
+    loss = sum(rows) / global_batch_size * dp_size
+    return loss / horizon if mode == "seq-mean-token-sum-norm" else loss
 
 
 @_counted
@@ -99,7 +111,7 @@ def compute_grpo_outcome_advantage(token_level_rewards, response_mask, index, ep
     return adv, adv
 
 
-def _pg(old, logp, adv, mask, low, high, c, mode):
+def _pg(old, logp, adv, mask, low, high, c, mode, weights=None, **global_batch):
     d = torch.clamp(logp - old, -20, 20)
     ratio = torch.exp(d)
     l1, l2 = -adv * ratio, -adv * torch.clamp(ratio, 1 - low, 1 + high)
@@ -107,7 +119,8 @@ def _pg(old, logp, adv, mask, low, high, c, mode):
     l3 = -adv * c
     loss = torch.where(adv < 0, torch.minimum(l3, c1), c1)
     m = mask.to(logp.dtype)
-    return (agg_loss(loss, mask, mode), masked_mean((l2 > l1).to(m.dtype), m), masked_mean(-d, m),
+    agg = agg_loss(loss * (m if weights is None else weights.to(m.dtype)), mask, mode, **global_batch)
+    return (agg, masked_mean((l2 > l1).to(m.dtype), m), masked_mean(-d, m),
             masked_mean(((c1 > l3) & (adv < 0)).to(m.dtype), m))  # fmt: skip
 
 
@@ -124,8 +137,27 @@ def compute_value_loss(vpreds, returns, values, response_mask, cliprange_value, 
                        dp_size=1, batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None):  # fmt: skip
     vclip = torch.clamp(vpreds, values - cliprange_value, values + cliprange_value)
     l1, l2 = (vpreds - returns) ** 2, (vclip - returns) ** 2
-    loss = 0.5 * agg_loss(torch.maximum(l1, l2), response_mask, loss_agg_mode) * dp_size
+    loss = 0.5 * agg_loss(torch.maximum(l1, l2), response_mask, loss_agg_mode, dp_size, batch_num_tokens,
+                          global_batch_size, loss_scale_factor)  # fmt: skip
     return loss, masked_mean((l2 > l1).to(vpreds.dtype), response_mask.to(vpreds.dtype))
+
+
+@_counted
+def compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                                config=None, rollout_is_weights=None):  # fmt: skip
+    """verl 0.9's registry loss: clip ranges from the actor config, (loss, metrics of floats)."""
+    low = config.clip_ratio if config.clip_ratio_low is None else config.clip_ratio_low
+    high = config.clip_ratio if config.clip_ratio_high is None else config.clip_ratio_high
+    weights = response_mask if rollout_is_weights is None else response_mask * rollout_is_weights
+    pg = _pg(old_log_prob, log_prob, advantages, response_mask, low, high, config.get("clip_ratio_c", 3.0),
+             loss_agg_mode, weights=weights, **config.global_batch_info)  # fmt: skip
+    return pg[0], dict(zip(("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"),
+                           (v.item() for v in pg[1:]), strict=True))  # fmt: skip
+
+
+class ActorConfig(SimpleNamespace):
+    def get(self, key, default=None):
+        return getattr(self, key, default)
 
 
 @_counted
@@ -170,6 +202,8 @@ def fake_verl(monkeypatch):
                compute_value_loss, kl_penalty):  # fmt: skip
         setattr(core, fn.__name__, fn)
     core.ADV_ESTIMATOR_REGISTRY = {"gae": compute_gae_advantage_return}  # as verl's register_adv_est fills it
+    core.compute_policy_loss_vanilla = compute_policy_loss_vanilla
+    core.POLICY_LOSS_REGISTRY = {"vanilla": compute_policy_loss_vanilla}
     core.agg_loss = agg_loss
     functional = ModuleType("verl.utils.torch_functional")
     for fn in (logprobs_from_logits, entropy_from_logits, masked_whiten):
@@ -296,6 +330,84 @@ def test_losses_match_verl_with_gradients(fake_verl, cpu_backend, monkeypatch, m
     _close(got_grad, want_grad)
 
 
+GLOBAL_BATCH = [{}, dict(dp_size=2, batch_num_tokens=60, global_batch_size=9),
+                dict(dp_size=4, batch_num_tokens=100, global_batch_size=20, loss_scale_factor=32)]  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm",
+                                  "token-sum"])  # fmt: skip
+@pytest.mark.parametrize("info", range(len(GLOBAL_BATCH)), ids=["local", "dp2", "dp4-norm"])
+@pytest.mark.parametrize("rule", ["mean", "sum"])
+def test_vanilla_loss_and_global_batch_match_verl(fake_verl, cpu_backend, monkeypatch, mode, info, rule):
+    """The registry's vanilla loss (verl 0.9: clip ranges and global-batch sizes from the actor
+    config, a metrics dict) and the value loss with the global-batch arguments a data-parallel
+    actor passes, through the op: the plan (scale of token-sum / seq-mean-token-mean) the patch
+    checked against the installed agg_loss; either seq-mean-token-sum-norm rule."""
+    monkeypatch.setitem(SUM_NORM, "rule", rule)
+    x = _rollout(seed=6, empty_row=False)
+    config = ActorConfig(clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=0.28, clip_ratio_c=3.0,
+                         global_batch_info=GLOBAL_BATCH[info])  # fmt: skip
+
+    def run(fn):
+        logp = x.logp.clone().requires_grad_(True)
+        loss, metrics = fn(x.old, logp, x.adv, x.mask, mode, config)
+        loss.backward()
+        return loss, metrics, logp.grad
+
+    want = run(compute_policy_loss_vanilla)
+    want_value = compute_value_loss(x.vpreds, x.returns, x.values, x.mask, 0.3, mode, **GLOBAL_BATCH[info])
+    rk_verl.patch(cpu_backend)
+    CALLS.clear()
+    got = run(fake_verl.core.POLICY_LOSS_REGISTRY["vanilla"])
+    got_value = fake_verl.core.compute_value_loss(x.vpreds, x.returns, x.values, x.mask, 0.3, mode,
+                                                  **GLOBAL_BATCH[info])  # fmt: skip
+    assert CALLS == {}
+    assert fake_verl.core.compute_policy_loss_vanilla is fake_verl.core.POLICY_LOSS_REGISTRY["vanilla"]
+    assert set(got[1]) == set(want[1]) and all(isinstance(v, float) for v in got[1].values())
+    _close(got[0], want[0])
+    _close([got[1][k] for k in sorted(want[1])], [want[1][k] for k in sorted(want[1])])
+    _close(got[2], want[2])
+    for a, b in zip(got_value, want_value, strict=True):
+        _close(a, b)
+
+
+def test_vanilla_loss_left_to_verl(fake_verl, cpu_backend):
+    """Calls the vanilla replacement does not cover reach verl's function: rollout importance
+    weights, global-batch entries the plan does not know, a config without the clip fields;
+    and no replacement at all where the installed vanilla loss is another release's (a 4-tuple
+    return, other parameters)."""
+    x = _rollout(seed=7, empty_row=False)
+    rk_verl.patch(cpu_backend)
+    vanilla = fake_verl.core.POLICY_LOSS_REGISTRY["vanilla"]
+    assert vanilla is not compute_policy_loss_vanilla
+    config = ActorConfig(clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=None, global_batch_info={})
+    CALLS.clear()
+    vanilla(x.old, x.logp, x.adv, x.mask, "token-mean", config, rollout_is_weights=torch.ones_like(x.logp))
+    with pytest.raises(TypeError):  # (verl's agg_loss does not know it either)
+        vanilla(x.old, x.logp, x.adv, x.mask, "token-mean",
+                ActorConfig(**{**vars(config), "global_batch_info": {"dp_size": 2, "new_arg": 1}}))  # fmt: skip
+    with pytest.raises(AttributeError):  # verl's own error for an incomplete config
+        vanilla(x.old, x.logp, x.adv, x.mask, "token-mean", SimpleNamespace(global_batch_info={}))
+    assert CALLS == {"compute_policy_loss_vanilla": 3}
+    rk_verl.unpatch()
+
+    def four_tuple(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
+                   rollout_is_weights=None):  # fmt: skip
+        loss, _ = compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config)
+        return loss, 0, 0, 0
+
+    def older(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
+              rollout_log_probs=None):  # fmt: skip
+        return compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config)
+
+    for other in (four_tuple, older):
+        fake_verl.core.compute_policy_loss_vanilla = fake_verl.core.POLICY_LOSS_REGISTRY["vanilla"] = other
+        rk_verl.patch(cpu_backend)
+        assert fake_verl.core.POLICY_LOSS_REGISTRY["vanilla"] is other
+        assert rk_verl.is_patched()  # the rest is patched
+        rk_verl.unpatch()
+
+
 @pytest.mark.parametrize("agg", ["missing", "other rule"])
 def test_sum_norm_goes_to_verl_when_its_rule_is_unknown(fake_verl, cpu_backend, agg):
     if agg == "missing":
@@ -351,8 +463,8 @@ def test_uncovered_calls_go_to_verl(fake_verl):
     with pytest.raises(NotImplementedError):  # a mode the ops lack: verl's own (here: not implemented either)
         fake_verl.core.compute_policy_loss(x.old, x.logp, x.adv, x.mask, cliprange=0.2,
                                            loss_agg_mode="token-mean-unbiased")  # fmt: skip
-    two_ranks = fake_verl.core.compute_value_loss(x.vpreds, x.returns, x.values, x.mask, 0.3, dp_size=2)
-    _close(two_ranks[0], compute_value_loss(x.vpreds, x.returns, x.values, x.mask, 0.3)[0] * 2)
+    with pytest.raises(ValueError, match="batch_num_tokens"):  # two ranks without the global count: verl's error
+        fake_verl.core.compute_value_loss(x.vpreds, x.returns, x.values, x.mask, 0.3, dp_size=2)
     for mode in ("seq-mean-token-sum", "seq-mean-token-mean"):  # with a sequence that has no valid token
         fake_verl.core.compute_policy_loss(x.old, x.logp, x.adv, x.mask, cliprange=0.2, loss_agg_mode=mode)
     weights = x.mask * 0.5  # a float mask with weights: verl multiplies by them
@@ -365,7 +477,7 @@ def test_uncovered_calls_go_to_verl(fake_verl):
     one[0, 0] = 1
     with pytest.raises(ValueError, match="two valid"):
         fake_verl.functional.masked_whiten(x.values, one)
-    assert CALLS == {"kl_penalty": 4, "compute_policy_loss": 4, "compute_value_loss": 3, "masked_whiten": 3,
+    assert CALLS == {"kl_penalty": 4, "compute_policy_loss": 4, "compute_value_loss": 2, "masked_whiten": 3,
                      "compute_gae_advantage_return": 2, "compute_grpo_outcome_advantage": 1}  # fmt: skip
 
 

@@ -15,6 +15,11 @@ copies and registry entries such as ``ADV_ESTIMATOR_REGISTRY["gae"]`` included):
   groups of equal ``index`` values (a group of one keeps verl's mean 0 and std 1);
   ``compute_policy_loss`` (the legacy signature and 4-tuple) ->
   :func:`rlhf_kernels.ppo_policy_loss` (log-ratio clamped to +-20, clip-higher, dual clip);
+  ``compute_policy_loss_vanilla`` (the registry's ``"vanilla"``, which verl 0.9's actors
+  call: clip ranges and global-batch sizes from the actor config, a loss and a metrics
+  dict) -> the same op, where the installed function has verl 0.9's parameters and a probe
+  call at patch time gives the replacement's loss and metrics (other releases changed
+  its return value and arguments: there verl keeps it);
   ``compute_value_loss`` -> :func:`rlhf_kernels.ppo_value_loss`; ``kl_penalty`` ->
   :func:`rlhf_kernels.kl_penalty` (``kl``/``k1``, ``abs``, ``mse``/``k2``, ``low_var_kl``/``k3``).
 ``verl.utils.torch_functional``
@@ -22,24 +27,25 @@ copies and registry entries such as ``ADV_ESTIMATOR_REGISTRY["gae"]`` included):
   flash-attn path; ``inplace_backward`` as asked: the gradient overwrites the logits);
   ``entropy_from_logits`` -> the op's entropy; ``masked_whiten`` -> :func:`masked_whiten`.
 
-Not replaced: the policy-loss registry's functions (``POLICY_LOSS_REGISTRY["vanilla"]``,
-which newer actors call): their return value and extra arguments have changed between
-verl releases (four values or a loss and a metrics dict; ``rollout_log_probs``,
-``rollout_is_weights``), so a replacement could not be sure of matching the installed one.
+Aggregation (``agg_loss``): verl's modes, with or without the global-batch arguments
+(``dp_size``, ``batch_num_tokens``, ``global_batch_size``, ``loss_scale_factor``) that a
+data-parallel actor passes, are the op's ``token-sum`` or ``seq-mean-token-mean`` times a
+scale (:func:`_agg_plan`). At patch time the installed ``agg_loss`` is asked once, on a
+float64 probe, which ``seq-mean-token-sum-norm`` rule it follows (verl 0.7 and earlier sum
+the sequences' token sums over T, 0.8 on average them, as the op) and whether the plan
+gives its results with global-batch arguments, mode by mode; the rest stays with verl.
 
 Every replacement binds its arguments to the original's signature, so one module serves
 verl releases whose later arguments differ, and hands every call it does not cover to
 verl's own function with the same arguments: a loss_agg_mode the ops lack, a
-``seq-mean-token-sum`` / ``-mean`` mode with a sequence that has no valid token (verl
-releases disagree on whether it counts), ``seq-mean-token-sum-norm`` when the installed
-``agg_loss`` follows neither known rule (older releases sum over the sequences where newer
-ones and the op average; the patch asks ``agg_loss`` once and rescales), global-batch
-normalisation (``dp_size`` > 1, ``batch_num_tokens`` ...), masks with weights other than
-0 and 1 (verl uses them as weights), gamma or lam outside [0, 1], a negative clip range,
-a ``"+"`` KL kind or ``"full"``, ``index`` values numpy cannot order or that are not
-scalars, fewer than two valid values to whiten (verl raises), shapes that only broadcast,
-logits whose last dim is not contiguous. Results are verl's
-in meaning, computed in float32 (float64 for float64 inputs) and returned in the dtype
+``seq-mean-token-sum`` / ``-mean`` mode over a micro-batch with a sequence that has no
+valid token (verl releases disagree on whether it counts), aggregation the probe did not
+confirm, ``dp_size`` > 1 without the global counts (verl raises), rollout importance
+weights, masks with weights other than 0 and 1 (verl uses them as weights), gamma or lam
+outside [0, 1], a negative clip range, a ``"+"`` KL kind or ``"full"``, ``index`` values
+numpy cannot order or that are not scalars, fewer than two valid values to whiten (verl
+raises), shapes that only broadcast, logits whose last dim is not contiguous. Results are
+verl's in meaning, computed in float32 (float64 for float64 inputs) and returned in the dtype
 verl's own arithmetic would give. ``tests/test_frameworks.py`` holds all of this to the
 real verl 0.9.1 (``make test-frameworks``); ``tests/test_integrations_verl.py`` to
 stand-ins for the semantics of other releases.
@@ -50,12 +56,14 @@ verl is not a dependency: nothing here imports it until :func:`patch`.
 from __future__ import annotations
 
 import importlib
+import math
 
 import torch
 
 from rlhf_kernels.integrations import _patching
 from rlhf_kernels.ops.logprobs import FLOAT_DTYPES, token_logprobs
 from rlhf_kernels.ops.ppo import gae, grpo_advantages, kl_penalty, masked_whiten, ppo_policy_loss, ppo_value_loss
+from rlhf_kernels.reference import ppo as reference_ppo
 from rlhf_kernels.reference.ppo import LOSS_AGG_MODES
 
 CORE_ALGOS = "verl.trainer.ppo.core_algos"
@@ -80,8 +88,11 @@ def _build():
             if fn is None:  # not in this verl release
                 continue
             _patching.check_params("verl", f"{module_name}.{name}", fn, required)
+            replacement = make(fn)
+            if replacement is None:  # the installed function is not the one the replacement knows
+                continue
             originals[f"{module_name}:{name}"] = fn
-            replacements[f"{module_name}:{name}"] = make(fn)
+            replacements[f"{module_name}:{name}"] = replacement
     if not originals:
         raise RuntimeError("rlhf_kernels.integrations.verl: none of the functions it replaces was found in verl")
     return originals, replacements
@@ -106,44 +117,114 @@ def _tensors(*ts) -> bool:
     return all(isinstance(t, torch.Tensor) and t.dtype.is_floating_point for t in ts)
 
 
-def _sum_norm_rule():
-    """How the installed verl aggregates ``seq-mean-token-sum-norm``, asked of its own
-    ``agg_loss`` once, on ones over a [3, 2] mask with rows of 2, 1 and 0 valid tokens.
-    Releases up to 0.7 sum the sequences' token sums and divide by T (3 / 2 = 1.5:
-    ``"sum"``); 0.8 on take the mean over the sequences with a valid token first, as the
-    op does and as Dr. GRPO reads (3 / 2 / 2 = 0.75: ``"mean"``). None when it cannot tell:
-    that mode then stays with verl."""
+#: agg_loss's global-batch arguments (verl 0.7 on), which the losses pass on.
+GLOBAL_ARGS = ("dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor")
+
+
+def _count(valid):
+    """How many are true, as a float64 tensor (an int64 one would divide in float32)."""
+    return valid.sum(dtype=torch.float64)
+
+
+def _agg_plan(mode, mask, g, sum_norm):
+    """verl's ``agg_loss(loss, mask, mode, **g)`` in terms of the op: ``(op_mode, scale)`` with
+    verl's aggregate = scale * the op's in op_mode (scale a number or a 0-dim tensor), or None
+    where verl raises or the rule is unknown (verl's own function then runs). ``g``: the
+    global-batch arguments given (GLOBAL_ARGS; absent ones at their defaults). ``sum_norm``:
+    the release's ``seq-mean-token-sum-norm`` rule, ``"sum"`` (0.7 and earlier: the
+    sequences' token sums over T) or ``"mean"`` (0.8 on: their mean over the sequences with a
+    valid token, then over T, as the op) (:func:`_agg_rules`)."""
+    if mode not in LOSS_AGG_MODES or (mode == "seq-mean-token-sum-norm" and sum_norm is None):
+        return None
+    dp = g.get("dp_size", 1)
+    tokens, seqs, norm = (g.get(k) for k in GLOBAL_ARGS[1:])
+    if mode == "seq-mean-token-sum-norm" and sum_norm == "sum":
+        return "token-sum", 1 / (norm if norm is not None else mask.shape[-1])  # neither dp nor batch size
+    if dp == 1 and tokens is None and seqs is None and norm is None:
+        return mode, 1  # the micro-batch alone: the op's own modes
+    if not isinstance(dp, int) or dp < 1:
+        return None
+    valid = mask != 0
+    if mode == "token-sum":
+        return "token-sum", dp
+    if mode == "token-mean":
+        if tokens is None and dp != 1:
+            return None  # verl raises (0.8 on) or differs by release
+        return "token-sum", dp / (tokens if tokens is not None else _count(valid))
+    if seqs is None:
+        if dp != 1:
+            return None
+        seqs = _count(valid.any(-1))
+    if mode == "seq-mean-token-sum":
+        return "token-sum", dp / seqs
+    if mode == "seq-mean-token-sum-norm":
+        return "token-sum", dp / (seqs * (norm if norm is not None else mask.shape[-1]))
+    return "seq-mean-token-mean", dp * _count(valid.any(-1)).clamp(min=1) / seqs  # the op divides by its count
+
+
+# agg_loss's arguments in _agg_rules' probe: the micro-batch alone, then global-batch ones
+_PROBE_ARGS = (
+    {},
+    {"dp_size": 2, "batch_num_tokens": 11.0, "global_batch_size": 3.0, "loss_scale_factor": 5.0},
+    {"dp_size": 2, "batch_num_tokens": 11.0, "global_batch_size": 3.0},
+    {"batch_num_tokens": 11.0, "global_batch_size": 3.0},
+)
+
+
+def _agg_rules():
+    """Ask the installed ``agg_loss`` once (float64, a [4, 5] mask with an empty row) which
+    ``seq-mean-token-sum-norm`` rule it follows and for which modes :func:`_agg_plan` gives
+    its results with global-batch arguments. Returns ``(sum_norm, modes)``: the rule, or
+    None when neither matches (that mode stays with verl), and the modes whose global-batch
+    calls the op may take (the others go to verl)."""
     try:
         agg = importlib.import_module(CORE_ALGOS).agg_loss
-        probe = agg(torch.ones(3, 2), torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]]), "seq-mean-token-sum-norm")
-        got = float(probe)
-    except Exception:  # no agg_loss, another signature: verl keeps the mode
-        return None
-    return {1.5: "sum", 0.75: "mean"}.get(got)
+    except (ImportError, AttributeError):
+        return None, frozenset()
+    g = torch.Generator().manual_seed(0)
+    loss = torch.rand(4, 5, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 1, 1, 1], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float64)
+
+    def matches(mode, args, rule):
+        plan = _agg_plan(mode, mask, args, rule)
+        if plan is None:
+            return False
+        try:
+            want = float(agg(loss, mask, mode, **args))
+        except Exception:  # another signature, or verl refuses these arguments
+            return False
+        got = float(plan[1] * reference_ppo.agg_loss(loss, mask, plan[0]))
+        # (1e-6: verl's seq-mean-token-mean divides by count + 1e-8, which float64 resolves)
+        return math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-12)
+
+    sum_norm = next((rule for rule in ("mean", "sum") if matches("seq-mean-token-sum-norm", {}, rule)), None)
+    modes = frozenset(m for m in LOSS_AGG_MODES if all(matches(m, a, sum_norm) for a in _PROBE_ARGS[1:]))
+    return sum_norm, modes
 
 
-def _covered_agg(mode, mask, sum_norm) -> bool:
-    """A mode the ops have; for the seq-mean modes, only when every sequence has a valid
-    token (verl releases differ on whether an empty one counts: theirs decides); for
-    ``seq-mean-token-sum-norm``, only when the release's rule is known (``sum_norm``)."""
+def _aggregation(mode, mask, g, rules):
+    """The plan for a call (see :func:`_agg_plan`), or None to leave the call to verl: a mode
+    the ops lack, a seq-mean mode over a micro-batch with an empty sequence (verl releases
+    differ on whether it counts; theirs decides), global-batch arguments the probe did not
+    confirm for the mode."""
+    sum_norm, global_modes = rules
     if not (isinstance(mode, str) and mode in LOSS_AGG_MODES):
-        return False
-    if mode == "seq-mean-token-sum-norm":
-        return sum_norm is not None
-    if mode not in ("seq-mean-token-sum", "seq-mean-token-mean"):
-        return True
-    return bool((mask != 0).any(-1).all())
+        return None
+    g = {k: v for k, v in g.items() if v is not None and not (k == "dp_size" and isinstance(v, int) and v == 1)}
+    if g and mode not in global_modes:
+        return None
+    if not g and mode in ("seq-mean-token-sum", "seq-mean-token-mean") and not bool((mask != 0).any(-1).all()):
+        return None
+    return _agg_plan(mode, mask, g, sum_norm)
 
 
-def _as_verl_aggregates(out, mode, mask, sum_norm):
-    """The op's results, with the loss rescaled to the older verl rule for
-    ``seq-mean-token-sum-norm`` (sequence sum rather than mean: times the count of
-    sequences with a valid token, the op's divisor)."""
+def _scaled(out, plan):
+    """The op's results with the loss scaled by the plan's factor."""
     out = tuple(out)
-    if mode != "seq-mean-token-sum-norm" or sum_norm != "sum":
+    scale = plan[1]
+    if isinstance(scale, (int, float)) and scale == 1:
         return out
-    seqs = (mask != 0).any(-1).sum().clamp(min=1).to(out[0].dtype)
-    return (out[0] * seqs, *out[1:])
+    return (out[0] * torch.as_tensor(scale, dtype=out[0].dtype, device=out[0].device), *out[1:])
 
 
 def _binary(mask, like) -> bool:
@@ -215,57 +296,129 @@ def _make_grpo(original):
     return _wrap(original, body)
 
 
-def _policy_loss(old, logp, adv, mask, low, high, clip, clip_c, mode, sum_norm):
+def _policy_loss(old, logp, adv, mask, low, high, clip, clip_c, mode, g, rules, backend=None):
     if not _tensors(old, logp, adv) or clip_c is None or not _binary(mask, logp):
         return None
-    if not _covered_agg(mode, mask, sum_norm):
-        return None
     if not (old.shape == logp.shape == adv.shape):
+        return None
+    plan = _aggregation(mode, mask, g, rules)
+    if plan is None:
         return None
     ranges = [float(r) for r in (clip, low, high) if r is not None]
     if min(ranges) < 0 or not float(clip_c) > 1:  # verl's own checks and messages for these
         return None
     out = ppo_policy_loss(logp, old, adv, mask, clip_ratio=float(clip), clip_ratio_low=low, clip_ratio_high=high,
-                          clip_ratio_c=float(clip_c), loss_agg_mode=mode, backend=_patcher.backend)  # fmt: skip
-    return _as_verl_aggregates(out, mode, mask, sum_norm)
+                          clip_ratio_c=float(clip_c), loss_agg_mode=plan[0],
+                          backend=backend or _patcher.backend)  # fmt: skip
+    return _scaled(out, plan)
 
 
 def _make_policy_loss(original):
     """The legacy ``compute_policy_loss(old_log_prob, log_prob, advantages, response_mask,
     cliprange, cliprange_low, cliprange_high, clip_ratio_c, loss_agg_mode)`` -> 4-tuple."""
-    sum_norm = _sum_norm_rule()
+    rules = _agg_rules()
 
     def body(a):
         clip = a.get("cliprange")
         if clip is None:
             return None
-        out = _policy_loss(a["old_log_prob"], a["log_prob"], a["advantages"], a["response_mask"],
-                           a.get("cliprange_low"), a.get("cliprange_high"), clip, a.get("clip_ratio_c", 3.0),
-                           a.get("loss_agg_mode", "token-mean"), sum_norm)  # fmt: skip
-        return out
+        return _policy_loss(a["old_log_prob"], a["log_prob"], a["advantages"], a["response_mask"],
+                            a.get("cliprange_low"), a.get("cliprange_high"), clip, a.get("clip_ratio_c", 3.0),
+                            a.get("loss_agg_mode", "token-mean"), {}, rules)  # fmt: skip
 
     return _wrap(original, body)
 
 
+#: compute_policy_loss_vanilla as verl 0.9 has it (the registry's "vanilla").
+VANILLA_PARAMS = ("old_log_prob", "log_prob", "advantages", "response_mask", "loss_agg_mode", "config",
+                  "rollout_is_weights")  # fmt: skip
+VANILLA_METRICS = ("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower")
+
+
+class _ActorConfigProbe:
+    """The fields of verl's actor config that the vanilla policy loss reads, for the probe call."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+    def get(self, key, default=None):
+        return getattr(self, key, default)
+
+
+def _vanilla(a, rules, backend):
+    """``compute_policy_loss_vanilla``'s ``(pg_loss, metrics)`` from the op, or None."""
+    config = a.get("config")
+    if config is None or a.get("rollout_is_weights") is not None:
+        return None
+    try:
+        clip, low, high = config.clip_ratio, config.clip_ratio_low, config.clip_ratio_high
+        clip_c, g = config.get("clip_ratio_c", 3.0), dict(config.global_batch_info)
+    except Exception:  # a config without these fields: verl's own function says what is wrong
+        return None
+    if clip is None or not set(g) <= set(GLOBAL_ARGS):
+        return None
+    low, high = (low if low is not None else clip), (high if high is not None else clip)
+    out = _policy_loss(a["old_log_prob"], a["log_prob"], a["advantages"], a["response_mask"], low, high, clip,
+                       clip_c, a.get("loss_agg_mode", "token-mean"), g, rules, backend)  # fmt: skip
+    if out is None:
+        return None
+    return out[0], {name: value.item() for name, value in zip(VANILLA_METRICS, out[1:], strict=True)}
+
+
+def _make_vanilla(original):
+    """The registry's ``"vanilla"`` policy loss of verl 0.9 (``(pg_loss, metrics dict)``, clip
+    ranges and global-batch arguments from the actor config). Its return value and arguments
+    changed between releases, so it is replaced only where its parameters are these and a
+    probe call (CPU, float64, clip-higher and dual clip, global-batch arguments) gives the
+    same loss and metrics, keys included, as the replacement; otherwise None: verl keeps it."""
+    import inspect
+
+    if tuple(inspect.signature(original).parameters) != VANILLA_PARAMS:
+        return None
+    rules = _agg_rules()
+    g = torch.Generator().manual_seed(1)
+    old = -torch.rand(3, 6, generator=g, dtype=torch.float64) * 2
+    args = dict(old_log_prob=old, log_prob=old + torch.randn(3, 6, generator=g, dtype=torch.float64) * 0.3,
+                advantages=torch.randn(3, 6, generator=g, dtype=torch.float64),
+                response_mask=torch.tensor([[1.0] * 6, [1.0] * 4 + [0.0] * 2, [0.0, 1.0, 1.0, 0.0, 1.0, 1.0]],
+                                           dtype=torch.float64),
+                loss_agg_mode="token-mean", rollout_is_weights=None)  # fmt: skip
+    for info in ({}, {"dp_size": 2, "batch_num_tokens": 20, "global_batch_size": 5, "loss_scale_factor": None}):
+        args["config"] = _ActorConfigProbe(clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=0.28,
+                                           clip_ratio_c=3.0, global_batch_info=info)  # fmt: skip
+        try:
+            want = original(**args)
+            got = _vanilla(args, rules, "torch")
+            same = (got is not None and isinstance(want, tuple) and len(want) == 2 and isinstance(want[1], dict)
+                    and set(want[1]) == set(got[1]) and math.isclose(float(want[0]), float(got[0]), rel_tol=1e-9)
+                    and all(math.isclose(float(want[1][k]), got[1][k], rel_tol=1e-9, abs_tol=1e-12)
+                            for k in got[1]))  # fmt: skip
+        except Exception:
+            same = False
+        if not same:
+            return None
+    return _wrap(original, lambda a: _vanilla(a, rules, _patcher.backend))
+
+
 def _make_value_loss(original):
-    # newer releases' global-batch arguments (dp_size, batch_num_tokens ...) only at their defaults
+    # arguments beyond these (newer releases may add some) only at their defaults
     unset = _patching.defaults_beyond(
-        original, ("vpreds", "returns", "values", "response_mask", "cliprange_value", "loss_agg_mode")
+        original, ("vpreds", "returns", "values", "response_mask", "cliprange_value", "loss_agg_mode", *GLOBAL_ARGS)
     )
-    sum_norm = _sum_norm_rule()
+    rules = _agg_rules()
 
     def body(a):
         vpreds, returns, values, mask = a["vpreds"], a["returns"], a["values"], a["response_mask"]
-        mode = a.get("loss_agg_mode", "token-mean")
         if not _tensors(vpreds, returns, values) or not (vpreds.shape == returns.shape == values.shape):
             return None
-        if not _binary(mask, vpreds) or not _covered_agg(mode, mask, sum_norm) or not unset(a):
+        if not _binary(mask, vpreds) or not unset(a) or not float(a["cliprange_value"]) >= 0:
             return None
-        if not float(a["cliprange_value"]) >= 0:
+        plan = _aggregation(a.get("loss_agg_mode", "token-mean"), mask, {k: a[k] for k in GLOBAL_ARGS if k in a}, rules)
+        if plan is None:
             return None
         out = ppo_value_loss(vpreds, values, returns, mask, clip_range_value=float(a["cliprange_value"]),
-                             loss_agg_mode=mode, backend=_patcher.backend)  # fmt: skip
-        return _as_verl_aggregates(out, mode, mask, sum_norm)
+                             loss_agg_mode=plan[0], backend=_patcher.backend)  # fmt: skip
+        return _scaled(out, plan)
 
     return _wrap(original, body)
 
@@ -321,6 +474,7 @@ _TARGETS = {
         "compute_grpo_outcome_advantage": (("token_level_rewards", "response_mask", "index"), _make_grpo),
         "compute_policy_loss": (("old_log_prob", "log_prob", "advantages", "response_mask", "cliprange"),
                                 _make_policy_loss),
+        "compute_policy_loss_vanilla": ((), _make_vanilla),
         "compute_value_loss": (("vpreds", "returns", "values", "response_mask", "cliprange_value"), _make_value_loss),
         "kl_penalty": (("logprob", "ref_logprob", "kl_penalty"), _make_kl_penalty),
     },
