@@ -310,7 +310,16 @@ struct BwdParts {
 BwdParts bwd_parts(int64_t rows, int vocab, int vec_elems) {
   const BwdParts whole{1, RowPart{}.pv};
   const char* env = std::getenv("RLHF_KERNELS_BWD_PART_COLS");
-  const long long want = env != nullptr ? std::atoll(env) : 0;
+  long long want = 0;
+  if (env != nullptr && *env != '\0') {
+    char* end = nullptr;
+    want = std::strtoll(env, &end, 10);
+    while (*end == ' ') ++end;
+    if (*end != '\0') {
+      throw std::runtime_error(std::string("rlhf_kernels: RLHF_KERNELS_BWD_PART_COLS: expected a number of ") +
+                               "columns, got '" + env + "'");
+    }
+  }
   if (want <= 0 || want >= vocab) return whole;
   const long long round = 2LL * kThreads * vec_elems;  // one step of grad_row's loop
   const long long cols = (want + round - 1) / round * round;

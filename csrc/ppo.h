@@ -79,7 +79,7 @@ void gae_cpu(const GaeParams& p);
 //   total, seqs).
 // Backward: grad_x[b, t] = valid ? grad_loss * w_b * dl : 0, w_b the weight
 //   of row b's loss sum in the aggregate: 1 / total, 1 / seqs,
-//   1 / (max(count_b, 1) seqs), 1 / T, 1 for agg 0..4 (count_b from rows,
+//   1 / (max(count_b, 1) seqs), 1 / (seqs T), 1 for agg 0..4 (count_b from rows,
 //   total and seqs from metrics).
 struct PpoLossParams {
   ScalarKind dtype = ScalarKind::Float32;

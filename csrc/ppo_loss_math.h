@@ -75,6 +75,12 @@ RLHF_HD A max_nan(A a, A b) {
   return ((a > b) | (a != a)) ? a : b;  // | and & rather than || and &&: lane-wise on simd::vf
 }
 
+// min(a, b); NaN if either is NaN. Ties return b (same value).
+template <typename A>
+RLHF_HD A min_nan(A a, A b) {
+  return ((a < b) | (a != a)) ? a : b;
+}
+
 // The constant v in type A. The token functions below are also instantiated
 // on the host for A = simd::vf8 (8 floats: ppo_loss_cpu.cpp), where
 // comparisons give lane masks, `auto` holds them, and ?: selects per lane.
@@ -173,7 +179,8 @@ RLHF_HD TokenOut<A> value_token(A v, A old, A ret, const LossConsts<A>& k) {
   // clip(v, old - eps, old + eps), not old + clip(v - old, +-eps): inside the range it is v
   // itself, bit for bit, so an unclipped token never counts as clipped by rounding (TRL's
   // and verl's form). Then l2 > l1 only where v lies outside, where vc does not depend on v.
-  const A clipped_v = clamp(v, old - k.eps, old + k.eps);
+  // NaN in v or old gives NaN (a NaN-keeping clamp, as torch.clamp), loss and gradient.
+  const A clipped_v = max_nan(min_nan(v, old + k.eps), old - k.eps);
   const A e1 = v - ret;
   const A e2 = clipped_v - ret;
   const A l1 = e1 * e1;
@@ -181,7 +188,7 @@ RLHF_HD TokenOut<A> value_token(A v, A old, A ret, const LossConsts<A>& k) {
   const auto use2 = l2 > l1;
   TokenOut<A> o;
   o.loss = lit<A>(0.5) * max_nan(l1, l2);
-  o.dloss = use2 ? lit<A>(0) : e1;
+  o.dloss = use2 ? lit<A>(0) : ((l2 != l2) ? l2 : e1);
   o.clip = use2 ? lit<A>(1) : lit<A>(0);
   o.kl = lit<A>(0);
   o.lower = lit<A>(0);

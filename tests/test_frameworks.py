@@ -213,6 +213,25 @@ def test_verl_vanilla_policy_loss_and_global_batch(verl, mode, batch, dtype):
     _close(got_grad, want_grad, tol)
 
 
+@pytest.mark.parametrize("mode", [*AGG_MODES, "token-sum"])
+def test_verl_losses_without_valid_tokens(verl, mode):
+    """A micro-batch without a valid token: verl's local means divide 0 by 0 (NaN) and the op's
+    give 0, so those calls go to verl; token-sum (0) and given global counts stay with the op."""
+    core, _, original, calls = verl
+    logp, old, adv, vpred, _ = _inputs(torch.float32, "ones", seed=10)
+    empty = torch.zeros_like(logp)
+    got = core.compute_value_loss(vpred, adv, old, empty, 0.2, mode)
+    want = original["compute_value_loss"](vpred, adv, old, empty, 0.2, mode)
+    torch.testing.assert_close(got[0], want[0], equal_nan=True)
+    assert calls["ppo_value_loss"] == int(mode == "token-sum")
+    got = core.compute_value_loss(vpred, adv, old, empty, 0.2, mode, dp_size=2, batch_num_tokens=40,
+                                  global_batch_size=4)  # fmt: skip
+    want = original["compute_value_loss"](vpred, adv, old, empty, 0.2, mode, dp_size=2, batch_num_tokens=40,
+                                          global_batch_size=4)  # fmt: skip
+    _close(got, want, _tol(torch.float32))
+    assert calls["ppo_value_loss"] == 1 + int(mode == "token-sum")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_verl_kl_penalty(verl, dtype):
     core, _, original, calls = verl

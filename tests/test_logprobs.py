@@ -238,7 +238,7 @@ def test_forward_prefetch_is_exact(monkeypatch, device, backend, dtype):
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"]))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=str)
 @pytest.mark.parametrize("inplace_backward", [False, True], ids=["grad", "inplace"])
 def test_backward_parts_are_exact(monkeypatch, device, backend, dtype, inplace_backward):
     """Rows cut into column parts (RLHF_KERNELS_BWD_PART_COLS; rounded up to whole tiles, the
@@ -272,6 +272,20 @@ def test_backward_parts_are_exact(monkeypatch, device, backend, dtype, inplace_b
         assert 3 <= triton_logprobs.bwd_parts(6, 9001, block)[0] <= 9
         monkeypatch.setenv("RLHF_KERNELS_BWD_PART_COLS", "100000")
         assert triton_logprobs.bwd_parts(6, 9001, block)[0] == 1
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"]))
+def test_backward_parts_setting_must_be_a_number(monkeypatch, device, backend):
+    """A malformed RLHF_KERNELS_BWD_PART_COLS is an error naming it (the CPU kernel has no
+    parts and does not read it)."""
+    monkeypatch.setenv("RLHF_KERNELS_BWD_PART_COLS", "4k")
+    logits = torch.randn(2, 300, device=device, requires_grad=True)
+    lp = rlhf_kernels.token_logprobs(logits, torch.tensor([1, 2], device=device), backend=backend)
+    if device == "cpu" and backend == "native":
+        lp.sum().backward()
+        return
+    with pytest.raises((ValueError, RuntimeError), match="RLHF_KERNELS_BWD_PART_COLS"):
+        lp.sum().backward()
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())

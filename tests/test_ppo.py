@@ -366,6 +366,11 @@ def test_nan_token_propagates(device, backend):
                                         backend=backend).loss.isnan()  # fmt: skip
     assert rlhf_kernels.ppo_value_loss(logp, old.float(), adv.float(), mask, backend=backend).loss.isnan()
     assert rlhf_kernels.kl_penalty(logp, old.float(), "k3", backend=backend)[1, 4].isnan()
+    values, old_values = old.float().clone().requires_grad_(True), logp.nan_to_num(0.5)
+    old_values[0, 2] = float("nan")  # a NaN old value: NaN loss and a NaN gradient there, as torch.clamp
+    out = rlhf_kernels.ppo_value_loss(values, old_values, adv.float(), mask, backend=backend)
+    out.loss.backward()
+    assert out.loss.isnan() and values.grad[0, 2].isnan() and values.grad[1].isfinite().all()
     mask[1, 4] = False  # every backend selects by the mask: a NaN at padding never reaches the loss
     assert rlhf_kernels.ppo_policy_loss(logp, old.float(), adv.float(), mask, backend=backend).loss.isfinite()
     assert rlhf_kernels.ppo_value_loss(logp, old.float(), adv.float(), mask, backend=backend).loss.isfinite()

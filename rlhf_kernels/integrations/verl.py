@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
 
 import torch
 
@@ -138,6 +139,8 @@ def _agg_plan(mode, mask, g, sum_norm):
         return None
     dp = g.get("dp_size", 1)
     tokens, seqs, norm = (g.get(k) for k in GLOBAL_ARGS[1:])
+    if any(isinstance(x, numbers.Number) and x == 0 for x in (tokens, seqs, norm)):
+        return None  # verl divides by it (inf / NaN); a Python zero would raise here
     if mode == "seq-mean-token-sum-norm" and sum_norm == "sum":
         return "token-sum", 1 / (norm if norm is not None else mask.shape[-1])  # neither dp nor batch size
     if dp == 1 and tokens is None and seqs is None and norm is None:
@@ -168,6 +171,7 @@ _PROBE_ARGS = (
     {"dp_size": 2, "batch_num_tokens": 11.0, "global_batch_size": 3.0, "loss_scale_factor": 5.0},
     {"dp_size": 2, "batch_num_tokens": 11.0, "global_batch_size": 3.0},
     {"batch_num_tokens": 11.0, "global_batch_size": 3.0},
+    {"loss_scale_factor": 5.0},
 )
 
 
@@ -210,9 +214,16 @@ def _aggregation(mode, mask, g, rules):
     sum_norm, global_modes = rules
     if not (isinstance(mode, str) and mode in LOSS_AGG_MODES):
         return None
-    g = {k: v for k, v in g.items() if v is not None and not (k == "dp_size" and isinstance(v, int) and v == 1)}
+    dp = g.get("dp_size", 1)
+    if isinstance(dp, bool) or not isinstance(dp, numbers.Integral):  # (a float or tensor rank count)
+        return None
+    g = {k: v for k, v in g.items() if v is not None and not (k == "dp_size" and dp == 1)}
+    if "dp_size" in g:
+        g["dp_size"] = int(dp)
     if g and mode not in global_modes:
         return None
+    if not g and mode != "token-sum" and not bool((mask != 0).any()):
+        return None  # no valid token: verl divides 0 by 0 (NaN), the op gives 0
     if not g and mode in ("seq-mean-token-sum", "seq-mean-token-mean") and not bool((mask != 0).any(-1).all()):
         return None
     return _agg_plan(mode, mask, g, sum_norm)

@@ -541,7 +541,11 @@ def bwd_part_cols() -> int:
     memory, as a copy kernel does, instead of one stream per row in flight. On the H100 the
     per-row backward ran at 2.50-2.60 TB/s against the device copy's 3.00; whether parts
     close the gap is for a GPU run to say (``benchmarks/bwd_sweep.py`` times them)."""
-    return int(os.environ.get("RLHF_KERNELS_BWD_PART_COLS", "0"))
+    value = os.environ.get("RLHF_KERNELS_BWD_PART_COLS", "").strip() or "0"
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"RLHF_KERNELS_BWD_PART_COLS: expected a number of columns, got {value!r}") from None
 
 
 def bwd_parts(rows: int, vocab: int, block: int) -> tuple[int, int]:

@@ -234,7 +234,7 @@ def _value_token(v, old_v, ret, clip_range):
     l2 = e2 * e2
     use2 = l2 > l1  # only outside the range, where clipped_v does not depend on v
     loss = 0.5 * _max(l1, l2)
-    dloss = tl.where(use2, 0.0, e1)
+    dloss = tl.where(use2, 0.0, tl.where(l2 != l2, l2, e1))  # NaN old: NaN gradient, as torch
     return loss, dloss, use2.to(tl.float32)
 
 
