@@ -26,6 +26,10 @@ CALLS: dict[str, int] = {}
 _counted = counted(CALLS)
 
 
+# Which estimators the stand-in clamps to +-10 (OpenRLHF 0.11: all of them; releases differ)
+KL_CLAMP = {"k1": True, "k2": True, "k3": True}
+
+
 @_counted
 def compute_approx_kl(log_probs, log_probs_base, kl_estimator="k1"):
     x = log_probs.float() - log_probs_base.float()
@@ -37,7 +41,7 @@ def compute_approx_kl(log_probs, log_probs_base, kl_estimator="k1"):
         kl = torch.exp(-x) - 1 + x
     else:
         raise ValueError(kl_estimator)
-    return kl.clamp(min=-10, max=10)
+    return kl.clamp(min=-10, max=10) if KL_CLAMP[kl_estimator] else kl
 
 
 @_counted
@@ -158,11 +162,34 @@ def test_uncovered_calls_go_to_openrlhf(fake_openrlhf):
     CALLS.clear()
     with pytest.raises(ValueError):
         fake_openrlhf.utils.compute_approx_kl(x.logp, x.base, kl_estimator="k4")
-    far = fake_openrlhf.utils.compute_approx_kl(x.logp, x.base + 30, kl_estimator="k3")  # past the +-10 clamp
-    assert float(far.max()) == 10
     RemoteExperienceMaker().get_advantages_and_returns(x.values, x.rewards, x.mask.float() * 0.5, 0.99, 0.95)
     RemoteExperienceMaker().get_advantages_and_returns(x.values, x.rewards, x.mask, 1.5, 0.95)
-    assert CALLS == {"compute_approx_kl": 2, "get_advantages_and_returns": 2}
+    assert CALLS == {"compute_approx_kl": 1, "get_advantages_and_returns": 2}
+
+
+@pytest.mark.parametrize("unclamped", [(), ("k2",), ("k3",)], ids=["all-clamped", "k2-unclamped", "k3-unclamped"])
+def test_kl_clamp_follows_the_release(fake_openrlhf, monkeypatch, unclamped):
+    """Log-ratios past the +-10 clamp: the patch asked the installed function once which
+    estimators it clamps and does the same without looking at the values; where it cannot
+    tell (here: an unclamped k3, which the op clamps) such values go to OpenRLHF."""
+    for name in unclamped:
+        monkeypatch.setitem(KL_CLAMP, name, False)
+    x = _data(seed=2)
+    rk_openrlhf.patch()
+    for estimator in ("k1", "k2", "k3"):
+        for shift in (0.0, 30.0, -30.0):
+            logp = (x.logp + shift).requires_grad_(True)
+            want_logp = logp.detach().clone().requires_grad_(True)
+            CALLS.clear()
+            got = fake_openrlhf.utils.compute_approx_kl(logp, x.base, kl_estimator=estimator)
+            went = CALLS.get("compute_approx_kl", 0)
+            want = compute_approx_kl(want_logp, x.base, kl_estimator=estimator)
+            _close(got, want, 1e-5)
+            got.sum().backward()
+            want.sum().backward()
+            _close(logp.grad, want_logp.grad, 1e-5)
+            far = bool((want.abs() >= 10).any()) if estimator == "k3" else shift != 0
+            assert went == int(estimator == "k3" and "k3" in unclamped and far)
 
 
 def test_signature_mismatch_changes_nothing(fake_openrlhf):

@@ -23,8 +23,10 @@ copies, as the actor and experience maker hold them, included):
 Each replacement binds its arguments to the installed function's own signature and hands
 every call it does not cover to OpenRLHF with the same arguments: an estimator name it
 does not know, the older ``action_mask`` argument of the KL when set (the older
-``use_kl_estimator_k3`` flag is read: k3 or k1), a KL value at +-10 or beyond (releases
-differ on clamping there: theirs decides), masks with weights other than 0 and 1, gamma
+``use_kl_estimator_k3`` flag is read: k3 or k1), a KL value at +-10 or beyond where the
+installed release's clamping is not known (releases differ on clamping there; the patch
+asks ``compute_approx_kl`` once, estimator by estimator, and then clamps as it does
+without looking at the values), masks with weights other than 0 and 1, gamma
 or lambd outside [0, 1] or not scalars, arguments of newer releases that are not at their
 defaults, shapes that only broadcast. The experience maker must be importable when
 :func:`patch` first runs (a warning says when it is not). The policy and value loss
@@ -98,8 +100,30 @@ patched = _patcher.patched
 _unset = _patching.defaults_beyond
 
 
+def _kl_clamps(original):
+    """Whether the installed ``compute_approx_kl`` clamps each estimator's value to +-10, asked
+    once with log-ratios of +-30 (k3 is clamped by the op too): ``{name: bool}`` for the
+    estimators that answer one way or the other, None when it cannot be asked by
+    ``kl_estimator``. For the others each call checks its values (a device sync) and leaves
+    those at the clamp to OpenRLHF."""
+    far, zero = torch.tensor([30.0, -30.0]), torch.zeros(2)
+    clamps = {}
+    for name, kind in KL_ESTIMATORS.items():
+        try:
+            theirs = original(far, zero, kl_estimator=name).float()
+        except Exception:
+            return None
+        ours = kl_penalty(far, zero, kind, backend="torch").float()
+        if torch.allclose(theirs, ours.clamp(-10, 10)):
+            clamps[name] = True
+        elif torch.allclose(theirs, ours):
+            clamps[name] = False
+    return clamps
+
+
 def _make_kl(original):
     unset = _unset(original, ("log_probs", "log_probs_base", "kl_estimator", "use_kl_estimator_k3", "action_mask"))
+    clamps = _kl_clamps(original)
 
     def body(a):
         logp, base = a["log_probs"], a["log_probs_base"]
@@ -112,6 +136,8 @@ def _make_kl(original):
         if kind is None:
             return None
         kl = kl_penalty(logp, base, kind, backend=_patcher.backend).float()
+        if clamps is not None and estimator in clamps:
+            return kl.clamp(-10, 10) if clamps[estimator] else kl
         if bool((kl.abs() >= 10).any()):  # releases differ on clamping to +-10 (the op's k3 clamps): theirs decides
             return None
         return kl
