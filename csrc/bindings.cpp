@@ -792,4 +792,14 @@ TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) { impl_native_ops(m); }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rlhf_kernels native ops (CPU and, when built with nvcc, CUDA)";
   m.def("build_info", &rlhf::build_info, "How this extension was built");
+#ifdef RLHF_WITH_CUDA
+  m.def(
+      "logprobs_bwd_parts",
+      [](int64_t rows, int64_t vocab, int itemsize) {
+        int parts = 0, part_vecs = 0;
+        rlhf::logprobs_bwd_parts_cuda(rows, vocab, itemsize, &parts, &part_vecs);
+        return std::make_pair(parts, part_vecs);
+      },
+      "(parts per row, vectors per part) of the CUDA log-prob backward (RLHF_KERNELS_BWD_PART_COLS)");
+#endif
 }

@@ -429,6 +429,16 @@ void logprobs_fwd_cuda(const LogprobsFwdParams& p, void* stream) {
   }
 }
 
+void logprobs_bwd_parts_cuda(int64_t rows, int64_t vocab, int itemsize, int* parts, int* part_vecs) {
+  if (itemsize != 2 && itemsize != 4 && itemsize != 8) {
+    throw std::runtime_error("rlhf_kernels: logprobs_bwd_parts_cuda: itemsize must be 2, 4 or 8");
+  }
+  gpu::check_shape(rows, vocab, "logprobs_bwd_parts_cuda");
+  const gpu::BwdParts b = gpu::bwd_parts(rows, static_cast<int>(vocab), 16 / itemsize);
+  *parts = b.parts;
+  *part_vecs = b.pv;
+}
+
 void logprobs_bwd_cuda(const LogprobsBwdParams& p, void* stream) {
   if (p.rows == 0) return;
   gpu::check_shape(p.rows, p.vocab, "logprobs_bwd_cuda");

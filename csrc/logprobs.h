@@ -115,6 +115,10 @@ inline int64_t seq_chunk(int64_t batch, int64_t time) {
 void logprobs_fwd_cuda(const LogprobsFwdParams& p, void* stream);
 void logprobs_bwd_cuda(const LogprobsBwdParams& p, void* stream);
 void seq_logprobs_fwd_cuda(const SeqLogprobsFwdParams& p, void* stream);
+// How logprobs_bwd_cuda cuts rows x vocab of itemsize-byte logits into column parts
+// (RLHF_KERNELS_BWD_PART_COLS): *parts per row (1: a block per row) and *part_vecs,
+// the 16-byte vectors of a part. Host code only; for tests.
+void logprobs_bwd_parts_cuda(int64_t rows, int64_t vocab, int itemsize, int* parts, int* part_vecs);
 
 // CPU kernels (logprobs_cpu.cpp), parallel over rows with OpenMP.
 void logprobs_fwd_cpu(const LogprobsFwdParams& p);

@@ -274,6 +274,39 @@ def test_backward_parts_are_exact(monkeypatch, device, backend, dtype, inplace_b
         assert triton_logprobs.bwd_parts(6, 9001, block)[0] == 1
 
 
+def test_cuda_backward_parts(monkeypatch):
+    """The CUDA launcher's cut (host code, so it runs wherever the extension was built with nvcc):
+    whole rows by default, for a setting of 0, at or beyond V, or one the grid cannot hold;
+    otherwise parts of whole rounds of the 256-thread block's two 16-byte vectors each, that
+    together cover every vector of a row."""
+    native_c = pytest.importorskip("rlhf_kernels._C")
+    if not hasattr(native_c, "logprobs_bwd_parts"):
+        pytest.skip("extension built without CUDA")
+    parts = native_c.logprobs_bwd_parts
+    monkeypatch.delenv("RLHF_KERNELS_BWD_PART_COLS", raising=False)
+    assert parts(16384, 128256, 2)[0] == 1
+    for setting in ("0", "128256", "1000000"):
+        monkeypatch.setenv("RLHF_KERNELS_BWD_PART_COLS", setting)
+        assert parts(16384, 128256, 2)[0] == 1
+    for itemsize in (2, 4, 8):
+        kn = 16 // itemsize
+        for cols, vocab in ((4096, 128256), (1000, 9001), (65536, 151936), (5000, 5001)):
+            monkeypatch.setenv("RLHF_KERNELS_BWD_PART_COLS", str(cols))
+            n, pv = parts(16384, vocab, itemsize)
+            rounds = math.ceil(cols / (2 * 256 * kn))  # whole loop rounds, at least the columns asked
+            want = math.ceil(math.ceil(vocab / kn) / (rounds * 2 * 256))
+            if want <= 1:
+                assert n == 1
+                continue
+            assert (n, pv) == (want, rounds * 2 * 256)
+            assert n * pv * kn >= vocab > (n - 1) * pv * kn  # every vector covered, no part empty in every row
+    monkeypatch.setenv("RLHF_KERNELS_BWD_PART_COLS", "4096")
+    assert parts(2**31 // 8, 128256, 2)[0] == 1  # 2^28 rows x 32 parts would pass the grid limit
+    monkeypatch.setenv("RLHF_KERNELS_BWD_PART_COLS", "4k")
+    with pytest.raises(RuntimeError, match="RLHF_KERNELS_BWD_PART_COLS"):
+        parts(4, 128256, 2)
+
+
 @pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"]))
 def test_backward_parts_setting_must_be_a_number(monkeypatch, device, backend):
     """A malformed RLHF_KERNELS_BWD_PART_COLS is an error naming it (the CPU kernel has no
