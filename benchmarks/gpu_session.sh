@@ -4,7 +4,7 @@
 # results in $OUT (at most 8 files come back from a lent machine; this writes 7).
 #
 #   benchmarks/gpu_session.sh [phases]    phases: any of build tests overhead sweep bwdsweep
-#                                         profile bench (default: build tests overhead bench)
+#                                         profile bench (default: build tests overhead bwdsweep bench)
 #
 # Everything runs against one deadline, TOTAL seconds from the start (default 585: the
 # device tool stops a command at 600). The build gets at most BUILD_LIMIT (170 s; about
@@ -25,7 +25,7 @@
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu-session}
 PY=${PYTHON:-python3}
-PHASES=${*:-build tests overhead bench}
+PHASES=${*:-build tests overhead bwdsweep bench}
 # sweep: the Triton log-prob kernels over tile sizes, warp counts and prefetch
 # (benchmarks/triton_sweep.py, into session.log; at most SWEEP_LIMIT, 100 s).
 # bwdsweep: the log-prob backward of both kernel backends with rows cut into column parts
