@@ -55,7 +55,9 @@ verl is not a dependency: nothing here imports it until :func:`patch`.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import math
 import numbers
 
@@ -78,6 +80,7 @@ _NO_IGNORE_INDEX = -(2**63)
 
 
 def _build():
+    _agg_rules.cache_clear()  # asked once per build, of the verl imported now
     originals, replacements = {}, {}
     for module_name, names in _TARGETS.items():
         try:
@@ -175,6 +178,7 @@ _PROBE_ARGS = (
 )
 
 
+@functools.cache
 def _agg_rules():
     """Ask the installed ``agg_loss`` once (float64, a [4, 5] mask with an empty row) which
     ``seq-mean-token-sum-norm`` rule it follows and for which modes :func:`_agg_plan` gives
@@ -222,10 +226,13 @@ def _aggregation(mode, mask, g, rules):
         g["dp_size"] = int(dp)
     if g and mode not in global_modes:
         return None
-    if not g and mode != "token-sum" and not bool((mask != 0).any()):
-        return None  # no valid token: verl divides 0 by 0 (NaN), the op gives 0
-    if not g and mode in ("seq-mean-token-sum", "seq-mean-token-mean") and not bool((mask != 0).any(-1).all()):
-        return None
+    if not g and mode != "token-sum":  # one host sync for either check
+        rows = (mask != 0).any(-1)
+        if mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
+            if rows.numel() == 0 or not bool(rows.all()):  # (with rows, this implies a valid token)
+                return None
+        elif not bool(rows.any()):
+            return None  # no valid token: verl divides 0 by 0 (NaN), the op gives 0
     return _agg_plan(mode, mask, g, sum_norm)
 
 
@@ -373,7 +380,8 @@ def _vanilla(a, rules, backend):
                        clip_c, a.get("loss_agg_mode", "token-mean"), g, rules, backend)  # fmt: skip
     if out is None:
         return None
-    return out[0], {name: value.item() for name, value in zip(VANILLA_METRICS, out[1:], strict=True)}
+    metrics = torch.stack(out[1:]).tolist()  # one device-to-host copy for the three
+    return out[0], dict(zip(VANILLA_METRICS, metrics, strict=True))
 
 
 def _make_vanilla(original):
@@ -382,8 +390,6 @@ def _make_vanilla(original):
     changed between releases, so it is replaced only where its parameters are these and a
     probe call (CPU, float64, clip-higher and dual clip, global-batch arguments) gives the
     same loss and metrics, keys included, as the replacement; otherwise None: verl keeps it."""
-    import inspect
-
     if tuple(inspect.signature(original).parameters) != VANILLA_PARAMS:
         return None
     rules = _agg_rules()
