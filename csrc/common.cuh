@@ -507,19 +507,29 @@ __device__ __forceinline__ void block_reduce(OnlineLSE<Acc, kW>& st, OnlineLSE<A
   __syncthreads();
 }
 
-// Butterfly sum over the 32 lanes of a warp (all lanes active): every lane
-// gets the same bits.
-template <typename T>
+// The least power of two >= n (n >= 1).
+constexpr int pow2_ceil(int n) { return n <= 1 ? 1 : 2 * pow2_ceil((n + 1) / 2); }
+
+// Butterfly sum over the first kLanes lanes of a warp (all 32 lanes active,
+// kLanes a power of two): each of those lanes gets the same bits, the sum of
+// its aligned group of kLanes lanes.
+
+template <typename T, int kLanes = kWarpSize>
 __device__ __forceinline__ T warp_sum(T v) {
+  static_assert(kLanes > 0 && kLanes <= kWarpSize && (kLanes & (kLanes - 1)) == 0, "warp_sum: lanes");
 #pragma unroll
-  for (int off = kWarpSize / 2; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  for (int off = kLanes / 2; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
   return v;
 }
 
 // Sums v[0 .. K) (K <= N) over the kThreads threads of the block with a
 // fixed tree, so the result is the same on every run; the totals are valid in
-// every lane of warp 0. smem: [kThreads / 32][N]. Must be reached by every
-// thread of the block; ends with a barrier, so smem may be reused at once.
+// thread 0 (lanes 0 .. kWarps of warp 0). The second level adds the kWarps
+// warp totals over log2(kWarps) shuffles, not 5: with 4 warps (a small
+// batch's block) that is 2 dependent rounds a value instead of 5, on a path
+// that a latency-bound one-block kernel runs once. smem: [kThreads / 32][N].
+// Must be reached by every thread of the block; ends with a barrier, so smem
+// may be reused at once.
 template <int kThreads, int K, int N, typename T>
 __device__ __forceinline__ void block_sum(T (&v)[N], T (*smem)[N]) {
   static_assert(K <= N, "block_sum: K > N");
@@ -536,7 +546,7 @@ __device__ __forceinline__ void block_sum(T (&v)[N], T (*smem)[N]) {
   __syncthreads();
   if (warp == 0) {
 #pragma unroll
-    for (int k = 0; k < K; ++k) v[k] = warp_sum(lane < kWarps ? smem[lane][k] : T(0));
+    for (int k = 0; k < K; ++k) v[k] = warp_sum<T, pow2_ceil(kWarps)>(lane < kWarps ? smem[lane][k] : T(0));
   }
   __syncthreads();
 }

@@ -90,6 +90,26 @@ struct BwdArgs {
   Acc* grad_b;  // or nullptr
 };
 
+// The one-block forward and the backward are instantiated twice: kLoss = kAnyLoss
+// reads the loss id at run time (every loss type), kLoss = Sigmoid (DPO's
+// default, and what the aot variants run after their sort) fixes it, so that
+// the switch in preference_math.h folds away. A one-block forward of a
+// training batch is latency-bound: it runs its code once, mostly from a cold
+// instruction cache, and the generic kernel's code is several times larger.
+constexpr int kAnyLoss = -1;
+constexpr int kSigmoid = static_cast<int>(PrefLoss::Sigmoid);
+
+template <int kLoss, typename Acc>
+__device__ __forceinline__ void specialize(pref::Consts<Acc>& c) {
+  if constexpr (kLoss != kAnyLoss) c.loss = static_cast<PrefLoss>(kLoss);
+}
+
+// The instantiation for `loss`: kernel<kSigmoid> or kernel<kAnyLoss>.
+template <typename Kernel>
+Kernel pick_loss(PrefLoss loss, Kernel sigmoid, Kernel any) {
+  return loss == PrefLoss::Sigmoid ? sigmoid : any;
+}
+
 // ---------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------
@@ -131,7 +151,7 @@ __device__ __forceinline__ void fwd_span(const FwdArgs<Acc>& p, const pref::Cons
 // batch-mean delta: the first pass computes d = sum_j (beta a_j + beta b_j)
 // / 2n, broadcast through shared memory), writes n losses, up to 2n rewards
 // and 8 metrics. n == 0 writes metrics zeros.
-template <typename Acc, int kThreads>
+template <typename Acc, int kThreads, int kLoss>
 __global__ void __launch_bounds__(kThreads, 1) preference_fwd_kernel(const FwdArgs<Acc> p) {
   // Sums in double for every input type, as the CPU kernel: n can be large and
   // the batch-mean delta of bco_pair feeds every loss.
@@ -143,6 +163,7 @@ __global__ void __launch_bounds__(kThreads, 1) preference_fwd_kernel(const FwdAr
   const int tid = static_cast<int>(threadIdx.x);
   const int64_t n = p.n;
   pref::Consts<Acc> c = p.c;
+  specialize<kLoss>(c);
   if (p.kl != nullptr) c.kl = *p.kl;
 
   // Uniform over the block (kernel arguments), so every thread reaches the
@@ -266,9 +287,10 @@ __global__ void __launch_bounds__(kSumThreads)
 // Bytes: reads the 2..5 inputs and grad_losses[i * grad_stride] (one value,
 // broadcast, when grad_stride is 0) once, plus the kl / delta scalar; writes
 // up to 2n gradients. Each element is read and written by the same thread.
-template <typename Acc>
+template <typename Acc, int kLoss>
 __global__ void __launch_bounds__(kBwdThreads) preference_bwd_kernel(const BwdArgs<Acc> p) {
   pref::Consts<Acc> c = p.c;
+  specialize<kLoss>(c);
   if (p.kl != nullptr) c.kl = *p.kl;
   if (p.delta != nullptr) c.delta = *p.delta;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kBwdThreads;
@@ -309,12 +331,16 @@ void launch_fwd(const PrefFwdParams& p, cudaStream_t stream) {
   a.partials = static_cast<double*>(p.partials);
   a.parts = pref_fwd_parts(p.n);
   if (a.parts == 0 && p.n <= kSmallFwdMax) {
-    preference_fwd_kernel<Acc, kSmallFwdThreads><<<1, kSmallFwdThreads, 0, stream>>>(a);
+    const auto kernel = pick_loss(p.loss, preference_fwd_kernel<Acc, kSmallFwdThreads, kSigmoid>,
+                                  preference_fwd_kernel<Acc, kSmallFwdThreads, kAnyLoss>);
+    kernel<<<1, kSmallFwdThreads, 0, stream>>>(a);
     check_launch("preference forward kernel launch");
     return;
   }
   if (a.parts == 0) {
-    preference_fwd_kernel<Acc, kFwdThreads><<<1, kFwdThreads, 0, stream>>>(a);
+    const auto kernel = pick_loss(p.loss, preference_fwd_kernel<Acc, kFwdThreads, kSigmoid>,
+                                  preference_fwd_kernel<Acc, kFwdThreads, kAnyLoss>);
+    kernel<<<1, kFwdThreads, 0, stream>>>(a);
     check_launch("preference forward kernel launch");
     return;
   }
@@ -356,7 +382,8 @@ void launch_bwd(const PrefBwdParams& p, cudaStream_t stream) {
   a.grad_b = static_cast<Acc*>(p.grad_b);
   const int64_t blocks = (p.n + kBwdThreads - 1) / kBwdThreads;
   const dim3 grid(static_cast<unsigned>(blocks < kMaxGrid ? blocks : kMaxGrid));
-  preference_bwd_kernel<Acc><<<grid, kBwdThreads, 0, stream>>>(a);
+  const auto kernel = pick_loss(p.loss, preference_bwd_kernel<Acc, kSigmoid>, preference_bwd_kernel<Acc, kAnyLoss>);
+  kernel<<<grid, kBwdThreads, 0, stream>>>(a);
   check_launch("preference backward kernel launch");
 }
 
