@@ -10,8 +10,22 @@ against the device copy's 3.00, and the issue asks for 2.8. RLHF_KERNELS_BWD_PAR
 cuts each row into parts of that many columns, consecutive parts on consecutive blocks
 (0: a block per row, the default). This times both backends at each setting, side by side
 in one run, so that one GPU session can choose: one line per setting and backend, median
-ms of 10 runs (L2 flushed before each) and TB/s (logits read + gradient written). Stops
-starting new settings when ``--budget`` seconds have passed.
+ms of 10 runs (L2 flushed before each) and TB/s (logits read + gradient written).
+
+Then (CUDA, with the native extension) the fused PPO step from logits (the bench's ppo_step
+problem, 8 x 2048 x V bf16, forward with the gradient written in it plus backward, as the
+bench's fwd+bwd) over settings of the sm_90 cluster kernel, beside the read + write floor in
+the same run (the issue's target: 1.2x that floor):
+  * the slice budget (RLHF_KERNELS_CLUSTER_SLICE_BYTES): a row of V = 128256 bf16 is cut for
+    C = ceil(2 V / budget) blocks of a cluster; 64 KiB: C = 4, three blocks an SM by shared
+    memory; 52 KiB: C = 5, four (also the register limit, 64 a thread); 86 KiB: C = 3, two;
+    44 and 32 KiB: C = 6 and 8, still four;
+  * one slice a block, or the blocks taking turns along the row in chunks
+    (RLHF_KERNELS_CLUSTER_CHUNK, 16-byte vectors; 256 is 4 KiB), so that a cluster streams
+    the row as one region;
+  * with and without the next-row copy (RLHF_KERNELS_CLUSTER_PIPELINE).
+
+Stops starting new settings when ``--budget`` seconds have passed.
 """
 
 from __future__ import annotations
@@ -23,15 +37,56 @@ import torch
 from triton_sweep import sweep_inputs, sweep_parser
 
 import rlhf_kernels
-from rlhf_kernels import _dispatch
+from rlhf_kernels import _dispatch, bench
 from rlhf_kernels.bench import _time
 
 PART_COLS = (0, 4096, 8192, 16384, 32768, 65536)
+# (slice budget in bytes, pipelined, chunk in 16-byte vectors or 0 for slices): the default first
+CLUSTER_SETTINGS = (
+    (65536, "1", 0), (65536, "1", 256), (65536, "1", 64), (53248, "1", 0), (53248, "1", 256), (88064, "1", 0),
+    (88064, "1", 256), (45056, "1", 0), (32768, "1", 0), (32768, "1", 256), (65536, "0", 0), (65536, "0", 256),
+)  # fmt: skip
+
+
+def _median_line(label: str, times: list[float], nbytes: int, floor_ms: float | None = None) -> str:
+    times = sorted(times)
+    ms = times[len(times) // 2]
+    vs = f", {ms / floor_ms:.3f}x the floor" if floor_ms else ""
+    return (f"{label}: {ms:.3f} ms (min {times[0]:.3f}, max {times[-1]:.3f}) "
+            f"{nbytes / ms / 1e9:.2f} TB/s{vs}")  # fmt: skip
+
+
+def fused_sweep(args, device, deadline: float) -> None:
+    """The native fused PPO step (fwd+bwd) at each cluster setting, beside the floor."""
+    problem = bench.ppo_step_problem(8, 2048, args.vocab, torch.bfloat16, device)
+    nbytes = problem.bytes_moved["fwd+bwd"]
+    case = {c.provider: c for c in bench.cases(problem) if c.mode == "fwd+bwd"}
+    print(f"fused PPO step, {problem.shape} bf16, fwd+bwd (logits read once, gradient written once)")
+
+    def run(provider, env=None):
+        c = case[provider]
+        return bench._with_env(env or {}, lambda: _time(c.step, c.setup, device, warmup=2, repeat=10, budget_s=20.0))
+
+    floor = sorted(run("floor: read+write"))
+    floor_ms = floor[len(floor) // 2]
+    print(_median_line("floor: read+write", floor, nbytes), flush=True)
+    for n, (budget, pipe, chunk) in enumerate(CLUSTER_SETTINGS):
+        if n and time.time() > deadline:
+            print("(budget spent: later settings not run)")
+            break
+        env = {"RLHF_KERNELS_CLUSTER_SLICE_BYTES": str(budget), "RLHF_KERNELS_CLUSTER_PIPELINE": pipe,
+               "RLHF_KERNELS_CLUSTER_CHUNK": str(chunk)}  # fmt: skip
+        label = f"native fused, slice budget {budget:6d}, pipelined {pipe}, chunk {chunk:3d}"
+        try:
+            print(_median_line(label, run("rlhf_kernels[native,fused]", env), nbytes, floor_ms), flush=True)
+        except Exception as exc:  # a setting that fails: report, go on
+            print(f"{label}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})", flush=True)
 
 
 def main() -> None:
     parser = sweep_parser(__doc__, 60.0)
     parser.add_argument("--backend", action="append", help="default: triton and native where available")
+    parser.add_argument("--fused-share", type=float, default=0.4, help="of the budget, kept for the fused sweep")
     args = parser.parse_args()
     device, logits, labels = sweep_inputs(args)
     nbytes = 2 * logits.numel() * logits.element_size()
@@ -53,17 +108,15 @@ def main() -> None:
     before = os.environ.get("RLHF_KERNELS_BWD_PART_COLS")
     try:
         for n, cols in enumerate(PART_COLS):
-            if n and time.time() - started > args.budget:  # the first one always runs
+            if n and time.time() - started > args.budget * (1 - args.fused_share):  # the first one always runs
                 print("(budget spent: later settings not run)")
                 break
             os.environ["RLHF_KERNELS_BWD_PART_COLS"] = str(cols)
             for backend in backends:
                 label = f"part cols {cols:6d} ({'a block per row' if cols == 0 else 'parts'}), {backend:6s}"
                 try:
-                    times = sorted(_time(backward, setup(backend), device, warmup=2, repeat=10, budget_s=20.0))
-                    ms = times[len(times) // 2]
-                    print(f"{label}: bwd {ms:.3f} ms (min {times[0]:.3f}, max {times[-1]:.3f}) "
-                          f"{nbytes / ms / 1e9:.2f} TB/s", flush=True)  # fmt: skip
+                    times = _time(backward, setup(backend), device, warmup=2, repeat=10, budget_s=20.0)
+                    print(_median_line(f"{label}: bwd", times, nbytes), flush=True)
                 except Exception as exc:  # a setting that fails: report, go on
                     print(f"{label}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})", flush=True)
     finally:
@@ -71,6 +124,10 @@ def main() -> None:
             os.environ.pop("RLHF_KERNELS_BWD_PART_COLS", None)
         else:
             os.environ["RLHF_KERNELS_BWD_PART_COLS"] = before
+    if device.type == "cuda" and _dispatch.unavailable_reason("native", device, "ppo_logits_fused_native") is None:
+        del logits
+        torch.cuda.empty_cache()
+        fused_sweep(args, device, started + args.budget)
 
 
 if __name__ == "__main__":

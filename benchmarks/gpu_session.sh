@@ -29,9 +29,11 @@ PHASES=${*:-build tests overhead bwdsweep bench}
 # sweep: the Triton log-prob kernels over tile sizes, warp counts and prefetch
 # (benchmarks/triton_sweep.py, into session.log; at most SWEEP_LIMIT, 100 s).
 # bwdsweep: the log-prob backward of both kernel backends with rows cut into column parts
-# (benchmarks/bwd_sweep.py, RLHF_KERNELS_BWD_PART_COLS; into session.log; at most BWDSWEEP_LIMIT, 70 s).
+# (RLHF_KERNELS_BWD_PART_COLS), then the fused PPO step's cluster kernel settings beside
+# the read + write floor (benchmarks/bwd_sweep.py; into session.log; at most BWDSWEEP_LIMIT, 100 s).
 # profile: Nsight Compute on the kernels furthest from their targets (benchmarks/profile_kernels.py),
-# its sections as text in ncu.log (about a minute; the 8th file that comes back).
+# every kernel of its profiled range, sections as text in ncu.log (about a minute; the 8th file
+# that comes back). It runs last; the benchmarks leave it PROFILE_MIN (90 s).
 TOTAL=${TOTAL:-585}
 START=$(date +%s)
 mkdir -p "$OUT"
@@ -81,7 +83,8 @@ if has tests; then
   reserve=$((${BENCH_MIN:-200} + 20))  # the benchmarks' share, and pytest's kill grace
   has overhead && reserve=$((reserve + 60))
   has sweep && reserve=$((reserve + ${SWEEP_LIMIT:-100}))
-  has bwdsweep && reserve=$((reserve + ${BWDSWEEP_LIMIT:-70}))
+  has bwdsweep && reserve=$((reserve + ${BWDSWEEP_LIMIT:-100}))
+  has profile && reserve=$((reserve + ${PROFILE_MIN:-90}))
   limit=$(min "${TEST_LIMIT:-200}" $(($(left) - reserve)))
   ((limit < 30)) && limit=30
   log "GPU tests (limit $limit s, -k '${TEST_K=not cuda-torch}')"
@@ -103,8 +106,11 @@ if has overhead; then
     >>"$OUT/session.log" 2>&1
 fi
 
+later=${BENCH_MIN:-200}  # what the sweeps leave to the benchmarks (and the profile after them)
+has profile && later=$((later + ${PROFILE_MIN:-90}))
+
 if has sweep; then
-  limit=$(min "${SWEEP_LIMIT:-100}" $(($(left) - ${BENCH_MIN:-200})))
+  limit=$(min "${SWEEP_LIMIT:-100}" $(($(left) - later)))
   if ((limit > 30)); then
     log "Triton tile sweep (benchmarks/triton_sweep.py, limit $limit s)"
     PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" timeout "$limit" "$PY" benchmarks/triton_sweep.py \
@@ -114,7 +120,7 @@ if has sweep; then
 fi
 
 if has bwdsweep; then
-  limit=$(min "${BWDSWEEP_LIMIT:-70}" $(($(left) - ${BENCH_MIN:-200})))
+  limit=$(min "${BWDSWEEP_LIMIT:-100}" $(($(left) - later)))
   if ((limit > 20)); then
     log "backward column-part sweep (benchmarks/bwd_sweep.py, limit $limit s)"
     PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" timeout "$limit" "$PY" benchmarks/bwd_sweep.py \
@@ -123,20 +129,9 @@ if has bwdsweep; then
   fi
 fi
 
-if has profile; then
-  log "Nsight Compute (benchmarks/profile_kernels.py)"
-  kernels=$("$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); import profile_kernels as p; print(p.KERNELS)")
-  sections=()
-  for s in SpeedOfLight MemoryWorkloadAnalysis Occupancy LaunchStats WarpStateStats SchedulerStats; do
-    sections+=(--section "$s")
-  done
-  timeout "$(min 180 $(($(left) - 60)))" ncu --clock-control none --profile-from-start off -k "regex:$kernels" \
-    "${sections[@]}" "$PY" benchmarks/profile_kernels.py >"$OUT/ncu.log" 2>&1
-  log "ncu exit code $?"
-fi
-
 if has bench && (($(left) > 15)); then
   limit=$(($(left) - 5))
+  has profile && limit=$((limit - ${PROFILE_MIN:-90}))  # the profile runs after the benchmarks
   ops=()
   for op in ${OPS:-ppo_step dpo_loss ppo_policy_loss token_logprobs gae dpo_step sequence_logprobs masked_whiten \
     grpo_advantages linear_logprobs linear_ppo_step}; do ops+=(--op "$op"); done
@@ -145,5 +140,16 @@ if has bench && (($(left) > 15)); then
   timeout "$limit" "$PY" -m rlhf_kernels.cli bench --device cuda --out "$OUT" $BENCH_ARGS "${ops[@]}" \
     >"$OUT/bench.log" 2>&1
   log "bench exit code $? (124: cut at the limit; the JSON holds every finished problem)"
+fi
+if has profile; then
+  log "Nsight Compute (benchmarks/profile_kernels.py)"
+  sections=()
+  for s in SpeedOfLight MemoryWorkloadAnalysis ComputeWorkloadAnalysis Occupancy LaunchStats WarpStateStats \
+    SchedulerStats; do
+    sections+=(--section "$s")
+  done
+  timeout "$(min 180 $(($(left) - 5)))" ncu --clock-control none --profile-from-start off \
+    "${sections[@]}" "$PY" benchmarks/profile_kernels.py >"$OUT/ncu.log" 2>&1
+  log "ncu exit code $?"
 fi
 log "done"

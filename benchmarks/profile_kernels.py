@@ -1,25 +1,24 @@
-"""Run each kernel that is furthest from its bandwidth target once, for Nsight Compute.
+"""Run each kernel that is furthest from its target once, for Nsight Compute.
 
-    ncu --clock-control none -k regex:'<KERNELS>' --section SpeedOfLight ... \\
+    ncu --clock-control none --profile-from-start off --section SpeedOfLight ... \\
         python benchmarks/profile_kernels.py
 
 (``benchmarks/gpu_session.sh profile`` does this and writes ncu.log.) Each step is run
-once before the profiled run, so that the Triton kernels are compiled and the allocator is
-warm; the printed regex names the kernels of the profiled run. Shapes are smaller than the
-benchmark's (2048 rows of 128256 bf16 logits, 0.5 GB) because Nsight Compute saves and
-restores the memory a kernel writes for each of its replays.
+once before the profiled range (cudaProfilerStart .. Stop), so that the Triton kernels are
+compiled and the allocator is warm; every kernel launched in the range is profiled, the
+small ones around the big kernels included (a kernel-name filter on an earlier run caught
+only the backward kernels). Steps: the log-prob forward and backward of both backends, the
+fused PPO step's cluster kernel, and the DPO loss of a 64-pair batch (forward and backward,
+both backends: latency-bound one-block kernels). Shapes of the log-prob steps are smaller
+than the benchmark's (2048 rows of 128256 bf16 logits, 0.5 GB) because Nsight Compute
+saves and restores the memory a kernel writes for each of its replays.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 import rlhf_kernels
-
-# CUDA C++ cluster sweep (both variants), CUDA C++ and Triton log-prob kernels.
-KERNELS = "ppo_logits_cluster_kernel|logprobs_bwd_kernel|logprobs_fwd_kernel"  # (Triton names add a leading _)
 
 
 def main() -> None:
@@ -36,14 +35,21 @@ def main() -> None:
         x = logits.detach().requires_grad_(True)
         rlhf_kernels.token_logprobs(x, labels, check_labels=False, backend=backend).sum().backward()
 
-    def sweep(pipeline):
-        os.environ["RLHF_KERNELS_CLUSTER_PIPELINE"] = pipeline
+    def sweep():
         x = logits.view(1, rows, vocab).detach().requires_grad_(True)
         loss, _ = rlhf_kernels.ppo_loss_from_logits(x, labels.view(1, rows), old, adv, mask, check_labels=False,
                                                     grad_in_forward=True, backend="native")  # fmt: skip
         loss.backward()
 
-    steps = [lambda: logprobs("native"), lambda: logprobs("triton"), lambda: sweep("0"), lambda: sweep("1")]
+    pairs = [(torch.randn(64, generator=g) - 50).to(device) for _ in range(4)]
+
+    def dpo(backend):
+        pc, pr = (t.detach().requires_grad_(True) for t in pairs[:2])
+        out = rlhf_kernels.dpo_loss(pc, pr, *pairs[2:], beta=0.1, return_metrics=True, backend=backend)
+        out.losses.mean().backward()
+
+    steps = [lambda: logprobs("native"), lambda: logprobs("triton"), sweep]
+    steps += [lambda: dpo("native"), lambda: dpo("triton")]
     for step in steps:  # compile and warm up outside the profiled launches
         step()
     torch.cuda.synchronize()
@@ -52,7 +58,7 @@ def main() -> None:
         step()
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStop()
-    print(f"profiled kernels matching: {KERNELS}")
+    print("profiled: log-prob fwd+bwd (native, triton), fused PPO step (native), DPO loss fwd+bwd (native, triton)")
 
 
 if __name__ == "__main__":

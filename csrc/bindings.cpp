@@ -801,5 +801,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return std::make_pair(parts, part_vecs);
       },
       "(parts per row, vectors per part) of the CUDA log-prob backward (RLHF_KERNELS_BWD_PART_COLS)");
+  m.def(
+      "ppo_cluster_layout",
+      [](int64_t vocab, int itemsize, int64_t max_smem) {
+        int64_t out[4] = {0, 0, 0, -1};
+        rlhf::ppo_cluster_layout_cuda(vocab, itemsize, max_smem, out);
+        return std::make_tuple(out[0], out[1], out[2], out[3]);
+      },
+      "(blocks a cluster, slice, shared memory a block, log2 chunk or -1) of the fused PPO step's sm_90 "
+      "cluster kernel (RLHF_KERNELS_CLUSTER_SLICE_BYTES, RLHF_KERNELS_CLUSTER_CHUNK)");
 #endif
 }

@@ -526,10 +526,9 @@ def ppo_step_problem(batch, time_steps, vocab, dtype, device) -> Problem:
         for label, per_sm in (("1 per SM", "1"), ("2 per SM", "2")):  # persistent (default: a program per row)
             provs[f"rlhf_kernels[triton,fused,{label}]"] = ours(
                 "triton", True, {"RLHF_KERNELS_FUSED_PROGRAMS_PER_SM": per_sm})
-    if "native" in fused_backends:  # the CUDA one-read sweep's slice size (csrc/ppo_logits.cu), 0: streaming kernel
-        for label, size in (("32K", "32768"), ("128K", "131072"), ("off", "0")):
-            provs[f"rlhf_kernels[native,fused,slice {label}]"] = ours(
-                "native", True, {"RLHF_KERNELS_CLUSTER_SLICE_BYTES": size})
+    if "native" in fused_backends:  # the streaming kernel instead of the cluster one (benchmarks/bwd_sweep.py
+        # times the cluster kernel's slice sizes)
+        provs["rlhf_kernels[native,fused,slice off]"] = ours("native", True, {"RLHF_KERNELS_CLUSTER_SLICE_BYTES": "0"})
         # the cluster kernel without its next-row copy (the default copies a row ahead)
         provs["rlhf_kernels[native,fused,plain]"] = ours("native", True, {"RLHF_KERNELS_CLUSTER_PIPELINE": "0"})
     args = ("logits", "labels", "old", "adv", "mask", "ref")
