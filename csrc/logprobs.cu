@@ -298,10 +298,15 @@ unsigned grid_for(int64_t rows) {
 
 // Column parts per row of the backward: RLHF_KERNELS_BWD_PART_COLS columns a
 // part (rounded up to whole rounds of the block's 16-byte vectors, two per
-// thread), unset or 0 for a block per row (the default until a GPU run says
-// otherwise; rlhf_kernels/triton/logprobs.py: bwd_part_cols has the Triton
-// kernel's knob of the same name). Returns {parts, vectors per part}; one part
-// when the row fits in one or rows * parts would pass the grid limit.
+// thread), 0 for a block per row, unset for kDefaultPartCols
+// (rlhf_kernels/triton/logprobs.py: bwd_part_cols has the Triton kernel's knob
+// of the same name). Returns {parts, vectors per part}; one part when the row
+// fits in one or rows * parts would pass the grid limit.
+// The default is the H100's best (benchmarks/bwd_sweep.py, 16384 x 128256
+// bf16, gpu-session-NVIDIA_H100-20261126-1402): 3.04 ms (2.77 TB/s) at 8192
+// columns against 3.22 ms (2.61 TB/s) for a block per row; 16K and 32K within
+// 1%, 4K and 64K slower.
+constexpr long long kDefaultPartCols = 8192;
 struct BwdParts {
   int parts;
   int pv;
@@ -310,7 +315,7 @@ struct BwdParts {
 BwdParts bwd_parts(int64_t rows, int vocab, int vec_elems) {
   const BwdParts whole{1, RowPart{}.pv};
   const char* env = std::getenv("RLHF_KERNELS_BWD_PART_COLS");
-  long long want = 0;
+  long long want = kDefaultPartCols;
   if (env != nullptr && *env != '\0') {
     char* end = nullptr;
     want = std::strtoll(env, &end, 10);

@@ -241,8 +241,8 @@ def test_forward_prefetch_is_exact(monkeypatch, device, backend, dtype):
 @pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=str)
 @pytest.mark.parametrize("inplace_backward", [False, True], ids=["grad", "inplace"])
 def test_backward_parts_are_exact(monkeypatch, device, backend, dtype, inplace_backward):
-    """Rows cut into column parts (RLHF_KERNELS_BWD_PART_COLS; rounded up to whole tiles, the
-    last part short) give the same gradient bits as a program per row: with entropy, an
+    """Rows cut into column parts (RLHF_KERNELS_BWD_PART_COLS, or its default; rounded up to
+    whole tiles, the last part short) give the same gradient bits as a program per row: with entropy, an
     ignored row, an out-of-range label (NaN, with checks off), a -inf-led row and sliced
     (non-contiguous) rows. (The CPU kernel has no parts: there it checks the knob is inert.)"""
     g = torch.Generator().manual_seed(37)
@@ -251,8 +251,11 @@ def test_backward_parts_are_exact(monkeypatch, device, backend, dtype, inplace_b
     labels = torch.randint(5000, 9001, (3, 2), generator=g)
     labels[0, 1], labels[2, 0] = -100, 9001
     grads = []
-    for cols in ("0", "1000", "4096", "100000"):
-        monkeypatch.setenv("RLHF_KERNELS_BWD_PART_COLS", cols)
+    for cols in ("0", None, "1000", "4096", "100000"):  # None: the default
+        if cols is None:
+            monkeypatch.delenv("RLHF_KERNELS_BWD_PART_COLS", raising=False)
+        else:
+            monkeypatch.setenv("RLHF_KERNELS_BWD_PART_COLS", cols)
         logits = full.clone().to(device)[:, :-1].requires_grad_(not inplace_backward)
         leaf = logits
         if inplace_backward:  # the gradient lands in the buffer of a non-leaf (logits * 1)
@@ -276,15 +279,16 @@ def test_backward_parts_are_exact(monkeypatch, device, backend, dtype, inplace_b
 
 def test_cuda_backward_parts(monkeypatch):
     """The CUDA launcher's cut (host code, so it runs wherever the extension was built with nvcc):
-    whole rows by default, for a setting of 0, at or beyond V, or one the grid cannot hold;
-    otherwise parts of whole rounds of the 256-thread block's two 16-byte vectors each, that
-    together cover every vector of a row."""
+    whole rows for a setting of 0, at or beyond V, or one the grid cannot hold; otherwise
+    (8192 columns when unset) parts of whole rounds of the 256-thread block's two 16-byte
+    vectors each, that together cover every vector of a row."""
     native_c = pytest.importorskip("rlhf_kernels._C")
     if not hasattr(native_c, "logprobs_bwd_parts"):
         pytest.skip("extension built without CUDA")
     parts = native_c.logprobs_bwd_parts
     monkeypatch.delenv("RLHF_KERNELS_BWD_PART_COLS", raising=False)
-    assert parts(16384, 128256, 2)[0] == 1
+    assert parts(16384, 128256, 2) == (16, 1024)  # 8192 columns: 1024 bf16 vectors, 2 rounds of the block
+    assert parts(16384, 1000, 2)[0] == 1  # a row shorter than a part
     for setting in ("0", "128256", "1000000"):
         monkeypatch.setenv("RLHF_KERNELS_BWD_PART_COLS", setting)
         assert parts(16384, 128256, 2)[0] == 1

@@ -533,15 +533,20 @@ def logprobs_bwd(
     )
 
 
+# Columns per program of the backward when RLHF_KERNELS_BWD_PART_COLS is unset: the
+# H100's best (benchmarks/bwd_sweep.py, 16384 x 128256 bf16,
+# gpu-session-NVIDIA_H100-20261126-1402): 3.19 ms (2.64 TB/s) against 3.57 ms (2.36 TB/s)
+# for a program per row; 8K and 32K within 2%, 4K and 64K slower.
+DEFAULT_PART_COLS = 16384
+
+
 def bwd_part_cols() -> int:
-    """Columns per program of the log-prob backward: RLHF_KERNELS_BWD_PART_COLS, 0 (the
-    default) for a program per row. The backward only streams (read a logit, write its
-    gradient), so a row can be cut into parts; with parts, consecutive programs cover
-    consecutive pieces of one row and the programs in flight read and write one region of
-    memory, as a copy kernel does, instead of one stream per row in flight. On the H100 the
-    per-row backward ran at 2.50-2.60 TB/s against the device copy's 3.00; whether parts
-    close the gap is for a GPU run to say (``benchmarks/bwd_sweep.py`` times them)."""
-    value = os.environ.get("RLHF_KERNELS_BWD_PART_COLS", "").strip() or "0"
+    """Columns per program of the log-prob backward: RLHF_KERNELS_BWD_PART_COLS (0: a
+    program per row), DEFAULT_PART_COLS when unset. The backward only streams (read a logit,
+    write its gradient), so a row can be cut into parts; with parts, consecutive programs
+    cover consecutive pieces of one row and the programs in flight read and write one region
+    of memory, as a copy kernel does, instead of one stream per row in flight."""
+    value = os.environ.get("RLHF_KERNELS_BWD_PART_COLS", "").strip() or str(DEFAULT_PART_COLS)
     try:
         return int(value)
     except ValueError:
