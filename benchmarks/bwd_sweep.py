@@ -8,9 +8,10 @@ sequential streams at once, where a copy kernel's blocks read and write one regi
 On the H100 the per-row backwards reached 2.63-2.71 (CUDA) and 2.50-2.60 TB/s (Triton)
 against the device copy's 3.00, and the issue asks for 2.8. RLHF_KERNELS_BWD_PART_COLS
 cuts each row into parts of that many columns, consecutive parts on consecutive blocks
-(0: a block per row, the default). This times both backends at each setting, side by side
-in one run, so that one GPU session can choose: one line per setting and backend, median
-ms of 10 runs (L2 flushed before each) and TB/s (logits read + gradient written).
+(0: a block per row; unset: 8192 for CUDA, 16384 for Triton, the best of the H100 run in
+benchmarks/results/gpu-session-NVIDIA_H100-20261126-1402). This times both backends at
+each setting, side by side in one run: one line per setting and backend, median ms of 10
+runs (L2 flushed before each) and TB/s (logits read + gradient written).
 
 Then (CUDA, with the native extension) the fused PPO step from logits (the bench's ppo_step
 problem, 8 x 2048 x V bf16, forward with the gradient written in it plus backward, as the
@@ -20,9 +21,6 @@ the same run (the issue's target: 1.2x that floor):
     C = ceil(2 V / budget) blocks of a cluster; 64 KiB: C = 4, three blocks an SM by shared
     memory; 52 KiB: C = 5, four (also the register limit, 64 a thread); 86 KiB: C = 3, two;
     44 and 32 KiB: C = 6 and 8, still four;
-  * one slice a block, or the blocks taking turns along the row in chunks
-    (RLHF_KERNELS_CLUSTER_CHUNK, 16-byte vectors; 256 is 4 KiB), so that a cluster streams
-    the row as one region;
   * with and without the next-row copy (RLHF_KERNELS_CLUSTER_PIPELINE).
 
 Stops starting new settings when ``--budget`` seconds have passed.
@@ -41,11 +39,8 @@ from rlhf_kernels import _dispatch, bench
 from rlhf_kernels.bench import _time
 
 PART_COLS = (0, 4096, 8192, 16384, 32768, 65536)
-# (slice budget in bytes, pipelined, chunk in 16-byte vectors or 0 for slices): the default first
-CLUSTER_SETTINGS = (
-    (65536, "1", 0), (65536, "1", 256), (65536, "1", 64), (53248, "1", 0), (53248, "1", 256), (88064, "1", 0),
-    (88064, "1", 256), (45056, "1", 0), (32768, "1", 0), (32768, "1", 256), (65536, "0", 0), (65536, "0", 256),
-)  # fmt: skip
+# (slice budget in bytes, pipelined): the default first
+CLUSTER_SETTINGS = ((65536, "1"), (53248, "1"), (88064, "1"), (45056, "1"), (32768, "1"), (65536, "0"))
 
 
 def _median_line(label: str, times: list[float], nbytes: int, floor_ms: float | None = None) -> str:
@@ -70,13 +65,12 @@ def fused_sweep(args, device, deadline: float) -> None:
     floor = sorted(run("floor: read+write"))
     floor_ms = floor[len(floor) // 2]
     print(_median_line("floor: read+write", floor, nbytes), flush=True)
-    for n, (budget, pipe, chunk) in enumerate(CLUSTER_SETTINGS):
+    for n, (budget, pipe) in enumerate(CLUSTER_SETTINGS):
         if n and time.time() > deadline:
             print("(budget spent: later settings not run)")
             break
-        env = {"RLHF_KERNELS_CLUSTER_SLICE_BYTES": str(budget), "RLHF_KERNELS_CLUSTER_PIPELINE": pipe,
-               "RLHF_KERNELS_CLUSTER_CHUNK": str(chunk)}  # fmt: skip
-        label = f"native fused, slice budget {budget:6d}, pipelined {pipe}, chunk {chunk:3d}"
+        env = {"RLHF_KERNELS_CLUSTER_SLICE_BYTES": str(budget), "RLHF_KERNELS_CLUSTER_PIPELINE": pipe}
+        label = f"native fused, slice budget {budget:6d}, pipelined {pipe}"
         try:
             print(_median_line(label, run("rlhf_kernels[native,fused]", env), nbytes, floor_ms), flush=True)
         except Exception as exc:  # a setting that fails: report, go on

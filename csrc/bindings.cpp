@@ -355,17 +355,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> preference_fwd(
 std::tuple<at::Tensor, at::Tensor> preference_bwd(
     const std::string& loss, const std::optional<at::Tensor>& chosen, const std::optional<at::Tensor>& rejected,
     const std::optional<at::Tensor>& ref_chosen, const std::optional<at::Tensor>& ref_rejected,
-    const std::optional<at::Tensor>& margin, const std::optional<at::Tensor>& kl, const at::Tensor& metrics,
-    double beta, double gamma, double label_smoothing, double center, double tau, double weight,
+    const std::optional<at::Tensor>& margin, const std::optional<at::Tensor>& kl,
+    const std::optional<at::Tensor>& metrics, double beta, double gamma, double label_smoothing, double center,
+    double tau, double weight,
     const at::Tensor& grad_losses, int64_t grad_stride, double grad_scale, bool need_a, bool need_b) {
   const PrefInputs in = check_pref_inputs({{"chosen", &chosen},
                                            {"rejected", &rejected},
                                            {"ref_chosen", &ref_chosen},
                                            {"ref_rejected", &ref_rejected},
                                            {"margin", &margin}});
-  TORCH_CHECK_VALUE(metrics.numel() == kPrefMetrics && metrics.scalar_type() == in.dtype &&
-                        metrics.device() == in.device && metrics.is_contiguous(),
-                    "metrics: expected the forward's ", kPrefMetrics, " metrics");
+  // The forward's metrics: read by bco_pair's backward (its delta) only, None for the others.
+  const bool has_metrics = metrics.has_value() && metrics->defined();
+  if (has_metrics) {
+    TORCH_CHECK_VALUE(metrics->numel() == kPrefMetrics && metrics->scalar_type() == in.dtype &&
+                          metrics->device() == in.device && metrics->is_contiguous(),
+                      "metrics: expected the forward's ", kPrefMetrics, " metrics");
+  }
+  TORCH_CHECK_VALUE(has_metrics || pref_loss_id(loss) != PrefLoss::BcoPair,
+                    "metrics: bco_pair's backward needs the forward's metrics (its delta)");
   TORCH_CHECK_VALUE(grad_stride >= 0, "grad_stride: must be >= 0");
   at::Tensor g = grad_losses.to(in.dtype).contiguous();
   TORCH_CHECK_VALUE(g.device() == in.device, "grad_losses: on ", g.device(), " but inputs are on ", in.device);
@@ -383,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor> preference_bwd(
   p.ref_rejected = opt_ptr(ref_rejected);
   p.margin = opt_ptr(margin);
   p.kl = opt_ptr(kl);
-  p.metrics = metrics.data_ptr();
+  p.metrics = opt_ptr(metrics);
   p.s = pref_scalars(beta, gamma, label_smoothing, center, tau, 0.0, false, weight);
   p.grad_losses = g.data_ptr();
   p.grad_stride = grad_stride;
@@ -739,7 +746,7 @@ TORCH_LIBRARY(rlhf_kernels, m) {
       "float bco_delta, bool bco_batch_mean, float weight, bool write_rewards) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "preference_bwd_native(str loss, Tensor? chosen, Tensor? rejected, Tensor? ref_chosen, Tensor? ref_rejected, "
-      "Tensor? margin, Tensor? kl, Tensor metrics, float beta, float gamma, float label_smoothing, float center, "
+      "Tensor? margin, Tensor? kl, Tensor? metrics, float beta, float gamma, float label_smoothing, float center, "
       "float tau, float weight, Tensor grad_losses, int grad_stride, float grad_scale, bool need_a, bool need_b) "
       "-> (Tensor, Tensor)");
   m.def("gae_native(Tensor rewards, Tensor values, Tensor? mask, float gamma, float lam) -> (Tensor, Tensor)");
@@ -804,11 +811,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "ppo_cluster_layout",
       [](int64_t vocab, int itemsize, int64_t max_smem) {
-        int64_t out[4] = {0, 0, 0, -1};
+        int64_t out[3] = {0, 0, 0};
         rlhf::ppo_cluster_layout_cuda(vocab, itemsize, max_smem, out);
-        return std::make_tuple(out[0], out[1], out[2], out[3]);
+        return std::make_tuple(out[0], out[1], out[2]);
       },
-      "(blocks a cluster, slice, shared memory a block, log2 chunk or -1) of the fused PPO step's sm_90 "
-      "cluster kernel (RLHF_KERNELS_CLUSTER_SLICE_BYTES, RLHF_KERNELS_CLUSTER_CHUNK)");
+      "(blocks a cluster, slice, shared memory a block) of the fused PPO step's sm_90 cluster kernel "
+      "(RLHF_KERNELS_CLUSTER_SLICE_BYTES)");
 #endif
 }

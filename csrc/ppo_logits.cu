@@ -36,23 +36,25 @@
 // step; several slices in flight per SM (three 64 KiB blocks fit an SM's
 // shared memory, all of a slice's copies issued at once) keep HBM busy. A
 // pipelined variant (the default; RLHF_KERNELS_CLUSTER_PIPELINE=0 turns it
-// off) copies the next row while writing this one's gradient. A block holds
-// either one contiguous slice of the row (the default) or, with
-// RLHF_KERNELS_CLUSTER_CHUNK = N (a power of two, in 16-byte vectors), every
-// C-th chunk of N vectors, so that the cluster reads and writes the row front to
-// back as one stream rather than C streams a slice apart (to be timed against
-// the slices: benchmarks/bwd_sweep.py). Taken when the
+// off) copies the next row while writing this one's gradient. Taken when the
 // rows (logits and grad) start on 16-byte boundaries, T is not double, and
 // C <= 8; else the kernel above runs. Measured (8 x 2048 x 128256 bf16, whole
 // step with backward): on an H200, 5.70 ms with the streaming kernel (its
 // second read missing L2), 4.52 ms with the plain cluster kernel at 64 KiB
 // slices, against a read + write floor of 2.03 ms; on an H100, 5.37 / 3.77 /
 // 3.60 ms (streaming / plain / pipelined) against 2.82 ms, 1.28x the floor.
+// A later H100 run (benchmarks/results/gpu-session-NVIDIA_H100-20261126-1402,
+// bwd_sweep.py) found the 64 KiB default best among slice budgets of 32 to 86
+// KiB (C = 8 .. 3: 3.69 ms, 1.30x its 2.84 ms floor, against 3.70 - 4.06), and
+// slower when the blocks of a cluster take turns along the row in 1 or 4 KiB
+// chunks (one stream a row: 3.72 - 3.75 ms; 52 KiB: 3.99), so that layout was
+// dropped. Nsight Compute there (2048 rows): 2.61 TB/s of DRAM traffic (78%
+// of peak), issue slots 44% busy, 24 warps an SM (shared memory: 3 blocks),
+// 92 clusters resident of the 99 the SMs' shared memory would hold.
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
@@ -217,11 +219,7 @@ constexpr int kMaxCluster = 8;  // the portable cluster size
 // Grid: clusters of C blocks (C = cluster size, 1 <= C <= 8), cluster k owning
 // rows k, k + #clusters, ... Block r of a cluster owns the row's elements
 // [r S, min(V, (r + 1) S)); S (a multiple of the 16-byte vector) is the
-// `slice` argument and the dynamic shared memory holds S elements. kChunks:
-// block r owns instead the row's 16-byte vectors in chunks r, r + C, r + 2C, ...
-// of 2^chunk_shift vectors (rank 0 also the V mod kN scalar tail), packed in
-// order in its shared memory (cluster_layout sizes it); S then only splits the
-// fill of a skipped row. Per row:
+// `slice` argument and the dynamic shared memory holds S elements. Per row:
 //   1. copy the slice into shared memory (cp.async, all at once; the scalar
 //      tail of the last slice with plain loads), thread 0 reads z_label;
 //   2. the block's OnlineLSE over the slice (from shared memory) into
@@ -250,9 +248,8 @@ constexpr int kMaxCluster = 8;  // the portable cluster size
 //     this row's writes and the next row's serial tail;
 //   * bcast needs no end-of-row barrier: thread 0 rewrites it only after the
 //     next row's cluster barrier, which each thread reaches after reading it.
-template <typename T, bool kPipe, bool kChunks>
-__global__ void __launch_bounds__(kClusterThreads, 2)
-    ppo_logits_cluster_kernel(const FusedArgs<T> a, int slice, int chunk_shift) {
+template <typename T, bool kPipe>
+__global__ void __launch_bounds__(kClusterThreads, 2) ppo_logits_cluster_kernel(const FusedArgs<T> a, int slice) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   using Acc = acc_t<T>;
@@ -271,33 +268,9 @@ __global__ void __launch_bounds__(kClusterThreads, 2)
   const int tid = static_cast<int>(threadIdx.x);
   const int V = a.vocab;
   const Acc scale = a.scale;
-  // Which elements of a row this block holds: local vector i (buf[i kN .. i kN + kN)) is
-  // the row's elements [col(i), col(i) + kN); tail element t (buf[tail_slot + t]) is the
-  // row's element tail_col + t. Contiguous: the slice [begin, begin + len). kChunks: the
-  // row's nv whole vectors in chunks of 2^chunk_shift, chunk c on rank c mod C; rank 0
-  // also holds the scalar tail (V mod kN elements).
-  const int begin = min(V, rank * slice);  // contiguous, and every layout's fill of a skipped row
+  const int begin = min(V, rank * slice);
   const int len = min(V, begin + slice) - begin;
-  int nvec, n_tail, tail_slot, tail_col;
-  if (kChunks) {
-    const int nv = V / kN;
-    const int stride = n_blocks << chunk_shift;
-    const int full = nv / stride;
-    nvec = (full << chunk_shift) + min(max(nv - full * stride - (rank << chunk_shift), 0), 1 << chunk_shift);
-    n_tail = rank == 0 ? V - nv * kN : 0;
-    tail_col = nv * kN;
-  } else {
-    nvec = len / kN;
-    n_tail = len - nvec * kN;
-    tail_col = begin + nvec * kN;
-  }
-  tail_slot = nvec * kN;
-  const int chunk_mask = (1 << chunk_shift) - 1;
-  const int chunk_stride = n_blocks << chunk_shift;
-  const auto col = [&](int i) {
-    return kChunks ? ((i >> chunk_shift) * chunk_stride + (rank << chunk_shift) + (i & chunk_mask)) * kN
-                   : begin + i * kN;
-  };
+  const int nvec = len / kN;
   const auto kept = [&](int64_t y) { return y != a.ignore_index && y >= 0 && y < V; };
   int parity = 0;
   bool in_flight = false;  // kPipe: this row's slice was copied during the previous row
@@ -309,17 +282,17 @@ __global__ void __launch_bounds__(kClusterThreads, 2)
     const int64_t next = row + n_clusters;
     // The next row's label, loaded a whole row ahead: its latency is not on the row's path.
     y_ahead = next < a.rows ? a.labels[next] : 0;
-    T* out = a.grad + a.grad_layout.offset(row);
+    T* out = a.grad + a.grad_layout.offset(row) + begin;
     if (!kept(y)) {  // (never in flight: only kept rows are copied ahead)
       const Acc v = (y == a.ignore_index) ? Acc(0) : quiet_nan<Acc>();
       if (rank == 0 && tid < kFusedStats) a.stats[row * kFusedStats + tid] = v;
-      fill_row<kClusterThreads>(out + begin, len, v);
+      fill_row<kClusterThreads>(out, len, v);
       continue;
     }
     if (!in_flight) {
-      const T* src = a.logits + a.layout.offset(row);
-      for (int i = tid; i < nvec; i += kClusterThreads) cp_async16(buf + i * kN, src + col(i));
-      for (int t = tid; t < n_tail; t += kClusterThreads) buf[tail_slot + t] = src[tail_col + t];
+      const T* src = a.logits + a.layout.offset(row) + begin;
+      for (int i = tid; i < nvec; i += kClusterThreads) cp_async16(buf + i * kN, src + i * kN);
+      for (int j = nvec * kN + tid; j < len; j += kClusterThreads) buf[j] = src[j];
     }
     Acc z_label = Acc(0);
     RowScalars<Acc> scalars{};
@@ -339,8 +312,8 @@ __global__ void __launch_bounds__(kClusterThreads, 2)
       for (int k = 0; k < kN; ++k) z[k] = mul_rn(z[k], scale);
       st.template push<kN>(z);
     }
-    for (int t = tid; t < n_tail; t += kClusterThreads) {
-      const Acc z[1] = {mul_rn(to_acc(buf[tail_slot + t]), scale)};
+    for (int j = nvec * kN + tid; j < len; j += kClusterThreads) {
+      const Acc z[1] = {mul_rn(to_acc(buf[j]), scale)};
       st.template push<1>(z);
     }
     block_reduce<kClusterThreads>(st, warp_states);
@@ -362,19 +335,18 @@ __global__ void __launch_bounds__(kClusterThreads, 2)
     __syncthreads();
 
     const bool copy_next = kPipe && next < a.rows && kept(y_ahead);
-    const T* src_next = copy_next ? a.logits + a.layout.offset(next) : nullptr;
+    const T* src_next = copy_next ? a.logits + a.layout.offset(next) + begin : nullptr;
     const auto write = [&](const auto& op) {
       for (int i = tid; i < nvec; i += kClusterThreads) {
-        const int c = col(i);
         Acc u[kN];
         Vec<T>::load(buf + i * kN, u);
-        grad_vec<kN>(op, u, c);
-        Vec<T>::store(out + c, u);
-        if (copy_next) cp_async16(buf + i * kN, src_next + c);  // slot i is used: u was consumed above
+        grad_vec<kN>(op, u, begin + i * kN);
+        Vec<T>::store(out + i * kN, u);
+        if (copy_next) cp_async16(buf + i * kN, src_next + i * kN);  // slot i is used: u was consumed above
       }
-      for (int t = tid; t < n_tail; t += kClusterThreads) {
-        out[tail_col + t] = from_acc<T>(op(to_acc(buf[tail_slot + t]), tail_col + t));
-        if (copy_next) buf[tail_slot + t] = src_next[tail_col + t];
+      for (int j = nvec * kN + tid; j < len; j += kClusterThreads) {
+        out[j] = from_acc<T>(op(to_acc(buf[j]), begin + j));
+        if (copy_next) buf[j] = src_next[j];
       }
     };
     if (bcast[3] != Acc(0)) {
@@ -433,53 +405,24 @@ bool cluster_pipelined() {
   return env == nullptr || env[0] != '0';
 }
 
-// log2 of the chunk, in 16-byte vectors, in which the blocks of a cluster take turns
-// along the row (RLHF_KERNELS_CLUSTER_CHUNK: a power of two up to 2^20; unset or 0:
-// -1, each block holds one contiguous slice). With chunks of kClusterThreads vectors
-// (4 KiB), the C blocks copying a row read its next C chunks at once: the cluster
-// streams the row front to back as one region, as a copy kernel does, instead of C
-// regions a slice apart. A malformed value is an error that names the variable.
-int cluster_chunk_shift() {
-  const char* env = std::getenv("RLHF_KERNELS_CLUSTER_CHUNK");
-  if (env == nullptr || env[0] == '\0') return -1;
-  char* end = nullptr;
-  errno = 0;
-  const long long v = std::strtoll(env, &end, 10);
-  int shift = 0;
-  while (shift <= 20 && (1LL << shift) < v) ++shift;
-  if (errno != 0 || end == env || *end != '\0' || v < 0 || (v > 0 && (shift > 20 || (1LL << shift) != v))) {
-    throw std::runtime_error(std::string("rlhf_kernels: RLHF_KERNELS_CLUSTER_CHUNK: expected 0 or a power of two ") +
-                             "up to 1048576 (16-byte vectors), got '" + env + "'");
-  }
-  return v == 0 ? -1 : shift;
-}
-
 // How the cluster kernel cuts a row of `vocab` elements of `item` bytes, for blocks
 // of at most max_smem bytes of dynamic shared memory: C blocks (0: the kernel does
-// not apply: the budget is 0 or C would pass kMaxCluster or the block's memory);
-// slice: the contiguous slice a block holds (and fills for a skipped row); shift:
-// the chunk's log2 (-1: contiguous slices); smem: the dynamic shared memory a block
-// takes, i.e. what rank 0 (the fullest block) holds, rounded up to 16 bytes.
+// not apply: the budget is 0 or C would pass kMaxCluster or the block's memory),
+// each holding a contiguous slice of `slice` elements (a multiple of the 16-byte
+// vector; the last ones may be short or empty) in smem bytes of shared memory.
 struct ClusterLayout {
   int64_t C = 0, slice = 0, smem = 0;
-  int shift = -1;
 };
 
 ClusterLayout cluster_layout(int64_t vocab, int64_t item, int64_t max_smem) {
   ClusterLayout l;
   const int64_t kN = 16 / item;
   const int64_t budget = std::min(cluster_slice_bytes(), max_smem) / 16 * 16;  // a block holds at most this much
-  l.shift = cluster_chunk_shift();
   if (budget < 16) return l;
   const int64_t C = std::max<int64_t>(1, (vocab * item + budget - 1) / budget);
   if (C > kMaxCluster) return l;
   l.slice = ((vocab + C - 1) / C + kN - 1) / kN * kN;
-  int64_t held = l.slice;
-  if (l.shift >= 0) {  // rank 0: whole rounds of C chunks, then up to one chunk of the rest, and the scalar tail
-    const int64_t nv = vocab / kN, stride = C << l.shift, full = nv / stride;
-    held = ((full << l.shift) + std::min<int64_t>(nv - full * stride, int64_t(1) << l.shift)) * kN + vocab % kN;
-  }
-  l.smem = (held * item + 15) / 16 * 16;
+  l.smem = l.slice * item;
   if (l.smem <= max_smem) l.C = C;
   return l;
 }
@@ -584,11 +527,7 @@ bool launch_cluster(const FusedArgs<T>& a, const PpoLogitsParams& p, cudaStream_
       return false;
     }
     const bool pipelined = cluster_pipelined();
-    const int shift = cluster_chunk_shift();
-    const auto kernel = pipelined ? (shift >= 0 ? ppo_logits_cluster_kernel<T, true, true>
-                                                : ppo_logits_cluster_kernel<T, true, false>)
-                                  : (shift >= 0 ? ppo_logits_cluster_kernel<T, false, true>
-                                                : ppo_logits_cluster_kernel<T, false, false>);
+    const auto kernel = pipelined ? ppo_logits_cluster_kernel<T, true> : ppo_logits_cluster_kernel<T, false>;
     const ClusterKernelInfo info = cluster_kernel_info(kernel, dev);
     if (!info.usable) return false;
     const ClusterLayout l = cluster_layout(p.vocab, item, info.max_dynamic_smem);
@@ -600,7 +539,7 @@ bool launch_cluster(const FusedArgs<T>& a, const PpoLogitsParams& p, cudaStream_
     const int64_t clusters = std::min({p.rows, static_cast<int64_t>(clusters_max), cluster_cap()});
     cudaLaunchAttribute cluster_dim;
     const cudaLaunchConfig_t cfg = cluster_config(C, clusters * C, smem, stream, &cluster_dim);
-    const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, a, static_cast<int>(l.slice), std::max(shift, 0));
+    const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, a, static_cast<int>(l.slice));
     if (err != cudaSuccess) {
       (void)cudaGetLastError();  // reported here, not again by the next launch's check
       throw std::runtime_error(std::string("rlhf_kernels: ppo_logits cluster kernel launch failed: ") +
@@ -657,7 +596,6 @@ void ppo_cluster_layout_cuda(int64_t vocab, int itemsize, int64_t max_smem, int6
   out[0] = l.C;
   out[1] = l.slice;
   out[2] = l.smem;
-  out[3] = l.shift;
 }
 
 void ppo_logits_fused_cuda(const PpoLogitsParams& p, void* stream) {

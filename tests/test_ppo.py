@@ -979,20 +979,16 @@ CLUSTER_CASES = {  # (B, T, V, RLHF_KERNELS_CLUSTER_SLICE_BYTES): what the CUDA 
 @pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
 @pytest.mark.parametrize("pipeline,clusters", [("0", "0"), ("1", "0"), ("1", "2")],
                          ids=["plain", "pipelined", "pipelined-2-clusters"])  # fmt: skip
-@pytest.mark.parametrize("chunk", ["0", "1", "4"], ids=["slices", "chunk1", "chunk4"])
-def test_ppo_from_logits_cluster_sweep(monkeypatch, device, backend, case, dtype, inplace, pipeline, clusters, chunk):
+def test_ppo_from_logits_cluster_sweep(monkeypatch, device, backend, case, dtype, inplace, pipeline, clusters):
     """The CUDA gradient sweep that holds each row in the shared memory of a thread-block
     cluster (sm_90), with the row cut into 1 to 8 slices, a scalar tail, an empty slice, in
     place, and the cases that fall back to the streaming kernel. (On CPU and before sm_90 this
     runs the other kernels: same expectations.) The pipelined variant copies the next row of
     its cluster while writing this one's gradient: with at most 2 clusters each walks many
-    rows, a skipped one among them. chunk: the blocks take turns along the row in chunks of 1
-    or 4 vectors (RLHF_KERNELS_CLUSTER_CHUNK) instead of holding a slice each: many rounds,
-    blocks whose last chunk is short or missing, rank 0 with the scalar tail."""
+    rows, a skipped one among them."""
     B, T, V, budget = CLUSTER_CASES[case]
     monkeypatch.setenv("RLHF_KERNELS_CLUSTER_PIPELINE", pipeline)
     monkeypatch.setenv("RLHF_KERNELS_CLUSTER_MAX", clusters)
-    monkeypatch.setenv("RLHF_KERNELS_CLUSTER_CHUNK", chunk)
     if budget is not None:
         monkeypatch.setenv("RLHF_KERNELS_CLUSTER_SLICE_BYTES", budget)
     g = torch.Generator().manual_seed(17)
@@ -1005,45 +1001,28 @@ def test_ppo_from_logits_cluster_sweep(monkeypatch, device, backend, case, dtype
 
 def test_cuda_cluster_layout(monkeypatch):
     """The sm_90 cluster kernel's cut of a row (host code of its launcher, so it runs wherever
-    the extension was built with nvcc): C blocks of at most the slice budget, contiguous
-    slices by default; with RLHF_KERNELS_CLUSTER_CHUNK the blocks take turns in chunks and a
-    block's shared memory holds what the fullest one (rank 0) gets, the scalar tail included;
-    no cluster kernel past 8 blocks or the device's shared memory; a malformed setting is an
-    error that names the variable."""
+    the extension was built with nvcc): C blocks of at most the slice budget (and the device's
+    shared memory), each a slice of whole 16-byte vectors that together cover the row; no
+    cluster kernel past 8 blocks or with a budget of 0."""
     native_c = pytest.importorskip("rlhf_kernels._C")
     if not hasattr(native_c, "ppo_cluster_layout"):
         pytest.skip("extension built without CUDA")
     layout = native_c.ppo_cluster_layout
     smem = 227 * 1024  # an H100's per-block opt-in
-    for var in ("RLHF_KERNELS_CLUSTER_SLICE_BYTES", "RLHF_KERNELS_CLUSTER_CHUNK"):
-        monkeypatch.delenv(var, raising=False)
-    assert layout(128256, 2, smem) == (4, 32064, 64128, -1)  # the default: 64 KiB slices
-    monkeypatch.setenv("RLHF_KERNELS_CLUSTER_SLICE_BYTES", "53248")
-    assert layout(128256, 2, smem) == (5, 25656, 51312, -1)
-
-    def rank0_elements(vocab, item, C, chunk):  # what the kernel's rank 0 holds, counted one vector at a time
-        kn = 16 // item
-        return sum(1 for v in range(vocab // kn) if (v // chunk) % C == 0) * kn + vocab % kn
-
-    for budget, vocab, item, chunk in ((65536, 128256, 2, 256), (53248, 128256, 2, 256), (512, 1003, 2, 4),
-                                       (512, 1000, 4, 1), (32, 33, 4, 4), (65536, 151936, 2, 64)):  # fmt: skip
+    monkeypatch.delenv("RLHF_KERNELS_CLUSTER_SLICE_BYTES", raising=False)
+    assert layout(128256, 2, smem) == (4, 32064, 64128)  # the default: 64 KiB slices
+    for budget, vocab, item in ((53248, 128256, 2), (88064, 128256, 2), (45056, 151936, 2), (512, 1003, 2),
+                                (512, 1000, 4), (32, 33, 4)):  # fmt: skip
         monkeypatch.setenv("RLHF_KERNELS_CLUSTER_SLICE_BYTES", str(budget))
-        monkeypatch.setenv("RLHF_KERNELS_CLUSTER_CHUNK", str(chunk))
-        C, slice_, nbytes, shift = layout(vocab, item, smem)
-        assert C == math.ceil(vocab * item / budget) and shift == chunk.bit_length() - 1
-        assert vocab <= slice_ * C  # the blocks' fill of a skipped row covers it
-        assert nbytes == math.ceil(rank0_elements(vocab, item, C, chunk) * item / 16) * 16
-    monkeypatch.setenv("RLHF_KERNELS_CLUSTER_CHUNK", "0")
+        C, slice_, nbytes = layout(vocab, item, smem)
+        assert C == math.ceil(vocab * item / budget) and slice_ % (16 // item) == 0
+        assert vocab <= slice_ * C and nbytes == slice_ * item  # every element held, in its block's memory
     monkeypatch.setenv("RLHF_KERNELS_CLUSTER_SLICE_BYTES", "64")
     assert layout(1000, 2, smem)[0] == 0  # 32 blocks: past the portable cluster size
     monkeypatch.setenv("RLHF_KERNELS_CLUSTER_SLICE_BYTES", "0")
     assert layout(1000, 2, smem)[0] == 0  # off
     monkeypatch.setenv("RLHF_KERNELS_CLUSTER_SLICE_BYTES", "65536")
     assert layout(128256, 2, 48 * 1024)[0] == 6  # the device's limit caps the slice
-    for bad in ("3", "-4", "4k", "2097152"):
-        monkeypatch.setenv("RLHF_KERNELS_CLUSTER_CHUNK", bad)
-        with pytest.raises(RuntimeError, match="RLHF_KERNELS_CLUSTER_CHUNK"):
-            layout(128256, 2, smem)
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"], native_op=FUSED))

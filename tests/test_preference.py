@@ -85,6 +85,27 @@ def test_dpo_metrics(device, backend, loss_type):
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(native_op=NATIVE_OP))
+@pytest.mark.parametrize("loss_type", ["sigmoid", "bco_pair", "ipo"])
+def test_metrics_changed_in_place_leave_backward_alone(device, backend, loss_type):
+    """The caller may change the returned metrics in place: the backward reads the forward's
+    metrics (bco_pair's batch-mean delta) from a tensor the caller does not hold, and the other
+    losses' backward does not read them at all (they get the kernel's own tensor, no copy)."""
+    pc, pr, rc, rr = inputs(40, torch.float32, device, seed=21)
+    grads = []
+    for bump in (False, True):
+        a, b = pc.clone().requires_grad_(True), pr.clone().requires_grad_(True)
+        out = rlhf_kernels.dpo_loss(a, b, rc, rr, beta=0.2, loss_type=loss_type, return_metrics=True,
+                                    backend=backend)  # fmt: skip
+        if bump:
+            for value in out.metrics.values():
+                value.add_(100.0)
+        out.losses.sum().backward()
+        grads.append((a.grad, b.grad))
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op=NATIVE_OP))
 @pytest.mark.parametrize("loss_type", rlhf_kernels.DPO_LOSS_TYPES)
 def test_dpo_gradcheck(device, backend, loss_type):
     tensors = [t.requires_grad_(True) for t in inputs(6, torch.float64, device, seed=9, scale=2.0, offset=-4.0)]

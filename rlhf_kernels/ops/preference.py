@@ -200,7 +200,11 @@ def dpo_loss(
             impl, loss_type, pc, pr, rc, rr, beta=beta, label_smoothing=label_smoothing, tau=discopop_tau,
             bco_delta=0.0 if bco_delta is None else float(bco_delta), bco_batch_mean=bco_delta is None,
         )  # fmt: skip
-        metrics = dict(zip(METRIC_NAMES, _user_view(m[:5], losses).unbind(), strict=True)) if return_metrics else None
+        metrics = (
+            dict(zip(METRIC_NAMES, _user_view(m[:5], losses, loss_type).unbind(), strict=True))
+            if return_metrics
+            else None
+        )
     if return_metrics:
         return DPOLossWithMetrics(losses, cr, rj, metrics)
     return DPOLossOutput(losses, cr, rj)
@@ -253,7 +257,7 @@ def orpo_loss(
     if impl == "torch":
         return ORPOLossOutput(*reference.orpo_loss(pc, pr, beta=beta))
     losses, cr, rj, m = _run(impl, "orpo", pc, pr, beta=beta)
-    m = _user_view(m, losses)
+    m = _user_view(m, losses, "orpo")
     return ORPOLossOutput(losses, cr, rj, m[5], m[6])
 
 
@@ -349,7 +353,7 @@ def bradley_terry_loss(
     losses, _, _, metrics = _run(
         impl, "sigmoid", c, r, margin=m, beta=1.0, center=float(center_rewards_coefficient), rewards=False
     )
-    return BradleyTerryOutput(reference.batch_mean(losses), _user_view(metrics[1], losses))
+    return BradleyTerryOutput(reference.batch_mean(losses), _user_view(metrics[1], losses, "sigmoid"))
 
 
 # --- argument checks ----------------------------------------------------------------------
@@ -403,11 +407,17 @@ def _check_smoothing(loss_type, label_smoothing):
         )
 
 
-def _user_view(metrics: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+# Losses whose backward reads the forward's metrics tensor (bco_pair: its delta, metrics[7]);
+# the others' backward gets None, so their graph holds no reference to the metrics.
+_METRICS_IN_BACKWARD = ("bco_pair",)
+
+
+def _user_view(metrics: torch.Tensor, losses: torch.Tensor, loss: str) -> torch.Tensor:
     """Metrics handed to the caller: a copy when the forward recorded a graph (``losses`` requires
-    grad), which saved the metrics tensor for backward, so that changing them in place cannot
-    break the backward."""
-    return metrics.clone() if losses.requires_grad else metrics
+    grad) that saved the metrics tensor for backward, so that changing them in place cannot
+    break the backward. Other losses hand out the kernel's tensor itself (no copy kernel on a
+    latency-bound step)."""
+    return metrics.clone() if losses.requires_grad and loss in _METRICS_IN_BACKWARD else metrics
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -493,7 +503,7 @@ if triton_impl is not None:
     def _bwd_triton(
         loss: str, chosen: torch.Tensor | None, rejected: torch.Tensor | None, ref_chosen: torch.Tensor | None,
         ref_rejected: torch.Tensor | None, margin: torch.Tensor | None, kl: torch.Tensor | None,
-        metrics: torch.Tensor, beta: float, gamma: float, label_smoothing: float, center: float, tau: float,
+        metrics: torch.Tensor | None, beta: float, gamma: float, label_smoothing: float, center: float, tau: float,
         weight: float, grad_losses: torch.Tensor, grad_stride: int, grad_scale: float, need_a: bool, need_b: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         n = (chosen if chosen is not None else rejected).shape[0]
@@ -502,7 +512,7 @@ if triton_impl is not None:
         ga, gb = triton_impl.preference_bwd(loss, n, chosen, rejected, ref_chosen, ref_rejected, margin, kl, metrics,
                                             scalars, grad_losses, grad_stride, grad_scale, need_a, need_b,
                                             launch=wrap_triton)  # fmt: skip
-        empty = metrics.new_empty(0)
+        empty = (chosen if chosen is not None else rejected).new_empty(0)
         return (empty if ga is None else ga), (empty if gb is None else gb)
 
     _fwd_triton.register_fake(_fake_fwd)
@@ -520,7 +530,8 @@ def _setup_context(ctx, inputs, output):
     (loss, chosen, rejected, ref_chosen, ref_rejected, margin, kl, beta, gamma, label_smoothing, center, tau,
      _bco_delta, _bco_batch_mean, weight, _write_rewards) = inputs  # fmt: skip
     _, chosen_rewards, rejected_rewards, metrics = output
-    ctx.save_for_backward(chosen, rejected, ref_chosen, ref_rejected, margin, kl, metrics)
+    ctx.save_for_backward(chosen, rejected, ref_chosen, ref_rejected, margin, kl,
+                          metrics if loss in _METRICS_IN_BACKWARD else None)  # fmt: skip
     ctx.args = (loss, beta, gamma, label_smoothing, center, tau, weight)
     ctx.mark_non_differentiable(chosen_rewards, rejected_rewards, metrics)
     ctx.set_materialize_grads(False)  # no zero tensors for them; backward takes a None grad_losses too

@@ -449,14 +449,18 @@ def _pref_bwd_kernel(
     WRITE_B: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     # Grid: (cdiv(n, BLOCK),). Each program owns BLOCK elements: reads the
-    # inputs and the upstream gradient, writes dL/da and dL/db.
+    # inputs and the upstream gradient, writes dL/da and dL/db. metrics_ptr
+    # (the forward's metrics; any input of the accumulation type but for
+    # bco_pair) is read for bco_pair's delta only.
     acc_ty = metrics_ptr.dtype.element_ty
     beta, gamma, ls, center, tau, weight = _loss_scalars(
         beta_hi, beta_lo, gamma_hi, gamma_lo, ls_hi, ls_lo, center_hi, center_lo, tau_hi, tau_lo, weight_hi,
         weight_lo, acc_ty,
     )  # fmt: skip
     scale = join_float(scale_hi, scale_lo, acc_ty)
-    delta = tl.load(metrics_ptr + 7)
+    delta = tl.zeros((), acc_ty)
+    if LOSS == 5:
+        delta = tl.load(metrics_ptr + 7)
     kl = tl.zeros((), acc_ty)
     if HAS_KL:
         kl = tl.load(kl_ptr)
@@ -554,13 +558,17 @@ def preference_fwd(loss, n, chosen, rejected, ref_chosen, ref_rejected, margin, 
 
 def preference_bwd(loss, n, chosen, rejected, ref_chosen, ref_rejected, margin, kl, metrics, scalars,
                    grad_losses, grad_stride, grad_scale, need_a, need_b, launch=None):  # fmt: skip
-    """Launch the backward kernel; returns (grad_a, grad_b) (None where not needed)."""
-    acc = metrics.dtype
-    grad_a = torch.empty(n, dtype=acc, device=metrics.device) if need_a else None
-    grad_b = torch.empty(n, dtype=acc, device=metrics.device) if need_b else None
+    """Launch the backward kernel; returns (grad_a, grad_b) (None where not needed). metrics: the
+    forward's, for bco_pair (its delta); None for the other losses."""
+    like = chosen if chosen is not None else rejected
+    acc = like.dtype
+    grad_a = torch.empty(n, dtype=acc, device=like.device) if need_a else None
+    grad_b = torch.empty(n, dtype=acc, device=like.device) if need_b else None
     if n == 0:
         return grad_a, grad_b
-    dummy = metrics
+    if metrics is None and LOSS_IDS[loss] == LOSS_IDS["bco_pair"]:
+        raise ValueError("metrics: bco_pair's backward needs the forward's metrics (its delta)")
+    dummy = like
     block, num_warps = _block(n)
     kernel = _pref_bwd_kernel if launch is None else launch(_pref_bwd_kernel)
     kernel[(triton.cdiv(n, block),)](
@@ -570,7 +578,7 @@ def preference_bwd(loss, n, chosen, rejected, ref_chosen, ref_rejected, margin, 
         dummy if ref_rejected is None else ref_rejected,
         dummy if margin is None else margin,
         dummy if kl is None else kl,
-        metrics,
+        dummy if metrics is None else metrics,
         grad_losses,
         dummy if grad_a is None else grad_a,
         dummy if grad_b is None else grad_b,
