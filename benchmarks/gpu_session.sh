@@ -148,7 +148,8 @@ if has profile; then
     SchedulerStats; do
     sections+=(--section "$s")
   done
-  timeout "$(min 180 $(($(left) - 5)))" ncu --clock-control none --profile-from-start off \
+  PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" timeout "$(min 180 $(($(left) - 5)))" \
+    ncu --clock-control none --profile-from-start off \
     "${sections[@]}" "$PY" benchmarks/profile_kernels.py >"$OUT/ncu.log" 2>&1
   log "ncu exit code $?"
 fi
