@@ -67,17 +67,21 @@ def verl(monkeypatch):
 def openrlhf(monkeypatch):
     utils = pytest.importorskip("openrlhf.models.utils", reason="OpenRLHF not installed: make test-frameworks")
     maker = pytest.importorskip("openrlhf.trainer.ppo_utils.experience_maker")
+    loss = pytest.importorskip("openrlhf.models.loss")
     original = {"compute_approx_kl": utils.compute_approx_kl, "log_probs_from_logits": utils.log_probs_from_logits,
-                "gae": maker.RemoteExperienceMaker.get_advantages_and_returns}  # fmt: skip
-    calls = _counting(monkeypatch, rk_openrlhf, ["kl_penalty", "token_logprobs", "gae"])
+                "gae": maker.RemoteExperienceMaker.get_advantages_and_returns,
+                "PolicyLoss": loss.PolicyLoss.forward, "ValueLoss": loss.ValueLoss.forward}  # fmt: skip
+    calls = _counting(monkeypatch, rk_openrlhf, ["kl_penalty", "token_logprobs", "gae", "ppo_policy_loss",
+                                                 "ppo_value_loss"])  # fmt: skip
     rk_openrlhf.patch("auto")
-    calls.update(dict.fromkeys(calls, 0))  # (patch itself asks compute_approx_kl how it clamps)
+    calls.update(dict.fromkeys(calls, 0))  # (patch itself asks compute_approx_kl how it clamps, and probes the losses)
     try:
         yield utils, maker, original, calls
     finally:
         rk_openrlhf.unpatch()
         assert utils.compute_approx_kl is original["compute_approx_kl"]
         assert maker.RemoteExperienceMaker.get_advantages_and_returns is original["gae"]
+        assert loss.PolicyLoss.forward is original["PolicyLoss"] and loss.ValueLoss.forward is original["ValueLoss"]
 
 
 def _masks(B, T, g):
@@ -303,3 +307,81 @@ def test_openrlhf_logprobs(openrlhf, dtype, temperature):
     assert calls["token_logprobs"] == 1 and got.dtype == want.dtype
     _close(got, want, _tol(dtype))
     assert torch.equal(mine, theirs)  # the logits divided in place, as OpenRLHF does
+
+
+# the global counts as OpenRLHF's actors pass them (0.11: float32 tensors), as plain numbers, or none
+OPENRLHF_COUNTS = {"local": {}, "tensors": dict(dp_size=2, batch_num_tokens=torch.tensor(300.0),
+                                                  global_batch_size=torch.tensor(14.0)),
+                   "numbers": dict(dp_size=1, batch_num_tokens=150, global_batch_size=7)}  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("token_level", [True, False], ids=["token", "sample"])
+@pytest.mark.parametrize("counts", list(OPENRLHF_COUNTS))
+@pytest.mark.parametrize("clip", [dict(), dict(clip_eps_low=0.1, clip_eps_high=0.28, dual_clip=3.0)],
+                         ids=["symmetric", "clip-higher-dual"])  # fmt: skip
+@pytest.mark.parametrize("mask_kind", ["gaps", "empty-row"])
+def test_openrlhf_policy_and_value_loss(openrlhf, dtype, token_level, counts, clip, mask_kind):
+    """PolicyLoss and ValueLoss modules as OpenRLHF's actor and critic build and call them:
+    loss, metrics (clip ratio, ppo_kl; the importance-correction slots None), gradients."""
+    from openrlhf.models.loss import PolicyLoss, ValueLoss
+
+    _, _, original, calls = openrlhf
+    logp, old, adv, vpred, mask = _inputs(dtype, mask_kind, seed=11)
+    mask = mask.bool()  # (OpenRLHF's action masks are bool)
+    info, tol = OPENRLHF_COUNTS[counts], _tol(dtype)
+
+    def run(forward, module, x, *others, wide=False):
+        xs = _wide(dtype, x, *others) if wide else [x, *others]
+        xg = xs[0].clone().requires_grad_(True)
+        out = forward(module, xg, *xs[1:], action_mask=mask, **info)
+        (out[0] if isinstance(out, tuple) else out).backward()
+        return out, xg.grad
+
+    policy = PolicyLoss(**clip, token_level_loss=token_level)
+    (got, got_grad), (want, want_grad) = (run(PolicyLoss.forward, policy, logp, old, adv),
+                                          run(original["PolicyLoss"], policy, logp, old, adv, wide=True))  # fmt: skip
+    assert calls["ppo_policy_loss"] == 1 and len(got) == len(want) == 5 and got[3:] == want[3:] == (None, None)
+    assert got[1].dtype == want[1].dtype == torch.float32  # OpenRLHF's clip ratio is float32 at every input dtype
+    if dtype == torch.float32:
+        assert [t.dtype for t in got[:3]] == [t.dtype for t in want[:3]]
+    _close(got[:3], want[:3], tol)
+    _close(got_grad, want_grad, tol)
+
+    value = ValueLoss(0.2, token_level_loss=token_level)
+    (got, got_grad), (want, want_grad) = (run(ValueLoss.forward, value, vpred, old, adv),
+                                          run(original["ValueLoss"], value, vpred, old, adv, wide=True))  # fmt: skip
+    assert calls["ppo_value_loss"] == 1
+    if dtype == torch.float32:
+        assert got.dtype == want.dtype
+    _close(got, want, tol)
+    _close(got_grad, want_grad, tol)
+
+
+def test_openrlhf_losses_empty_and_uncovered(openrlhf):
+    """A micro-batch without a valid token gives OpenRLHF's NaN (0 / 0) loss and metrics, with
+    a gradient of 0 (OpenRLHF's is NaN); a GSPO loss stays OpenRLHF's; an unclipped value loss
+    (clip_eps None) runs on the op."""
+    from openrlhf.models.loss import PolicyLoss, ValueLoss
+
+    _, _, original, calls = openrlhf
+    logp, old, adv, vpred, _ = _inputs(torch.float32, "ones", seed=12)
+    empty = torch.zeros_like(logp, dtype=torch.bool)
+    for token_level in (True, False):
+        module = PolicyLoss(token_level_loss=token_level)
+        x = logp.clone().requires_grad_(True)
+        got = PolicyLoss.forward(module, x, old, adv, action_mask=empty)
+        want = original["PolicyLoss"](module, logp, old, adv, action_mask=empty)
+        for g, w in zip(got[:3], want[:3], strict=True):
+            torch.testing.assert_close(g, w, equal_nan=True)
+        got[0].backward()
+        assert torch.equal(x.grad, torch.zeros_like(logp))
+    assert calls["ppo_policy_loss"] == 2
+    gspo = PolicyLoss(policy_loss_type="gspo")
+    torch.testing.assert_close(PolicyLoss.forward(gspo, logp, old, adv, action_mask=empty | True)[0],
+                               original["PolicyLoss"](gspo, logp, old, adv, action_mask=empty | True)[0])  # fmt: skip
+    assert calls["ppo_policy_loss"] == 2  # GSPO stays OpenRLHF's
+    unclipped = ValueLoss(None)
+    _close(ValueLoss.forward(unclipped, vpred, old, adv, action_mask=~empty),
+           original["ValueLoss"](unclipped, vpred, old, adv, action_mask=~empty), _tol(torch.float32))  # fmt: skip
+    assert calls["ppo_value_loss"] == 1

@@ -235,3 +235,79 @@ def test_dtypes_match_openrlhf(fake_openrlhf, dtype, mask_dtype):
         for a, b in zip(g, w, strict=True):
             assert a.dtype == b.dtype
             _close(a, b, tol)
+
+
+def _masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum()
+
+
+class PolicyLoss:
+    """A PolicyLoss whose forward returns four values (an older layout than 0.11's five)."""
+
+    __module__ = "openrlhf.models.loss"
+
+    def __init__(self, clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None, token_level_loss=True):
+        self.clip_eps_low, self.clip_eps_high, self.dual_clip = clip_eps_low, clip_eps_high, dual_clip
+        self.token_level_loss = token_level_loss
+
+    def forward(self, log_probs, old_log_probs, advantages, action_mask=None):
+        ratio = (log_probs - old_log_probs).clamp(-20, 20).exp()
+        surr1 = ratio * advantages
+        surr2 = ratio.clamp(1 - self.clip_eps_low, 1 + self.clip_eps_high) * advantages
+        loss = _masked_mean(-torch.min(surr1, surr2), action_mask)
+        return loss, _masked_mean((surr2 < surr1).float(), action_mask), _masked_mean(old_log_probs - log_probs,
+                                                                                     action_mask), None  # fmt: skip
+
+
+class ValueLoss:
+    """A ValueLoss without the global counts (an older signature), per token or per sequence."""
+
+    __module__ = "openrlhf.models.loss"
+
+    def __init__(self, clip_eps=None, token_level_loss=True):
+        self.clip_eps, self.token_level_loss = clip_eps, token_level_loss
+
+    def forward(self, values, old_values, returns, action_mask=None):
+        loss = (values - returns) ** 2
+        if self.clip_eps is not None:
+            clipped = old_values + (values - old_values).clamp(-self.clip_eps, self.clip_eps)
+            loss = torch.max(loss, (clipped - returns) ** 2)
+        if self.token_level_loss:
+            return 0.5 * _masked_mean(loss, action_mask)
+        counts = action_mask.sum(-1)
+        seq = (loss * action_mask).sum(-1) / (counts + 1e-8)
+        return 0.5 * _masked_mean(seq, (counts > 0).float())
+
+
+ORIGINAL_LOSSES = (PolicyLoss.forward, ValueLoss.forward)
+
+
+def test_losses_only_where_the_probe_agrees(fake_openrlhf, monkeypatch, cpu_backend):
+    """The loss modules are replaced only where a probe call gives the release's own results,
+    return layout included: a PolicyLoss with another layout stays OpenRLHF's, a ValueLoss
+    without the global counts runs on the op (per token and per sequence) and is restored."""
+    loss = ModuleType("openrlhf.models.loss")
+    loss.PolicyLoss, loss.ValueLoss = PolicyLoss, ValueLoss
+    monkeypatch.setitem(sys.modules, loss.__name__, loss)
+    calls = {"ppo_value_loss": 0}
+    op = rk_openrlhf.ppo_value_loss
+
+    def counted(*args, **kwargs):
+        calls["ppo_value_loss"] += 1
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(rk_openrlhf, "ppo_value_loss", counted)
+    locations = rk_openrlhf.patch(cpu_backend)
+    calls["ppo_value_loss"] = 0  # (the probe's calls)
+    assert "openrlhf.models.loss.ValueLoss.forward" in locations
+    assert "openrlhf.models.loss.PolicyLoss.forward" not in locations
+    assert PolicyLoss.forward is ORIGINAL_LOSSES[0] and ValueLoss.forward is not ORIGINAL_LOSSES[1]
+    x = _data(seed=4)
+    for token_level in (True, False):
+        module = ValueLoss(0.2, token_level_loss=token_level)
+        got = module.forward(x.values, x.base, x.rewards, action_mask=x.mask)
+        want = ORIGINAL_LOSSES[1](module, x.values, x.base, x.rewards, action_mask=x.mask)
+        _close(got, want, 1e-5)
+    assert calls["ppo_value_loss"] == 2
+    rk_openrlhf.unpatch()
+    assert ValueLoss.forward is ORIGINAL_LOSSES[1]

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import ModuleType
 
+import torch
+
 
 def _inside(name, package: str) -> bool:
     return isinstance(name, str) and (name == package or name.startswith(package + "."))
@@ -37,6 +39,21 @@ def check_params(integration: str, where: str, fn, required: tuple[str, ...]) ->
 
 
 _PLAIN = (type(None), bool, int, float, str)
+
+
+def binary_mask(mask, like) -> bool:
+    """A mask of ``like``'s shape and device whose values are 0 and 1: the frameworks multiply
+    by their masks, so other weights change their results, while the ops read nonzero as
+    valid. Floating masks are checked (a device sync); bool and integer ones are taken as
+    0 / 1 without one (the frameworks' masks of those types are)."""
+    if not isinstance(mask, torch.Tensor) or mask.shape != like.shape or mask.device != like.device:
+        return False
+    return not mask.dtype.is_floating_point or bool(((mask == 0) | (mask == 1)).all())
+
+
+def count(valid: torch.Tensor) -> torch.Tensor:
+    """How many are true, as a float64 tensor (an int64 one would divide in float32)."""
+    return valid.sum(dtype=torch.float64)
 
 
 def defaults_beyond(fn, known: tuple[str, ...]):

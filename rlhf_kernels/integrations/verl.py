@@ -125,9 +125,7 @@ def _tensors(*ts) -> bool:
 GLOBAL_ARGS = ("dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor")
 
 
-def _count(valid):
-    """How many are true, as a float64 tensor (an int64 one would divide in float32)."""
-    return valid.sum(dtype=torch.float64)
+_count = _patching.count
 
 
 def _agg_plan(mode, mask, g, sum_norm):
@@ -245,12 +243,7 @@ def _scaled(out, plan):
     return (out[0] * torch.as_tensor(scale, dtype=out[0].dtype, device=out[0].device), *out[1:])
 
 
-def _binary(mask, like) -> bool:
-    """A mask of the rows' shape whose values are 0 and 1 (verl multiplies by the mask, so
-    other weights change its results; the ops read nonzero as valid)."""
-    if not isinstance(mask, torch.Tensor) or mask.shape != like.shape or mask.device != like.device:
-        return False
-    return not mask.dtype.is_floating_point or bool(((mask == 0) | (mask == 1)).all())
+_binary = _patching.binary_mask
 
 
 def _whiten(values, mask, shift_mean=True):
