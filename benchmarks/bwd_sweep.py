@@ -80,7 +80,8 @@ def fused_sweep(args, device, deadline: float) -> None:
 def main() -> None:
     parser = sweep_parser(__doc__, 60.0)
     parser.add_argument("--backend", action="append", help="default: triton and native where available")
-    parser.add_argument("--fused-share", type=float, default=0.4, help="of the budget, kept for the fused sweep")
+    parser.add_argument("--fused-share", type=float, default=0.4,
+                        help="of the budget, kept for the fused sweep where it runs")  # fmt: skip
     args = parser.parse_args()
     device, logits, labels = sweep_inputs(args)
     nbytes = 2 * logits.numel() * logits.element_size()
@@ -99,10 +100,12 @@ def main() -> None:
         lp.backward(torch.ones_like(lp))
 
     started = time.time()
+    fused = device.type == "cuda" and _dispatch.unavailable_reason("native", device, "ppo_logits_fused_native") is None
+    part_budget = args.budget * (1 - args.fused_share) if fused else args.budget
     before = os.environ.get("RLHF_KERNELS_BWD_PART_COLS")
     try:
         for n, cols in enumerate(PART_COLS):
-            if n and time.time() - started > args.budget * (1 - args.fused_share):  # the first one always runs
+            if n and time.time() - started > part_budget:  # the first one always runs
                 print("(budget spent: later settings not run)")
                 break
             os.environ["RLHF_KERNELS_BWD_PART_COLS"] = str(cols)
@@ -118,7 +121,7 @@ def main() -> None:
             os.environ.pop("RLHF_KERNELS_BWD_PART_COLS", None)
         else:
             os.environ["RLHF_KERNELS_BWD_PART_COLS"] = before
-    if device.type == "cuda" and _dispatch.unavailable_reason("native", device, "ppo_logits_fused_native") is None:
+    if fused:
         del logits
         torch.cuda.empty_cache()
         fused_sweep(args, device, started + args.budget)

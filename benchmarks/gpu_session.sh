@@ -129,19 +129,19 @@ if has bwdsweep; then
   fi
 fi
 
-if has bench && (($(left) > 15)); then
-  limit=$(($(left) - 5))
-  has profile && limit=$((limit - ${PROFILE_MIN:-90}))  # the profile runs after the benchmarks
+limit=$(($(left) - 5))
+has profile && limit=$((limit - ${PROFILE_MIN:-90}))  # the profile runs after the benchmarks
+if has bench && ((limit > 15)); then
   ops=()
   for op in ${OPS:-ppo_step dpo_loss ppo_policy_loss token_logprobs gae dpo_step sequence_logprobs masked_whiten \
     grpo_advantages linear_logprobs linear_ppo_step}; do ops+=(--op "$op"); done
   log "benchmarks (limit $limit s): ${BENCH_ARGS=--quick} ${ops[*]}"
   # shellcheck disable=SC2086
-  timeout "$limit" "$PY" -m rlhf_kernels.cli bench --device cuda --out "$OUT" $BENCH_ARGS "${ops[@]}" \
+  timeout -k 10 "$limit" "$PY" -m rlhf_kernels.cli bench --device cuda --out "$OUT" $BENCH_ARGS "${ops[@]}" \
     >"$OUT/bench.log" 2>&1
   log "bench exit code $? (124: cut at the limit; the JSON holds every finished problem)"
 fi
-if has profile; then
+if has profile && (($(left) > 20)); then
   log "Nsight Compute (benchmarks/profile_kernels.py)"
   sections=()
   for s in SpeedOfLight MemoryWorkloadAnalysis ComputeWorkloadAnalysis Occupancy LaunchStats WarpStateStats \

@@ -513,7 +513,6 @@ constexpr int pow2_ceil(int n) { return n <= 1 ? 1 : 2 * pow2_ceil((n + 1) / 2);
 // Butterfly sum over the first kLanes lanes of a warp (all 32 lanes active,
 // kLanes a power of two): each of those lanes gets the same bits, the sum of
 // its aligned group of kLanes lanes.
-
 template <typename T, int kLanes = kWarpSize>
 __device__ __forceinline__ T warp_sum(T v) {
   static_assert(kLanes > 0 && kLanes <= kWarpSize && (kLanes & (kLanes - 1)) == 0, "warp_sum: lanes");
@@ -524,8 +523,9 @@ __device__ __forceinline__ T warp_sum(T v) {
 
 // Sums v[0 .. K) (K <= N) over the kThreads threads of the block with a
 // fixed tree, so the result is the same on every run; the totals are valid in
-// thread 0 (lanes 0 .. kWarps of warp 0). The second level adds the kWarps
-// warp totals over log2(kWarps) shuffles, not 5: with 4 warps (a small
+// thread 0 (lanes [0, pow2_ceil(kWarps)) of warp 0; other threads hold partial
+// sums). The second level adds the kWarps warp totals over ceil(log2(kWarps))
+// shuffles, not 5: with 4 warps (a small
 // batch's block) that is 2 dependent rounds a value instead of 5, on a path
 // that a latency-bound one-block kernel runs once. smem: [kThreads / 32][N].
 // Must be reached by every thread of the block; ends with a barrier, so smem

@@ -4,7 +4,9 @@
 // are in common.cuh.
 //
 // Design:
-//   * One 256-thread block per row, grid-stride over rows. 256 rather than
+//   * One 256-thread block per row (the backward: per part of a row, parts of
+//     kDefaultPartCols columns by default, see bwd_parts), grid-stride over
+//     rows. 256 rather than
 //     512: the row loop is bandwidth bound and gets its memory parallelism
 //     from several resident blocks per SM plus two 16-byte loads in flight
 //     per thread; smaller blocks give finer occupancy granularity, a shorter

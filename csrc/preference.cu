@@ -19,7 +19,9 @@
 //   * The backward is one element per thread.
 //   * The loss id is a runtime switch inside the per-element functions: it
 //     is uniform over the grid, so it costs a few predicated branches, and
-//     two kernels per direction (float, double) instead of 28.
+//     two kernels per direction (float, double) instead of 28. The one-block
+//     forward and the backward also have a sigmoid instantiation (kLoss =
+//     kSigmoid, picked by pick_loss), where the switch folds away.
 //   * Accumulation (and storage) type Acc is float for float32 and double
 //     for float64; the metric sums are accumulated in double per thread
 //     (either type) and reduced with warp shuffles and shared memory in a

@@ -271,6 +271,9 @@ def test_backward_parts_are_exact(monkeypatch, device, backend, dtype, inplace_b
     assert torch.all(grad[0, 1] == 0) and torch.all(grad[2, 0].isnan()) and torch.isfinite(grad[0, 0]).all()
     if backend == "triton":  # the settings above do cut these rows (3 to 9 parts) but the last
         block = triton_logprobs._block_v(9001, full.element_size())[0]
+        monkeypatch.delenv("RLHF_KERNELS_BWD_PART_COLS")  # the default: whole rows this short, parts of longer ones
+        assert triton_logprobs.bwd_parts(6, 9001, block)[0] == 1
+        assert triton_logprobs.bwd_parts(6, 128256, block)[0] > 1
         monkeypatch.setenv("RLHF_KERNELS_BWD_PART_COLS", "1000")
         assert 3 <= triton_logprobs.bwd_parts(6, 9001, block)[0] <= 9
         monkeypatch.setenv("RLHF_KERNELS_BWD_PART_COLS", "100000")

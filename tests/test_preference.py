@@ -383,6 +383,27 @@ def test_empty_bco_pair_with_given_delta(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"], native_op=NATIVE_OP))
+def test_backward_metrics_only_where_read(device, backend):
+    """The backward ops take the forward's metrics only where they read them: bco_pair's delta
+    (a clear error without), none for the other losses (the same gradient with or without)."""
+    pc, pr, rc, rr = inputs(9, torch.float32, device, seed=22)
+    fwd = getattr(torch.ops.rlhf_kernels, f"preference_fwd_{backend}")
+    bwd = getattr(torch.ops.rlhf_kernels, f"preference_bwd_{backend}")
+    grad = torch.ones(9, device=device)
+    for loss in ("sigmoid", "bco_pair"):
+        metrics = fwd(loss, pc, pr, rc, rr, None, None, 0.2, 0.0, 0.0, 0.0, 0.05, 0.0, True, 1.0, True)[3]
+        args = (pc, pr, rc, rr, None, None)
+        scalars = (0.2, 0.0, 0.0, 0.0, 0.05, 1.0, grad, 1, 1.0, True, True)
+        with_metrics = bwd(loss, *args, metrics, *scalars)
+        if loss == "bco_pair":
+            with pytest.raises((ValueError, RuntimeError), match="metrics: bco_pair's backward needs"):
+                bwd(loss, *args, None, *scalars)
+        else:
+            for got, want in zip(bwd(loss, *args, None, *scalars), with_metrics, strict=True):
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"], native_op=NATIVE_OP))
 @pytest.mark.parametrize("n", [16385, 40000])
 @pytest.mark.parametrize("loss_type", ["sigmoid", "bco_pair", "orpo"])
 def test_above_multi_threshold_default_chunks(device, backend, n, loss_type):
@@ -638,13 +659,15 @@ def test_preference_opcheck(device, backend, n):
 
 @pytest.mark.parametrize("device,backend", backend_cases(["torch", "triton", "native"], native_op=NATIVE_OP))
 @pytest.mark.parametrize("n", [9, 20000])  # one program / block, and per-chunk ones with a workspace
-def test_dpo_compile_fullgraph(device, backend, n):
+@pytest.mark.parametrize("loss_type", ["sigmoid", "bco_pair"])  # bco_pair's backward reads the forward's metrics
+def test_dpo_compile_fullgraph(device, backend, n, loss_type):
     if backend == "triton" and device == "cpu":
         pytest.skip("torch.compile cannot trace interpreted Triton kernels; checked on GPU")
     pc, pr, rc, rr = inputs(n, torch.float32, device)
 
     def step(pc, pr):
-        out = rlhf_kernels.dpo_loss(pc, pr, rc, rr, beta=0.1, backend=backend, return_metrics=True)
+        out = rlhf_kernels.dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type=loss_type, backend=backend,
+                                    return_metrics=True)  # fmt: skip
         return out.losses.mean(), out.metrics["rewards/accuracies"]
 
     torch._dynamo.reset()
