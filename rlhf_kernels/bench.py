@@ -100,6 +100,7 @@ class Result:
     tflops: float | None = None
     baseline: str = "eager"
     graph_us: float | None = None  # device time per call, from a CUDA graph replay (small ops, see _graph_us)
+    queued_ms: float | None = None  # median with the host's enqueueing hidden (large ops on CUDA, see _queued_ms)
 
 
 # --- the providers: how people compute per-token log-probs today, and ours ---------
@@ -616,8 +617,11 @@ def _flush_l2(device) -> None:
     _L2_FLUSH.zero_()
 
 
-def _time(fn: Callable[[], object], setup: Callable[[], object], device, *, warmup: int, repeat: int, budget_s: float):
-    """Per-run wall times in ms of fn(setup()); setup (and, on CUDA, an L2 flush) is excluded."""
+def _time(fn: Callable[[], object], setup: Callable[[], object], device, *, warmup: int, repeat: int, budget_s: float,
+          queue_ms: float = 0.0):
+    """Per-run wall times in ms of fn(setup()); setup (and, on CUDA, an L2 flush) is excluded.
+    queue_ms > 0 (CUDA): the GPU is first given that long a spin kernel, so that the host
+    enqueues fn's work while it spins and the events time the device alone (``_queued_ms``)."""
     for _ in range(warmup):
         fn(setup())
     _sync(device)
@@ -630,6 +634,8 @@ def _time(fn: Callable[[], object], setup: Callable[[], object], device, *, warm
         _sync(device)
         if device.type == "cuda":
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if queue_ms > 0:
+                torch.cuda._sleep(int(queue_ms * _SPIN_CYCLES_PER_MS))
             begin.record()
             fn(state)
             end.record()
@@ -642,6 +648,24 @@ def _time(fn: Callable[[], object], setup: Callable[[], object], device, *, warm
         if time.perf_counter() - start_all > budget_s and len(times) >= 3:
             break
     return times
+
+
+# torch.cuda._sleep spins for a number of SM cycles; at a clock below 2 GHz the spin lasts longer
+# than asked, which only costs time.
+_SPIN_CYCLES_PER_MS = 2_000_000
+# Large ops (at least this much traffic) are also timed with the host's enqueueing hidden.
+_QUEUED_MIN_BYTES = 256 * 2**20
+
+
+def _queued_ms(case: Case, device, wall_ms: float, repeat: int = 3) -> float:
+    """Median device time in ms of a large step: each run starts behind a spin kernel longer than
+    the step's own wall time, so the host has enqueued all of the step's launches (Python, the
+    autograd engine, the launchers) before the GPU reaches them, and the events time the
+    kernels back to back, as they run inside a training step whose queue is never empty. The
+    wall-time median stays the table's main figure; the gap between the two is host time. A
+    step that waits for the device inside (a .item()) still times its host work after that."""
+    return statistics.median(_time(case.step, case.setup, device, warmup=0, repeat=repeat, budget_s=60.0,
+                                   queue_ms=wall_ms + 0.5))  # fmt: skip
 
 
 # Ops whose small problems are bound by the host (launch and Python overhead): on CUDA their
@@ -830,13 +854,22 @@ def bench_problem(problem: Problem, device: torch.device, *, include=None, warmu
                 graph_us = _graph_us(case, problem.grad_inputs, device)
             except Exception as exc:  # reported, not fatal: the eager timing stands
                 log(f"  {label} no CUDA graph: {type(exc).__name__}: {str(exc)[:120]}")
+        queued = None
+        if device.type == "cuda" and nbytes >= _QUEUED_MIN_BYTES:
+            try:
+                queued = _queued_ms(case, device, med)
+            except Exception as exc:  # reported, not fatal: the wall timing stands
+                log(f"  {label} no queued timing: {type(exc).__name__}: {str(exc)[:120]}")
         results.append(Result(provider=case.provider, mode=case.mode, median_ms=med, p25_ms=q[0], p75_ms=q[2],
                               min_ms=min(times), runs=len(times), peak_mem_mb=None,
                               saved_mb=None if saved is None else saved / 2**20, bytes_moved=nbytes, tbps=tbps,
-                              frac_peak=frac, tflops=tflops, graph_us=graph_us, **common))  # fmt: skip
+                              frac_peak=frac, tflops=tflops, graph_us=graph_us, queued_ms=queued,
+                              **common))  # fmt: skip
         rate = f"  {tbps:5.2f} TB/s" if tbps else (f"  {tflops:6.1f} TFLOP/s" if tflops else "")
         graph = f"  graph {graph_us:8.1f} us/call" if graph_us is not None else ""
-        log(f"  {label} {med:9.3f} ms  [{q[0]:.3f}, {q[2]:.3f}]" + rate + graph)
+        queued_rate = f" ({nbytes / (queued * 1e-3) / 1e12:.2f} TB/s)" if queued and nbytes else ""
+        queue = f"  queued {queued:.3f} ms" + queued_rate if queued is not None else ""
+        log(f"  {label} {med:9.3f} ms  [{q[0]:.3f}, {q[2]:.3f}]" + rate + graph + queue)
     return results
 
 
@@ -916,10 +949,12 @@ def _mib(v: float | None) -> str:
 
 def format_table(results: list[Result]) -> str:
     graphs = any(r.graph_us is not None for r in results)  # CUDA: device time of the small ops too
+    queued = any(r.queued_ms is not None for r in results)  # CUDA: the large ops' device time
     head = (
         f"{'op':>15} {'shape':>18} {'dtype':>8} {'mode':>7} {'provider':>24} {'median ms':>10} {'p25-p75 ms':>17} "
         f"{'peak MiB':>9} {'held MiB':>9} {'TB/s':>6} {'TFLOP/s':>7} {'%peak':>6} {'vs base':>8}"
         + (f" {'graph us':>9} {'vs base':>8}" if graphs else "")
+        + (f" {'queued ms':>9} {'TB/s':>6}" if queued else "")
     )
     lines = [head, "-" * len(head)]
     base_of = {(r.op, r.shape, r.dtype, r.mode): r for r in results if r.provider == r.baseline and not r.error}
@@ -940,6 +975,10 @@ def format_table(results: list[Result]) -> str:
             g = r.graph_us
             g_speedup = f"{base.graph_us / g:7.2f}x" if (g and base is not None and base.graph_us) else ""
             line += f" {(f'{g:9.1f}' if g is not None else ''):>9} {g_speedup:>8}"
+        if queued:
+            qm = r.queued_ms
+            q_rate = f"{r.bytes_moved / (qm * 1e-3) / 1e12:6.2f}" if (qm and r.bytes_moved) else ""
+            line += f" {(f'{qm:9.3f}' if qm is not None else ''):>9} {q_rate:>6}"
         lines.append(line)
     return "\n".join(lines)
 

@@ -166,6 +166,37 @@ def test_bench_times_small_ops_as_cuda_graphs():
     assert {r.provider for r in results if r.graph_us is None} == {"rlhf_kernels[torch]"}
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_bench_times_large_ops_with_the_queue_primed():
+    """On CUDA the large ops are also timed behind a spin kernel (host enqueueing hidden): that
+    time is set for every provider, and it is not above the wall time's (beyond noise)."""
+    from rlhf_kernels import bench
+
+    device = torch.device("cuda")
+    problem = bench.token_logprobs_problem(2048, 65536, torch.bfloat16, device)  # 256 MiB of logits
+    results = bench.bench_problem(problem, device, include=["native", "triton", "eager"], repeat=3,
+                                  log=lambda *a: None)  # fmt: skip
+    assert results and all(r.queued_ms is not None and 0 < r.queued_ms < 1.2 * r.median_ms for r in results)
+    assert "queued ms" in bench.format_table(results)
+
+
+def test_queued_timing_plumbing_and_table():
+    """The queued timing's plumbing (on CPU the spin is skipped: plain wall times) and its table
+    columns, which appear only when some result has the timing."""
+    from rlhf_kernels import bench
+
+    device = torch.device("cpu")
+    case = bench.Case("p", "fwd", lambda: torch.ones(8), lambda x: x * 2)
+    assert bench._queued_ms(case, device, wall_ms=0.1, repeat=3) > 0
+    row = dict(op="token_logprobs", shape="4x8", dtype="bfloat16", device="cpu", provider="p", mode="fwd",
+               median_ms=2.0, p25_ms=1.9, p75_ms=2.1, min_ms=1.8, runs=3, peak_mem_mb=None, saved_mb=None,
+               bytes_moved=3 * 10**9)  # fmt: skip
+    assert "queued ms" not in bench.format_table([bench.Result(**row)])
+    table = bench.format_table([bench.Result(**row, queued_ms=1.5)])
+    assert "queued ms" in table and "2.00" in table.splitlines()[-1]  # 3 GB in 1.5 ms
+
+
 def test_triton_launch_wrapper_forwards_grid_and_arguments():
     """wrap_triton's device wrapper hands grid, arguments and result through unchanged (it only
     adds a torch.cuda.device context when the first tensor is on a non-current GPU)."""
