@@ -109,25 +109,20 @@ fi
 later=${BENCH_MIN:-200}  # what the sweeps leave to the benchmarks (and the profile after them)
 has profile && later=$((later + ${PROFILE_MIN:-90}))
 
-if has sweep; then
-  limit=$(min "${SWEEP_LIMIT:-100}" $(($(left) - later)))
-  if ((limit > 30)); then
-    log "Triton tile sweep (benchmarks/triton_sweep.py, limit $limit s)"
-    PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" timeout "$limit" "$PY" benchmarks/triton_sweep.py \
-      --budget $((limit - 25)) >>"$OUT/session.log" 2>&1
-    log "sweep exit code $?"
-  fi
-fi
-
-if has bwdsweep; then
-  limit=$(min "${BWDSWEEP_LIMIT:-100}" $(($(left) - later)))
-  if ((limit > 20)); then
-    log "backward column-part sweep (benchmarks/bwd_sweep.py, limit $limit s)"
-    PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" timeout "$limit" "$PY" benchmarks/bwd_sweep.py \
-      --budget $((limit - 15)) >>"$OUT/session.log" 2>&1
-    log "bwd sweep exit code $?"
-  fi
-fi
+# sweep_phase PHASE SCRIPT LIMIT MIN_LIMIT MARGIN WHAT: run benchmarks/SCRIPT for at most LIMIT s
+# (less where the later phases need it; not at all below MIN_LIMIT), told to stop starting new
+# settings MARGIN s before its limit, its output into session.log.
+sweep_phase() {
+  has "$1" || return 0
+  limit=$(min "$3" $(($(left) - later)))
+  ((limit > $4)) || return 0
+  log "$6 (benchmarks/$2, limit $limit s)"
+  PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" timeout "$limit" "$PY" "benchmarks/$2" --budget $((limit - $5)) \
+    >>"$OUT/session.log" 2>&1
+  log "$1 exit code $?"
+}
+sweep_phase sweep triton_sweep.py "${SWEEP_LIMIT:-100}" 30 25 "Triton tile sweep"
+sweep_phase bwdsweep bwd_sweep.py "${BWDSWEEP_LIMIT:-100}" 20 15 "backward column-part and fused-step cluster sweep"
 
 limit=$(($(left) - 5))
 has profile && limit=$((limit - ${PROFILE_MIN:-90}))  # the profile runs after the benchmarks
