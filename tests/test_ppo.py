@@ -1127,6 +1127,54 @@ def test_ppo_from_logits_compile_fullgraph(device, backend, grad_in_forward):
 
 
 # CPU only: its profiler sees every allocation (CUDA peak memory is what the bench reports).
+# Ops that only make a view or a wrapper: no kernel launch on a GPU.
+_NO_LAUNCH = ("view", "_unsafe_view", "detach", "slice", "select", "unsqueeze", "squeeze", "squeeze_", "expand",
+              "alias", "t", "transpose", "unbind", "as_strided", "_reshape_alias")  # fmt: skip
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"], native_op=FUSED))
+@pytest.mark.parametrize("with_ref", [True, False], ids=["ref", "no-ref"])
+def test_ppo_from_logits_fused_launches_around_the_kernel(device, backend, with_ref):
+    """The fused step's kernel cannot start before its weights and masked labels exist, and on a
+    GPU every launch before it is host time on the step's path (the device idles meanwhile):
+    token-mean with a bool mask and int64 labels takes at most 7 launches before the kernel
+    (mask & kept labels, the count, its clamp, the weights, the masked labels and the scalar they
+    are filled with) and 2 after it (the metrics' product, a zero KL without a reference)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(21)
+    logits, labels, old, adv, mask, ref = fused_inputs(2, 5, 40, g, device=device, with_ref=with_ref)
+    assert mask.dtype == torch.bool and labels.dtype == torch.int64
+    x = logits.requires_grad_(True)
+    with Seen() as seen:
+        loss, metrics = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, ref_logprobs=ref,
+                                                          kl_coef=0.1 if with_ref else 0.0, entropy_coef=0.01,
+                                                          check_labels=False, grad_in_forward=True, backend=backend)
+    kernel = f"ppo_logits_fused_{backend}"
+    assert kernel in seen.ops, seen.ops
+    at = seen.ops.index(kernel)
+    before = [op for op in seen.ops[:at] if op not in _NO_LAUNCH]
+    after = [op for op in seen.ops[at + 1:] if op not in _NO_LAUNCH]
+    assert len(before) <= 7, before
+    assert len(after) <= (1 if with_ref else 2), after
+    loss.backward()
+    want, want_grad = fused_oracle(logits, labels, old, adv, mask, ref_logprobs=ref, kl_coef=0.1 if with_ref else 0.0,
+                                   entropy_coef=0.01)  # fmt: skip
+    tol, grad_tol = FUSED_TOL[torch.float32]
+    for name, got, exp in zip(metrics._fields, metrics, want, strict=True):
+        torch.testing.assert_close(got.double(), exp, **tol, msg=lambda m, name=name: f"{name}: {m}")
+    torch.testing.assert_close(x.grad.double(), want_grad, **grad_tol)
+
+
 CPU_NATIVE = [c for c in backend_cases(["native"], native_op=FUSED) if c.id == "cpu-native"]
 
 

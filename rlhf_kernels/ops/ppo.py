@@ -367,10 +367,12 @@ def _check_step_args(lead, old_logprobs, advantages, mask, ref_logprobs, kl_coef
 
 
 def _valid_tokens(mask, labels, ignore_index):
-    """bool, integer or float mask: nonzero means valid; an ignored label has no log-prob, so it is masked too."""
+    """bool, integer or float mask: nonzero means valid; an ignored label has no log-prob, so it is masked too.
+    (A bool mask is used as it is: every launch before the fused kernel is host time on the step's path.)"""
+    valid = mask if mask.dtype == torch.bool else mask != 0
     if isinstance(labels, torch.Tensor) and labels.shape == mask.shape and labels.device == mask.device:
-        return (mask != 0) & kept_labels(labels, ignore_index)
-    return mask != 0  # token_logprobs' checks report the bad labels
+        return valid & kept_labels(labels, ignore_index)
+    return valid  # token_logprobs' checks report the bad labels
 
 
 def _loss_from_logprobs(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs, clip_ratio, clip_ratio_low,
@@ -401,7 +403,7 @@ def token_weights(mask: torch.Tensor, loss_agg_mode: str, dtype: torch.dtype = t
     """Per-token weights :math:`w` with ``agg(x) == (w * x).sum()`` for ``loss_agg_mode``
     (see :func:`ppo_loss_from_logits`); 0 on masked tokens and in empty sequences."""
     _check_agg(loss_agg_mode)
-    m = (mask != 0).to(dtype)
+    m = (mask if mask.dtype == torch.bool else mask != 0).to(dtype)
     if loss_agg_mode == "token-mean":
         return m / m.sum().clamp(min=1)
     if loss_agg_mode == "token-sum":
@@ -421,8 +423,7 @@ def _fused_from_logits(impl, logits, labels, old, adv, valid, ref, temperature, 
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     if row_layout(logits) is None:
         logits = logits.contiguous()
-    weights = token_weights(valid, mode, acc)
-    n_valid = valid.sum().clamp(min=1).to(acc)
+    weights, n_valid = _fused_weights(valid, mode, acc)
     args = _fused_args(labels, old, adv, valid, ref, weights, temperature, ignore_index, low, high, clip_c, kl_kind,
                       kl_coef, entropy_coef, acc)  # fmt: skip
     ops = _FUSED_OPS[impl]
@@ -431,14 +432,14 @@ def _fused_from_logits(impl, logits, labels, old, adv, valid, ref, temperature, 
         loss, stats = _FusedInplace.apply(logits, ops[1], args)
     else:
         loss, stats, _ = _dispatch.call(ops[0], logits, *args, need_grad)
-    return loss, _fused_metrics(loss, stats, weights, n_valid, ref is not None)
+    return loss, _fused_metrics(loss, stats, weights, n_valid, ref is not None, mode)
 
 
 def _fused_args(labels, old, adv, valid, ref, weights, temperature, ignore_index, low, high, clip_c, kl_kind, kl_coef,
                entropy_coef, acc):  # fmt: skip
     """The fused kernel's per-token and scalar arguments after the logits (flattened tokens)."""
     return (
-        labels.long().masked_fill(~valid, ignore_index).flatten().contiguous(),
+        torch.where(valid, labels.long(), ignore_index).flatten(),
         old.detach().to(acc).flatten().contiguous(), adv.detach().to(acc).flatten().contiguous(),
         None if ref is None else ref.detach().to(acc).flatten().contiguous(), weights.flatten().contiguous(),
         temperature, ignore_index, low, high, float(clip_c or 0.0), clip_c is not None, _KL_IDS[kl_kind], kl_coef,
@@ -446,13 +447,33 @@ def _fused_args(labels, old, adv, valid, ref, weights, temperature, ignore_index
     )  # fmt: skip
 
 
-def _fused_metrics(loss, stats, weights, n_valid, has_ref) -> PPOLossMetrics:
-    """The metrics from the fused kernel's per-token stats ([tokens, 7])."""
-    weighted = (stats[:, 1:4] * weights.flatten()[:, None]).sum(0)  # pg loss, entropy, kl
-    fractions = stats[:, 4:7].sum(0) / n_valid  # clipfrac, clipfrac lower, approx kl
-    zero = torch.zeros((), dtype=stats.dtype, device=stats.device)
-    return PPOLossMetrics(loss.detach(), weighted[0], fractions[0], fractions[1], fractions[2], weighted[1],
-                          weighted[2] if has_ref else zero)  # fmt: skip
+def _fused_weights(valid, mode, acc):
+    """:func:`token_weights` of the valid tokens and their count clamped to >= 1 (in ``acc``).
+
+    The fused kernel cannot start before these exist, and on a GPU each launch before it is
+    host time on the step's critical path (Python and the launch itself, several us each,
+    while the device idles): token-mean, the common mode, takes three launches (its weights
+    are valid / count). The count is summed in ``acc``: exact up to 2**24 valid tokens in
+    float32."""
+    n_valid = valid.sum(dtype=acc).clamp_(min=1)
+    if mode == "token-mean":
+        return valid / n_valid, n_valid
+    return token_weights(valid, mode, acc), n_valid
+
+
+def _fused_metrics(loss, stats, weights, n_valid, has_ref, mode) -> PPOLossMetrics:
+    """The metrics from the fused kernel's per-token stats ([tokens, 7]: weighted loss, pg loss,
+    entropy, kl, clipped, clipped lower, -log ratio), as weighted sums (one matrix product
+    for token-mean, whose weights are also the valid tokens' mean)."""
+    w = weights.flatten()
+    if mode == "token-mean":
+        sums = w @ stats[:, 1:7]
+        weighted, fractions = sums[:3], sums[3:]
+    else:
+        weighted = w @ stats[:, 1:4]  # pg loss, entropy, kl
+        fractions = stats[:, 4:7].sum(0) / n_valid  # clipfrac, clipfrac lower, approx kl
+    kl = weighted[2] if has_ref else torch.zeros((), dtype=stats.dtype, device=stats.device)
+    return PPOLossMetrics(loss.detach(), weighted[0], fractions[0], fractions[1], fractions[2], weighted[1], kl)
 
 
 class _FusedInplace(torch.autograd.Function):
