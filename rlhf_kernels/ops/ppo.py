@@ -467,13 +467,13 @@ def _fused_metrics(loss, stats, weights, n_valid, has_ref, mode) -> PPOLossMetri
     for token-mean, whose weights are also the valid tokens' mean)."""
     w = weights.flatten()
     if mode == "token-mean":
-        sums = w @ stats[:, 1:7]
-        weighted, fractions = sums[:3], sums[3:]
+        pg, entropy, kl, clip, lower, approx_kl = (w @ stats[:, 1:7]).unbind()
     else:
-        weighted = w @ stats[:, 1:4]  # pg loss, entropy, kl
-        fractions = stats[:, 4:7].sum(0) / n_valid  # clipfrac, clipfrac lower, approx kl
-    kl = weighted[2] if has_ref else torch.zeros((), dtype=stats.dtype, device=stats.device)
-    return PPOLossMetrics(loss.detach(), weighted[0], fractions[0], fractions[1], fractions[2], weighted[1], kl)
+        pg, entropy, kl = (w @ stats[:, 1:4]).unbind()
+        clip, lower, approx_kl = (stats[:, 4:7].sum(0) / n_valid).unbind()  # means over the valid tokens
+    if not has_ref:
+        kl = torch.zeros((), dtype=stats.dtype, device=stats.device)
+    return PPOLossMetrics(loss.detach(), pg, clip, lower, approx_kl, entropy, kl)
 
 
 class _FusedInplace(torch.autograd.Function):
