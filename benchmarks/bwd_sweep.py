@@ -21,7 +21,10 @@ the same run (the issue's target: 1.2x that floor):
     C = ceil(2 V / budget) blocks of a cluster; 64 KiB: C = 4, three blocks an SM by shared
     memory; 52 KiB: C = 5, four (also the register limit, 64 a thread); 86 KiB: C = 3, two;
     44 and 32 KiB: C = 6 and 8, still four;
-  * with and without the next-row copy (RLHF_KERNELS_CLUSTER_PIPELINE).
+  * the mode (RLHF_KERNELS_CLUSTER_PIPELINE): plain, pipelined (the next row copied while this
+    one's gradient is written) or double buffered (two slices a block, the next row's copy
+    issued when this one starts; the budget is per buffer: 32 KiB: C = 8 and 36 KiB: C = 7,
+    three blocks an SM; 44 KiB: C = 6, two).
 
 Stops starting new settings when ``--budget`` seconds have passed.
 """
@@ -39,8 +42,12 @@ from rlhf_kernels import _dispatch, bench
 from rlhf_kernels.bench import _time
 
 PART_COLS = (0, 4096, 8192, 16384, 32768, 65536)
-# (slice budget in bytes, pipelined): the default first
-CLUSTER_SETTINGS = ((65536, "1"), (53248, "1"), (88064, "1"), (45056, "1"), (32768, "1"), (65536, "0"))
+# (slice budget in bytes (per buffer), RLHF_KERNELS_CLUSTER_PIPELINE: 0 plain, 1 pipelined, 2 double
+# buffered): the default first
+CLUSTER_SETTINGS = ((65536, "1"), (32768, "2"), (36864, "2"), (45056, "2"), (53248, "1"), (88064, "1"),
+                    (45056, "1"), (32768, "1"), (65536, "0"))
+
+_MODES = {"0": "plain", "1": "pipelined", "2": "double buffered"}
 
 
 def _median_line(label: str, times: list[float], nbytes: int, floor_ms: float | None = None) -> str:
@@ -70,7 +77,7 @@ def fused_sweep(args, device, deadline: float) -> None:
             print("(budget spent: later settings not run)")
             break
         env = {"RLHF_KERNELS_CLUSTER_SLICE_BYTES": str(budget), "RLHF_KERNELS_CLUSTER_PIPELINE": pipe}
-        label = f"native fused, slice budget {budget:6d}, pipelined {pipe}"
+        label = f"native fused, slice budget {budget:6d}, {_MODES[pipe]}"
         try:
             print(_median_line(label, run("rlhf_kernels[native,fused]", env), nbytes, floor_ms), flush=True)
         except Exception as exc:  # a setting that fails: report, go on

@@ -810,12 +810,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "(parts per row, vectors per part) of the CUDA log-prob backward (RLHF_KERNELS_BWD_PART_COLS)");
   m.def(
       "ppo_cluster_layout",
-      [](int64_t vocab, int itemsize, int64_t max_smem) {
+      [](int64_t vocab, int itemsize, int64_t max_smem, int buffers) {
         int64_t out[3] = {0, 0, 0};
-        rlhf::ppo_cluster_layout_cuda(vocab, itemsize, max_smem, out);
+        rlhf::ppo_cluster_layout_cuda(vocab, itemsize, max_smem, buffers, out);
         return std::make_tuple(out[0], out[1], out[2]);
       },
       "(blocks a cluster, slice, shared memory a block) of the fused PPO step's sm_90 cluster kernel "
-      "(RLHF_KERNELS_CLUSTER_SLICE_BYTES)");
+      "(RLHF_KERNELS_CLUSTER_SLICE_BYTES; buffers: 2 for the double-buffered mode)",
+      pybind11::arg("vocab"), pybind11::arg("itemsize"), pybind11::arg("max_smem"), pybind11::arg("buffers") = 1);
 #endif
 }

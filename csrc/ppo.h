@@ -156,9 +156,10 @@ constexpr int kFusedStats = 7;
 void ppo_logits_fused_cuda(const PpoLogitsParams& p, void* stream);
 // Host code of the sm_90 cluster kernel's launcher, for tests without a GPU: how a row of
 // `vocab` elements of `itemsize` bytes is cut for blocks of at most max_smem bytes of
-// dynamic shared memory under RLHF_KERNELS_CLUSTER_SLICE_BYTES. out: {C (0: the kernel
-// does not apply), slice (elements a block), dynamic shared memory a block}.
-void ppo_cluster_layout_cuda(int64_t vocab, int itemsize, int64_t max_smem, int64_t* out);
+// dynamic shared memory, each holding `buffers` slices (2: the double-buffered mode), under
+// RLHF_KERNELS_CLUSTER_SLICE_BYTES. out: {C (0: the kernel does not apply), slice
+// (elements a block), dynamic shared memory a block}.
+void ppo_cluster_layout_cuda(int64_t vocab, int itemsize, int64_t max_smem, int buffers, int64_t* out);
 void ppo_logits_fused_cpu(const PpoLogitsParams& p);
 
 // Masked whitening (rlhf_kernels.ops.ppo.masked_whiten) over n contiguous

@@ -36,7 +36,9 @@
 // step; several slices in flight per SM (three 64 KiB blocks fit an SM's
 // shared memory, all of a slice's copies issued at once) keep HBM busy. A
 // pipelined variant (the default; RLHF_KERNELS_CLUSTER_PIPELINE=0 turns it
-// off) copies the next row while writing this one's gradient. Taken when the
+// off) copies the next row while writing this one's gradient; a double-buffered
+// one (RLHF_KERNELS_CLUSTER_PIPELINE=2; not yet measured on a GPU) holds two
+// slices a block and issues the next row's copy when it starts a row. Taken when the
 // rows (logits and grad) start on 16-byte boundaries, T is not double, and
 // C <= 8; else the kernel above runs. Measured (8 x 2048 x 128256 bf16, whole
 // step with backward): on an H200, 5.70 ms with the streaming kernel (its
@@ -209,11 +211,23 @@ constexpr int kMaxCluster = 8;  // the portable cluster size
 #endif
 }
 
-[[maybe_unused]] __device__ __forceinline__ void cp_async_wait_all() {
+[[maybe_unused]] __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::: "memory");
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 #endif
+}
+
+// Waits until at most kPending of this thread's committed cp.async groups are in flight.
+template <int kPending>
+[[maybe_unused]] __device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
+[[maybe_unused]] __device__ __forceinline__ void cp_async_wait_all() {
+  cp_async_commit();
+  cp_async_wait<0>();
 }
 
 // Grid: clusters of C blocks (C = cluster size, 1 <= C <= 8), cluster k owning
@@ -237,26 +251,39 @@ constexpr int kMaxCluster = 8;  // the portable cluster size
 // In place (grad == logits) is safe: the slice is in shared memory before any
 // block writes, and z_label is read before the barrier that precedes them.
 //
-// kPipe (the default; RLHF_KERNELS_CLUSTER_PIPELINE=0 turns it off): every
-// element of buf is private to one thread (the copy, the
+// The pipelined modes (kMode = kPipelined, the default, or kDoubleBuffered;
+// RLHF_KERNELS_CLUSTER_PIPELINE=0 / 1 / 2 picks plain / pipelined / double
+// buffered): every element of buf is private to one thread (the copy, the
 // log-sum-exp and the gradient loops give vector i and tail element j to the
 // same thread), so
 //   * no block barrier guards buf: a thread waits for its own copies only;
-//   * while writing row k's gradient each thread copies row k + #clusters's
-//     vector i into slot i right after it has used slot i (its registers are
-//     consumed before the copy is issued), so the next row's read overlaps
-//     this row's writes and the next row's serial tail;
+//   * kPipelined: while writing row k's gradient each thread copies row
+//     k + #clusters's vector i into slot i right after it has used slot i (its
+//     registers are consumed before the copy is issued), so the next row's read
+//     overlaps this row's writes and the next row's serial tail;
+//   * kDoubleBuffered: the block holds two slices (2 x slice elements of shared
+//     memory; row j of the cluster's walk in half j % 2), and each thread issues
+//     its copies of the next row into the other half when it starts a row (that
+//     half's previous row was written out by the same thread), so the next
+//     row's read is in flight during this row's log-sum-exp, cluster merge and
+//     gradient writes, the phases in which the other modes have no read in
+//     flight. Each row's copies are one cp.async group: waiting for all but the
+//     newest group waits for this row's;
 //   * bcast needs no end-of-row barrier: thread 0 rewrites it only after the
 //     next row's cluster barrier, which each thread reaches after reading it.
-template <typename T, bool kPipe>
+constexpr int kPlain = 0, kPipelined = 1, kDoubleBuffered = 2;
+
+template <typename T, int kMode>
 __global__ void __launch_bounds__(kClusterThreads, 2) ppo_logits_cluster_kernel(const FusedArgs<T> a, int slice) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   using Acc = acc_t<T>;
   using State = OnlineLSE<Acc, true>;
   constexpr int kN = Vec<T>::kN;
+  constexpr bool kPipe = kMode == kPipelined;
+  constexpr bool kDouble = kMode == kDoubleBuffered;
   extern __shared__ __align__(16) unsigned char dyn_smem[];
-  T* buf = reinterpret_cast<T*>(dyn_smem);
+  T* const halves = reinterpret_cast<T*>(dyn_smem);
   __shared__ State warp_states[kClusterThreads / kWarpSize];
   __shared__ State part[2];
   __shared__ Acc bcast[4];
@@ -272,36 +299,60 @@ __global__ void __launch_bounds__(kClusterThreads, 2) ppo_logits_cluster_kernel(
   const int len = min(V, begin + slice) - begin;
   const int nvec = len / kN;
   const auto kept = [&](int64_t y) { return y != a.ignore_index && y >= 0 && y < V; };
-  int parity = 0;
-  bool in_flight = false;  // kPipe: this row's slice was copied during the previous row
+  int parity = 0;  // of part[], flipped by the rows that use it (kept rows)
+  int half = 0;  // kDouble: the half of buf that holds this row, flipped by every row
+  bool in_flight = false;  // this row's slice was copied during the previous row (pipelined modes)
   const int64_t first = blockIdx.x / n_blocks;
   int64_t y_ahead = first < a.rows ? a.labels[first] : 0;
+  // This thread's copies of one row's slice into dst (the scalar tail with plain loads).
+  const auto copy_row = [&](T* dst, int64_t r) {
+    const T* src = a.logits + a.layout.offset(r) + begin;
+    for (int i = tid; i < nvec; i += kClusterThreads) cp_async16(dst + i * kN, src + i * kN);
+    for (int j = nvec * kN + tid; j < len; j += kClusterThreads) dst[j] = src[j];
+  };
 
   for (int64_t row = first; row < a.rows; row += n_clusters) {
     const int64_t y = y_ahead;
     const int64_t next = row + n_clusters;
     // The next row's label, loaded a whole row ahead: its latency is not on the row's path.
     y_ahead = next < a.rows ? a.labels[next] : 0;
+    T* const buf = kDouble ? halves + half * slice : halves;
     T* out = a.grad + a.grad_layout.offset(row) + begin;
+    if (kDouble && kept(y) && !in_flight) {
+      copy_row(buf, row);
+      cp_async_commit();
+    }
+    // kDouble: the next row's copies go out before this row's work (or its skip).
+    const bool next_copied = kDouble && next < a.rows && kept(y_ahead);
+    if (next_copied) {
+      copy_row(halves + (half ^ 1) * slice, next);
+      cp_async_commit();
+    }
     if (!kept(y)) {  // (never in flight: only kept rows are copied ahead)
       const Acc v = (y == a.ignore_index) ? Acc(0) : quiet_nan<Acc>();
       if (rank == 0 && tid < kFusedStats) a.stats[row * kFusedStats + tid] = v;
       fill_row<kClusterThreads>(out, len, v);
+      if (kDouble) {
+        in_flight = next_copied;
+        half ^= 1;
+      }
       continue;
     }
-    if (!in_flight) {
-      const T* src = a.logits + a.layout.offset(row) + begin;
-      for (int i = tid; i < nvec; i += kClusterThreads) cp_async16(buf + i * kN, src + i * kN);
-      for (int j = nvec * kN + tid; j < len; j += kClusterThreads) buf[j] = src[j];
-    }
+    if (!kDouble && !in_flight) copy_row(buf, row);
     Acc z_label = Acc(0);
     RowScalars<Acc> scalars{};
     if (tid == 0) {
       z_label = mul_rn(to_acc(a.logits[a.layout.offset(row) + y]), scale);
       scalars = load_row_scalars(a, row);
     }
-    cp_async_wait_all();
-    if (!kPipe) __syncthreads();
+    if (!kDouble) {
+      cp_async_wait_all();
+    } else if (next_copied) {
+      cp_async_wait<1>();  // all but the next row's group: this row's slice is in
+    } else {
+      cp_async_wait<0>();
+    }
+    if (kMode == kPlain) __syncthreads();
 
     State st;
     st.reset();
@@ -354,9 +405,10 @@ __global__ void __launch_bounds__(kClusterThreads, 2) ppo_logits_cluster_kernel(
     } else {
       write(GradOp<Acc, false>::make(bcast[0], bcast[2], Acc(0), Acc(0), a.inv_t, scale, static_cast<int>(y)));
     }
-    in_flight = copy_next;
+    in_flight = kDouble ? next_copied : copy_next;
     parity ^= 1;
-    if (!kPipe) __syncthreads();  // buf and bcast are rewritten by the next row
+    half ^= 1;
+    if (kMode == kPlain) __syncthreads();  // buf and bcast are rewritten by the next row
   }
   cp_async_wait_all();  // (nothing in flight here: the last row of a cluster copies no successor)
   cluster.sync();  // no block leaves while another may still read its part[]
@@ -397,32 +449,39 @@ int64_t cluster_cap() {
   return cap > 0 ? cap : std::numeric_limits<int64_t>::max();
 }
 
-// The pipelined cluster kernel unless RLHF_KERNELS_CLUSTER_PIPELINE=0. On an
-// H100 (8 x 2048 x 128256 bf16, whole step with backward) it took 3.60 ms
-// against 3.77 for the plain one (the read + write floor: 2.82 ms).
-bool cluster_pipelined() {
+// The cluster kernel's mode: pipelined unless RLHF_KERNELS_CLUSTER_PIPELINE is
+// 0 (plain) or 2 (double buffered). On an H100 (8 x 2048 x 128256 bf16, whole
+// step with backward) the pipelined one took 3.60 ms against 3.77 for the plain
+// one (the read + write floor: 2.82 ms); the double-buffered one is not yet
+// measured on a GPU.
+int cluster_mode() {
   const char* env = std::getenv("RLHF_KERNELS_CLUSTER_PIPELINE");
-  return env == nullptr || env[0] != '0';
+  if (env != nullptr && env[0] == '0') return kPlain;
+  if (env != nullptr && env[0] == '2') return kDoubleBuffered;
+  return kPipelined;
 }
 
 // How the cluster kernel cuts a row of `vocab` elements of `item` bytes, for blocks
-// of at most max_smem bytes of dynamic shared memory: C blocks (0: the kernel does
-// not apply: the budget is 0 or C would pass kMaxCluster or the block's memory),
-// each holding a contiguous slice of `slice` elements (a multiple of the 16-byte
-// vector; the last ones may be short or empty) in smem bytes of shared memory.
+// of at most max_smem bytes of dynamic shared memory that hold `buffers` (1, or 2
+// when double buffered) slices each: C blocks (0: the kernel does not apply: the
+// budget is 0 or C would pass kMaxCluster or the block's memory), each owning a
+// contiguous slice of `slice` elements of the row (a multiple of the 16-byte
+// vector; the last ones may be short or empty), in smem bytes of shared memory.
+// The slice budget (RLHF_KERNELS_CLUSTER_SLICE_BYTES) is per buffer.
 struct ClusterLayout {
   int64_t C = 0, slice = 0, smem = 0;
 };
 
-ClusterLayout cluster_layout(int64_t vocab, int64_t item, int64_t max_smem) {
+ClusterLayout cluster_layout(int64_t vocab, int64_t item, int64_t max_smem, int64_t buffers) {
   ClusterLayout l;
   const int64_t kN = 16 / item;
-  const int64_t budget = std::min(cluster_slice_bytes(), max_smem) / 16 * 16;  // a block holds at most this much
+  // a block holds at most this much of a row
+  const int64_t budget = std::min(cluster_slice_bytes(), max_smem / buffers) / 16 * 16;
   if (budget < 16) return l;
   const int64_t C = std::max<int64_t>(1, (vocab * item + budget - 1) / budget);
   if (C > kMaxCluster) return l;
   l.slice = ((vocab + C - 1) / C + kN - 1) / kN * kN;
-  l.smem = l.slice * item;
+  l.smem = buffers * l.slice * item;
   if (l.smem <= max_smem) l.C = C;
   return l;
 }
@@ -526,11 +585,13 @@ bool launch_cluster(const FusedArgs<T>& a, const PpoLogitsParams& p, cudaStream_
         !rows_aligned16(p.grad, p.grad_layout, p.rows, item)) {
       return false;
     }
-    const bool pipelined = cluster_pipelined();
-    const auto kernel = pipelined ? ppo_logits_cluster_kernel<T, true> : ppo_logits_cluster_kernel<T, false>;
+    const int mode = cluster_mode();
+    const auto kernel = mode == kPlain        ? ppo_logits_cluster_kernel<T, kPlain>
+                        : mode == kPipelined ? ppo_logits_cluster_kernel<T, kPipelined>
+                                             : ppo_logits_cluster_kernel<T, kDoubleBuffered>;
     const ClusterKernelInfo info = cluster_kernel_info(kernel, dev);
     if (!info.usable) return false;
-    const ClusterLayout l = cluster_layout(p.vocab, item, info.max_dynamic_smem);
+    const ClusterLayout l = cluster_layout(p.vocab, item, info.max_dynamic_smem, mode == kDoubleBuffered ? 2 : 1);
     if (l.C == 0) return false;
     const int64_t C = l.C;
     const size_t smem = static_cast<size_t>(l.smem);
@@ -585,14 +646,17 @@ void launch(const PpoLogitsParams& p, cudaStream_t stream) {
 }  // namespace
 }  // namespace gpu
 
-void ppo_cluster_layout_cuda(int64_t vocab, int itemsize, int64_t max_smem, int64_t* out) {
+void ppo_cluster_layout_cuda(int64_t vocab, int itemsize, int64_t max_smem, int buffers, int64_t* out) {
   if (itemsize != 2 && itemsize != 4) {
     throw std::runtime_error("rlhf_kernels: ppo_cluster_layout_cuda: itemsize must be 2 or 4");
   }
   if (vocab < 1 || vocab > std::numeric_limits<int>::max() || max_smem < 0) {
     throw std::runtime_error("rlhf_kernels: ppo_cluster_layout_cuda: vocab or max_smem out of range");
   }
-  const gpu::ClusterLayout l = gpu::cluster_layout(vocab, itemsize, max_smem);
+  if (buffers != 1 && buffers != 2) {
+    throw std::runtime_error("rlhf_kernels: ppo_cluster_layout_cuda: buffers must be 1 or 2");
+  }
+  const gpu::ClusterLayout l = gpu::cluster_layout(vocab, itemsize, max_smem, buffers);
   out[0] = l.C;
   out[1] = l.slice;
   out[2] = l.smem;

@@ -977,15 +977,16 @@ CLUSTER_CASES = {  # (B, T, V, RLHF_KERNELS_CLUSTER_SLICE_BYTES): what the CUDA 
 @pytest.mark.parametrize("case", list(CLUSTER_CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
-@pytest.mark.parametrize("pipeline,clusters", [("0", "0"), ("1", "0"), ("1", "2")],
-                         ids=["plain", "pipelined", "pipelined-2-clusters"])  # fmt: skip
+@pytest.mark.parametrize("pipeline,clusters", [("0", "0"), ("1", "0"), ("1", "2"), ("2", "0"), ("2", "2")],
+                         ids=["plain", "pipelined", "pipelined-2-clusters", "double", "double-2-clusters"])  # fmt: skip
 def test_ppo_from_logits_cluster_sweep(monkeypatch, device, backend, case, dtype, inplace, pipeline, clusters):
     """The CUDA gradient sweep that holds each row in the shared memory of a thread-block
     cluster (sm_90), with the row cut into 1 to 8 slices, a scalar tail, an empty slice, in
     place, and the cases that fall back to the streaming kernel. (On CPU and before sm_90 this
     runs the other kernels: same expectations.) The pipelined variant copies the next row of
-    its cluster while writing this one's gradient: with at most 2 clusters each walks many
-    rows, a skipped one among them."""
+    its cluster while writing this one's gradient, the double-buffered one when it starts this
+    one: with at most 2 clusters each walks many rows, skipped ones among them (the mask's
+    gaps, an all-masked sequence, an ignored label)."""
     B, T, V, budget = CLUSTER_CASES[case]
     monkeypatch.setenv("RLHF_KERNELS_CLUSTER_PIPELINE", pipeline)
     monkeypatch.setenv("RLHF_KERNELS_CLUSTER_MAX", clusters)
@@ -1023,6 +1024,16 @@ def test_cuda_cluster_layout(monkeypatch):
     assert layout(1000, 2, smem)[0] == 0  # off
     monkeypatch.setenv("RLHF_KERNELS_CLUSTER_SLICE_BYTES", "65536")
     assert layout(128256, 2, 48 * 1024)[0] == 6  # the device's limit caps the slice
+    # double buffered: the budget is per buffer, a block's memory holds two slices
+    monkeypatch.setenv("RLHF_KERNELS_CLUSTER_SLICE_BYTES", "32768")
+    assert layout(128256, 2, smem, buffers=2) == (8, 16032, 64128)
+    monkeypatch.setenv("RLHF_KERNELS_CLUSTER_SLICE_BYTES", "65536")
+    assert layout(128256, 2, smem, buffers=2) == (4, 32064, 128256)
+    assert layout(128256, 2, 96 * 1024, buffers=2)[0] == 6  # 48 KiB a buffer
+    monkeypatch.setenv("RLHF_KERNELS_CLUSTER_SLICE_BYTES", "16384")
+    assert layout(128256, 2, smem, buffers=2)[0] == 0  # 16 blocks
+    with pytest.raises(RuntimeError, match="buffers"):
+        layout(1000, 2, smem, buffers=3)
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"], native_op=FUSED))
