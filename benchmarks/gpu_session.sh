@@ -4,7 +4,8 @@
 # results in $OUT (at most 8 files come back from a lent machine; this writes 7).
 #
 #   benchmarks/gpu_session.sh [phases]    phases: any of build tests overhead sweep bwdsweep
-#                                         profile bench (default: build tests overhead bwdsweep bench)
+#                                         timeline profile bench (default: build tests overhead
+#                                         bwdsweep bench)
 #
 # Everything runs against one deadline, TOTAL seconds from the start (default 585: the
 # device tool stops a command at 600). The build gets at most BUILD_LIMIT (170 s; about
@@ -31,6 +32,9 @@ PHASES=${*:-build tests overhead bwdsweep bench}
 # bwdsweep: the log-prob backward of both kernel backends with rows cut into column parts
 # (RLHF_KERNELS_BWD_PART_COLS), then the fused PPO step's cluster kernel settings beside
 # the read + write floor (benchmarks/bwd_sweep.py; into session.log; at most BWDSWEEP_LIMIT, 100 s).
+# timeline: the large steps' kernels recorded with torch.profiler at the benchmark's shapes (time
+# before the first kernel, idle gaps, the largest kernel's own TB/s; benchmarks/timeline.py, into
+# session.log; at most TIMELINE_LIMIT, 75 s).
 # profile: Nsight Compute on the kernels furthest from their targets (benchmarks/profile_kernels.py),
 # every kernel of its profiled range, sections as text in ncu.log (about a minute; the 8th file
 # that comes back). It runs last; the benchmarks leave it PROFILE_MIN (90 s).
@@ -84,6 +88,7 @@ if has tests; then
   has overhead && reserve=$((reserve + 60))
   has sweep && reserve=$((reserve + ${SWEEP_LIMIT:-100}))
   has bwdsweep && reserve=$((reserve + ${BWDSWEEP_LIMIT:-100}))
+  has timeline && reserve=$((reserve + ${TIMELINE_LIMIT:-75}))
   has profile && reserve=$((reserve + ${PROFILE_MIN:-90}))
   limit=$(min "${TEST_LIMIT:-200}" $(($(left) - reserve)))
   ((limit < 30)) && limit=30
@@ -123,6 +128,7 @@ sweep_phase() {
 }
 sweep_phase sweep triton_sweep.py "${SWEEP_LIMIT:-100}" 30 25 "Triton tile sweep"
 sweep_phase bwdsweep bwd_sweep.py "${BWDSWEEP_LIMIT:-100}" 20 15 "backward column-part and fused-step cluster sweep"
+sweep_phase timeline timeline.py "${TIMELINE_LIMIT:-75}" 30 20 "kernel timeline of the large steps"
 
 limit=$(($(left) - 5))
 has profile && limit=$((limit - ${PROFILE_MIN:-90}))  # the profile runs after the benchmarks

@@ -138,3 +138,28 @@ def test_triton_sweep_runs(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "fwd" in out and "bwd" in out and "TB/s" in out and "budget spent" in out, out
     assert triton_logprobs._block_v is chosen and "RLHF_KERNELS_LOGPROBS_PREFETCH" not in os.environ
+
+
+def test_timeline_summary_and_cpu_run(monkeypatch, capsys):
+    """benchmarks/timeline.py (the `timeline` phase of a GPU session): the per-step figures from
+    recorded kernels (lead before the first kernel, span, busy time, the largest kernel), medians
+    over runs; and an end-to-end run on CPU, where no kernels are recorded."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import timeline
+
+    runs = [
+        {"start": 0.0, "end": 50.0,
+         "kernels": [("small", 40.0, 42.0), ("big", 45.0, 1045.0), ("tail", 1050.0, 1053.0)]},
+        {"start": 2000.0, "end": 2040.0, "kernels": [("small", 2030.0, 2032.0), ("big", 2034.0, 3034.0)]},
+        {"start": 4000.0, "end": 4060.0, "kernels": [("big", 4060.0, 5160.0)]},
+        {"start": 6000.0, "end": 6010.0, "kernels": []},  # (a run without kernels is left out)
+    ]
+    s = timeline.summarize(runs)
+    assert s["lead"] == 40.0 and s["span"] == 1013.0 and s["busy"] == 1005.0 and s["big"] == 1000.0
+    assert s["kernels"] == 2 and s["name"] == "big"
+    assert timeline.summarize([{"start": 0.0, "end": 1.0, "kernels": []}]) is None
+    monkeypatch.setattr(sys, "argv", ["timeline.py", "--rows", "16", "--vocab", "300", "--runs", "2"])
+    timeline.main()
+    out = capsys.readouterr().out
+    assert "token_logprobs 16x300 fwd" in out and "ppo_step 8x2x300 fwd+bwd" in out
+    assert "floor: read+write" in out and "(no kernels recorded)" in out, out

@@ -1,0 +1,132 @@
+"""Where a large step's wall time goes: its kernels' own durations against the step's time.
+
+    PYTHONPATH=. python benchmarks/timeline.py [--rows 16384] [--vocab 128256] [--runs 3]
+
+The benchmark's wall time of a step (CUDA events around the call) includes the host's work
+before the first launch (Python, checks, the autograd engine) and the device's idle gaps
+between launches; Nsight Compute gives a kernel's own time, on a smaller shape. This records
+the benchmark's own cases (``rlhf_kernels.bench``: token_logprobs forward and backward of each
+kernel backend at the issue's shape, the fused PPO step, its two-pass form and the read + write
+floor) with torch.profiler (CUPTI), set up and flushed as the benchmark times them, and prints
+per step the median over runs of:
+
+  * ``lead``: from the step's start on the host to its first kernel's start (host time that
+    the events count while the device idles);
+  * ``span``: from the first kernel's start to the last one's end;
+  * ``busy``: the sum of the kernel durations (``span - busy``: idle gaps between kernels);
+  * the largest kernel's duration, name and TB/s at the step's bytes (what the kernel alone
+    reaches; the issue's targets are about this rate).
+
+Without CUDA it runs the steps on CPU and reports that no kernels were recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from rlhf_kernels import bench
+
+_MARK = "timeline.step"
+
+
+def _kernels(events, start_us: float, end_us: float):
+    """Device kernels of the profile whose start lies in [start_us, end_us]."""
+    out = []
+    for e in events:
+        if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            continue
+        if e.name == _MARK:  # the annotation's device-side copy
+            continue
+        if start_us <= e.time_range.start <= end_us:
+            out.append(e)
+    return out
+
+
+def record(case: bench.Case, device, runs: int) -> list[dict]:
+    """Per run: the step's host start and end and its kernels (name, start, end), in us."""
+    case.step(case.setup())  # warm: compiled kernels, a cached allocator
+    bench._sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(runs):
+            state = case.setup()
+            if device.type == "cuda":
+                bench._flush_l2(device)
+            bench._sync(device)
+            with record_function(_MARK):
+                case.step(state)
+            bench._sync(device)
+    events = prof.events()
+    marks = sorted((e for e in events if e.name == _MARK and e.device_type == torch.autograd.DeviceType.CPU),
+                   key=lambda e: e.time_range.start)  # fmt: skip
+    result = []
+    for n, mark in enumerate(marks):
+        # a step's kernels may end after its host range: up to the next step's start
+        until = marks[n + 1].time_range.start if n + 1 < len(marks) else float("inf")
+        kernels = _kernels(events, mark.time_range.start, until)
+        result.append({"start": mark.time_range.start, "end": mark.time_range.end,
+                       "kernels": [(k.name, k.time_range.start, k.time_range.end) for k in kernels]})  # fmt: skip
+    return result
+
+
+def summarize(runs: list[dict]) -> dict | None:
+    """Medians over runs of lead, span, busy and the largest kernel's duration (us); None without kernels."""
+    rows = []
+    for r in runs:
+        ks = r["kernels"]
+        if not ks:
+            continue
+        first = min(k[1] for k in ks)
+        last = max(k[2] for k in ks)
+        big = max(ks, key=lambda k: k[2] - k[1])
+        rows.append({"lead": first - r["start"], "span": last - first, "busy": sum(k[2] - k[1] for k in ks),
+                     "big": big[2] - big[1], "name": big[0], "kernels": len(ks)})  # fmt: skip
+    if not rows:
+        return None
+    out = {key: statistics.median(r[key] for r in rows) for key in ("lead", "span", "busy", "big", "kernels")}
+    out["name"] = rows[0]["name"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=16384)
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--budget", type=float, default=60.0, help="seconds; later steps are skipped past it")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    started = time.time()
+    problems = [
+        (bench.token_logprobs_problem(args.rows, args.vocab, torch.bfloat16, device), ("fwd", "bwd"),
+         ("rlhf_kernels[native]", "rlhf_kernels[triton]")),
+        (bench.ppo_step_problem(8, args.rows // 8, args.vocab, torch.bfloat16, device), ("fwd+bwd",),
+         ("rlhf_kernels[native,fused]", "rlhf_kernels[native,two-pass]", "floor: read+write")),
+    ]  # fmt: skip
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"{name}: kernel timeline of the benchmark's steps (torch {torch.__version__}), medians of {args.runs} runs")
+    print(f"{'step':58s} {'lead us':>8s} {'span us':>9s} {'busy us':>9s} {'n':>3s} {'largest us':>10s} {'TB/s':>6s}")
+    for problem, modes, providers in problems:
+        for case in bench.cases(problem):
+            if case.mode not in modes or case.provider not in providers:
+                continue
+            if time.time() - started > args.budget:
+                print("(budget spent: later steps not recorded)")
+                return
+            label = f"{problem.op} {problem.shape} {case.mode} {case.provider}"
+            s = summarize(record(case, device, args.runs))
+            if s is None:
+                print(f"{label:58s} (no kernels recorded)")
+                continue
+            tbs = problem.bytes_moved[case.mode] / (s["big"] * 1e-6) / 1e12
+            print(f"{label:58s} {s['lead']:8.1f} {s['span']:9.1f} {s['busy']:9.1f} {s['kernels']:3.0f} "
+                  f"{s['big']:10.1f} {tbs:6.2f}  {s['name'][:60]}", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
