@@ -505,8 +505,8 @@ struct ClusterKernelInfo {
 
 constexpr int kMaxDevices = 64;
 
-// (The caches below are keyed by the kernel's address: kernels of one signature,
-// the plain and the pipelined sweep, share a template instantiation.)
+// (The caches below are keyed by the kernel's address: the cluster kernel's modes
+// have one signature, so they share one instantiation of each cache.)
 template <typename Kernel>
 ClusterKernelInfo cluster_kernel_info(Kernel kernel, int dev) {
   static std::mutex mutex;
