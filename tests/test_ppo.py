@@ -1143,14 +1143,19 @@ _NO_LAUNCH = ("view", "_unsafe_view", "detach", "slice", "select", "unsqueeze", 
               "alias", "t", "transpose", "unbind", "as_strided", "_reshape_alias")  # fmt: skip
 
 
-@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"], native_op=FUSED))
-@pytest.mark.parametrize("with_ref", [True, False], ids=["ref", "no-ref"])
-def test_ppo_from_logits_fused_launches_around_the_kernel(device, backend, with_ref):
-    """The fused step's kernel cannot start before its weights and masked labels exist, and on a
-    GPU every launch before it is host time on the step's path (the device idles meanwhile):
-    token-mean with a bool mask and int64 labels takes at most 7 launches before the kernel
-    (mask & kept labels, the count, its clamp, the weights, the masked labels and the scalar they
-    are filled with) and 2 after it (the metrics' product, a zero KL without a reference)."""
+def _check_against_oracle(metrics, grad, logits, labels, old, adv, mask, ref):
+    """A float32 step's metrics and gradient (kl_coef 0.1 with a reference, entropy_coef 0.01) against
+    the float64 composition."""
+    want, want_grad = fused_oracle(logits, labels, old, adv, mask, ref_logprobs=ref,
+                                   kl_coef=0.1 if ref is not None else 0.0, entropy_coef=0.01)  # fmt: skip
+    tol, grad_tol = FUSED_TOL[torch.float32]
+    for name, got, exp in zip(metrics._fields, metrics, want, strict=True):
+        torch.testing.assert_close(got.double(), exp, **tol, msg=lambda m, name=name: f"{name}: {m}")
+    torch.testing.assert_close(grad.double(), want_grad, **grad_tol)
+
+
+def _launches(fn):
+    """fn()'s result and the ops it dispatched that launch a kernel on a GPU, by name, in order."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Seen(TorchDispatchMode):
@@ -1162,28 +1167,58 @@ def test_ppo_from_logits_fused_launches_around_the_kernel(device, backend, with_
             self.ops.append(func.__name__.split(".")[0])
             return func(*args, **(kwargs or {}))
 
+    with Seen() as seen:
+        result = fn()
+    return result, [op for op in seen.ops if op not in _NO_LAUNCH]
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"], native_op=FUSED))
+@pytest.mark.parametrize("with_ref", [True, False], ids=["ref", "no-ref"])
+def test_ppo_from_logits_fused_launches_around_the_kernel(device, backend, with_ref):
+    """The fused step's kernel cannot start before its weights and masked labels exist, and on a
+    GPU every launch before it is host time on the step's path (the device idles meanwhile):
+    token-mean with a bool mask and int64 labels takes at most 7 launches before the kernel
+    (mask & kept labels, the count, its clamp, the weights, the masked labels and the scalar they
+    are filled with) and 2 after it (the metrics' product, a zero KL without a reference)."""
     g = torch.Generator().manual_seed(21)
     logits, labels, old, adv, mask, ref = fused_inputs(2, 5, 40, g, device=device, with_ref=with_ref)
     assert mask.dtype == torch.bool and labels.dtype == torch.int64
     x = logits.requires_grad_(True)
-    with Seen() as seen:
-        loss, metrics = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, ref_logprobs=ref,
-                                                          kl_coef=0.1 if with_ref else 0.0, entropy_coef=0.01,
-                                                          check_labels=False, grad_in_forward=True, backend=backend)
+    (loss, metrics), ops = _launches(lambda: rlhf_kernels.ppo_loss_from_logits(
+        x, labels, old, adv, mask, ref_logprobs=ref, kl_coef=0.1 if with_ref else 0.0, entropy_coef=0.01,
+        check_labels=False, grad_in_forward=True, backend=backend))  # fmt: skip
     kernel = f"ppo_logits_fused_{backend}"
-    assert kernel in seen.ops, seen.ops
-    at = seen.ops.index(kernel)
-    before = [op for op in seen.ops[:at] if op not in _NO_LAUNCH]
-    after = [op for op in seen.ops[at + 1:] if op not in _NO_LAUNCH]
+    assert kernel in ops, ops
+    before, after = ops[:ops.index(kernel)], ops[ops.index(kernel) + 1:]
     assert len(before) <= 7, before
     assert len(after) <= (1 if with_ref else 2), after
     loss.backward()
-    want, want_grad = fused_oracle(logits, labels, old, adv, mask, ref_logprobs=ref, kl_coef=0.1 if with_ref else 0.0,
-                                   entropy_coef=0.01)  # fmt: skip
-    tol, grad_tol = FUSED_TOL[torch.float32]
-    for name, got, exp in zip(metrics._fields, metrics, want, strict=True):
-        torch.testing.assert_close(got.double(), exp, **tol, msg=lambda m, name=name: f"{name}: {m}")
-    torch.testing.assert_close(x.grad.double(), want_grad, **grad_tol)
+    _check_against_oracle(metrics, x.grad, logits, labels, old, adv, mask, ref)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"]))
+@pytest.mark.parametrize("with_ref", [True, False], ids=["ref", "no-ref"])
+def test_ppo_from_logits_two_pass_launches_between_the_sweeps(device, backend, with_ref):
+    """Between the two-pass step's forward and backward sweeps over the logits (forward and
+    backward together) the O(B T) tail takes at most 28 launches with a reference (the PPO,
+    KL and entropy terms, their aggregation and its backward), 18 without: on a GPU each is
+    device time between the two logits-sized kernels. (Some slack for torch versions whose
+    autograd formulas launch one more op.)"""
+    g = torch.Generator().manual_seed(22)
+    logits, labels, old, adv, mask, ref = fused_inputs(2, 5, 40, g, device=device, with_ref=with_ref)
+    x = logits.requires_grad_(True)
+
+    def step():
+        loss, metrics = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, ref_logprobs=ref,
+                                                          kl_coef=0.1 if with_ref else 0.0, entropy_coef=0.01,
+                                                          check_labels=False, backend=backend)  # fmt: skip
+        loss.backward()
+        return metrics
+
+    metrics, ops = _launches(step)
+    fwd, bwd = ops.index(f"token_logprobs_fwd_{backend}"), ops.index(f"token_logprobs_bwd_{backend}")
+    assert bwd - fwd - 1 <= (28 if with_ref else 18), ops[fwd + 1:bwd]
+    _check_against_oracle(metrics, x.grad, logits, labels, old, adv, mask, ref)
 
 
 CPU_NATIVE = [c for c in backend_cases(["native"], native_op=FUSED) if c.id == "cpu-native"]

@@ -384,16 +384,24 @@ def _loss_from_logprobs(logprobs, entropy, old_logprobs, advantages, mask, ref_l
         clip_ratio_high=clip_ratio_high, clip_ratio_c=clip_ratio_c, loss_agg_mode=loss_agg_mode,
         backend=_elementwise_backend(backend, logprobs.device, "ppo_loss_fwd_native"),
     )  # fmt: skip
-    entropy_agg = reference.agg_loss(entropy, mask, loss_agg_mode)
-    loss = pg.loss - entropy_coef * entropy_agg if entropy_coef else pg.loss
-    zero = torch.zeros((), dtype=pg.loss.dtype, device=pg.loss.device)
-    kl_agg = zero
+    # The entropy and KL terms aggregated as sums weighted by token_weights, computed once (on a
+    # GPU each small launch here is device time between the two logits-sized kernels):
+    # agg_loss(x, mask, mode) == (w * x).sum() with w = 0 off the valid tokens. The entropy is 0
+    # there (token_logprobs got the valid tokens as its mask): a dot product. The KL of a
+    # padding token may be NaN or inf (its reference log-prob): dropped by a select, not
+    # multiplied (w is the select's 0).
+    valid = mask if mask.dtype == torch.bool else mask != 0
+    weights, _ = _fused_weights(valid, loss_agg_mode, entropy.dtype)
+    entropy_agg = torch.dot(entropy.reshape(-1), weights.reshape(-1))
+    loss = pg.loss.add(entropy_agg, alpha=-entropy_coef) if entropy_coef else pg.loss
     if ref_logprobs is not None:
         kl = kl_penalty(logprobs, ref_logprobs, kl_kind,
                         backend=_elementwise_backend(backend, logprobs.device, "kl_penalty_fwd_native"))  # fmt: skip
-        kl_agg = reference.agg_loss(kl, mask, loss_agg_mode)
+        kl_agg = torch.where(valid, kl * weights, weights).sum()
         if kl_coef:
-            loss = loss + kl_coef * kl_agg
+            loss = loss.add(kl_agg, alpha=kl_coef)
+    else:
+        kl_agg = torch.zeros((), dtype=pg.loss.dtype, device=pg.loss.device)
     metrics = PPOLossMetrics(loss.detach(), pg.loss.detach(), pg.clipfrac, pg.clipfrac_lower, pg.approx_kl,
                              entropy_agg.detach(), kl_agg.detach())  # fmt: skip
     return loss, metrics
