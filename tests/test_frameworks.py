@@ -237,6 +237,55 @@ def test_verl_losses_without_valid_tokens(verl, mode):
     assert calls["ppo_value_loss"] == 1 + int(mode == "token-sum")
 
 
+def test_verl_calls_the_ops_cannot_mirror_stay_verls(verl):
+    """Calls outside the ops' layout or meaning go to verl with the same arguments, and the
+    covered ones return verl's dtypes: 1-D losses, a per-row gamma tensor, a tensor clip range,
+    empty responses with global-batch arguments, advantages that require grad (the ops treat them
+    as constants), bf16 with a bool mask, float64 with a float32 mask, bf16 GAE or whitening with a
+    float mask; log-probs off verl's flash-attn path keep the logits (and their dtype)."""
+    core, functional, original, calls = verl
+    g = torch.Generator().manual_seed(11)
+    B, T = 3, 5
+    mask = torch.ones(B, T)
+    mask[:, 3:] = 0
+    old = -torch.rand(B, T, generator=g)
+    logp, adv = old + 0.1 * torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+
+    def same(name, *args, **kw):
+        fn = getattr(core, name) if hasattr(core, name) else getattr(functional, name)
+        got, want = fn(*args, **kw), original[name](*args, **kw)
+        # (verl's bf16 arithmetic rounds each step, and flags of bf16 losses may flip)
+        tol = 2e-2 if any(isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 for t in args) else 1e-5
+        for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,),
+                        strict=True):  # fmt: skip
+            assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, b.dtype)
+            torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol, equal_nan=True)
+        return got
+
+    same("compute_value_loss", logp.flatten(), adv.flatten(), old.flatten(), mask.flatten(), 0.2)
+    same("compute_gae_advantage_return", adv, old, mask, torch.full((B,), 0.99), 0.95)
+    same("compute_policy_loss", old, logp, adv, mask, cliprange=0.2, cliprange_low=torch.tensor(0.1))
+    assert calls["ppo_policy_loss"] == 1  # (the tensor clip range is the op's)
+    same("compute_value_loss", logp[:, :0], adv[:, :0], old[:, :0], mask[:, :0], 0.2, "seq-mean-token-sum-norm",
+         dp_size=2, batch_num_tokens=10, global_batch_size=4)  # fmt: skip
+    same("compute_policy_loss", old.bfloat16(), logp.bfloat16(), adv.bfloat16(), mask.bool(), cliprange=0.2)
+    same("compute_policy_loss", old.double(), logp.double(), adv.double(), mask, cliprange=0.2)
+    same("compute_value_loss", logp.double(), adv.double(), old.double(), mask, 0.2)
+    same("compute_gae_advantage_return", adv.bfloat16(), old.bfloat16(), mask, 1.0, 0.95)
+    same("masked_whiten", adv.bfloat16(), mask)
+    used = calls["ppo_policy_loss"]
+    a1, a2 = adv.clone().requires_grad_(True), adv.clone().requires_grad_(True)
+    core.compute_policy_loss(old, logp, a1, mask, cliprange=0.2)[0].backward()
+    original["compute_policy_loss"](old, logp, a2, mask, cliprange=0.2)[0].backward()
+    torch.testing.assert_close(a1.grad, a2.grad)
+    assert calls["ppo_policy_loss"] == used  # (verl's)
+    x = torch.randn(4, 7, generator=g)
+    h = x.clone().requires_grad_(True) * 1.0
+    lp = functional.logprobs_from_logits(h, torch.tensor([1, 2, 3, 4]))
+    lp.sum().backward()
+    assert torch.equal(h.detach(), x) and lp.dtype == x.dtype
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_verl_kl_penalty(verl, dtype):
     core, _, original, calls = verl

@@ -165,6 +165,19 @@ BAD = [
 ]
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton", "native"])
+def test_bad_flags_and_autocast_weight(backend):
+    """Flags must be bools ("no" would count as true); under autocast, which casts floating
+    weights, an integer weight is still refused, as F.linear refuses it."""
+    hidden, weight, bias, labels, _ = make_inputs((2, 3), 8, 50, torch.float32, bias=True)
+    with pytest.raises(TypeError, match="return_entropy: expected a bool, got str"):
+        rlhf_kernels.linear_token_logprobs(hidden, weight, labels, return_entropy="no", backend=backend)
+    with pytest.raises(TypeError, match="check_labels: expected a bool, got int"):
+        rlhf_kernels.linear_token_logprobs(hidden, weight, labels, check_labels=0, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="weight: dtype torch.int64"):
+        rlhf_kernels.linear_token_logprobs(hidden, weight.long(), labels, backend=backend)
+
+
 @pytest.mark.parametrize("name,make,exc,match", BAD, ids=[b[0] for b in BAD])
 @pytest.mark.parametrize("backend", ["torch", "triton", "native"])
 def test_bad_input(name, make, exc, match, backend):
@@ -273,9 +286,12 @@ def ppo_run(hidden, weight, bias, labels, old, adv, mask, ref, device, scale=1.0
 @pytest.mark.parametrize("chunk_size", [None, 1, 5])
 @pytest.mark.parametrize("option", list(PPO_OPTIONS))
 def test_ppo_matches_reference_float64(device, backend, chunk_size, option):
+    """float64 against the float64 composition, with an upstream gradient other than 1 (kept
+    in float64 when it scales the gradients)."""
     inputs = ppo_inputs(torch.float64)
     kw = PPO_OPTIONS[option]
-    got_loss, got_metrics, got_grads = ppo_run(*inputs, device, chunk_size=chunk_size, backend=backend, **kw)
+    got_loss, got_metrics, got_grads = ppo_run(*inputs, device, scale=0.1, chunk_size=chunk_size, backend=backend,
+                                               **kw)  # fmt: skip
     want_loss, want_metrics, want_grads = ppo_oracle(*inputs, **kw)
     torch.testing.assert_close(got_loss.cpu(), want_loss, atol=1e-10, rtol=1e-9)
     for name, a, b in zip(got_metrics._fields, got_metrics, want_metrics, strict=True):
@@ -327,6 +343,12 @@ def test_ppo_bad_input():
         rlhf_kernels.linear_ppo_loss(hidden, weight, labels, old[:, :-1], adv, mask)
     with pytest.raises(ValueError, match="ref_logprobs: required"):
         rlhf_kernels.linear_ppo_loss(hidden, weight, labels, old, adv, mask, kl_coef=0.1)
+    with pytest.raises(TypeError, match="old_logprobs: expected a tensor, got NoneType"):
+        rlhf_kernels.linear_ppo_loss(hidden, weight, labels, None, adv, mask)
+    with pytest.raises(TypeError, match="advantages: expected a tensor, got NoneType"):
+        rlhf_kernels.linear_ppo_loss(hidden, weight, labels, old, None, mask)
+    with pytest.raises(TypeError, match="check_labels: expected a bool"):
+        rlhf_kernels.linear_ppo_loss(hidden, weight, labels, old, adv, mask, check_labels=0)
     with pytest.raises(ValueError, match="ref_logprobs: requires grad"):
         rlhf_kernels.linear_ppo_loss(hidden.requires_grad_(True), weight, labels, old, adv, mask,
                                      ref_logprobs=ref.requires_grad_(True), backend="native")  # fmt: skip

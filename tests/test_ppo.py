@@ -551,6 +551,13 @@ except ImportError:
 def test_ppo_bad_inputs():
     x = torch.randn(2, 5)
     mask = torch.ones(2, 5, dtype=torch.bool)
+    for n, name in enumerate(("logprobs", "old_logprobs", "advantages")):
+        args = [x, x, x, mask]
+        args[n] = None
+        with pytest.raises(TypeError, match=f"^{name}: expected a tensor, got NoneType"):
+            rlhf_kernels.ppo_policy_loss(*args)
+    with pytest.raises(TypeError, match="returns: expected a tensor, got NoneType"):
+        rlhf_kernels.ppo_value_loss(x, x, None, mask)
     with pytest.raises(ValueError, match="advantages: shape"):
         rlhf_kernels.ppo_policy_loss(x, x, x[:, :4], mask)
     with pytest.raises(ValueError, match="loss_agg_mode: unknown 'seq-mean'"):

@@ -23,8 +23,10 @@ copies and registry entries such as ``ADV_ESTIMATOR_REGISTRY["gae"]`` included):
   ``compute_value_loss`` -> :func:`rlhf_kernels.ppo_value_loss`; ``kl_penalty`` ->
   :func:`rlhf_kernels.kl_penalty` (``kl``/``k1``, ``abs``, ``mse``/``k2``, ``low_var_kl``/``k3``).
 ``verl.utils.torch_functional``
-  ``logprobs_from_logits`` -> :func:`rlhf_kernels.token_logprobs` (float32 out, as verl's
-  flash-attn path; ``inplace_backward`` as asked: the gradient overwrites the logits);
+  ``logprobs_from_logits`` -> :func:`rlhf_kernels.token_logprobs` (where verl would take its
+  flash-attn path: float32 out and ``inplace_backward`` as asked, the gradient overwriting the
+  logits; elsewhere the logits' dtype and the logits kept, as its log_softmax + gather; labels
+  are not checked, which would wait for the device every call: an out-of-range one gets NaN);
   ``entropy_from_logits`` -> the op's entropy; ``masked_whiten`` -> :func:`masked_whiten`.
 
 Aggregation (``agg_loss``): verl's modes, with or without the global-batch arguments
@@ -60,6 +62,7 @@ import importlib
 import inspect
 import math
 import numbers
+import os
 
 import torch
 
@@ -119,6 +122,54 @@ _wrap = _patching.wrap
 
 def _tensors(*ts) -> bool:
     return all(isinstance(t, torch.Tensor) and t.dtype.is_floating_point for t in ts)
+
+
+def _rows(*ts) -> bool:
+    """[B, T] tensors of one shape: the ops' layout (verl's arithmetic also takes other ranks)."""
+    return _tensors(*ts) and ts[0].dim() == 2 and all(t.shape == ts[0].shape for t in ts)
+
+
+def _grad_into(*ts) -> bool:
+    """Whether autograd would differentiate into one of ``ts``, which the ops treat as constants
+    (advantages, old log-probs, returns, old values): verl's arithmetic then runs."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+
+def _number(x):
+    """A Python float of a number or a one-element tensor (verl's configs hold either), or None."""
+    try:
+        return float(x)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
+def _fraction_dtype(call):
+    """How the installed loss types its clip fractions, asked once at patch time: ``call(values,
+    mask)`` runs it on float64 values and a float32 mask and returns a fraction. float32 where the
+    release takes ``.float()`` of its flags (verl 0.9), float64 where it keeps the values' dtype.
+    Returns ``(values dtype, mask) -> the fraction's dtype``."""
+    v = torch.tensor([[-1.0, -0.5, -0.2], [-0.3, -0.1, -2.0]], dtype=torch.float64)
+    try:
+        flags_as_float = call(v, torch.ones(2, 3)).dtype == torch.float32
+    except Exception:  # another signature: the values' dtype, as the ops' own outputs
+        flags_as_float = False
+    if flags_as_float:
+        return lambda dtype, mask: _mean_dtype(torch.float32, mask)
+    return _mean_dtype
+
+
+def _mean_dtype(dtype, mask):
+    """The dtype of verl's ``masked_mean`` of ``dtype`` values: their masked sum over the mask's
+    count plus 1e-8, both 0-dim tensors, so they promote each other in full (a bool or integer
+    mask's count becomes the default float dtype)."""
+    count = mask.dtype if mask.dtype.is_floating_point else torch.get_default_dtype()
+    return torch.promote_types(_with_mask(dtype, mask), count)
+
+
+def _with_mask(dtype, mask):
+    """The dtype of verl's arithmetic on ``dtype`` values and the mask: a floating mask
+    promotes them (the mask multiplies them), a bool or integer one does not."""
+    return torch.promote_types(dtype, mask.dtype) if mask.dtype.is_floating_point else dtype
 
 
 #: agg_loss's global-batch arguments (verl 0.7 on), which the losses pass on.
@@ -214,8 +265,8 @@ def _aggregation(mode, mask, g, rules):
     differ on whether it counts; theirs decides), global-batch arguments the probe did not
     confirm for the mode."""
     sum_norm, global_modes = rules
-    if not (isinstance(mode, str) and mode in LOSS_AGG_MODES):
-        return None
+    if not (isinstance(mode, str) and mode in LOSS_AGG_MODES) or mask.dim() < 1 or mask.shape[-1] == 0:
+        return None  # (empty responses: verl's arithmetic gives NaN or 0 by mode and release)
     dp = g.get("dp_size", 1)
     if isinstance(dp, bool) or not isinstance(dp, numbers.Integral):  # (a float or tensor rank count)
         return None
@@ -249,9 +300,8 @@ _binary = _patching.binary_mask
 def _whiten(values, mask, shift_mean=True):
     if not _tensors(values) or not _binary(mask, values) or int((mask != 0).sum()) < 2:
         return None  # verl raises for fewer than two valid values: let it
-    return masked_whiten(values, mask, shift_mean=bool(shift_mean), backend=_patcher.backend).to(
-        torch.promote_types(values.dtype, mask.dtype)
-    )
+    # values.dtype: verl's (values - mean) * rsqrt(var) has 0-dim statistics, which do not promote values
+    return masked_whiten(values, mask, shift_mean=bool(shift_mean), backend=_patcher.backend).to(values.dtype)
 
 
 def _make_masked_whiten(original):
@@ -263,15 +313,15 @@ def _make_gae(original):
         rewards, values, mask = a["token_level_rewards"], a["values"], a["response_mask"]
         if not _tensors(rewards, values) or rewards.shape != values.shape or rewards.dim() != 2:
             return None
-        gamma, lam = float(a["gamma"]), float(a["lam"])
-        if not (0 <= gamma <= 1 and 0 <= lam <= 1) or not _binary(mask, values):
+        gamma, lam = _number(a["gamma"]), _number(a["lam"])  # (a per-row gamma tensor: verl's)
+        if gamma is None or lam is None or not (0 <= gamma <= 1 and 0 <= lam <= 1) or not _binary(mask, values):
             return None
         with torch.no_grad():
             adv, ret = gae(rewards, values, mask, gamma=gamma, lam=lam, backend=_patcher.backend)
             whitened = _whiten(adv, mask)
         if whitened is None:
             return None
-        dtype = torch.promote_types(rewards.dtype, values.dtype)
+        dtype = _with_mask(torch.promote_types(rewards.dtype, values.dtype), mask)
         return whitened.to(dtype), ret.to(dtype)
 
     return _wrap(original, body)
@@ -307,27 +357,33 @@ def _make_grpo(original):
     return _wrap(original, body)
 
 
-def _policy_loss(old, logp, adv, mask, low, high, clip, clip_c, mode, g, rules, backend=None):
-    if not _tensors(old, logp, adv) or clip_c is None or not _binary(mask, logp):
-        return None
-    if not (old.shape == logp.shape == adv.shape):
+def _policy_loss(old, logp, adv, mask, low, high, clip, clip_c, mode, g, rules, backend=None, fraction=None):
+    if not _rows(old, logp, adv) or clip_c is None or not _binary(mask, logp) or _grad_into(old, adv):
         return None
     plan = _aggregation(mode, mask, g, rules)
     if plan is None:
         return None
-    ranges = [float(r) for r in (clip, low, high) if r is not None]
-    if min(ranges) < 0 or not float(clip_c) > 1:  # verl's own checks and messages for these
-        return None
-    out = ppo_policy_loss(logp, old, adv, mask, clip_ratio=float(clip), clip_ratio_low=low, clip_ratio_high=high,
-                          clip_ratio_c=float(clip_c), loss_agg_mode=plan[0],
-                          backend=backend or _patcher.backend)  # fmt: skip
-    return _scaled(out, plan)
+    clip, low, high, clip_c = (None if r is None else _number(r) for r in (clip, low, high, clip_c))
+    ranges = [r for r in (clip, low, high) if r is not None]
+    if clip is None or clip_c is None or any(math.isnan(r) or r < 0 for r in ranges) or not clip_c > 1:
+        return None  # verl's own checks and messages for these
+    out = ppo_policy_loss(logp, old, adv, mask, clip_ratio=clip, clip_ratio_low=low, clip_ratio_high=high,
+                          clip_ratio_c=clip_c, loss_agg_mode=plan[0], backend=backend or _patcher.backend)  # fmt: skip
+    loss, clipfrac, approx_kl, lower = _scaled(out, plan)
+    # verl's dtypes: the loss in its inputs' arithmetic (promoted by a floating mask), the KL a
+    # masked mean of the log-ratio, the fractions masked means of flags typed as the release types
+    # them (fraction; the log-ratio's dtype if not asked)
+    ratio = torch.promote_types(logp.dtype, old.dtype)
+    frac = (fraction or _mean_dtype)(ratio, mask)
+    return (loss.to(_with_mask(torch.promote_types(ratio, adv.dtype), mask)), clipfrac.to(frac),
+            approx_kl.to(_mean_dtype(ratio, mask)), lower.to(frac))  # fmt: skip
 
 
 def _make_policy_loss(original):
     """The legacy ``compute_policy_loss(old_log_prob, log_prob, advantages, response_mask,
     cliprange, cliprange_low, cliprange_high, clip_ratio_c, loss_agg_mode)`` -> 4-tuple."""
     rules = _agg_rules()
+    fraction = _fraction_dtype(lambda v, m: original(v, v + 0.05, v, m, cliprange=0.2)[1])
 
     def body(a):
         clip = a.get("cliprange")
@@ -335,7 +391,7 @@ def _make_policy_loss(original):
             return None
         return _policy_loss(a["old_log_prob"], a["log_prob"], a["advantages"], a["response_mask"],
                             a.get("cliprange_low"), a.get("cliprange_high"), clip, a.get("clip_ratio_c", 3.0),
-                            a.get("loss_agg_mode", "token-mean"), {}, rules)  # fmt: skip
+                            a.get("loss_agg_mode", "token-mean"), {}, rules, fraction=fraction)  # fmt: skip
 
     return _wrap(original, body)
 
@@ -416,19 +472,23 @@ def _make_value_loss(original):
         original, ("vpreds", "returns", "values", "response_mask", "cliprange_value", "loss_agg_mode", *GLOBAL_ARGS)
     )
     rules = _agg_rules()
+    fraction = _fraction_dtype(lambda v, m: original(v, v + 0.1, v - 0.1, m, 0.2)[1])
 
     def body(a):
         vpreds, returns, values, mask = a["vpreds"], a["returns"], a["values"], a["response_mask"]
-        if not _tensors(vpreds, returns, values) or not (vpreds.shape == returns.shape == values.shape):
+        if not _rows(vpreds, returns, values) or _grad_into(returns, values):
             return None
-        if not _binary(mask, vpreds) or not unset(a) or not float(a["cliprange_value"]) >= 0:
+        clip = _number(a["cliprange_value"])
+        if not _binary(mask, vpreds) or not unset(a) or clip is None or not clip >= 0:
             return None
         plan = _aggregation(a.get("loss_agg_mode", "token-mean"), mask, {k: a[k] for k in GLOBAL_ARGS if k in a}, rules)
         if plan is None:
             return None
-        out = ppo_value_loss(vpreds, values, returns, mask, clip_range_value=float(a["cliprange_value"]),
-                             loss_agg_mode=plan[0], backend=_patcher.backend)  # fmt: skip
-        return _scaled(out, plan)
+        out = ppo_value_loss(vpreds, values, returns, mask, clip_range_value=clip, loss_agg_mode=plan[0],
+                             backend=_patcher.backend)  # fmt: skip
+        loss, clipfrac = _scaled(out, plan)
+        dtype = torch.promote_types(torch.promote_types(vpreds.dtype, values.dtype), returns.dtype)
+        return loss.to(_with_mask(dtype, mask)), clipfrac.to(fraction(vpreds.dtype, mask))
 
     return _wrap(original, body)
 
@@ -453,13 +513,27 @@ def _covered_logits(logits, labels=None) -> bool:
 
 
 def _make_logprobs(original):
+    module = importlib.import_module(original.__module__)
+
+    def flash_path() -> bool:
+        """Whether verl itself would take its flash-attn cross-entropy path (read per call, as verl does)."""
+        return bool(getattr(module, "FLAH_ATTN_CROSS_ENTROPY_LOSS_AVAILABLE", False)) and (
+            os.environ.get("VERL_DISABLE_FLASH_ATTN_CE", "0") != "1"
+        )
+
     def body(a):
         logits, labels = a["logits"], a["labels"]
         if not _covered_logits(logits, labels):
             return None
-        inplace = bool(a.get("inplace_backward", False))
-        return token_logprobs(logits, labels, ignore_index=_NO_IGNORE_INDEX, inplace_backward=inplace,
-                              backend=_patcher.backend)  # fmt: skip
+        # As verl: on its flash-attn path float32 log-probs and the gradient written over the logits
+        # when asked, else log_softmax + gather's (logits' dtype, logits kept). Labels unchecked:
+        # verl's come from the input ids, and a check would wait for the device every call
+        # (an out-of-range label gets NaN instead of gather's error).
+        flash = flash_path()
+        lp = token_logprobs(logits, labels, ignore_index=_NO_IGNORE_INDEX, check_labels=False,
+                            inplace_backward=flash and bool(a.get("inplace_backward", False)),
+                            backend=_patcher.backend)  # fmt: skip
+        return lp if flash else lp.to(logits.dtype)
 
     return _wrap(original, body)
 

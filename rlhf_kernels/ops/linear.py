@@ -48,6 +48,7 @@ import warnings
 import torch
 
 from rlhf_kernels import _dispatch
+from rlhf_kernels._checks import check_flags
 from rlhf_kernels.ops import logprobs as logprobs_ops
 from rlhf_kernels.ops import ppo as ppo_ops
 from rlhf_kernels.reference import logprobs as reference
@@ -94,6 +95,7 @@ def linear_token_logprobs(
         no gradient. Gradients flow to ``hidden``, ``weight`` and ``bias``
         (whichever require them).
     """
+    check_flags(return_entropy=return_entropy, check_labels=check_labels)
     _check_inputs(hidden, weight, bias, labels, chunk_size)
     vocab = weight.shape[0]
     lead = hidden.shape[:-1]
@@ -162,6 +164,7 @@ def linear_ppo_loss(
     for logits; ``ref_logprobs`` may then require grad. Autocast as in
     :func:`linear_token_logprobs`.
     """
+    check_flags(check_labels=check_labels)
     _check_inputs(hidden, weight, bias, labels, chunk_size)
     if hidden.dim() != 3:
         raise ValueError(f"hidden: expected shape [B, T, H], got {tuple(hidden.shape)}")
@@ -250,8 +253,8 @@ class _LinearPPO(torch.autograd.Function):
             return (None,) * 8
         saved = iter(ctx.saved_tensors)
         grads = [next(saved) if has else None for has in ctx.has_grad]
-        # the upstream scalar stays float32 (not rounded to a 16-bit gradient's dtype)
-        scale = grad_loss.reshape(1).float()
+        # the upstream scalar stays float32 (not rounded to a 16-bit gradient's dtype; float64 stays float64)
+        scale = grad_loss.reshape(1).to(torch.float64 if grad_loss.dtype == torch.float64 else torch.float32)
         out = [None if grad is None else ppo_ops._scale_unless_one(grad, scale) for grad in grads]
         return (*out, None, None, None, None, None)
 
@@ -419,6 +422,10 @@ def _check_inputs(hidden, weight, bias, labels, chunk_size) -> None:
         )
     if weight.shape[0] == 0:
         raise ValueError("weight: the vocab (first) dim is empty")
+    if weight.dtype not in logprobs_ops.FLOAT_DTYPES:  # (checked under autocast too: it casts floats only)
+        raise TypeError(
+            f"weight: dtype {weight.dtype} is not supported; expected float32, bfloat16, float16 or float64"
+        )
     if weight.dtype != hidden.dtype and not _autocast_on(hidden):  # autocast casts both
         raise TypeError(f"weight: dtype {weight.dtype} differs from hidden's {hidden.dtype}")
     if weight.device != hidden.device:

@@ -680,7 +680,8 @@ def _check_rows(*, need_mask=False, any_rank=False, **named):
         if t is None:
             if need_mask and name == "mask":
                 raise ValueError("mask: required (the response mask)")
-            continue
+            if name in ("mask", "ref_logprobs"):  # the optional ones
+                continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
         if name == "mask":
