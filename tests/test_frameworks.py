@@ -434,3 +434,8 @@ def test_openrlhf_losses_empty_and_uncovered(openrlhf):
     _close(ValueLoss.forward(unclipped, vpred, old, adv, action_mask=~empty),
            original["ValueLoss"](unclipped, vpred, old, adv, action_mask=~empty), _tol(torch.float32))  # fmt: skip
     assert calls["ppo_value_loss"] == 1
+    flat = [t.flatten() for t in (logp, old, adv)]  # 1-D: OpenRLHF's arithmetic takes it, the ops' layout is [B, T]
+    module = PolicyLoss()
+    _close(PolicyLoss.forward(module, *flat, action_mask=~empty.flatten())[:3],
+           original["PolicyLoss"](module, *flat, action_mask=~empty.flatten())[:3], _tol(torch.float32))  # fmt: skip
+    assert calls["ppo_policy_loss"] == 2

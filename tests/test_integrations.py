@@ -114,6 +114,14 @@ def test_uncovered_calls_go_to_trl(patched):
     torch.testing.assert_close(trl_utils.selective_log_softmax(logits, top_k), want)
     with pytest.raises(ValueError, match="temperature must be positive"):
         trl_utils.selective_log_softmax(logits, top_k[..., 0], temperature=0.0)
+    # a temperature tensor and a row mask that only broadcasts: TRL's arithmetic takes them, so TRL runs
+    index = top_k[..., 0]
+    want = torch.gather((logits / 0.7).log_softmax(-1), -1, index[..., None])[..., 0]
+    torch.testing.assert_close(trl_utils.selective_log_softmax(logits, index, temperature=torch.tensor(0.7)), want)
+    row = torch.tensor([True, False, True, True, False])
+    unpatched = trl_utils.selective_log_softmax.__rlhf_kernels_original__
+    torch.testing.assert_close(trl_utils.selective_log_softmax(logits, index, row_mask=row),
+                               unpatched(logits, index, row_mask=row))  # fmt: skip
 
 
 def test_padding_labels_are_not_ignored(patched):

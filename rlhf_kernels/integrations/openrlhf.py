@@ -30,7 +30,9 @@ copies, as the actor and experience maker hold them, included):
   changed between releases, so each is replaced only where a probe call at patch time
   (float64, several settings of the module and of the global counts) gives the installed
   release's results, structure included. Values match OpenRLHF's, NaN for an empty
-  micro-batch included; the gradient there is 0 (OpenRLHF's is NaN). OpenRLHF clips values
+  micro-batch included; the gradient there is 0 (OpenRLHF's is NaN). A NaN or inf at a masked
+  position is dropped (the ops never read masked positions; OpenRLHF's product with the mask
+  gives NaN). Inputs other than [B, T] stay with OpenRLHF. OpenRLHF clips values
   as ``old + clamp(v - old, +-eps)``, the op as ``clamp(v, old - eps, old + eps)``: equal
   up to rounding.
 
@@ -291,7 +293,7 @@ def _loss_call(a, names):
     mask = a.get("action_mask")
     if not all(isinstance(t, torch.Tensor) and t.dtype.is_floating_point for t in ts):
         return None
-    if any(t.shape != ts[0].shape for t in ts) or ts[0].dim() < 1 or not _patching.binary_mask(mask, ts[0]):
+    if any(t.shape != ts[0].shape for t in ts) or ts[0].dim() != 2 or not _patching.binary_mask(mask, ts[0]):
         return None
     plan = _aggregation(a["self"], ts[0], mask, a)
     return None if plan is None else (ts, mask, plan)

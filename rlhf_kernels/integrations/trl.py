@@ -23,7 +23,8 @@ so the op gets an ignore index no label can take, and labels outside
 float32 where TRL would use its own Triton kernel (CUDA), the logits' dtype
 otherwise; the op itself accumulates in float32 either way. Calls the op does
 not cover (top-K ``index`` of shape ``[..., K]``, logits whose last dim is not
-contiguous) go to TRL's original function.
+contiguous, a temperature tensor, a row mask that only broadcasts) go to TRL's
+original function.
 
 Which TRL trainers this reaches: in trl 1.16 ``DPOTrainer``, ``GRPOTrainer``,
 ``RLOOTrainer`` and ``KTOTrainer`` score tokens with TRL's fused LM head
@@ -39,6 +40,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import numbers
 import warnings
 
 import torch
@@ -133,15 +135,18 @@ def _trl_would_use_its_kernel(utils, logits, index=None, row_mask=None) -> bool:
     return bool(supports and available and available() and supports(logits, index, row_mask))
 
 
-def _covered(logits, index=None) -> bool:
-    """Calls the op computes exactly as TRL does; the rest go to TRL's function."""
+def _covered(logits, index=None, temperature=1.0, row_mask=None) -> bool:
+    """Calls the op computes exactly as TRL does; the rest go to TRL's function: a temperature
+    that is not a plain number (a tensor), a row mask that only broadcasts."""
     if not isinstance(logits, torch.Tensor) or logits.dim() < 1 or logits.dtype not in FLOAT_DTYPES:
         return False
     if logits.shape[-1] > 1 and logits.stride(-1) != 1:
         return False
     if index is not None and (not isinstance(index, torch.Tensor) or tuple(index.shape) != tuple(logits.shape[:-1])):
         return False  # top-K gathers ([..., K] index) stay with TRL
-    return True
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        return False
+    return row_mask is None or (isinstance(row_mask, torch.Tensor) and row_mask.shape == logits.shape[:-1])
 
 
 def _mask(row_mask):
@@ -156,7 +161,7 @@ def _make_selective_log_softmax(original, utils):
     def selective_log_softmax(logits, index, temperature=1.0, row_mask=None):
         if temperature <= 0:
             raise ValueError("temperature must be positive")
-        if not _covered(logits, index):
+        if not _covered(logits, index, temperature, row_mask):
             return original(logits, index, temperature=temperature, row_mask=row_mask)
         out_dtype = torch.float32 if _trl_would_use_its_kernel(utils, logits, index, row_mask) else logits.dtype
         logprobs = token_logprobs(logits, index, _mask(row_mask), temperature=temperature,
@@ -186,7 +191,7 @@ def _make_logprobs_and_entropy(original, utils):
     def selective_log_softmax_and_entropy(logits, index, entropy_requires_grad=True, temperature=1.0, row_mask=None):
         if temperature <= 0:
             raise ValueError("temperature must be positive")
-        if not _covered(logits, index):
+        if not _covered(logits, index, temperature, row_mask):
             return original(logits, index, entropy_requires_grad=entropy_requires_grad, temperature=temperature,
                             row_mask=row_mask)  # fmt: skip
         out_dtype = torch.float32 if _trl_would_use_its_kernel(utils, logits, index, row_mask) else logits.dtype

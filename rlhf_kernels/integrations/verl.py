@@ -46,9 +46,12 @@ confirm, ``dp_size`` > 1 without the global counts (verl raises), rollout import
 weights, masks with weights other than 0 and 1 (verl uses them as weights), gamma or lam
 outside [0, 1], a negative clip range, a ``"+"`` KL kind or ``"full"``, ``index`` values
 numpy cannot order or that are not scalars, fewer than two valid values to whiten (verl
-raises), shapes that only broadcast, logits whose last dim is not contiguous. Results are
-verl's in meaning, computed in float32 (float64 for float64 inputs) and returned in the dtype
-verl's own arithmetic would give. ``tests/test_frameworks.py`` holds all of this to the
+raises), shapes that only broadcast, inputs other than [B, T], advantages, old log-probs,
+returns or old values that require grad (the ops treat them as constants), a per-row gamma,
+empty responses, logits whose last dim is not contiguous. Results are verl's in meaning,
+computed in float32 (float64 for float64 inputs) and returned in the dtype verl's own
+arithmetic would give; a NaN or inf at a masked position is dropped (the ops never read
+masked positions; verl's product with the mask gives NaN). ``tests/test_frameworks.py`` holds all of this to the
 real verl 0.9.1 (``make test-frameworks``); ``tests/test_integrations_verl.py`` to
 stand-ins for the semantics of other releases.
 
