@@ -434,8 +434,18 @@ def test_openrlhf_losses_empty_and_uncovered(openrlhf):
     _close(ValueLoss.forward(unclipped, vpred, old, adv, action_mask=~empty),
            original["ValueLoss"](unclipped, vpred, old, adv, action_mask=~empty), _tol(torch.float32))  # fmt: skip
     assert calls["ppo_value_loss"] == 1
+    # bf16 losses with a float32, bool or float64 mask: OpenRLHF's dtypes (the mask's product promotes)
+    for token_level, mask in itertools.product((True, False), (~empty * 1.0, ~empty, (~empty).double())):
+        module = PolicyLoss(token_level_loss=token_level)
+        args = [t.bfloat16() for t in (logp, old, adv)]
+        got = PolicyLoss.forward(module, *args, action_mask=mask)[:3]
+        want = original["PolicyLoss"](module, *args, action_mask=mask)[:3]
+        assert [t.dtype for t in got] == [t.dtype for t in want], (token_level, mask.dtype)
+        assert ValueLoss.forward(ValueLoss(0.2), *args, action_mask=mask).dtype == original["ValueLoss"](
+            ValueLoss(0.2), *args, action_mask=mask).dtype
+    used = calls["ppo_policy_loss"]
     flat = [t.flatten() for t in (logp, old, adv)]  # 1-D: OpenRLHF's arithmetic takes it, the ops' layout is [B, T]
     module = PolicyLoss()
     _close(PolicyLoss.forward(module, *flat, action_mask=~empty.flatten())[:3],
            original["PolicyLoss"](module, *flat, action_mask=~empty.flatten())[:3], _tol(torch.float32))  # fmt: skip
-    assert calls["ppo_policy_loss"] == 2
+    assert calls["ppo_policy_loss"] == used

@@ -261,12 +261,14 @@ def _aggregation(module, like, mask, a):
     def wide(count):  # the scale in float64
         return count.double() if isinstance(count, torch.Tensor) else count
 
+    # loss * mask: a floating mask promotes the loss (a bool or integer one does not)
+    base = torch.promote_types(like.dtype, mask.dtype) if mask.dtype.is_floating_point else like.dtype
     if token_level:
         if tokens is None:
-            return "token-mean", 1, ~valid.any(), like.dtype
+            return "token-mean", 1, ~valid.any(), base
         # OpenRLHF: (loss * mask).sum() / batch_num_tokens * dp_size
-        return "token-sum", dp / wide(tokens), None, dtype_with(tokens, like.dtype)
-    dtype = torch.promote_types(like.dtype, torch.float32)  # (OpenRLHF's sequence means divide by a float32 count)
+        return "token-sum", dp / wide(tokens), None, dtype_with(tokens, base)
+    dtype = torch.promote_types(base, torch.float32)  # (OpenRLHF's sequence means divide by a float32 count)
     if seqs is None:
         return "seq-mean-token-mean", 1, ~valid.any(), dtype
     # the sum of the sequences' token means over the global count: the op's mean times its count
@@ -319,7 +321,9 @@ def _policy(a, backend):
     loss = _nan_where(empty, out.loss * scale).to(dtype)
     # ppo_kl from the raw log-ratio (the op's approx_kl is of the ratio's clamped one)
     ppo_kl = _masked_mean((old - logp).detach(), mask)
-    clip_ratio = _nan_where(~(mask != 0).any(), out.clipfrac.float())
+    # a masked mean of float32 flags: promoted by a floating mask
+    flags = torch.promote_types(torch.float32, mask.dtype) if mask.dtype.is_floating_point else torch.float32
+    clip_ratio = _nan_where(~(mask != 0).any(), out.clipfrac.to(flags))
     return loss, clip_ratio, ppo_kl, None, None
 
 
