@@ -234,13 +234,17 @@ _PROBE_ARGS = (
 def _agg_rules():
     """Ask the installed ``agg_loss`` once (float64, a [4, 5] mask with an empty row) which
     ``seq-mean-token-sum-norm`` rule it follows and for which modes :func:`_agg_plan` gives
-    its results with global-batch arguments. Returns ``(sum_norm, modes)``: the rule, or
-    None when neither matches (that mode stays with verl), and the modes whose global-batch
-    calls the op may take (the others go to verl)."""
+    its results with global-batch arguments, and how it treats micro-batch calls with empty
+    sequences. Returns ``(sum_norm, modes, local)``: the rule, or None when neither matches
+    (that mode stays with verl); the modes whose global-batch calls the op may take (the others
+    go to verl); ``{mode: nan}`` for the modes whose micro-batch calls give the op's results
+    with an empty sequence in the batch, ``nan`` telling whether verl gives NaN (0 / 0) when
+    no token at all is valid (else the op's 0). Those calls need no look at the mask on the
+    host; the other modes' do (a device sync)."""
     try:
         agg = importlib.import_module(CORE_ALGOS).agg_loss
     except (ImportError, AttributeError):
-        return None, frozenset()
+        return None, frozenset(), {}
     g = torch.Generator().manual_seed(0)
     loss = torch.rand(4, 5, generator=g, dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 1, 1, 1], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float64)
@@ -259,7 +263,17 @@ def _agg_rules():
 
     sum_norm = next((rule for rule in ("mean", "sum") if matches("seq-mean-token-sum-norm", {}, rule)), None)
     modes = frozenset(m for m in LOSS_AGG_MODES if all(matches(m, a, sum_norm) for a in _PROBE_ARGS[1:]))
-    return sum_norm, modes
+    local = {}
+    for m in LOSS_AGG_MODES:
+        if not matches(m, {}, sum_norm):
+            continue
+        try:
+            none_valid = float(agg(loss, mask * 0, m))
+        except Exception:
+            continue
+        if math.isnan(none_valid) or none_valid == 0.0:
+            local[m] = math.isnan(none_valid)
+    return sum_norm, modes, local
 
 
 def _aggregation(mode, mask, g, rules):
@@ -267,7 +281,7 @@ def _aggregation(mode, mask, g, rules):
     the ops lack, a seq-mean mode over a micro-batch with an empty sequence (verl releases
     differ on whether it counts; theirs decides), global-batch arguments the probe did not
     confirm for the mode."""
-    sum_norm, global_modes = rules
+    sum_norm, global_modes, local = rules
     if not (isinstance(mode, str) and mode in LOSS_AGG_MODES) or mask.dim() < 1 or mask.shape[-1] == 0:
         return None  # (empty responses: verl's arithmetic gives NaN or 0 by mode and release)
     dp = g.get("dp_size", 1)
@@ -278,6 +292,11 @@ def _aggregation(mode, mask, g, rules):
         g["dp_size"] = int(dp)
     if g and mode not in global_modes:
         return None
+    if not g and mode in local:  # the probe saw verl give the op's results here: no host sync
+        plan = _agg_plan(mode, mask, g, sum_norm)
+        if plan is not None and local[mode]:  # no valid token: verl's 0 / 0, NaN loss and gradient
+            plan = (plan[0], plan[1] * torch.where((mask != 0).any(), 1.0, float("nan")))
+        return plan
     if not g and mode != "token-sum":  # one host sync for either check
         rows = (mask != 0).any(-1)
         if mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
