@@ -41,7 +41,8 @@ Every replacement binds its arguments to the original's signature, so one module
 verl releases whose later arguments differ, and hands every call it does not cover to
 verl's own function with the same arguments: a loss_agg_mode the ops lack, a
 ``seq-mean-token-sum`` / ``-mean`` mode over a micro-batch with a sequence that has no
-valid token (verl releases disagree on whether it counts), aggregation the probe did not
+valid token where the probe saw the installed release count it (releases disagree; verl
+0.9 drops it, as the op, and then the call needs no host sync), aggregation the probe did not
 confirm, ``dp_size`` > 1 without the global counts (verl raises), rollout importance
 weights, masks with weights other than 0 and 1 (verl uses them as weights), gamma or lam
 outside [0, 1], a negative clip range, a ``"+"`` KL kind or ``"full"``, ``index`` values
