@@ -23,8 +23,9 @@ so the op gets an ignore index no label can take, and labels outside
 float32 where TRL would use its own Triton kernel (CUDA), the logits' dtype
 otherwise; the op itself accumulates in float32 either way. Calls the op does
 not cover (top-K ``index`` of shape ``[..., K]``, logits whose last dim is not
-contiguous, a temperature tensor, a row mask that only broadcasts) go to TRL's
-original function.
+contiguous, a temperature tensor, a row mask that only broadcasts, 1-D logits) go to
+TRL's original function. One difference is kept: a row with ``-inf`` logits gets a finite
+entropy (TRL's ``p * logits`` gives NaN there; telling the rows apart would cost a device sync).
 
 Which TRL trainers this reaches: in trl 1.16 ``DPOTrainer``, ``GRPOTrainer``,
 ``RLOOTrainer`` and ``KTOTrainer`` score tokens with TRL's fused LM head
@@ -138,8 +139,8 @@ def _trl_would_use_its_kernel(utils, logits, index=None, row_mask=None) -> bool:
 def _covered(logits, index=None, temperature=1.0, row_mask=None) -> bool:
     """Calls the op computes exactly as TRL does; the rest go to TRL's function: a temperature
     that is not a plain number (a tensor), a row mask that only broadcasts."""
-    if not isinstance(logits, torch.Tensor) or logits.dim() < 1 or logits.dtype not in FLOAT_DTYPES:
-        return False
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 2 or logits.dtype not in FLOAT_DTYPES:
+        return False  # (TRL's helpers read 1-D logits as rows of one logit)
     if logits.shape[-1] > 1 and logits.stride(-1) != 1:
         return False
     if index is not None and (not isinstance(index, torch.Tensor) or tuple(index.shape) != tuple(logits.shape[:-1])):

@@ -27,7 +27,8 @@ copies and registry entries such as ``ADV_ESTIMATOR_REGISTRY["gae"]`` included):
   flash-attn path: float32 out and ``inplace_backward`` as asked, the gradient overwriting the
   logits; elsewhere the logits' dtype and the logits kept, as its log_softmax + gather; labels
   are not checked, which would wait for the device every call: an out-of-range one gets NaN);
-  ``entropy_from_logits`` -> the op's entropy; ``masked_whiten`` -> :func:`masked_whiten`.
+  ``entropy_from_logits`` -> the op's entropy (finite for a row with ``-inf`` logits, where
+  verl's ``p * logits`` gives NaN); ``masked_whiten`` -> :func:`masked_whiten`.
 
 Aggregation (``agg_loss``): verl's modes, with or without the global-batch arguments
 (``dp_size``, ``batch_num_tokens``, ``global_batch_size``, ``loss_scale_factor``) that a
