@@ -82,7 +82,9 @@ RLHF_INLINE int64_t sigmoid_fwd_vec(const pref::Consts<float>& c, const pref::In
     const vf lpos = (z < 0.0f ? z : vf{}) - l;
     const vf lneg = (-z < 0.0f ? -z : vf{}) - l;
     const vf sum = a + b;
-    const vf loss = -c.one_m_ls * lpos - c.ls * lneg + c.center * sum * sum;
+    vf loss = -c.one_m_ls * lpos;  // terms with a coefficient of 0 skipped (preference_math.h: 0 * inf)
+    if (c.ls != 0.0f) loss -= c.ls * lneg;
+    if (c.center != 0.0f) loss += c.center * sum * sum;
     const vf ra = c.beta * a;
     const vf rb = c.beta * b;
     store(losses, i, loss);
@@ -127,7 +129,7 @@ RLHF_INLINE int64_t sigmoid_bwd_vec(const pref::Consts<float>& c, const pref::In
     const vf spos = z < 0.0f ? er : r;
     const vf sneg = -z < 0.0f ? er : r;
     const vf dz = -c.one_m_ls * sneg + c.ls * spos;
-    const vf t = c.two_center * (a + b);
+    const vf t = c.two_center != 0.0f ? c.two_center * (a + b) : vf{};
     if (grad_a != nullptr) store(grad_a, i, g * (c.beta * dz + t));
     if (grad_b != nullptr) store(grad_b, i, g * (-c.beta * dz + t));
   }

@@ -263,13 +263,17 @@ RLHF_HD FwdOut<Acc> forward(const Consts<Acc>& c, Acc a, Acc b, Acc m) {
       const Acc z = pair_z(c, h, m);
       const Acc sum = a + b;
       const LogSigmoidPair<Acc> l = log_sigmoid_pair(z);
-      o.loss = -c.one_m_ls * l.pos - c.ls * l.neg + c.center * sum * sum;
+      // Terms with a coefficient of 0 are skipped, not multiplied: an infinite input makes
+      // them 0 * inf = NaN (label smoothing off, Bradley-Terry centring off).
+      o.loss = -c.one_m_ls * l.pos;
+      if (c.ls != Acc(0)) o.loss -= c.ls * l.neg;
+      if (c.center != Acc(0)) o.loss += c.center * sum * sum;
       break;
     }
     case PrefLoss::Robust: {
       const Acc z = pair_z(c, h, m);
       const LogSigmoidPair<Acc> l = log_sigmoid_pair(z);
-      o.loss = (-c.one_m_ls * l.pos + c.ls * l.neg) / c.robust_den;
+      o.loss = (-c.one_m_ls * l.pos + (c.ls != Acc(0) ? c.ls * l.neg : Acc(0))) / c.robust_den;
       break;
     }
     case PrefLoss::ExoPair: {
@@ -355,7 +359,7 @@ RLHF_HD Grad<Acc> backward(const Consts<Acc>& c, Acc a, Acc b, Acc m) {
       const Acc z = pair_z(c, h, m);
       const SigmoidPair<Acc> sz = sigmoid_pair(z);
       const Acc Dz = -c.one_m_ls * sz.neg + c.ls * sz.pos;
-      const Acc t = c.two_center * (a + b);
+      const Acc t = c.two_center != Acc(0) ? c.two_center * (a + b) : Acc(0);  // (as the forward)
       g.da = c.beta * Dz + t;
       g.db = -c.beta * Dz + t;
       break;

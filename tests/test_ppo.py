@@ -489,6 +489,39 @@ def test_grpo_gradient_or_error(device, backend):
     assert scores.grad.abs().sum() > 0
 
 
+def test_grpo_group_of_one_has_zero_gradient():
+    """A group of one (std 1, advantage 0): its gradient is 0, not NaN from the root's infinite
+    derivative at a variance of 0; the other groups' gradients match float64 autograd of the
+    reference."""
+    s = torch.tensor([0.5, 1.5, 2.0, 2.0], dtype=torch.float64, requires_grad=True)
+    rlhf_kernels.grpo_advantages(s, group_ids=torch.tensor([0, 0, 0, 1])).sum().backward()
+    assert s.grad.isfinite().all() and s.grad[3] == 0
+    t = torch.tensor([0.3, -1.0], dtype=torch.float64, requires_grad=True)
+    (rlhf_kernels.grpo_advantages(t, 1) * torch.tensor([2.0, 3.0], dtype=torch.float64)).sum().backward()
+    assert torch.equal(t.grad, torch.zeros_like(t))
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op="ppo_loss_fwd_native"))
+def test_ppo_losses_data_inputs_and_masked_non_finite(device, backend):
+    """Every backend treats old log-probs, advantages, old values and returns as data (no
+    gradient), and a NaN or inf in them at a masked position reaches neither the loss nor any
+    gradient (the torch backend selects it away before its arithmetic, as the kernels never read it)."""
+    g = torch.Generator().manual_seed(23)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    x, old, adv, ret = (torch.randn(2, 4, generator=g, dtype=torch.float64) * 0.3 for _ in range(4))
+    adv[~mask], ret[~mask] = float("nan"), float("inf")
+    x, old, adv, ret, mask = (t.to(device) for t in (x, old, adv, ret, mask))
+    leaves = [t.clone().requires_grad_(True) for t in (x, old, adv)]
+    rlhf_kernels.ppo_policy_loss(*leaves, mask, backend=backend).loss.backward()
+    assert leaves[1].grad is None and leaves[2].grad is None
+    assert leaves[0].grad.isfinite().all() and (leaves[0].grad[~mask] == 0).all()
+    leaves = [t.clone().requires_grad_(True) for t in (x, old, ret)]
+    out = rlhf_kernels.ppo_value_loss(*leaves, mask, backend=backend)
+    out.loss.backward()
+    assert out.loss.isfinite() and leaves[1].grad is None and leaves[2].grad is None
+    assert leaves[0].grad.isfinite().all() and (leaves[0].grad[~mask] == 0).all()
+
+
 def test_whiten_grpo_bad_inputs():
     x = torch.randn(3, 4)
     with pytest.raises(ValueError, match="mask: shape"):

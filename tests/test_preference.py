@@ -454,8 +454,11 @@ def test_dpo_bad_inputs():
         rlhf_kernels.dpo_loss(pc.long(), pr, rc, rr)
     with pytest.raises(ValueError, match="ref_rejected_logps: expected a 1-D"):
         rlhf_kernels.dpo_loss(pc, pr, rc, rr[None])
-    with pytest.raises(TypeError, match="bco_delta: expected a finite number"):
-        rlhf_kernels.dpo_loss(pc, pr, rc, rr, loss_type="bco_pair", bco_delta=float("nan"))
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="bco_delta: expected a finite number"):
+            rlhf_kernels.dpo_loss(pc, pr, rc, rr, loss_type="bco_pair", bco_delta=value)
+    with pytest.raises(ValueError, match="gamma: expected a finite number"):
+        rlhf_kernels.simpo_loss(pc, pr, gamma=float("inf"))
     with pytest.raises(TypeError, match="return_metrics: expected a bool"):
         rlhf_kernels.dpo_loss(pc, pr, rc, rr, return_metrics="yes")
     with pytest.raises(TypeError, match="average: expected a bool"):
@@ -735,3 +738,44 @@ def test_eager_calls_skip_the_custom_op_wrapper_only_when_unobserved(device, bac
                                  (pc.detach(), pr, rc, rr))  # fmt: skip
         other = inputs(5, torch.float32, device, seed=9)
         torch.testing.assert_close(traced(*other), rlhf_kernels.dpo_loss(*other, backend=backend).losses)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op=NATIVE_OP))
+def test_infinite_inputs_with_zero_weight_terms(device, backend):
+    """Terms whose coefficient is 0 (label smoothing, Bradley-Terry centring) are skipped, not
+    multiplied: an infinite input (a token with -inf log-prob in the chosen sequence, a -inf
+    reward) keeps the loss and gradient of the plain formula, as the float64 reference gives,
+    instead of 0 * inf = NaN; the hinge gradient of an infinite margin is 0."""
+    f = torch.tensor
+    pc, pr = f([-float("inf"), -12.0], device=device), f([-15.0, -14.0], device=device)
+    rc, rr = f([-10.0, -11.0], device=device), f([-13.0, -13.5], device=device)
+    for loss_type in ("sigmoid", "hinge", "robust"):
+        got_x, want_x = pc.clone().requires_grad_(True), pc.double().cpu().requires_grad_(True)
+        kw = dict(loss_type=loss_type, label_smoothing=0.0)
+        got = rlhf_kernels.dpo_loss(got_x, pr, rc, rr, backend=backend, **kw).losses
+        want = reference.dpo_loss(want_x, pr.double().cpu(), rc.double().cpu(), rr.double().cpu(), **kw)[0]
+        torch.testing.assert_close(got.double().cpu(), want, equal_nan=False)
+        got[1].backward()
+        want[1].backward()
+        torch.testing.assert_close(got_x.grad.double().cpu(), want_x.grad)
+    x = f([1.0, 2.0], device=device, requires_grad=True)
+    got = rlhf_kernels.bradley_terry_loss(x, f([-float("inf"), 0.5], device=device), backend=backend).loss
+    got.backward()
+    assert got.isfinite() and x.grad.isfinite().all()
+    x = f([float("inf"), 1.0], device=device, requires_grad=True)
+    rlhf_kernels.dpo_loss(x, pr, rc, rr, loss_type="hinge", backend=backend).losses.sum().backward()
+    assert x.grad.isfinite().all() and x.grad[0] == 0
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op=NATIVE_OP))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_log_sigmoid_accuracy_in_the_tail(device, backend, dtype):
+    """-log sigmoid(z) for z from 6 to 12 (log1p of 2.5e-3 .. 6e-6) to a few ulp of the dtype, not
+    the 1e-4 relative that log(1 + t) in float32 gives just above the series' range."""
+    z = torch.linspace(6.0, 12.0, 301, dtype=torch.float64)
+    zeros = torch.zeros_like(z)
+    losses = rlhf_kernels.dpo_loss(z.to(dtype).to(device), zeros.to(dtype).to(device), zeros.to(dtype).to(device),
+                                   zeros.to(dtype).to(device), beta=1.0, backend=backend).losses  # fmt: skip
+    want = torch.nn.functional.softplus(-z.to(dtype).double())
+    tol = 4 * torch.finfo(dtype).eps
+    torch.testing.assert_close(losses.double().cpu(), want, rtol=tol, atol=0)

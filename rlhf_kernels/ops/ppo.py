@@ -140,8 +140,9 @@ def ppo_policy_loss(
     impl = _dispatch.resolve(backend, logprobs.device, "ppo_loss_fwd_native")
     if impl == "torch":
         return PolicyLossOutput(
-            *reference.ppo_policy_loss(
-                logprobs, old_logprobs, advantages, mask, clip_ratio=clip_ratio, clip_ratio_low=clip_ratio_low,
+            *reference.ppo_policy_loss(  # old log-probs and advantages are data, as in the kernels
+                logprobs, old_logprobs.detach(), advantages.detach(), mask, clip_ratio=clip_ratio,
+                clip_ratio_low=clip_ratio_low,
                 clip_ratio_high=clip_ratio_high, clip_ratio_c=clip_ratio_c, loss_agg_mode=loss_agg_mode,
             )
         )  # fmt: skip
@@ -177,8 +178,9 @@ def ppo_value_loss(
     impl = _dispatch.resolve(backend, values.device, "ppo_loss_fwd_native")
     if impl == "torch":
         return ValueLossOutput(
-            *reference.ppo_value_loss(
-                values, old_values, returns, mask, clip_range_value=clip_range_value, loss_agg_mode=loss_agg_mode
+            *reference.ppo_value_loss(  # old values and returns are data, as in the kernels
+                values, old_values.detach(), returns.detach(), mask, clip_range_value=clip_range_value,
+                loss_agg_mode=loss_agg_mode,
             )  # fmt: skip
         )
     acc = _acc_dtype(values, old_values, returns)
@@ -657,7 +659,8 @@ def _grpo_torch(s, group_ids, norm_by_std, eps):
     if not norm_by_std:
         return centred
     var = torch.zeros_like(mean).index_add_(0, inverse, centred * centred) / (n - 1).clamp(min=1)
-    std = torch.where(counts > 1, var.sqrt(), torch.ones_like(var))
+    # (a group of one has std 1: selected before the root, whose derivative at 0 is infinite)
+    std = torch.where(counts > 1, var, torch.ones_like(var)).sqrt()
     return centred / (std[inverse] + eps)
 
 

@@ -50,6 +50,7 @@ Triton and CUDA kernels round their partials differently).
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import NamedTuple
 
@@ -382,8 +383,10 @@ def _check_pairs(**named: torch.Tensor | None) -> list[torch.Tensor | None]:
 
 
 def _check_real(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a finite number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
 
 
 def _check_positive(name, value):

@@ -98,7 +98,8 @@ def ppo_policy_loss(
     logprobs, old_logprobs, advantages, mask, *, clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=None,
     clip_ratio_c=None, loss_agg_mode="token-mean",
 ):  # fmt: skip
-    logprobs, old_logprobs, advantages = _acc(logprobs, old_logprobs, advantages)
+    # masked positions selected away first: a NaN or inf there must reach neither the loss nor a gradient
+    logprobs, old_logprobs, advantages = (_kept(t, mask) for t in _acc(logprobs, old_logprobs, advantages))
     low = clip_ratio if clip_ratio_low is None else clip_ratio_low
     high = clip_ratio if clip_ratio_high is None else clip_ratio_high
     log_ratio = torch.clamp(logprobs - old_logprobs, -20.0, 20.0)
@@ -121,7 +122,7 @@ def ppo_policy_loss(
 
 
 def ppo_value_loss(values, old_values, returns, mask, *, clip_range_value=0.2, loss_agg_mode="token-mean"):
-    values, old_values, returns = _acc(values, old_values, returns)
+    values, old_values, returns = (_kept(t, mask) for t in _acc(values, old_values, returns))
     clipped_values = torch.clamp(values, old_values - clip_range_value, old_values + clip_range_value)
     losses1 = (values - returns) ** 2
     losses2 = (clipped_values - returns) ** 2

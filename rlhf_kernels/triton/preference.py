@@ -66,8 +66,10 @@ def _sigmoid(x):
 
 @triton.jit
 def _log1p_small(t):
-    # log(1 + t) for t in [0, 1]: the series below 1e-4 keeps tiny values (error < t^3 / 3)
-    return tl.where(t < 1e-4, t - 0.5 * t * t, tl.log(1.0 + t))
+    # log(1 + t) for t in [0, 1] to a few ulp: log(u) * t / (u - 1) with u = 1 + t rounded cancels
+    # the rounding of u (Goldberg); t itself where u rounds to 1
+    u = 1.0 + t
+    return tl.where(u == 1.0, t, tl.log(u) * (t / (u - 1.0)))
 
 
 @triton.jit
@@ -91,18 +93,21 @@ def _log1mexp(x):
 @triton.jit
 def _loss_and_grads(a, b, m, kl, delta, beta, gamma, ls, center, tau, weight, LOSS: tl.constexpr):
     """Per-element loss, dL/da, dL/db and the two ORPO metric terms (csrc/preference.h)."""
-    zero = a * 0.0
+    zero = tl.zeros_like(a)  # (not a * 0: NaN for an infinite a)
     h = a - b
     z = beta * h - gamma - m
     x5 = zero
     x6 = zero
     if LOSS == 0:  # sigmoid (DPO, cDPO; SimPO with gamma; Bradley-Terry with margin and centering)
-        loss = -(1.0 - ls) * _logsigmoid(z) - ls * _logsigmoid(-z) + center * (a + b) * (a + b)
+        # terms with a coefficient of 0 are selected away, not multiplied (0 * inf = NaN for an infinite input)
+        loss = -(1.0 - ls) * _logsigmoid(z) - tl.where(ls != 0, ls * _logsigmoid(-z), 0.0)
+        loss += tl.where(center != 0, center * (a + b) * (a + b), 0.0)
         d = -(1.0 - ls) * _sigmoid(-z) + ls * _sigmoid(z)
-        da = beta * d + 2.0 * center * (a + b)
-        db = -beta * d + 2.0 * center * (a + b)
+        t = tl.where(center != 0, 2.0 * center * (a + b), 0.0)
+        da = beta * d + t
+        db = -beta * d + t
     elif LOSS == 1:  # robust
-        loss = (-(1.0 - ls) * _logsigmoid(z) + ls * _logsigmoid(-z)) / (1.0 - 2.0 * ls)
+        loss = (-(1.0 - ls) * _logsigmoid(z) + tl.where(ls != 0, ls * _logsigmoid(-z), 0.0)) / (1.0 - 2.0 * ls)
         d = (-(1.0 - ls) * _sigmoid(-z) - ls * _sigmoid(z)) / (1.0 - 2.0 * ls)
         da = beta * d
         db = -da
