@@ -51,6 +51,12 @@ def binary_mask(mask, like) -> bool:
     return not mask.dtype.is_floating_point or bool(((mask == 0) | (mask == 1)).all())
 
 
+def promoted_by_mask(dtype: torch.dtype, mask: torch.Tensor) -> torch.dtype:
+    """The dtype of the frameworks' arithmetic on ``dtype`` values times the mask: a floating
+    mask promotes them, a bool or integer one does not."""
+    return torch.promote_types(dtype, mask.dtype) if mask.dtype.is_floating_point else dtype
+
+
 def count(valid: torch.Tensor) -> torch.Tensor:
     """How many are true, as a float64 tensor (an int64 one would divide in float32)."""
     return valid.sum(dtype=torch.float64)

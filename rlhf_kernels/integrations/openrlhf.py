@@ -262,7 +262,7 @@ def _aggregation(module, like, mask, a):
         return count.double() if isinstance(count, torch.Tensor) else count
 
     # loss * mask: a floating mask promotes the loss (a bool or integer one does not)
-    base = torch.promote_types(like.dtype, mask.dtype) if mask.dtype.is_floating_point else like.dtype
+    base = _patching.promoted_by_mask(like.dtype, mask)
     if token_level:
         if tokens is None:
             return "token-mean", 1, ~valid.any(), base
@@ -322,8 +322,7 @@ def _policy(a, backend):
     # ppo_kl from the raw log-ratio (the op's approx_kl is of the ratio's clamped one)
     ppo_kl = _masked_mean((old - logp).detach(), mask)
     # a masked mean of float32 flags: promoted by a floating mask
-    flags = torch.promote_types(torch.float32, mask.dtype) if mask.dtype.is_floating_point else torch.float32
-    clip_ratio = _nan_where(~(mask != 0).any(), out.clipfrac.to(flags))
+    clip_ratio = _nan_where(~(mask != 0).any(), out.clipfrac.to(_patching.promoted_by_mask(torch.float32, mask)))
     return loss, clip_ratio, ppo_kl, None, None
 
 

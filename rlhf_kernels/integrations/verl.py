@@ -171,10 +171,7 @@ def _mean_dtype(dtype, mask):
     return torch.promote_types(_with_mask(dtype, mask), count)
 
 
-def _with_mask(dtype, mask):
-    """The dtype of verl's arithmetic on ``dtype`` values and the mask: a floating mask
-    promotes them (the mask multiplies them), a bool or integer one does not."""
-    return torch.promote_types(dtype, mask.dtype) if mask.dtype.is_floating_point else dtype
+_with_mask = _patching.promoted_by_mask
 
 
 #: agg_loss's global-batch arguments (verl 0.7 on), which the losses pass on.

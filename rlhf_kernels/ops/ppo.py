@@ -368,10 +368,15 @@ def _check_step_args(lead, old_logprobs, advantages, mask, ref_logprobs, kl_coef
     return _clip_bounds(clip_ratio, clip_ratio_low, clip_ratio_high, clip_ratio_c)
 
 
+def _nonzero(mask):
+    """A bool, integer or float mask as bool (nonzero: valid); a bool mask as it is, with no launch
+    (every launch before the fused kernel is host time on the step's path)."""
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
 def _valid_tokens(mask, labels, ignore_index):
-    """bool, integer or float mask: nonzero means valid; an ignored label has no log-prob, so it is masked too.
-    (A bool mask is used as it is: every launch before the fused kernel is host time on the step's path.)"""
-    valid = mask if mask.dtype == torch.bool else mask != 0
+    """bool, integer or float mask: nonzero means valid; an ignored label has no log-prob, so it is masked too."""
+    valid = _nonzero(mask)
     if isinstance(labels, torch.Tensor) and labels.shape == mask.shape and labels.device == mask.device:
         return valid & kept_labels(labels, ignore_index)
     return valid  # token_logprobs' checks report the bad labels
@@ -392,7 +397,7 @@ def _loss_from_logprobs(logprobs, entropy, old_logprobs, advantages, mask, ref_l
     # there (token_logprobs got the valid tokens as its mask): a dot product. The KL of a
     # padding token may be NaN or inf (its reference log-prob): dropped by a select, not
     # multiplied (w is the select's 0).
-    valid = mask if mask.dtype == torch.bool else mask != 0
+    valid = _nonzero(mask)
     weights, _ = _fused_weights(valid, loss_agg_mode, entropy.dtype)
     entropy_agg = torch.dot(entropy.reshape(-1), weights.reshape(-1))
     loss = pg.loss.add(entropy_agg, alpha=-entropy_coef) if entropy_coef else pg.loss
@@ -413,7 +418,7 @@ def token_weights(mask: torch.Tensor, loss_agg_mode: str, dtype: torch.dtype = t
     """Per-token weights :math:`w` with ``agg(x) == (w * x).sum()`` for ``loss_agg_mode``
     (see :func:`ppo_loss_from_logits`); 0 on masked tokens and in empty sequences."""
     _check_agg(loss_agg_mode)
-    m = (mask if mask.dtype == torch.bool else mask != 0).to(dtype)
+    m = _nonzero(mask).to(dtype)
     if loss_agg_mode == "token-mean":
         return m / m.sum().clamp(min=1)
     if loss_agg_mode == "token-sum":
