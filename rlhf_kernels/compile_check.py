@@ -6,6 +6,12 @@
 * ``csrc/*.cu`` is compiled with nvcc for the same architectures with
   ``-Xptxas -v``.
 
+* The streaming loops of the log-prob kernels (IN_FLIGHT_KERNELS) are disassembled
+  (cuobjdump) and must issue two 16-byte loads per thread before using the data of
+  either (:attr:`SassLoop.in_flight`). ptxas decides that order: the Triton forward
+  had one in flight (2.49-2.88 TB/s on an H100 where the CUDA forward, with two,
+  reached 2.97) until its whole tiles loaded without a mask.
+
 A kernel that spills registers fails the check. ``rlhf-kernels check-compile``
 runs both and prints a report; the test suite runs it in a subprocess (the
 Triton interpreter, used for the CPU tests, replaces the kernels' JIT objects).
@@ -75,42 +81,214 @@ def _triton_configs() -> list:
     return logprobs.kernel_configs() + preference.kernel_configs() + ppo.kernel_configs()
 
 
-def check_triton(archs=ARCHS) -> list[KernelReport]:
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the kernels that are compiled here")
+# The integer arguments of a [16384, 128256] contiguous bf16 problem (the benchmarks' shape),
+# as the launchers pass them: what the JIT specializes on (ints equal to 1 become constants,
+# ints divisible by 16 carry tt.divisibility, as do the pointers of torch's allocations).
+ALIGNED_PROBLEM = {"V": 128256, "size1": 1, "size2": 16384, "stride0": 0, "stride1": 0, "stride2": 128256,
+                   "g_size1": 1, "g_size2": 16384, "g_stride0": 0, "g_stride1": 0, "g_stride2": 128256,
+                   "rows": 16384, "ignore_index": -100, "parts": 8, "part_cols": 16384}  # fmt: skip
+
+
+def specialize(signature: dict, constexprs: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of a configuration as the JIT compiles it for the
+    ALIGNED_PROBLEM: its 16-byte aligned pointers and sizes give 16-byte vector loads,
+    which the plain configuration (no divisibility known: a vocabulary such as 50257) does
+    not have. Arguments outside ALIGNED_PROBLEM keep their plain type."""
+    signature, constexprs, attrs = dict(signature), dict(constexprs), {}
+    for i, (arg, ty) in enumerate(signature.items()):
+        value = ALIGNED_PROBLEM.get(arg)
+        if ty.startswith("*"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif value is not None and ty in ("i32", "i64"):
+            if value == 1:
+                signature[arg], constexprs[arg] = "constexpr", 1
+                continue
+            if -(2**31) <= value < 2**31:
+                signature[arg] = "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+def _compile_triton(kernel, signature, constexprs, num_warps, cc, attrs=None):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    ptxas = _triton_ptxas()
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps})
+
+
+def _ptxas(ptx: str, cc: int, tmp: str, cubin: bool = False) -> tuple[str, Path | None]:
+    """ptxas -v on PTX text: (its report, the cubin when asked for)."""
+    path = Path(tmp) / "k.ptx"
+    path.write_text(ptx)
+    out_file = Path(tmp) / "k.cubin" if cubin else None
+    arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
+    out = subprocess.run(
+        [_triton_ptxas(), "-v", f"-arch={arch}", str(path), "-o", str(out_file or os.devnull)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stderr + out.stdout, out_file
+
+
+# ---------------------------------------------------------------------------
+# SASS: the loops of a kernel and the 16-byte loads a thread keeps in flight
+# ---------------------------------------------------------------------------
+
+_SASS_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);")
+
+
+@dataclass
+class SassLoop:
+    """A loop of a kernel's SASS (the instructions from a backward branch's target to it)."""
+
+    body: list  # (address, opcode, operands)
+
+    @property
+    def ld128(self) -> int:
+        return sum(op.startswith(("LDG", "LDS", "LD.")) and ".128" in op for _, op, _ in self.body)
+
+    @property
+    def st128(self) -> int:
+        return sum(op.startswith(("STG", "STS", "ST.")) and ".128" in op for _, op, _ in self.body)
+
+    @property
+    def in_flight(self) -> int:
+        """The most 16-byte global loads issued before the data of any of them is used: the
+        loads a thread keeps in flight, which with the resident threads bounds the bytes an
+        SM has in flight (a streaming kernel needs two per thread at full occupancy).
+        Straight-line order, one pass over the body; a load whose data the body never uses
+        (a prefetch for the next iteration) counts as in flight from its issue to the end."""
+        pending: list[set[int]] = []
+        best = 0
+        for _, op, rest in self.body:
+            operands = rest.split(",")
+            is_store = op.startswith(("STG", "ST."))
+            sources = set().union(*(_sass_registers(o) for o in (operands if is_store else operands[1:])))
+            pending = [p for p in pending if not p & sources]
+            if op.startswith("LDG") and ".128" in op:
+                first = min(_sass_registers(operands[0]), default=None)
+                if first is not None:
+                    pending.append(set(range(first, first + 4)))
+                    best = max(best, len(pending))
+        return best
+
+
+def _sass_registers(operand: str) -> set[int]:
+    """General registers an operand names: R4, R4.reuse, [R2.64+0x10] (a pair)."""
+    regs = set()
+    for m in re.finditer(r"\bR(\d+)(\.64)?", operand):
+        regs.update(range(int(m.group(1)), int(m.group(1)) + (2 if m.group(2) else 1)))
+    return regs
+
+
+def disassemble(cubin: Path) -> str:
+    """cuobjdump -sass of a cubin (the cuobjdump that Triton ships)."""
+    cuobjdump = str(Path(_triton_ptxas()).with_name("cuobjdump"))
+    return subprocess.run([cuobjdump, "-sass", str(cubin)], check=True, capture_output=True, text=True).stdout
+
+
+def sass_loops(sass: str, name_filter: str = "") -> list[tuple[str, int, list[SassLoop]]]:
+    """(function name, instruction count, loops) of every function whose name contains
+    ``name_filter``, in the order cuobjdump lists them."""
+    out = []
+    for func in re.split(r"\n\s*Function : ", sass)[1:]:
+        name = func.split("\n", 1)[0].strip()
+        if name_filter not in name:
+            continue
+        ins = [(int(m.group(1), 16), m.group(3), m.group(4)) for m in _SASS_INSTR.finditer(func)]
+        index = {addr: i for i, (addr, _, _) in enumerate(ins)}
+        found = []
+        for i, (addr, op, rest) in enumerate(ins):
+            target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+            if target is None or int(target.group(1), 16) >= addr or int(target.group(1), 16) not in index:
+                continue
+            found.append(SassLoop(ins[index[int(target.group(1), 16)] : i + 1]))
+        out.append((name, len(ins), found))
+    return out
+
+
+def triton_sass(kernel, signature, constexprs, num_warps, cc: int = 90) -> tuple[str, str]:
+    """(SASS, ptxas report) of a Triton configuration as the JIT compiles it for the
+    ALIGNED_PROBLEM (:func:`specialize`)."""
+    signature, constexprs, attrs = specialize(signature, constexprs)
+    compiled = _compile_triton(kernel, signature, constexprs, num_warps, cc, attrs)
+    with tempfile.TemporaryDirectory() as tmp:
+        report, cubin = _ptxas(compiled.asm["ptx"], cc, tmp, cubin=True)
+        return disassemble(cubin), report
+
+
+# The streaming loops that must keep two 16-byte loads in flight per thread: (module, kernel,
+# constexprs) of the configurations the launchers pick for bf16 logits at V = 128256.
+IN_FLIGHT_KERNELS = (
+    ("logprobs", "_logprobs_fwd_kernel", {"HAS_ENTROPY": False, "BLOCK_V": 4096, "PREFETCH": False}),
+    ("logprobs", "_logprobs_fwd_kernel", {"HAS_ENTROPY": True, "BLOCK_V": 4096, "PREFETCH": False}),
+    ("logprobs", "_logprobs_bwd_kernel", {"HAS_ENTROPY": False, "BLOCK_V": 4096}),
+    ("logprobs", "_logprobs_bwd_kernel", {"HAS_ENTROPY": True, "BLOCK_V": 4096}),
+)
+
+
+def find_triton_config(module: str, kernel_name: str, dtype: str, constexprs: dict):
+    """The (kernel, signature, constexprs, num_warps) of rlhf_kernels.triton.<module>'s
+    kernel_configs() with that kernel, first pointer type and constexprs."""
+    import importlib
+
+    mod = importlib.import_module(f"rlhf_kernels.triton.{module}")
+    for kernel, signature, const, num_warps in mod.kernel_configs():
+        name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
+        ptr_type = next(v for k, v in signature.items() if k.endswith("_ptr")).lstrip("*")
+        if (name, ptr_type, const) == (kernel_name, dtype, constexprs):
+            return kernel, signature, const, num_warps
+    names = sorted({(e[0].fn.__name__ if hasattr(e[0], "fn") else e[0].__name__) for e in mod.kernel_configs()})
+    raise KeyError(f"no configuration {kernel_name}[{dtype}, {constexprs}] in rlhf_kernels.triton.{module}: {names}")
+
+
+def check_in_flight(cc: int = 90) -> list[tuple[str, SassLoop]]:
+    """(configuration, its streaming loop) for IN_FLIGHT_KERNELS: the loop with the most
+    16-byte loads (the whole-tile loop of a row)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the kernels that are compiled here")
+    out = []
+    for module, name, const in IN_FLIGHT_KERNELS:
+        sass, _ = triton_sass(*find_triton_config(module, name, "bf16", const), cc=cc)
+        loops = [loop for _, _, found in sass_loops(sass) for loop in found]
+        label = f"{name}[bf16,{','.join(f'{k}={v}' for k, v in const.items())}]"
+        out.append((label, max(loops, key=lambda lp: (lp.ld128, len(lp.body)))))
+    return out
+
+
+def check_triton(archs=ARCHS) -> list[KernelReport]:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the kernels that are compiled here")
+
     reports = []
     seen = set()
+    configs = [(*entry, False) for entry in _triton_configs()]
+    # bf16 configurations also as the JIT compiles them for aligned rows (16-byte vector
+    # loads: other registers than the plain ones).
+    configs += [(*entry, True) for entry in _triton_configs() if entry[1].get("logits_ptr") == "*bf16"]
     with tempfile.TemporaryDirectory() as tmp:
-        for kernel, signature, constexprs, num_warps in _triton_configs():
+        for kernel, signature, constexprs, num_warps, aligned in configs:
             key = (
                 kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__,
                 tuple(signature.values()),
                 tuple(constexprs.items()),
                 num_warps,
+                aligned,
             )
             if key in seen:
                 continue
             seen.add(key)
+            sig, const, attrs = specialize(signature, constexprs) if aligned else (signature, constexprs, None)
             for cc in archs:
-                src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-                compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps})
-                ptx = Path(tmp) / "k.ptx"
-                ptx.write_text(compiled.asm["ptx"])
-                arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
-                out = subprocess.run(
-                    [ptxas, "-v", f"-arch={arch}", str(ptx), "-o", os.devnull],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                )
-                for r in parse_ptxas(out.stderr + out.stdout):
+                compiled = _compile_triton(kernel, sig, const, num_warps, cc, attrs)
+                report, _ = _ptxas(compiled.asm["ptx"], cc, tmp)
+                for r in parse_ptxas(report):
                     dtype = next(v for k, v in signature.items() if k.endswith("_ptr")).lstrip("*")
-                    flags = ",".join(f"{k}={v}" for k, v in constexprs.items())
+                    flags = ",".join(f"{k}={v}" for k, v in constexprs.items()) + (",aligned" if aligned else "")
                     r.name = f"{key[0]}[{dtype},{flags},warps={num_warps}]"
                     reports.append(r)
     return reports
@@ -235,6 +413,17 @@ def main() -> int:
             failed = True
         if any(r.spills for r in reports):
             failed = True
+    try:
+        loops = check_in_flight()
+    except FileNotFoundError as exc:
+        print(f"loads in flight: skipped ({exc})")
+        loops = []
+    if loops:
+        print("loads in flight (sm_90, 16-byte loads per thread issued before the first use; want 2):")
+    for label, loop in loops:
+        flag = "" if loop.in_flight >= 2 else "  TOO FEW"
+        print(f"  {loop.in_flight} of {loop.ld128}, loop of {len(loop.body)} instructions  {label}{flag}")
+        failed |= loop.in_flight < 2
     return 1 if failed else 0
 
 

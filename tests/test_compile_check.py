@@ -117,6 +117,35 @@ def test_sass_loop_counter_finds_the_loop():
     assert sass_loops.loops(SASS_SAMPLE, "missing") == []
 
 
+def _loop_sass(body: str) -> str:
+    lines = [f"        /*{16 * i:04x}*/                   {ins} ;" for i, ins in enumerate(body.strip().splitlines())]
+    lines.append(f"        /*{16 * len(lines):04x}*/               @!P0 BRA 0x0 ;")
+    return "\n        Function : k\n" + "\n".join(lines) + "\n"
+
+
+def test_sass_loads_in_flight():
+    """compile_check's count of the 16-byte loads a loop issues before using any of their data
+    (the check that the log-prob kernels keep two in flight per thread): two loads back to back
+    count 2, a load whose data is used before the next load is issued 1, a prefetch whose data
+    the body never uses stays in flight to the end, and a pair register ([R6.64]) or a store's
+    data operand counts as a use."""
+
+    def count(body):
+        (_, _, loops), = compile_check.sass_loops(_loop_sass(body))
+        (loop,) = loops
+        return loop.in_flight, loop.ld128
+
+    assert count("LDG.E.128 R4, desc[UR4][R2.64]\nLDG.E.128 R8, desc[UR4][R2.64+0x1000]\nFADD R12, R4, R8") == (2, 2)
+    assert count("LDG.E.128 R4, desc[UR4][R2.64]\nFADD R12, R5, R1\nLDG.E.128 R4, desc[UR4][R2.64+0x10]\n"
+                 "FADD R12, R4, R12") == (1, 2)  # fmt: skip
+    assert count("LDG.E.128 R16, desc[UR4][R2.64]\nFADD R12, R4, R8\nLDG.E.128 R20, desc[UR4][R2.64+0x10]\n"
+                 "FADD R12, R12, R1") == (2, 2)  # fmt: skip
+    assert count("LDG.E.128 R4, desc[UR4][R2.64]\nIADD3 R3, R6, R1, RZ\nLDG.E.128 R8, desc[UR4][R2.64+0x10]") == (1, 2)
+    assert count("LDG.E.128 R4, desc[UR4][R2.64]\nLDG.E.128 R8, desc[UR4][R6.64]") == (1, 2)
+    assert count("LDG.E.128 R4, desc[UR4][R2.64]\nSTG.E.128 desc[UR4][R10.64], R4\n"
+                 "LDG.E.128 R8, desc[UR4][R2.64+0x10]") == (1, 2)  # fmt: skip
+
+
 def test_triton_sweep_runs(monkeypatch, capsys):
     """benchmarks/triton_sweep.py (the `sweep` phase of a GPU session) runs end to end, here on CPU
     tensors through the Triton interpreter: one configuration, timed forward and backward, and

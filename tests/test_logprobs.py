@@ -116,6 +116,24 @@ def test_matches_reference(device, backend, dtype, rows, vocab):
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("vocab", [4096, 4097, 8192, 12289])
+def test_whole_tiles_and_a_partial_tail(device, backend, dtype, vocab):
+    """Vocabularies of whole tiles (the Triton tiles are 4096 bf16 or 2048 float32 elements:
+    no partial tile) and of whole tiles and one more column (a partial tile of one element),
+    with labels on the first column, the last one and the first of the last tile: the
+    unmasked loads of whole tiles and the masked last tile of the row loops, and the
+    label test relative to a tile's start."""
+    logits, labels, mask = make_batch(2, 4, vocab, dtype, device, seed=vocab + 1)
+    labels = torch.tensor([[0, vocab - 1, vocab // 4096 * 4096 % vocab, 5], [vocab - 1, 0, 1, vocab - 2]])
+    labels = labels.to(device)
+    mask = torch.ones_like(mask)
+    kw = dict(temperature=0.9, return_entropy=True)
+    got = run(rlhf_kernels.token_logprobs, logits, labels, mask, backend=backend, **kw)
+    assert_matches(got, run_reference(logits, labels, mask, **kw), dtype, zmax(logits, 0.9))
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
 @pytest.mark.parametrize("return_entropy", [False, True], ids=["lp", "lp+entropy"])
 @pytest.mark.parametrize("inplace_backward", [False, True], ids=["grad", "inplace"])
 @pytest.mark.parametrize("temperature", [1.0, 0.6, 2.5])

@@ -79,13 +79,42 @@ def _dead_exp(bits):
 
 
 @triton.jit
+def _lse2_tile(x, m, s, w, scale2, acc_ty: tl.constexpr, HAS_ENTROPY: tl.constexpr):
+    """One tile x ([lane rows, VEC]) into the lane states (m, s, w) of _online_lse2."""
+    u = x.to(acc_ty) * scale2
+    m_new = tl.maximum(m, tl.max(u, axis=1))
+    # While a lane row has seen only -inf, its pivot is 0 so that no -inf - -inf appears
+    # (its sums stay 0).
+    pivot = tl.where(m_new == float("-inf"), 0.0, m_new).to(acc_ty)
+    alpha = tl.exp2(m - pivot)
+    d = u - pivot[:, None]
+    if HAS_ENTROPY:
+        # w = sum e (u - m), relative to the max so that H = log2 s - w / s does not cancel
+        # for large logits. d of a -inf logit becomes _dead_exp: 2^d = 0 and 0 * d = 0,
+        # where 0 * -inf would be NaN; a NaN logit stays NaN.
+        d = tl.maximum(d, _dead_exp(acc_ty.primitive_bitwidth), propagate_nan=tl.PropagateNan.ALL)
+        e = tl.exp2(d)
+        w = (alpha * (w + s * tl.where(s > 0, m - pivot, 0.0)) + tl.sum(e * d, axis=1)).to(acc_ty)
+    else:
+        e = tl.exp2(d)
+    s = (s * alpha + tl.sum(e, axis=1)).to(acc_ty)
+    return m_new, s, w
+
+
+@triton.jit
 def _online_lse2(
     row_ptr, V, scale2, acc_ty: tl.constexpr, HAS_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
-    PREFETCH: tl.constexpr = False, LANE_ROWS: tl.constexpr = True,
+    u0, PREFETCH: tl.constexpr = False, LANE_ROWS: tl.constexpr = True,
 ):  # fmt: skip
     """Streams one row of V logits once, BLOCK_V at a time, with u = x * scale2
     (z / T in base-2 units): returns the max m, s = sum 2^(u - m) and, with
     HAS_ENTROPY, w = sum 2^(u - m) (u - m) (else 0).
+
+    u0 is the u of one logit of the row (the label's), or -inf: the running maxima start
+    there (any start at or below the row's max gives the same sums). The callers load the
+    label's logit first and pass it in so that its load is issued before the row streams:
+    left unused until after the loop, ptxas sank it below the loop, where its latency
+    was paid at the end of every row.
 
     A tile is seen as BLOCK_V // VEC lane rows of VEC contiguous elements (one
     16-byte vector each, which the compiler gives to one thread), and each lane row
@@ -93,8 +122,13 @@ def _online_lse2(
     (no shuffles, no barriers) and one rescale per lane row; the lane states are
     merged once, at the end of the row. Per element: a multiply, a max, a
     subtraction, one 2^x and an add (with entropy also a NaN-keeping max and an fma).
-    With PREFETCH the next tile's load is issued before this tile's math (two tiles
-    in flight per program): for launches with one program per SM.
+
+    The whole tiles load without a mask, the last partial tile with one: a masked load
+    fills its register with the -inf default before it is issued, and with those fills
+    ptxas issued a thread's second 16-byte load only after the first one's data had been
+    used (one load in flight per thread instead of two; benchmarks/sass_loops.py counts
+    them). With PREFETCH the next tile's load is issued before this tile's math (two
+    tiles in flight per program, every load masked): for launches with one program per SM.
 
     LANE_ROWS=False makes the whole tile one lane row (a reduction across the program per
     tile, fewer live registers): for the kernels that keep more per-row state live
@@ -102,36 +136,24 @@ def _online_lse2(
     target into spills (compile_check). Which is faster there is for a GPU run to say."""
     cols = _tile_cols(row_ptr.dtype.element_ty.primitive_bitwidth, BLOCK_V, LANE_ROWS)
     LANES: tl.constexpr = cols.shape[0]
-    m = tl.full((LANES,), float("-inf"), acc_ty)
+    m = tl.zeros((LANES,), acc_ty) + u0.to(acc_ty)
     s = tl.zeros((LANES,), acc_ty)
     w = tl.zeros((LANES,), acc_ty)
     if PREFETCH:
         x_next = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf"))
-    for start in range(0, V, BLOCK_V):
-        offs = start + cols
-        if PREFETCH:
+        for start in range(0, V, BLOCK_V):
             x = x_next
-            x_next = tl.load(row_ptr + BLOCK_V + offs, mask=offs + BLOCK_V < V, other=float("-inf"))
-        else:
+            offs = start + BLOCK_V + cols
+            x_next = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf"))
+            m, s, w = _lse2_tile(x, m, s, w, scale2, acc_ty, HAS_ENTROPY)
+    else:
+        whole = V // BLOCK_V * BLOCK_V
+        for start in range(0, whole, BLOCK_V):
+            m, s, w = _lse2_tile(tl.load(row_ptr + start + cols), m, s, w, scale2, acc_ty, HAS_ENTROPY)
+        if whole < V:
+            offs = whole + cols
             x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf"))
-        u = x.to(acc_ty) * scale2
-        m_new = tl.maximum(m, tl.max(u, axis=1))
-        # While a lane row has seen only -inf, its pivot is 0 so that no -inf - -inf appears
-        # (its sums stay 0).
-        pivot = tl.where(m_new == float("-inf"), 0.0, m_new).to(acc_ty)
-        alpha = tl.exp2(m - pivot)
-        d = u - pivot[:, None]
-        if HAS_ENTROPY:
-            # w = sum e (u - m), relative to the max so that H = log2 s - w / s does not cancel
-            # for large logits. d of a -inf logit becomes _dead_exp: 2^d = 0 and 0 * d = 0,
-            # where 0 * -inf would be NaN; a NaN logit stays NaN.
-            d = tl.maximum(d, _dead_exp(acc_ty.primitive_bitwidth), propagate_nan=tl.PropagateNan.ALL)
-            e = tl.exp2(d)
-            w = (alpha * (w + s * tl.where(s > 0, m - pivot, 0.0)) + tl.sum(e * d, axis=1)).to(acc_ty)
-        else:
-            e = tl.exp2(d)
-        s = (s * alpha + tl.sum(e, axis=1)).to(acc_ty)
-        m = m_new
+            m, s, w = _lse2_tile(x, m, s, w, scale2, acc_ty, HAS_ENTROPY)
     # The lane states, merged to the row's max.
     m_row = tl.max(m, axis=0)
     pivot = tl.where(m_row == float("-inf"), 0.0, m_row).to(acc_ty)
@@ -156,8 +178,9 @@ def _row_results(m, s, w, x_label, scale2, acc_ty: tl.constexpr):
 
 
 @triton.jit
-def _grad_tile(x, offs, label, scale2, lse2, gi, a0, a1, acc_ty: tl.constexpr, HAS_ENTROPY: tl.constexpr):
-    """The gradient of a tile of a row's logits x (elements offs):
+def _grad_tile(x, cols, label, scale2, lse2, gi, a0, a1, acc_ty: tl.constexpr, HAS_ENTROPY: tl.constexpr):
+    """The gradient of a tile of a row's logits x (columns start + cols, label relative to
+    start, so that the label test is one 32-bit compare of a per-thread constant):
         grad_j = (g (1[j == y] - p_j) - gH p_j (z_j - lse + H)) / T
                = fma(-p_j, a0 + a1 d_j, 1[j == y] gi),   d_j = u_j - lse2 = log2 p_j,
     with gi = g / T, a0 = (g + gH H) / T, a1 = gH ln2 / T (_grad_consts). d of a -inf
@@ -168,7 +191,28 @@ def _grad_tile(x, offs, label, scale2, lse2, gi, a0, a1, acc_ty: tl.constexpr, H
         t = tl.fma(a1, d, a0)
     else:
         t = a0
-    return tl.fma(-tl.exp2(d), t, tl.where(offs == label, gi, 0.0))
+    return tl.fma(-tl.exp2(d), t, tl.where(cols == label, gi, 0.0))
+
+
+@triton.jit
+def _grad_span(
+    x_ptr, g_ptr, col0, col1, V, cols, label, scale2, lse2, gi, a0, a1, acc_ty: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    """Reads the logits [col0, col1) of a row (col0 a multiple of BLOCK_V, col1 <= V) and
+    writes their gradients (_grad_tile). Whole tiles go without a mask, a last partial tile
+    with one (as in _online_lse2: with every load masked, ptxas issued a thread's second
+    16-byte load only after the first one's data had been used). Offsets and label in int32."""
+    stop = col1 // BLOCK_V * BLOCK_V
+    for start in range(col0, stop, BLOCK_V):
+        offs = start + cols
+        d = _grad_tile(tl.load(x_ptr + offs), cols, label - start, scale2, lse2, gi, a0, a1, acc_ty, HAS_ENTROPY)
+        tl.store(g_ptr + offs, d.to(g_ptr.dtype.element_ty))
+    if stop < col1:
+        offs = stop + cols
+        x = tl.load(x_ptr + offs, mask=offs < V, other=0.0)
+        d = _grad_tile(x, cols, label - stop, scale2, lse2, gi, a0, a1, acc_ty, HAS_ENTROPY)
+        tl.store(g_ptr + offs, d.to(g_ptr.dtype.element_ty), mask=offs < V)
 
 
 @triton.jit
@@ -228,8 +272,8 @@ def _logprobs_fwd_kernel(
             tl.store(entropy_ptr + row, float("nan"))
     else:
         row_ptr = logits_ptr + _row_start(row, size1, size2, stride0, stride1, stride2)
-        x_label = tl.load(row_ptr + label).to(acc_ty)  # issued first: its latency hides behind the row
-        m, s, w = _online_lse2(row_ptr, V, scale2, acc_ty, HAS_ENTROPY, BLOCK_V, PREFETCH)
+        x_label = tl.load(row_ptr + label).to(acc_ty)
+        m, s, w = _online_lse2(row_ptr, V, scale2, acc_ty, HAS_ENTROPY, BLOCK_V, x_label * scale2, PREFETCH)
         _, lse, logp, entropy = _row_results(m, s, w, x_label, scale2, acc_ty)
         tl.store(lse_ptr + row, lse)
         tl.store(logprobs_ptr + row, logp)
@@ -273,10 +317,14 @@ def _logprobs_bwd_kernel(
     # region of memory, as a copy does (see bwd_part_cols). grad_ptr may alias
     # logits_ptr (in-place backward): each element is read before it is
     # written by the same program.
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid // parts
-    col0 = (pid % parts) * part_cols
+    # The grid is below 2^31 (bwd_parts) and V below 2^30 (_block_v): the program's row and
+    # columns in int32 (a 64-bit division is a subroutine call; 64-bit columns cost two
+    # compares per element for the label test), the row's offset in int64 (_row_start).
+    pid = tl.program_id(0)
+    row32 = pid // parts
+    col0 = (pid - row32 * parts) * part_cols
     col1 = tl.minimum(col0 + part_cols, V)
+    row = row32.to(tl.int64)
     acc_ty = lse_ptr.dtype.element_ty
     inv_temp = join_float(inv_temp_hi, inv_temp_lo, acc_ty)
     scale2 = inv_temp * tl.full((), _LOG2E, acc_ty)
@@ -305,12 +353,8 @@ def _logprobs_bwd_kernel(
         # has lse = -inf and d = -inf + inf = NaN: a NaN gradient, as torch.
         lse2 = (lse.to(tl.float64) * tl.full((), _LOG2E, tl.float64)).to(acc_ty)
         gi, a0, a1 = _grad_consts(g, gh, entropy, inv_temp, acc_ty, HAS_ENTROPY)
-        label32 = label.to(tl.int32)
-        for start in range(col0, col1, BLOCK_V):
-            offs = start + cols
-            x = tl.load(x_ptr + offs, mask=offs < V, other=0.0)
-            d = _grad_tile(x, offs, label32, scale2, lse2, gi, a0, a1, acc_ty, HAS_ENTROPY)
-            tl.store(g_ptr + offs, d.to(g_ptr.dtype.element_ty), mask=offs < V)
+        _grad_span(x_ptr, g_ptr, col0, col1, V, cols, label.to(tl.int32), scale2, lse2, gi, a0, a1, acc_ty,
+                   HAS_ENTROPY, BLOCK_V)  # fmt: skip
 
 
 @triton.jit
@@ -362,8 +406,8 @@ def _seq_logprobs_fwd_kernel(
                 total += float("nan")
             else:
                 row_ptr = logits_ptr + _row_start(row, size1, size2, stride0, stride1, stride2)
-                m, s, w = _online_lse2(row_ptr, V, scale2, acc_ty, False, BLOCK_V, LANE_ROWS=False)
                 x_label = tl.load(row_ptr + label).to(acc_ty)
+                m, s, w = _online_lse2(row_ptr, V, scale2, acc_ty, False, BLOCK_V, x_label * scale2, LANE_ROWS=False)
                 _, lse, logp, _ = _row_results(m, s, w, x_label, scale2, acc_ty)
                 tl.store(lse_ptr + row, lse)
                 total += logp

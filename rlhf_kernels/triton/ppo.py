@@ -21,7 +21,7 @@ from rlhf_kernels.triton.logprobs import (
     _LOG2E,
     _block_v,
     _grad_consts,
-    _grad_tile,
+    _grad_span,
     _online_lse2,
     _row_results,
     _row_start,
@@ -547,7 +547,11 @@ def _ppo_logits_kernel(
                     tl.store(g_row + offs, tl.zeros(cols.shape, acc_ty) + fill, mask=offs < V)
         else:
             x_row = logits_ptr + _row_start(row, size1, size2, stride0, stride1, stride2)
-            m, s, w2 = _online_lse2(x_row, V, scale2, acc_ty, True, BLOCK_V, PREFETCH, LANE_ROWS)
+            # (The label's logit loaded after the sweep, not passed in as u0 the way the
+            # log-prob forward does: loaded first, it spilled registers on sm_80 for the
+            # single-row constant configuration, compile_check.)
+            no_max = tl.full((), float("-inf"), acc_ty)
+            m, s, w2 = _online_lse2(x_row, V, scale2, acc_ty, True, BLOCK_V, no_max, PREFETCH, LANE_ROWS)
             x_label = tl.load(x_row + label).to(acc_ty)
             lse2, _, logp, entropy = _row_results(m, s, w2, x_label, scale2, acc_ty)
 
@@ -579,11 +583,8 @@ def _ppo_logits_kernel(
             if WRITE_GRAD:
                 gi, a0, a1 = _grad_consts(weight * dlogp, -ent_coef * weight, entropy, inv_temp, acc_ty,
                                           HAS_ENTROPY_GRAD)  # fmt: skip
-                for start in range(0, V, BLOCK_V):
-                    offs = start + cols
-                    x = tl.load(x_row + offs, mask=offs < V, other=0.0)
-                    d = _grad_tile(x, offs, label, scale2, lse2, gi, a0, a1, acc_ty, HAS_ENTROPY_GRAD)
-                    tl.store(g_row + offs, d.to(g_row.dtype.element_ty), mask=offs < V)
+                _grad_span(x_row, g_row, 0, V, V, cols, label.to(tl.int32), scale2, lse2, gi, a0, a1, acc_ty,
+                           HAS_ENTROPY_GRAD, BLOCK_V)  # fmt: skip
 
 
 def ppo_logits_fused(
