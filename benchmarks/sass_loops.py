@@ -76,6 +76,7 @@ def main() -> None:
     tr.add_argument("kernel")
     tr.add_argument("dtype", help="the first pointer's element type: fp32, bf16, fp16")
     tr.add_argument("constexprs", help="as compile_check names them, e.g. HAS_ENTROPY=False,BLOCK_V=4096")
+    tr.add_argument("--plain", action="store_true", help="nothing known of pointers and sizes (an odd vocabulary)")
     for p in (cu, tr):
         p.add_argument("--arch", type=int, default=90)
         p.add_argument("--dump", action="store_true", help="print the whole SASS as well")
@@ -92,7 +93,7 @@ def main() -> None:
             config = compile_check.find_triton_config(args.module, args.kernel, args.dtype, const)
         except KeyError as exc:
             raise SystemExit(str(exc)) from None
-        sass, report = compile_check.triton_sass(*config, cc=args.arch)
+        sass, report = compile_check.triton_sass(*config, cc=args.arch, aligned=not args.plain)
         print(" ".join(line.strip() for line in report.splitlines() if "Used" in line or "spill" in line))
         name = ""
     if args.dump:

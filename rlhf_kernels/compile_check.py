@@ -211,10 +211,11 @@ def sass_loops(sass: str, name_filter: str = "") -> list[tuple[str, int, list[Sa
     return out
 
 
-def triton_sass(kernel, signature, constexprs, num_warps, cc: int = 90) -> tuple[str, str]:
+def triton_sass(kernel, signature, constexprs, num_warps, cc: int = 90, aligned: bool = True) -> tuple[str, str]:
     """(SASS, ptxas report) of a Triton configuration as the JIT compiles it for the
-    ALIGNED_PROBLEM (:func:`specialize`)."""
-    signature, constexprs, attrs = specialize(signature, constexprs)
+    ALIGNED_PROBLEM (:func:`specialize`), or with aligned=False as it is listed (nothing
+    known of the pointers and sizes)."""
+    signature, constexprs, attrs = specialize(signature, constexprs) if aligned else (signature, constexprs, None)
     compiled = _compile_triton(kernel, signature, constexprs, num_warps, cc, attrs)
     with tempfile.TemporaryDirectory() as tmp:
         report, cubin = _ptxas(compiled.asm["ptx"], cc, tmp, cubin=True)
@@ -222,12 +223,16 @@ def triton_sass(kernel, signature, constexprs, num_warps, cc: int = 90) -> tuple
 
 
 # The streaming loops that must keep two 16-byte loads in flight per thread: (module, kernel,
-# constexprs) of the configurations the launchers pick for bf16 logits at V = 128256.
+# constexprs, aligned) of the configurations the launchers pick for bf16 logits, as the JIT
+# compiles them for aligned rows (V = 128256) or for rows it cannot prove aligned (an odd
+# vocabulary such as 50257, where the kernels find each row's 16-byte boundary at run time).
 IN_FLIGHT_KERNELS = (
-    ("logprobs", "_logprobs_fwd_kernel", {"HAS_ENTROPY": False, "BLOCK_V": 4096, "PREFETCH": False}),
-    ("logprobs", "_logprobs_fwd_kernel", {"HAS_ENTROPY": True, "BLOCK_V": 4096, "PREFETCH": False}),
-    ("logprobs", "_logprobs_bwd_kernel", {"HAS_ENTROPY": False, "BLOCK_V": 4096}),
-    ("logprobs", "_logprobs_bwd_kernel", {"HAS_ENTROPY": True, "BLOCK_V": 4096}),
+    ("logprobs", "_logprobs_fwd_kernel", {"HAS_ENTROPY": False, "BLOCK_V": 4096, "PREFETCH": False}, True),
+    ("logprobs", "_logprobs_fwd_kernel", {"HAS_ENTROPY": True, "BLOCK_V": 4096, "PREFETCH": False}, True),
+    ("logprobs", "_logprobs_fwd_kernel", {"HAS_ENTROPY": False, "BLOCK_V": 4096, "PREFETCH": False}, False),
+    ("logprobs", "_logprobs_bwd_kernel", {"HAS_ENTROPY": False, "BLOCK_V": 4096, "ROW_ALIGNED": True}, True),
+    ("logprobs", "_logprobs_bwd_kernel", {"HAS_ENTROPY": True, "BLOCK_V": 4096, "ROW_ALIGNED": True}, True),
+    ("logprobs", "_logprobs_bwd_kernel", {"HAS_ENTROPY": False, "BLOCK_V": 4096, "ROW_ALIGNED": False}, False),
 )
 
 
@@ -252,10 +257,13 @@ def check_in_flight(cc: int = 90) -> list[tuple[str, SassLoop]]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the kernels that are compiled here")
     out = []
-    for module, name, const in IN_FLIGHT_KERNELS:
-        sass, _ = triton_sass(*find_triton_config(module, name, "bf16", const), cc=cc)
+    for module, name, const, aligned in IN_FLIGHT_KERNELS:
+        sass, _ = triton_sass(*find_triton_config(module, name, "bf16", const), cc=cc, aligned=aligned)
         loops = [loop for _, _, found in sass_loops(sass) for loop in found]
-        label = f"{name}[bf16,{','.join(f'{k}={v}' for k, v in const.items())}]"
+        flags = ",".join(f"{k}={v}" for k, v in const.items()) + (",aligned" if aligned else "")
+        label = f"{name}[bf16,{flags}]"
+        if not loops:
+            raise RuntimeError(f"{label}: no loop found in its SASS (sass_loops no longer reads it?)")
         out.append((label, max(loops, key=lambda lp: (lp.ld128, len(lp.body)))))
     return out
 

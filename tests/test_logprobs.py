@@ -134,6 +134,47 @@ def test_whole_tiles_and_a_partial_tail(device, backend, dtype, vocab):
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "sliced", "offset"])
+@pytest.mark.parametrize("inplace_backward", [False, True], ids=["grad", "inplace"])
+def test_rows_off_16_byte_boundaries(device, backend, dtype, layout, inplace_backward):
+    """An odd vocabulary (4099) starts each row a different distance from a 16-byte boundary:
+    the Triton kernels stream a row's first elements up to its boundary apart, then whole
+    16-byte vectors, and the gradient counts its columns from there when the logits and
+    gradient rows are equally misaligned (contiguous) and from the row start when they are
+    not (sliced: the gradient is contiguous, the logits' rows lie further apart; offset: a
+    view one element into its storage)."""
+    g = torch.Generator().manual_seed(41)
+    vocab = 4099
+    full = (torch.randn(2, 5, vocab + 1, generator=g) * 3).to(dtype).to(device)
+    logits = {"contiguous": full[..., :vocab].contiguous(), "sliced": full[:, :-1, :vocab],
+              "offset": full[..., 1:]}[layout]  # fmt: skip
+    labels = torch.randint(0, vocab, logits.shape[:-1], generator=g)
+    labels[0, :3] = torch.tensor([0, vocab - 1, 3])  # the first column lies before a row's boundary
+    labels, mask = labels.to(device), torch.ones(labels.shape, dtype=torch.bool, device=device)
+    kw = dict(temperature=1.1, return_entropy=True)
+    got = run(rlhf_kernels.token_logprobs, logits, labels, mask, backend=backend, inplace_backward=inplace_backward,
+              **kw)  # fmt: skip
+    assert_matches(got, run_reference(logits, labels, mask, **kw), dtype, zmax(logits, 1.1))
+
+
+def test_rows_aligned_reads_storage_offset_and_strides():
+    """The Triton gradient sweeps' choice of their no-search variant: every row of every tensor
+    given provably 16-byte aligned to the JIT (storage offset in bytes, strides in elements)."""
+    x = torch.empty(4, 6, 1024, dtype=torch.bfloat16)
+    assert triton_logprobs.rows_aligned(x, x[:, :-1], x[:, 1:], x[1:], x.view(24, 1024), x[..., 8:])
+    assert not triton_logprobs.rows_aligned(x[..., 1:])  # one element into the storage
+    y = torch.empty(4, 6, 1001, dtype=torch.bfloat16)
+    assert not triton_logprobs.rows_aligned(y) and not triton_logprobs.rows_aligned(x, y)
+    assert triton_logprobs.rows_aligned(y[0, :1]) and triton_logprobs.rows_aligned(y[:1, :1, :7])  # one row
+    # 16-byte rows whose stride the JIT cannot prove a multiple of 16 bytes (it records only
+    # "divisible by 16" of an int): the runtime search instead
+    assert not triton_logprobs.rows_aligned(torch.empty(3, 50264, dtype=torch.bfloat16))
+    assert not triton_logprobs.rows_aligned(torch.empty(3, 1004, dtype=torch.float32))
+    assert triton_logprobs.rows_aligned(torch.empty(3, 1008, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
 @pytest.mark.parametrize("return_entropy", [False, True], ids=["lp", "lp+entropy"])
 @pytest.mark.parametrize("inplace_backward", [False, True], ids=["grad", "inplace"])
 @pytest.mark.parametrize("temperature", [1.0, 0.6, 2.5])
@@ -296,6 +337,38 @@ def test_backward_parts_are_exact(monkeypatch, device, backend, dtype, inplace_b
         assert 3 <= triton_logprobs.bwd_parts(6, 9001, block)[0] <= 9
         monkeypatch.setenv("RLHF_KERNELS_BWD_PART_COLS", "100000")
         assert triton_logprobs.bwd_parts(6, 9001, block)[0] == 1
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"]))
+@pytest.mark.parametrize("dtype,vocab", [(torch.bfloat16, 4097), (torch.bfloat16, 4103), (torch.float32, 2049)],
+                         ids=str)  # fmt: skip
+@pytest.mark.parametrize("inplace_backward", [False, True], ids=["grad", "inplace"])
+def test_backward_last_part_within_a_rows_head(monkeypatch, device, backend, dtype, vocab, inplace_backward):
+    """Parts of a row that is off its 16-byte boundary by a few elements (contiguous rows of an
+    odd vocabulary), its last part holding fewer columns than that head (V = 2 parts of
+    4096 + 1..7 for bf16; 2048 + 1 for float32): the Triton sweep counts columns from the
+    boundary, so there the last part has none, and must not redo the part before it."""
+    g = torch.Generator().manual_seed(43)
+    full = (torch.randn(8, vocab, generator=g) * 3).to(dtype)
+    labels = torch.randint(0, vocab, (8,), generator=g)
+    labels[:3] = torch.tensor([0, vocab - 1, vocab - 2])
+    want = None
+    for cols in ("0", str(4096 if vocab > 4096 else 2048)):
+        monkeypatch.setenv("RLHF_KERNELS_BWD_PART_COLS", cols)
+        leaf = full.clone().to(device).requires_grad_(True)
+        logits = leaf * 1 if inplace_backward else leaf  # in place: into a non-leaf's buffer
+        lp, ent = rlhf_kernels.token_logprobs(logits, labels.to(device), return_entropy=True, backend=backend,
+                                              inplace_backward=inplace_backward)  # fmt: skip
+        (lp.sum() + 0.3 * ent.sum()).backward()
+        if want is None:
+            want = leaf.grad
+            x = full.double().requires_grad_(True)
+            ref_lp, ref_ent = rlhf_kernels.token_logprobs(x, labels, return_entropy=True, backend="torch")
+            (ref_lp.sum() + 0.3 * ref_ent.sum()).backward()
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(want.cpu().double(), x.grad, rtol=tol, atol=tol)
+        else:
+            torch.testing.assert_close(leaf.grad, want, rtol=0, atol=0)
 
 
 def test_cuda_backward_parts(monkeypatch):

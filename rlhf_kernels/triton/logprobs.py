@@ -48,6 +48,23 @@ def kernel_layout(t: torch.Tensor, name: str = "logits") -> tuple[int, int, int,
     return layout
 
 
+def rows_aligned(*tensors: torch.Tensor) -> bool:
+    """Whether the JIT can prove every row of each ``[..., V]`` tensor 16-byte aligned: its
+    storage offset a multiple of 16 bytes and its leading strides (of dims longer than 1)
+    multiples of 16 elements, the only divisibility the JIT records for an int argument
+    (bf16 rows of 50264 elements are 16-byte aligned, yet a stride of 50264 proves
+    nothing). Storage offset and strides are known to torch.compile's fake tensors, unlike
+    data_ptr. Chooses the gradient sweeps' ROW_ALIGNED variant (no runtime search for a
+    row's first 16-byte boundary), which is correct for any alignment: its vector accesses
+    are only those the JIT proves from the actual pointers and strides."""
+    for t in tensors:
+        if t.storage_offset() * t.element_size() % 16:
+            return False
+        if any(stride % 16 for size, stride in zip(t.shape[:-1], t.stride()[:-1], strict=True) if size > 1):
+            return False
+    return True
+
+
 @triton.constexpr_function
 def _lane_vec(bits, block):
     """Elements of a lane row: one 16-byte vector, at most the tile."""
@@ -76,6 +93,19 @@ def _dead_exp(bits):
     and coefficient * it stays finite for coefficients up to ~1e36 (float32). -inf logits are
     clamped to it where 0 * -inf would be NaN."""
     return -2048.0 if bits == 64 else -256.0
+
+
+@triton.jit
+def _align_head(ptr, V):
+    """Elements of a row at ``ptr`` before its first 16-byte boundary (0 when it starts on
+    one), at most V; int32. The JIT knows a row is aligned only when the logits' base and
+    strides are multiples of 16 bytes: for an odd vocabulary (GPT-2's 50257) it is not,
+    every load was scalar, and the kernels now find the boundary at run time. (Elements
+    are aligned to their own size, as in every torch tensor.)"""
+    ITEM: tl.constexpr = ptr.dtype.element_ty.primitive_bitwidth // 8
+    addr = ptr.to(tl.int64, bitcast=True)
+    head = ((16 - addr % 16) % 16) // ITEM
+    return tl.minimum(head, V).to(tl.int32)
 
 
 @triton.jit
@@ -147,12 +177,21 @@ def _online_lse2(
             x_next = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf"))
             m, s, w = _lse2_tile(x, m, s, w, scale2, acc_ty, HAS_ENTROPY)
     else:
-        whole = V // BLOCK_V * BLOCK_V
+        # A row that does not start on a 16-byte boundary (an odd vocabulary: row r starts
+        # r * V elements in) streams its first `head` elements as a masked tile and the
+        # rest from the boundary on, with 16-byte loads.
+        head = _align_head(row_ptr, V)
+        if head > 0:
+            x = tl.load(row_ptr + cols, mask=cols < head, other=float("-inf"))
+            m, s, w = _lse2_tile(x, m, s, w, scale2, acc_ty, HAS_ENTROPY)
+        body = tl.multiple_of(row_ptr + head, 16)  # bytes
+        rest = V - head
+        whole = rest // BLOCK_V * BLOCK_V
         for start in range(0, whole, BLOCK_V):
-            m, s, w = _lse2_tile(tl.load(row_ptr + start + cols), m, s, w, scale2, acc_ty, HAS_ENTROPY)
-        if whole < V:
+            m, s, w = _lse2_tile(tl.load(body + start + cols), m, s, w, scale2, acc_ty, HAS_ENTROPY)
+        if whole < rest:
             offs = whole + cols
-            x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf"))
+            x = tl.load(body + offs, mask=offs < rest, other=float("-inf"))
             m, s, w = _lse2_tile(x, m, s, w, scale2, acc_ty, HAS_ENTROPY)
     # The lane states, merged to the row's max.
     m_row = tl.max(m, axis=0)
@@ -196,13 +235,14 @@ def _grad_tile(x, cols, label, scale2, lse2, gi, a0, a1, acc_ty: tl.constexpr, H
 
 @triton.jit
 def _grad_span(
-    x_ptr, g_ptr, col0, col1, V, cols, label, scale2, lse2, gi, a0, a1, acc_ty: tl.constexpr,
+    x_ptr, g_ptr, col0, col1, cols, label, scale2, lse2, gi, a0, a1, acc_ty: tl.constexpr,
     HAS_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
-    """Reads the logits [col0, col1) of a row (col0 a multiple of BLOCK_V, col1 <= V) and
-    writes their gradients (_grad_tile). Whole tiles go without a mask, a last partial tile
-    with one (as in _online_lse2: with every load masked, ptxas issued a thread's second
-    16-byte load only after the first one's data had been used). Offsets and label in int32."""
+    """Reads the logits [col0, col1) after x_ptr (col0 a multiple of BLOCK_V; label relative
+    to x_ptr) and writes their gradients (_grad_tile) after g_ptr. Whole tiles go without
+    a mask, a last partial tile with one (as in _online_lse2: with every load masked,
+    ptxas issued a thread's second 16-byte load only after the first one's data had been
+    used). Offsets and label in int32."""
     stop = col1 // BLOCK_V * BLOCK_V
     for start in range(col0, stop, BLOCK_V):
         offs = start + cols
@@ -210,9 +250,55 @@ def _grad_span(
         tl.store(g_ptr + offs, d.to(g_ptr.dtype.element_ty))
     if stop < col1:
         offs = stop + cols
-        x = tl.load(x_ptr + offs, mask=offs < V, other=0.0)
+        x = tl.load(x_ptr + offs, mask=offs < col1, other=0.0)
         d = _grad_tile(x, cols, label - stop, scale2, lse2, gi, a0, a1, acc_ty, HAS_ENTROPY)
-        tl.store(g_ptr + offs, d.to(g_ptr.dtype.element_ty), mask=offs < V)
+        tl.store(g_ptr + offs, d.to(g_ptr.dtype.element_ty), mask=offs < col1)
+
+
+@triton.jit
+def _grad_part(
+    x_ptr, g_ptr, part, part_cols, V, cols, label, scale2, lse2, gi, a0, a1, acc_ty: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr, ROW_ALIGNED: tl.constexpr,
+):  # fmt: skip
+    """The gradient of part ``part`` of a row: its columns [part * part_cols, +part_cols).
+    label int32; part_cols a multiple of BLOCK_V, or part 0 the whole row (part_cols = V, as
+    the PPO kernel calls it).
+
+    ROW_ALIGNED (rows_aligned: every row of both tensors an equal multiple of 16 bytes
+    from their bases) takes the columns from the row start and leaves the rest to the
+    JIT, which proves 16-byte accesses from aligned bases. Otherwise they are counted
+    from the row's first 16-byte boundary when the logits and gradient rows are equally
+    far from one (a contiguous gradient of contiguous logits with an odd vocabulary:
+    16-byte loads and stores), part 0 also doing the columns before it; or, the two rows
+    misaligned differently, from the row start with what the JIT can prove. (The runtime
+    search and its second loop cost registers: 53 against 40 on sm_90 for bf16.)
+
+    The boundary is taken from the gradient's pointer, not the logits': torch.compile's
+    analysis of a wrap_triton kernel takes every pointer that a store's address derives
+    from as written (see _tile_cols), and the logits are read-only."""
+    head = _align_head(g_ptr, V)
+    # (bwd_parts: whole tiles, not a JIT-known fact. The cast: with part 0 and V = 1 both
+    # constexpr, as the PPO kernel calls it, the product is a constexpr, which multiple_of
+    # does not take.)
+    col0 = tl.multiple_of(tl.cast(part * part_cols, tl.int32), BLOCK_V)
+    if ROW_ALIGNED:
+        col1 = tl.minimum(col0 + part_cols, V)
+        _grad_span(x_ptr, g_ptr, col0, col1, cols, label, scale2, lse2, gi, a0, a1, acc_ty, HAS_ENTROPY, BLOCK_V)
+    elif _align_head(x_ptr, V) == head:
+        if (part == 0) & (head > 0):
+            x = tl.load(x_ptr + cols, mask=cols < head, other=0.0)
+            d = _grad_tile(x, cols, label, scale2, lse2, gi, a0, a1, acc_ty, HAS_ENTROPY)
+            tl.store(g_ptr + cols, d.to(g_ptr.dtype.element_ty), mask=cols < head)
+        x_body = tl.multiple_of(x_ptr + head, 16)  # bytes
+        g_body = tl.multiple_of(g_ptr + head, 16)
+        # A last part within the head's length of V has no body columns (col1 = col0):
+        # unclamped, col1 < col0 and _grad_span's tail would redo the previous part's.
+        col1 = tl.maximum(col0, tl.minimum(col0 + part_cols, V - head))
+        _grad_span(x_body, g_body, col0, col1, cols, label - head, scale2, lse2, gi, a0, a1, acc_ty, HAS_ENTROPY,
+                   BLOCK_V)  # fmt: skip
+    else:
+        col1 = tl.minimum(col0 + part_cols, V)
+        _grad_span(x_ptr, g_ptr, col0, col1, cols, label, scale2, lse2, gi, a0, a1, acc_ty, HAS_ENTROPY, BLOCK_V)
 
 
 @triton.jit
@@ -308,9 +394,11 @@ def _logprobs_bwd_kernel(
     part_cols,  # columns per part, a multiple of BLOCK_V
     HAS_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    ROW_ALIGNED: tl.constexpr,
 ):
     # Grid: (rows * parts,). Program i owns the columns [p * part_cols,
-    # min(V, (p + 1) * part_cols)) of row i // parts (p = i % parts): it reads
+    # min(V, (p + 1) * part_cols)) of row i // parts (p = i % parts; for a labelled row
+    # _grad_part may count them from the row's first 16-byte boundary instead): it reads
     # those logits once and writes their gradients once (2 * itemsize bytes an
     # element), from dlogits_j = (g * (1[j == y] - p_j) - gH * p_j * (z_j - lse + H)) / T.
     # Consecutive programs share a row, so the programs in flight stream one
@@ -322,7 +410,8 @@ def _logprobs_bwd_kernel(
     # compares per element for the label test), the row's offset in int64 (_row_start).
     pid = tl.program_id(0)
     row32 = pid // parts
-    col0 = (pid - row32 * parts) * part_cols
+    part = pid - row32 * parts
+    col0 = part * part_cols
     col1 = tl.minimum(col0 + part_cols, V)
     row = row32.to(tl.int64)
     acc_ty = lse_ptr.dtype.element_ty
@@ -353,8 +442,8 @@ def _logprobs_bwd_kernel(
         # has lse = -inf and d = -inf + inf = NaN: a NaN gradient, as torch.
         lse2 = (lse.to(tl.float64) * tl.full((), _LOG2E, tl.float64)).to(acc_ty)
         gi, a0, a1 = _grad_consts(g, gh, entropy, inv_temp, acc_ty, HAS_ENTROPY)
-        _grad_span(x_ptr, g_ptr, col0, col1, V, cols, label.to(tl.int32), scale2, lse2, gi, a0, a1, acc_ty,
-                   HAS_ENTROPY, BLOCK_V)  # fmt: skip
+        _grad_part(x_ptr, g_ptr, part, part_cols, V, cols, label.to(tl.int32), scale2, lse2, gi, a0, a1, acc_ty,
+                   HAS_ENTROPY, BLOCK_V, ROW_ALIGNED)  # fmt: skip
 
 
 @triton.jit
@@ -573,6 +662,7 @@ def logprobs_bwd(
         part_cols,
         HAS_ENTROPY=has_entropy,
         BLOCK_V=block,
+        ROW_ALIGNED=rows_aligned(logits, grad_logits),
         num_warps=num_warps,
     )
 
@@ -652,6 +742,7 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], in
                     "part_cols": "i32",
                     "HAS_ENTROPY": "constexpr",
                     "BLOCK_V": "constexpr",
+                    "ROW_ALIGNED": "constexpr",
                 }
                 for prefetch in (False, True):
                     configs.append((_logprobs_fwd_kernel, fwd_sig, {**const, "PREFETCH": prefetch}, num_warps))
@@ -671,7 +762,8 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], in
                         "BLOCK_V": "constexpr",
                     }
                     configs.append((_seq_logprobs_fwd_kernel, seq_sig, {"BLOCK_V": block}, num_warps))
-                configs.append((_logprobs_bwd_kernel, bwd_sig, const, num_warps))
+                for row_aligned in (False, True):
+                    configs.append((_logprobs_bwd_kernel, bwd_sig, {**const, "ROW_ALIGNED": row_aligned}, num_warps))
     # Ints equal to 1 reach the JIT as constants: the usual layout of contiguous logits
     # (size1 = 1), one chunk per sequence (n_chunks = 1: [B, V] logits, T = 1, large B), and
     # a one-word vocabulary.

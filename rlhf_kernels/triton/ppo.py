@@ -9,6 +9,7 @@ csrc/ppo.h and rlhf_kernels.ops.ppo.gae's docstring.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 
 import torch
@@ -21,12 +22,13 @@ from rlhf_kernels.triton.logprobs import (
     _LOG2E,
     _block_v,
     _grad_consts,
-    _grad_span,
+    _grad_part,
     _online_lse2,
     _row_results,
     _row_start,
     _tile_cols,
     kernel_layout,
+    rows_aligned,
 )
 
 
@@ -506,7 +508,7 @@ def _ppo_logits_kernel(
     inv_temp_hi, inv_temp_lo, low_hi, low_lo, high_hi, high_lo, c_hi, c_lo, kl_coef_hi, kl_coef_lo,
     ent_coef_hi, ent_coef_lo, ignore_index,
     HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr, KL_KIND: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
-    WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr, ROW_ALIGNED: tl.constexpr,
 ):  # fmt: skip
     # Grid: (G,), G <= rows = B * T; program i owns token rows i, i + G, ...
     # (G = rows without the gradient; with it the launcher caps G so that the
@@ -583,8 +585,8 @@ def _ppo_logits_kernel(
             if WRITE_GRAD:
                 gi, a0, a1 = _grad_consts(weight * dlogp, -ent_coef * weight, entropy, inv_temp, acc_ty,
                                           HAS_ENTROPY_GRAD)  # fmt: skip
-                _grad_span(x_row, g_row, 0, V, V, cols, label.to(tl.int32), scale2, lse2, gi, a0, a1, acc_ty,
-                           HAS_ENTROPY_GRAD, BLOCK_V)  # fmt: skip
+                _grad_part(x_row, g_row, 0, V, V, cols, label.to(tl.int32), scale2, lse2, gi, a0, a1, acc_ty,
+                           HAS_ENTROPY_GRAD, BLOCK_V, ROW_ALIGNED)  # fmt: skip
 
 
 def ppo_logits_fused(
@@ -620,7 +622,8 @@ def ppo_logits_fused(
         rows, vocab, *layout, *grad_layout, *split_float(1.0 / temperature), *split_float(low), *split_float(high),
         *split_float(clip_c), *split_float(kl_coef), *split_float(entropy_coef), ignore_index,
         HAS_DUAL=has_dual, HAS_REF=ref is not None, KL_KIND=kl_kind, HAS_ENTROPY_GRAD=entropy_coef != 0,
-        WRITE_GRAD=grad is not None, BLOCK_V=block, PREFETCH=fused_prefetch(), num_warps=num_warps,
+        WRITE_GRAD=grad is not None, BLOCK_V=block, PREFETCH=fused_prefetch(),
+        ROW_ALIGNED=grad is None or rows_aligned(logits, grad), num_warps=num_warps,
     )  # fmt: skip
     return stats
 
@@ -682,7 +685,7 @@ def _fused_configs():
     ints["V"] = "i32"  # as the JIT passes it (V < 2^30: _block_v)
     floats = {f"{n}_{part}": "fp32" for n in ("inv_temp", "low", "high", "c", "kl_coef", "ent_coef")
               for part in ("hi", "lo")}  # fmt: skip
-    consts = ("HAS_DUAL", "HAS_REF", "KL_KIND", "HAS_ENTROPY_GRAD", "WRITE_GRAD", "BLOCK_V")
+    consts = ("HAS_DUAL", "HAS_REF", "KL_KIND", "HAS_ENTROPY_GRAD", "WRITE_GRAD", "BLOCK_V", "PREFETCH", "ROW_ALIGNED")
     for ty, itemsize in (("fp32", 4), ("bf16", 2), ("fp16", 2)):
         for vocab in (1000, 128256):
             block, num_warps = _fused_block(vocab, itemsize)
@@ -695,8 +698,9 @@ def _fused_configs():
                 for write in (False, True):
                     const = {"HAS_DUAL": dual, "HAS_REF": has_ref, "KL_KIND": kind, "HAS_ENTROPY_GRAD": ent,
                              "WRITE_GRAD": write, "BLOCK_V": block}  # fmt: skip
-                    for prefetch in (False, True):
-                        configs.append((_ppo_logits_kernel, sig, {**const, "PREFETCH": prefetch}, num_warps))
+                    for prefetch, row_aligned in itertools.product((False, True), (True, False) if write else (True,)):
+                        configs.append((_ppo_logits_kernel, sig, {**const, "PREFETCH": prefetch,
+                                                                  "ROW_ALIGNED": row_aligned}, num_warps))  # fmt: skip
         sig = {"x_ptr": f"*{ty}", "scale_ptr": "*fp32", **{n: "i64" for n in ("n_tiles", "V", "size1", "size2",
                                                                           "stride0", "stride1", "stride2")},
                "BLOCK": "constexpr"}  # fmt: skip
@@ -706,6 +710,13 @@ def _fused_configs():
     for entry in list(configs):
         if entry[1].get("logits_ptr", entry[1].get("x_ptr")) == "*bf16" and entry[2].get("BLOCK_V", 4096) == 4096:
             configs.append(with_ones(entry, ("size1", "g_size1", "rows", "n_tiles")))
+    for entry in list(configs):  # a one-word vocabulary: V a constant too
+        kernel, sig, const, _ = entry
+        if kernel is _ppo_logits_kernel and sig["logits_ptr"] in ("*fp32", "*bf16") and const["BLOCK_V"] < 4096 \
+                and not const["PREFETCH"]:
+            block, num_warps = _fused_block(1, 4 if entry[1]["logits_ptr"] == "*fp32" else 2)
+            one = (entry[0], entry[1], {**entry[2], "BLOCK_V": block}, num_warps)
+            configs.append(with_ones(one, ("V", "size1", "g_size1")))
     return configs
 
 
