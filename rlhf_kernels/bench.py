@@ -522,11 +522,11 @@ def ppo_step_problem(batch, time_steps, vocab, dtype, device) -> Problem:
             provs[f"rlhf_kernels[{b}{variant}]"] = ours(b, fused)
 
     fused_backends = _kernel_backends(device, "ppo_logits_fused_native") if device.type == "cuda" else []
-    if "triton" in fused_backends:  # the Triton sweep's tile-ahead first pass (fused_prefetch), its program count
-        provs["rlhf_kernels[triton,fused,prefetch]"] = ours("triton", True, {"RLHF_KERNELS_FUSED_PREFETCH": "1"})
-        for label, per_sm in (("1 per SM", "1"), ("2 per SM", "2")):  # persistent (default: a program per row)
-            provs[f"rlhf_kernels[triton,fused,{label}]"] = ours(
-                "triton", True, {"RLHF_KERNELS_FUSED_PROGRAMS_PER_SM": per_sm})
+    if "triton" in fused_backends:  # the Triton sweep's row-cut variant (fused_parts) at three part sizes
+        # (its tile-ahead first pass and persistent launches lost on an H100 and H200, and are no longer timed)
+        for cols in ("4096", "8192", "16384"):
+            provs[f"rlhf_kernels[triton,fused,parts {int(cols) // 1024}K]"] = ours(
+                "triton", True, {"RLHF_KERNELS_FUSED_PART_COLS": cols})
     if "native" in fused_backends:  # the streaming kernel instead of the cluster one (benchmarks/bwd_sweep.py
         # times the cluster kernel's slice sizes)
         provs["rlhf_kernels[native,fused,slice off]"] = ours("native", True, {"RLHF_KERNELS_CLUSTER_SLICE_BYTES": "0"})

@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,7 +117,10 @@ def _compile_triton(kernel, signature, constexprs, num_warps, cc, attrs=None):
     from triton.compiler import ASTSource
 
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps})
+    # the launch options its module gives the kernel beyond num_warps (LAUNCH_OPTIONS: e.g. maxnreg)
+    fn = getattr(kernel, "fn", kernel)
+    extra = getattr(sys.modules[fn.__module__], "LAUNCH_OPTIONS", {}).get(fn.__name__, {})
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps, **extra})
 
 
 def _ptxas(ptx: str, cc: int, tmp: str, cubin: bool = False) -> tuple[str, Path | None]:

@@ -68,6 +68,7 @@ KERNEL_OUTPUTS = {
     "_ppo_loss_agg_kernel": {"loss_ptr", "metrics_ptr"},
     "_kl_kernel": {"out_ptr"},
     "_ppo_logits_kernel": {"grad_ptr", "stats_ptr"},
+    "_ppo_logits_parts_kernel": {"grad_ptr", "stats_ptr", "partial_ptr", "sync_ptr"},
     "_scale_unless_one_kernel": {"x_ptr"},
     "_whiten_partial_kernel": {"mean_ptr", "m2_ptr", "count_ptr"},
     "_whiten_apply_kernel": {"out_ptr"},

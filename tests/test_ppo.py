@@ -850,6 +850,101 @@ def test_ppo_from_logits_ignored_and_bad_labels(device, backend, grad_in_forward
         assert torch.isnan(x.grad[0, 1]).all()
 
 
+@pytest.mark.parametrize("device,backend", backend_cases(["triton"]))
+@pytest.mark.parametrize("dtype,vocab", [(torch.float32, 1000), (torch.bfloat16, 1024), (torch.bfloat16, 1003),
+                                         (torch.float16, 777), (torch.bfloat16, 1)], ids=str)  # fmt: skip
+@pytest.mark.parametrize("layout", ["contiguous", "sliced"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["grad", "inplace"])
+def test_ppo_from_logits_row_parts(monkeypatch, device, backend, dtype, vocab, layout, inplace):
+    """The fused sweep's row-cut variant (RLHF_KERNELS_FUSED_PART_COLS: 256 columns a part
+    here, so 3 to 4 parts a row, or one): rows whose parts publish their (m, s, w) and wait
+    for each other. Aligned rows (1024 columns, bf16), rows off their 16-byte boundaries by
+    a different amount each (odd vocabularies; sliced: logits and gradient rows unequally
+    far from one), a one-word vocabulary, in place, the heaviest per-token math, an
+    all-masked row and masked gaps."""
+    monkeypatch.setenv("RLHF_KERNELS_FUSED_PART_COLS", "256")
+    assert triton_ppo.fused_parts(vocab, 18, dtype.itemsize) == (256, -(-vocab // 256))
+    g = torch.Generator().manual_seed(15)
+    logits, labels, old, adv, mask, ref = fused_inputs(3, 6, vocab, g, dtype, device, noncontig=layout == "sliced")
+    check_fused(logits, labels, old, adv, mask, backend, inplace_backward=inplace, clip_ratio_c=3.0, ref_logprobs=ref,
+                kl_coef=0.05, entropy_coef=0.01, temperature=1.3, loss_agg_mode="seq-mean-token-sum")  # fmt: skip
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton"]))
+@pytest.mark.parametrize("part_cols", ["256", "8192"])
+def test_ppo_from_logits_row_parts_many_rows(monkeypatch, device, backend, part_cols):
+    """On a GPU, where the parts of a row run at once and wait on each other: thousands of
+    rows of 125 or 4 parts (many more programs than the GPU holds) agree with the
+    program-per-row kernel, in place too. (The interpreter runs the two phases one after
+    the other: there the small cases above check the same code.)"""
+    if device == "cpu":
+        pytest.skip("the wait between parts runs on a GPU only")
+    g = torch.Generator().manual_seed(17)
+    logits, labels, old, adv, mask, ref = fused_inputs(8, 512, 32000, g, torch.bfloat16, device)
+    kw = dict(ref_logprobs=ref, kl_coef=0.05, entropy_coef=0.01, grad_in_forward=True, backend=backend)
+    out = {}
+    for cols in ("0", part_cols):
+        monkeypatch.setenv("RLHF_KERNELS_FUSED_PART_COLS", cols)
+        for inplace in (False, True):
+            leaf = logits.detach().clone().requires_grad_(True)
+            x = leaf * 1 if inplace else leaf
+            loss, metrics = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, inplace_backward=inplace, **kw)
+            loss.backward()
+            out[cols, inplace] = (torch.stack(list(metrics)), leaf.grad)
+    want_metrics, want_grad = out["0", False]
+    for key, (got_metrics, got_grad) in out.items():
+        torch.testing.assert_close(got_metrics, want_metrics, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, key=key: f"{key}: {m}")  # fmt: skip
+        torch.testing.assert_close(got_grad.float(), want_grad.float(), rtol=1e-2, atol=1e-6,
+                                   msg=lambda m, key=key: f"{key}: {m}")  # fmt: skip
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton"]))
+def test_ppo_from_logits_row_parts_ignored_and_bad_labels(monkeypatch, device, backend):
+    """Parts of an ignored row write a zero gradient and no stats wait; a kept label outside
+    [0, V) (check_labels=False) gives its row NaN, the others stay exact."""
+    monkeypatch.setenv("RLHF_KERNELS_FUSED_PART_COLS", "256")
+    g = torch.Generator().manual_seed(16)
+    logits, labels, old, adv, mask, ref = fused_inputs(2, 5, 700, g, device=device)
+    mask[:] = True
+    labels[1, 2] = -100
+    check_fused(logits, labels, old, adv, mask, backend, ref_logprobs=ref, kl_coef=0.1, entropy_coef=0.01)
+    bad = labels.clone()
+    bad[0, 1] = 700
+    x = logits.clone().requires_grad_(True)
+    loss, metrics = rlhf_kernels.ppo_loss_from_logits(x, bad, old, adv, mask, check_labels=False, backend=backend)
+    loss.backward()
+    assert torch.isnan(loss) and torch.isnan(metrics.entropy)
+    assert torch.isnan(x.grad[0, 1]).all() and torch.all(x.grad[1, 2] == 0) and torch.isfinite(x.grad[1]).all()
+
+
+def test_fused_parts_setting(monkeypatch):
+    """RLHF_KERNELS_FUSED_PART_COLS: off by default and at 0; columns rounded up to a power of
+    two within [256, 16384]; rows of more than MAX_FUSED_PARTS parts keep the program-per-row
+    kernel; anything but an integer is an error naming the variable."""
+    if triton_ppo is None:
+        pytest.skip("triton is not installed")
+    monkeypatch.delenv("RLHF_KERNELS_FUSED_PART_COLS", raising=False)
+    assert triton_ppo.fused_parts(128256, 16384, 2) == (0, 0)
+    monkeypatch.setenv("RLHF_KERNELS_FUSED_PART_COLS", "0")
+    assert triton_ppo.fused_parts(128256, 16384, 2) == (0, 0)
+    monkeypatch.setenv("RLHF_KERNELS_FUSED_PART_COLS", "8192")
+    assert triton_ppo.fused_parts(128256, 16384, 2) == (8192, 16)
+    assert triton_ppo.fused_parts(100, 16384, 2) == (8192, 1)
+    monkeypatch.setenv("RLHF_KERNELS_FUSED_PART_COLS", "5000")
+    assert triton_ppo.fused_parts(128256, 16384, 2) == (8192, 16)
+    monkeypatch.setenv("RLHF_KERNELS_FUSED_PART_COLS", "3")
+    assert triton_ppo.fused_parts(1000, 4, 4) == (256, 4)
+    monkeypatch.setenv("RLHF_KERNELS_FUSED_PART_COLS", "1000000")
+    assert triton_ppo.fused_parts(128256, 4, 2) == (16384, 8)
+    monkeypatch.setenv("RLHF_KERNELS_FUSED_PART_COLS", "256")
+    assert triton_ppo.fused_parts(256 * triton_ppo.MAX_FUSED_PARTS, 4, 2) == (256, triton_ppo.MAX_FUSED_PARTS)
+    assert triton_ppo.fused_parts(256 * triton_ppo.MAX_FUSED_PARTS + 1, 4, 2) == (0, 0)
+    monkeypatch.setenv("RLHF_KERNELS_FUSED_PART_COLS", "8k")
+    with pytest.raises(ValueError, match="RLHF_KERNELS_FUSED_PART_COLS"):
+        triton_ppo.fused_parts(128256, 4, 2)
+
+
 @pytest.mark.parametrize("device,backend", backend_cases(native_op=FUSED))
 def test_ppo_from_logits_float16_keeps_small_gradients(device, backend):
     """With a loss scale (as torch.amp.GradScaler applies), float16 gradient entries far

@@ -20,9 +20,13 @@ from rlhf_kernels.reference.ppo import LOSS_AGG_MODES
 from rlhf_kernels.triton._common import join_float, split_float, with_ones
 from rlhf_kernels.triton.logprobs import (
     _LOG2E,
+    _align_head,
     _block_v,
+    _dead_exp,
     _grad_consts,
     _grad_part,
+    _grad_tile,
+    _lane_vec,
     _online_lse2,
     _row_results,
     _row_start,
@@ -502,6 +506,46 @@ FUSED_STATS = 7  # per token: weighted loss term, pg loss, entropy, kl, clipped,
 
 
 @triton.jit
+def _ppo_token(
+    logp, entropy, row, old_ptr, adv_ptr, ref_ptr, weights_ptr, st, inv_temp, low_hi, low_lo, high_hi, high_lo,
+    c_hi, c_lo, kl_coef_hi, kl_coef_lo, ent_coef_hi, ent_coef_lo, WRITE_STATS, HAS_DUAL: tl.constexpr,
+    HAS_REF: tl.constexpr, KL_KIND: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
+):  # fmt: skip
+    """A token's PPO math on scalars, from its log-prob and entropy: the clipped surrogate,
+    the KL to the reference, the entropy bonus and the aggregation weight. Stores the
+    token's FUSED_STATS at ``st`` when WRITE_STATS; returns (gi, a0, a1) of its logits'
+    gradient (_grad_tile): d loss / d logp = w (d pg / d logp + c_KL d KL / d logp) and
+    d loss / d H = -c_H w."""
+    acc_ty = entropy.dtype
+    old = tl.load(old_ptr + row)
+    adv = tl.load(adv_ptr + row)
+    weight = tl.load(weights_ptr + row)
+    low = join_float(low_hi, low_lo, acc_ty)
+    high = join_float(high_hi, high_lo, acc_ty)
+    clip_c = join_float(c_hi, c_lo, acc_ty)
+    ent_coef = join_float(ent_coef_hi, ent_coef_lo, acc_ty)
+    pg, dpg, clip_hit, lower_hit, neg_log_ratio = _policy_token(logp, old, adv, low, high, clip_c, HAS_DUAL)
+    term = pg - ent_coef * entropy
+    dlogp = dpg
+    kl = tl.zeros((), acc_ty)
+    if HAS_REF:
+        kl_coef = join_float(kl_coef_hi, kl_coef_lo, acc_ty)
+        kl, dkl = _kl_token(logp, tl.load(ref_ptr + row), KL_KIND)
+        # kl_coef = 0: the KL is a metric only; an inf / NaN KL must not reach the loss
+        term += tl.where(kl_coef != 0, kl_coef * kl, 0.0)
+        dlogp += tl.where(kl_coef != 0, kl_coef * dkl, 0.0)
+    if WRITE_STATS:
+        tl.store(st + 0, weight * term)
+        tl.store(st + 1, pg)
+        tl.store(st + 2, entropy)
+        tl.store(st + 3, kl)
+        tl.store(st + 4, clip_hit)
+        tl.store(st + 5, lower_hit)
+        tl.store(st + 6, neg_log_ratio)
+    return _grad_consts(weight * dlogp, -ent_coef * weight, entropy, inv_temp, acc_ty, HAS_ENTROPY_GRAD)
+
+
+@triton.jit
 def _ppo_logits_kernel(
     logits_ptr, grad_ptr, labels_ptr, old_ptr, adv_ptr, ref_ptr, weights_ptr, stats_ptr,
     rows, V, size1, size2, stride0, stride1, stride2, g_size1, g_size2, g_stride0, g_stride1, g_stride2,
@@ -556,37 +600,194 @@ def _ppo_logits_kernel(
             m, s, w2 = _online_lse2(x_row, V, scale2, acc_ty, True, BLOCK_V, no_max, PREFETCH, LANE_ROWS)
             x_label = tl.load(x_row + label).to(acc_ty)
             lse2, _, logp, entropy = _row_results(m, s, w2, x_label, scale2, acc_ty)
-
-            old = tl.load(old_ptr + row)
-            adv = tl.load(adv_ptr + row)
-            weight = tl.load(weights_ptr + row)
-            low = join_float(low_hi, low_lo, acc_ty)
-            high = join_float(high_hi, high_lo, acc_ty)
-            clip_c = join_float(c_hi, c_lo, acc_ty)
-            ent_coef = join_float(ent_coef_hi, ent_coef_lo, acc_ty)
-            pg, dpg, clip_hit, lower_hit, neg_log_ratio = _policy_token(logp, old, adv, low, high, clip_c, HAS_DUAL)
-            term = pg - ent_coef * entropy
-            dlogp = dpg
-            kl = tl.zeros((), acc_ty)
-            if HAS_REF:
-                kl_coef = join_float(kl_coef_hi, kl_coef_lo, acc_ty)
-                kl, dkl = _kl_token(logp, tl.load(ref_ptr + row), KL_KIND)
-                # kl_coef = 0: the KL is a metric only; an inf / NaN KL must not reach the loss
-                term += tl.where(kl_coef != 0, kl_coef * kl, 0.0)
-                dlogp += tl.where(kl_coef != 0, kl_coef * dkl, 0.0)
-            tl.store(st + 0, weight * term)
-            tl.store(st + 1, pg)
-            tl.store(st + 2, entropy)
-            tl.store(st + 3, kl)
-            tl.store(st + 4, clip_hit)
-            tl.store(st + 5, lower_hit)
-            tl.store(st + 6, neg_log_ratio)
-
+            gi, a0, a1 = _ppo_token(
+                logp, entropy, row, old_ptr, adv_ptr, ref_ptr, weights_ptr, st, inv_temp, low_hi, low_lo, high_hi,
+                high_lo, c_hi, c_lo, kl_coef_hi, kl_coef_lo, ent_coef_hi, ent_coef_lo, True, HAS_DUAL, HAS_REF,
+                KL_KIND, HAS_ENTROPY_GRAD,
+            )  # fmt: skip
             if WRITE_GRAD:
-                gi, a0, a1 = _grad_consts(weight * dlogp, -ent_coef * weight, entropy, inv_temp, acc_ty,
-                                          HAS_ENTROPY_GRAD)  # fmt: skip
                 _grad_part(x_row, g_row, 0, V, V, cols, label.to(tl.int32), scale2, lse2, gi, a0, a1, acc_ty,
                            HAS_ENTROPY_GRAD, BLOCK_V, ROW_ALIGNED)  # fmt: skip
+
+
+@triton.jit
+def _part_stats(x, scale2, acc_ty: tl.constexpr):
+    """(m, s, w) of one tile of logits x as _online_lse2 returns them for a row: m the max
+    of u = x * scale2, s = sum 2^(u - m), w = sum 2^(u - m) (u - m); a tile of only -inf
+    has m = -inf and s = w = 0."""
+    u = x.to(acc_ty) * scale2
+    m = tl.max(u, axis=0)
+    pivot = tl.where(m == float("-inf"), 0.0, m).to(acc_ty)
+    d = tl.maximum(u - pivot, _dead_exp(acc_ty.primitive_bitwidth), propagate_nan=tl.PropagateNan.ALL)
+    e = tl.exp2(d)
+    return m, tl.sum(e, axis=0), tl.sum(e * d, axis=0)
+
+
+@triton.jit
+def _merge_stats(m, s, w, m2, s2, w2):
+    """Two (m, s, w) of _part_stats merged (the same sums over both sets of logits)."""
+    m_new = tl.maximum(m, m2)
+    pivot = tl.where(m_new == float("-inf"), 0.0, m_new)
+    a = tl.exp2(m - pivot)
+    a2 = tl.exp2(m2 - pivot)
+    w_new = a * (w + s * tl.where(s > 0, m - pivot, 0.0)) + a2 * (w2 + s2 * tl.where(s2 > 0, m2 - pivot, 0.0))
+    return m_new, a * s + a2 * s2, w_new
+
+
+@triton.jit
+def _ppo_part(
+    x_row, g_row, x_part, g_part, head, part, row, label, parts, V, st, partial_ptr, sync_ptr, old_ptr, adv_ptr,
+    ref_ptr, weights_ptr, inv_temp_hi, inv_temp_lo, low_hi, low_lo, high_hi, high_lo, c_hi, c_lo, kl_coef_hi,
+    kl_coef_lo, ent_coef_hi, ent_coef_lo, acc_ty: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr,
+    KL_KIND: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr, PART: tl.constexpr, MAX_PARTS: tl.constexpr,
+    PHASE: tl.constexpr,
+):  # fmt: skip
+    """One part of a labelled row for _ppo_logits_parts_kernel: its columns [part PART,
+    +PART) counted from x_part / g_part, which lie ``head`` elements into the row (the
+    columns before them belong to part 0)."""
+    inv_temp = join_float(inv_temp_hi, inv_temp_lo, acc_ty)
+    scale2 = inv_temp * tl.full((), _LOG2E, acc_ty)
+    cols = tl.arange(0, PART)
+    col0 = part * PART
+    rest = V - head - col0  # columns of the row from col0 on (<= 0: none)
+    # Whole parts load without a mask (see _online_lse2: a masked load held back the
+    # thread's next one).
+    if rest >= PART:
+        x = tl.load(x_part + col0 + cols)
+    else:
+        x = tl.load(x_part + col0 + cols, mask=cols < rest, other=float("-inf"))
+    m, s, w = _part_stats(x, scale2, acc_ty)
+    # The label's logit, published by the part that holds it (0 from the others): read
+    # after the wait it could already be the gradient of an in-place sweep.
+    label32 = label.to(tl.int32)
+    owner = tl.where(label32 < head, part == 0, (label32 - head) // PART == part)
+    x_label = tl.load(x_row + label, mask=owner, other=0.0).to(acc_ty)
+    HEAD_COLS: tl.constexpr = _lane_vec(x_row.dtype.element_ty.primitive_bitwidth, PART)
+    hcols = tl.arange(0, HEAD_COLS)
+    has_head = (part == 0) & (head > 0)
+    x_head = tl.load(x_row + hcols, mask=(hcols < head) & has_head, other=float("-inf"))
+    if has_head:
+        m_h, s_h, w_h = _part_stats(x_head, scale2, acc_ty)
+        m, s, w = _merge_stats(m, s, w, m_h, s_h, w_h)
+    slot = partial_ptr + (row * parts + part) * 4
+    if PHASE != 2:
+        tl.store(slot, m)
+        tl.store(slot + 1, s)
+        tl.store(slot + 2, w)
+        tl.store(slot + 3, x_label)
+    if PHASE == 0:
+        count = sync_ptr + 1 + row
+        tl.atomic_add(count, 1, sem="release")
+        while tl.atomic_add(count, 0, sem="acquire") < parts:
+            pass
+    if PHASE != 1:
+        # The row's (m, s, w), merged in part order (the same bits in every part).
+        others = tl.arange(0, MAX_PARTS)
+        slots = partial_ptr + (row * parts + others) * 4
+        valid = others < parts
+        ms = tl.load(slots, mask=valid, other=float("-inf"), cache_modifier=".cg")
+        ss = tl.load(slots + 1, mask=valid, other=0.0, cache_modifier=".cg")
+        ws = tl.load(slots + 2, mask=valid, other=0.0, cache_modifier=".cg")
+        m_row = tl.max(ms, axis=0)
+        pivot = tl.where(m_row == float("-inf"), 0.0, m_row)
+        a = tl.exp2(ms - pivot)
+        s_row = tl.sum(a * ss, axis=0)
+        w_row = tl.sum(a * (ws + ss * tl.where(ss > 0, ms - pivot, 0.0)), axis=0)
+        x_label = tl.sum(tl.load(slots + 3, mask=valid, other=0.0, cache_modifier=".cg"), axis=0)
+        lse2, _, logp, entropy = _row_results(m_row, s_row, w_row, x_label, scale2, acc_ty)
+        gi, a0, a1 = _ppo_token(
+            logp, entropy, row, old_ptr, adv_ptr, ref_ptr, weights_ptr, st, inv_temp, low_hi, low_lo, high_hi,
+            high_lo, c_hi, c_lo, kl_coef_hi, kl_coef_lo, ent_coef_hi, ent_coef_lo, part == 0, HAS_DUAL, HAS_REF,
+            KL_KIND, HAS_ENTROPY_GRAD,
+        )  # fmt: skip
+        d = _grad_tile(x, cols, label32 - head - col0, scale2, lse2, gi, a0, a1, acc_ty, HAS_ENTROPY_GRAD)
+        d = d.to(g_part.dtype.element_ty)
+        if rest >= PART:
+            tl.store(g_part + col0 + cols, d)
+        else:
+            tl.store(g_part + col0 + cols, d, mask=cols < rest)
+        if has_head:
+            d_head = _grad_tile(x_head, hcols, label32, scale2, lse2, gi, a0, a1, acc_ty, HAS_ENTROPY_GRAD)
+            tl.store(g_row + hcols, d_head.to(g_part.dtype.element_ty), mask=hcols < head)
+
+
+@triton.jit
+def _ppo_logits_parts_kernel(
+    logits_ptr, grad_ptr, labels_ptr, old_ptr, adv_ptr, ref_ptr, weights_ptr, stats_ptr, partial_ptr, sync_ptr,
+    V, size1, size2, stride0, stride1, stride2, g_size1, g_size2, g_stride0, g_stride1, g_stride2,
+    inv_temp_hi, inv_temp_lo, low_hi, low_lo, high_hi, high_lo, c_hi, c_lo, kl_coef_hi, kl_coef_lo,
+    ent_coef_hi, ent_coef_lo, ignore_index, parts,
+    HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr, KL_KIND: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
+    PART: tl.constexpr, MAX_PARTS: tl.constexpr, PHASE: tl.constexpr, ROW_ALIGNED: tl.constexpr,
+):  # fmt: skip
+    # The fused PPO step (as _ppo_logits_kernel with WRITE_GRAD) with each row cut into
+    # `parts` column parts of PART, a program per part that loads its part once, into
+    # registers, and keeps it there: it reduces the part to (m, s, w) (_part_stats),
+    # publishes them in partial_ptr, waits until every part of its row has, merges the
+    # row's, runs the token's PPO math (_ppo_token; part 0 stores the stats) and writes
+    # its part's gradient from its registers. The logits are read from HBM once and the
+    # gradient written once whatever the size of L2 (_ppo_logits_kernel re-reads each row
+    # for its gradient, from L2 only while few enough rows are in flight); only the
+    # parts' (m, s, w) travel.
+    #
+    # Waiting on other programs is safe only if they make progress. Programs take their
+    # part from a ticket (an atomic counter, sync_ptr[0]) in the order they start, so a
+    # program waits only on parts of its own row, and every row but the last one begun
+    # has all its parts started, none of them waiting on anything later: they finish.
+    # The last row's waiters hold fewer than `parts` of the GPU's program slots, so the
+    # next program can start as long as the GPU holds `parts` programs at once (the
+    # launcher's condition). sync_ptr[1 + row] counts the row's published parts
+    # (release / acquire). PHASE 0 does all of it in one launch. The Triton interpreter
+    # runs programs one after another, where a wait would never end: it runs PHASE 1
+    # (publish) and then PHASE 2 (merge and write) as two launches of the same code,
+    # tickets being program ids.
+    #
+    # Columns: with ROW_ALIGNED (rows_aligned), part p owns [p PART, (p + 1) PART) of its
+    # row. Otherwise they are counted from the gradient row's first 16-byte boundary (head
+    # elements in; part 0 also owns the head): 16-byte stores, and 16-byte loads when the
+    # logits row lies equally far from one (a contiguous gradient of contiguous logits, or
+    # in place), element-wise loads when not. (The head is taken from the gradient's
+    # pointer: see _grad_part. Counting from the row start in that case instead, a second
+    # body beside the first, took ptxas past the 128-register cap into spills on sm_80.)
+    acc_ty = stats_ptr.dtype.element_ty
+    if PHASE == 0:
+        ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed")
+    else:
+        ticket = tl.program_id(0)
+    row32 = ticket // parts
+    part = ticket - row32 * parts
+    row = row32.to(tl.int64)
+    label = tl.load(labels_ptr + row)
+    st = stats_ptr + row * 7
+    x_row = logits_ptr + _row_start(row, size1, size2, stride0, stride1, stride2)
+    g_row = grad_ptr + _row_start(row, g_size1, g_size2, g_stride0, g_stride1, g_stride2)
+    if (label == ignore_index) | (label < 0) | (label >= V):
+        if PHASE != 1:  # masked / ignored: 0 everywhere; a kept label outside [0, V): NaN (never an address)
+            fill = tl.where(label == ignore_index, 0.0, float("nan")).to(acc_ty)
+            if part == 0:
+                for k in tl.static_range(7):
+                    tl.store(st + k, fill)
+            offs = part * PART + tl.arange(0, PART)
+            tl.store(g_row + offs, tl.zeros((PART,), acc_ty) + fill, mask=offs < V)
+    elif ROW_ALIGNED:
+        _ppo_part(x_row, g_row, x_row, g_row, 0, part, row, label, parts, V, st, partial_ptr, sync_ptr, old_ptr,
+                  adv_ptr, ref_ptr, weights_ptr, inv_temp_hi, inv_temp_lo, low_hi, low_lo, high_hi, high_lo, c_hi,
+                  c_lo, kl_coef_hi, kl_coef_lo, ent_coef_hi, ent_coef_lo, acc_ty, HAS_DUAL, HAS_REF, KL_KIND,
+                  HAS_ENTROPY_GRAD, PART, MAX_PARTS, PHASE)  # fmt: skip
+    else:
+        head = _align_head(g_row, V)
+        g_body = tl.multiple_of(g_row + head, 16)  # bytes
+        if _align_head(x_row, V) == head:
+            x_body = tl.multiple_of(x_row + head, 16)
+            _ppo_part(x_row, g_row, x_body, g_body, head, part, row, label, parts, V, st, partial_ptr, sync_ptr,
+                      old_ptr, adv_ptr, ref_ptr, weights_ptr, inv_temp_hi, inv_temp_lo, low_hi, low_lo, high_hi,
+                      high_lo, c_hi, c_lo, kl_coef_hi, kl_coef_lo, ent_coef_hi, ent_coef_lo, acc_ty, HAS_DUAL,
+                      HAS_REF, KL_KIND, HAS_ENTROPY_GRAD, PART, MAX_PARTS, PHASE)  # fmt: skip
+        else:
+            _ppo_part(x_row, g_row, x_row + head, g_body, head, part, row, label, parts, V, st, partial_ptr,
+                      sync_ptr, old_ptr, adv_ptr, ref_ptr, weights_ptr, inv_temp_hi, inv_temp_lo, low_hi, low_lo,
+                      high_hi, high_lo, c_hi, c_lo, kl_coef_hi, kl_coef_lo, ent_coef_hi, ent_coef_lo, acc_ty, HAS_DUAL,
+                      HAS_REF, KL_KIND, HAS_ENTROPY_GRAD, PART, MAX_PARTS, PHASE)  # fmt: skip
 
 
 def ppo_logits_fused(
@@ -607,6 +808,17 @@ def ppo_logits_fused(
     if rows == 0:
         return stats
     vocab = logits.shape[-1]
+    if grad is not None:
+        part_cols, parts = fused_parts(vocab, rows, logits.element_size())
+        # The parts of a row wait on each other: the GPU must be able to hold them all at once
+        # (one program an SM always fits).
+        if parts and logits.is_cuda and parts > torch.cuda.get_device_properties(logits.device).multi_processor_count:
+            parts = 0
+        if parts:
+            _ppo_logits_parts(logits, grad, labels, old, adv, ref, weights, stats, temperature, ignore_index, low,
+                              high, clip_c, has_dual, kl_kind, kl_coef, entropy_coef, part_cols, parts, layout,
+                              grad_layout, launch)  # fmt: skip
+            return stats
     block, num_warps = _fused_block(vocab, logits.element_size())
     programs = rows
     per_sm = fused_programs_per_sm()
@@ -628,6 +840,68 @@ def ppo_logits_fused(
     return stats
 
 
+def _ppo_logits_parts(
+    logits, grad, labels, old, adv, ref, weights, stats, temperature, ignore_index, low, high, clip_c, has_dual,
+    kl_kind, kl_coef, entropy_coef, part_cols, parts, layout, grad_layout, launch,
+):  # fmt: skip
+    """ppo_logits_fused with the gradient, by _ppo_logits_parts_kernel: ``parts`` programs a
+    row of ``part_cols`` columns each (fused_parts)."""
+    rows, device = labels.numel(), logits.device
+    partial = torch.empty(rows * parts * 4, dtype=stats.dtype, device=device)  # (m, s, w, label's logit)
+    sync = torch.zeros(rows + 1, dtype=torch.int32, device=device)  # the ticket, then a count per row
+    kernel = _ppo_logits_parts_kernel if launch is None else launch(_ppo_logits_parts_kernel)
+    # (Off a GPU the kernel runs in the interpreter, one program after another: two phases.)
+    for phase in (0,) if logits.is_cuda else (1, 2):
+        kernel[(rows * parts,)](
+            logits, grad, labels, old, adv, old if ref is None else ref, weights, stats, partial, sync,
+            logits.shape[-1], *layout, *grad_layout, *split_float(1.0 / temperature), *split_float(low),
+            *split_float(high), *split_float(clip_c), *split_float(kl_coef), *split_float(entropy_coef),
+            ignore_index, parts, HAS_DUAL=has_dual, HAS_REF=ref is not None, KL_KIND=kl_kind,
+            HAS_ENTROPY_GRAD=entropy_coef != 0, PART=part_cols, MAX_PARTS=triton.next_power_of_2(parts),
+            PHASE=phase, ROW_ALIGNED=rows_aligned(logits, grad),
+            num_warps=_parts_warps(part_cols, logits.element_size()),
+            **LAUNCH_OPTIONS[_ppo_logits_parts_kernel.__name__],
+        )  # fmt: skip
+
+
+MAX_FUSED_PARTS = 256
+
+# Launch options beyond num_warps, by kernel (compile_check compiles with them too). ptxas
+# gives _ppo_logits_parts_kernel 164 to 222 registers a thread when left alone (bf16, rows
+# it cannot prove aligned, sm_90) and 96 to 123 without spills at a cap of 128: two
+# programs of 8 warps an SM instead of one.
+LAUNCH_OPTIONS = {"_ppo_logits_parts_kernel": {"maxnreg": 128}}
+
+
+def _parts_warps(part_cols: int, itemsize: int) -> int:
+    """Warps of a _ppo_logits_parts_kernel program: four 16-byte vectors of its part a
+    thread (8 warps for 8192 bf16 columns), 1 to 16."""
+    return max(1, min(16, part_cols * itemsize // (4 * 16) // 32))
+
+
+def fused_parts(vocab: int, rows: int, itemsize: int) -> tuple[int, int]:
+    """(columns per part, parts per row) of the fused sweep's row-cut variant
+    (_ppo_logits_parts_kernel), or (0, 0) for the program-per-row kernel.
+    ``RLHF_KERNELS_FUSED_PART_COLS``: columns per part (rounded up to a power of two,
+    256 to 16384), 0 or unset for the program-per-row kernel: not yet timed on a GPU,
+    so off by default (``rlhf-kernels bench --op ppo_step`` on CUDA times it beside the
+    default). More than MAX_FUSED_PARTS parts (the programs of a row wait on each other:
+    the GPU must hold a row's parts at once) or a grid of 2^31 programs also take the
+    program-per-row kernel."""
+    setting = os.environ.get("RLHF_KERNELS_FUSED_PART_COLS", "0")
+    try:
+        cols = int(setting)
+    except ValueError:
+        raise ValueError(f"RLHF_KERNELS_FUSED_PART_COLS must be an integer, got {setting!r}") from None
+    if cols <= 0:
+        return 0, 0
+    cols = min(16384, max(256, triton.next_power_of_2(cols)))
+    parts = triton.cdiv(vocab, cols)
+    if parts > MAX_FUSED_PARTS or rows * parts >= 1 << 31:
+        return 0, 0
+    return cols, parts
+
+
 def fused_prefetch() -> bool:
     """Whether the fused sweep's first pass (from HBM) issues each tile's load one tile
     ahead. (The gradient pass re-reads from L2 and is at the register ceiling already:
@@ -642,9 +916,9 @@ def fused_prefetch() -> bool:
     states instead (_online_lse2's lane rows: no barrier per tile, so the warps drift apart
     and overlap each other's loads; both together spill). On an H100 (same step, one
     program per SM) lane rows took 6.72 ms against 8.32 with the tile-ahead load
-    (benchmarks/results/bench-NVIDIA_H100_80GB_HBM3-20261126-092208.txt): off by default;
-    ``RLHF_KERNELS_FUSED_PREFETCH=1`` turns it on (``rlhf-kernels bench --op ppo_step`` on
-    CUDA times both)."""
+    (benchmarks/results/bench-NVIDIA_H100_80GB_HBM3-20261126-092208.txt), and 5.85 against
+    5.22 ms with a program per row (bench-NVIDIA_H100_80GB_HBM3-20261126-140554.txt): off
+    by default; ``RLHF_KERNELS_FUSED_PREFETCH=1`` turns it on."""
     return os.environ.get("RLHF_KERNELS_FUSED_PREFETCH", "0") == "1"
 
 
@@ -655,7 +929,8 @@ def fused_programs_per_sm() -> int:
     half of L2 (for the gradient pass's re-read). More programs keep more bytes in flight,
     and that won: on an H100 (8 x 2048 x 128256 bf16, whole step) 6.82 ms at 1 per SM, 5.15 at
     2, 4.75 with a program per row (two-pass: 4.70;
-    benchmarks/results/bench-NVIDIA_H100_80GB_HBM3-20261126-095459.txt)."""
+    benchmarks/results/bench-NVIDIA_H100_80GB_HBM3-20261126-095459.txt); later 6.95 at 1,
+    5.44 at 2 and 5.22 with a program per row (bench-NVIDIA_H100_80GB_HBM3-20261126-140554.txt)."""
     return int(os.environ.get("RLHF_KERNELS_FUSED_PROGRAMS_PER_SM", "0"))
 
 
@@ -701,6 +976,21 @@ def _fused_configs():
                     for prefetch, row_aligned in itertools.product((False, True), (True, False) if write else (True,)):
                         configs.append((_ppo_logits_kernel, sig, {**const, "PREFETCH": prefetch,
                                                                   "ROW_ALIGNED": row_aligned}, num_warps))  # fmt: skip
+            # the row-cut variant (fused_parts) at 8192 columns a part, as a GPU launches it (PHASE 0);
+            # both per-token maths and row alignments for bf16, the heavier aligned one for the others
+            if vocab == 128256:
+                part_cols = 8192
+                types = {**sig, "partial_ptr": "*fp32", "sync_ptr": "*i32", "parts": "i32", "PART": "constexpr",
+                         "MAX_PARTS": "constexpr", "PHASE": "constexpr"}  # fmt: skip
+                parts_sig = {name: types[name] for name in _ppo_logits_parts_kernel.arg_names}  # in argument order
+                for dual, has_ref, kind, ent in ((True, True, KL_KIND_IDS["k3"], True), (False, False, 0, False)):
+                    for row_aligned in (True, False):
+                        if ty != "bf16" and not (dual and row_aligned):
+                            continue
+                        const = {"HAS_DUAL": dual, "HAS_REF": has_ref, "KL_KIND": kind, "HAS_ENTROPY_GRAD": ent,
+                                 "PART": part_cols, "MAX_PARTS": 16, "PHASE": 0, "ROW_ALIGNED": row_aligned}
+                        configs.append((_ppo_logits_parts_kernel, parts_sig, const,
+                                        _parts_warps(part_cols, itemsize)))  # fmt: skip
         sig = {"x_ptr": f"*{ty}", "scale_ptr": "*fp32", **{n: "i64" for n in ("n_tiles", "V", "size1", "size2",
                                                                           "stride0", "stride1", "stride2")},
                "BLOCK": "constexpr"}  # fmt: skip
@@ -708,6 +998,8 @@ def _fused_configs():
     # Ints equal to 1 reach the JIT as constants (a contiguous [N, V] layout has size1 = 1;
     # one token, one tile): the usual case must compile too.
     for entry in list(configs):
+        if entry[0] is _ppo_logits_parts_kernel:
+            continue
         if entry[1].get("logits_ptr", entry[1].get("x_ptr")) == "*bf16" and entry[2].get("BLOCK_V", 4096) == 4096:
             configs.append(with_ones(entry, ("size1", "g_size1", "rows", "n_tiles")))
     for entry in list(configs):  # a one-word vocabulary: V a constant too
