@@ -723,13 +723,13 @@ FUSED_TOL = {
 }
 
 
-def fused_inputs(B, T, V, g, dtype=torch.float32, device="cpu", noncontig=False, with_ref=True):
-    """Logits (a [:, :-1] view when noncontig), labels, old / ref log-probs near the policy's
-    (so that clipping binds for some tokens), advantages, and a mask with gaps, an all-masked row."""
+def fused_inputs(B, T, V, g, dtype=torch.float32, device="cpu", with_ref=True):
+    """Logits, labels, old / ref log-probs near the policy's (so that clipping binds for some
+    tokens), advantages, and a mask with gaps, an all-masked row."""
     from rlhf_kernels.reference.logprobs import token_logprobs as ref_token_logprobs
 
     full = (torch.randn(B, T + 1, V, generator=g) * 2).to(dtype)
-    logits = full[:, :T] if noncontig else full[:, :T].contiguous()
+    logits = full[:, :T].contiguous()
     labels = torch.randint(0, V, (B, T), generator=g)
     mask = make_mask(B, T, g, "gaps")
     old = ref_token_logprobs(logits.double(), labels) + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
@@ -759,21 +759,37 @@ def fused_oracle(logits, labels, old, adv, mask, *, ref_logprobs=None, temperatu
     return [m.detach() for m in metrics], xr.grad
 
 
-def check_fused(logits, labels, old, adv, mask, backend, *, grad_in_forward=True, inplace_backward=False, **kw):
+def check_fused(logits, labels, old, adv, mask, backend, *, grad_in_forward=True, inplace_backward=False,
+                sliced=False, **kw):  # fmt: skip
+    """The op against fused_oracle. sliced: the op gets logits[:, :T] of a [B, T + 1, V]
+    tensor, as from an LM head's output (rows further apart than V; for an odd V each row a
+    different distance from a 16-byte boundary, unlike those of a fresh gradient)."""
     tol, grad_tol = FUSED_TOL[logits.dtype]
     want, want_grad = fused_oracle(logits, labels, old, adv, mask, **kw)
-    leaf = logits.detach().clone().requires_grad_(True)
-    x = leaf * 1 if inplace_backward else leaf  # a non-leaf, as logits from an LM head are
+    if sliced:
+        B, T, V = logits.shape
+        leaf = torch.zeros(B, T + 1, V, dtype=logits.dtype, device=logits.device)
+        leaf[:, :T] = logits
+        leaf.requires_grad_(True)
+        x = (leaf * 1 if inplace_backward else leaf)[:, :T]
+        assert not x.is_contiguous()
+    else:
+        leaf = logits.detach().clone().requires_grad_(True)
+        x = leaf * 1 if inplace_backward else leaf  # a non-leaf, as logits from an LM head are
     loss, metrics = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, backend=backend,
                                                       grad_in_forward=grad_in_forward,
                                                       inplace_backward=inplace_backward, **kw)  # fmt: skip
     loss.backward()
-    assert loss.shape == () and leaf.grad.dtype == logits.dtype and leaf.grad.shape == logits.shape
+    grad = leaf.grad
+    if sliced:
+        assert torch.all(grad[:, T:] == 0)
+        grad = grad[:, :T]
+    assert loss.shape == () and grad.dtype == logits.dtype and grad.shape == logits.shape
     torch.testing.assert_close(loss.double(), want[0], **tol)
     for name, got, exp in zip(metrics._fields, metrics, want, strict=True):
         assert not got.requires_grad, name
         torch.testing.assert_close(got.double(), exp, **tol, msg=lambda m, name=name: f"{name}: {m}")
-    torch.testing.assert_close(leaf.grad.double(), want_grad, **grad_tol)
+    torch.testing.assert_close(grad.double(), want_grad, **grad_tol)
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(native_op=FUSED))
@@ -817,8 +833,9 @@ def test_ppo_from_logits_options(device, backend, option):
                          ids=["fused", "fused-inplace", "two-pass-inplace"])  # fmt: skip
 def test_ppo_from_logits_dtypes_layouts(device, backend, dtype, layout, grad_in_forward, inplace):
     g = torch.Generator().manual_seed(13)
-    logits, labels, old, adv, mask, ref = fused_inputs(3, 6, 1000, g, dtype, device, noncontig=layout == "sliced")
+    logits, labels, old, adv, mask, ref = fused_inputs(3, 6, 1000, g, dtype, device)
     check_fused(logits, labels, old, adv, mask, backend, grad_in_forward=grad_in_forward, inplace_backward=inplace,
+                sliced=layout == "sliced",
                 clip_ratio_c=3.0, ref_logprobs=ref, kl_coef=0.05, entropy_coef=0.01, temperature=1.3)  # fmt: skip
 
 
@@ -852,42 +869,52 @@ def test_ppo_from_logits_ignored_and_bad_labels(device, backend, grad_in_forward
 
 @pytest.mark.parametrize("device,backend", backend_cases(["triton"]))
 @pytest.mark.parametrize("dtype,vocab", [(torch.float32, 1000), (torch.bfloat16, 1024), (torch.bfloat16, 1003),
-                                         (torch.float16, 777), (torch.bfloat16, 1)], ids=str)  # fmt: skip
+                                         (torch.bfloat16, 769), (torch.float16, 777), (torch.bfloat16, 1)],
+                         ids=str)  # fmt: skip
 @pytest.mark.parametrize("layout", ["contiguous", "sliced"])
 @pytest.mark.parametrize("inplace", [False, True], ids=["grad", "inplace"])
 def test_ppo_from_logits_row_parts(monkeypatch, device, backend, dtype, vocab, layout, inplace):
     """The fused sweep's row-cut variant (RLHF_KERNELS_FUSED_PART_COLS: 256 columns a part
-    here, so 3 to 4 parts a row, or one): rows whose parts publish their (m, s, w) and wait
-    for each other. Aligned rows (1024 columns, bf16), rows off their 16-byte boundaries by
-    a different amount each (odd vocabularies; sliced: logits and gradient rows unequally
-    far from one), a one-word vocabulary, in place, the heaviest per-token math, an
-    all-masked row and masked gaps."""
+    here, so up to 4 parts a row, or one): rows whose parts publish their (m, s, w) and
+    label logit and wait for each other. Rows the JIT proves aligned (bf16 x 1024);
+    contiguous rows of an odd vocabulary, each off its 16-byte boundary by a different
+    amount (counted from there: 769 leaves the last part of most rows empty); sliced
+    rows, misaligned unlike the fresh gradient's (loads element-wise); fp32 rows of 4000
+    bytes; a one-word vocabulary; in place. Labels at the row ends, around the part
+    boundaries and the heads; the heaviest per-token math, an all-masked row, masked gaps."""
     monkeypatch.setenv("RLHF_KERNELS_FUSED_PART_COLS", "256")
-    assert triton_ppo.fused_parts(vocab, 18, dtype.itemsize) == (256, -(-vocab // 256))
+    assert triton_ppo.fused_parts(vocab, 18) == (256, -(-vocab // 256))
     g = torch.Generator().manual_seed(15)
-    logits, labels, old, adv, mask, ref = fused_inputs(3, 6, vocab, g, dtype, device, noncontig=layout == "sliced")
-    check_fused(logits, labels, old, adv, mask, backend, inplace_backward=inplace, clip_ratio_c=3.0, ref_logprobs=ref,
-                kl_coef=0.05, entropy_coef=0.01, temperature=1.3, loss_agg_mode="seq-mean-token-sum")  # fmt: skip
+    logits, labels, old, adv, mask, ref = fused_inputs(3, 6, vocab, g, dtype, device)
+    spots = torch.tensor([0, 1, 7, 8, 255, 256, 257, 263, 264, 511, 512, vocab - 1]).clamp(max=vocab - 1)
+    labels.view(-1)[: spots.numel()] = spots.to(labels.device)
+    check_fused(logits, labels, old, adv, mask, backend, inplace_backward=inplace, sliced=layout == "sliced",
+                clip_ratio_c=3.0, ref_logprobs=ref, kl_coef=0.05, entropy_coef=0.01, temperature=1.3,
+                loss_agg_mode="seq-mean-token-sum")  # fmt: skip
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(["triton"]))
-@pytest.mark.parametrize("part_cols", ["256", "8192"])
-def test_ppo_from_logits_row_parts_many_rows(monkeypatch, device, backend, part_cols):
+@pytest.mark.parametrize("vocab,part_cols,sliced", [(32000, "256", False), (32000, "8192", False),
+                                                    (32003, "4096", True)])  # fmt: skip
+def test_ppo_from_logits_row_parts_many_rows(monkeypatch, device, backend, vocab, part_cols, sliced):
     """On a GPU, where the parts of a row run at once and wait on each other: thousands of
-    rows of 125 or 4 parts (many more programs than the GPU holds) agree with the
-    program-per-row kernel, in place too. (The interpreter runs the two phases one after
-    the other: there the small cases above check the same code.)"""
+    rows of 125, 4 or 8 parts (many more programs than the GPU holds; aligned rows, and
+    sliced rows of an odd vocabulary) agree with the program-per-row kernel, in place too.
+    (The interpreter runs the two phases one after the other: there the small cases above
+    check the same code.)"""
     if device == "cpu":
         pytest.skip("the wait between parts runs on a GPU only")
     g = torch.Generator().manual_seed(17)
-    logits, labels, old, adv, mask, ref = fused_inputs(8, 512, 32000, g, torch.bfloat16, device)
+    logits, labels, old, adv, mask, ref = fused_inputs(8, 512, vocab, g, torch.bfloat16, device)
     kw = dict(ref_logprobs=ref, kl_coef=0.05, entropy_coef=0.01, grad_in_forward=True, backend=backend)
     out = {}
     for cols in ("0", part_cols):
         monkeypatch.setenv("RLHF_KERNELS_FUSED_PART_COLS", cols)
         for inplace in (False, True):
-            leaf = logits.detach().clone().requires_grad_(True)
+            full = torch.cat([logits, logits[:, :1]], 1) if sliced else logits
+            leaf = full.detach().clone().requires_grad_(True)
             x = leaf * 1 if inplace else leaf
+            x = x[:, :-1] if sliced else x
             loss, metrics = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, inplace_backward=inplace, **kw)
             loss.backward()
             out[cols, inplace] = (torch.stack(list(metrics)), leaf.grad)
@@ -912,7 +939,8 @@ def test_ppo_from_logits_row_parts_ignored_and_bad_labels(monkeypatch, device, b
     bad = labels.clone()
     bad[0, 1] = 700
     x = logits.clone().requires_grad_(True)
-    loss, metrics = rlhf_kernels.ppo_loss_from_logits(x, bad, old, adv, mask, check_labels=False, backend=backend)
+    loss, metrics = rlhf_kernels.ppo_loss_from_logits(x, bad, old, adv, mask, check_labels=False, grad_in_forward=True,
+                                                      backend=backend)  # fmt: skip
     loss.backward()
     assert torch.isnan(loss) and torch.isnan(metrics.entropy)
     assert torch.isnan(x.grad[0, 1]).all() and torch.all(x.grad[1, 2] == 0) and torch.isfinite(x.grad[1]).all()
@@ -925,24 +953,24 @@ def test_fused_parts_setting(monkeypatch):
     if triton_ppo is None:
         pytest.skip("triton is not installed")
     monkeypatch.delenv("RLHF_KERNELS_FUSED_PART_COLS", raising=False)
-    assert triton_ppo.fused_parts(128256, 16384, 2) == (0, 0)
+    assert triton_ppo.fused_parts(128256, 16384) == (0, 0)
     monkeypatch.setenv("RLHF_KERNELS_FUSED_PART_COLS", "0")
-    assert triton_ppo.fused_parts(128256, 16384, 2) == (0, 0)
+    assert triton_ppo.fused_parts(128256, 16384) == (0, 0)
     monkeypatch.setenv("RLHF_KERNELS_FUSED_PART_COLS", "8192")
-    assert triton_ppo.fused_parts(128256, 16384, 2) == (8192, 16)
-    assert triton_ppo.fused_parts(100, 16384, 2) == (8192, 1)
+    assert triton_ppo.fused_parts(128256, 16384) == (8192, 16)
+    assert triton_ppo.fused_parts(100, 16384) == (8192, 1)
     monkeypatch.setenv("RLHF_KERNELS_FUSED_PART_COLS", "5000")
-    assert triton_ppo.fused_parts(128256, 16384, 2) == (8192, 16)
+    assert triton_ppo.fused_parts(128256, 16384) == (8192, 16)
     monkeypatch.setenv("RLHF_KERNELS_FUSED_PART_COLS", "3")
-    assert triton_ppo.fused_parts(1000, 4, 4) == (256, 4)
+    assert triton_ppo.fused_parts(1000, 4) == (256, 4)
     monkeypatch.setenv("RLHF_KERNELS_FUSED_PART_COLS", "1000000")
-    assert triton_ppo.fused_parts(128256, 4, 2) == (16384, 8)
+    assert triton_ppo.fused_parts(128256, 4) == (16384, 8)
     monkeypatch.setenv("RLHF_KERNELS_FUSED_PART_COLS", "256")
-    assert triton_ppo.fused_parts(256 * triton_ppo.MAX_FUSED_PARTS, 4, 2) == (256, triton_ppo.MAX_FUSED_PARTS)
-    assert triton_ppo.fused_parts(256 * triton_ppo.MAX_FUSED_PARTS + 1, 4, 2) == (0, 0)
+    assert triton_ppo.fused_parts(256 * triton_ppo.MAX_FUSED_PARTS, 4) == (256, triton_ppo.MAX_FUSED_PARTS)
+    assert triton_ppo.fused_parts(256 * triton_ppo.MAX_FUSED_PARTS + 1, 4) == (0, 0)
     monkeypatch.setenv("RLHF_KERNELS_FUSED_PART_COLS", "8k")
     with pytest.raises(ValueError, match="RLHF_KERNELS_FUSED_PART_COLS"):
-        triton_ppo.fused_parts(128256, 4, 2)
+        triton_ppo.fused_parts(128256, 4)
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(native_op=FUSED))

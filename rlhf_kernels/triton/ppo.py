@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from rlhf_kernels._dispatch import triton_interpreted
 from rlhf_kernels.reference.ppo import LOSS_AGG_MODES
 from rlhf_kernels.triton._common import join_float, split_float, with_ones
 from rlhf_kernels.triton.logprobs import (
@@ -677,6 +678,9 @@ def _ppo_part(
         tl.store(slot + 3, x_label)
     if PHASE == 0:
         count = sync_ptr + 1 + row
+        # (The JIT stores the scalars above and issues the release from one thread, but the
+        # barrier orders every thread's stores before it whatever the JIT does.)
+        tl.debug_barrier()
         tl.atomic_add(count, 1, sem="release")
         while tl.atomic_add(count, 0, sem="acquire") < parts:
             pass
@@ -809,11 +813,13 @@ def ppo_logits_fused(
         return stats
     vocab = logits.shape[-1]
     if grad is not None:
-        part_cols, parts = fused_parts(vocab, rows, logits.element_size())
-        # The parts of a row wait on each other: the GPU must be able to hold them all at once
-        # (one program an SM always fits).
-        if parts and logits.is_cuda and parts > torch.cuda.get_device_properties(logits.device).multi_processor_count:
-            parts = 0
+        part_cols, parts = fused_parts(vocab, rows)
+        # The parts of a row wait on each other: the GPU must be able to hold them all at once.
+        # One program an SM always fits; half the SMs leave room for a second launch of the
+        # kernel on another stream, whose last row's waiters hold slots too.
+        if parts > 1 and logits.is_cuda:
+            if 2 * parts > torch.cuda.get_device_properties(logits.device).multi_processor_count:
+                parts = 0
         if parts:
             _ppo_logits_parts(logits, grad, labels, old, adv, ref, weights, stats, temperature, ignore_index, low,
                               high, clip_c, has_dual, kl_kind, kl_coef, entropy_coef, part_cols, parts, layout,
@@ -850,8 +856,9 @@ def _ppo_logits_parts(
     partial = torch.empty(rows * parts * 4, dtype=stats.dtype, device=device)  # (m, s, w, label's logit)
     sync = torch.zeros(rows + 1, dtype=torch.int32, device=device)  # the ticket, then a count per row
     kernel = _ppo_logits_parts_kernel if launch is None else launch(_ppo_logits_parts_kernel)
-    # (Off a GPU the kernel runs in the interpreter, one program after another: two phases.)
-    for phase in (0,) if logits.is_cuda else (1, 2):
+    # The interpreter runs one program after another, where a wait for another part would never
+    # end: two phases there. (A row of one part waits for nothing.)
+    for phase in (1, 2) if triton_interpreted() and parts > 1 else (0,):
         kernel[(rows * parts,)](
             logits, grad, labels, old, adv, old if ref is None else ref, weights, stats, partial, sync,
             logits.shape[-1], *layout, *grad_layout, *split_float(1.0 / temperature), *split_float(low),
@@ -879,15 +886,15 @@ def _parts_warps(part_cols: int, itemsize: int) -> int:
     return max(1, min(16, part_cols * itemsize // (4 * 16) // 32))
 
 
-def fused_parts(vocab: int, rows: int, itemsize: int) -> tuple[int, int]:
+def fused_parts(vocab: int, rows: int) -> tuple[int, int]:
     """(columns per part, parts per row) of the fused sweep's row-cut variant
     (_ppo_logits_parts_kernel), or (0, 0) for the program-per-row kernel.
     ``RLHF_KERNELS_FUSED_PART_COLS``: columns per part (rounded up to a power of two,
     256 to 16384), 0 or unset for the program-per-row kernel: not yet timed on a GPU,
     so off by default (``rlhf-kernels bench --op ppo_step`` on CUDA times it beside the
     default). More than MAX_FUSED_PARTS parts (the programs of a row wait on each other:
-    the GPU must hold a row's parts at once) or a grid of 2^31 programs also take the
-    program-per-row kernel."""
+    the GPU must hold a row's parts at once; the launcher also asks for twice as many
+    SMs) or a grid of 2^31 programs also take the program-per-row kernel."""
     setting = os.environ.get("RLHF_KERNELS_FUSED_PART_COLS", "0")
     try:
         cols = int(setting)
