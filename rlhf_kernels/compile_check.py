@@ -6,7 +6,7 @@
 * ``csrc/*.cu`` is compiled with nvcc for the same architectures with
   ``-Xptxas -v``.
 
-* The streaming loops of the log-prob kernels (IN_FLIGHT_KERNELS) are disassembled
+* The streaming loops of the log-prob and GAE kernels (IN_FLIGHT_KERNELS) are disassembled
   (cuobjdump) and must issue two 16-byte loads per thread before using the data of
   either (:attr:`SassLoop.in_flight`). ptxas decides that order: the Triton forward
   had one in flight (2.49-2.88 TB/s on an H100 where the CUDA forward, with two,
@@ -87,7 +87,9 @@ def _triton_configs() -> list:
 # ints divisible by 16 carry tt.divisibility, as do the pointers of torch's allocations).
 ALIGNED_PROBLEM = {"V": 128256, "size1": 1, "size2": 16384, "stride0": 0, "stride1": 0, "stride2": 128256,
                    "g_size1": 1, "g_size2": 16384, "g_stride0": 0, "g_stride1": 0, "g_stride2": 128256,
-                   "rows": 16384, "ignore_index": -100, "parts": 8, "part_cols": 16384}  # fmt: skip
+                   "rows": 16384, "ignore_index": -100, "parts": 8, "part_cols": 16384,
+                   # GAE over [4096, 2048] rewards / values / mask
+                   "B": 4096, "T": 2048, "r_stride": 2048, "v_stride": 2048, "m_stride": 2048}  # fmt: skip
 
 
 def specialize(signature: dict, constexprs: dict) -> tuple[dict, dict, dict]:
@@ -226,17 +228,19 @@ def triton_sass(kernel, signature, constexprs, num_warps, cc: int = 90, aligned:
         return disassemble(cubin), report
 
 
-# The streaming loops that must keep two 16-byte loads in flight per thread: (module, kernel,
-# constexprs, aligned) of the configurations the launchers pick for bf16 logits, as the JIT
+# The streaming loops that must keep two 16-byte loads in flight per thread: (module, first
+# pointer's type, kernel, constexprs, aligned) of the configurations the launchers pick, as the JIT
 # compiles them for aligned rows (V = 128256) or for rows it cannot prove aligned (an odd
 # vocabulary such as 50257, where the kernels find each row's 16-byte boundary at run time).
 IN_FLIGHT_KERNELS = (
-    ("logprobs", "_logprobs_fwd_kernel", {"HAS_ENTROPY": False, "BLOCK_V": 4096, "PREFETCH": False}, True),
-    ("logprobs", "_logprobs_fwd_kernel", {"HAS_ENTROPY": True, "BLOCK_V": 4096, "PREFETCH": False}, True),
-    ("logprobs", "_logprobs_fwd_kernel", {"HAS_ENTROPY": False, "BLOCK_V": 4096, "PREFETCH": False}, False),
-    ("logprobs", "_logprobs_bwd_kernel", {"HAS_ENTROPY": False, "BLOCK_V": 4096, "ROW_ALIGNED": True}, True),
-    ("logprobs", "_logprobs_bwd_kernel", {"HAS_ENTROPY": True, "BLOCK_V": 4096, "ROW_ALIGNED": True}, True),
-    ("logprobs", "_logprobs_bwd_kernel", {"HAS_ENTROPY": False, "BLOCK_V": 4096, "ROW_ALIGNED": False}, False),
+    ("logprobs", "bf16", "_logprobs_fwd_kernel", {"HAS_ENTROPY": False, "BLOCK_V": 4096, "PREFETCH": False}, True),
+    ("logprobs", "bf16", "_logprobs_fwd_kernel", {"HAS_ENTROPY": True, "BLOCK_V": 4096, "PREFETCH": False}, True),
+    ("logprobs", "bf16", "_logprobs_fwd_kernel", {"HAS_ENTROPY": False, "BLOCK_V": 4096, "PREFETCH": False}, False),
+    ("logprobs", "bf16", "_logprobs_bwd_kernel", {"HAS_ENTROPY": False, "BLOCK_V": 4096, "ROW_ALIGNED": True}, True),
+    ("logprobs", "bf16", "_logprobs_bwd_kernel", {"HAS_ENTROPY": True, "BLOCK_V": 4096, "ROW_ALIGNED": True}, True),
+    ("logprobs", "bf16", "_logprobs_bwd_kernel", {"HAS_ENTROPY": False, "BLOCK_V": 4096, "ROW_ALIGNED": False}, False),
+    # the GAE kernel's chunk loop with its vector loads (rewards and values, [4096, 2048])
+    ("ppo", "fp32", "_gae_kernel", {"HAS_MASK": True, "ROWS": 1, "LANES": 32, "VEC": True}, True),
 )
 
 
@@ -261,11 +265,11 @@ def check_in_flight(cc: int = 90) -> list[tuple[str, SassLoop]]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the kernels that are compiled here")
     out = []
-    for module, name, const, aligned in IN_FLIGHT_KERNELS:
-        sass, _ = triton_sass(*find_triton_config(module, name, "bf16", const), cc=cc, aligned=aligned)
+    for module, dtype, name, const, aligned in IN_FLIGHT_KERNELS:
+        sass, _ = triton_sass(*find_triton_config(module, name, dtype, const), cc=cc, aligned=aligned)
         loops = [loop for _, _, found in sass_loops(sass) for loop in found]
         flags = ",".join(f"{k}={v}" for k, v in const.items()) + (",aligned" if aligned else "")
-        label = f"{name}[bf16,{flags}]"
+        label = f"{name}[{dtype},{flags}]"
         if not loops:
             raise RuntimeError(f"{label}: no loop found in its SASS (sass_loops no longer reads it?)")
         out.append((label, max(loops, key=lambda lp: (lp.ld128, len(lp.body)))))

@@ -70,7 +70,7 @@ def test_gae_carries_across_long_masked_gaps(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(native_op="gae_native"))
-@pytest.mark.parametrize("B,T", [(1, 1), (3, 7), (4, 130), (2, 1500)])
+@pytest.mark.parametrize("B,T", [(1, 1), (3, 7), (4, 130), (2, 1500), (3, 256), (2, 1024)])  # 256, 1024: vectors
 @pytest.mark.parametrize("mask_kind", ["none", "response", "gaps"])
 @pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.99, 0.9), (1.0, 1.0), (0.0, 0.5)])
 def test_gae_matches_python_loop(device, backend, B, T, mask_kind, gamma, lam):
@@ -86,6 +86,22 @@ def test_gae_matches_python_loop(device, backend, B, T, mask_kind, gamma, lam):
         assert adv.dtype == dtype and adv.shape == (B, T)
         torch.testing.assert_close(adv.double().cpu(), want[0], **tol)
         torch.testing.assert_close(ret.double().cpu(), want[1], **tol)
+
+
+def test_gae_vectors_when_the_jit_knows_rows_aligned():
+    """The Triton GAE kernel's chunks move a lane's 4 positions as one vector only when every
+    row is provably 16-byte aligned: T and row strides multiples of 16 elements, storage
+    offsets multiples of 16 bytes (the cases above run both ways)."""
+    if triton_ppo is None:
+        pytest.skip("triton is not installed")
+    x = torch.zeros(4, 64)
+    mask = torch.ones(4, 64, dtype=torch.uint8)
+    assert triton_ppo.gae_vectors(x, x, mask) and triton_ppo.gae_vectors(x, x, None)
+    assert triton_ppo.gae_vectors(torch.zeros(4, 80)[:, :64], x[:1], torch.zeros(1, 32)[:, :16])
+    assert not triton_ppo.gae_vectors(torch.zeros(4, 72)[:, :64], x, mask)  # row stride 72
+    assert not triton_ppo.gae_vectors(torch.zeros(4, 65)[:, 1:], x, mask)  # 4 bytes into the storage
+    assert not triton_ppo.gae_vectors(x, x, torch.ones(4, 65, dtype=torch.uint8)[:, 1:])  # the mask's 1 byte
+    assert not triton_ppo.gae_vectors(torch.zeros(4, 1500), torch.zeros(4, 1500), None)  # T
 
 
 def test_gae_skips_masked_positions():

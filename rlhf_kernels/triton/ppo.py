@@ -60,6 +60,26 @@ GAE_ROWS = 1
 
 
 @triton.jit
+def _quad_split(x):
+    """A [ROWS, LANES, 4] tile as its four [ROWS, LANES] columns (each lane's 4 positions
+    in order; register moves only: a lane holds its 4 elements)."""
+    ROWS: tl.constexpr = x.shape[0]
+    LANES: tl.constexpr = x.shape[1]
+    even, odd = tl.split(tl.reshape(x, (ROWS, LANES, 2, 2)))  # positions 0, 2 and 1, 3
+    x0, x2 = tl.split(even)
+    x1, x3 = tl.split(odd)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _quad_join(x0, x1, x2, x3):
+    """The inverse of _quad_split."""
+    ROWS: tl.constexpr = x0.shape[0]
+    LANES: tl.constexpr = x0.shape[1]
+    return tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), (ROWS, LANES, 4))
+
+
+@triton.jit
 def _gae_column(r_row, v_row, m_row, t, T, row_ok, HAS_MASK: tl.constexpr):
     inb = (t >= 0) & (t < T) & row_ok
     r = tl.load(r_row + t, mask=inb, other=0.0)
@@ -70,27 +90,55 @@ def _gae_column(r_row, v_row, m_row, t, T, row_ok, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _gae_chunk(r_row, v_row, m_row, pos, T, row_ok, HAS_MASK: tl.constexpr):
-    # Rewards, values and validity at positions pos + k, k = 0..3, of each lane.
-    r0, v0, m0 = _gae_column(r_row, v_row, m_row, pos, T, row_ok, HAS_MASK)
-    r1, v1, m1 = _gae_column(r_row, v_row, m_row, pos + 1, T, row_ok, HAS_MASK)
-    r2, v2, m2 = _gae_column(r_row, v_row, m_row, pos + 2, T, row_ok, HAS_MASK)
-    r3, v3, m3 = _gae_column(r_row, v_row, m_row, pos + 3, T, row_ok, HAS_MASK)
+def _gae_chunk(r_row, v_row, m_row, pos, T, row_ok, HAS_MASK: tl.constexpr, VEC: tl.constexpr):
+    # Rewards, values and validity at positions pos + k, k = 0..3, of each lane. VEC: as one
+    # [ROWS, LANES, 4] tile per input, a lane's 4 positions contiguous (one 16-byte load of
+    # float32 when the JIT knows the rows aligned), split into four [ROWS, LANES] columns;
+    # else as four column loads. (Where the JIT cannot prove the alignment, the tile's load
+    # layout is not the split's, and each tile went through shared memory.)
+    if VEC:
+        t = pos[:, :, None] + tl.arange(0, 4)[None, None, :]
+        inb = (t >= 0) & (t < T) & row_ok[:, :, None]
+        r0, r1, r2, r3 = _quad_split(tl.load(r_row[:, :, None] + t, mask=inb, other=0.0))
+        v0, v1, v2, v3 = _quad_split(tl.load(v_row[:, :, None] + t, mask=inb, other=0.0))
+        if HAS_MASK:
+            m0, m1, m2, m3 = _quad_split(tl.load(m_row[:, :, None] + t, mask=inb, other=0) != 0)
+        else:
+            m0, m1, m2, m3 = _quad_split(inb)
+    else:
+        r0, v0, m0 = _gae_column(r_row, v_row, m_row, pos, T, row_ok, HAS_MASK)
+        r1, v1, m1 = _gae_column(r_row, v_row, m_row, pos + 1, T, row_ok, HAS_MASK)
+        r2, v2, m2 = _gae_column(r_row, v_row, m_row, pos + 2, T, row_ok, HAS_MASK)
+        r3, v3, m3 = _gae_column(r_row, v_row, m_row, pos + 3, T, row_ok, HAS_MASK)
     return r0, r1, r2, r3, v0, v1, v2, v3, m0, m1, m2, m3
+
+
+@triton.jit
+def _gae_store(row_ptr, pos, T, row_ok, x0, x1, x2, x3, VEC: tl.constexpr):
+    """Stores a chunk's four columns (positions pos + k) as _gae_chunk loads them."""
+    if VEC:
+        t = pos[:, :, None] + tl.arange(0, 4)[None, None, :]
+        tl.store(row_ptr[:, :, None] + t, _quad_join(x0, x1, x2, x3), mask=(t < T) & row_ok[:, :, None])
+    else:
+        tl.store(row_ptr + pos, x0, mask=(pos < T) & row_ok)
+        tl.store(row_ptr + pos + 1, x1, mask=(pos + 1 < T) & row_ok)
+        tl.store(row_ptr + pos + 2, x2, mask=(pos + 2 < T) & row_ok)
+        tl.store(row_ptr + pos + 3, x3, mask=(pos + 3 < T) & row_ok)
 
 
 @triton.jit
 def _gae_kernel(
     rewards_ptr, values_ptr, mask_ptr, adv_ptr, ret_ptr,
     B, T, r_stride, v_stride, m_stride, gamma_hi, gamma_lo, gamma_lam_hi, gamma_lam_lo,
-    HAS_MASK: tl.constexpr, ROWS: tl.constexpr, LANES: tl.constexpr,
+    HAS_MASK: tl.constexpr, ROWS: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr,
 ):  # fmt: skip
     # Grid: (cdiv(B, ROWS),), one warp per row (the layout of csrc/ppo.cu's kernel).
     # A warp walks its row right to left in chunks of 4 * LANES positions: lane l
     # holds the 4 consecutive positions 4 (LANES - 1 - l) + k, k = 0..3, as four
     # [ROWS, LANES] columns (four loads a lane, 16 bytes apart: the warp's loads
-    # cover the same 128-byte lines, so memory traffic is that of 16-byte vectors,
-    # and the layout is one row per warp whatever the rows' alignment), and lane 0
+    # cover the same 128-byte lines, so memory traffic is that of 16-byte vectors, and the
+    # layout is one row per warp whatever the rows' alignment; with VEC, rows the JIT knows
+    # aligned, one 16-byte access a lane and input: _gae_chunk), and lane 0
     # is the chunk's right end. Within a lane both recurrences run sequentially
     # from its right end; across lanes they are forward scans (lane order is right
     # to left: no reverse scans, which have been unreliable on GPUs) over the
@@ -116,12 +164,12 @@ def _gae_kernel(
     carry_adv = tl.zeros((ROWS, LANES), acc_ty)  # the advantage entering from the right, in every lane
     carry_next = tl.zeros((ROWS, LANES), acc_ty)  # the next value entering from the right
     pos = (tl.cdiv(T, CHUNK) - 1) * CHUNK + (4 * (LANES - 1 - lane))[None, :]
-    ahead = _gae_chunk(r_row, v_row, m_row, pos, T, row_ok, HAS_MASK)
+    ahead = _gae_chunk(r_row, v_row, m_row, pos, T, row_ok, HAS_MASK, VEC)
     for _ in range(tl.cdiv(T, CHUNK)):
         here = pos
         r0, r1, r2, r3, v0, v1, v2, v3, m0, m1, m2, m3 = ahead
         pos = here - CHUNK
-        ahead = _gae_chunk(r_row, v_row, m_row, pos, T, row_ok, HAS_MASK)
+        ahead = _gae_chunk(r_row, v_row, m_row, pos, T, row_ok, HAS_MASK, VEC)
         r0, r1, r2, r3 = r0.to(acc_ty), r1.to(acc_ty), r2.to(acc_ty), r3.to(acc_ty)
         v0, v1, v2, v3 = v0.to(acc_ty), v1.to(acc_ty), v2.to(acc_ty), v3.to(acc_ty)
         # Next value at each position: the value at the nearest valid position right of it.
@@ -152,17 +200,8 @@ def _gae_kernel(
         a1 = d1 + c1 * a2
         a0 = d0 + c0 * a1
         carry_adv = tl.gather(a0, left_lane, 1)
-        _gae_store(adv_row, ret_row, here, T, row_ok, a0, v0)
-        _gae_store(adv_row, ret_row, here + 1, T, row_ok, a1, v1)
-        _gae_store(adv_row, ret_row, here + 2, T, row_ok, a2, v2)
-        _gae_store(adv_row, ret_row, here + 3, T, row_ok, a3, v3)
-
-
-@triton.jit
-def _gae_store(adv_row, ret_row, t, T, row_ok, adv, value):
-    inb = (t < T) & row_ok
-    tl.store(adv_row + t, adv, mask=inb)
-    tl.store(ret_row + t, adv + value, mask=inb)
+        _gae_store(adv_row, here, T, row_ok, a0, a1, a2, a3, VEC)
+        _gae_store(ret_row, here, T, row_ok, a0 + v0, a1 + v1, a2 + v2, a3 + v3, VEC)
 
 
 def gae(rewards, values, mask, gamma, lam, launch=None):
@@ -177,9 +216,23 @@ def gae(rewards, values, mask, gamma, lam, launch=None):
         rewards, values, values if mask is None else mask, advantages, returns,
         B, T, rewards.stride(0), values.stride(0), 0 if mask is None else mask.stride(0), *split_float(gamma),
         *split_float(gamma * lam),
-        HAS_MASK=mask is not None, ROWS=GAE_ROWS, LANES=GAE_LANES, num_warps=GAE_ROWS,
+        HAS_MASK=mask is not None, ROWS=GAE_ROWS, LANES=GAE_LANES, VEC=gae_vectors(rewards, values, mask),
+        num_warps=GAE_ROWS,
     )  # fmt: skip
     return advantages, returns
+
+
+def gae_vectors(*tensors) -> bool:
+    """Whether the GAE kernel's chunks load and store a lane's 4 positions as one vector
+    (_gae_chunk's VEC): when the JIT will know every row 16-byte aligned, i.e. each
+    ``[B, T]`` tensor (None: absent) starts 16 bytes into its storage and T and the row
+    strides are multiples of 16 elements (the divisibility the JIT records of an int)."""
+    for t in tensors:
+        if t is None:
+            continue
+        if t.storage_offset() * t.element_size() % 16 or t.shape[1] % 16 or (t.shape[0] > 1 and t.stride(0) % 16):
+            return False
+    return True
 
 
 # --- PPO token losses: clipped policy surrogate and clipped value loss ---------------------
@@ -474,11 +527,13 @@ def kernel_configs():
                    "ret_ptr": f"*{dtype}", "B": "i32", "T": "i32", "r_stride": "i32", "v_stride": "i32",
                    "m_stride": "i32", "gamma_hi": "fp32", "gamma_lo": "fp32", "gamma_lam_hi": "fp32",
                    "gamma_lam_lo": "fp32", "HAS_MASK": "constexpr", "ROWS": "constexpr",
-                   "LANES": "constexpr"}  # fmt: skip
-            entry = (_gae_kernel, sig, {"HAS_MASK": has_mask, "ROWS": GAE_ROWS, "LANES": GAE_LANES}, GAE_ROWS)
-            configs.append(entry)
-            if dtype == "fp32":
-                configs.append(with_ones(entry, ("B", "T", "r_stride", "v_stride", "m_stride")))
+                   "LANES": "constexpr", "VEC": "constexpr"}  # fmt: skip
+            for vec in (False, True):
+                const = {"HAS_MASK": has_mask, "ROWS": GAE_ROWS, "LANES": GAE_LANES, "VEC": vec}
+                entry = (_gae_kernel, sig, const, GAE_ROWS)
+                configs.append(entry)
+                if dtype == "fp32" and not vec:
+                    configs.append(with_ones(entry, ("B", "T", "r_stride", "v_stride", "m_stride")))
     common = {"x_ptr": "*fp32", "old_ptr": "*fp32", "third_ptr": "*fp32", "mask_ptr": "*u8"}
     scalars = {"T": "i64", **{f"p{i}_{part}": "fp32" for i in range(3) for part in ("hi", "lo")}}
     consts = {"KIND": "constexpr", "HAS_DUAL": "constexpr", "BLOCK": "constexpr"}
