@@ -193,7 +193,13 @@ def _online_lse2(
             offs = whole + cols
             x = tl.load(body + offs, mask=offs < rest, other=float("-inf"))
             m, s, w = _lse2_tile(x, m, s, w, scale2, acc_ty, HAS_ENTROPY)
-    # The lane states, merged to the row's max.
+    return _merge_lanes(m, s, w, acc_ty, HAS_ENTROPY)
+
+
+@triton.jit
+def _merge_lanes(m, s, w, acc_ty: tl.constexpr, HAS_ENTROPY: tl.constexpr):
+    """Lane states (m, s, w) of _lse2_tile (or any set of such partial sums, one per entry),
+    merged to the row's max: scalars (m, s, w) as _online_lse2 returns them."""
     m_row = tl.max(m, axis=0)
     pivot = tl.where(m_row == float("-inf"), 0.0, m_row).to(acc_ty)
     a = tl.exp2(m - pivot)

@@ -28,6 +28,8 @@ from rlhf_kernels.triton.logprobs import (
     _grad_part,
     _grad_tile,
     _lane_vec,
+    _lse2_tile,
+    _merge_lanes,
     _online_lse2,
     _row_results,
     _row_start,
@@ -691,6 +693,19 @@ def _merge_stats(m, s, w, m2, s2, w2):
 
 
 @triton.jit
+def _sub_grad(
+    g_ptr, x, cols, label, n, full, scale2, lse2, gi, a0, a1, acc_ty: tl.constexpr, HAS_ENTROPY: tl.constexpr,
+):  # fmt: skip
+    """Stores the gradient (_grad_tile) of a tile x of a part at g_ptr: its first n columns
+    (all of them when ``full``); label relative to the tile."""
+    d = _grad_tile(x, cols, label, scale2, lse2, gi, a0, a1, acc_ty, HAS_ENTROPY).to(g_ptr.dtype.element_ty)
+    if full:
+        tl.store(g_ptr + cols, d)
+    else:
+        tl.store(g_ptr + cols, d, mask=cols < n)
+
+
+@triton.jit
 def _ppo_part(
     x_row, g_row, x_part, g_part, head, part, row, label, parts, V, st, partial_ptr, sync_ptr, old_ptr, adv_ptr,
     ref_ptr, weights_ptr, inv_temp_hi, inv_temp_lo, low_hi, low_lo, high_hi, high_lo, c_hi, c_lo, kl_coef_hi,
@@ -703,16 +718,28 @@ def _ppo_part(
     columns before them belong to part 0)."""
     inv_temp = join_float(inv_temp_hi, inv_temp_lo, acc_ty)
     scale2 = inv_temp * tl.full((), _LOG2E, acc_ty)
-    cols = tl.arange(0, PART)
+    # The part as 4 tiles of SUB columns, each [SUB // VEC, VEC] lane rows of one 16-byte
+    # vector (_tile_cols), all loaded before any is used, then reduced and differentiated one
+    # after the other: as one [PART] tile ptxas kept float32 copies of all of a thread's
+    # elements live at once (164 to 222 registers on sm_90).
+    SUB: tl.constexpr = PART // 4
+    cols = _tile_cols(x_row.dtype.element_ty.primitive_bitwidth, SUB)
     col0 = part * PART
     rest = V - head - col0  # columns of the row from col0 on (<= 0: none)
+    x_sub = x_part + col0
     # Whole parts load without a mask (see _online_lse2: a masked load held back the
     # thread's next one).
-    if rest >= PART:
-        x = tl.load(x_part + col0 + cols)
+    full = rest >= PART
+    if full:
+        x0 = tl.load(x_sub + cols)
+        x1 = tl.load(x_sub + SUB + cols)
+        x2 = tl.load(x_sub + 2 * SUB + cols)
+        x3 = tl.load(x_sub + 3 * SUB + cols)
     else:
-        x = tl.load(x_part + col0 + cols, mask=cols < rest, other=float("-inf"))
-    m, s, w = _part_stats(x, scale2, acc_ty)
+        x0 = tl.load(x_sub + cols, mask=cols < rest, other=float("-inf"))
+        x1 = tl.load(x_sub + SUB + cols, mask=cols < rest - SUB, other=float("-inf"))
+        x2 = tl.load(x_sub + 2 * SUB + cols, mask=cols < rest - 2 * SUB, other=float("-inf"))
+        x3 = tl.load(x_sub + 3 * SUB + cols, mask=cols < rest - 3 * SUB, other=float("-inf"))
     # The label's logit, published by the part that holds it (0 from the others): read
     # after the wait it could already be the gradient of an in-place sweep.
     label32 = label.to(tl.int32)
@@ -722,6 +749,15 @@ def _ppo_part(
     hcols = tl.arange(0, HEAD_COLS)
     has_head = (part == 0) & (head > 0)
     x_head = tl.load(x_row + hcols, mask=(hcols < head) & has_head, other=float("-inf"))
+    LANES: tl.constexpr = cols.shape[0]
+    m = tl.full((LANES,), float("-inf"), acc_ty)
+    s = tl.zeros((LANES,), acc_ty)
+    w = tl.zeros((LANES,), acc_ty)
+    m, s, w = _lse2_tile(x0, m, s, w, scale2, acc_ty, True)
+    m, s, w = _lse2_tile(x1, m, s, w, scale2, acc_ty, True)
+    m, s, w = _lse2_tile(x2, m, s, w, scale2, acc_ty, True)
+    m, s, w = _lse2_tile(x3, m, s, w, scale2, acc_ty, True)
+    m, s, w = _merge_lanes(m, s, w, acc_ty, True)
     if has_head:
         m_h, s_h, w_h = _part_stats(x_head, scale2, acc_ty)
         m, s, w = _merge_stats(m, s, w, m_h, s_h, w_h)
@@ -759,12 +795,15 @@ def _ppo_part(
             high_lo, c_hi, c_lo, kl_coef_hi, kl_coef_lo, ent_coef_hi, ent_coef_lo, part == 0, HAS_DUAL, HAS_REF,
             KL_KIND, HAS_ENTROPY_GRAD,
         )  # fmt: skip
-        d = _grad_tile(x, cols, label32 - head - col0, scale2, lse2, gi, a0, a1, acc_ty, HAS_ENTROPY_GRAD)
-        d = d.to(g_part.dtype.element_ty)
-        if rest >= PART:
-            tl.store(g_part + col0 + cols, d)
-        else:
-            tl.store(g_part + col0 + cols, d, mask=cols < rest)
+        g_sub = g_part + col0
+        lab = label32 - head - col0
+        _sub_grad(g_sub, x0, cols, lab, rest, full, scale2, lse2, gi, a0, a1, acc_ty, HAS_ENTROPY_GRAD)
+        _sub_grad(g_sub + SUB, x1, cols, lab - SUB, rest - SUB, full, scale2, lse2, gi, a0, a1, acc_ty,
+                  HAS_ENTROPY_GRAD)  # fmt: skip
+        _sub_grad(g_sub + 2 * SUB, x2, cols, lab - 2 * SUB, rest - 2 * SUB, full, scale2, lse2, gi, a0, a1, acc_ty,
+                  HAS_ENTROPY_GRAD)  # fmt: skip
+        _sub_grad(g_sub + 3 * SUB, x3, cols, lab - 3 * SUB, rest - 3 * SUB, full, scale2, lse2, gi, a0, a1, acc_ty,
+                  HAS_ENTROPY_GRAD)  # fmt: skip
         if has_head:
             d_head = _grad_tile(x_head, hcols, label32, scale2, lse2, gi, a0, a1, acc_ty, HAS_ENTROPY_GRAD)
             tl.store(g_row + hcols, d_head.to(g_part.dtype.element_ty), mask=hcols < head)
@@ -922,17 +961,30 @@ def _ppo_logits_parts(
             HAS_ENTROPY_GRAD=entropy_coef != 0, PART=part_cols, MAX_PARTS=triton.next_power_of_2(parts),
             PHASE=phase, ROW_ALIGNED=rows_aligned(logits, grad),
             num_warps=_parts_warps(part_cols, logits.element_size()),
-            **LAUNCH_OPTIONS[_ppo_logits_parts_kernel.__name__],
+            maxnreg=parts_maxnreg(),
         )  # fmt: skip
 
 
 MAX_FUSED_PARTS = 256
 
-# Launch options beyond num_warps, by kernel (compile_check compiles with them too). ptxas
-# gives _ppo_logits_parts_kernel 164 to 222 registers a thread when left alone (bf16, rows
-# it cannot prove aligned, sm_90) and 96 to 123 without spills at a cap of 128: two
-# programs of 8 warps an SM instead of one.
-LAUNCH_OPTIONS = {"_ppo_logits_parts_kernel": {"maxnreg": 128}}
+# Launch options beyond num_warps, by kernel (compile_check compiles with them too).
+# _ppo_logits_parts_kernel holds 32 elements a thread (bf16: 16 registers) from its load to
+# its stores, so its occupancy, and with it the bytes in flight per SM, is set by registers.
+# ptxas, left alone, takes 58-64 registers for rows the JIT knows aligned (sm_90, bf16)
+# but up to 128 for rows it does not, and at any cap it takes all of it; at 72 no
+# configuration spills (at 64, rows not known aligned spill 4-16 bytes): three programs of
+# 8 warps an SM (48 KiB of logits in flight), seven of 4 warps (4096 columns a part).
+# RLHF_KERNELS_FUSED_PARTS_MAXNREG overrides it at launch (parts_maxnreg: for a GPU to time 64).
+PARTS_MAXNREG = 72
+LAUNCH_OPTIONS = {"_ppo_logits_parts_kernel": {"maxnreg": PARTS_MAXNREG}}
+
+
+def parts_maxnreg() -> int:
+    setting = os.environ.get("RLHF_KERNELS_FUSED_PARTS_MAXNREG", str(PARTS_MAXNREG))
+    try:
+        return int(setting)
+    except ValueError:
+        raise ValueError(f"RLHF_KERNELS_FUSED_PARTS_MAXNREG must be an integer, got {setting!r}") from None
 
 
 def _parts_warps(part_cols: int, itemsize: int) -> int:
