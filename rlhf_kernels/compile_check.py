@@ -122,6 +122,7 @@ def _compile_triton(kernel, signature, constexprs, num_warps, cc, attrs=None):
     # the launch options its module gives the kernel beyond num_warps (LAUNCH_OPTIONS: e.g. maxnreg)
     fn = getattr(kernel, "fn", kernel)
     extra = getattr(sys.modules[fn.__module__], "LAUNCH_OPTIONS", {}).get(fn.__name__, {})
+    extra = extra(constexprs) if callable(extra) else extra
     return triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps, **extra})
 
 

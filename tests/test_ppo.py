@@ -42,13 +42,16 @@ def assert_gae_matches_loop(rewards, values, mask, device, backend):
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(["triton"]))
-def test_gae_triton_several_rows_per_program(monkeypatch, device, backend):
+@pytest.mark.parametrize("T", [300, 256], ids=["columns", "vectors"])
+def test_gae_triton_several_rows_per_program(monkeypatch, device, backend, T):
     """The Triton kernel takes ROWS rows (warps) per program; the launcher uses one, the
-    kernel supports more (a partial last program included)."""
+    kernel supports more (a partial last program included), with either chunk layout
+    (T = 256: a lane's 4 positions as one vector, gae_vectors; float64 here)."""
     monkeypatch.setattr(triton_ppo, "GAE_ROWS", 4)
     g = torch.Generator().manual_seed(5)
-    rewards, values = (torch.randn(5, 300, generator=g, dtype=torch.float64) for _ in range(2))
-    mask = make_mask(5, 300, g, "gaps")
+    rewards, values = (torch.randn(5, T, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = make_mask(5, T, g, "gaps")
+    assert triton_ppo.gae_vectors(rewards, values, mask) == (T == 256)
     assert_gae_matches_loop(rewards, values, mask, device, backend)
 
 
@@ -987,6 +990,19 @@ def test_fused_parts_setting(monkeypatch):
     monkeypatch.setenv("RLHF_KERNELS_FUSED_PART_COLS", "8k")
     with pytest.raises(ValueError, match="RLHF_KERNELS_FUSED_PART_COLS"):
         triton_ppo.fused_parts(128256, 4)
+    # its register cap: none for rows the JIT knows aligned, PARTS_MAXNREG for the others, or
+    # RLHF_KERNELS_FUSED_PARTS_MAXNREG for all (0: none)
+    monkeypatch.delenv("RLHF_KERNELS_FUSED_PARTS_MAXNREG", raising=False)
+    assert triton_ppo.parts_maxnreg(True) == {}
+    assert triton_ppo.parts_maxnreg(False) == {"maxnreg": triton_ppo.PARTS_MAXNREG}
+    monkeypatch.setenv("RLHF_KERNELS_FUSED_PARTS_MAXNREG", "0")
+    assert triton_ppo.parts_maxnreg(False) == {}
+    monkeypatch.setenv("RLHF_KERNELS_FUSED_PARTS_MAXNREG", "64")
+    assert triton_ppo.parts_maxnreg(True) == {"maxnreg": 64}
+    for bad in ("8", "300", "-1", "many"):
+        monkeypatch.setenv("RLHF_KERNELS_FUSED_PARTS_MAXNREG", bad)
+        with pytest.raises(ValueError, match="RLHF_KERNELS_FUSED_PARTS_MAXNREG"):
+            triton_ppo.parts_maxnreg(True)
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(native_op=FUSED))

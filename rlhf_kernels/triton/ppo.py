@@ -950,6 +950,7 @@ def _ppo_logits_parts(
     partial = torch.empty(rows * parts * 4, dtype=stats.dtype, device=device)  # (m, s, w, label's logit)
     sync = torch.zeros(rows + 1, dtype=torch.int32, device=device)  # the ticket, then a count per row
     kernel = _ppo_logits_parts_kernel if launch is None else launch(_ppo_logits_parts_kernel)
+    row_aligned = rows_aligned(logits, grad)
     # The interpreter runs one program after another, where a wait for another part would never
     # end: two phases there. (A row of one part waits for nothing.)
     for phase in (1, 2) if triton_interpreted() and parts > 1 else (0,):
@@ -959,32 +960,44 @@ def _ppo_logits_parts(
             *split_float(high), *split_float(clip_c), *split_float(kl_coef), *split_float(entropy_coef),
             ignore_index, parts, HAS_DUAL=has_dual, HAS_REF=ref is not None, KL_KIND=kl_kind,
             HAS_ENTROPY_GRAD=entropy_coef != 0, PART=part_cols, MAX_PARTS=triton.next_power_of_2(parts),
-            PHASE=phase, ROW_ALIGNED=rows_aligned(logits, grad),
-            num_warps=_parts_warps(part_cols, logits.element_size()),
-            maxnreg=parts_maxnreg(),
+            PHASE=phase, ROW_ALIGNED=row_aligned, num_warps=_parts_warps(part_cols, logits.element_size()),
+            **parts_maxnreg(row_aligned),
         )  # fmt: skip
 
 
 MAX_FUSED_PARTS = 256
 
-# Launch options beyond num_warps, by kernel (compile_check compiles with them too).
-# _ppo_logits_parts_kernel holds 32 elements a thread (bf16: 16 registers) from its load to
-# its stores, so its occupancy, and with it the bytes in flight per SM, is set by registers.
-# ptxas, left alone, takes 58-64 registers for rows the JIT knows aligned (sm_90, bf16)
-# but up to 128 for rows it does not, and at any cap it takes all of it; at 72 no
-# configuration spills (at 64, rows not known aligned spill 4-16 bytes): three programs of
-# 8 warps an SM (48 KiB of logits in flight), seven of 4 warps (4096 columns a part).
-# RLHF_KERNELS_FUSED_PARTS_MAXNREG overrides it at launch (parts_maxnreg: for a GPU to time 64).
+# Launch options beyond num_warps, by kernel: a dict, or a function of the constexprs giving
+# one (compile_check compiles with them too). _ppo_logits_parts_kernel holds 32 elements a
+# thread (bf16: 16 registers) from its load to its stores, so registers set its occupancy
+# and with it the bytes in flight per SM. ptxas, left alone, takes 56-63 registers (bf16) or
+# 40 (float32) where the JIT knows the rows aligned, but 80-128 where it does not; and
+# given a cap it fills it. So rows not known aligned (ROW_ALIGNED False) get a cap of 72 (no
+# configuration spills there; 3 programs of 8 warps an SM), the others none (4 programs of
+# 8 warps, bf16 at 8192 columns a part). RLHF_KERNELS_FUSED_PARTS_MAXNREG sets a cap for
+# every launch instead (0: none; parts_maxnreg).
 PARTS_MAXNREG = 72
-LAUNCH_OPTIONS = {"_ppo_logits_parts_kernel": {"maxnreg": PARTS_MAXNREG}}
 
 
-def parts_maxnreg() -> int:
-    setting = os.environ.get("RLHF_KERNELS_FUSED_PARTS_MAXNREG", str(PARTS_MAXNREG))
+def _parts_launch_options(constexprs: dict) -> dict:
+    return {} if constexprs.get("ROW_ALIGNED") else {"maxnreg": PARTS_MAXNREG}
+
+
+LAUNCH_OPTIONS = {"_ppo_logits_parts_kernel": _parts_launch_options}
+
+
+def parts_maxnreg(row_aligned: bool) -> dict:
+    """The register cap of a _ppo_logits_parts_kernel launch, as launch options."""
+    setting = os.environ.get("RLHF_KERNELS_FUSED_PARTS_MAXNREG")
+    if setting is None:
+        return _parts_launch_options({"ROW_ALIGNED": row_aligned})
     try:
-        return int(setting)
+        cap = int(setting)
     except ValueError:
         raise ValueError(f"RLHF_KERNELS_FUSED_PARTS_MAXNREG must be an integer, got {setting!r}") from None
+    if cap < 0 or 0 < cap < 24 or cap > 255:
+        raise ValueError(f"RLHF_KERNELS_FUSED_PARTS_MAXNREG must be 0 (no cap) or 24 to 255, got {cap}")
+    return {"maxnreg": cap} if cap else {}
 
 
 def _parts_warps(part_cols: int, itemsize: int) -> int:
