@@ -270,9 +270,8 @@ def _grad_part(
     label int32; part_cols a multiple of BLOCK_V, or part 0 the whole row (part_cols = V, as
     the PPO kernel calls it).
 
-    ROW_ALIGNED (rows_aligned: every row of both tensors an equal multiple of 16 bytes
-    from their bases) takes the columns from the row start and leaves the rest to the
-    JIT, which proves 16-byte accesses from aligned bases. Otherwise they are counted
+    ROW_ALIGNED (rows_aligned: the JIT can prove every row of both tensors 16-byte
+    aligned) takes the columns from the row start and leaves the rest to the JIT. Otherwise they are counted
     from the row's first 16-byte boundary when the logits and gradient rows are equally
     far from one (a contiguous gradient of contiguous logits with an odd vocabulary:
     16-byte loads and stores), part 0 also doing the columns before it; or, the two rows

@@ -682,17 +682,6 @@ def _part_stats(x, scale2, acc_ty: tl.constexpr):
 
 
 @triton.jit
-def _merge_stats(m, s, w, m2, s2, w2):
-    """Two (m, s, w) of _part_stats merged (the same sums over both sets of logits)."""
-    m_new = tl.maximum(m, m2)
-    pivot = tl.where(m_new == float("-inf"), 0.0, m_new)
-    a = tl.exp2(m - pivot)
-    a2 = tl.exp2(m2 - pivot)
-    w_new = a * (w + s * tl.where(s > 0, m - pivot, 0.0)) + a2 * (w2 + s2 * tl.where(s2 > 0, m2 - pivot, 0.0))
-    return m_new, a * s + a2 * s2, w_new
-
-
-@triton.jit
 def _sub_grad(
     g_ptr, x, cols, label, n, full, scale2, lse2, gi, a0, a1, acc_ty: tl.constexpr, HAS_ENTROPY: tl.constexpr,
 ):  # fmt: skip
@@ -760,7 +749,7 @@ def _ppo_part(
     m, s, w = _merge_lanes(m, s, w, acc_ty, True)
     if has_head:
         m_h, s_h, w_h = _part_stats(x_head, scale2, acc_ty)
-        m, s, w = _merge_stats(m, s, w, m_h, s_h, w_h)
+        m, s, w = _merge_lanes(tl.join(m, m_h), tl.join(s, s_h), tl.join(w, w_h), acc_ty, True)
     slot = partial_ptr + (row * parts + part) * 4
     if PHASE != 2:
         tl.store(slot, m)
@@ -783,11 +772,7 @@ def _ppo_part(
         ms = tl.load(slots, mask=valid, other=float("-inf"), cache_modifier=".cg")
         ss = tl.load(slots + 1, mask=valid, other=0.0, cache_modifier=".cg")
         ws = tl.load(slots + 2, mask=valid, other=0.0, cache_modifier=".cg")
-        m_row = tl.max(ms, axis=0)
-        pivot = tl.where(m_row == float("-inf"), 0.0, m_row)
-        a = tl.exp2(ms - pivot)
-        s_row = tl.sum(a * ss, axis=0)
-        w_row = tl.sum(a * (ws + ss * tl.where(ss > 0, ms - pivot, 0.0)), axis=0)
+        m_row, s_row, w_row = _merge_lanes(ms, ss, ws, acc_ty, True)
         x_label = tl.sum(tl.load(slots + 3, mask=valid, other=0.0, cache_modifier=".cg"), axis=0)
         lse2, _, logp, entropy = _row_results(m_row, s_row, w_row, x_label, scale2, acc_ty)
         gi, a0, a1 = _ppo_token(
