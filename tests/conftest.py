@@ -74,3 +74,23 @@ def counted(calls: dict):
         return wrapper
 
     return wrap
+
+
+def graph_replay(step, static: list, fresh: list):
+    """Records ``step()`` (tensors out, reading the tensors of ``static``) into a CUDA graph,
+    after the side-stream warm-up that capture asks for, then copies ``fresh`` into ``static``
+    and replays. Returns the replay's outputs, cloned."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    with torch.no_grad():
+        for dst, src in zip(static, fresh, strict=True):
+            dst.copy_(src)
+    graph.replay()
+    return [t.clone() for t in captured]

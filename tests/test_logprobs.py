@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import HAS_CUDA, backend_cases
+from conftest import HAS_CUDA, backend_cases, graph_replay
 
 import rlhf_kernels
 from rlhf_kernels.reference.logprobs import token_logprobs as reference
@@ -609,6 +609,37 @@ def test_mixed_devices():
         rlhf_kernels.token_logprobs(
             x, torch.zeros(2, 4, dtype=torch.long, device="cuda"), torch.ones(2, 4, dtype=torch.bool)
         )
+
+
+@pytest.mark.parametrize("device,backend", [c for c in backend_cases() if c.values[0] == "cuda"])
+def test_cuda_graph_capture(device, backend):
+    """Forward and backward record into a CUDA graph with the default check_labels=True (its
+    host sync is skipped while capturing) and replays on new data match eager calls; a kept
+    label outside [0, V) then gives NaN for its token, as with check_labels=False."""
+    logits, labels, mask = make_batch(2, 6, 1003, torch.bfloat16, device)
+    x = logits.detach().clone().requires_grad_(True)
+    y, m, g = labels.clone(), mask.clone(), torch.randn(2, 6, device=device)
+
+    def step(check_labels=True):
+        x.grad = None
+        lp, ent = rlhf_kernels.token_logprobs(x, y, m, return_entropy=True, check_labels=check_labels,
+                                              backend=backend)  # fmt: skip
+        torch.autograd.backward((lp, ent), (g, 0.37 * g))
+        return lp, ent, x.grad
+
+    new_logits, new_labels, _ = make_batch(2, 6, 1003, torch.bfloat16, device, seed=5)
+    new_labels[1, 3], m[1, 3] = 1003, True  # out of range, kept
+    replayed = graph_replay(step, [x, y], [new_logits, new_labels])
+    with pytest.raises(ValueError, match="labels: value 1003"):
+        step()  # eagerly, the check runs
+    eager = step(check_labels=False)
+    assert torch.isnan(replayed[0][1, 3]) and torch.isnan(eager[0][1, 3])
+    for got, want in zip(replayed, eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    keep = torch.ones_like(m)
+    keep[1, 3] = False
+    want = reference(new_logits.double(), new_labels.masked_fill(~keep, 0), m & keep)
+    torch.testing.assert_close(replayed[0][keep], want.float()[keep], **FWD_TOL[torch.bfloat16])
 
 
 @pytest.mark.parametrize("backend", ["triton", "native"])

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import HAS_CUDA, backend_cases
+from conftest import HAS_CUDA, backend_cases, graph_replay
 
 import rlhf_kernels
 from rlhf_kernels.reference import ppo as reference
@@ -943,6 +943,38 @@ def test_ppo_from_logits_row_parts_many_rows(monkeypatch, device, backend, vocab
                                    msg=lambda m, key=key: f"{key}: {m}")  # fmt: skip
         torch.testing.assert_close(got_grad.float(), want_grad.float(), rtol=1e-2, atol=1e-6,
                                    msg=lambda m, key=key: f"{key}: {m}")  # fmt: skip
+
+
+@pytest.mark.parametrize("device,backend", [c for c in backend_cases() if c.values[0] == "cuda"])
+@pytest.mark.parametrize("part_cols", ["0", "256"], ids=["rows", "row parts"])
+@pytest.mark.parametrize("grad_in_forward", [True, False], ids=["fused", "two-pass"])
+def test_ppo_from_logits_cuda_graph_capture(monkeypatch, device, backend, part_cols, grad_in_forward):
+    """The policy step records into a CUDA graph with the default check_labels=True (skipped
+    while capturing: no host sync) and replays on new logits and advantages match eager calls
+    and the float64 composition (the row-cut sweep's sync counters are reset by each replay)."""
+    if part_cols != "0" and (backend != "triton" or not grad_in_forward):
+        pytest.skip("the row-cut variant is the Triton fused sweep's")
+    monkeypatch.setenv("RLHF_KERNELS_FUSED_PART_COLS", part_cols)
+    g = torch.Generator().manual_seed(21)
+    logits, labels, old, adv, mask, ref = fused_inputs(3, 7, 1003, g, torch.bfloat16, device)
+    new_logits, _, _, new_adv, _, _ = fused_inputs(3, 7, 1003, g, torch.bfloat16, device)
+    x = logits.detach().clone().requires_grad_(True)
+    kw = dict(ref_logprobs=ref, kl_coef=0.05, entropy_coef=0.01, clip_ratio_c=3.0, loss_agg_mode="seq-mean-token-mean")
+
+    def step():
+        x.grad = None
+        loss, metrics = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, backend=backend,
+                                                          grad_in_forward=grad_in_forward, **kw)  # fmt: skip
+        loss.backward()
+        return loss, torch.stack(list(metrics)), x.grad
+
+    replayed = graph_replay(step, [x, adv], [new_logits, new_adv])
+    for got, want in zip(replayed, step(), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    want, want_grad = fused_oracle(new_logits, labels, old, new_adv, mask, **kw)
+    tol, grad_tol = FUSED_TOL[torch.bfloat16]
+    torch.testing.assert_close(replayed[0].double(), want[0], **tol)
+    torch.testing.assert_close(replayed[2].double(), want_grad, **grad_tol)
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(["triton"]))
