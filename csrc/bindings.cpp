@@ -2,6 +2,7 @@
 // argument checks with messages naming the argument, tensor -> params
 // translation, and the CPU / CUDA registrations.
 #include <ATen/Config.h>
+#include <ATen/MemoryOverlap.h>
 #include <torch/extension.h>
 
 #include <cstdint>
@@ -186,10 +187,20 @@ at::Tensor token_logprobs_bwd(const at::Tensor& grad_logprobs, const std::option
   return grad;
 }
 
+// An in-place gradient needs rows that share no memory (each row is read, then overwritten,
+// by its own block). The Python ops fall back to a fresh gradient for such logits; this
+// guards the registered ops called directly. (A view ATen cannot judge, such as a slice,
+// passes: its rows are checked on the Python side.)
+void check_distinct_rows(const at::Tensor& logits) {
+  TORCH_CHECK_VALUE(at::has_internal_overlap(logits) != at::MemOverlap::Yes,
+                    "logits: rows share memory (an expand or overlapping windows); the in-place ops need distinct rows");
+}
+
 void token_logprobs_bwd_inplace(const at::Tensor& logits, const at::Tensor& grad_logprobs,
                                 const std::optional<at::Tensor>& grad_entropy, const at::Tensor& labels,
                                 const at::Tensor& lse, const at::Tensor& entropy, double temperature,
                                 int64_t ignore_index) {
+  check_distinct_rows(logits);
   run_bwd(grad_logprobs, grad_entropy, logits, logits, labels, lse, entropy, temperature, ignore_index);
 }
 
@@ -702,6 +713,7 @@ std::tuple<at::Tensor, at::Tensor> ppo_logits_fused_inplace(
     const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old, const at::Tensor& adv,
     const std::optional<at::Tensor>& ref, const at::Tensor& weights, double temperature, int64_t ignore_index,
     double low, double high, double clip_c, bool has_dual, int64_t kl_kind, double kl_coef, double entropy_coef) {
+  check_distinct_rows(logits);
   at::Tensor stats;
   PpoLogitsParams p = ppo_logits_params(logits, labels, old, adv, ref, weights, temperature, ignore_index, low, high,
                                         clip_c, has_dual, kl_kind, kl_coef, entropy_coef, stats);
@@ -818,5 +830,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "(blocks a cluster, slice, shared memory a block) of the fused PPO step's sm_90 cluster kernel "
       "(RLHF_KERNELS_CLUSTER_SLICE_BYTES; buffers: 2 for the double-buffered mode)",
       pybind11::arg("vocab"), pybind11::arg("itemsize"), pybind11::arg("max_smem"), pybind11::arg("buffers") = 1);
+  m.def("ppo_cluster_launches", &rlhf::ppo_cluster_launches_cuda,
+        "Launches of the fused PPO step's sm_90 cluster kernel so far in this process (for tests)");
 #endif
 }

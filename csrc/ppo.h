@@ -160,6 +160,9 @@ void ppo_logits_fused_cuda(const PpoLogitsParams& p, void* stream);
 // RLHF_KERNELS_CLUSTER_SLICE_BYTES. out: {C (0: the kernel does not apply), slice
 // (elements a block), dynamic shared memory a block}.
 void ppo_cluster_layout_cuda(int64_t vocab, int itemsize, int64_t max_smem, int buffers, int64_t* out);
+// How many launches of the cluster kernel this process has made, for tests (a case meant for
+// it must not pass by falling back to the streaming kernel).
+int64_t ppo_cluster_launches_cuda();
 void ppo_logits_fused_cpu(const PpoLogitsParams& p);
 
 // Masked whitening (rlhf_kernels.ops.ppo.masked_whiten) over n contiguous

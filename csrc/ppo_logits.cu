@@ -57,6 +57,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
@@ -570,6 +571,8 @@ int max_active_clusters(Kernel kernel, int dev, int64_t C, size_t smem) {
   return clusters;
 }
 
+std::atomic<int64_t> cluster_launches{0};  // ppo_cluster_launches_cuda
+
 // Launches one of the cluster kernels when it applies (see the top of this
 // file); false leaves the work to the caller.
 template <typename T>
@@ -606,6 +609,7 @@ bool launch_cluster(const FusedArgs<T>& a, const PpoLogitsParams& p, cudaStream_
       throw std::runtime_error(std::string("rlhf_kernels: ppo_logits cluster kernel launch failed: ") +
                                cudaGetErrorString(err));
     }
+    cluster_launches.fetch_add(1, std::memory_order_relaxed);
     return true;
   }
 }
@@ -661,6 +665,8 @@ void ppo_cluster_layout_cuda(int64_t vocab, int itemsize, int64_t max_smem, int 
   out[1] = l.slice;
   out[2] = l.smem;
 }
+
+int64_t ppo_cluster_launches_cuda() { return gpu::cluster_launches.load(std::memory_order_relaxed); }
 
 void ppo_logits_fused_cuda(const PpoLogitsParams& p, void* stream) {
   if (!ppo_loss::check_fused(p, "ppo_logits_fused_cuda")) return;  // (a 0-block launch is an error)

@@ -529,6 +529,8 @@ def ppo_step_problem(batch, time_steps, vocab, dtype, device) -> Problem:
                 "triton", True, {"RLHF_KERNELS_FUSED_PART_COLS": cols})
         provs["rlhf_kernels[triton,fused,parts 8K,72 regs]"] = ours(  # the cap rows not known aligned get
             "triton", True, {"RLHF_KERNELS_FUSED_PART_COLS": "8192", "RLHF_KERNELS_FUSED_PARTS_MAXNREG": "72"})
+        # the program-per-row kernel at 8 elements a thread (its layout until 16 a thread became the default)
+        provs["rlhf_kernels[triton,fused,16 warps]"] = ours("triton", True, {"RLHF_KERNELS_FUSED_WARPS": "16"})
     if "native" in fused_backends:  # the streaming kernel instead of the cluster one (benchmarks/bwd_sweep.py
         # times the cluster kernel's slice sizes)
         provs["rlhf_kernels[native,fused,slice off]"] = ours("native", True, {"RLHF_KERNELS_CLUSTER_SLICE_BYTES": "0"})

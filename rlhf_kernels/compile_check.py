@@ -6,7 +6,7 @@
 * ``csrc/*.cu`` is compiled with nvcc for the same architectures with
   ``-Xptxas -v``.
 
-* The streaming loops of the log-prob and GAE kernels (IN_FLIGHT_KERNELS) are disassembled
+* The streaming loops of the log-prob, fused PPO and GAE kernels (IN_FLIGHT_KERNELS) are disassembled
   (cuobjdump) and must issue two 16-byte loads per thread before using the data of
   either (:attr:`SassLoop.in_flight`). ptxas decides that order: the Triton forward
   had one in flight (2.49-2.88 TB/s on an H100 where the CUDA forward, with two,
@@ -240,6 +240,13 @@ IN_FLIGHT_KERNELS = (
     ("logprobs", "bf16", "_logprobs_bwd_kernel", {"HAS_ENTROPY": False, "BLOCK_V": 4096, "ROW_ALIGNED": True}, True),
     ("logprobs", "bf16", "_logprobs_bwd_kernel", {"HAS_ENTROPY": True, "BLOCK_V": 4096, "ROW_ALIGNED": True}, True),
     ("logprobs", "bf16", "_logprobs_bwd_kernel", {"HAS_ENTROPY": False, "BLOCK_V": 4096, "ROW_ALIGNED": False}, False),
+    # the fused PPO sweep, a program per row: its first pass (and, with the gradient, the second)
+    ("ppo", "bf16", "_ppo_logits_kernel", {"HAS_DUAL": True, "HAS_REF": True, "KL_KIND": 3, "HAS_ENTROPY_GRAD": True,
+                                           "WRITE_GRAD": False, "BLOCK_V": 4096, "PREFETCH": False,
+                                           "ROW_ALIGNED": True, "PERSISTENT": False}, True),  # fmt: skip
+    ("ppo", "bf16", "_ppo_logits_kernel", {"HAS_DUAL": True, "HAS_REF": True, "KL_KIND": 3, "HAS_ENTROPY_GRAD": True,
+                                           "WRITE_GRAD": True, "BLOCK_V": 4096, "PREFETCH": False,
+                                           "ROW_ALIGNED": True, "PERSISTENT": False}, True),  # fmt: skip
     # the GAE kernel's chunk loop with its vector loads (rewards and values, [4096, 2048])
     ("ppo", "fp32", "_gae_kernel", {"HAS_MASK": True, "ROWS": 1, "LANES": 32, "VEC": True}, True),
 )
@@ -261,8 +268,9 @@ def find_triton_config(module: str, kernel_name: str, dtype: str, constexprs: di
 
 
 def check_in_flight(cc: int = 90) -> list[tuple[str, SassLoop]]:
-    """(configuration, its streaming loop) for IN_FLIGHT_KERNELS: the loop with the most
-    16-byte loads (the whole-tile loop of a row)."""
+    """(configuration, its streaming loop) for IN_FLIGHT_KERNELS: of the loops with the most
+    16-byte loads (the whole-tile loops of a row: a kernel that reads its row twice has two),
+    the one with the fewest in flight."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the kernels that are compiled here")
     out = []
@@ -273,7 +281,8 @@ def check_in_flight(cc: int = 90) -> list[tuple[str, SassLoop]]:
         label = f"{name}[{dtype},{flags}]"
         if not loops:
             raise RuntimeError(f"{label}: no loop found in its SASS (sass_loops no longer reads it?)")
-        out.append((label, max(loops, key=lambda lp: (lp.ld128, len(lp.body)))))
+        top = max(lp.ld128 for lp in loops)
+        out.append((label, min((lp for lp in loops if lp.ld128 == top), key=lambda lp: (lp.in_flight, -len(lp.body)))))
     return out
 
 

@@ -172,6 +172,12 @@ def test_rows_aligned_reads_storage_offset_and_strides():
     assert not triton_logprobs.rows_aligned(torch.empty(3, 50264, dtype=torch.bfloat16))
     assert not triton_logprobs.rows_aligned(torch.empty(3, 1004, dtype=torch.float32))
     assert triton_logprobs.rows_aligned(torch.empty(3, 1008, dtype=torch.float32))
+    # a view of memory 4 bytes past a 16-byte boundary, at storage offset 0 (foreign memory)
+    shifted = torch.empty(0, dtype=torch.bfloat16).set_(x.untyped_storage()[4:], 0, (4, 1024), (1024, 1))
+    assert shifted.storage_offset() == 0 and not triton_logprobs.rows_aligned(shifted)
+    with torch._subclasses.FakeTensorMode():  # torch.compile's tracing: no address, offsets and strides only
+        fake = torch.empty(4, 6, 1024, dtype=torch.bfloat16)
+        assert triton_logprobs.rows_aligned(fake) and not triton_logprobs.rows_aligned(fake[..., 1:])
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())
@@ -766,6 +772,17 @@ def test_inplace_backward_on_overlapping_rows_falls_back(device, backend):
     xr = row.double().clone().requires_grad_(True)
     reference(xr.expand(1, 3, 40), labels).sum().backward()
     torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"]))
+def test_inplace_ops_refuse_rows_that_share_memory(device, backend):
+    """The registered in-place backward, called directly on rows that share memory (where the
+    public op falls back, above), raises naming the logits instead of racing on them."""
+    x = torch.randn(1, 40, device=device).expand(3, 40)
+    labels, stats = torch.tensor([3, 7, 9], device=device), torch.zeros(3, device=device)
+    op = getattr(torch.ops.rlhf_kernels, f"token_logprobs_bwd_inplace_{backend}")
+    with pytest.raises(ValueError, match="logits: rows share memory"):
+        op(x, torch.ones(3, device=device), None, labels, stats, stats, 1.0, -100)
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())

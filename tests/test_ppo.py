@@ -107,6 +107,35 @@ def test_gae_vectors_when_the_jit_knows_rows_aligned():
     assert not triton_ppo.gae_vectors(torch.zeros(4, 1500), torch.zeros(4, 1500), None)  # T
 
 
+def test_gae_passes_a_single_rows_stride_as_zero():
+    """With one row its stride is never used: the launcher passes 0, which the JIT knows
+    divisible by 16, so the vector layout that gae_vectors picks for it (whatever the stride)
+    really gets 16-byte accesses."""
+    if triton_ppo is None:
+        pytest.skip("triton is not installed")
+    seen = {}
+
+    def launch(kernel):
+        def at(grid):
+            def call(*args, **kw):
+                seen["args"], seen["kw"] = args, kw
+                return kernel[grid](*args, **kw)
+
+            return call
+
+        return type("Launch", (), {"__getitem__": lambda self, grid: at(grid)})()
+
+    g = torch.Generator().manual_seed(3)
+    rewards, values = torch.randn(1, 65, generator=g)[:, :64], torch.randn(1, 72, generator=g)[:, 8:]
+    mask = torch.rand(1, 64, generator=g) > 0.3
+    assert triton_ppo.gae_vectors(rewards, values, mask)
+    adv, ret = triton_ppo.gae(rewards, values, mask, 0.99, 0.95, launch=launch)
+    assert seen["args"][7:10] == (0, 0, 0) and seen["kw"]["VEC"]
+    want = reference.gae(rewards.double(), values.double(), mask, gamma=0.99, lam=0.95)
+    torch.testing.assert_close(adv.double(), want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ret.double(), want[1], rtol=1e-5, atol=1e-5)
+
+
 def test_gae_skips_masked_positions():
     """A masked position neither adds a TD error nor breaks the recursion."""
     rewards = torch.tensor([[0.0, 5.0, 0.0, 1.0]])
@@ -779,18 +808,20 @@ def fused_oracle(logits, labels, old, adv, mask, *, ref_logprobs=None, temperatu
 
 
 def check_fused(logits, labels, old, adv, mask, backend, *, grad_in_forward=True, inplace_backward=False,
-                sliced=False, **kw):  # fmt: skip
+                sliced=False, pad=0, **kw):  # fmt: skip
     """The op against fused_oracle. sliced: the op gets logits[:, :T] of a [B, T + 1, V]
     tensor, as from an LM head's output (rows further apart than V; for an odd V each row a
-    different distance from a 16-byte boundary, unlike those of a fresh gradient)."""
+    different distance from a 16-byte boundary, unlike those of a fresh gradient). pad: the
+    op gets logits[..., :V] of [..., V + pad] rows (a padded vocabulary: rows spaced wider
+    than they are long)."""
     tol, grad_tol = FUSED_TOL[logits.dtype]
     want, want_grad = fused_oracle(logits, labels, old, adv, mask, **kw)
-    if sliced:
-        B, T, V = logits.shape
-        leaf = torch.zeros(B, T + 1, V, dtype=logits.dtype, device=logits.device)
-        leaf[:, :T] = logits
+    B, T, V = logits.shape
+    if sliced or pad:
+        leaf = torch.zeros(B, T + sliced, V + pad, dtype=logits.dtype, device=logits.device)
+        leaf[:, :T, :V] = logits
         leaf.requires_grad_(True)
-        x = (leaf * 1 if inplace_backward else leaf)[:, :T]
+        x = (leaf * 1 if inplace_backward else leaf)[:, :T, :V]
         assert not x.is_contiguous()
     else:
         leaf = logits.detach().clone().requires_grad_(True)
@@ -800,9 +831,11 @@ def check_fused(logits, labels, old, adv, mask, backend, *, grad_in_forward=True
                                                       inplace_backward=inplace_backward, **kw)  # fmt: skip
     loss.backward()
     grad = leaf.grad
-    if sliced:
-        assert torch.all(grad[:, T:] == 0)
-        grad = grad[:, :T]
+    if sliced or pad:
+        outside = grad.clone()
+        outside[:, :T, :V] = 0
+        assert torch.all(outside == 0)
+        grad = grad[:, :T, :V]
     assert loss.shape == () and grad.dtype == logits.dtype and grad.shape == logits.shape
     torch.testing.assert_close(loss.double(), want[0], **tol)
     for name, got, exp in zip(metrics._fields, metrics, want, strict=True):
@@ -977,6 +1010,17 @@ def test_ppo_from_logits_cuda_graph_capture(monkeypatch, device, backend, part_c
     torch.testing.assert_close(replayed[2].double(), want_grad, **grad_tol)
 
 
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"], native_op=FUSED))
+def test_fused_inplace_op_refuses_rows_that_share_memory(device, backend):
+    """The registered in-place fused step, called directly on rows that share memory (the
+    public op writes a fresh gradient for them), raises naming the logits."""
+    x = torch.randn(1, 40, device=device).expand(3, 40)
+    labels, zeros, weights = torch.tensor([3, 7, 9], device=device), torch.zeros(3, device=device), torch.ones(3)
+    op = getattr(torch.ops.rlhf_kernels, f"ppo_logits_fused_inplace_{backend}")
+    with pytest.raises(ValueError, match="logits: rows share memory"):
+        op(x, labels, zeros, zeros, None, weights.to(device), 1.0, -100, 0.8, 1.2, 3.0, False, 0, 0.0, 0.0)
+
+
 @pytest.mark.parametrize("device,backend", backend_cases(["triton"]))
 def test_ppo_from_logits_row_parts_ignored_and_bad_labels(monkeypatch, device, backend):
     """Parts of an ignored row write a zero gradient and no stats wait; a kept label outside
@@ -1110,10 +1154,7 @@ def test_ppo_from_logits_prefetch_settings_agree(monkeypatch, device, backend, d
     g = torch.Generator().manual_seed(16)
     inputs = fused_inputs(2, 3, 5000, g, dtype=dtype, device=device)
     out = _fused_steps_under(monkeypatch, "RLHF_KERNELS_FUSED_PREFETCH", ("1", "0"), inputs, backend)
-    for a, b in zip(out[0][:-1], out[1][:-1], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    # the gradient is stored in the logits' dtype: one bf16 rounding step apart at most
-    torch.testing.assert_close(out[0][-1], out[1][-1], rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-6)
+    _assert_fused_steps_close(out[0], out[1], dtype)
 
 
 @pytest.mark.gpu
@@ -1122,14 +1163,39 @@ def test_ppo_from_logits_prefetch_settings_agree(monkeypatch, device, backend, d
 def test_ppo_from_logits_fused_program_count_is_schedule_only(monkeypatch, backend):
     """RLHF_KERNELS_FUSED_PROGRAMS_PER_SM changes how many programs walk the rows (0, the
     default: one per row; 1 and 2 per SM: persistent, each walking several rows, with more
-    rows than programs), not the result: the same bits."""
+    rows than programs), not the result: the same bits between persistent counts (the same
+    layout), float rounding against a program per row (16 elements a thread, not 8: its sums
+    merge in another order)."""
     g = torch.Generator().manual_seed(18)
     # rows of 256 KiB, so that L2 caps neither count: 300 rows over 1 or 2 programs per SM
     inputs = fused_inputs(3, 100, 128256, g, dtype=torch.bfloat16, device="cuda")
     out = _fused_steps_under(monkeypatch, "RLHF_KERNELS_FUSED_PROGRAMS_PER_SM", ("0", "1", "2"), inputs, backend)
+    for a, b in zip(out[1], out[2], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _assert_fused_steps_close(out[0], out[1], torch.bfloat16)
+
+
+def _assert_fused_steps_close(a, b, dtype):
+    """Two _fused_steps_under results equal to float rounding (the gradient to one rounding
+    step of its dtype)."""
+    for x, y in zip(a[:-1], b[:-1], strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a[-1], b[-1], rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton"], native_op=FUSED))
+def test_ppo_from_logits_fused_warps_setting(monkeypatch, device, backend):
+    """RLHF_KERNELS_FUSED_WARPS sets the program-per-row sweep's warps (how many elements of a
+    tile a thread holds), not the result beyond float rounding; anything but 0, 1, 2, 4, 8 or
+    16 is an error naming it."""
+    g = torch.Generator().manual_seed(19)
+    inputs = fused_inputs(2, 3, 5000, g, dtype=torch.bfloat16, device=device)
+    out = _fused_steps_under(monkeypatch, "RLHF_KERNELS_FUSED_WARPS", ("0", "16", "4"), inputs, backend)
     for other in out[1:]:
-        for a, b in zip(out[0], other, strict=True):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        _assert_fused_steps_close(out[0], other, torch.bfloat16)
+    monkeypatch.setenv("RLHF_KERNELS_FUSED_WARPS", "3")
+    with pytest.raises(ValueError, match="RLHF_KERNELS_FUSED_WARPS"):
+        _fused_steps_under(monkeypatch, "RLHF_KERNELS_FUSED_WARPS", ("3",), inputs, backend)
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(native_op=FUSED))
@@ -1189,15 +1255,28 @@ def test_ppo_from_logits_non_finite_kl_and_padding(device, backend, grad_in_forw
     assert loss.isfinite() and metrics.kl.isfinite() and x.grad.isfinite().all()
 
 
-CLUSTER_CASES = {  # (B, T, V, RLHF_KERNELS_CLUSTER_SLICE_BYTES): what the CUDA one-read sweep sees
-    "default": (3, 6, 1000, None),  # one block per cluster
-    "off": (3, 6, 1000, "0"),  # the streaming kernel
-    "4-8-blocks": (3, 6, 1000, "512"),  # bf16: 4 slices of 256; fp32: 8 of 128, the last one 104
-    "tail": (1, 1, 1003, "512"),  # one row: aligned, with a scalar tail in the last slice
-    "one-element-slice": (1, 1, 33, "32"),  # fp32: slices 8, 8, 8, 8, 1; bf16: 16, 16, 1 (no vector)
-    "too-many-blocks": (2, 2, 1000, "64"),  # > 8 blocks: the streaming kernel
-    "unaligned-rows": (2, 3, 1003, "512"),  # rows not on 16-byte boundaries: the streaming kernel
+CLUSTER_CASES = {  # (B, T, V, RLHF_KERNELS_CLUSTER_SLICE_BYTES, pad, cluster kernel on sm_90): what the
+    # CUDA one-read sweep sees
+    "default": (3, 6, 1000, None, 0, True),  # one block per cluster
+    "off": (3, 6, 1000, "0", 0, False),  # the streaming kernel
+    "4-8-blocks": (3, 6, 1000, "512", 0, True),  # bf16: 4 slices of 256; fp32: 8 of 128, the last one 104
+    "tail": (1, 1, 1003, "512", 0, True),  # one row: aligned, with a scalar tail in the last slice
+    "one-element-slice": (1, 1, 33, "32", 0, True),  # fp32: slices 8, 8, 8, 8, 1; bf16: 16, 16, 1 (no vector)
+    "padded-tail": (3, 6, 1003, "512", 5, True),  # rows of 1003 spaced 1008 apart: aligned, each with a tail
+    "too-many-blocks": (2, 2, 1000, "64", 0, False),  # > 8 blocks: the streaming kernel
+    "unaligned-rows": (2, 3, 1003, "512", 0, False),  # rows not on 16-byte boundaries: the streaming kernel
 }
+
+
+def cluster_launches(device) -> int | None:
+    """The CUDA extension's count of cluster kernel launches, where the cluster kernel can run
+    (an sm_90 GPU, an extension built for it); else None."""
+    native_c = pytest.importorskip("rlhf_kernels._C")
+    if device != "cuda" or torch.cuda.get_device_capability()[0] != 9 or not hasattr(native_c, "ppo_cluster_launches"):
+        return None
+    if "9.0" not in native_c.build_info()["cuda_archs"]:
+        return None
+    return native_c.ppo_cluster_launches()
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(["native"], native_op=FUSED))
@@ -1208,13 +1287,14 @@ CLUSTER_CASES = {  # (B, T, V, RLHF_KERNELS_CLUSTER_SLICE_BYTES): what the CUDA 
                          ids=["plain", "pipelined", "pipelined-2-clusters", "double", "double-2-clusters"])  # fmt: skip
 def test_ppo_from_logits_cluster_sweep(monkeypatch, device, backend, case, dtype, inplace, pipeline, clusters):
     """The CUDA gradient sweep that holds each row in the shared memory of a thread-block
-    cluster (sm_90), with the row cut into 1 to 8 slices, a scalar tail, an empty slice, in
-    place, and the cases that fall back to the streaming kernel. (On CPU and before sm_90 this
+    cluster (sm_90), with the row cut into 1 to 8 slices, a scalar tail (one row; padded rows),
+    in place, and the cases that fall back to the streaming kernel. (On CPU and before sm_90 this
     runs the other kernels: same expectations.) The pipelined variant copies the next row of
     its cluster while writing this one's gradient, the double-buffered one when it starts this
     one: with at most 2 clusters each walks many rows, skipped ones among them (the mask's
-    gaps, an all-masked sequence, an ignored label)."""
-    B, T, V, budget = CLUSTER_CASES[case]
+    gaps, an all-masked sequence, an ignored label). On an sm_90 GPU, the cases meant for the
+    cluster kernel must have run it (not passed by falling back), the others must not have."""
+    B, T, V, budget, pad, clustered = CLUSTER_CASES[case]
     monkeypatch.setenv("RLHF_KERNELS_CLUSTER_PIPELINE", pipeline)
     monkeypatch.setenv("RLHF_KERNELS_CLUSTER_MAX", clusters)
     if budget is not None:
@@ -1223,8 +1303,54 @@ def test_ppo_from_logits_cluster_sweep(monkeypatch, device, backend, case, dtype
     logits, labels, old, adv, mask, ref = fused_inputs(B, T, V, g, dtype, device)
     if B * T > 2:
         labels[0, 1] = -100  # a skipped row: every block of its cluster skips it
+    before = cluster_launches(device)
     check_fused(logits, labels, old, adv, mask, backend, inplace_backward=inplace, clip_ratio_c=3.0,
-                ref_logprobs=ref, kl_coef=0.05, entropy_coef=0.01, temperature=1.3)  # fmt: skip
+                ref_logprobs=ref, kl_coef=0.05, entropy_coef=0.01, temperature=1.3, pad=pad)  # fmt: skip
+    if before is not None:
+        assert cluster_launches(device) - before == clustered
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["native"], native_op=FUSED))
+@pytest.mark.parametrize("pipeline,clusters", [("0", "0"), ("1", "2"), ("2", "2")],
+                         ids=["plain", "pipelined-2-clusters", "double-2-clusters"])  # fmt: skip
+def test_ppo_from_logits_cluster_llama_vocab(monkeypatch, device, backend, pipeline, clusters):
+    """At Llama-3's vocabulary and the default 64 KiB slices (bf16 rows of 250 KiB: 4-block
+    clusters), each of 2 clusters walking a dozen rows: the cluster kernel agrees with the
+    streaming one, in place too. A kept label outside [0, V) (check_labels=False) makes its
+    row's gradient NaN and no other's; an ignored row's gradient is 0."""
+    if device == "cpu":
+        pytest.skip("the cluster kernel runs on sm_90 GPUs; on CPU this is the streaming kernel twice")
+    monkeypatch.setenv("RLHF_KERNELS_CLUSTER_PIPELINE", pipeline)
+    monkeypatch.setenv("RLHF_KERNELS_CLUSTER_MAX", clusters)
+    g = torch.Generator().manual_seed(23)
+    logits, labels, old, adv, mask, ref = fused_inputs(2, 12, 128256, g, torch.bfloat16, device)
+    labels[0, 2], mask[0, 2] = 128256, True
+    labels[1, 5], mask[1, 5] = -100, True
+    kw = dict(ref_logprobs=ref, kl_coef=0.05, entropy_coef=0.01, grad_in_forward=True, check_labels=False,
+              backend=backend)  # fmt: skip
+    grads = {}
+    for budget in ("0", None):
+        if budget is None:
+            monkeypatch.delenv("RLHF_KERNELS_CLUSTER_SLICE_BYTES", raising=False)
+        else:
+            monkeypatch.setenv("RLHF_KERNELS_CLUSTER_SLICE_BYTES", budget)
+        for inplace in (False, True):
+            before = cluster_launches(device)
+            leaf = logits.detach().clone().requires_grad_(True)
+            x = leaf * 1 if inplace else leaf
+            loss, _ = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, inplace_backward=inplace, **kw)
+            loss.backward()
+            if before is not None:
+                assert cluster_launches(device) - before == (budget is None)
+            grads[budget, inplace] = leaf.grad.float()
+    want = grads["0", False]
+    nan_rows = want.isnan().any(-1)
+    assert nan_rows[0, 2] and want[0, 2].isnan().all() and nan_rows.sum() == 1
+    assert torch.all(want[1, 5] == 0)
+    for key, got in grads.items():
+        assert torch.equal(got.isnan(), want.isnan()), key
+        torch.testing.assert_close(got[~nan_rows], want[~nan_rows], rtol=1e-2, atol=1e-6,
+                                   msg=lambda m, key=key: f"{key}: {m}")  # fmt: skip
 
 
 def test_cuda_cluster_layout(monkeypatch):

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_kernels._layout import row_layout
+from rlhf_kernels._layout import row_layout, rows_may_overlap
 from rlhf_kernels.triton._common import join_float, split_float, with_ones
 
 # Kernels may only read globals that are constexpr.
@@ -48,6 +48,15 @@ def kernel_layout(t: torch.Tensor, name: str = "logits") -> tuple[int, int, int,
     return layout
 
 
+def check_distinct_rows(logits: torch.Tensor, grad: torch.Tensor | None) -> None:
+    """An in-place gradient (``grad`` is ``logits``) needs rows that share no memory: a
+    program reads and overwrites its own row only. (The public ops fall back to a fresh
+    gradient for such logits; this guards the registered in-place ops called directly.)"""
+    if grad is logits and rows_may_overlap(logits):
+        raise ValueError("logits: rows share memory (an expand or overlapping windows); "
+                         "the in-place ops need distinct rows")  # fmt: skip
+
+
 def rows_aligned(*tensors: torch.Tensor) -> bool:
     """Whether the JIT can prove every row of each ``[..., V]`` tensor 16-byte aligned: its
     storage offset a multiple of 16 bytes and its leading strides (of dims longer than 1)
@@ -56,13 +65,25 @@ def rows_aligned(*tensors: torch.Tensor) -> bool:
     nothing). Storage offset and strides are known to torch.compile's fake tensors, unlike
     data_ptr. Chooses the gradient sweeps' ROW_ALIGNED variant (no runtime search for a
     row's first 16-byte boundary), which is correct for any alignment: its vector accesses
-    are only those the JIT proves from the actual pointers and strides."""
+    are only those the JIT proves from the actual pointers and strides. (The storage's own
+    base is checked where there is one: PyTorch's allocators align it, but a view of
+    foreign memory, from DLPack or a shifted untyped storage, need not be.)"""
     for t in tensors:
-        if t.storage_offset() * t.element_size() % 16:
+        if t.storage_offset() * t.element_size() % 16 or _data_ptr(t) % 16:
             return False
         if any(stride % 16 for size, stride in zip(t.shape[:-1], t.stride()[:-1], strict=True) if size > 1):
             return False
     return True
+
+
+def _data_ptr(t: torch.Tensor) -> int:
+    """``t.data_ptr()``, or 0 for a tensor without storage (torch.compile's fake tensors)."""
+    if isinstance(t, torch._subclasses.FakeTensor):
+        return 0
+    try:
+        return t.data_ptr()
+    except RuntimeError:  # other tensor subclasses without storage
+        return 0
 
 
 @triton.constexpr_function
@@ -637,6 +658,7 @@ def logprobs_bwd(
     launch=None,
 ) -> None:
     """Launch the backward kernel, writing into ``grad_logits`` (may be ``logits``)."""
+    check_distinct_rows(logits, grad_logits)
     layout = kernel_layout(logits)
     grad_layout = kernel_layout(grad_logits)
     rows = lse.numel()

@@ -34,6 +34,7 @@ from rlhf_kernels.triton.logprobs import (
     _row_results,
     _row_start,
     _tile_cols,
+    check_distinct_rows,
     kernel_layout,
     rows_aligned,
 )
@@ -207,7 +208,8 @@ def _gae_kernel(
 
 
 def gae(rewards, values, mask, gamma, lam, launch=None):
-    """Launch the GAE kernel on [B, T] rows (unit stride along T)."""
+    """Launch the GAE kernel on [B, T] rows (unit stride along T). One row's stride is passed
+    as 0, which the JIT knows divisible by 16 (gae_vectors ignores it)."""
     B, T = rewards.shape
     advantages = torch.empty((B, T), dtype=rewards.dtype, device=rewards.device)
     returns = torch.empty_like(advantages)
@@ -216,7 +218,7 @@ def gae(rewards, values, mask, gamma, lam, launch=None):
     kernel = _gae_kernel if launch is None else launch(_gae_kernel)
     kernel[(triton.cdiv(B, GAE_ROWS),)](
         rewards, values, values if mask is None else mask, advantages, returns,
-        B, T, rewards.stride(0), values.stride(0), 0 if mask is None else mask.stride(0), *split_float(gamma),
+        B, T, *(0 if t is None or B == 1 else t.stride(0) for t in (rewards, values, mask)), *split_float(gamma),
         *split_float(gamma * lam),
         HAS_MASK=mask is not None, ROWS=GAE_ROWS, LANES=GAE_LANES, VEC=gae_vectors(rewards, values, mask),
         num_warps=GAE_ROWS,
@@ -611,10 +613,12 @@ def _ppo_logits_kernel(
     ent_coef_hi, ent_coef_lo, ignore_index,
     HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr, KL_KIND: tl.constexpr, HAS_ENTROPY_GRAD: tl.constexpr,
     WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr, ROW_ALIGNED: tl.constexpr,
+    PERSISTENT: tl.constexpr,
 ):  # fmt: skip
     # Grid: (G,), G <= rows = B * T; program i owns token rows i, i + G, ...
-    # (G = rows without the gradient; with it the launcher caps G so that the
-    # rows in flight fit in half of L2, see ppo_logits_fused). Per row:
+    # (G = rows by default; PERSISTENT: fewer, see ppo_logits_fused). A program of one row
+    # has no loop over rows: inside one, ptxas issued a thread's second 16-byte load of
+    # pass 1 only after the first one's data was used (benchmarks/sass_loops.py). Per row:
     # pass 1 streams its V logits once (online max / sum of 2^(u - m) / entropy
     # sum: _online_lse2, as _logprobs_fwd_kernel), then the per-token PPO math runs on
     # scalars (log-prob, entropy, clipped surrogate, KL, aggregation weight w
@@ -636,7 +640,14 @@ def _ppo_logits_kernel(
     LANE_ROWS: tl.constexpr = _no(PREFETCH)
     # (the same offsets as pass 1's)
     cols = _tile_cols(logits_ptr.dtype.element_ty.primitive_bitwidth, BLOCK_V, LANE_ROWS)
-    for row in range(tl.program_id(0).to(tl.int64), rows, tl.num_programs(0)):
+    first = tl.program_id(0).to(tl.int64)
+    if PERSISTENT:
+        end = rows
+        step = tl.num_programs(0)
+    else:
+        end = first + 1
+        step = 1
+    for row in range(first, end, step):
         st = stats_ptr + row * 7
         label = tl.load(labels_ptr + row)
         g_row = grad_ptr + _row_start(row, g_size1, g_size2, g_stride0, g_stride1, g_stride2)
@@ -884,6 +895,7 @@ def ppo_logits_fused(
     accumulation dtype. ``grad`` is ``None`` (no gradient), a fresh tensor or
     ``logits`` itself (in place).
     """
+    check_distinct_rows(logits, grad)
     layout = kernel_layout(logits)
     grad_layout = layout if grad is None else kernel_layout(grad)
     rows = labels.numel()
@@ -904,7 +916,6 @@ def ppo_logits_fused(
                               high, clip_c, has_dual, kl_kind, kl_coef, entropy_coef, part_cols, parts, layout,
                               grad_layout, launch)  # fmt: skip
             return stats
-    block, num_warps = _fused_block(vocab, logits.element_size())
     programs = rows
     per_sm = fused_programs_per_sm()
     if grad is not None and logits.is_cuda and per_sm > 0:
@@ -913,6 +924,9 @@ def ppo_logits_fused(
         props = torch.cuda.get_device_properties(logits.device)
         row_bytes = vocab * logits.element_size()
         programs = min(rows, max(per_sm * props.multi_processor_count, props.L2_cache_size // 2 // row_bytes))
+    persistent = programs < rows
+    block, num_warps = _fused_block(vocab, logits.element_size(), persistent)
+    num_warps = fused_warps(num_warps)
     kernel = _ppo_logits_kernel if launch is None else launch(_ppo_logits_kernel)
     kernel[(programs,)](
         logits, logits if grad is None else grad, labels, old, adv, old if ref is None else ref, weights, stats,
@@ -920,7 +934,7 @@ def ppo_logits_fused(
         *split_float(clip_c), *split_float(kl_coef), *split_float(entropy_coef), ignore_index,
         HAS_DUAL=has_dual, HAS_REF=ref is not None, KL_KIND=kl_kind, HAS_ENTROPY_GRAD=entropy_coef != 0,
         WRITE_GRAD=grad is not None, BLOCK_V=block, PREFETCH=fused_prefetch(),
-        ROW_ALIGNED=grad is None or rows_aligned(logits, grad), num_warps=num_warps,
+        ROW_ALIGNED=grad is None or rows_aligned(logits, grad), PERSISTENT=persistent, num_warps=num_warps,
     )  # fmt: skip
     return stats
 
@@ -1046,23 +1060,33 @@ def fused_programs_per_sm() -> int:
     return int(os.environ.get("RLHF_KERNELS_FUSED_PROGRAMS_PER_SM", "0"))
 
 
+def fused_warps(default: int) -> int:
+    """Warps of a _ppo_logits_kernel program: ``RLHF_KERNELS_FUSED_WARPS`` (1, 2, 4, 8 or 16),
+    else ``default`` (_fused_block). For GPU runs to compare: ``rlhf-kernels bench --op
+    ppo_step`` on CUDA times 16 warps (8 elements a thread, the layout before the program-per-row
+    kernel went to 16 a thread) beside the default."""
+    setting = os.environ.get("RLHF_KERNELS_FUSED_WARPS", "0")
+    if setting not in ("0", "1", "2", "4", "8", "16"):
+        raise ValueError(f"RLHF_KERNELS_FUSED_WARPS must be 0 (the default) or 1, 2, 4, 8 or 16, got {setting!r}")
+    return int(setting) or default
+
+
 @triton.constexpr_function
 def _no(flag):
     return not flag
 
 
-def _fused_block(vocab: int, itemsize: int) -> tuple[int, int]:
-    """The fused sweep's vocab tile and warps: the log-prob kernels' 8 KiB tile, with 8
-    elements a thread (16 warps for 16-bit logits, 8 for float32), at least 4 warps.
+def _fused_block(vocab: int, itemsize: int, persistent: bool = False) -> tuple[int, int]:
+    """The fused sweep's vocab tile and warps: the log-prob kernels' 8 KiB tile, at least
+    4 warps (with 2, ptxas spilled the gradient sweep of a 1024-wide tile on sm_90).
 
-    Written for persistent programs, about one per SM (fused_programs_per_sm), each of
-    which then needs many bytes in flight: a whole 8 KiB tile per loop step. At 16 elements a thread (8
-    warps) the per-token math beside the tile puts this kernel at sm_90's 128-register
-    ceiling (triton 3.6 spills there); at 8 a thread it needs ~100. With 2 warps ptxas
-    spills the gradient sweep of a 1024-wide tile on sm_90.
-    """
+    A program per row (the default): 16 elements a thread, as the log-prob kernels (8
+    warps; bf16 on sm_90: 48 registers without the gradient, 80 with it, no spills), so
+    that a thread has two 16-byte loads in flight in pass 1. Persistent programs
+    (fused_programs_per_sm): 8 elements a thread (16 warps for 16-bit logits), where the
+    row loop kept ptxas near 128 registers at 16 (triton 3.6 spilled there)."""
     block, _ = _block_v(vocab, itemsize)
-    return block, max(4, min(16, block // 256))
+    return block, max(4, min(16, block // 256) if persistent else min(8, block // 512))
 
 
 def _fused_configs():
@@ -1072,7 +1096,8 @@ def _fused_configs():
     ints["V"] = "i32"  # as the JIT passes it (V < 2^30: _block_v)
     floats = {f"{n}_{part}": "fp32" for n in ("inv_temp", "low", "high", "c", "kl_coef", "ent_coef")
               for part in ("hi", "lo")}  # fmt: skip
-    consts = ("HAS_DUAL", "HAS_REF", "KL_KIND", "HAS_ENTROPY_GRAD", "WRITE_GRAD", "BLOCK_V", "PREFETCH", "ROW_ALIGNED")
+    consts = ("HAS_DUAL", "HAS_REF", "KL_KIND", "HAS_ENTROPY_GRAD", "WRITE_GRAD", "BLOCK_V", "PREFETCH", "ROW_ALIGNED",
+              "PERSISTENT")  # fmt: skip
     for ty, itemsize in (("fp32", 4), ("bf16", 2), ("fp16", 2)):
         for vocab in (1000, 128256):
             block, num_warps = _fused_block(vocab, itemsize)
@@ -1087,7 +1112,15 @@ def _fused_configs():
                              "WRITE_GRAD": write, "BLOCK_V": block}  # fmt: skip
                     for prefetch, row_aligned in itertools.product((False, True), (True, False) if write else (True,)):
                         configs.append((_ppo_logits_kernel, sig, {**const, "PREFETCH": prefetch,
-                                                                  "ROW_ALIGNED": row_aligned}, num_warps))  # fmt: skip
+                                                                  "ROW_ALIGNED": row_aligned, "PERSISTENT": False},
+                                        num_warps))  # fmt: skip
+                    # persistent programs (fused_programs_per_sm), with the gradient: the large bf16 rows
+                    if write and ty == "bf16" and vocab == 128256:
+                        _, warps = _fused_block(vocab, itemsize, True)
+                        for prefetch, row_aligned in itertools.product((False, True), (True, False)):
+                            configs.append((_ppo_logits_kernel, sig, {**const, "PREFETCH": prefetch,
+                                                                      "ROW_ALIGNED": row_aligned, "PERSISTENT": True},
+                                            warps))  # fmt: skip
             # the row-cut variant (fused_parts) at 8192 columns a part, as a GPU launches it (PHASE 0);
             # both per-token maths and row alignments for bf16, the heavier aligned one for the others
             if vocab == 128256:
@@ -1110,7 +1143,7 @@ def _fused_configs():
     # Ints equal to 1 reach the JIT as constants (a contiguous [N, V] layout has size1 = 1;
     # one token, one tile): the usual case must compile too.
     for entry in list(configs):
-        if entry[0] is _ppo_logits_parts_kernel:
+        if entry[0] is _ppo_logits_parts_kernel or entry[2].get("PERSISTENT"):
             continue
         if entry[1].get("logits_ptr", entry[1].get("x_ptr")) == "*bf16" and entry[2].get("BLOCK_V", 4096) == 4096:
             configs.append(with_ones(entry, ("size1", "g_size1", "rows", "n_tiles")))
