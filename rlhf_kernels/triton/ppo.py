@@ -1081,8 +1081,8 @@ def _fused_block(vocab: int, itemsize: int, persistent: bool = False) -> tuple[i
     4 warps (with 2, ptxas spilled the gradient sweep of a 1024-wide tile on sm_90).
 
     A program per row (the default): 16 elements a thread, as the log-prob kernels (8
-    warps; bf16 on sm_90: 48 registers without the gradient, 80 with it, no spills), so
-    that a thread has two 16-byte loads in flight in pass 1. Persistent programs
+    warps; bf16 on sm_90: 40-48 registers without the gradient, 46-60 with it under triton
+    3.6 and 3.8, no spills), so that a thread has two 16-byte loads in flight in both passes. Persistent programs
     (fused_programs_per_sm): 8 elements a thread (16 warps for 16-bit logits), where the
     row loop kept ptxas near 128 registers at 16 (triton 3.6 spilled there)."""
     block, _ = _block_v(vocab, itemsize)
