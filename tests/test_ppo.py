@@ -1023,6 +1023,48 @@ def test_fused_inplace_op_refuses_rows_that_share_memory(device, backend):
         op(x, labels, zeros, zeros, None, weights.to(device), 1.0, -100, 0.8, 1.2, 3.0, False, 0, 0.0, 0.0)
 
 
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"], native_op=FUSED))
+@pytest.mark.parametrize("part_cols", ["0", "256"], ids=["rows", "row parts"])
+def test_ppo_from_logits_int64_offsets(monkeypatch, device, backend, part_cols):
+    """Rows that start past 2**31 elements (two rows 2**31 apart in a 4 GiB buffer that
+    torch.empty leaves untouched but for the rows written): the fused sweep (CUDA: the
+    cluster kernel where it runs; Triton: rows, or cut into parts) gives what it gives on
+    a contiguous copy, for the gradient written to a fresh tensor and in place."""
+    from rlhf_kernels.ops import ppo as ppo_ops
+
+    if part_cols != "0" and backend != "triton":
+        pytest.skip("the row-cut variant is the Triton fused sweep's")
+    monkeypatch.setenv("RLHF_KERNELS_FUSED_PART_COLS", part_cols)
+    vocab = 1000
+    g = torch.Generator().manual_seed(24)
+    logits, labels, old, adv, mask, ref = fused_inputs(1, 2, vocab, g, torch.bfloat16, device)
+    mask = torch.ones_like(mask)
+    base = torch.empty(2**31 + 2 * vocab, dtype=torch.bfloat16, device=device)
+    far = base.as_strided((1, 2, vocab), (2**32, 2**31, 1), storage_offset=vocab)
+    far.copy_(logits)
+    kw = dict(ref_logprobs=ref, kl_coef=0.05, entropy_coef=0.01, grad_in_forward=True, backend=backend)
+    out = []
+    for x in (logits.clone(), far.detach()):
+        x.requires_grad_(True)
+        loss, metrics = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, **kw)
+        loss.backward()
+        out.append((torch.stack(list(metrics)), x.grad.float()))
+    # (to rounding: rows the JIT can prove aligned, as these, may take another code path)
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out[1][1], out[0][1], rtol=8e-3, atol=1e-7)
+    # in place, through the registered op (the public op would run it on a copy of a leaf)
+    weights, _ = ppo_ops._fused_weights(mask, "token-mean", torch.float32)
+    args = ppo_ops._fused_args(labels, old, adv, mask, ref, weights, 1.0, -100, 0.8, 1.2, None, "k3", 0.05, 0.01,
+                               torch.float32)  # fmt: skip
+    inplace = getattr(torch.ops.rlhf_kernels, f"ppo_logits_fused_inplace_{backend}")
+    fresh = getattr(torch.ops.rlhf_kernels, f"ppo_logits_fused_{backend}")
+    _, want_stats, want_grad = fresh(logits, *args, True)
+    _, stats = inplace(far, *args)
+    torch.testing.assert_close(stats, want_stats, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(far.float(), want_grad.float(), rtol=8e-3, atol=1e-7)
+    del base, far
+
+
 @pytest.mark.parametrize("device,backend", backend_cases(["triton"]))
 def test_ppo_from_logits_row_parts_ignored_and_bad_labels(monkeypatch, device, backend):
     """Parts of an ignored row write a zero gradient and no stats wait; a kept label outside
