@@ -290,6 +290,35 @@ def test_ppo_fused_lm_head_trains_like_logits(tokenizer, tmp_path, value_head, m
         torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5)
 
 
+def test_ppo_policy_step_options_train_alike(tokenizer, tmp_path):
+    """PPOConfig.inplace_backward (the default) and grad_in_forward change where the logits'
+    gradient is written and when, not the training: same metrics and weights as neither."""
+    runs = []
+    for inplace, fused in ((False, False), (True, False), (True, True)):
+        trainer = _ppo(tokenizer, tmp_path / f"{inplace}-{fused}", max_steps=2, entropy_coef=0.01,
+                       inplace_backward=inplace, grad_in_forward=fused)  # fmt: skip
+        runs.append((trainer.train(), trainer.model))
+    hist_a, model_a = runs[0]
+    for hist_b, model_b in runs[1:]:
+        for a, b in zip(hist_a, hist_b, strict=True):
+            for key in ("score", "kl", "pg_loss", "entropy", "value_loss", "grad_norm"):
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+        for p, q in zip(model_a.parameters(), model_b.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_ppo_cli_passes_grad_in_forward(tmp_path, monkeypatch):
+    """``rlhf-kernels train ppo --grad-in-forward`` reaches PPOConfig (off without the flag)."""
+    from rlhf_kernels.trainers import ppo, run
+
+    configs = []
+    monkeypatch.setattr(ppo.PPOTrainer, "train", lambda self, resume_from=None: configs.append(self.config) or [])
+    for flag in ([], ["--grad-in-forward"]):
+        argv = ["ppo", "--steps", "1", "--batch-size", "4", "--rows", "16", "--quiet", "--device", "cpu"]
+        assert run.main([*argv, *flag, "--out", str(tmp_path / str(len(flag)))]) == 0
+    assert [c.grad_in_forward for c in configs] == [False, True] and all(c.inplace_backward for c in configs)
+
+
 def test_ppo_reward_rises(tokenizer, tmp_path):
     """From a briefly fine-tuned policy, PPO on the task's scorer raises the mean
     score of its samples, and the KL to the reference stays finite."""
@@ -388,6 +417,22 @@ def test_ppo_first_update_recomputes_the_rollout(tokenizer, tmp_path, mode):
     assert trainer.model.model.layers[0].self_attn.attention_dropout == 0.0
     history = trainer.train()
     assert abs(history[0]["approx_kl"]) < 1e-6 and history[0]["clipfrac"] == 0.0, history[0]
+
+
+def test_ppo_rollout_reads_the_logits_in_their_own_dtype(tokenizer, tmp_path, monkeypatch):
+    """The rollout's log-probs (policy and reference) take the logits as the model returns
+    them, bf16 here: no float32 copy of the [B, T, V] logits, which the kernels exist to
+    avoid (they accumulate in float32 whatever they read)."""
+    import rlhf_kernels
+
+    trainer = _ppo(tokenizer, tmp_path)
+    trainer.model.to(torch.bfloat16)
+    trainer.ref_model.to(torch.bfloat16)
+    seen, real = [], rlhf_kernels.token_logprobs
+    monkeypatch.setattr(rlhf_kernels, "token_logprobs", lambda x, *a, **k: seen.append(x.dtype) or real(x, *a, **k))
+    batch = trainer.rollout(toy.prompt_dataset(4)["prompt"])
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    assert batch["old_logprobs"].dtype == torch.float32 and batch["old_logprobs"].isfinite().all()
 
 
 def test_ppo_bad_configuration(tokenizer, tmp_path):

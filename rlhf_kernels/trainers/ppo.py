@@ -50,6 +50,12 @@ class PPOConfig(TrainerConfig):
     # How the policy and value losses average over tokens (rlhf_kernels.ops.ppo.LOSS_AGG_MODES):
     # token-mean, as TRL and verl default to; seq-mean-token-sum-norm is Dr. GRPO's.
     loss_agg_mode: str = "token-mean"
+    # The policy step from logits (ppo_loss_from_logits; not with fused_lm_head): write the
+    # logits' gradient into their own buffer (the LM head's output, which nothing else keeps:
+    # one [B, T, V] tensor less at the peak), and compute it in the forward sweep (one read of
+    # the logits instead of two; on a GPU the faster path with the CUDA kernels).
+    inplace_backward: bool = True
+    grad_in_forward: bool = False
 
 
 class ValueHead(torch.nn.Module):
@@ -169,10 +175,12 @@ class PPOTrainer(Trainer):
         return (x, head), self.value_head(hidden[:, width - 1 : -1]).float()
 
     def _logprobs(self, x, head, response, mask):
-        """Log-probs of the sampled tokens under logits / temperature, as generate sampled them."""
+        """Log-probs of the sampled tokens under logits / temperature, as generate sampled them
+        (from the logits as the model returns them: the kernels accumulate in float32, and a
+        float32 copy of the rollout's [B, T, V] logits is what they exist to avoid)."""
         cfg = self.config
         if head is None:
-            return rlhf_kernels.token_logprobs(x.float(), response, mask, temperature=cfg.temperature,
+            return rlhf_kernels.token_logprobs(x, response, mask, temperature=cfg.temperature,
                                                backend=cfg.backend)  # fmt: skip
         return rlhf_kernels.linear_token_logprobs(x, head.weight, response, mask, bias=head.bias,
                                                   temperature=cfg.temperature, backend=cfg.backend)  # fmt: skip
@@ -278,7 +286,9 @@ class PPOTrainer(Trainer):
                                 loss_agg_mode=cfg.loss_agg_mode, backend=cfg.backend)  # fmt: skip
                     per_token = (batch["response"][idx], batch["old_logprobs"][idx], batch["advantages"][idx], mask)
                     if head is None:
-                        pg_loss, m = rlhf_kernels.ppo_loss_from_logits(x, *per_token, **step)
+                        pg_loss, m = rlhf_kernels.ppo_loss_from_logits(x, *per_token, **step,
+                                                                       inplace_backward=cfg.inplace_backward,
+                                                                       grad_in_forward=cfg.grad_in_forward)  # fmt: skip
                     else:  # from the hidden states: the [B, T, V] logits are never held
                         pg_loss, m = rlhf_kernels.linear_ppo_loss(x, head.weight, *per_token, bias=head.bias, **step)
                     vf = rlhf_kernels.ppo_value_loss(

@@ -56,6 +56,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--fused-lm-head", action="store_true",
                         help="sft/dpo/ppo: log-probs and the PPO loss from the last hidden state and the LM head, "
                         "never holding [B, T, V] logits")  # fmt: skip
+    parser.add_argument("--grad-in-forward", action="store_true",
+                        help="ppo: the policy step as one sweep over the logits that writes their gradient "
+                        "(ppo_loss_from_logits(grad_in_forward=True))")  # fmt: skip
     parser.add_argument("--beta", type=float, default=0.1, help="dpo: beta")
     parser.add_argument("--loss-type", default="sigmoid", help="dpo: loss type")
     parser.add_argument("--rpo-alpha", type=float, default=0.0, help="dpo: weight of the chosen NLL term")
@@ -165,7 +168,7 @@ def run(args: argparse.Namespace):
         trainer = PPOTrainer(
             model, copy.deepcopy(model), value_model.to(device), tokenizer, dataset,
             # two mini-batches per rollout when the batch splits evenly, else one
-            PPOConfig(**common, rollout_batch_size=args.batch_size,
+            PPOConfig(**common, rollout_batch_size=args.batch_size, grad_in_forward=args.grad_in_forward,
                       mini_batch_size=args.batch_size // 2 if args.batch_size % 2 == 0 else args.batch_size),
             **reward,
         )  # fmt: skip
