@@ -281,13 +281,18 @@ def test_ppo_fused_lm_head_trains_like_logits(tokenizer, tmp_path, value_head, m
         trainer = _ppo(tokenizer, tmp_path / str(fused), value_head=value_head, max_steps=2, fused_lm_head=fused,
                        entropy_coef=0.01)  # fmt: skip
         runs.append((trainer.train(), trainer.model))
-    (hist_a, model_a), (hist_b, model_b) = runs
     assert len(calls) == 2 * 2 * 2  # 2 steps x (8 prompts / mini-batches of 4) x 2 epochs
+    _assert_ppo_runs_alike(*runs, rtol=1e-3, atol=1e-5)
+
+
+def _assert_ppo_runs_alike(run_a, run_b, rtol, atol):
+    """Two (history, model) PPO runs with the same metrics and weights, to rtol / atol."""
+    (hist_a, model_a), (hist_b, model_b) = run_a, run_b
     for a, b in zip(hist_a, hist_b, strict=True):
         for key in ("score", "kl", "pg_loss", "entropy", "value_loss", "grad_norm"):
-            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-5), key
+            assert a[key] == pytest.approx(b[key], rel=rtol, abs=atol), key
     for p, q in zip(model_a.parameters(), model_b.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(p, q, rtol=rtol, atol=atol)
 
 
 def test_ppo_policy_step_options_train_alike(tokenizer, tmp_path):
@@ -298,13 +303,8 @@ def test_ppo_policy_step_options_train_alike(tokenizer, tmp_path):
         trainer = _ppo(tokenizer, tmp_path / f"{inplace}-{fused}", max_steps=2, entropy_coef=0.01,
                        inplace_backward=inplace, grad_in_forward=fused)  # fmt: skip
         runs.append((trainer.train(), trainer.model))
-    hist_a, model_a = runs[0]
-    for hist_b, model_b in runs[1:]:
-        for a, b in zip(hist_a, hist_b, strict=True):
-            for key in ("score", "kl", "pg_loss", "entropy", "value_loss", "grad_norm"):
-                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
-        for p, q in zip(model_a.parameters(), model_b.parameters(), strict=True):
-            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+    for other in runs[1:]:
+        _assert_ppo_runs_alike(runs[0], other, rtol=1e-4, atol=1e-6)
 
 
 def test_ppo_cli_passes_grad_in_forward(tmp_path, monkeypatch):
