@@ -6,6 +6,7 @@
 * ``csrc/*.cu`` is compiled with nvcc for the same architectures with
   ``-Xptxas -v``.
 
+* The streaming kernels (IN_FLIGHT_KERNELS) are also compiled for sm_100 (:func:`check_blackwell`).
 * The streaming loops of the log-prob, fused PPO and GAE kernels (IN_FLIGHT_KERNELS) are disassembled
   (cuobjdump) and must issue two 16-byte loads per thread before using the data of
   either (:attr:`SassLoop.in_flight`). ptxas decides that order: the Triton forward
@@ -68,11 +69,16 @@ def parse_ptxas(text: str) -> list[KernelReport]:
     return reports
 
 
-def _triton_ptxas() -> str:
+def _triton_ptxas(cc: int = 90) -> str:
+    """The ptxas Triton ships (for sm_100 and later its ptxas-blackwell, where there is one:
+    the JIT's PTX for those targets is of a newer version than the other one reads)."""
     from triton.backends.nvidia import compiler
 
-    path = Path(compiler.__file__).parent / "bin" / "ptxas"
-    return str(path) if path.exists() else (shutil.which("ptxas") or "ptxas")
+    bin_dir = Path(compiler.__file__).parent / "bin"
+    for name in (("ptxas-blackwell", "ptxas") if cc >= 100 else ("ptxas",)):
+        if (bin_dir / name).exists():
+            return str(bin_dir / name)
+    return shutil.which("ptxas") or "ptxas"
 
 
 def _triton_configs() -> list:
@@ -133,7 +139,7 @@ def _ptxas(ptx: str, cc: int, tmp: str, cubin: bool = False) -> tuple[str, Path 
     out_file = Path(tmp) / "k.cubin" if cubin else None
     arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
     out = subprocess.run(
-        [_triton_ptxas(), "-v", f"-arch={arch}", str(path), "-o", str(out_file or os.devnull)],
+        [_triton_ptxas(cc), "-v", f"-arch={arch}", str(path), "-o", str(out_file or os.devnull)],
         capture_output=True,
         text=True,
         check=True,
@@ -284,6 +290,25 @@ def check_in_flight(cc: int = 90) -> list[tuple[str, SassLoop]]:
         top = max(lp.ld128 for lp in loops)
         out.append((label, min((lp for lp in loops if lp.ld128 == top), key=lambda lp: (lp.in_flight, -len(lp.body)))))
     return out
+
+
+def check_blackwell(cc: int = 100) -> list[KernelReport]:
+    """The streaming kernels (IN_FLIGHT_KERNELS, as the JIT compiles them) for sm_100: their
+    registers and spills (the issues ask for sm_80 and sm_90; this keeps the kernels that
+    carry the bandwidth from spilling on a B200 as well)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the kernels that are compiled here")
+    reports = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for module, dtype, name, const, aligned in IN_FLIGHT_KERNELS:
+            kernel, signature, constexprs, num_warps = find_triton_config(module, name, dtype, const)
+            sig, const2, attrs = specialize(signature, constexprs) if aligned else (signature, constexprs, None)
+            report, _ = _ptxas(_compile_triton(kernel, sig, const2, num_warps, cc, attrs).asm["ptx"], cc, tmp)
+            flags = ",".join(f"{k}={v}" for k, v in const.items()) + (",aligned" if aligned else "")
+            for r in parse_ptxas(report):
+                r.name = f"{name}[{dtype},{flags},warps={num_warps}]"
+                reports.append(r)
+    return reports
 
 
 def check_triton(archs=ARCHS) -> list[KernelReport]:
@@ -439,6 +464,13 @@ def main() -> int:
             failed = True
         if any(r.spills for r in reports):
             failed = True
+    try:
+        reports = check_blackwell()
+    except (FileNotFoundError, subprocess.CalledProcessError) as exc:  # no ptxas that reads the JIT's sm_100 PTX
+        print(f"triton sm_100: skipped ({type(exc).__name__})")
+    else:
+        print(format_reports("triton sm_100 (the streaming kernels)", reports))
+        failed |= any(r.spills for r in reports) or not reports
     try:
         loops = check_in_flight()
     except FileNotFoundError as exc:
