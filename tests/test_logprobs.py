@@ -774,6 +774,20 @@ def test_inplace_backward_on_overlapping_rows_falls_back(device, backend):
     torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-6, rtol=1e-5)
 
 
+def test_meta_tensors_give_shapes():
+    """On the meta device (shapes only, e.g. to plan memory) the ops run with their defaults:
+    the label check, which would read data, is skipped; outputs and gradients have the
+    shapes and dtypes of a real call."""
+    x = torch.empty(2, 5, 100, dtype=torch.bfloat16, device="meta", requires_grad=True)
+    y = torch.zeros(2, 5, dtype=torch.long, device="meta")
+    lp, ent = rlhf_kernels.token_logprobs(x, y, return_entropy=True)
+    assert lp.shape == ent.shape == (2, 5) and lp.dtype == torch.float32 and lp.device.type == "meta"
+    (lp + ent).sum().backward()
+    assert x.grad.shape == x.shape and x.grad.dtype == x.dtype
+    seq = rlhf_kernels.sequence_logprobs(x, y)
+    assert seq.shape == (2,) and seq.device.type == "meta"
+
+
 @pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"]))
 def test_inplace_ops_refuse_rows_that_share_memory(device, backend):
     """The registered in-place backward, called directly on rows that share memory (where the

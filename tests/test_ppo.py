@@ -539,6 +539,30 @@ def test_grpo_gradient_or_error(device, backend):
     assert scores.grad.abs().sum() > 0
 
 
+def test_meta_tensors_give_shapes():
+    """On the meta device (shapes only) every PPO op runs with its defaults (no host sync: the
+    label check is skipped, GRPO's consecutive groups need no data-dependent shapes) and
+    gives the shapes of a real call; the losses differentiate."""
+    def t(*shape, grad=False):
+        return torch.empty(*shape, device="meta", requires_grad=grad)
+
+    mask = torch.ones(2, 5, dtype=torch.bool, device="meta")
+    assert [a.shape for a in rlhf_kernels.gae(t(2, 5), t(2, 5), mask)] == [(2, 5), (2, 5)]
+    assert rlhf_kernels.masked_whiten(t(2, 5), mask).shape == (2, 5)
+    assert rlhf_kernels.grpo_advantages(t(8), 4).shape == (8,)
+    assert rlhf_kernels.kl_penalty(t(2, 5), t(2, 5), "k3").shape == (2, 5)
+    x = t(2, 5, grad=True)
+    rlhf_kernels.ppo_policy_loss(x, t(2, 5), t(2, 5), mask).loss.backward()
+    rlhf_kernels.ppo_value_loss(x, t(2, 5), t(2, 5), mask).loss.backward()
+    assert x.grad.shape == (2, 5)
+    logits = torch.empty(2, 5, 64, dtype=torch.bfloat16, device="meta", requires_grad=True)
+    labels = torch.zeros(2, 5, dtype=torch.long, device="meta")
+    for fused in (False, True):
+        loss, metrics = rlhf_kernels.ppo_loss_from_logits(logits, labels, t(2, 5), t(2, 5), mask, grad_in_forward=fused)
+        loss.backward()
+        assert loss.shape == () and all(m.shape == () for m in metrics) and logits.grad.shape == logits.shape
+
+
 def test_grpo_group_of_one_has_zero_gradient():
     """A group of one (std 1, advantage 0): its gradient is 0, not NaN from the root's infinite
     derivative at a variance of 0; the other groups' gradients match float64 autograd of the

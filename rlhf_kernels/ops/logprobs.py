@@ -81,9 +81,9 @@ def token_logprobs(
             ``"torch"`` backend.
         check_labels: raise if a label of a kept token is outside ``[0, V)``.
             This costs one device synchronisation; with ``False`` (and always
-            under ``torch.compile``, which cannot trace the check, and while a
-            CUDA graph is being captured, where a sync is not allowed) such
-            tokens get NaN instead, never an out-of-bounds read.
+            under ``torch.compile``, which cannot trace the check, while a CUDA
+            graph is being captured, where a sync is not allowed, and on the
+            meta device) such tokens get NaN instead, never an out-of-bounds read.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``.
 
     Returns:
@@ -196,12 +196,15 @@ def _as_float(value: numbers.Real) -> float:
         return math.inf if value > 0 else -math.inf
 
 
-def _capturing(device: torch.device) -> bool:
-    """Whether work for ``device`` is being recorded into a CUDA graph right now: the label
-    check's host sync is not allowed there (nor meaningful: replays take new data), so it is
-    skipped, as under torch.compile; out-of-range labels then give NaN, as with
+def _can_sync(device: torch.device) -> bool:
+    """Whether the label check may read a value back to the host: not under torch.compile
+    (it cannot trace the check), not while work for ``device`` is recorded into a CUDA graph
+    (a sync is not allowed there, nor meaningful: replays take new data), and not on the meta
+    device (no data; shapes only). Where it may not, out-of-range labels give NaN, as with
     ``check_labels=False``."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if torch.compiler.is_compiling() or device.type == "meta":
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 def _check_labels_and_options(labels, mask, lead, vocab, device, source, temperature, ignore_index, check_labels):
@@ -230,7 +233,7 @@ def _check_labels_and_options(labels, mask, lead, vocab, device, source, tempera
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
     if not -(2**63) <= ignore_index < 2**63:
         raise ValueError(f"ignore_index: must fit in int64, got {ignore_index}")
-    if check_labels and labels.numel() > 0 and not torch.compiler.is_compiling() and not _capturing(device):
+    if check_labels and labels.numel() > 0 and _can_sync(device):
         kept = reference.kept_labels(labels, ignore_index)
         if mask is not None:
             kept &= mask.bool()

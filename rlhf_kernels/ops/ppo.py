@@ -641,7 +641,7 @@ def grpo_advantages(
     s = scores.to(acc)
     if impl == "torch":
         if group_ids is None:
-            group_ids = torch.arange(scores.numel(), device=scores.device) // group_size
+            return _grpo_torch_sized(s, group_size, norm_by_std, eps)
         return _grpo_torch(s, group_ids, norm_by_std, eps)
     kernel = _OPS[impl]["grpo_advantages"]
     if group_ids is None:
@@ -653,6 +653,20 @@ def grpo_advantages(
     torch.cumsum(counts, 0, out=offsets[1:])
     sorted_adv = _dispatch.call_below_autograd(kernel, s.detach()[order].contiguous(), offsets, norm_by_std, float(eps))
     return torch.empty_like(sorted_adv).index_copy_(0, order, sorted_adv)
+
+
+def _grpo_torch_sized(s, group_size, norm_by_std, eps):
+    """Vectorised PyTorch (differentiable) over consecutive groups of ``group_size``: rows of a
+    ``[n / group_size, group_size]`` view, so no data-dependent shapes (no host sync, and it
+    runs on the meta device and under CUDA graph capture)."""
+    groups = s.view(-1, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if not norm_by_std:
+        return centred.view(-1)
+    if group_size == 1:  # a group of one has std 1
+        return (centred / (1.0 + eps)).view(-1)
+    std = ((centred * centred).sum(dim=1, keepdim=True) / (group_size - 1)).sqrt()
+    return (centred / (std + eps)).view(-1)
 
 
 def _grpo_torch(s, group_ids, norm_by_std, eps):
