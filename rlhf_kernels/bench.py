@@ -987,6 +987,58 @@ def format_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+# The issues' benchmark targets: (op, shape, dtype, device type (a result's device is "cpu" or
+# the GPU's name), mode, target, measure, bound, provider filter). Measures: "tbps" (at least
+# bound), "floor" (median over the read + write floor's in the same run, at most bound), "ms"
+# (median, at most bound; the CUDA graph replay's device time shown too where there is one),
+# "speedup" (over the row's baseline, at least bound). Shape None: every shape timed.
+TARGETS = (
+    ("token_logprobs", "16384x128256", "bfloat16", "cuda", "fwd", "forward >= 3.0 TB/s (H100)", "tbps", 3.0, ""),
+    ("token_logprobs", "16384x128256", "bfloat16", "cuda", "bwd", "backward >= 2.8 TB/s (H100)", "tbps", 2.8, ""),
+    ("ppo_step", "8x2048x128256", "bfloat16", "cuda", "fwd+bwd", "fused pass within 1.2x of reading the logits "
+     "once and writing their gradient once (H100)", "floor", 1.2, "fused"),
+    ("gae", "4096x2048", "float32", "cuda", "fwd", "under 0.1 ms in one launch (H100)", "ms", 0.1, ""),
+    ("gae", "4096x2048", "float32", "cuda", "fwd", "over 1000x the Python loop", "speedup", 1000.0, ""),
+    ("token_logprobs", None, "bfloat16", "cpu", "fwd+bwd", "native forward + backward >= 2x eager on CPU", "speedup",
+     2.0, "native"),
+)  # fmt: skip
+
+
+def format_targets(results: list[Result]) -> str:
+    """The timed rows that an issue's target names, each against it (our kernel backends only;
+    the PyTorch one is the reference), or "" when none was timed."""
+    ok = [r for r in results if not r.error]
+    base_of = {(r.op, r.shape, r.dtype, r.mode): r for r in ok if r.provider == r.baseline}
+    lines = []
+    for op, shape, dtype, device, mode, what, measure, bound, only in TARGETS:
+        rows = [r for r in ok if (r.op, r.dtype, r.mode) == (op, dtype, mode) and shape in (None, r.shape)
+                and (r.device == "cpu") == (device == "cpu") and r.provider.startswith("rlhf_kernels[")
+                and not r.provider.startswith("rlhf_kernels[torch") and only in r.provider]  # fmt: skip
+        if not rows:
+            continue
+        lines.append(f"  {op} {mode} ({what}):")
+        for r in rows:
+            base = base_of.get((r.op, r.shape, r.dtype, r.mode))
+            floor = next((f for f in ok if (f.op, f.shape, f.dtype, f.mode) == (r.op, r.shape, r.dtype, r.mode)
+                          and f.provider.startswith("floor")), None)  # fmt: skip
+            if measure == "tbps" and r.tbps:
+                value, met, text = r.tbps, r.tbps >= bound, f"{r.tbps:.3f} TB/s"
+            elif measure == "floor" and floor:
+                value = r.median_ms / floor.median_ms
+                met, text = value <= bound, f"{r.median_ms:.3f} ms = {value:.2f}x the floor's {floor.median_ms:.3f} ms"
+            elif measure == "ms":
+                met, text = r.median_ms <= bound, f"{r.median_ms:.3f} ms"
+                if r.graph_us is not None:
+                    text += f" ({r.graph_us / 1e3:.3f} ms of device time as a CUDA graph replay)"
+            elif measure == "speedup" and base:
+                value = base.median_ms / r.median_ms
+                met, text = value >= bound, f"{value:.1f}x {base.provider}"
+            else:
+                continue
+            lines.append(f"    {r.provider:<40} {r.shape:>14}  {text}  {'met' if met else 'NOT met'}")
+    return ("Against the issues' targets:\n" + "\n".join(lines)) if lines else ""
+
+
 def plot(results: list[Result], path: Path) -> bool:
     try:
         import matplotlib
@@ -1074,6 +1126,8 @@ def run(
         # GPU) still leaves every timing it finished on disk.
         payload = {"environment": env, "complete": complete, "results": [dataclasses.asdict(r) for r in results]}
         table = format_table(results)
+        targets = format_targets(results)
+        table += ("\n\n" + targets) if targets else ""
         for suffix, text in ((".json", json.dumps(payload, indent=1, default=str)),
                              (".txt", table + "\n" + ("" if complete else "(incomplete run)\n"))):  # fmt: skip
             tmp = base.with_suffix(suffix + ".tmp")  # a kill mid-write leaves the last complete file

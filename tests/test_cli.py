@@ -197,6 +197,41 @@ def test_queued_timing_plumbing_and_table():
     assert "queued ms" in table and "2.00" in table.splitlines()[-1]  # 3 GB in 1.5 ms
 
 
+def test_bench_reports_the_issues_targets():
+    """Below the table, the rows an issue's target names, each against it: TB/s, the fused
+    step over the floor of the same run, GAE's milliseconds (with its graph replay's) and its
+    speedup over the Python loop; the PyTorch backend and other shapes are left out."""
+    from rlhf_kernels import bench
+
+    def row(op, shape, dtype, mode, provider, ms, **kw):
+        return bench.Result(op=op, shape=shape, dtype=dtype, device="NVIDIA H100 80GB HBM3", provider=provider,
+                            mode=mode, median_ms=ms, p25_ms=ms, p75_ms=ms, min_ms=ms, runs=10, peak_mem_mb=None,
+                            saved_mb=None, bytes_moved=0, **kw)  # fmt: skip
+
+    results = [
+        row("token_logprobs", "16384x128256", "bfloat16", "fwd", "rlhf_kernels[native]", 1.4, tbps=3.004),
+        row("token_logprobs", "16384x128256", "bfloat16", "fwd", "rlhf_kernels[torch]", 50.0, tbps=0.1),
+        row("token_logprobs", "8192x151936", "bfloat16", "fwd", "rlhf_kernels[triton]", 1.0, tbps=2.0),
+        row("token_logprobs", "16384x128256", "bfloat16", "bwd", "rlhf_kernels[triton]", 3.2, tbps=2.67),
+        row("ppo_step", "8x2048x128256", "bfloat16", "fwd+bwd", "rlhf_kernels[native,fused]", 3.3),
+        row("ppo_step", "8x2048x128256", "bfloat16", "fwd+bwd", "rlhf_kernels[native,two-pass]", 4.6),
+        row("ppo_step", "8x2048x128256", "bfloat16", "fwd+bwd", "floor: read+write", 2.8),
+        row("gae", "4096x2048", "float32", "fwd", "python_loop", 150.0, baseline="python_loop"),
+        row("gae", "4096x2048", "float32", "fwd", "rlhf_kernels[triton]", 0.167, graph_us=72.8,
+            baseline="python_loop"),
+    ]  # fmt: skip
+    lines = bench.format_targets(results).splitlines()
+    assert lines[0] == "Against the issues' targets:"
+    text = "\n".join(lines)
+    assert "rlhf_kernels[torch]" not in text and "8192x151936" not in text and "two-pass" not in text
+    assert any("rlhf_kernels[native]" in ln and "3.004 TB/s  met" in ln for ln in lines)
+    assert any("rlhf_kernels[triton]" in ln and "2.670 TB/s  NOT met" in ln for ln in lines)
+    assert any("1.18x the floor's 2.800 ms  met" in ln for ln in lines)
+    assert any("0.167 ms (0.073 ms of device time" in ln and ln.endswith("NOT met") for ln in lines)
+    assert any("898.2x python_loop  NOT met" in ln for ln in lines)
+    assert bench.format_targets(results[1:3]) == ""
+
+
 def test_triton_launch_wrapper_forwards_grid_and_arguments():
     """wrap_triton's device wrapper hands grid, arguments and result through unchanged (it only
     adds a torch.cuda.device context when the first tensor is on a non-current GPU)."""
