@@ -141,6 +141,9 @@ if has bench && ((limit > 15)); then
   timeout -k 10 "$limit" "$PY" -m rlhf_kernels.cli bench --device cuda --out "$OUT" $BENCH_ARGS "${ops[@]}" \
     >"$OUT/bench.log" 2>&1
   log "bench exit code $? (124: cut at the limit; the JSON holds every finished problem)"
+  for f in "$OUT"/bench-*.txt; do  # the rows the issues' targets name, against them
+    [[ -e $f ]] && sed -n "/^Against the issues' targets:/,\$p" "$f" | tee -a "$OUT/session.log"
+  done
 fi
 if has profile && (($(left) > 20)); then
   log "Nsight Compute (benchmarks/profile_kernels.py)"
