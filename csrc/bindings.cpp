@@ -211,7 +211,9 @@ void token_logprobs_bwd_inplace(const at::Tensor& logits, const at::Tensor& grad
 // fixed order (a plain reduction, no atomics), so reruns are bitwise equal.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sequence_logprobs_fwd(const at::Tensor& logits,
                                                                      const at::Tensor& labels, double temperature,
-                                                                     int64_t ignore_index, bool average) {
+                                                                     int64_t ignore_index, bool average,
+                                                                     bool inplace_backward) {
+  (void)inplace_backward;  // used by autograd (Python side) only
   check_logits(logits);
   TORCH_CHECK_VALUE(logits.dim() >= 2, "logits: expected shape [B, T, V] or [B, V], got ", logits.sizes());
   check_row_tensor(labels, logits, "labels", at::kLong);
@@ -751,7 +753,7 @@ TORCH_LIBRARY(rlhf_kernels, m) {
       "Tensor labels, Tensor lse, Tensor entropy, float temperature, int ignore_index) -> ()");
   m.def(
       "sequence_logprobs_fwd_native(Tensor logits, Tensor labels, float temperature, int ignore_index, "
-      "bool average) -> (Tensor, Tensor, Tensor)");
+      "bool average, bool inplace_backward) -> (Tensor, Tensor, Tensor)");
   m.def(
       "preference_fwd_native(str loss, Tensor? chosen, Tensor? rejected, Tensor? ref_chosen, Tensor? ref_rejected, "
       "Tensor? margin, Tensor? kl, float beta, float gamma, float label_smoothing, float center, float tau, "

@@ -497,6 +497,40 @@ def test_sequence_logprobs(device, backend, average):
     torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"], native_op=SEQ_NATIVE_OP))
+@pytest.mark.parametrize("average", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sequence_logprobs_inplace_backward(device, backend, average, dtype):
+    """inplace_backward writes the gradient into the logits' own buffer (a [:, :-1] slice of
+    a model's output here: the row past it is left alone), the same values as a fresh one;
+    rows that share memory fall back to a fresh gradient."""
+    logits, labels, mask = _seq_case(3, 5, 211, dtype, device, seed=4)
+    full = logits._base if logits._base is not None else logits
+    weights = torch.tensor([1.0, -2.0, 0.5], device=device)
+    grads = []
+    for inplace in (False, True):
+        leaf = full.detach().clone().requires_grad_(True)
+        y = leaf * 1  # a non-leaf, as an LM head's output
+        x = y[:, :-1]
+        captured = {}
+        x.register_hook(lambda g, captured=captured: captured.setdefault("grad", g))
+        out = rlhf_kernels.sequence_logprobs(x, labels, mask, average=average, inplace_backward=inplace,
+                                             backend=backend)  # fmt: skip
+        (out * weights).sum().backward()
+        assert (captured["grad"].data_ptr() == x.data_ptr()) == inplace
+        assert torch.all(leaf.grad[:, -1] == 0)
+        grads.append(leaf.grad[:, :-1].float())
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+    row = torch.randn(1, 1, 40, device=device)
+    x = row.clone().requires_grad_(True)
+    labels3 = torch.tensor([[3, 7, 9]], device=device)
+    rlhf_kernels.sequence_logprobs((x * 1).expand(1, 3, 40), labels3, inplace_backward=True,
+                                   backend=backend).sum().backward()  # fmt: skip
+    xr = row.double().clone().requires_grad_(True)
+    reference.sequence_logprobs(xr.expand(1, 3, 40), labels3).sum().backward()
+    torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-6, rtol=1e-5)
+
+
 # Kernel sums (float32 accumulation) against the float64 reference on the same
 # (rounded) logits; the gradient is rounded to the logits' dtype, hence its
 # per-dtype tolerance. Upstream weights are up to 3 and 1/T up to 1.43, so a
@@ -592,7 +626,7 @@ def test_sequence_logprobs_opcheck(device, backend):
     logits, labels, _ = _seq_case(2, 5, 11, torch.float32, device, seed=1)
     op = torch.ops.rlhf_kernels.sequence_logprobs_fwd_native
     for average in (False, True):
-        torch.library.opcheck(op, (logits.contiguous().requires_grad_(True), labels, 0.8, -100, average))
+        torch.library.opcheck(op, (logits.contiguous().requires_grad_(True), labels, 0.8, -100, average, False))
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(["torch", "triton", "native"], native_op=SEQ_NATIVE_OP))

@@ -129,6 +129,7 @@ def sequence_logprobs(
     ignore_index: int = -100,
     average: bool = False,
     check_labels: bool = True,
+    inplace_backward: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""Per-sequence sum (or, with ``average``, mean over kept tokens) of token log-probs.
@@ -147,11 +148,13 @@ def sequence_logprobs(
     order, so no per-token log-probs are written and reruns give the same bits.
     Backward is :math:`\partial L/\partial x_{t,j} = g_b\,(\mathbb{1}[j = y_t] - p_{t,j}) / T`
     (:math:`g_b / n_b` with ``average``) for kept tokens, from the saved
-    per-token log-normalisers (``B * T`` floats).
+    per-token log-normalisers (``B * T`` floats); with ``inplace_backward`` (kernel
+    backends) it is written into the logits' own buffer, as :func:`token_logprobs` does
+    (the DPO step's ``[2B, T, V]`` gradient then needs no memory of its own).
     """
     if isinstance(logits, torch.Tensor) and logits.dim() < 2:
         raise ValueError(f"logits: expected shape [B, T, V] (or [B, V]), got {tuple(logits.shape)}")
-    check_flags(average=average, check_labels=check_labels)
+    check_flags(average=average, check_labels=check_labels, inplace_backward=inplace_backward)
     _check_inputs(logits, labels, mask, temperature, ignore_index, check_labels)
     impl = _dispatch.resolve(backend, logits.device, "sequence_logprobs_fwd_native")
     if impl == "torch":
@@ -162,8 +165,10 @@ def sequence_logprobs(
     labels = labels.long()
     if mask is not None:
         labels = labels.masked_fill(mask == 0, ignore_index)
+    if inplace_backward and rows_may_overlap(logits):  # as token_logprobs
+        inplace_backward = False
     total, _, _ = _dispatch.call(_SEQ_FWD_OPS[impl], logits, labels, float(temperature), int(ignore_index),
-                                 bool(average))  # fmt: skip
+                                 bool(average), bool(inplace_backward))  # fmt: skip
     return total
 
 
@@ -373,7 +378,7 @@ for _fwd, _bwd, _bwd_inplace in _OPS.values():
 # same backend's token backward op.
 
 
-def _fake_seq_fwd(logits, labels, temperature, ignore_index, average):
+def _fake_seq_fwd(logits, labels, temperature, ignore_index, average, inplace_backward):
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     batch = logits.shape[:1]
     return (
@@ -387,8 +392,9 @@ if triton_impl is not None:
 
     @triton_op("rlhf_kernels::sequence_logprobs_fwd_triton", mutates_args=())
     def _seq_fwd_triton(
-        logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int, average: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int, average: bool,
+        inplace_backward: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         return triton_impl.sequence_logprobs_fwd(logits, labels, temperature, ignore_index, average, launch=wrap_triton)
 
     _seq_fwd_triton.register_fake(_fake_seq_fwd)
@@ -396,21 +402,22 @@ if triton_impl is not None:
 if native.available() and hasattr(torch.ops.rlhf_kernels, "sequence_logprobs_fwd_native"):
     torch.library.register_fake("rlhf_kernels::sequence_logprobs_fwd_native")(_fake_seq_fwd)
 
-_SEQ_OPS = _dispatch.kernel_ops("sequence_logprobs_fwd", "token_logprobs_bwd")
+_SEQ_OPS = _dispatch.kernel_ops("sequence_logprobs_fwd", "token_logprobs_bwd", "token_logprobs_bwd_inplace")
 _SEQ_FWD_OPS = {name: ops[0] for name, ops in _SEQ_OPS.items()}
 
 
 def _seq_setup_context(ctx, inputs, output):
-    logits, labels, temperature, ignore_index, average = inputs
+    logits, labels, temperature, ignore_index, average, inplace_backward = inputs
     _, n_valid, lse = output
     ctx.save_for_backward(logits, labels, lse, n_valid)
     ctx.temperature = temperature
     ctx.ignore_index = ignore_index
     ctx.average = average
+    ctx.inplace_backward = inplace_backward
     ctx.mark_non_differentiable(n_valid, lse)
 
 
-def _make_seq_backward(bwd):
+def _make_seq_backward(bwd, bwd_inplace):
     def backward(ctx, grad_seq, _grad_n_valid, _grad_lse):
         logits, labels, lse, n_valid = ctx.saved_tensors
         if grad_seq is None:
@@ -420,12 +427,17 @@ def _make_seq_backward(bwd):
             g = g / n_valid.clamp(min=1)
         # Each token of sequence b gets g_b: a [B, T] float tensor, the token backward's input.
         g_tok = g.reshape((-1,) + (1,) * (lse.dim() - 1)).expand(lse.shape).contiguous()
-        grad_logits = _dispatch.call_below_autograd(bwd, g_tok, None, logits, labels, lse, lse.new_empty(0),
-                                                    ctx.temperature, ctx.ignore_index)  # fmt: skip
-        return grad_logits, None, None, None, None
+        args = (labels, lse, lse.new_empty(0), ctx.temperature, ctx.ignore_index)
+        if ctx.inplace_backward:
+            bwd_inplace(logits, g_tok, None, *args)
+            torch.autograd.graph.increment_version(logits)  # (see _make_backward)
+            grad_logits = logits
+        else:
+            grad_logits = _dispatch.call_below_autograd(bwd, g_tok, None, logits, *args)
+        return grad_logits, None, None, None, None, None
 
     return backward
 
 
-for _fwd, _tok_bwd in _SEQ_OPS.values():
-    _dispatch.register_autograd(_fwd, _make_seq_backward(_tok_bwd), setup_context=_seq_setup_context)
+for _fwd, _tok_bwd, _tok_bwd_inplace in _SEQ_OPS.values():
+    _dispatch.register_autograd(_fwd, _make_seq_backward(_tok_bwd, _tok_bwd_inplace), setup_context=_seq_setup_context)

@@ -52,9 +52,10 @@ class DPOTrainer(Trainer):
                 lp = lp / batch["completion_mask"][:, 1:].sum(-1).clamp(min=1)
             return lp
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # (the gradient goes into the logits' own buffer: nothing else keeps the LM head's output)
         return rlhf_kernels.sequence_logprobs(
             logits[:, :-1], batch["input_ids"][:, 1:], batch["completion_mask"][:, 1:], average=self.average,
-            backend=self.config.backend,
+            inplace_backward=True, backend=self.config.backend,
         )  # fmt: skip
 
     @torch.no_grad()
