@@ -37,9 +37,10 @@ def rows_may_overlap(t: torch.Tensor) -> bool:
     dims inside it span. Anything else (an ``expand``, overlapping windows) counts
     as overlapping, so in-place writes fall back to a fresh buffer.
     """
-    verdict = torch._debug_has_internal_overlap(t)
-    if verdict != 2:  # 0: no overlap, 1: overlap
-        return verdict == 1
+    if not torch.compiler.is_compiling():  # (dynamo cannot trace it; the stride walk below decides then)
+        verdict = torch._debug_has_internal_overlap(t)
+        if verdict != 2:  # 0: no overlap, 1: overlap
+            return verdict == 1
     if t.stride(-1) != 1:
         return True
     extent = t.shape[-1]  # elements one block of rows spans, starting with one row

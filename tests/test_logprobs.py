@@ -674,13 +674,18 @@ def test_opcheck(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(["torch", "triton", "native"]))
-def test_torch_compile_fullgraph(device, backend):
+@pytest.mark.parametrize("inplace", [False, True], ids=["grad", "inplace"])
+def test_torch_compile_fullgraph(device, backend, inplace):
+    """Traced whole (fullgraph), also with the gradient written into a sliced non-leaf view of
+    the logits (inplace_backward: its overlap check must not break the graph)."""
     if backend == "triton" and device == "cpu":
         pytest.skip("torch.compile cannot trace interpreted Triton kernels; checked on GPU")
     logits, labels, mask = make_batch(2, 3, 64, torch.float32, device)
+    logits = logits._base  # [B, T + 1, V]: the op takes [:, :-1] of it
 
     def step(x):
-        lp, ent = rlhf_kernels.token_logprobs(x, labels, mask, return_entropy=True, backend=backend)
+        lp, ent = rlhf_kernels.token_logprobs((x * 1)[:, :-1], labels, mask, return_entropy=True,
+                                              inplace_backward=inplace, backend=backend)  # fmt: skip
         return (lp.sum(-1) + 0.1 * ent.mean(-1)).sum()
 
     torch._dynamo.reset()

@@ -1535,16 +1535,21 @@ def test_ppo_fused_opcheck(device, backend):
 
 @pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"], native_op=FUSED))
 @pytest.mark.parametrize("grad_in_forward", [True, False], ids=["fused", "two-pass"])
-def test_ppo_from_logits_compile_fullgraph(device, backend, grad_in_forward):
+@pytest.mark.parametrize("inplace", [False, True], ids=["grad", "inplace"])
+def test_ppo_from_logits_compile_fullgraph(device, backend, grad_in_forward, inplace):
+    """Traced whole (fullgraph), also with the gradient written into a sliced non-leaf view of
+    the logits (inplace_backward: its overlap check must not break the graph)."""
     if backend == "triton" and device == "cpu":
         pytest.skip("torch.compile cannot trace interpreted Triton kernels; checked on GPU")
     g = torch.Generator().manual_seed(19)
     logits, labels, old, adv, mask, ref = fused_inputs(2, 5, 64, g, device=device)
+    logits = torch.cat([logits, logits[:, :1]], 1)  # [B, T + 1, V]: the op takes [:, :-1] of it
 
     def step(x):
-        loss, metrics = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, ref_logprobs=ref, kl_coef=0.1,
-                                                          entropy_coef=0.01, check_labels=False,
-                                                          grad_in_forward=grad_in_forward, backend=backend)
+        loss, metrics = rlhf_kernels.ppo_loss_from_logits((x * 1)[:, :-1], labels, old, adv, mask, ref_logprobs=ref,
+                                                          kl_coef=0.1, entropy_coef=0.01, check_labels=False,
+                                                          grad_in_forward=grad_in_forward, inplace_backward=inplace,
+                                                          backend=backend)
         return loss, metrics.clipfrac  # fmt: skip
 
     torch._dynamo.reset()

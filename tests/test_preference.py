@@ -630,13 +630,16 @@ def test_sequence_logprobs_opcheck(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(["torch", "triton", "native"], native_op=SEQ_NATIVE_OP))
-def test_sequence_logprobs_compile_fullgraph(device, backend):
+@pytest.mark.parametrize("inplace", [False, True], ids=["grad", "inplace"])
+def test_sequence_logprobs_compile_fullgraph(device, backend, inplace):
     if backend == "triton" and device == "cpu":
         pytest.skip("torch.compile cannot trace interpreted Triton kernels; checked on GPU")
     logits, labels, mask = _seq_case(4, 5, 40, torch.float32, device, seed=3)
+    logits = logits._base  # [B, T + 1, V]: the op takes [:, :-1] of it
 
     def step(x):
-        return rlhf_kernels.sequence_logprobs(x, labels, mask, average=True, check_labels=False, backend=backend)
+        return rlhf_kernels.sequence_logprobs((x * 1)[:, :-1], labels, mask, average=True, check_labels=False,
+                                              inplace_backward=inplace, backend=backend)  # fmt: skip
 
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
