@@ -1022,7 +1022,7 @@ def format_targets(results: list[Result]) -> str:
             floor = next((f for f in ok if (f.op, f.shape, f.dtype, f.mode) == (r.op, r.shape, r.dtype, r.mode)
                           and f.provider.startswith("floor")), None)  # fmt: skip
             if measure == "tbps" and r.tbps:
-                value, met, text = r.tbps, r.tbps >= bound, f"{r.tbps:.3f} TB/s"
+                met, text = r.tbps >= bound, f"{r.tbps:.3f} TB/s"
             elif measure == "floor" and floor:
                 value = r.median_ms / floor.median_ms
                 met, text = value <= bound, f"{r.median_ms:.3f} ms = {value:.2f}x the floor's {floor.median_ms:.3f} ms"

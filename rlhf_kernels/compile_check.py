@@ -273,6 +273,11 @@ def find_triton_config(module: str, kernel_name: str, dtype: str, constexprs: di
     raise KeyError(f"no configuration {kernel_name}[{dtype}, {constexprs}] in rlhf_kernels.triton.{module}: {names}")
 
 
+def _flags(constexprs: dict, aligned: bool) -> str:
+    """A configuration's constexprs (and whether compiled for aligned rows), as reports name it."""
+    return ",".join(f"{k}={v}" for k, v in constexprs.items()) + (",aligned" if aligned else "")
+
+
 def check_in_flight(cc: int = 90) -> list[tuple[str, SassLoop]]:
     """(configuration, its streaming loop) for IN_FLIGHT_KERNELS: of the loops with the most
     16-byte loads (the whole-tile loops of a row: a kernel that reads its row twice has two),
@@ -283,8 +288,7 @@ def check_in_flight(cc: int = 90) -> list[tuple[str, SassLoop]]:
     for module, dtype, name, const, aligned in IN_FLIGHT_KERNELS:
         sass, _ = triton_sass(*find_triton_config(module, name, dtype, const), cc=cc, aligned=aligned)
         loops = [loop for _, _, found in sass_loops(sass) for loop in found]
-        flags = ",".join(f"{k}={v}" for k, v in const.items()) + (",aligned" if aligned else "")
-        label = f"{name}[{dtype},{flags}]"
+        label = f"{name}[{dtype},{_flags(const, aligned)}]"
         if not loops:
             raise RuntimeError(f"{label}: no loop found in its SASS (sass_loops no longer reads it?)")
         top = max(lp.ld128 for lp in loops)
@@ -304,9 +308,8 @@ def check_blackwell(cc: int = 100) -> list[KernelReport]:
             kernel, signature, constexprs, num_warps = find_triton_config(module, name, dtype, const)
             sig, const2, attrs = specialize(signature, constexprs) if aligned else (signature, constexprs, None)
             report, _ = _ptxas(_compile_triton(kernel, sig, const2, num_warps, cc, attrs).asm["ptx"], cc, tmp)
-            flags = ",".join(f"{k}={v}" for k, v in const.items()) + (",aligned" if aligned else "")
             for r in parse_ptxas(report):
-                r.name = f"{name}[{dtype},{flags},warps={num_warps}]"
+                r.name = f"{name}[{dtype},{_flags(const, aligned)},warps={num_warps}]"
                 reports.append(r)
     return reports
 
@@ -339,7 +342,7 @@ def check_triton(archs=ARCHS) -> list[KernelReport]:
                 report, _ = _ptxas(compiled.asm["ptx"], cc, tmp)
                 for r in parse_ptxas(report):
                     dtype = next(v for k, v in signature.items() if k.endswith("_ptr")).lstrip("*")
-                    flags = ",".join(f"{k}={v}" for k, v in constexprs.items()) + (",aligned" if aligned else "")
+                    flags = _flags(constexprs, aligned)
                     r.name = f"{key[0]}[{dtype},{flags},warps={num_warps}]"
                     reports.append(r)
     return reports

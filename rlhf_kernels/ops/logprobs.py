@@ -346,6 +346,19 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
+def _logits_grad(bwd, bwd_inplace, inplace, logits, grad_logprobs, grad_entropy, *rest):
+    """The logits' gradient from a backend's token backward op (``rest``: labels, lse,
+    entropy, temperature, ignore_index): written over ``logits`` with ``inplace``, else fresh."""
+    if not inplace:
+        return _dispatch.call_below_autograd(bwd, grad_logprobs, grad_entropy, logits, *rest)
+    bwd_inplace(logits, grad_logprobs, grad_entropy, *rest)
+    # The C++ op is registered for CPU/CUDA only, so nothing bumps the version counter for
+    # it: do it here so that autograd's check for tensors saved by other ops and modified in
+    # place fires, as it does for the Triton op.
+    torch.autograd.graph.increment_version(logits)
+    return logits
+
+
 def _make_backward(bwd, bwd_inplace):
     def backward(ctx, grad_logprobs, grad_lse, grad_entropy):
         logits, labels, lse, entropy = ctx.saved_tensors
@@ -353,16 +366,8 @@ def _make_backward(bwd, bwd_inplace):
             grad_logprobs = torch.zeros_like(lse)
         if not ctx.return_entropy:
             grad_entropy = None
-        args = (grad_logprobs, grad_entropy, labels, lse, entropy, ctx.temperature, ctx.ignore_index)
-        if ctx.inplace_backward:
-            bwd_inplace(logits, *args)
-            # The C++ op is registered for CPU/CUDA only, so nothing bumps the version
-            # counter for it: do it here so that autograd's check for tensors saved by
-            # other ops and modified in place fires, as it does for the Triton op.
-            torch.autograd.graph.increment_version(logits)
-            grad_logits = logits
-        else:
-            grad_logits = _dispatch.call_below_autograd(bwd, grad_logprobs, grad_entropy, logits, *args[2:])
+        grad_logits = _logits_grad(bwd, bwd_inplace, ctx.inplace_backward, logits, grad_logprobs, grad_entropy,
+                                   labels, lse, entropy, ctx.temperature, ctx.ignore_index)  # fmt: skip
         return grad_logits, None, None, None, None, None
 
     return backward
@@ -427,13 +432,8 @@ def _make_seq_backward(bwd, bwd_inplace):
             g = g / n_valid.clamp(min=1)
         # Each token of sequence b gets g_b: a [B, T] float tensor, the token backward's input.
         g_tok = g.reshape((-1,) + (1,) * (lse.dim() - 1)).expand(lse.shape).contiguous()
-        args = (labels, lse, lse.new_empty(0), ctx.temperature, ctx.ignore_index)
-        if ctx.inplace_backward:
-            bwd_inplace(logits, g_tok, None, *args)
-            torch.autograd.graph.increment_version(logits)  # (see _make_backward)
-            grad_logits = logits
-        else:
-            grad_logits = _dispatch.call_below_autograd(bwd, g_tok, None, logits, *args)
+        grad_logits = _logits_grad(bwd, bwd_inplace, ctx.inplace_backward, logits, g_tok, None, labels, lse,
+                                   lse.new_empty(0), ctx.temperature, ctx.ignore_index)  # fmt: skip
         return grad_logits, None, None, None, None, None
 
     return backward

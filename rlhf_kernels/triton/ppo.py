@@ -1100,7 +1100,7 @@ def _fused_configs():
               "PERSISTENT")  # fmt: skip
     for ty, itemsize in (("fp32", 4), ("bf16", 2), ("fp16", 2)):
         for vocab in (1000, 128256):
-            block, num_warps = _fused_block(vocab, itemsize)
+            block, _ = _fused_block(vocab, itemsize)
             sig = {"logits_ptr": f"*{ty}", "grad_ptr": f"*{ty}", "labels_ptr": "*i64",
                    **{f"{n}_ptr": "*fp32" for n in ("old", "adv", "ref", "weights", "stats")}, **ints, **floats,
                    "ignore_index": "i64", **{c: "constexpr" for c in consts}}  # fmt: skip
@@ -1110,17 +1110,13 @@ def _fused_configs():
                 for write in (False, True):
                     const = {"HAS_DUAL": dual, "HAS_REF": has_ref, "KL_KIND": kind, "HAS_ENTROPY_GRAD": ent,
                              "WRITE_GRAD": write, "BLOCK_V": block}  # fmt: skip
-                    for prefetch, row_aligned in itertools.product((False, True), (True, False) if write else (True,)):
-                        configs.append((_ppo_logits_kernel, sig, {**const, "PREFETCH": prefetch,
-                                                                  "ROW_ALIGNED": row_aligned, "PERSISTENT": False},
-                                        num_warps))  # fmt: skip
-                    # persistent programs (fused_programs_per_sm), with the gradient: the large bf16 rows
-                    if write and ty == "bf16" and vocab == 128256:
-                        _, warps = _fused_block(vocab, itemsize, True)
-                        for prefetch, row_aligned in itertools.product((False, True), (True, False)):
-                            configs.append((_ppo_logits_kernel, sig, {**const, "PREFETCH": prefetch,
-                                                                      "ROW_ALIGNED": row_aligned, "PERSISTENT": True},
-                                            warps))  # fmt: skip
+                    # persistent programs (fused_programs_per_sm) too with the gradient, for the large bf16 rows
+                    persistents = (False, True) if write and ty == "bf16" and vocab == 128256 else (False,)
+                    for persistent, prefetch, row_aligned in itertools.product(
+                            persistents, (False, True), (True, False) if write else (True,)):
+                        configs.append((_ppo_logits_kernel, sig, {**const, "PREFETCH": prefetch, "ROW_ALIGNED":
+                                        row_aligned, "PERSISTENT": persistent},
+                                        _fused_block(vocab, itemsize, persistent)[1]))  # fmt: skip
             # the row-cut variant (fused_parts) at 8192 columns a part, as a GPU launches it (PHASE 0);
             # both per-token maths and row alignments for bf16, the heavier aligned one for the others
             if vocab == 128256:
