@@ -156,9 +156,27 @@ def _runner(op, args):
     return direct
 
 
-def register_autograd(op, backward, setup_context) -> None:
+def refuse_double_backward(what: str) -> None:
+    """Raise inside a backward that runs with ``create_graph=True`` (grad mode on in backward): the
+    kernels' gradients are not differentiable, and a C++ op would hand back a gradient that
+    silently carries no graph (a second derivative of zeros)."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(f"{what}: double backward (create_graph=True) is not supported by the kernel "
+                           "backends; use backend='torch' for higher-order gradients")  # fmt: skip
+
+
+def register_autograd(op, backward, setup_context, *, differentiable_backward: bool = False) -> None:
     """``torch.library.register_autograd(op, backward, setup_context=...)``, plus the
-    same formula as an autograd.Function that :func:`call` uses in eager mode."""
+    same formula as an autograd.Function that :func:`call` uses in eager mode. Unless
+    ``differentiable_backward`` (a backward written in differentiable PyTorch), a backward
+    asked for a graph (create_graph=True) raises rather than return a constant gradient."""
+    if not differentiable_backward:
+        once = backward
+
+        def backward(ctx, *grads):
+            refuse_double_backward(op._schema.name)
+            return once(ctx, *grads)
+
     torch.library.register_autograd(op, backward, setup_context=setup_context)
 
     def forward(ctx, *args):

@@ -541,6 +541,27 @@ def test_gradcheck_float64(device, backend):
     assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"]))
+@pytest.mark.parametrize("inplace", [False, True], ids=["grad", "inplace"])
+def test_double_backward_refused(device, backend, inplace):
+    """create_graph=True through the kernels raises (the native op's gradient used to carry no graph:
+    a second derivative of zeros, with only a warning); plain backward is unaffected."""
+    logits, labels, mask = make_batch(2, 3, 17, torch.float64, device)
+    calls = {
+        "token_logprobs": lambda x: rlhf_kernels.token_logprobs(x, labels, mask, return_entropy=True,
+                                                                inplace_backward=inplace, backend=backend)[1],
+        "sequence_logprobs": lambda x: rlhf_kernels.sequence_logprobs(x, labels, mask, inplace_backward=inplace,
+                                                                      backend=backend),
+    }  # fmt: skip
+    for name, fn in calls.items():
+        x = logits.detach().clone().requires_grad_(True)
+        with pytest.raises(RuntimeError, match="double backward .create_graph=True. is not supported"):
+            torch.autograd.grad(fn(x * 1.0).sum(), x, create_graph=True)
+        x = logits.detach().clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(fn(x * 1.0).sum(), x)
+        assert grad.abs().sum() > 0, name
+
+
 @pytest.mark.parametrize("device,backend", backend_cases())
 def test_float64_logits(device, backend):
     logits, labels, mask = make_batch(2, 3, 300, torch.float64, device)

@@ -374,6 +374,44 @@ def test_masked_whiten_gradient(device, backend, shift_mean, mask_kind):
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(native_op="masked_whiten_native"))
+@pytest.mark.parametrize("shift_mean", [True, False])
+def test_masked_whiten_double_backward(device, backend, shift_mean):
+    """Second derivatives (create_graph=True) through the closed-form backward: the statistics are
+    recomputed there so that they depend on x (as saved constants, the Hessian came out wrong)."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(3, 7, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    mask = (torch.rand(3, 7, generator=g) > 0.3).to(device)
+    mask[0, 2] = False
+    whiten = lambda t: rlhf_kernels.masked_whiten(t, mask, shift_mean, backend=backend)  # noqa: E731
+    assert torch.autograd.gradgradcheck(whiten, (x,))
+    upstream = torch.randn(3, 7, generator=g, dtype=torch.float64).to(device)
+    second = []
+    for fn in (whiten, lambda t: reference.masked_whiten(t, mask, shift_mean=shift_mean)):
+        (grad,) = torch.autograd.grad((fn(x) * upstream).sum(), x, create_graph=True)
+        second.append(torch.autograd.grad((grad**2).sum(), x)[0])
+    torch.testing.assert_close(second[0], second[1], atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"], native_op="ppo_loss_fwd_native"))
+def test_kernel_backwards_refuse_create_graph(device, backend):
+    """The kernels' gradients carry no graph: a backward asked for one raises (a C++ op gave a second
+    derivative of zeros, silently) instead of returning a constant."""
+    g = torch.Generator().manual_seed(13)
+    logp, old, adv, mask = ppo_inputs(2, 9, device, g, "gaps")
+    logp = logp.double().requires_grad_()
+    cases = {
+        "ppo_policy_loss": lambda: rlhf_kernels.ppo_policy_loss(logp, old.double(), adv.double(), mask,
+                                                                backend=backend).loss,  # fmt: skip
+        "kl_penalty": lambda: rlhf_kernels.kl_penalty(logp, old.double(), "k3", backend=backend).sum(),
+    }
+    for name, loss in cases.items():
+        with pytest.raises(RuntimeError, match="double backward .create_graph=True. is not supported"):
+            torch.autograd.grad(loss(), logp, create_graph=True)
+        (grad,) = torch.autograd.grad(loss(), logp)  # a plain backward still works
+        assert grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op="masked_whiten_native"))
 def test_masked_whiten_byte_mask_values(device, backend):
     """A uint8 mask counts any nonzero byte as valid, in forward and backward alike."""
     g = torch.Generator().manual_seed(8)
@@ -868,6 +906,20 @@ def check_fused(logits, labels, old, adv, mask, backend, *, grad_in_forward=True
         assert not got.requires_grad, name
         torch.testing.assert_close(got.double(), exp, **tol, msg=lambda m, name=name: f"{name}: {m}")
     torch.testing.assert_close(grad.double(), want_grad, **grad_tol)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"], native_op="ppo_loss_fwd_native"))
+@pytest.mark.parametrize("grad_in_forward", [False, True], ids=["two-pass", "fused"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["grad", "inplace"])
+def test_ppo_from_logits_double_backward_refused(device, backend, grad_in_forward, inplace):
+    g = torch.Generator().manual_seed(14)
+    logits, labels, old, adv, mask, ref = fused_inputs(2, 5, 33, g, device=device)
+    x = logits.detach().clone().requires_grad_(True)
+    loss, _ = rlhf_kernels.ppo_loss_from_logits(x * 1.0, labels, old, adv, mask, ref_logprobs=ref, kl_coef=0.1,
+                                                entropy_coef=0.01, grad_in_forward=grad_in_forward,
+                                                inplace_backward=inplace, backend=backend)  # fmt: skip
+    with pytest.raises(RuntimeError, match="double backward .create_graph=True. is not supported"):
+        torch.autograd.grad(loss, x, create_graph=True)
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(native_op=FUSED))

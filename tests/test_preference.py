@@ -816,3 +816,44 @@ def test_log_sigmoid_accuracy_in_the_tail(device, backend, dtype):
     want = torch.nn.functional.softplus(-z.to(dtype).double())
     tol = 4 * torch.finfo(dtype).eps
     torch.testing.assert_close(losses.double().cpu(), want, rtol=tol, atol=0)
+
+
+try:
+    from hypothesis import Phase, given, settings
+    from hypothesis import strategies as st
+
+    @settings(deadline=None, max_examples=400, phases=[Phase.explicit, Phase.generate])
+    @given(loss_type=st.sampled_from(rlhf_kernels.DPO_LOSS_TYPES), n=st.integers(1, 3000),
+           beta=st.floats(0.01, 10.0), smoothing=st.floats(0.0, 0.49),
+           scale=st.one_of(st.just(0.0), st.floats(1e-3, 200.0)),  # no near-ties for the accuracy metric
+           reference_free=st.booleans(), bco_delta=st.one_of(st.none(), st.floats(-5.0, 5.0)),
+           seed=st.integers(0, 2**16))  # fmt: skip
+    def test_dpo_loss_property(loss_type, n, beta, smoothing, scale, reference_free, bco_delta, seed):
+        """Every kernel backend on CPU agrees with the float64 reference (losses, rewards, metrics and
+        gradients) for any batch size, strength, smoothing and spread of log-prob margins."""
+        tensors = inputs(n, torch.float64, "cpu", seed=seed, scale=scale)
+        kw = dict(beta=beta, loss_type=loss_type, label_smoothing=smoothing if loss_type in SMOOTHED else 0.0,
+                  reference_free=reference_free, bco_delta=bco_delta if loss_type == "bco_pair" else None,
+                  return_metrics=True)  # fmt: skip
+        want = forward_backward(lambda *t: rlhf_kernels.dpo_loss(*t, backend="torch", **kw), tensors)
+        for backend in rlhf_kernels._dispatch.available_backends("cpu"):
+            if backend == "torch" or (backend == "native" and not hasattr(torch.ops.rlhf_kernels, NATIVE_OP)):
+                continue
+            got = forward_backward(lambda *t, b=backend: rlhf_kernels.dpo_loss(*t, backend=b, **kw), tensors)
+            compare(got, want, TOL[torch.float64])
+            for key, value in want[0].metrics.items():
+                torch.testing.assert_close(got[0].metrics[key].double(), value.double(), **TOL[torch.float64],
+                                           msg=lambda m, key=key, b=backend: f"{b} metric {key}: {m}")  # fmt: skip
+except ImportError:
+    pass
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"], native_op=NATIVE_OP))
+def test_double_backward_refused(device, backend):
+    """create_graph=True through the preference kernels raises instead of a constant gradient."""
+    leaves = [t.requires_grad_() for t in inputs(5, torch.float64, device)]
+    for loss in (lambda: rlhf_kernels.dpo_loss(*leaves, backend=backend).losses.sum(),
+                 lambda: rlhf_kernels.bradley_terry_loss(leaves[0], leaves[1], backend=backend)[0]):  # fmt: skip
+        with pytest.raises(RuntimeError, match="double backward .create_graph=True. is not supported"):
+            torch.autograd.grad(loss(), leaves[0], create_graph=True)
+        assert torch.autograd.grad(loss(), leaves[0])[0].abs().sum() > 0

@@ -147,6 +147,24 @@ def test_resume_continues_exactly(tokenizer, tmp_path):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_resume_on_cuda_restores_the_generators(tokenizer, tmp_path):
+    """A checkpoint written on a GPU resumes there: the CUDA generators' states come back (they are
+    loaded onto the device with everything else, and the generators take CPU tensors)."""
+    data = toy.sft_dataset(40)
+    model = toy.build_model(tokenizer, seed=3).cuda()
+    SFTTrainer(model, tokenizer, data, config(tmp_path / "a", max_steps=2, save_steps=1)).train()
+    saved = torch.load(tmp_path / "a" / "checkpoint-1" / "trainer_state.pt", weights_only=False)["rng"]["cuda"]
+    torch.cuda.manual_seed_all(12345)
+    fresh = toy.build_model(tokenizer, seed=9).cuda()
+    trainer = SFTTrainer(fresh, tokenizer, data, config(tmp_path / "b", max_steps=2))
+    trainer.load_checkpoint(tmp_path / "a" / "checkpoint-1")
+    assert trainer.step == 1
+    for state, restored in zip(saved, torch.cuda.get_rng_state_all(), strict=True):
+        assert torch.equal(state.cpu(), restored)
+
+
 def test_bad_configuration_fails_before_training(tokenizer, tmp_path):
     model = toy.build_model(tokenizer)
     with pytest.raises(ValueError, match=r"dataset: missing column\(s\) \['completion'\]"):
@@ -182,6 +200,31 @@ def test_long_prompts_keep_their_completion():
     ids, attention, completion = trainer.encode_pairs(prompts, ["1 2 3", "1"])
     assert ids.shape[1] == 6 and bool((completion.sum(-1) >= 2).all())
     assert int(ids[0, 0]) == tok.bos_token_id and int(ids[0, -1]) != tok.eos_token_id  # completion cut at its end
+
+
+def test_preference_pairs_keep_one_prompt():
+    """A chosen and a rejected answer of different lengths are read after the same prompt tokens:
+    the prompt is cut once per pair, for the longer answer (cut per row, a long rejected answer
+    took prompt tokens that its chosen partner kept, and the margin compared different prompts)."""
+    from rlhf_kernels.trainers.base import truncate_pair
+
+    bos, p = [1], list(range(10, 22))
+    assert truncate_pair(bos, p, [50, 51], 16, longest=11) == (bos + p[-7:], [50, 51])
+    assert truncate_pair(bos, p, list(range(50, 61)), 16, longest=2) == (bos + p[-7:], list(range(50, 58)))
+    tok = toy.build_tokenizer()
+    trainer = SFTTrainer(toy.build_model(tok), tok, toy.sft_dataset(20), TrainerConfig(max_length=16, batch_size=4))
+    prompts = ["sort 3 1 2 4 5 6 7 8 9 0 =", "sort 2 1 ="]
+    chosen, rejected = ["1 2", "1 2"], ["1 2 3 4 5 6 7 8 9 0", "2 1"]
+    ids, attention, completion = trainer.encode_pairs(prompts * 2, chosen + rejected, paired=True)
+    assert ids.shape[1] <= 16
+    for i in range(2):
+        prompt_rows = [ids[j][(attention[j] != 0) & ~completion[j]].tolist() for j in (i, i + 2)]
+        assert prompt_rows[0] == prompt_rows[1], i
+        assert completion[i].any() and completion[i + 2].any()
+    unpaired, _, _ = trainer.encode_pairs(prompts * 2, chosen + rejected)
+    assert not torch.equal(unpaired[0, :4], unpaired[2, :4])  # per row, the long answer's prompt lost more
+    with pytest.raises(ValueError, match="paired rows"):
+        trainer.encode_pairs(prompts, chosen, paired=True)
 
 
 def test_dropout_is_disabled(tokenizer, tmp_path):

@@ -513,6 +513,7 @@ class _FusedInplace(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
+        _dispatch.refuse_double_backward("ppo_loss_from_logits")
         grad, ctx.grad = ctx.grad, None
         if grad is None:
             raise RuntimeError("ppo_loss_from_logits: backward ran twice through the in-place fused loss "
@@ -946,19 +947,29 @@ for _backend, (_g,) in _dispatch.kernel_ops("grpo_advantages").items():
 
 
 def _whiten_setup(ctx, inputs, output):
-    x, mask, shift_mean, _eps = inputs
+    x, mask, shift_mean, eps = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(x, mask, output[1])
     ctx.shift_mean = shift_mean
+    ctx.eps = eps
 
 
 def _whiten_backward(ctx, grad, _grad_stats):
-    """The closed form of masked_whiten's docstring, from the saved (count, mean, var, rstd)."""
+    """The closed form of masked_whiten's docstring, from the saved (count, mean, var, rstd). Asked for
+    a graph (create_graph=True), it recomputes the statistics from ``x`` in PyTorch, so that the
+    second derivative sees them depend on ``x`` (the saved ones are constants)."""
     x, mask, stats = ctx.saved_tensors
     if not ctx.needs_input_grad[0]:
         return None, None, None, None
-    count, mean, _var, rstd = stats.unbind()
     m = (mask != 0).to(stats.dtype)  # any nonzero byte is a valid element
+    if torch.is_grad_enabled():
+        xs = torch.where(m != 0, x.to(stats.dtype), 0.0)
+        count = m.sum()
+        mean = xs.sum() / count.clamp(min=1)
+        var = (m * (xs - mean) ** 2).sum() / (count - 1).clamp(min=1)
+        rstd = (var + ctx.eps).rsqrt()
+    else:
+        count, mean, _var, rstd = stats.unbind()
     centred = x.to(stats.dtype) - mean
     g = grad.to(stats.dtype)
     d_var = -0.5 * rstd**3 * (g * centred).sum()
@@ -969,7 +980,7 @@ def _whiten_backward(ctx, grad, _grad_stats):
 
 for _backend, (_w,) in _dispatch.kernel_ops("masked_whiten").items():
     _OPS.setdefault(_backend, {})["masked_whiten"] = _w
-    _dispatch.register_autograd(_w, _whiten_backward, setup_context=_whiten_setup)
+    _dispatch.register_autograd(_w, _whiten_backward, setup_context=_whiten_setup, differentiable_backward=True)
 
 # The fused single sweep: autograd on the out-of-place op hands back the gradient that
 # forward wrote, scaled in place by the upstream gradient (a 0-dim tensor, so no sync).

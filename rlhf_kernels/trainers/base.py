@@ -187,15 +187,22 @@ def last_hidden_and_head(model, **inputs) -> tuple[torch.Tensor, torch.nn.Module
     return hidden, head
 
 
-def truncate_pair(bos: list[int], prompt: list[int], completion: list[int], max_length: int):
+def truncate_pair(bos: list[int], prompt: list[int], completion: list[int], max_length: int,
+                  *, longest: int | None = None):  # fmt: skip
     """``(bos + prompt, completion)`` cut to ``max_length`` tokens in all: the prompt keeps
     its end (the tokens next to the completion), the completion its start, and each keeps
-    at least ``max_length // 2`` tokens (with bos) when it has them."""
-    if len(bos) + len(prompt) + len(completion) <= max_length:
+    at least ``max_length // 2`` tokens (with bos) when it has them.
+
+    ``longest``: the length of the longest completion that shares this prompt (a preference
+    pair's chosen and rejected): the prompt is cut for that one, so that every completion of
+    the prompt is read after the same prompt tokens (as TRL cuts a pair's prompt once), and
+    each completion is then cut to what remains."""
+    longest = len(completion) if longest is None else max(longest, len(completion))
+    if len(bos) + len(prompt) + longest <= max_length:
         return bos + prompt, completion
-    keep_c = min(len(completion), max_length - min(len(bos) + len(prompt), max_length // 2))
+    keep_c = min(longest, max_length - min(len(bos) + len(prompt), max_length // 2))
     keep_p = max(0, max_length - keep_c - len(bos))
-    return bos + prompt[len(prompt) - keep_p :], completion[:keep_c]
+    return bos + prompt[len(prompt) - keep_p :], completion[: max_length - len(bos) - keep_p]
 
 
 class Trainer:
@@ -320,20 +327,29 @@ class Trainer:
         raise NotImplementedError
 
     # --- shared helpers ---------------------------------------------------------------------
-    def encode_pairs(self, prompts: list[str], completions: list[str]):
+    def encode_pairs(self, prompts: list[str], completions: list[str], *, paired: bool = False):
         """Token ids of ``<bos> prompt completion <eos>``, right-padded, with a mask
         that is 1 on completion tokens (the ones whose log-probs are trained).
 
         A pair longer than ``max_length`` loses tokens from the prompt's start (after
         bos) and the completion's end, each keeping at least half of ``max_length``
-        when it is that long: a long prompt never crowds out its completion."""
+        when it is that long: a long prompt never crowds out its completion. ``paired``:
+        the rows are preference pairs, the first half chosen and the second rejected (same
+        prompts): both rows of a pair keep the same prompt tokens, cut for the longer of
+        the two completions (a reward or DPO margin compares two answers to one prompt)."""
         tok = self.tokenizer
+        bos = [] if tok.bos_token_id is None else [tok.bos_token_id]
+        prompt_ids = [tok(prompt, add_special_tokens=False).input_ids for prompt in prompts]
+        completion_ids = [[*tok(c, add_special_tokens=False).input_ids, tok.eos_token_id] for c in completions]
+        if len(prompt_ids) != len(completion_ids):
+            raise ValueError(f"encode_pairs: {len(prompt_ids)} prompts for {len(completion_ids)} completions")
+        half = len(completion_ids) // 2
+        if paired and (len(completion_ids) % 2 or prompts[:half] != prompts[half:]):
+            raise ValueError("encode_pairs: paired rows must be chosen then rejected, with the same prompts")
         ids, loss_mask = [], []
-        for prompt, completion in zip(prompts, completions, strict=True):
-            bos = [] if tok.bos_token_id is None else [tok.bos_token_id]
-            p = tok(prompt, add_special_tokens=False).input_ids
-            c = [*tok(completion, add_special_tokens=False).input_ids, tok.eos_token_id]
-            p, c = truncate_pair(bos, p, c, self.config.max_length)
+        for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
+            longest = len(completion_ids[(i + half) % len(completion_ids)]) if paired else None
+            p, c = truncate_pair(bos, p, c, self.config.max_length, longest=longest)
             ids.append(p + c)
             loss_mask.append([0] * len(p) + [1] * len(c))
         width = max(len(s) for s in ids)
@@ -508,8 +524,8 @@ class Trainer:
         rng = per_rank[self.rank] if len(per_rank) == self.world_size else state["rng"]
         torch.set_rng_state(rng["torch"].cpu())
         random.setstate(rng["python"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        if "cuda" in rng and torch.cuda.is_available():  # generators take CPU byte tensors; map_location moved them
+            torch.cuda.set_rng_state_all([state.cpu() for state in rng["cuda"]])
         self.load_extra_state(state.get("extra", {}))
         self.step = state["step"]
 

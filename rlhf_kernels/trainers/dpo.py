@@ -40,7 +40,7 @@ class DPOTrainer(Trainer):
 
     def collate(self, rows):
         n = len(rows["prompt"])
-        ids, attention, mask = self.encode_pairs(rows["prompt"] * 2, rows["chosen"] + rows["rejected"])
+        ids, attention, mask = self.encode_pairs(rows["prompt"] * 2, rows["chosen"] + rows["rejected"], paired=True)
         return {"input_ids": ids, "attention_mask": attention, "completion_mask": mask, "n": n,
                 "index": rows.get("__index__")}  # fmt: skip
 

@@ -31,7 +31,7 @@ class RewardTrainer(Trainer):
 
     def collate(self, rows):
         prompts = rows["prompt"] + rows["prompt"]
-        ids, attention, _ = self.encode_pairs(prompts, rows["chosen"] + rows["rejected"])
+        ids, attention, _ = self.encode_pairs(prompts, rows["chosen"] + rows["rejected"], paired=True)
         return {"input_ids": ids, "attention_mask": attention}
 
     def rewards(self, input_ids, attention_mask) -> torch.Tensor:

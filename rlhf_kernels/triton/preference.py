@@ -17,6 +17,8 @@ the bits depend on n alone.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -40,7 +42,7 @@ LOSS_IDS = {
     "kto_rejected": 13,
 }
 N_METRICS = 8
-EXO_EPS = tl.constexpr(1e-3)  # kernels may only read constexpr globals
+EXO_EPS = 1e-3  # exo_pair's epsilon when label_smoothing is 0 (the reference's)
 ORPO_MAX_LOGP = tl.constexpr(-1e-6)
 PARTIAL_COLS = tl.constexpr(N_METRICS)  # a row of forward partial sums mirrors the metrics
 
@@ -112,11 +114,12 @@ def _loss_and_grads(a, b, m, kl, delta, beta, gamma, ls, center, tau, weight, LO
         da = beta * d
         db = -da
     elif LOSS == 2:  # exo_pair
-        eps = tl.where(ls > 0, ls, EXO_EPS)
+        # ls is log(eps) here (smoothing_arg): an eps below float32's range keeps its log
+        log_1me = _log1mexp(ls)
         sz = _sigmoid(z)
         snz = _sigmoid(-z)
-        loss = sz * (_logsigmoid(z) - tl.log(1.0 - eps)) + snz * (_logsigmoid(-z) - tl.log(eps))
-        d = sz * snz * (z - tl.log((1.0 - eps) / eps))
+        loss = sz * (_logsigmoid(z) - log_1me) + snz * (_logsigmoid(-z) - ls)
+        d = sz * snz * (z - (log_1me - ls))
         da = beta * d
         db = -da
     elif LOSS == 3:  # hinge
@@ -499,6 +502,15 @@ def _chunk_block(chunk: int) -> tuple[int, int]:
     return block, max(1, block // 64)
 
 
+def smoothing_arg(loss: str, label_smoothing: float) -> float:
+    """The kernels' smoothing argument: ``label_smoothing`` itself, except for exo_pair, whose
+    loss needs only log(eps) and log(1 - eps): log(eps) (eps = EXO_EPS when 0), computed here in
+    double, so that an eps too small for float32 (1e-300) still gives the reference's loss."""
+    if loss != "exo_pair":
+        return label_smoothing
+    return math.log(label_smoothing or EXO_EPS)
+
+
 def preference_fwd(loss, n, chosen, rejected, ref_chosen, ref_rejected, margin, kl, scalars, write_rewards,
                    launch=None):  # fmt: skip
     """Launch the forward kernels; returns (losses, chosen_rewards, rejected_rewards, metrics).
@@ -523,7 +535,7 @@ def preference_fwd(loss, n, chosen, rejected, ref_chosen, ref_rejected, margin, 
     )
     beta, delta = split_float(scalars["beta"]), split_float(scalars["bco_delta"])
     loss_scalars = (
-        *beta, *split_float(scalars["gamma"]), *split_float(scalars["label_smoothing"]),
+        *beta, *split_float(scalars["gamma"]), *split_float(smoothing_arg(loss, scalars["label_smoothing"])),
         *split_float(scalars["center"]), *split_float(scalars["tau"]), *delta, *split_float(scalars["weight"]),
     )  # fmt: skip
     bco_batch_mean = loss == "bco_pair" and bool(scalars["bco_batch_mean"])
@@ -589,8 +601,9 @@ def preference_bwd(loss, n, chosen, rejected, ref_chosen, ref_rejected, margin, 
         dummy if grad_b is None else grad_b,
         n,
         grad_stride,
-        *split_float(scalars["beta"]), *split_float(scalars["gamma"]), *split_float(scalars["label_smoothing"]),
-        *split_float(scalars["center"]), *split_float(scalars["tau"]), *split_float(scalars["weight"]),
+        *split_float(scalars["beta"]), *split_float(scalars["gamma"]),
+        *split_float(smoothing_arg(loss, scalars["label_smoothing"])), *split_float(scalars["center"]),
+        *split_float(scalars["tau"]), *split_float(scalars["weight"]),
         *split_float(grad_scale),
         LOSS=LOSS_IDS[loss], HAS_A=chosen is not None, HAS_B=rejected is not None,
         HAS_REF_A=ref_chosen is not None, HAS_REF_B=ref_rejected is not None, HAS_MARGIN=margin is not None,
