@@ -459,6 +459,8 @@ def test_dpo_bad_inputs():
             rlhf_kernels.dpo_loss(pc, pr, rc, rr, loss_type="bco_pair", bco_delta=value)
     with pytest.raises(ValueError, match="gamma: expected a finite number"):
         rlhf_kernels.simpo_loss(pc, pr, gamma=float("inf"))
+    with pytest.raises(ValueError, match="bco_delta: only loss_type='bco_pair' uses it"):
+        rlhf_kernels.dpo_loss(pc, pr, rc, rr, loss_type="sigmoid", bco_delta=0.5)
     with pytest.raises(TypeError, match="return_metrics: expected a bool"):
         rlhf_kernels.dpo_loss(pc, pr, rc, rr, return_metrics="yes")
     with pytest.raises(TypeError, match="average: expected a bool"):
@@ -822,7 +824,7 @@ try:
     from hypothesis import Phase, given, settings
     from hypothesis import strategies as st
 
-    @settings(deadline=None, max_examples=400, phases=[Phase.explicit, Phase.generate])
+    @settings(deadline=None, phases=[Phase.explicit, Phase.generate])  # examples: the profile's (conftest)
     @given(loss_type=st.sampled_from(rlhf_kernels.DPO_LOSS_TYPES), n=st.integers(1, 3000),
            beta=st.floats(0.01, 10.0), smoothing=st.floats(0.0, 0.49),
            scale=st.one_of(st.just(0.0), st.floats(1e-3, 200.0)),  # no near-ties for the accuracy metric
@@ -857,3 +859,65 @@ def test_double_backward_refused(device, backend):
         with pytest.raises(RuntimeError, match="double backward .create_graph=True. is not supported"):
             torch.autograd.grad(loss(), leaves[0], create_graph=True)
         assert torch.autograd.grad(loss(), leaves[0])[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op=NATIVE_OP))
+def test_nan_input_gives_nan_loss(device, backend):
+    """A NaN log-prob makes its pair's loss and the batch's mean loss NaN on every backend, so that a
+    diverged step is seen (Triton's hinge and ORPO clamps dropped it: GPU min / max return the other
+    operand); the other pairs keep their finite losses (all of them NaN for bco_pair's batch-mean delta)."""
+    nan = float("nan")
+    pc = torch.tensor([nan, -1.0, -2.0], dtype=torch.float64, device=device)
+    rest = [torch.tensor([-1.0, -1.5, -0.5], dtype=torch.float64, device=device) for _ in range(3)]
+    for loss_type in rlhf_kernels.DPO_LOSS_TYPES:
+        out = rlhf_kernels.dpo_loss(pc, *rest, loss_type=loss_type, return_metrics=True, backend=backend)
+        assert out.metrics["loss"].isnan(), loss_type
+        if loss_type == "bco_pair":
+            assert out.losses.isnan().all()
+        elif loss_type.startswith("aot"):  # the batch's sorted margins: the NaN one sorts last
+            assert out.losses[:2].isfinite().all() and out.losses[2].isnan(), loss_type
+        else:
+            assert out.losses[0].isnan() and out.losses[1:].isfinite().all(), loss_type
+    for losses in (rlhf_kernels.orpo_loss(pc, rest[0], backend=backend).losses,
+                   rlhf_kernels.simpo_loss(pc, rest[0], backend=backend).losses):  # fmt: skip
+        assert losses[0].isnan() and losses[1:].isfinite().all()
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op=NATIVE_OP))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_exo_pair_tiny_epsilon(device, backend, dtype):
+    """exo_pair's log(eps) and log(1 - eps) come from the host in double on every backend: an eps
+    below float32's range (1e-300) gives the float64 loss, not that of eps = 0 (inf) or of the
+    default 1e-3 (what the Triton kernel's float32 argument made of it)."""
+    tensors = inputs(5, torch.float64, "cpu", seed=4, scale=0.5)
+    want = forward_backward(lambda *t: reference.dpo_loss(*t, loss_type="exo_pair", label_smoothing=1e-300), tensors)
+    got = forward_backward(lambda *t: rlhf_kernels.dpo_loss(*t, loss_type="exo_pair", label_smoothing=1e-300,
+                                                            backend=backend),
+                           [t.to(dtype).to(device) for t in tensors])  # fmt: skip
+    assert got[0].losses.min() > 100  # -log(eps) dominates: about 690 times sigmoid(-z)
+    compare(got, want, TOL[dtype])
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op=NATIVE_OP))
+def test_mixed_dtypes_margin_and_infinite_margins(device, backend):
+    """Every backend promotes as the reference does (a float64 input anywhere gives float64 results,
+    not float32 ones from rounded float64 inputs), never differentiates Bradley-Terry's margin, and
+    gives the limit 0, not NaN (0 * inf), for an infinite margin without smoothing."""
+    g = torch.Generator().manual_seed(21)
+    f32 = torch.randn(6, generator=g).to(device)
+    f64 = (torch.randn(6, generator=g, dtype=torch.float64) * 1e-9 + 1.0 / 3.0).to(device)  # not float32-exact
+    want = reference.bradley_terry_loss(f32.double(), f64)[0]
+    got = rlhf_kernels.bradley_terry_loss(f32, f64, backend=backend)[0]
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want.to(device), **TOL[torch.float64])
+    assert rlhf_kernels.dpo_loss(f32, f32, f64, f64, backend=backend).losses.dtype == torch.float64
+    assert {t.dtype for t in rlhf_kernels.kto_loss(f32, f64, f32, f32, f32, f32, backend=backend)} == {torch.float64}
+    margin = torch.randn(6, generator=g).to(device).requires_grad_()
+    chosen = f32.clone().requires_grad_()
+    rlhf_kernels.bradley_terry_loss(chosen, f32.flip(0), margin=margin, backend=backend)[0].backward()
+    assert margin.grad is None and chosen.grad.abs().sum() > 0
+    inf = torch.tensor([float("-inf")], device=device)
+    one = torch.tensor([-1.0], device=device)
+    for loss_type in ("sigmoid", "robust", "aot", "aot_pair"):
+        out = rlhf_kernels.dpo_loss(one + 1, one, inf, one, loss_type=loss_type, backend=backend).losses
+        assert out.item() == 0.0, loss_type

@@ -50,14 +50,12 @@ Triton and CUDA kernels round their partials differently).
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import NamedTuple
 
 import torch
 
 from rlhf_kernels import _dispatch, native
-from rlhf_kernels._checks import check_flags
+from rlhf_kernels._checks import check_flags, check_real
 from rlhf_kernels.reference import preference as reference
 
 try:
@@ -174,6 +172,8 @@ def dpo_loss(
     check_flags(reference_free=reference_free, return_metrics=return_metrics)
     if bco_delta is not None:
         _check_real("bco_delta", bco_delta)
+        if loss_type != "bco_pair":  # as label_smoothing for the losses without it: not silently unused
+            raise ValueError(f"bco_delta: only loss_type='bco_pair' uses it, got loss_type={loss_type!r}")
     impl = _dispatch.resolve(backend, pc.device, _NATIVE_OP)
 
     if impl == "torch":
@@ -185,7 +185,7 @@ def dpo_loss(
     elif loss_type in ("aot", "aot_pair"):
         # Sort in torch (autograd routes the gradient through the permutation),
         # then the fused sigmoid loss on the sorted differences.
-        acc = _acc_dtype(pc)
+        acc = _acc_dtype(pc, pr, rc, rr)
         pc, pr = pc.to(acc), pr.to(acc)
         rc = torch.zeros_like(pc) if rc is None else rc.to(acc)
         rr = torch.zeros_like(pr) if rr is None else rr.to(acc)
@@ -312,7 +312,8 @@ def kto_loss(
                 undesirable_weight=undesirable_weight,
             )  # fmt: skip
         )
-    acc = _acc_dtype(pc)
+    acc = _acc_dtype(pc, pr, pk, rc, rr, rk)
+    pc, pr, rc, rr = (t.to(acc) for t in (pc, pr, rc, rr))  # one type for both halves' losses and rewards
     with torch.no_grad():
         kl = (
             (pk.to(acc) - rk.to(acc)).mean().clamp(min=0)
@@ -348,9 +349,10 @@ def bradley_terry_loss(
     impl = _dispatch.resolve(backend, c.device, _NATIVE_OP)
     if impl == "torch":
         return BradleyTerryOutput(
-            *reference.bradley_terry_loss(c, r, margin=margin, center_rewards_coefficient=center_rewards_coefficient)
+            *reference.bradley_terry_loss(c, r, margin=None if margin is None else margin.detach(),
+                                          center_rewards_coefficient=center_rewards_coefficient)  # fmt: skip
         )
-    m = None if margin is None else margin.detach().to(_acc_dtype(c)).contiguous()
+    m = None if margin is None else margin.detach()
     losses, _, _, metrics = _run(
         impl, "sigmoid", c, r, margin=m, beta=1.0, center=float(center_rewards_coefficient), rewards=False
     )
@@ -383,10 +385,7 @@ def _check_pairs(**named: torch.Tensor | None) -> list[torch.Tensor | None]:
 
 
 def _check_real(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a finite number, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    check_real(name, value, finite=True)
 
 
 def _check_positive(name, value):
@@ -423,8 +422,9 @@ def _user_view(metrics: torch.Tensor, losses: torch.Tensor, loss: str) -> torch.
     return metrics.clone() if losses.requires_grad and loss in _METRICS_IN_BACKWARD else metrics
 
 
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+def _acc_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 when any input is float64 (as the reference's type promotion), else float32."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _metrics_from(losses, chosen_rewards, rejected_rewards) -> dict[str, torch.Tensor]:
@@ -453,8 +453,7 @@ def _run(
     rewards=True,
 ):  # fmt: skip
     """Call the backend's fused forward op on inputs converted to the accumulation type."""
-    like = chosen if chosen is not None else rejected
-    acc = _acc_dtype(like)
+    acc = _acc_dtype(chosen, rejected, ref_chosen, ref_rejected, margin, kl)
 
     def prep(t):
         if t is None or (t.dtype == acc and t.is_contiguous()):  # the common case, without two calls into torch

@@ -8,6 +8,8 @@ log them.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -23,7 +25,9 @@ def _acc(*tensors):
 
 
 def _sigmoid_form(z, label_smoothing):
-    return -F.logsigmoid(z) * (1 - label_smoothing) - F.logsigmoid(-z) * label_smoothing
+    # without smoothing the second term is absent, not 0 * logsigmoid(-z): NaN for z = +inf
+    loss = -F.logsigmoid(z) * (1 - label_smoothing)
+    return loss - F.logsigmoid(-z) * label_smoothing if label_smoothing else loss
 
 
 def pairwise_losses(a, b, *, loss_type, beta, label_smoothing=0.0, tau=0.05, bco_delta=None, gamma=0.0):
@@ -33,14 +37,15 @@ def pairwise_losses(a, b, *, loss_type, beta, label_smoothing=0.0, tau=0.05, bco
     if loss_type == "sigmoid":
         return _sigmoid_form(z, label_smoothing)
     if loss_type == "robust":
-        return (-F.logsigmoid(z) * (1 - label_smoothing) + F.logsigmoid(-z) * label_smoothing) / (
-            1 - 2 * label_smoothing
-        )
+        loss = -F.logsigmoid(z) * (1 - label_smoothing)
+        if label_smoothing:  # (a term with coefficient 0 is left out: 0 * inf is NaN)
+            loss = loss + F.logsigmoid(-z) * label_smoothing
+        return loss / (1 - 2 * label_smoothing)
     if loss_type == "exo_pair":
-        eps = label_smoothing or EXO_EPS
-        return torch.sigmoid(z) * (F.logsigmoid(z) - torch.log1p(torch.tensor(-eps, dtype=z.dtype))) + torch.sigmoid(
-            -z
-        ) * (F.logsigmoid(-z) - torch.log(torch.tensor(eps, dtype=z.dtype)))
+        eps = label_smoothing or EXO_EPS  # its logs in double on the host: a float32 eps of 1e-300 is 0
+        return torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (
+            F.logsigmoid(-z) - math.log(eps)
+        )
     if loss_type == "hinge":
         return torch.relu(1 - z)
     if loss_type == "ipo":

@@ -123,7 +123,7 @@ def _loss_and_grads(a, b, m, kl, delta, beta, gamma, ls, center, tau, weight, LO
         da = beta * d
         db = -da
     elif LOSS == 3:  # hinge
-        loss = tl.maximum(1.0 - z, 0.0)
+        loss = tl.maximum(1.0 - z, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN (GPU max drops it)
         da = tl.where(z < 1.0, -beta, 0.0) + zero
         db = -da
     elif LOSS == 4:  # ipo
@@ -169,8 +169,8 @@ def _loss_and_grads(a, b, m, kl, delta, beta, gamma, ls, center, tau, weight, LO
         da = beta * d
         db = -da
     elif LOSS == 11:  # orpo
-        x = tl.minimum(a, ORPO_MAX_LOGP)
-        y = tl.minimum(b, ORPO_MAX_LOGP)
+        x = tl.minimum(a, ORPO_MAX_LOGP, propagate_nan=tl.PropagateNan.ALL)
+        y = tl.minimum(b, ORPO_MAX_LOGP, propagate_nan=tl.PropagateNan.ALL)
         lo = (x - y) - (_log1mexp(x) - _log1mexp(y))
         ratio = _logsigmoid(lo)
         loss = -beta * ratio
