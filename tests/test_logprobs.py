@@ -541,6 +541,23 @@ def test_gradcheck_float64(device, backend):
     assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_non_finite_logits_of_skipped_tokens_get_no_gradient(device, backend):
+    """Ignored or masked tokens get 0 and a zero gradient whatever their logits hold (the torch
+    backend's log_softmax spread their NaN over the row's gradient)."""
+    x = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(5)).to(device)
+    x[0, 1, 2], x[1, 3, 0], x[2, 0, 5] = float("nan"), float("inf"), float("nan")
+    labels = torch.tensor([[1, -100, 2, 3], [0, 1, 2, 3], [4, 4, 4, 4]], device=device)
+    mask = torch.ones(3, 4, dtype=torch.bool, device=device)
+    mask[1, 3] = mask[2, 0] = False
+    x.requires_grad_()
+    lp, ent = rlhf_kernels.token_logprobs(x, labels, mask, return_entropy=True, backend=backend)
+    (lp.sum() + ent.sum()).backward()
+    skipped = (labels == -100) | ~mask
+    assert lp.isfinite().all() and ent.isfinite().all() and x.grad.isfinite().all()
+    assert (x.grad[skipped] == 0).all() and (lp[skipped] == 0).all() and (x.grad[~skipped] != 0).any()
+
+
 @pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"]))
 @pytest.mark.parametrize("inplace", [False, True], ids=["grad", "inplace"])
 def test_double_backward_refused(device, backend, inplace):
@@ -598,6 +615,8 @@ BAD_INPUTS = [
     ("unknown_backend", lambda x, y: (x, y), {"backend": "cuda_graphs"}, ValueError, "backend"),
     ("empty_vocab", lambda x, y: (x[..., :0], y), {}, ValueError, "logits"),
     ("huge_temperature", lambda x, y: (x, y), {"temperature": 10**400}, ValueError, "temperature"),
+    ("temperature_past_float32", lambda x, y: (x, y), {"temperature": 1e46}, ValueError, "temperature: must be in"),
+    ("tiny_temperature", lambda x, y: (x, y), {"temperature": 1e-40}, ValueError, "temperature: must be in"),
     ("ignore_index_past_int64", lambda x, y: (x, y), {"ignore_index": 2**64}, ValueError, "ignore_index"),
     ("string_flag", lambda x, y: (x, y), {"return_entropy": "no"}, TypeError, "return_entropy"),
     ("int_flag", lambda x, y: (x, y), {"check_labels": 0}, TypeError, "check_labels"),

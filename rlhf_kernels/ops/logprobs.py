@@ -73,7 +73,13 @@ def token_logprobs(
         labels: integer tensor of shape ``logits.shape[:-1]``.
         mask: optional bool or integer tensor of the same shape; tokens where
             it is 0 are treated like ``ignore_index``.
-        temperature: positive divisor of the logits.
+        temperature: positive divisor of the logits, in ``[1e-30, 1e30]``.
+            The kernels keep ``lse`` in the accumulation type (float32 for
+            16- and 32-bit logits), so the gradient's absolute error is about
+            ``eps * |lse| / T``: negligible at sampling temperatures, but at
+            ``T = 1e-3`` with logits of a few units (``|lse|`` in the
+            thousands) it reaches 1e-1; the ``"torch"`` backend (or float64
+            logits) is the accurate one there.
         ignore_index: label value of tokens that get 0 and no gradient.
         return_entropy: also return the entropy of ``softmax(logits / T)``.
         inplace_backward: write the gradient into ``logits``' own buffer
@@ -194,6 +200,11 @@ def _check_inputs(logits, labels, mask, temperature, ignore_index, check_labels)
                               temperature, ignore_index, check_labels)  # fmt: skip
 
 
+# Temperatures the kernels take: 1 / T and the logits scaled by it stay normal float32 numbers
+# (beyond, 1 / T rounds to 0 or inf and the kernels gave NaN).
+TEMPERATURE_RANGE = (1e-30, 1e30)
+
+
 def _as_float(value: numbers.Real) -> float:
     try:
         return float(value)
@@ -234,6 +245,9 @@ def _check_labels_and_options(labels, mask, lead, vocab, device, source, tempera
         raise TypeError(f"temperature: expected a number, got {type(temperature).__name__}")
     if not (temperature > 0 and math.isfinite(_as_float(temperature))):
         raise ValueError(f"temperature: must be positive and finite, got {temperature}")
+    if not TEMPERATURE_RANGE[0] <= temperature <= TEMPERATURE_RANGE[1]:  # the kernels scale by 1 / T in float32
+        raise ValueError(f"temperature: must be in [{TEMPERATURE_RANGE[0]:g}, {TEMPERATURE_RANGE[1]:g}] (the kernels "
+                         f"scale the logits by 1 / temperature in float32), got {temperature}")  # fmt: skip
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
     if not -(2**63) <= ignore_index < 2**63:

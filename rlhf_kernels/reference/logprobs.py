@@ -34,7 +34,9 @@ def token_logprobs(
         valid = valid & mask.bool()
     in_range = (labels >= 0) & (labels < vocab)
 
-    z = logits.to(acc) / temperature
+    # rows that are not kept read as 0: whatever their logits (inf, NaN), no NaN reaches their gradient
+    # (in place on the division's own output, which its backward does not need: no third [N, V])
+    z = (logits.to(acc) / temperature).masked_fill_(~valid.unsqueeze(-1), 0.0)
     logp = torch.log_softmax(z, dim=-1)
     safe_labels = torch.where(valid & in_range, labels, torch.zeros_like(labels))
     picked = logp.gather(-1, safe_labels.long().unsqueeze(-1)).squeeze(-1)
