@@ -245,6 +245,8 @@ PPO_OPTIONS = {
     "dual-k3-entropy-T": dict(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0, kl_coef=0.05,
                               kl_kind="k3", entropy_coef=0.01, temperature=0.9),  # fmt: skip
     "seq-mean-token-mean-k1": dict(kl_coef=0.1, kl_kind="k1", loss_agg_mode="seq-mean-token-mean"),
+    "gspo": dict(importance_sampling_level="sequence", clip_ratio_low=0.05, clip_ratio_high=0.06,
+                 loss_agg_mode="seq-mean-token-mean"),  # the two-pass route
 }
 
 
@@ -333,6 +335,25 @@ def test_ppo_grad_modes(device, backend):
     assert h.grad is not None and weight.grad is None
     with pytest.raises(RuntimeError, match="backward ran twice"):
         loss.backward()
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"]))
+def test_double_backward_refused(device, backend):
+    """create_graph=True through the fused linear ops raises: once_differentiable alone handed back
+    constant gradients (a wrong second derivative) when the upstream gradient needs none."""
+    hidden, weight, bias, labels, old, adv, mask, ref = ppo_inputs(torch.float64)
+    w0 = weight.detach().clone().to(device).requires_grad_()
+    to = lambda t: t.to(device)  # noqa: E731
+    calls = {
+        "linear_token_logprobs": lambda: rlhf_kernels.linear_token_logprobs(
+            to(hidden), w0 * 1.0, to(labels), to(mask), backend=backend).sum(),
+        "linear_ppo_loss": lambda: rlhf_kernels.linear_ppo_loss(
+            to(hidden), w0 * 1.0, to(labels), to(old), to(adv), to(mask), backend=backend)[0],
+    }  # fmt: skip
+    for name, loss in calls.items():
+        with pytest.raises(RuntimeError, match=f"{name}: double backward"):
+            torch.autograd.grad(loss() + (w0**3).sum(), w0, create_graph=True)
+        assert torch.autograd.grad(loss(), w0)[0].abs().sum() > 0
 
 
 def test_ppo_bad_input():

@@ -161,9 +161,13 @@ def ppo_inputs(B, T, device, g, mask_kind="response"):
 @pytest.mark.parametrize("clip", [dict(), dict(clip_ratio_low=0.2, clip_ratio_high=0.28), dict(clip_ratio_c=3.0)],
                          ids=["symmetric", "clip-higher", "dual-clip"])  # fmt: skip
 @pytest.mark.parametrize("mask_kind", ["response", "gaps"])
-def test_policy_loss(device, backend, mode, clip, mask_kind):
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_policy_loss(device, backend, mode, clip, mask_kind, level):
     g = torch.Generator().manual_seed(1)
     logp, old, adv, mask = ppo_inputs(5, 33, device, g, mask_kind)
+    if level == "sequence":  # sequence ratios near 1: some bind the clip, some not
+        old = logp + (old - logp) * 0.4
+    clip = {**clip, "importance_sampling_level": level}
     for dtype, tol in ((torch.float32, dict(atol=1e-5, rtol=1e-5)), (torch.float64, dict(atol=1e-12, rtol=1e-10))):
         x = logp.to(dtype).detach().clone().requires_grad_(True)
         out = rlhf_kernels.ppo_policy_loss(x, old.to(dtype), adv.to(dtype), mask, loss_agg_mode=mode,
@@ -176,6 +180,73 @@ def test_policy_loss(device, backend, mode, clip, mask_kind):
             assert torch.isfinite(got_v)
             torch.testing.assert_close(got_v.double(), want_v, **tol)
         torch.testing.assert_close(x.grad.double(), xr.grad, **tol)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op="ppo_loss_fwd_native"))
+@pytest.mark.parametrize("mask_kind", ["response", "gaps"])
+def test_sequence_level_is_gspo(device, backend, mask_kind):
+    """importance_sampling_level="sequence" against GSPO written at the sequence level (TRL's form: one
+    ratio per sequence, exp of the mean log-ratio, its gradient through that mean), with GRPO's
+    advantages (one per sequence) and aggregation (seq-mean-token-mean), where GSPO-token and GSPO
+    have the same loss, clipping and gradient."""
+    g = torch.Generator().manual_seed(9)
+    logp, _, _, mask = ppo_inputs(6, 17, device, g, mask_kind)
+    # each sequence its own drift (its mean log-ratio is about -shift), and an advantage whose sign
+    # makes the first three bind the clip and the others not
+    shift = torch.tensor([0.15, -0.12, 0.2, -0.18, 0.13, -0.16], dtype=torch.float64)[:, None]
+    old = logp + (shift + torch.randn(6, 17, generator=g, dtype=torch.float64) * 0.02).to(device)
+    sign = -shift.sign() * torch.tensor([1.0, 1, 1, -1, -1, -1], dtype=torch.float64)[:, None]
+    adv = (sign * (0.5 + torch.rand(6, 1, generator=g, dtype=torch.float64))).to(device).expand(6, 17)
+    low, high = 0.03, 0.04
+    xr = logp.clone().requires_grad_(True)
+    m = (mask != 0).double()
+    seq = (torch.where(mask != 0, xr - old, 0.0)).sum(-1) / m.sum(-1).clamp(min=1)
+    s, a = torch.exp(seq)[:, None], adv[:, :1]
+    per_seq = torch.maximum(-a * s, -a * torch.clamp(s, 1 - low, 1 + high))[:, 0]
+    has = m.sum(-1) > 0
+    want = per_seq[has].mean()
+    want.backward()
+    clipped = ((-a * torch.clamp(s, 1 - low, 1 + high)) > (-a * s))[:, 0]
+    assert 0 < int(clipped[has].sum()) < int(has.sum())  # both kinds of sequence present
+    x = logp.clone().requires_grad_(True)
+    out = rlhf_kernels.ppo_policy_loss(x, old, adv, mask, clip_ratio_low=low, clip_ratio_high=high,
+                                       loss_agg_mode="seq-mean-token-mean", importance_sampling_level="sequence",
+                                       backend=backend)  # fmt: skip
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, want, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(x.grad, xr.grad, atol=1e-12, rtol=1e-10)
+    # the metrics: clip fraction over tokens of sequences that clipped; approx_kl the token-level one
+    tokens = m.sum()
+    torch.testing.assert_close(out.clipfrac, (m.sum(-1) * clipped).sum() / tokens, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(out.approx_kl, (torch.where(mask != 0, old - logp, 0.0)).sum() / tokens,
+                               atol=1e-12, rtol=1e-10)  # fmt: skip
+    with pytest.raises(ValueError, match="importance_sampling_level: unknown 'seq'"):
+        rlhf_kernels.ppo_policy_loss(x, old, adv, mask, importance_sampling_level="seq", backend=backend)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(native_op="ppo_loss_fwd_native"))
+def test_sequence_level_clips_whole_sequences_in_float32(device, backend):
+    """With GSPO's clip range (3e-4) and sequence ratios within a few float32 steps of its edge, each
+    sequence clips as a whole (every token's gradient zero, or none), as the torch backend has it: the
+    kernels get the sequence's log-ratio itself, not log pi - (log pi - l_i), which rounds per token
+    (up to ulp(log pi) ~ 1e-6 here: a sequence then clipped in part). Which of the near-edge
+    sequences clip may differ between backends by the rounding of exp."""
+    g = torch.Generator().manual_seed(1)
+    B, T = 6, 512
+    logp = -torch.rand(B, T, generator=g) * 15 - 1
+    noise = torch.randn(B, T, generator=g, dtype=torch.float64) * 0.01
+    noise -= noise.mean(-1, keepdim=True)
+    edge = math.log(1 + 3e-4) + torch.tensor([-4e-7, -2e-7, -1e-7, 1e-7, 2e-7, 4e-7], dtype=torch.float64)[:, None]
+    old = (logp.double() - edge - noise).float()
+    mask, adv = torch.ones(B, T, dtype=torch.bool), torch.ones(B, T)
+    x = logp.clone().to(device).requires_grad_()
+    out = rlhf_kernels.ppo_policy_loss(x, old.to(device), adv.to(device), mask.to(device), clip_ratio=3e-4,
+                                       loss_agg_mode="seq-mean-token-mean", importance_sampling_level="sequence",
+                                       backend=backend)  # fmt: skip
+    out.loss.backward()
+    zero_grads = (x.grad == 0).sum(-1).tolist()
+    assert all(n in (0, T) for n in zero_grads) and 0 < sum(zero_grads) < B * T, zero_grads
+    assert out.clipfrac.item() == pytest.approx(sum(zero_grads) / (B * T), abs=1e-7)
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(native_op="ppo_loss_fwd_native"))
@@ -785,14 +856,16 @@ def test_ppo_opcheck(device, backend):
 @pytest.mark.parametrize(
     "device,backend", backend_cases(["torch", "triton", "native"], native_op="ppo_loss_fwd_native")
 )
-def test_ppo_compile_fullgraph(device, backend):
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_ppo_compile_fullgraph(device, backend, level):
     if backend == "triton" and device == "cpu":
         pytest.skip("torch.compile cannot trace interpreted Triton kernels; checked on GPU")
     g = torch.Generator().manual_seed(8)
     logp, old, adv, mask = (t.float() if t.is_floating_point() else t for t in ppo_inputs(3, 9, device, g))
 
     def step(x):
-        out = rlhf_kernels.ppo_policy_loss(x, old, adv, mask, clip_ratio_c=3.0, backend=backend)
+        out = rlhf_kernels.ppo_policy_loss(x, old, adv, mask, clip_ratio_c=3.0, importance_sampling_level=level,
+                                           backend=backend)  # fmt: skip
         return out.loss + 0.1 * rlhf_kernels.kl_penalty(x, old, "k3", backend=backend).mean()
 
     torch._dynamo.reset()
@@ -941,6 +1014,9 @@ FUSED_OPTIONS = {
     "dual-abs-entropy": dict(clip_ratio_c=2.0, kl_kind="abs", kl_coef=0.2, entropy_coef=0.05),
     "k2-temperature": dict(kl_kind="k2", kl_coef=0.3, temperature=1.7),
     "k3-metric-only": dict(kl_kind="k3", kl_coef=0.0, entropy_coef=0.02, temperature=0.5),
+    # GSPO: the single sweep falls back to the two-pass path (check_fused asks for the sweep)
+    "gspo-k3": dict(importance_sampling_level="sequence", clip_ratio_low=0.05, clip_ratio_high=0.06, kl_kind="k3",
+                    kl_coef=0.05, entropy_coef=0.01),
 }
 
 
@@ -1543,6 +1619,12 @@ def test_ppo_from_logits_bad_inputs():
         call(logits[0], labels, old, adv, mask)
     with pytest.raises(ValueError, match="old_logprobs: expected shape"):
         call(logits[:, :2], labels[:, :2], old, adv, mask)
+    with pytest.raises(ValueError, match=r"old_logprobs: expected shape \(2, 3\) \(the logits' .B, T.\), got \(2, 2\)"):
+        call(logits, labels, old[:, :2], adv, mask)  # the one that differs is named, not its neighbour
+    with pytest.raises(ValueError, match="advantages: on device meta, but the logits are on cpu"):
+        call(logits, labels, old, adv.to("meta"), mask)
+    with pytest.raises(ValueError, match="clip_ratio: expected a number, got nan"):
+        call(logits, labels, old, adv, mask, clip_ratio=float("nan"))
     with pytest.raises(ValueError, match="ref_logprobs: required when kl_coef"):
         call(logits, labels, old, adv, mask, kl_coef=0.1)
     with pytest.raises(ValueError, match="kl_kind: unknown KL estimator 'k5'"):

@@ -144,6 +144,7 @@ def linear_ppo_loss(
     ignore_index: int = -100,
     check_labels: bool = True,
     chunk_size: int | None = None,
+    importance_sampling_level: str = "token",
     backend: str = "auto",
 ) -> tuple[torch.Tensor, ppo_ops.PPOLossMetrics]:
     r"""The PPO policy step of :func:`ppo_loss_from_logits` from hidden states and the LM head.
@@ -158,7 +159,8 @@ def linear_ppo_loss(
     scales them by the upstream gradient (on the device, skipped when it is 1); so
     backward runs once. Liger-Kernel's fused linear GRPO loss works the same way.
 
-    float16 inputs that need a gradient, the ``"torch"`` backend and calls traced by
+    float16 inputs that need a gradient, ``importance_sampling_level="sequence"`` (GSPO), the
+    ``"torch"`` backend and calls traced by
     ``torch.compile`` take the two-pass route instead: :func:`linear_token_logprobs` (log-probs and entropy, chunked and
     recomputed in backward) and the O(B T) loss ops, as ``grad_in_forward=False`` does
     for logits; ``ref_logprobs`` may then require grad. Autocast as in
@@ -169,9 +171,10 @@ def linear_ppo_loss(
     if hidden.dim() != 3:
         raise ValueError(f"hidden: expected shape [B, T, H], got {tuple(hidden.shape)}")
     lead, vocab = tuple(hidden.shape[:2]), weight.shape[0]
-    low, high = ppo_ops._check_step_args(lead, old_logprobs, advantages, mask, ref_logprobs, kl_coef, entropy_coef,
-                                         kl_kind, loss_agg_mode, clip_ratio, clip_ratio_low, clip_ratio_high,
-                                         clip_ratio_c)  # fmt: skip
+    low, high = ppo_ops._check_step_args(hidden, "hidden states", old_logprobs, advantages, mask, ref_logprobs,
+                                         kl_coef, entropy_coef, kl_kind, loss_agg_mode, clip_ratio, clip_ratio_low,
+                                         clip_ratio_high, clip_ratio_c)  # fmt: skip
+    ppo_ops._check_is_level(importance_sampling_level)
     valid = ppo_ops._valid_tokens(mask, labels, ignore_index)
     logprobs_ops._check_labels_and_options(labels, valid, lead, vocab, hidden.device, "hidden", temperature,
                                            ignore_index, check_labels)  # fmt: skip
@@ -183,14 +186,16 @@ def linear_ppo_loss(
     # The two-pass route also under torch.compile: traced by dynamo on torch 2.11 (the lent GPU
     # machines' version), the fused-in-forward Function below gave zero gradients; the two-pass
     # route traces correctly there and on 2.14.
-    if impl == "torch" or (dtype == torch.float16 and need_grad) or torch.compiler.is_compiling():
+    two_pass = importance_sampling_level == "sequence" or (dtype == torch.float16 and need_grad)
+    if impl == "torch" or two_pass or torch.compiler.is_compiling():
         logprobs, entropy = linear_token_logprobs(
             hidden, weight, labels, valid, bias=bias, temperature=temperature, ignore_index=ignore_index,
             return_entropy=True, chunk_size=chunk_size, check_labels=False, backend=backend,
         )  # fmt: skip
         return ppo_ops._loss_from_logprobs(logprobs, entropy, old_logprobs, advantages, valid, ref_logprobs,
                                            clip_ratio, clip_ratio_low, clip_ratio_high, clip_ratio_c, kl_kind,
-                                           kl_coef, entropy_coef, loss_agg_mode, backend)  # fmt: skip
+                                           kl_coef, entropy_coef, loss_agg_mode, backend,
+                                           importance_sampling_level)  # fmt: skip
     if ref_logprobs is not None and ref_logprobs.requires_grad and torch.is_grad_enabled():
         raise ValueError("ref_logprobs: requires grad, but the fused step computes only the policy's gradients; "
                          "detach it")  # fmt: skip
@@ -244,8 +249,15 @@ class _LinearPPO(torch.autograd.Function):
         return loss, stats
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_stats):
+        # checked here: inside once_differentiable grad mode is off, and it would hand back
+        # constant gradients for a create_graph backward whose upstream needs no grad
+        _dispatch.refuse_double_backward("linear_ppo_loss")
+        return _LinearPPO._backward(ctx, grad_loss, _grad_stats)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def _backward(ctx, grad_loss, _grad_stats):
         if ctx.consumed:
             raise RuntimeError("linear_ppo_loss: backward ran twice (its gradients were consumed in the first)")
         ctx.consumed = True
@@ -368,8 +380,13 @@ class _LinearLogprobs(torch.autograd.Function):
         return logprobs, entropy
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logprobs, grad_entropy):
+        _dispatch.refuse_double_backward("linear_token_logprobs")  # (see _LinearPPO.backward)
+        return _LinearLogprobs._backward(ctx, grad_logprobs, grad_entropy)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def _backward(ctx, grad_logprobs, grad_entropy):
         hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         if not (need_hidden or need_weight or need_bias):

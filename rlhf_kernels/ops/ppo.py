@@ -24,6 +24,23 @@ PPO clipped surrogate (Schulman et al. 2017), with
     \ell_t = \max(-A_t\rho_t, -A_t\operatorname{clip}(\rho_t, 1-\epsilon_l, 1+\epsilon_h)),
     \qquad \ell_t \leftarrow \min(\ell_t, -cA_t) \text{ where } A_t < 0 .
 
+With ``importance_sampling_level="sequence"`` (GSPO, Zheng et al. 2025, in its
+GSPO-token form, verl's ``gspo`` policy loss) every token of a sequence :math:`i` takes
+the sequence's ratio :math:`s_i = \exp(\frac{1}{n_i}\sum_{t \in i} (\log\pi_t -
+\log\pi_{old,t}))` over its :math:`n_i` valid tokens (clamped as above), as a constant
+times its own :math:`\pi_t / \operatorname{sg}(\pi_t)`: the value is :math:`s_i` and
+:math:`\partial \rho_t / \partial \log\pi_t = s_i`, the same gradient as GSPO's
+sequence-level objective when the advantage is constant along the sequence (GRPO's). The
+kernels run unchanged on the log-prob :math:`\log\pi - \operatorname{sg}(\log\pi)` (0,
+gradient 1) and the old log-prob :math:`-\ell_i` (:math:`\ell_i` the mean log-ratio), so that
+every token of a sequence sees exactly :math:`\ell_i` and the clip binds for all of them or
+none; the metrics' ``approx_kl`` is then the token mean of :math:`-\ell_i`, which equals the
+token-level one. GSPO's paper aggregates by ``seq-mean-token-mean`` and clips with far
+smaller :math:`\epsilon` (3e-4, 4e-4) than PPO: both are left to the caller. Against verl's
+``compute_policy_loss_gspo``: the log-ratio is clamped to :math:`\pm 20` (verl: at most 10),
+a dual clip applies when ``clip_ratio_c`` is given (verl has none), and a float mask counts
+as valid where nonzero (verl multiplies by it).
+
 Value loss: :math:`\tfrac12\max((v - R)^2, (\operatorname{clip}(v, v_{old} \pm \epsilon_v) - R)^2)`.
 Both are aggregated over the response mask by ``loss_agg_mode``:
 ``token-mean`` (mean over all valid tokens), ``seq-mean-token-sum`` (mean over
@@ -54,7 +71,7 @@ from typing import NamedTuple
 import torch
 
 from rlhf_kernels import _dispatch, native
-from rlhf_kernels._checks import check_flags
+from rlhf_kernels._checks import check_flags, check_real
 from rlhf_kernels._layout import row_layout, rows_may_overlap
 from rlhf_kernels.reference import ppo as reference
 from rlhf_kernels.reference.logprobs import kept_labels
@@ -68,6 +85,7 @@ except ImportError:
     triton_impl = None
 
 LOSS_AGG_MODES = reference.LOSS_AGG_MODES
+IS_LEVELS = reference.IS_LEVELS
 KL_KINDS = reference.KL_KINDS
 
 
@@ -124,6 +142,7 @@ def ppo_policy_loss(
     clip_ratio_high: float | None = None,
     clip_ratio_c: float | None = None,
     loss_agg_mode: str = "token-mean",
+    importance_sampling_level: str = "token",
     backend: str = "auto",
 ) -> PolicyLossOutput:
     """The clipped PPO surrogate, aggregated (see the module docstring).
@@ -132,22 +151,27 @@ def ppo_policy_loss(
     fraction of valid tokens where clipping bound, the mean of
     :math:`\\log\\pi_{old} - \\log\\pi`, and the fraction where the dual clip bound
     (0 without ``clip_ratio_c``). Gradients flow to ``logprobs``; old log-probs,
-    advantages and mask are data.
+    advantages and mask are data. ``importance_sampling_level="sequence"``: GSPO's
+    per-sequence ratio (module docstring) instead of PPO's per-token one.
     """
     _check_rows(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask, need_mask=True)
     low, high = _clip_bounds(clip_ratio, clip_ratio_low, clip_ratio_high, clip_ratio_c)
     _check_agg(loss_agg_mode)
+    _check_is_level(importance_sampling_level)
     impl = _dispatch.resolve(backend, logprobs.device, "ppo_loss_fwd_native")
     if impl == "torch":
         return PolicyLossOutput(
             *reference.ppo_policy_loss(  # old log-probs and advantages are data, as in the kernels
                 logprobs, old_logprobs.detach(), advantages.detach(), mask, clip_ratio=clip_ratio,
-                clip_ratio_low=clip_ratio_low,
-                clip_ratio_high=clip_ratio_high, clip_ratio_c=clip_ratio_c, loss_agg_mode=loss_agg_mode,
+                clip_ratio_low=clip_ratio_low, clip_ratio_high=clip_ratio_high, clip_ratio_c=clip_ratio_c,
+                loss_agg_mode=loss_agg_mode, importance_sampling_level=importance_sampling_level,
             )
         )  # fmt: skip
     acc = _acc_dtype(logprobs, old_logprobs, advantages)
-    x, old, adv = _rows(logprobs, acc), _rows(old_logprobs.detach(), acc), _rows(advantages.detach(), acc)
+    x, old = logprobs, old_logprobs.detach()
+    if importance_sampling_level == "sequence":
+        x, old = _sequence_inputs(logprobs, old, mask, acc)
+    x, old, adv = _rows(x, acc), _rows(old, acc), _rows(advantages.detach(), acc)
     graph = _records_graph(x)
     loss, metrics, _ = _dispatch.call(
         _OPS[impl]["ppo_loss_fwd"], _POLICY, x, old, adv, _mask_rows(mask, graph), float(low), float(high),
@@ -239,6 +263,7 @@ def ppo_loss_from_logits(
     check_labels: bool = True,
     grad_in_forward: bool = False,
     inplace_backward: bool = False,
+    importance_sampling_level: str = "token",
     backend: str = "auto",
 ) -> tuple[torch.Tensor, PPOLossMetrics]:
     r"""The PPO policy step from ``[B, T, V]`` logits to the scalar loss.
@@ -310,6 +335,9 @@ def ppo_loss_from_logits(
       H100 the fastest path (1.26x the floor); the Triton sweep re-reads each
       row (hoping for L2) and is on par with the two-pass path there.
 
+    ``importance_sampling_level="sequence"`` (GSPO, see :func:`ppo_policy_loss`) takes the
+    two-pass path: a sequence's ratio is known only once all its tokens' log-probs are.
+
     Neither creates a ``[B, T, V]`` float32 temporary. Returns ``(loss, metrics)``;
     the metrics are detached (``clipfrac``, ``clipfrac_lower`` and
     ``approx_kl`` are means over valid tokens, ``pg_loss``, ``entropy`` and
@@ -317,10 +345,11 @@ def ppo_loss_from_logits(
     """
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
         raise ValueError(f"logits: expected shape [B, T, V], got {getattr(logits, 'shape', None)}")
-    low, high = _check_step_args(tuple(logits.shape[:2]), old_logprobs, advantages, mask, ref_logprobs, kl_coef,
+    low, high = _check_step_args(logits, "logits", old_logprobs, advantages, mask, ref_logprobs, kl_coef,
                                  entropy_coef, kl_kind, loss_agg_mode, clip_ratio, clip_ratio_low, clip_ratio_high,
                                  clip_ratio_c)  # fmt: skip
     check_flags(grad_in_forward=grad_in_forward, inplace_backward=inplace_backward)
+    _check_is_level(importance_sampling_level)
     from rlhf_kernels.ops import logprobs as logprobs_ops
 
     mask = _valid_tokens(mask, labels, ignore_index)
@@ -328,6 +357,8 @@ def ppo_loss_from_logits(
     # GradScaler's) reaches it, and its small entries underflow: float16 takes the
     # two-pass path, which scales first, whenever a gradient is wanted.
     if logits.dtype == torch.float16 and torch.is_grad_enabled() and logits.requires_grad:
+        grad_in_forward = False
+    if importance_sampling_level == "sequence":  # the sequence's ratio is needed before any token's gradient
         grad_in_forward = False
     impl = _dispatch.resolve(backend, logits.device, "ppo_logits_fused_native" if grad_in_forward else None)
     if grad_in_forward and impl != "torch":
@@ -348,16 +379,24 @@ def ppo_loss_from_logits(
     )  # fmt: skip
     return _loss_from_logprobs(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs, clip_ratio,
                                clip_ratio_low, clip_ratio_high, clip_ratio_c, kl_kind, kl_coef, entropy_coef,
-                               loss_agg_mode, backend)  # fmt: skip
+                               loss_agg_mode, backend, importance_sampling_level)  # fmt: skip
 
 
-def _check_step_args(lead, old_logprobs, advantages, mask, ref_logprobs, kl_coef, entropy_coef, kl_kind,
-                     loss_agg_mode, clip_ratio, clip_ratio_low, clip_ratio_high, clip_ratio_c) -> tuple[float, float]:
-    """The checks of a policy step's per-token inputs ([B, T] = ``lead``) and options; returns the clip bounds."""
+def _check_step_args(source, source_name, old_logprobs, advantages, mask, ref_logprobs, kl_coef, entropy_coef,
+                     kl_kind, loss_agg_mode, clip_ratio, clip_ratio_low, clip_ratio_high,
+                     clip_ratio_c) -> tuple[float, float]:  # fmt: skip
+    """The checks of a policy step's per-token inputs (``[B, T]``, the leading dims of ``source``, the
+    logits or hidden states) and options; returns the clip bounds. Each tensor is compared with
+    ``source`` first, so that the message names the one that differs."""
+    lead = tuple(source.shape[:2])
+    for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask),
+                    ("ref_logprobs", ref_logprobs)):  # fmt: skip
+        if isinstance(t, torch.Tensor) and tuple(t.shape) != lead:
+            raise ValueError(f"{name}: expected shape {lead} (the {source_name}' [B, T]), got {tuple(t.shape)}")
+        if isinstance(t, torch.Tensor) and t.device != source.device:
+            raise ValueError(f"{name}: on device {t.device}, but the {source_name} are on {source.device}")
     _check_rows(old_logprobs=old_logprobs, advantages=advantages, mask=mask, ref_logprobs=ref_logprobs,
                 need_mask=True)  # fmt: skip
-    if tuple(old_logprobs.shape) != tuple(lead):
-        raise ValueError(f"old_logprobs: expected shape {tuple(lead)}, got {tuple(old_logprobs.shape)}")
     for name, value in (("kl_coef", kl_coef), ("entropy_coef", entropy_coef)):
         _check_real(name, value)
     if kl_coef and ref_logprobs is None:
@@ -383,12 +422,14 @@ def _valid_tokens(mask, labels, ignore_index):
 
 
 def _loss_from_logprobs(logprobs, entropy, old_logprobs, advantages, mask, ref_logprobs, clip_ratio, clip_ratio_low,
-                        clip_ratio_high, clip_ratio_c, kl_kind, kl_coef, entropy_coef, loss_agg_mode, backend):
+                        clip_ratio_high, clip_ratio_c, kl_kind, kl_coef, entropy_coef, loss_agg_mode, backend,
+                        importance_sampling_level="token"):  # fmt: skip
     """The two-pass tail: the clipped surrogate, entropy bonus and KL term from per-token log-probs
     and entropies (fused O(B T) kernels and the aggregation)."""
     pg = ppo_policy_loss(
         logprobs, old_logprobs, advantages, mask, clip_ratio=clip_ratio, clip_ratio_low=clip_ratio_low,
         clip_ratio_high=clip_ratio_high, clip_ratio_c=clip_ratio_c, loss_agg_mode=loss_agg_mode,
+        importance_sampling_level=importance_sampling_level,
         backend=_elementwise_backend(backend, logprobs.device, "ppo_loss_fwd_native"),
     )  # fmt: skip
     # The entropy and KL terms aggregated as sums weighted by token_weights, computed once (on a
@@ -687,9 +728,24 @@ def _grpo_torch(s, group_ids, norm_by_std, eps):
 # --- checks and helpers -------------------------------------------------------------------
 
 
-def _check_real(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
-        raise TypeError(f"{name}: expected a number, got {value!r}")
+_check_real = check_real  # any real but NaN (an infinite clip bound means no bound)
+
+
+def _check_is_level(level):
+    if level not in IS_LEVELS:
+        raise ValueError(f"importance_sampling_level: unknown {level!r}; expected one of {', '.join(IS_LEVELS)}")
+
+
+def _sequence_inputs(logprobs, old_logprobs, mask, acc):
+    """GSPO through the token kernels: ``(log pi - sg(log pi), -l_i)`` with ``l_i`` sequence i's mean
+    log-ratio over its valid tokens, so that the kernels' ``log pi - old`` is ``0 + l_i = l_i`` exactly
+    for every token of the sequence (one ratio: the clip binds for all of them or none), with
+    gradient 1 (module docstring). Masked positions are selected away (a NaN there stays out)."""
+    valid = _nonzero(mask)
+    lp = logprobs.detach().to(acc)
+    diff = torch.where(valid, lp - old_logprobs.to(acc), 0.0)
+    seq = diff.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1).to(acc)
+    return logprobs - logprobs.detach(), (-seq).expand(lp.shape)
 
 
 def _check_agg(mode):

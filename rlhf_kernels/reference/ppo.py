@@ -12,6 +12,7 @@ import torch
 # The order gives the kernels' mode ids (csrc/ppo_loss_math.h: kTokenMean ... kTokenSum).
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm", "token-sum")
 KL_KINDS = ("k1", "abs", "k2", "k3")
+IS_LEVELS = ("token", "sequence")  # importance_sampling_level: PPO's per-token ratio, GSPO's per-sequence one
 
 
 def _acc(*tensors):
@@ -96,13 +97,20 @@ def agg_loss(loss_mat, mask, mode):
 
 def ppo_policy_loss(
     logprobs, old_logprobs, advantages, mask, *, clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=None,
-    clip_ratio_c=None, loss_agg_mode="token-mean",
+    clip_ratio_c=None, loss_agg_mode="token-mean", importance_sampling_level="token",
 ):  # fmt: skip
     # masked positions selected away first: a NaN or inf there must reach neither the loss nor a gradient
     logprobs, old_logprobs, advantages = (_kept(t, mask) for t in _acc(logprobs, old_logprobs, advantages))
     low = clip_ratio if clip_ratio_low is None else clip_ratio_low
     high = clip_ratio if clip_ratio_high is None else clip_ratio_high
-    log_ratio = torch.clamp(logprobs - old_logprobs, -20.0, 20.0)
+    log_ratio = logprobs - old_logprobs
+    if importance_sampling_level == "sequence":
+        # GSPO-token (Zheng et al. 2025; verl's "gspo" loss): every token of sequence i has the ratio
+        # s_i = exp(mean of its valid tokens' log-ratios), and its own log-prob's gradient, s_i
+        m = (mask != 0).to(log_ratio.dtype)
+        seq = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)
+        log_ratio = logprobs - logprobs.detach() + seq.detach()
+    log_ratio = torch.clamp(log_ratio, -20.0, 20.0)
     ratio = torch.exp(log_ratio)
     approx_kl = masked_mean(-log_ratio, mask)
     losses1 = -advantages * ratio
