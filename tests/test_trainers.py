@@ -42,6 +42,61 @@ def test_sft_loss_goes_down(tokenizer, tmp_path):
     assert (tmp_path / "final" / "trainer_state.pt").exists()
 
 
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_rpo_nll_is_a_token_mean(tokenizer, tmp_path, loss_type):
+    """RPO's NLL term is one mean over all chosen tokens of the batch (TRL's cross-entropy), whether
+    the sequence log-probs are sums or, for ipo, means: answers of different lengths weigh by tokens."""
+    from rlhf_kernels.trainers.base import next_token_logprobs
+
+    policy = toy.build_model(tokenizer)
+    data = toy.preference_dataset(8, seed=4)
+    trainer = DPOTrainer(policy, copy.deepcopy(policy), tokenizer, data, config(tmp_path, batch_size=8),
+                         loss_type=loss_type, rpo_alpha=1.0)  # fmt: skip
+    batch = trainer.collate(data[:8])
+    _, metrics = trainer.compute_loss(batch)
+    n, mask = batch["n"], batch["completion_mask"]
+    assert mask[:n].sum(-1).unique().numel() > 1  # chosen answers of different lengths
+    with torch.no_grad():
+        lp = next_token_logprobs(policy, batch["input_ids"][:n], batch["attention_mask"][:n], mask[:n])
+    want = -lp.sum() / mask[:n, 1:].sum()
+    torch.testing.assert_close(metrics["nll_chosen"].float(), want.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_weight_decay_spares_biases_and_norms(tokenizer, tmp_path):
+    model = toy.build_model(tokenizer)
+    trainer = SFTTrainer(model, tokenizer, toy.sft_dataset(20), config(tmp_path, weight_decay=0.1))
+    decay = {id(p): g["weight_decay"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert len(decay) == sum(1 for p in model.parameters() if p.requires_grad)
+    norm = model.model.norm.weight
+    assert decay[id(norm)] == 0.0 and decay[id(model.model.embed_tokens.weight)] == 0.1
+    assert all(rate == (0.1 if p.dim() >= 2 else 0.0) for p in model.parameters() for rate in [decay[id(p)]])
+    plain = SFTTrainer(model, tokenizer, toy.sft_dataset(20), config(tmp_path))
+    assert [g["weight_decay"] for g in plain.optimizer.param_groups] == [0.0]
+
+
+def test_rpo_nll_mean_over_accumulated_micro_batches(tokenizer, tmp_path):
+    """Under gradient accumulation the RPO term is one token mean over the step's micro-batches
+    (begin_step's shared denominator, as SFT's loss), not a mean of per-micro-batch means."""
+    from rlhf_kernels.trainers.base import next_token_logprobs
+
+    policy = toy.build_model(tokenizer)
+    data = toy.preference_dataset(8, seed=5)
+    trainer = DPOTrainer(policy, copy.deepcopy(policy), tokenizer, data,
+                         config(tmp_path, batch_size=8, gradient_accumulation_steps=2), rpo_alpha=1.0)  # fmt: skip
+    batches = [trainer.collate(data[:4]), trainer.collate(data[4:8])]
+    trainer.begin_step(batches)
+    got = sum(float(trainer.compute_loss(b)[1]["nll_chosen"]) for b in batches) / len(batches)
+    total, tokens = 0.0, 0
+    for b in batches:
+        n, mask = b["n"], b["completion_mask"]
+        with torch.no_grad():
+            total += float(next_token_logprobs(policy, b["input_ids"][:n], b["attention_mask"][:n], mask[:n]).sum())
+        tokens += int(mask[:n, 1:].sum())
+    counts = [int(b["completion_mask"][: b["n"], 1:].sum()) for b in batches]
+    assert counts[0] != counts[1]  # a mean of means would differ
+    assert got == pytest.approx(-total / tokens, rel=1e-5)
+
+
 def test_reward_model_beats_chance(tokenizer, tmp_path):
     model = toy.build_model(tokenizer, kind="reward")
     trainer = RewardTrainer(model, tokenizer, toy.preference_dataset(1000, seed=1), config(tmp_path, max_steps=120))
@@ -350,16 +405,37 @@ def test_ppo_policy_step_options_train_alike(tokenizer, tmp_path):
         _assert_ppo_runs_alike(runs[0], other, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("fused_lm_head", [False, True])
+def test_ppo_gspo(tokenizer, tmp_path, monkeypatch, fused_lm_head):
+    """PPOConfig.importance_sampling_level="sequence" reaches the policy-loss op (GSPO) and trains."""
+    import rlhf_kernels
+
+    levels = []
+    name = "linear_ppo_loss" if fused_lm_head else "ppo_loss_from_logits"
+    real = getattr(rlhf_kernels, name)
+    monkeypatch.setattr(rlhf_kernels, name, lambda *a, **k: levels.append(k["importance_sampling_level"])
+                        or real(*a, **k))  # fmt: skip
+    trainer = _ppo(tokenizer, tmp_path, max_steps=1, importance_sampling_level="sequence", clip_ratio=0.01,
+                   loss_agg_mode="seq-mean-token-mean", fused_lm_head=fused_lm_head)  # fmt: skip
+    (record,) = trainer.train()
+    assert levels and set(levels) == {"sequence"}
+    assert all(torch.isfinite(torch.tensor(record[k])) for k in ("pg_loss", "clipfrac", "grad_norm"))
+    with pytest.raises(ValueError, match="importance_sampling_level must be one of"):
+        _ppo(tokenizer, tmp_path, importance_sampling_level="seq")
+
+
 def test_ppo_cli_passes_grad_in_forward(tmp_path, monkeypatch):
     """``rlhf-kernels train ppo --grad-in-forward`` reaches PPOConfig (off without the flag)."""
     from rlhf_kernels.trainers import ppo, run
 
     configs = []
     monkeypatch.setattr(ppo.PPOTrainer, "train", lambda self, resume_from=None: configs.append(self.config) or [])
-    for flag in ([], ["--grad-in-forward"]):
+    for flag in ([], ["--grad-in-forward", "--importance-sampling-level", "sequence", "--missing-eos-penalty", "1"]):
         argv = ["ppo", "--steps", "1", "--batch-size", "4", "--rows", "16", "--quiet", "--device", "cpu"]
         assert run.main([*argv, *flag, "--out", str(tmp_path / str(len(flag)))]) == 0
     assert [c.grad_in_forward for c in configs] == [False, True] and all(c.inplace_backward for c in configs)
+    assert [c.importance_sampling_level for c in configs] == ["token", "sequence"]
+    assert [c.missing_eos_penalty for c in configs] == [None, 1.0]
 
 
 def test_ppo_reward_rises(tokenizer, tmp_path):
@@ -478,11 +554,31 @@ def test_ppo_rollout_reads_the_logits_in_their_own_dtype(tokenizer, tmp_path, mo
     assert batch["old_logprobs"].dtype == torch.float32 and batch["old_logprobs"].isfinite().all()
 
 
+def test_ppo_missing_eos_penalty(tokenizer, tmp_path):
+    """A response cut off by max_new_tokens before its eos loses missing_eos_penalty from its score
+    (TRL's option); the fraction cut off is logged."""
+    plain = _ppo(tokenizer, tmp_path / "a", max_new_tokens=2)
+    penalised = _ppo(tokenizer, tmp_path / "b", max_new_tokens=2, missing_eos_penalty=3.0)
+    prompts = toy.prompt_dataset(8)["prompt"]
+    torch.manual_seed(0)
+    a = plain.rollout(prompts)
+    torch.manual_seed(0)
+    b = penalised.rollout(prompts)
+    assert torch.equal(a["response"], b["response"])  # same samples
+    cut = ~(a["response"] == tokenizer.eos_token_id).any(-1)
+    assert cut.any() and float(a["truncated"]) == float(cut.float().mean())
+    torch.testing.assert_close(b["scores"], a["scores"] - 3.0 * cut.float())
+
+
 def test_ppo_bad_configuration(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="rollout_batch_size=8 is not divisible by mini_batch_size=3"):
         _ppo(tokenizer, tmp_path, mini_batch_size=3)
     with pytest.raises(ValueError, match="config: loss_agg_mode must be one of"):
         _ppo(tokenizer, tmp_path, loss_agg_mode="seq-mean")
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=2 is not used by PPO"):
+        _ppo(tokenizer, tmp_path, gradient_accumulation_steps=2)
+    with pytest.raises(ValueError, match="missing_eos_penalty: expected a finite number"):
+        _ppo(tokenizer, tmp_path, missing_eos_penalty=float("nan"))
 
 
 def test_pipeline_smoke(tmp_path):

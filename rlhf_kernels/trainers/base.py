@@ -187,6 +187,17 @@ def last_hidden_and_head(model, **inputs) -> tuple[torch.Tensor, torch.nn.Module
     return hidden, head
 
 
+def decay_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: weight decay on matrices (linear and embedding weights) only, none on
+    biases and norm scales (vectors), as Hugging Face's Trainer and TRL group them. One group when
+    there is no decay."""
+    if not weight_decay:
+        return [{"params": params, "weight_decay": 0.0}]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
+    return [g for g in groups if g["params"]]
+
+
 def truncate_pair(bos: list[int], prompt: list[int], completion: list[int], max_length: int,
                   *, longest: int | None = None):  # fmt: skip
     """``(bos + prompt, completion)`` cut to ``max_length`` tokens in all: the prompt keeps
@@ -238,9 +249,8 @@ class Trainer:
         torch.manual_seed(config.seed + self.rank)
         random.seed(config.seed + self.rank)
         self.optimizer = torch.optim.AdamW(
-            [p for p in self.trainable_parameters() if p.requires_grad],
+            decay_groups([p for p in self.trainable_parameters() if p.requires_grad], config.weight_decay),
             lr=config.learning_rate,
-            weight_decay=config.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         if self.world_size > 1:
@@ -525,7 +535,7 @@ class Trainer:
         torch.set_rng_state(rng["torch"].cpu())
         random.setstate(rng["python"])
         if "cuda" in rng and torch.cuda.is_available():  # generators take CPU byte tensors; map_location moved them
-            torch.cuda.set_rng_state_all([state.cpu() for state in rng["cuda"]])
+            torch.cuda.set_rng_state_all([generator.cpu() for generator in rng["cuda"]])
         self.load_extra_state(state.get("extra", {}))
         self.step = state["step"]
 

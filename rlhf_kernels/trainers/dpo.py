@@ -44,6 +44,13 @@ class DPOTrainer(Trainer):
         return {"input_ids": ids, "attention_mask": attention, "completion_mask": mask, "n": n,
                 "index": rows.get("__index__")}  # fmt: skip
 
+    def begin_step(self, batches):
+        if self.rpo_alpha:  # RPO's token mean over the whole step (see SFTTrainer.begin_step)
+            tokens = sum(b["completion_mask"][: b["n"], 1:].sum() for b in batches)
+            share = self.per_rank_share(tokens).clamp(min=1) / len(batches)
+            for b in batches:
+                b["chosen_tokens_per_micro_batch"] = share
+
     def sequence_logprobs(self, model, batch) -> torch.Tensor:
         if self.config.fused_lm_head:  # per-token from the hidden states, then the sum (mean) per sequence
             lp = next_token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
@@ -87,9 +94,15 @@ class DPOTrainer(Trainer):
         metrics = {"loss": loss.detach(), **{k: v.detach() for k, v in out.metrics.items() if k != "loss"}}
         if self.rpo_alpha:
             # RPO (Pang et al. 2024; TRL's rpo_alpha): the chosen responses' per-token NLL
-            # keeps their likelihood from falling. Sums become per-token means here.
-            counts = 1 if self.average else batch["completion_mask"][:n, 1:].sum(-1).clamp(min=1)
-            chosen_nll = -(lp[:n] / counts).mean()
+            # keeps their likelihood from falling: one mean over all chosen tokens of the step (every
+            # micro-batch and rank, as SFT's loss), as TRL's cross-entropy: a long chosen answer
+            # weighs by its tokens, not as one sequence.
+            counts = batch["completion_mask"][:n, 1:].sum(-1)
+            sums = lp[:n] * counts if self.average else lp[:n]
+            denominator = batch.get("chosen_tokens_per_micro_batch")
+            if denominator is None:  # a batch from outside training_step: its own mean
+                denominator = self.per_rank_share(counts.sum()).clamp(min=1)
+            chosen_nll = -sums.sum() / denominator
             loss = loss + self.rpo_alpha * chosen_nll
             metrics["nll_chosen"] = chosen_nll.detach()
         return loss, metrics

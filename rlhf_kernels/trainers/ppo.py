@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 
 import rlhf_kernels
+from rlhf_kernels._checks import check_real
 from rlhf_kernels.trainers.base import Trainer, TrainerConfig, disable_dropout, last_hidden_and_head, unwrap
 from rlhf_kernels.trainers.sampling import encode_prompts, pure_sampling
 
@@ -47,9 +48,16 @@ class PPOConfig(TrainerConfig):
     vf_coef: float = 0.5
     entropy_coef: float = 0.0
     whiten_advantages: bool = True
+    # TRL's missing_eos_penalty: subtracted from the score of a response that ran out of
+    # max_new_tokens before its eos (the reward model is still shown it with an eos appended,
+    # and a reward function sees the text), so that cut-off answers are not scored as finished.
+    missing_eos_penalty: float | None = None
     # How the policy and value losses average over tokens (rlhf_kernels.ops.ppo.LOSS_AGG_MODES):
     # token-mean, as TRL and verl default to; seq-mean-token-sum-norm is Dr. GRPO's.
     loss_agg_mode: str = "token-mean"
+    # "sequence": GSPO's per-sequence importance ratio (ops.ppo.ppo_policy_loss), with which the
+    # paper clips at 3e-4 / 4e-4 and aggregates by seq-mean-token-mean (set those too).
+    importance_sampling_level: str = "token"
     # The policy step from logits (ppo_loss_from_logits; not with fused_lm_head): write the
     # logits' gradient into their own buffer (the LM head's output, which nothing else keeps:
     # one [B, T, V] tensor less at the peak), and compute it in the forward sweep (one read of
@@ -91,10 +99,19 @@ class PPOTrainer(Trainer):
                 f"config: rollout_batch_size={config.rollout_batch_size} is not divisible by "
                 f"mini_batch_size={config.mini_batch_size}"
             )
+        if config.gradient_accumulation_steps != 1:  # each mini-batch is one optimiser step; not silently ignored
+            raise ValueError(
+                f"config: gradient_accumulation_steps={config.gradient_accumulation_steps} is not used by PPO "
+                "(one optimiser step per mini-batch); set mini_batch_size instead"
+            )
         if config.kl_kind not in rlhf_kernels.ops.ppo.KL_KINDS:
             raise ValueError(f"config: kl_kind must be one of {rlhf_kernels.ops.ppo.KL_KINDS}")
         if config.loss_agg_mode not in rlhf_kernels.ops.ppo.LOSS_AGG_MODES:
             raise ValueError(f"config: loss_agg_mode must be one of {rlhf_kernels.ops.ppo.LOSS_AGG_MODES}")
+        if config.missing_eos_penalty is not None:
+            check_real("config: missing_eos_penalty", config.missing_eos_penalty, finite=True)
+        if config.importance_sampling_level not in rlhf_kernels.ops.ppo.IS_LEVELS:
+            raise ValueError(f"config: importance_sampling_level must be one of {rlhf_kernels.ops.ppo.IS_LEVELS}")
         self.value_model = value_model
         self.value_head = None
         if value_model is None:
@@ -226,6 +243,9 @@ class PPOTrainer(Trainer):
 
         texts = tok.batch_decode(torch.where(response_mask, response, tok.pad_token_id), skip_special_tokens=True)
         scores = self._scores(prompts, texts).to(self.device)
+        finished = is_eos.any(-1)
+        if cfg.missing_eos_penalty:
+            scores = scores - cfg.missing_eos_penalty * (~finished).to(scores.dtype)
 
         kl = rlhf_kernels.kl_penalty(old_logprobs, ref_logprobs, cfg.kl_kind, backend=cfg.backend) * response_mask
         rewards = -self.kl_coef * kl
@@ -239,7 +259,7 @@ class PPOTrainer(Trainer):
             "sequences": sequences, "attention": attention, "response": response, "response_mask": response_mask,
             "old_logprobs": old_logprobs, "values": values, "advantages": advantages, "returns": returns,
             "scores": scores, "kl": (kl.sum(-1)).mean(), "width": torch.tensor(width),
-            "response_length": response_mask.sum(-1).float().mean(),
+            "response_length": response_mask.sum(-1).float().mean(), "truncated": (~finished).float().mean(),
         }  # fmt: skip
 
     def _values(self, sequences, attention, width):
@@ -283,7 +303,8 @@ class PPOTrainer(Trainer):
                                                                 width)  # fmt: skip
                     mask = batch["response_mask"][idx]
                     step = dict(temperature=cfg.temperature, clip_ratio=cfg.clip_ratio, entropy_coef=cfg.entropy_coef,
-                                loss_agg_mode=cfg.loss_agg_mode, backend=cfg.backend)  # fmt: skip
+                                loss_agg_mode=cfg.loss_agg_mode, backend=cfg.backend,
+                                importance_sampling_level=cfg.importance_sampling_level)  # fmt: skip
                     per_token = (batch["response"][idx], batch["old_logprobs"][idx], batch["advantages"][idx], mask)
                     if head is None:
                         pg_loss, m = rlhf_kernels.ppo_loss_from_logits(x, *per_token, **step,
@@ -311,5 +332,6 @@ class PPOTrainer(Trainer):
             error = max(-0.2, min(0.2, kl / cfg.kl_target - 1))
             self.kl_coef *= 1 + error * cfg.rollout_batch_size / cfg.kl_horizon
         metrics.update(score=float(batch["scores"].mean()), kl=kl, kl_coef=self.kl_coef,
-                       response_length=float(batch["response_length"]))  # fmt: skip
+                       response_length=float(batch["response_length"]),
+                       truncated=float(batch["truncated"]))  # fmt: skip
         return metrics

@@ -54,7 +54,8 @@ class RewardTrainer(Trainer):
         for start in range(0, len(dataset), self.config.batch_size):
             rows = dataset[start : start + self.config.batch_size]
             batch = self.collate(rows)
-            r = self.rewards(batch["input_ids"], batch["attention_mask"])
+            with self.autocast():  # the function trained (bf16 autocast on a GPU)
+                r = self.rewards(batch["input_ids"], batch["attention_mask"])
             half = r.shape[0] // 2
             hits += float((r[:half] > r[half:]).sum())
             margins += float((r[:half] - r[half:]).sum())

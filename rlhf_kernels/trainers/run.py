@@ -56,6 +56,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--fused-lm-head", action="store_true",
                         help="sft/dpo/ppo: log-probs and the PPO loss from the last hidden state and the LM head, "
                         "never holding [B, T, V] logits")  # fmt: skip
+    parser.add_argument("--importance-sampling-level", choices=("token", "sequence"), default="token",
+                        help="ppo: the policy ratio per token (PPO) or per sequence (GSPO)")
+    parser.add_argument("--missing-eos-penalty", type=float, default=None,
+                        help="ppo: subtracted from the score of a response cut off before its eos (TRL's option)")
     parser.add_argument("--grad-in-forward", action="store_true",
                         help="ppo: the policy step as one sweep over the logits that writes their gradient "
                         "(ppo_loss_from_logits(grad_in_forward=True))")  # fmt: skip
@@ -169,6 +173,8 @@ def run(args: argparse.Namespace):
             model, copy.deepcopy(model), value_model.to(device), tokenizer, dataset,
             # two mini-batches per rollout when the batch splits evenly, else one
             PPOConfig(**common, rollout_batch_size=args.batch_size, grad_in_forward=args.grad_in_forward,
+                      missing_eos_penalty=args.missing_eos_penalty,
+                      importance_sampling_level=args.importance_sampling_level,
                       mini_batch_size=args.batch_size // 2 if args.batch_size % 2 == 0 else args.batch_size),
             **reward,
         )  # fmt: skip
