@@ -424,6 +424,21 @@ def test_ppo_gspo(tokenizer, tmp_path, monkeypatch, fused_lm_head):
         _ppo(tokenizer, tmp_path, importance_sampling_level="seq")
 
 
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "token-sum"])
+def test_ppo_gradient_accumulation_matches_whole_mini_batches(tokenizer, tmp_path, mode):
+    """gradient_accumulation_steps splits each mini-batch into micro-batches whose losses are
+    weighted by their share of the mini-batch's aggregate: the same updates and metrics as one
+    pass over the mini-batch (mini-batches of 4 prompts in micro-batches of 2, 1 and 1)."""
+    runs = []
+    for accum in (1, 3):
+        trainer = _ppo(tokenizer, tmp_path / str(accum), max_steps=2, entropy_coef=0.01, loss_agg_mode=mode,
+                       gradient_accumulation_steps=accum)  # fmt: skip
+        runs.append((trainer.train(), trainer.model))
+    _assert_ppo_runs_alike(*runs, rtol=1e-4, atol=1e-6)
+    for key in ("clipfrac", "approx_kl", "value_clipfrac", "critic_grad_norm"):
+        assert runs[0][0][-1][key] == pytest.approx(runs[1][0][-1][key], rel=1e-4, abs=1e-6), key
+
+
 def test_ppo_cli_passes_grad_in_forward(tmp_path, monkeypatch):
     """``rlhf-kernels train ppo --grad-in-forward`` reaches PPOConfig (off without the flag)."""
     from rlhf_kernels.trainers import ppo, run
@@ -575,8 +590,8 @@ def test_ppo_bad_configuration(tokenizer, tmp_path):
         _ppo(tokenizer, tmp_path, mini_batch_size=3)
     with pytest.raises(ValueError, match="config: loss_agg_mode must be one of"):
         _ppo(tokenizer, tmp_path, loss_agg_mode="seq-mean")
-    with pytest.raises(ValueError, match="gradient_accumulation_steps=2 is not used by PPO"):
-        _ppo(tokenizer, tmp_path, gradient_accumulation_steps=2)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=5 is more micro-batches than the 4 prompts"):
+        _ppo(tokenizer, tmp_path, gradient_accumulation_steps=5)
     with pytest.raises(ValueError, match="missing_eos_penalty: expected a finite number"):
         _ppo(tokenizer, tmp_path, missing_eos_penalty=float("nan"))
 

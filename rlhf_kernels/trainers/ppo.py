@@ -66,6 +66,14 @@ class PPOConfig(TrainerConfig):
     grad_in_forward: bool = False
 
 
+def _agg_counts(mask: torch.Tensor) -> tuple[float, float]:
+    """(valid tokens, sequences with one) of a response mask, each at least 1: the denominators
+    of the token and sequence means (one host sync, as the metrics take anyway)."""
+    valid = mask != 0
+    tokens, seqs = torch.stack([valid.sum(), valid.any(-1).sum()]).tolist()
+    return float(max(tokens, 1)), float(max(seqs, 1))
+
+
 class ValueHead(torch.nn.Module):
     """A scalar value per token on the policy's last hidden state: the critic shares
     the policy's backbone (one forward for both) instead of being a second model."""
@@ -99,11 +107,6 @@ class PPOTrainer(Trainer):
                 f"config: rollout_batch_size={config.rollout_batch_size} is not divisible by "
                 f"mini_batch_size={config.mini_batch_size}"
             )
-        if config.gradient_accumulation_steps != 1:  # each mini-batch is one optimiser step; not silently ignored
-            raise ValueError(
-                f"config: gradient_accumulation_steps={config.gradient_accumulation_steps} is not used by PPO "
-                "(one optimiser step per mini-batch); set mini_batch_size instead"
-            )
         if config.kl_kind not in rlhf_kernels.ops.ppo.KL_KINDS:
             raise ValueError(f"config: kl_kind must be one of {rlhf_kernels.ops.ppo.KL_KINDS}")
         if config.loss_agg_mode not in rlhf_kernels.ops.ppo.LOSS_AGG_MODES:
@@ -125,6 +128,11 @@ class PPOTrainer(Trainer):
         if config.mini_batch_size % self.world_size:
             raise ValueError(
                 f"config: mini_batch_size={config.mini_batch_size} is not divisible by the {self.world_size} processes"
+            )
+        if config.mini_batch_size // self.world_size < config.gradient_accumulation_steps:
+            raise ValueError(
+                f"config: gradient_accumulation_steps={config.gradient_accumulation_steps} is more micro-batches than "
+                f"the {config.mini_batch_size // self.world_size} prompts of a rank's mini-batch"
             )
         self.ref_model = ref_model.eval().requires_grad_(False)
         self.reward_model = None if reward_model is None else reward_model.eval().requires_grad_(False)
@@ -285,6 +293,38 @@ class PPOTrainer(Trainer):
         return out.logits.squeeze(-1).float().cpu()
 
     # --- optimisation ----------------------------------------------------------------------------
+    def _micro_step(self, batch, idx, width, totals, *, last):
+        """Forward and backward of the rollout rows ``idx`` (a micro-batch of a mini-batch whose
+        (tokens, sequences) are ``totals``); returns the metrics as ``{name: (value, weight)}``."""
+        cfg = self.config
+        mask = batch["response_mask"][idx]
+        tokens, seqs = _agg_counts(mask)
+        # the micro-batch's share of the mini-batch's aggregate (token-sum: plain sums)
+        share = {"token-mean": tokens / totals[0], "token-sum": 1.0}.get(cfg.loss_agg_mode, seqs / totals[1])
+        token_share = tokens / totals[0]
+        with self._grad_sync(last):  # DDP all-reduces the gradients at the mini-batch's last micro-batch
+            with self.autocast():
+                (x, head), values = self._policy_and_values(batch["sequences"][idx], batch["attention"][idx], width)
+                step = dict(temperature=cfg.temperature, clip_ratio=cfg.clip_ratio, entropy_coef=cfg.entropy_coef,
+                            loss_agg_mode=cfg.loss_agg_mode, backend=cfg.backend,
+                            importance_sampling_level=cfg.importance_sampling_level)  # fmt: skip
+                per_token = (batch["response"][idx], batch["old_logprobs"][idx], batch["advantages"][idx], mask)
+                if head is None:
+                    pg_loss, m = rlhf_kernels.ppo_loss_from_logits(x, *per_token, **step,
+                                                                   inplace_backward=cfg.inplace_backward,
+                                                                   grad_in_forward=cfg.grad_in_forward)  # fmt: skip
+                else:  # from the hidden states: the [B, T, V] logits are never held
+                    pg_loss, m = rlhf_kernels.linear_ppo_loss(x, head.weight, *per_token, bias=head.bias, **step)
+                vf = rlhf_kernels.ppo_value_loss(
+                    values, batch["values"][idx], batch["returns"][idx], mask,
+                    clip_range_value=cfg.clip_range_value, loss_agg_mode=cfg.loss_agg_mode, backend=cfg.backend,
+                )  # fmt: skip
+                loss = pg_loss + cfg.vf_coef * vf.loss
+            (loss * share if share != 1.0 else loss).backward()
+        return {"pg_loss": (m.pg_loss, share), "entropy": (m.entropy, share), "clipfrac": (m.clipfrac, token_share),
+                "approx_kl": (m.approx_kl, token_share), "value_loss": (vf.loss.detach(), share),
+                "value_clipfrac": (vf.clipfrac, token_share)}  # fmt: skip
+
     def training_step(self):
         cfg = self.config
         prompts = self.dataset[self._batch_indices(self.step)]["prompt"]
@@ -297,34 +337,20 @@ class PPOTrainer(Trainer):
             order = torch.randperm(len(prompts), generator=g).to(self.device)
             mini_batch = cfg.mini_batch_size // self.world_size  # prompts: this rank's share of the rollout
             for start in range(0, len(prompts), mini_batch):
+                # One optimiser step a mini-batch, its gradient accumulated over micro-batches: each
+                # micro-batch's aggregated loss weighted by its share of the mini-batch's aggregate
+                # (tokens or sequences, by loss_agg_mode), so that their sum is the mini-batch's loss.
                 idx = order[start : start + mini_batch]
-                with self.autocast():
-                    (x, head), values = self._policy_and_values(batch["sequences"][idx], batch["attention"][idx],
-                                                                width)  # fmt: skip
-                    mask = batch["response_mask"][idx]
-                    step = dict(temperature=cfg.temperature, clip_ratio=cfg.clip_ratio, entropy_coef=cfg.entropy_coef,
-                                loss_agg_mode=cfg.loss_agg_mode, backend=cfg.backend,
-                                importance_sampling_level=cfg.importance_sampling_level)  # fmt: skip
-                    per_token = (batch["response"][idx], batch["old_logprobs"][idx], batch["advantages"][idx], mask)
-                    if head is None:
-                        pg_loss, m = rlhf_kernels.ppo_loss_from_logits(x, *per_token, **step,
-                                                                       inplace_backward=cfg.inplace_backward,
-                                                                       grad_in_forward=cfg.grad_in_forward)  # fmt: skip
-                    else:  # from the hidden states: the [B, T, V] logits are never held
-                        pg_loss, m = rlhf_kernels.linear_ppo_loss(x, head.weight, *per_token, bias=head.bias, **step)
-                    vf = rlhf_kernels.ppo_value_loss(
-                        values, batch["values"][idx], batch["returns"][idx], mask,
-                        clip_range_value=cfg.clip_range_value, loss_agg_mode=cfg.loss_agg_mode, backend=cfg.backend,
-                    )  # fmt: skip
-                    loss = pg_loss + cfg.vf_coef * vf.loss
-                loss.backward()
+                micro_batches = idx.tensor_split(cfg.gradient_accumulation_steps)
+                totals = _agg_counts(batch["response_mask"][idx])
+                for j, micro in enumerate(micro_batches):
+                    shares = self._micro_step(batch, micro, width, totals, last=j == len(micro_batches) - 1)
+                    for k, (v, share) in shares.items():
+                        sums[k] = sums.get(k, 0.0) + float(v) * share
                 grad_norm = self.optimizer_step(step_schedule=False)  # the schedule moves per rollout
                 n_updates += 1
-                for k, v in {"pg_loss": m.pg_loss, "entropy": m.entropy, "clipfrac": m.clipfrac,
-                             "approx_kl": m.approx_kl, "value_loss": vf.loss.detach(), "value_clipfrac": vf.clipfrac,
-                             "grad_norm": grad_norm,
-                             "critic_grad_norm": self.group_grad_norms[-1]}.items():  # fmt: skip
-                    sums[k] = sums.get(k, 0.0) + float(v)
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
+                sums["critic_grad_norm"] = sums.get("critic_grad_norm", 0.0) + self.group_grad_norms[-1]
         self.scheduler.step()
         metrics = {k: v / n_updates for k, v in sums.items()}
         kl = self.all_reduce_mean({"kl": float(batch["kl"])})["kl"]  # one controller state on every rank
