@@ -48,6 +48,7 @@ def verl(monkeypatch):
              "compute_value_loss", "kl_penalty"]  # fmt: skip
     original = {n: getattr(core, n) for n in names}
     original["vanilla"] = core.get_policy_loss_fn("vanilla")
+    original["gspo"] = core.get_policy_loss_fn("gspo")
     original.update({n: getattr(functional, n) for n in ("logprobs_from_logits", "entropy_from_logits",
                                                            "masked_whiten")})  # fmt: skip
     calls = _counting(monkeypatch, rk_verl, ["gae", "grpo_advantages", "ppo_policy_loss", "ppo_value_loss",
@@ -61,6 +62,7 @@ def verl(monkeypatch):
         assert all(getattr(core, n) is original[n] for n in names)
         assert core.ADV_ESTIMATOR_REGISTRY["gae"] is original["compute_gae_advantage_return"]
         assert core.get_policy_loss_fn("vanilla") is original["vanilla"]
+        assert core.get_policy_loss_fn("gspo") is original["gspo"]
 
 
 @pytest.fixture
@@ -215,6 +217,44 @@ def test_verl_vanilla_policy_loss_and_global_batch(verl, mode, batch, dtype):
     want, want_grad = loss_and_grad(lambda x, r, v: original["compute_value_loss"](x, r, v, mask, 0.2, mode, **info),
                                     *_wide(dtype, vpred, adv, old))  # fmt: skip
     assert calls["ppo_value_loss"] == 1
+    _close(got, want, tol)
+    _close(got_grad, want_grad, tol)
+
+
+@pytest.mark.parametrize("mode", [*AGG_MODES, "token-sum"])
+@pytest.mark.parametrize("batch", ["none", "dp2"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_verl_gspo_policy_loss(verl, mode, batch, dtype):
+    """The registry's "gspo" loss (GSPO-token, verl's actor config) through the op's sequence level;
+    a sequence whose mean log-ratio passes verl's clamp (10) goes to verl's own function."""
+    core, _, original, calls = verl
+    from verl.workers.config import FSDPActorConfig
+
+    logp, old, adv, _, mask = _inputs(dtype, "gaps", seed=10)  # sequence ratios about 1 +- 0.2: some clip
+    config = FSDPActorConfig(strategy="fsdp", ppo_micro_batch_size_per_gpu=1, rollout_n=1, clip_ratio=0.05,
+                             clip_ratio_high=0.06)  # fmt: skip
+    config.global_batch_info.update(GLOBAL_BATCH[batch])
+    tol = _tol(dtype)
+    gspo = core.get_policy_loss_fn("gspo")
+    assert gspo is not original["gspo"]
+
+    def loss_and_grad(fn, x, o, a):
+        x = x.clone().requires_grad_(True)
+        out = fn(o, x, a, mask, mode, config)
+        out[0].backward()
+        return out, x.grad
+
+    (got, metrics), got_grad = loss_and_grad(gspo, logp, old, adv)
+    (want, want_metrics), want_grad = loss_and_grad(original["gspo"], *_wide(dtype, logp, old, adv))
+    assert calls["ppo_policy_loss"] == 1 and set(metrics) == set(want_metrics)
+    assert 0 < want_metrics["actor/pg_clipfrac"] < 1
+    _close(got, want, tol)
+    _close(got_grad, want_grad, tol)
+    _close([metrics[k] for k in sorted(metrics)], [want_metrics[k] for k in sorted(metrics)], tol)
+    far = logp - 11.0  # mean log-ratios of 11: verl clamps them at 10, the op at 20
+    (got, _), got_grad = loss_and_grad(gspo, logp, far, adv)
+    (want, _), want_grad = loss_and_grad(original["gspo"], logp, far, adv)
+    assert calls["ppo_policy_loss"] == 1  # verl's function ran
     _close(got, want, tol)
     _close(got_grad, want_grad, tol)
 

@@ -19,7 +19,10 @@ copies and registry entries such as ``ADV_ESTIMATOR_REGISTRY["gae"]`` included):
   call: clip ranges and global-batch sizes from the actor config, a loss and a metrics
   dict) -> the same op, where the installed function has verl 0.9's parameters and a probe
   call at patch time gives the replacement's loss and metrics (other releases changed
-  its return value and arguments: there verl keeps it);
+  its return value and arguments: there verl keeps it); ``compute_policy_loss_gspo`` (the
+  registry's ``"gspo"``, GSPO-token) -> the op's ``importance_sampling_level="sequence"``, probed
+  the same way, where every sequence's mean log-ratio lies in [-20, 10] (verl clamps it at 10,
+  the op at +-20; checked with one host sync, else verl's function runs);
   ``compute_value_loss`` -> :func:`rlhf_kernels.ppo_value_loss`; ``kl_penalty`` ->
   :func:`rlhf_kernels.kl_penalty` (``kl``/``k1``, ``abs``, ``mse``/``k2``, ``low_var_kl``/``k3``).
 ``verl.utils.torch_functional``
@@ -378,18 +381,23 @@ def _make_grpo(original):
     return _wrap(original, body)
 
 
-def _policy_loss(old, logp, adv, mask, low, high, clip, clip_c, mode, g, rules, backend=None, fraction=None):
-    if not _rows(old, logp, adv) or clip_c is None or not _binary(mask, logp) or _grad_into(old, adv):
+def _policy_loss(old, logp, adv, mask, low, high, clip, clip_c, mode, g, rules, backend=None, fraction=None,
+                 level="token"):  # fmt: skip
+    """The op's (loss, clipfrac, approx_kl, clipfrac_lower) in verl's dtypes, or None for verl. ``level``
+    "sequence" is GSPO, which has no dual clip (``clip_c`` None)."""
+    dual = level == "token"
+    if not _rows(old, logp, adv) or (dual and clip_c is None) or not _binary(mask, logp) or _grad_into(old, adv):
         return None
     plan = _aggregation(mode, mask, g, rules)
     if plan is None:
         return None
     clip, low, high, clip_c = (None if r is None else _number(r) for r in (clip, low, high, clip_c))
     ranges = [r for r in (clip, low, high) if r is not None]
-    if clip is None or clip_c is None or any(math.isnan(r) or r < 0 for r in ranges) or not clip_c > 1:
+    if clip is None or any(math.isnan(r) or r < 0 for r in ranges) or (dual and (clip_c is None or not clip_c > 1)):
         return None  # verl's own checks and messages for these
     out = ppo_policy_loss(logp, old, adv, mask, clip_ratio=clip, clip_ratio_low=low, clip_ratio_high=high,
-                          clip_ratio_c=clip_c, loss_agg_mode=plan[0], backend=backend or _patcher.backend)  # fmt: skip
+                          clip_ratio_c=clip_c if dual else None, loss_agg_mode=plan[0],
+                          importance_sampling_level=level, backend=backend or _patcher.backend)  # fmt: skip
     loss, clipfrac, approx_kl, lower = _scaled(out, plan)
     # verl's dtypes: the loss in its inputs' arithmetic (promoted by a floating mask), the KL a
     # masked mean of the log-ratio, the fractions masked means of flags typed as the release types
@@ -462,6 +470,13 @@ def _make_vanilla(original):
     same loss and metrics, keys included, as the replacement; otherwise None: verl keeps it."""
     if tuple(inspect.signature(original).parameters) != VANILLA_PARAMS:
         return None
+    return _probed(original, _vanilla, clip_ratio_c=3.0, mode="token-mean", make_config=_ActorConfigProbe)
+
+
+def _probed(original, body, *, clip_ratio_c, mode, make_config):
+    """``original`` wrapped with ``body(args, rules, backend)`` (None: verl's call), where a probe
+    call (CPU, float64, clip-higher, with and without global-batch arguments) gives the same loss
+    and metrics, keys included, from both; else None (verl keeps its function)."""
     rules = _agg_rules()
     g = torch.Generator().manual_seed(1)
     old = -torch.rand(3, 6, generator=g, dtype=torch.float64) * 2
@@ -469,13 +484,13 @@ def _make_vanilla(original):
                 advantages=torch.randn(3, 6, generator=g, dtype=torch.float64),
                 response_mask=torch.tensor([[1.0] * 6, [1.0] * 4 + [0.0] * 2, [0.0, 1.0, 1.0, 0.0, 1.0, 1.0]],
                                            dtype=torch.float64),
-                loss_agg_mode="token-mean", rollout_is_weights=None)  # fmt: skip
+                loss_agg_mode=mode, rollout_is_weights=None)  # fmt: skip
     for info in ({}, {"dp_size": 2, "batch_num_tokens": 20, "global_batch_size": 5, "loss_scale_factor": None}):
-        args["config"] = _ActorConfigProbe(clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=0.28,
-                                           clip_ratio_c=3.0, global_batch_info=info)  # fmt: skip
+        args["config"] = make_config(clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=0.28,
+                                     clip_ratio_c=clip_ratio_c, global_batch_info=info)  # fmt: skip
         try:
             want = original(**args)
-            got = _vanilla(args, rules, "torch")
+            got = body(args, rules, "torch")
             same = (got is not None and isinstance(want, tuple) and len(want) == 2 and isinstance(want[1], dict)
                     and set(want[1]) == set(got[1]) and math.isclose(float(want[0]), float(got[0]), rel_tol=1e-9)
                     and all(math.isclose(float(want[1][k]), got[1][k], rel_tol=1e-9, abs_tol=1e-12)
@@ -484,7 +499,65 @@ def _make_vanilla(original):
             same = False
         if not same:
             return None
-    return _wrap(original, lambda a: _vanilla(a, rules, _patcher.backend))
+    return _wrap(original, lambda a: body(a, rules, _patcher.backend))
+
+
+def _actor_config_like(cls):
+    """A probe config of verl's own ``ActorConfig`` class where the loss insists on it (GSPO
+    asserts the type), its fields set without its validation (which wants a whole trainer's
+    settings); the plain probe where the class is unknown."""
+
+    def make(**fields):
+        if not isinstance(cls, type):
+            return _ActorConfigProbe(**fields)
+        config = cls.__new__(cls)
+        for name, value in fields.items():
+            object.__setattr__(config, name, value)
+        return config
+
+    return make
+
+
+def _gspo(a, rules, backend):
+    """``compute_policy_loss_gspo``'s ``(pg_loss, metrics)`` from the op's sequence level, or None.
+    verl clamps the log-ratio at 10 from above only, the op at +-20: the same wherever every
+    sequence's mean log-ratio lies in [-20, 10], which is checked (one host sync, with the
+    metrics' own); elsewhere verl's function runs."""
+    config = a.get("config")
+    if config is None or a.get("rollout_is_weights") is not None:
+        return None
+    try:
+        clip, low, high, g = config.clip_ratio, config.clip_ratio_low, config.clip_ratio_high, dict(
+            config.global_batch_info
+        )
+    except Exception:  # a config without these fields: verl's own function says what is wrong
+        return None
+    if clip is None or not set(g) <= set(GLOBAL_ARGS):
+        return None
+    old, logp, mask = a["old_log_prob"], a["log_prob"], a["response_mask"]
+    if not _rows(old, logp) or not _binary(mask, logp):
+        return None
+    with torch.no_grad():
+        valid = mask != 0
+        seq = torch.where(valid, logp - old, 0).sum(-1) / valid.sum(-1).clamp(min=1)
+        if bool(((seq > 10) | (seq < -20)).any()):
+            return None
+    low, high = (low if low is not None else clip), (high if high is not None else clip)
+    out = _policy_loss(old, logp, a["advantages"], mask, low, high, clip, None,
+                       a.get("loss_agg_mode", "seq-mean-token-mean"), g, rules, backend, level="sequence")  # fmt: skip
+    if out is None:
+        return None
+    metrics = torch.stack(out[1:3]).tolist()
+    return out[0], dict(zip(VANILLA_METRICS, [*metrics, 0.0], strict=True))  # verl's GSPO: clipfrac_lower 0
+
+
+def _make_gspo(original):
+    """The registry's ``"gspo"`` policy loss (verl 0.9: GSPO-token, the vanilla loss's parameters),
+    replaced, as the vanilla one, only where a probe call gives the replacement's loss and metrics."""
+    if tuple(inspect.signature(original).parameters) != VANILLA_PARAMS:
+        return None
+    return _probed(original, _gspo, clip_ratio_c=3.0, mode="token-mean",
+                   make_config=_actor_config_like(getattr(original, "__globals__", {}).get("ActorConfig")))
 
 
 def _make_value_loss(original):
@@ -580,6 +653,7 @@ _TARGETS = {
         "compute_policy_loss": (("old_log_prob", "log_prob", "advantages", "response_mask", "cliprange"),
                                 _make_policy_loss),
         "compute_policy_loss_vanilla": ((), _make_vanilla),
+        "compute_policy_loss_gspo": ((), _make_gspo),
         "compute_value_loss": (("vpreds", "returns", "values", "response_mask", "cliprange_value"), _make_value_loss),
         "kl_penalty": (("logprob", "ref_logprob", "kl_penalty"), _make_kl_penalty),
     },
