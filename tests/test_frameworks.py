@@ -455,6 +455,39 @@ def test_openrlhf_policy_and_value_loss(openrlhf, dtype, token_level, counts, cl
     _close(got_grad, want_grad, tol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("counts", list(OPENRLHF_COUNTS))
+@pytest.mark.parametrize("clip", [dict(clip_eps_low=0.05, clip_eps_high=0.06),
+                                  dict(clip_eps_low=0.03, clip_eps_high=0.03, dual_clip=1.5)],
+                         ids=["clip-higher", "dual"])  # fmt: skip
+@pytest.mark.parametrize("mask_kind", ["gaps", "empty-row"])
+def test_openrlhf_gspo_policy_loss(openrlhf, dtype, counts, clip, mask_kind):
+    """PolicyLoss(policy_loss_type="gspo") with GRPO's advantages (one a sequence) on the op's
+    sequence level: OpenRLHF's loss, metrics and gradient (its ratio's gradient goes through the
+    sequence's mean log-ratio, the op's to each token: the same with one advantage a sequence)."""
+    from openrlhf.models.loss import PolicyLoss
+
+    _, _, original, calls = openrlhf
+    logp, old, adv, _, mask = _inputs(dtype, mask_kind, seed=13)
+    mask, adv = mask.bool(), adv[:, :1].expand_as(adv).contiguous()
+    info, tol = OPENRLHF_COUNTS[counts], _tol(dtype)
+    module = PolicyLoss(**clip, policy_loss_type="gspo")
+
+    def run(forward, x, *others, wide=False):
+        xs = _wide(dtype, x, *others) if wide else [x, *others]
+        xg = xs[0].clone().requires_grad_(True)
+        out = forward(module, xg, *xs[1:], action_mask=mask, **info)
+        out[0].backward()
+        return out, xg.grad
+
+    (got, got_grad), (want, want_grad) = (run(PolicyLoss.forward, logp, old, adv),
+                                          run(original["PolicyLoss"], logp, old, adv, wide=True))  # fmt: skip
+    assert calls["ppo_policy_loss"] == 1 and got[3:] == want[3:] == (None, None)
+    assert 0 < float(want[1]) < 1  # some sequences clip, some not
+    _close(got[:3], want[:3], tol)
+    _close(got_grad, want_grad, tol)
+
+
 def test_openrlhf_losses_empty_and_uncovered(openrlhf):
     """A micro-batch without a valid token gives OpenRLHF's NaN (0 / 0) loss and metrics, with
     a gradient of 0 (OpenRLHF's is NaN); a GSPO loss stays OpenRLHF's; an unclipped value loss
@@ -477,7 +510,7 @@ def test_openrlhf_losses_empty_and_uncovered(openrlhf):
     gspo = PolicyLoss(policy_loss_type="gspo")
     torch.testing.assert_close(PolicyLoss.forward(gspo, logp, old, adv, action_mask=empty | True)[0],
                                original["PolicyLoss"](gspo, logp, old, adv, action_mask=empty | True)[0])  # fmt: skip
-    assert calls["ppo_policy_loss"] == 2  # GSPO stays OpenRLHF's
+    assert calls["ppo_policy_loss"] == 2  # GSPO with per-token advantages stays OpenRLHF's
     unclipped = ValueLoss(None)
     _close(ValueLoss.forward(unclipped, vpred, old, adv, action_mask=~empty),
            original["ValueLoss"](unclipped, vpred, old, adv, action_mask=~empty), _tol(torch.float32))  # fmt: skip

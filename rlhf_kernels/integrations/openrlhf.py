@@ -22,7 +22,11 @@ copies, as the actor and experience maker hold them, included):
 ``openrlhf.models.loss``
   ``PolicyLoss.forward`` -> :func:`rlhf_kernels.ppo_policy_loss` (clip-higher and dual clip
   from the module's settings) for ``policy_loss_type="ppo"`` without the train / rollout
-  importance correction, returning ``(loss, clip_ratio, ppo_kl, None, None)`` as 0.11 does;
+  importance correction, returning ``(loss, clip_ratio, ppo_kl, None, None)`` as 0.11 does, and
+  for ``"gspo"`` (its sequence-level ratio, through the op's ``importance_sampling_level=
+  "sequence"``) where each sequence's advantage is one value over its valid tokens, as GRPO
+  gives, and its mean log-ratio is within +-20 (then OpenRLHF's GSPO and the op's GSPO-token
+  have the same loss and gradient; one host sync checks it);
   ``ValueLoss.forward`` -> :func:`rlhf_kernels.ppo_value_loss`. Both aggregate as
   OpenRLHF's ``aggregate_loss``: per token (``token_level_loss``) or per sequence, over the
   micro-batch or over the global counts (``dp_size``, ``batch_num_tokens``,
@@ -44,9 +48,10 @@ installed release's clamping is not known (releases differ on clamping there; th
 asks ``compute_approx_kl`` once, estimator by estimator, and then clamps as it does
 without looking at the values), masks with weights other than 0 and 1, gamma
 or lambd outside [0, 1] or not scalars, arguments of newer releases that are not at their
-defaults, shapes that only broadcast, the losses' other types and corrections (GSPO, the
-vLLM importance correction) and global counts of 0. The experience maker must be importable
-when :func:`patch` first runs (a warning says when it is not).
+defaults, shapes that only broadcast, the losses' other types and corrections (GSPO with
+advantages that vary along a sequence, the vLLM importance correction) and global counts
+of 0. The experience maker must be importable when :func:`patch` first runs (a warning says
+when it is not).
 
 OpenRLHF is not a dependency: nothing here imports it until :func:`patch`.
 """
@@ -304,7 +309,8 @@ def _loss_call(a, names):
 def _policy(a, backend):
     """PolicyLoss.forward on the op: ``(loss, clip_ratio, ppo_kl, None, None)``, or None (not covered)."""
     module = a["self"]
-    if getattr(module, "policy_loss_type", "ppo") != "ppo" or getattr(module, "is_correction_level", "off") != "off":
+    kind = getattr(module, "policy_loss_type", "ppo")
+    if kind not in ("ppo", "gspo") or getattr(module, "is_correction_level", "off") != "off":
         return None
     low, high, dual = (getattr(module, k, None) for k in ("clip_eps_low", "clip_eps_high", "dual_clip"))
     if not all(type(x) in (int, float) and x >= 0 for x in (low, high)):
@@ -315,8 +321,11 @@ def _policy(a, backend):
     if call is None:
         return None
     (logp, old, adv), mask, (mode, scale, empty, dtype) = call
+    if kind == "gspo" and not _gspo_is_token_level(logp, old, adv, mask):
+        return None
     out = ppo_policy_loss(logp, old, adv, mask, clip_ratio_low=float(low), clip_ratio_high=float(high),
                           clip_ratio_c=None if dual is None else float(dual), loss_agg_mode=mode,
+                          importance_sampling_level="sequence" if kind == "gspo" else "token",
                           backend=backend)  # fmt: skip
     loss = _nan_where(empty, out.loss * scale).to(dtype)
     # ppo_kl from the raw log-ratio (the op's approx_kl is of the ratio's clamped one)
@@ -324,6 +333,20 @@ def _policy(a, backend):
     # a masked mean of float32 flags: promoted by a floating mask
     clip_ratio = _nan_where(~(mask != 0).any(), out.clipfrac.to(_patching.promoted_by_mask(torch.float32, mask)))
     return loss, clip_ratio, ppo_kl, None, None
+
+
+def _gspo_is_token_level(logp, old, adv, mask) -> bool:
+    """Whether OpenRLHF's GSPO (one ratio a sequence, the gradient through its mean log-ratio, no
+    clamp) is the op's GSPO-token here: each sequence's advantage is one value over its valid
+    tokens (GRPO's; then the two have the same loss and gradient) and its mean log-ratio lies
+    within the op's clamp (+-20). One host sync."""
+    with torch.no_grad():
+        valid = mask != 0
+        inf = torch.tensor(float("inf"), dtype=adv.dtype, device=adv.device)
+        spread = torch.where(valid, adv, -inf).amax(-1) - torch.where(valid, adv, inf).amin(-1)
+        seq = torch.where(valid, logp - old, 0).sum(-1) / valid.sum(-1).clamp(min=1)
+        bad = (valid.any(-1) & (spread != 0)) | (seq.abs() > 20)
+        return not bool(bad.any())
 
 
 def _value(a, backend):
@@ -348,7 +371,8 @@ def _probe_calls():
     x = old + torch.randn(3, 7, generator=g, dtype=torch.float64) * 0.3
     adv = torch.randn(3, 7, generator=g, dtype=torch.float64)
     mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [0, 1, 1, 0, 1, 1, 0]], dtype=torch.bool)
-    settings = ({}, {"clip_eps_low": 0.1, "clip_eps_high": 0.28, "dual_clip": 3.0, "token_level_loss": False})
+    settings = ({}, {"clip_eps_low": 0.1, "clip_eps_high": 0.28, "dual_clip": 3.0, "token_level_loss": False},
+                {"policy_loss_type": "gspo", "clip_eps_low": 0.02, "clip_eps_high": 0.03})  # (GSPO: GRPO's advantages)
     as_given = {"dp_size": 2, "batch_num_tokens": torch.tensor(30.0), "global_batch_size": torch.tensor(5.0)}
     counts = ({}, {"dp_size": 2, "batch_num_tokens": 30, "global_batch_size": 5}, as_given)  # (0.11: tensors)
     return settings, counts, (x, old, adv, mask)
@@ -385,9 +409,10 @@ def _make_loss(cls, original, params, body, settings_map):
         for count_args in counts:
             if any(k not in inspect.signature(original).parameters for k in count_args):
                 continue
+            third = adv[:, :1].expand_as(adv) if setting.get("policy_loss_type") == "gspo" else adv
             try:
-                want = original(module, x, old, adv, mask, **count_args)
-                got = body(dict(self=module, **dict(zip(params[1:], (x, old, adv, mask), strict=True)), **count_args),
+                want = original(module, x, old, third, mask, **count_args)
+                got = body(dict(self=module, **dict(zip(params[1:], (x, old, third, mask), strict=True)), **count_args),
                            "torch")  # fmt: skip
                 same = got is not None and _same(got, want)
             except Exception:
