@@ -207,6 +207,7 @@ def test_verl_vanilla_policy_loss_and_global_batch(verl, mode, batch, dtype):
     (want, want_metrics), want_grad = loss_and_grad(lambda x, o, a: original["vanilla"](o, x, a, mask, mode, config),
                                                     *_wide(dtype, logp, old, adv))  # fmt: skip
     assert calls["ppo_policy_loss"] == 1 and set(metrics) == set(want_metrics)
+    assert got.dtype == original["vanilla"](old, logp, adv, mask, mode, config)[0].dtype
     _close(got, want, tol)
     _close(got_grad, want_grad, tol)
     _close([metrics[k] for k in sorted(metrics)], [want_metrics[k] for k in sorted(metrics)], tol)
@@ -214,6 +215,7 @@ def test_verl_vanilla_policy_loss_and_global_batch(verl, mode, batch, dtype):
     info = GLOBAL_BATCH[batch]
     got, got_grad = loss_and_grad(lambda x, r, v: core.compute_value_loss(x, r, v, mask, 0.2, mode, **info),
                                   vpred, adv, old)  # fmt: skip
+    assert got[0].dtype == original["compute_value_loss"](vpred, adv, old, mask, 0.2, mode, **info)[0].dtype
     want, want_grad = loss_and_grad(lambda x, r, v: original["compute_value_loss"](x, r, v, mask, 0.2, mode, **info),
                                     *_wide(dtype, vpred, adv, old))  # fmt: skip
     assert calls["ppo_value_loss"] == 1
@@ -247,6 +249,8 @@ def test_verl_gspo_policy_loss(verl, mode, batch, dtype):
     (got, metrics), got_grad = loss_and_grad(gspo, logp, old, adv)
     (want, want_metrics), want_grad = loss_and_grad(original["gspo"], *_wide(dtype, logp, old, adv))
     assert calls["ppo_policy_loss"] == 1 and set(metrics) == set(want_metrics)
+    # verl's own dtype at these inputs (its sequence means promote a bf16 loss to float32)
+    assert got.dtype == original["gspo"](old, logp, adv, mask, mode, config)[0].dtype
     assert 0 < want_metrics["actor/pg_clipfrac"] < 1
     _close(got, want, tol)
     _close(got_grad, want_grad, tol)

@@ -372,7 +372,8 @@ def _probe_calls():
     adv = torch.randn(3, 7, generator=g, dtype=torch.float64)
     mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [0, 1, 1, 0, 1, 1, 0]], dtype=torch.bool)
     settings = ({}, {"clip_eps_low": 0.1, "clip_eps_high": 0.28, "dual_clip": 3.0, "token_level_loss": False},
-                {"policy_loss_type": "gspo", "clip_eps_low": 0.02, "clip_eps_high": 0.03})  # (GSPO: GRPO's advantages)
+                {"policy_loss_type": "gspo", "clip_eps_low": 0.02, "clip_eps_high": 0.03,
+                 "dual_clip": 1.5})  # (GSPO: with GRPO's advantages, one a sequence)
     as_given = {"dp_size": 2, "batch_num_tokens": torch.tensor(30.0), "global_batch_size": torch.tensor(5.0)}
     counts = ({}, {"dp_size": 2, "batch_num_tokens": 30, "global_batch_size": 5}, as_given)  # (0.11: tensors)
     return settings, counts, (x, old, adv, mask)

@@ -92,6 +92,7 @@ _NO_IGNORE_INDEX = -(2**63)
 
 def _build():
     _agg_rules.cache_clear()  # asked once per build, of the verl imported now
+    _agg_promoting_modes.cache_clear()
     originals, replacements = {}, {}
     for module_name, names in _TARGETS.items():
         try:
@@ -164,6 +165,11 @@ def _fraction_dtype(call):
     if flags_as_float:
         return lambda dtype, mask: _mean_dtype(torch.float32, mask)
     return _mean_dtype
+
+
+def _float_flags(_dtype, mask):
+    """The dtype of the clip fraction of verl's GSPO loss: ``masked_mean`` of ``.float()`` flags."""
+    return _mean_dtype(torch.float32, mask)
 
 
 def _mean_dtype(dtype, mask):
@@ -276,6 +282,34 @@ def _agg_rules():
         if math.isnan(none_valid) or none_valid == 0.0:
             local[m] = math.isnan(none_valid)
     return sum_norm, modes, local
+
+
+@functools.cache
+def _agg_promoting_modes() -> frozenset:
+    """The modes whose installed ``agg_loss`` returns float32 for a bfloat16 loss and mask (verl
+    0.9's sequence means: ``(count > 0).float()`` and ``count + 1e-8`` promote), asked once: the
+    dtype the drop-ins then give their loss."""
+    try:
+        agg = importlib.import_module(CORE_ALGOS).agg_loss
+    except (ImportError, AttributeError):
+        return frozenset()
+    loss = torch.rand(3, 4, dtype=torch.bfloat16)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [0, 1, 1, 0]], dtype=torch.bfloat16)
+    found = set()
+    for mode in LOSS_AGG_MODES:
+        try:
+            if agg(loss, mask, mode).dtype == torch.float32:
+                found.add(mode)
+        except Exception:
+            continue
+    return frozenset(found)
+
+
+def _loss_dtype(dtype, mask, mode):
+    """verl's aggregate's dtype for a loss computed in ``dtype``: promoted by a floating mask, and
+    to float32 in the modes where its ``agg_loss`` does so (:func:`_agg_promoting_modes`)."""
+    dtype = _with_mask(dtype, mask)
+    return torch.promote_types(dtype, torch.float32) if mode in _agg_promoting_modes() else dtype
 
 
 def _aggregation(mode, mask, g, rules):
@@ -404,7 +438,7 @@ def _policy_loss(old, logp, adv, mask, low, high, clip, clip_c, mode, g, rules, 
     # them (fraction; the log-ratio's dtype if not asked)
     ratio = torch.promote_types(logp.dtype, old.dtype)
     frac = (fraction or _mean_dtype)(ratio, mask)
-    return (loss.to(_with_mask(torch.promote_types(ratio, adv.dtype), mask)), clipfrac.to(frac),
+    return (loss.to(_loss_dtype(torch.promote_types(ratio, adv.dtype), mask, mode)), clipfrac.to(frac),
             approx_kl.to(_mean_dtype(ratio, mask)), lower.to(frac))  # fmt: skip
 
 
@@ -473,28 +507,56 @@ def _make_vanilla(original):
     return _probed(original, _vanilla, clip_ratio_c=3.0, mode="token-mean", make_config=_ActorConfigProbe)
 
 
-def _probed(original, body, *, clip_ratio_c, mode, make_config):
-    """``original`` wrapped with ``body(args, rules, backend)`` (None: verl's call), where a probe
-    call (CPU, float64, clip-higher, with and without global-batch arguments) gives the same loss
-    and metrics, keys included, from both; else None (verl keeps its function)."""
-    rules = _agg_rules()
+def _probe_rows():
+    """The vanilla probe's inputs: three rows of log-probs (float64) with a masked tail and gaps."""
     g = torch.Generator().manual_seed(1)
     old = -torch.rand(3, 6, generator=g, dtype=torch.float64) * 2
-    args = dict(old_log_prob=old, log_prob=old + torch.randn(3, 6, generator=g, dtype=torch.float64) * 0.3,
+    return dict(old_log_prob=old, log_prob=old + torch.randn(3, 6, generator=g, dtype=torch.float64) * 0.3,
                 advantages=torch.randn(3, 6, generator=g, dtype=torch.float64),
                 response_mask=torch.tensor([[1.0] * 6, [1.0] * 4 + [0.0] * 2, [0.0, 1.0, 1.0, 0.0, 1.0, 1.0]],
-                                           dtype=torch.float64),
-                loss_agg_mode=mode, rollout_is_weights=None)  # fmt: skip
+                                           dtype=torch.float64))  # fmt: skip
+
+
+def _gspo_probe_rows():
+    """GSPO's probe inputs, one behaviour a row, so that a release whose function differs from the
+    one the replacement reproduces shows in the loss or the gradient: sequences clipped above (a
+    positive advantage) and below (a negative one), one unclipped with a different advantage a
+    token (the gradient goes to each token, not through the mean), one at a mean log-ratio of -15
+    (a tighter clamp shows) and one far above 1 with a negative advantage (a dual clip shows)."""
+    g = torch.Generator().manual_seed(2)
+    old = -torch.rand(5, 6, generator=g, dtype=torch.float64) * 2
+    shift = torch.tensor([0.1, -0.1, 0.005, -15.0, 1.5], dtype=torch.float64)[:, None]
+    adv = torch.tensor([1.0, -1.0, 0.0, 0.7, -0.8], dtype=torch.float64)[:, None].repeat(1, 6)
+    adv[2] = torch.randn(6, generator=g, dtype=torch.float64)
+    mask = torch.ones(5, 6, dtype=torch.float64)
+    mask[1, 5] = mask[2, 1] = mask[4, 4:] = 0.0
+    return dict(old_log_prob=old, log_prob=old + shift + torch.randn(5, 6, generator=g, dtype=torch.float64) * 0.01,
+                advantages=adv, response_mask=mask)  # fmt: skip
+
+
+def _probed(original, body, *, clip_ratio_c, mode, make_config, rows=_probe_rows, clip=(0.2, None, 0.28)):
+    """``original`` wrapped with ``body(args, rules, backend)`` (None: verl's call), where a probe
+    call (CPU, float64, with and without global-batch arguments) gives the same loss, gradient
+    and metrics, keys included, from both; else None (verl keeps its function)."""
+    rules = _agg_rules()
+    args = dict(rows(), loss_agg_mode=mode, rollout_is_weights=None)
     for info in ({}, {"dp_size": 2, "batch_num_tokens": 20, "global_batch_size": 5, "loss_scale_factor": None}):
-        args["config"] = make_config(clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=0.28,
+        args["config"] = make_config(clip_ratio=clip[0], clip_ratio_low=clip[1], clip_ratio_high=clip[2],
                                      clip_ratio_c=clip_ratio_c, global_batch_info=info)  # fmt: skip
         try:
-            want = original(**args)
-            got = body(args, rules, "torch")
+            results = []
+            for run in (lambda a: original(**a), lambda a: body(a, rules, "torch")):
+                x = args["log_prob"].clone().requires_grad_(True)
+                out = run({**args, "log_prob": x})
+                out[0].backward()
+                results.append((out, x.grad))
+            (want, want_grad), (got, got_grad) = results
             same = (got is not None and isinstance(want, tuple) and len(want) == 2 and isinstance(want[1], dict)
-                    and set(want[1]) == set(got[1]) and math.isclose(float(want[0]), float(got[0]), rel_tol=1e-9)
+                    and set(want[1]) == set(got[1])
+                    and math.isclose(float(want[0].detach()), float(got[0].detach()), rel_tol=1e-9)
                     and all(math.isclose(float(want[1][k]), got[1][k], rel_tol=1e-9, abs_tol=1e-12)
-                            for k in got[1]))  # fmt: skip
+                            for k in got[1])
+                    and torch.allclose(got_grad, want_grad, rtol=1e-9, atol=1e-12))  # fmt: skip
         except Exception:
             same = False
         if not same:
@@ -544,7 +606,8 @@ def _gspo(a, rules, backend):
             return None
     low, high = (low if low is not None else clip), (high if high is not None else clip)
     out = _policy_loss(old, logp, a["advantages"], mask, low, high, clip, None,
-                       a.get("loss_agg_mode", "seq-mean-token-mean"), g, rules, backend, level="sequence")  # fmt: skip
+                       a.get("loss_agg_mode", "seq-mean-token-mean"), g, rules, backend, fraction=_float_flags,
+                       level="sequence")  # fmt: skip
     if out is None:
         return None
     metrics = torch.stack(out[1:3]).tolist()
@@ -556,8 +619,15 @@ def _make_gspo(original):
     replaced, as the vanilla one, only where a probe call gives the replacement's loss and metrics."""
     if tuple(inspect.signature(original).parameters) != VANILLA_PARAMS:
         return None
-    return _probed(original, _gspo, clip_ratio_c=3.0, mode="token-mean",
-                   make_config=_actor_config_like(getattr(original, "__globals__", {}).get("ActorConfig")))
+    config_type = getattr(original, "__globals__", {}).get("ActorConfig")
+
+    def body(a, rules, backend):
+        if isinstance(config_type, type) and not isinstance(a.get("config"), config_type):
+            return None  # verl asserts the type: its own message
+        return _gspo(a, rules, backend)
+
+    return _probed(original, body, clip_ratio_c=3.0, mode="token-mean", make_config=_actor_config_like(config_type),
+                   rows=_gspo_probe_rows, clip=(0.02, None, 0.03))  # fmt: skip
 
 
 def _make_value_loss(original):
@@ -582,7 +652,8 @@ def _make_value_loss(original):
                              backend=_patcher.backend)  # fmt: skip
         loss, clipfrac = _scaled(out, plan)
         dtype = torch.promote_types(torch.promote_types(vpreds.dtype, values.dtype), returns.dtype)
-        return loss.to(_with_mask(dtype, mask)), clipfrac.to(fraction(vpreds.dtype, mask))
+        return loss.to(_loss_dtype(dtype, mask, a.get("loss_agg_mode", "token-mean"))), clipfrac.to(
+            fraction(vpreds.dtype, mask))
 
     return _wrap(original, body)
 
