@@ -515,6 +515,10 @@ def test_openrlhf_losses_empty_and_uncovered(openrlhf):
     torch.testing.assert_close(PolicyLoss.forward(gspo, logp, old, adv, action_mask=empty | True)[0],
                                original["PolicyLoss"](gspo, logp, old, adv, action_mask=empty | True)[0])  # fmt: skip
     assert calls["ppo_policy_loss"] == 2  # GSPO with per-token advantages stays OpenRLHF's
+    data = adv.clone().requires_grad_(True)  # advantages that require grad: OpenRLHF differentiates them
+    got = PolicyLoss.forward(PolicyLoss(), logp, old, data, action_mask=~empty)[0]
+    got.backward()
+    assert calls["ppo_policy_loss"] == 2 and data.grad is not None
     unclipped = ValueLoss(None)
     _close(ValueLoss.forward(unclipped, vpred, old, adv, action_mask=~empty),
            original["ValueLoss"](unclipped, vpred, old, adv, action_mask=~empty), _tol(torch.float32))  # fmt: skip

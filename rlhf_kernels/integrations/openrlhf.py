@@ -49,9 +49,10 @@ asks ``compute_approx_kl`` once, estimator by estimator, and then clamps as it d
 without looking at the values), masks with weights other than 0 and 1, gamma
 or lambd outside [0, 1] or not scalars, arguments of newer releases that are not at their
 defaults, shapes that only broadcast, the losses' other types and corrections (GSPO with
-advantages that vary along a sequence, the vLLM importance correction) and global counts
-of 0. The experience maker must be importable when :func:`patch` first runs (a warning says
-when it is not).
+advantages that vary along a sequence, the vLLM importance correction), old log-probs,
+advantages, old values or returns that require grad, and global counts of 0. The
+experience maker must be importable when :func:`patch` first runs (a warning says when it
+is not).
 
 OpenRLHF is not a dependency: nothing here imports it until :func:`patch`.
 """
@@ -295,10 +296,14 @@ def _masked_mean(x, mask):
 
 def _loss_call(a, names):
     """``(tensors, mask, plan)`` of a loss module's call: the tensors it reads (floating, of one
-    shape, with a 0 / 1 mask) and its aggregation (:func:`_aggregation`), or None."""
+    shape, with a 0 / 1 mask) and its aggregation (:func:`_aggregation`), or None. None too where
+    autograd would differentiate into the data (old log-probs, advantages, old values, returns:
+    constants to the ops; OpenRLHF's arithmetic differentiates them)."""
     ts = [a[n] for n in names]
     mask = a.get("action_mask")
     if not all(isinstance(t, torch.Tensor) and t.dtype.is_floating_point for t in ts):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in ts[1:]):
         return None
     if any(t.shape != ts[0].shape for t in ts) or ts[0].dim() != 2 or not _patching.binary_mask(mask, ts[0]):
         return None
