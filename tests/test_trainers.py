@@ -617,6 +617,51 @@ def _metrics(path):
     return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 
 
+def _torchrun(args, out):
+    """``rlhf_kernels.trainers.run`` under ``torchrun --nproc_per_node=2`` (gloo, CPU), launched once
+    more on a failure; returns the metrics it logged."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import warnings
+    from pathlib import Path
+
+    from rlhf_kernels.trainers import run
+
+    root = str(Path(run.__file__).resolve().parents[2])
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}  # fmt: skip
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+              "-m", "rlhf_kernels.trainers.run", *args, "--out", str(out)]  # fmt: skip
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        # A rank can abort in gloo's connect (seen about once in 20 launches on a loaded 2-core
+        # machine, cf. pytorch/pytorch#188266) or, once seen in a full CPU run without its
+        # message, later: launch once more from scratch, with the first failure's log as a
+        # warning. A real failure fails twice; the callers compare the results either way.
+        warnings.warn(f"two-process launch failed once (exit {done.returncode}), relaunched:\n{done.stderr[-2000:]}",
+                      stacklevel=1)
+        shutil.rmtree(out, ignore_errors=True)
+        done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return _metrics(out)
+
+
+def test_ppo_two_processes_accumulate_like_whole_mini_batches(tmp_path):
+    """PPO on two DDP ranks (each samples its own responses): gradient accumulation over
+    micro-batches, with DDP's all-reduce only at each mini-batch's last one, gives the updates
+    and metrics of whole mini-batches."""
+    args = ["ppo", "--steps", "2", "--batch-size", "8", "--rows", "32", "--logging-steps", "1", "--quiet",
+            "--device", "cpu"]  # fmt: skip
+    whole = _torchrun(args, tmp_path / "whole")
+    accumulated = _torchrun([*args, "--grad-accum", "2"], tmp_path / "accumulated")
+    assert [r["step"] for r in whole] == [1, 2]
+    for a, b in zip(whole, accumulated, strict=True):
+        for key in ("score", "pg_loss", "value_loss", "clipfrac", "grad_norm", "critic_grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+
 @pytest.mark.parametrize(
     "stage,extra",
     [
@@ -627,37 +672,12 @@ def _metrics(path):
 def test_two_processes_match_one(tmp_path, stage, extra):
     """``torchrun --nproc_per_node=2`` with the global batch split over the ranks gives the
     single-process loss curve, gradient norms and final weights (float summation order aside)."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-    import warnings
-    from pathlib import Path
-
     from rlhf_kernels.trainers import run
 
     args = [stage, "--steps", "4", "--batch-size", "8", "--rows", "64", "--logging-steps", "1", "--quiet",
             "--device", "cpu", *extra]  # fmt: skip
     assert run.main([*args, "--out", str(tmp_path / "one")]) == 0
-
-    root = str(Path(run.__file__).resolve().parents[2])
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}  # fmt: skip
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-              "-m", "rlhf_kernels.trainers.run", *args, "--out", str(tmp_path / "two")]  # fmt: skip
-    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
-    if done.returncode != 0:
-        # A rank can abort in gloo's connect (seen about once in 20 launches on a loaded 2-core
-        # machine, cf. pytorch/pytorch#188266) or, once seen in a full CPU run without its
-        # message, later: launch once more from scratch, with the first failure's log as a
-        # warning. A real failure fails twice; the results are compared below either way.
-        warnings.warn(f"two-process launch failed once (exit {done.returncode}), relaunched:\n{done.stderr[-2000:]}",
-                      stacklevel=1)
-        shutil.rmtree(tmp_path / "two", ignore_errors=True)
-        done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
-
-    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    one, two = _metrics(tmp_path / "one"), _torchrun(args, tmp_path / "two")
     assert [r["step"] for r in two] == [1, 2, 3, 4]
     for a, b in zip(one, two, strict=True):
         assert set(a) == set(b)
