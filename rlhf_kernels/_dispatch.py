@@ -13,6 +13,7 @@ never picked by ``"auto"`` there.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -156,26 +157,35 @@ def _runner(op, args):
     return direct
 
 
-def refuse_double_backward(what: str) -> None:
-    """Raise inside a backward that runs with ``create_graph=True`` (grad mode on in backward): the
-    kernels' gradients are not differentiable, and a C++ op would hand back a gradient that
-    silently carries no graph (a second derivative of zeros)."""
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        raise RuntimeError(f"{what}: double backward (create_graph=True) is not supported by the kernel "
-                           "backends; use backend='torch' for higher-order gradients")  # fmt: skip
+def first_order(what: str, *, once_differentiable: bool = False):
+    """A backward decorator: it raises when asked for a graph (``create_graph=True``, grad mode
+    on in backward), since the kernels' gradients are not differentiable and a C++ op would hand
+    back one that silently carries no graph (a second derivative of zeros). The check runs before
+    ``once_differentiable`` (which switches grad mode off, and returns constants where the
+    upstream gradient needs no grad) when that is asked for too."""
+
+    def decorate(backward):
+        inner = torch.autograd.function.once_differentiable(backward) if once_differentiable else backward
+
+        @functools.wraps(backward)
+        def checked(ctx, *grads):
+            if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                raise RuntimeError(f"{what}: double backward (create_graph=True) is not supported by the kernel "
+                                   "backends; use backend='torch' for higher-order gradients")  # fmt: skip
+            return inner(ctx, *grads)
+
+        return checked
+
+    return decorate
 
 
 def register_autograd(op, backward, setup_context, *, differentiable_backward: bool = False) -> None:
     """``torch.library.register_autograd(op, backward, setup_context=...)``, plus the
     same formula as an autograd.Function that :func:`call` uses in eager mode. Unless
-    ``differentiable_backward`` (a backward written in differentiable PyTorch), a backward
-    asked for a graph (create_graph=True) raises rather than return a constant gradient."""
+    ``differentiable_backward`` (a backward written in differentiable PyTorch), the backward
+    is :func:`first_order`."""
     if not differentiable_backward:
-        once = backward
-
-        def backward(ctx, *grads):
-            refuse_double_backward(op._schema.name)
-            return once(ctx, *grads)
+        backward = first_order(op._schema.name)(backward)
 
     torch.library.register_autograd(op, backward, setup_context=setup_context)
 

@@ -67,7 +67,7 @@ import torch
 
 from rlhf_kernels.integrations import _patching
 from rlhf_kernels.ops.logprobs import FLOAT_DTYPES, token_logprobs
-from rlhf_kernels.ops.ppo import gae, kl_penalty, ppo_policy_loss, ppo_value_loss
+from rlhf_kernels.ops.ppo import gae, kl_penalty, ppo_policy_loss, ppo_value_loss, sequence_log_ratio
 
 UTILS = "openrlhf.models.utils"
 EXPERIENCE_MAKER = "openrlhf.trainer.ppo_utils.experience_maker"
@@ -349,7 +349,7 @@ def _gspo_is_token_level(logp, old, adv, mask) -> bool:
         valid = mask != 0
         inf = torch.tensor(float("inf"), dtype=adv.dtype, device=adv.device)
         spread = torch.where(valid, adv, -inf).amax(-1) - torch.where(valid, adv, inf).amin(-1)
-        seq = torch.where(valid, logp - old, 0).sum(-1) / valid.sum(-1).clamp(min=1)
+        seq = sequence_log_ratio(logp, old, mask)[:, 0]
         bad = (valid.any(-1) & (spread != 0)) | (seq.abs() > 20)
         return not bool(bad.any())
 

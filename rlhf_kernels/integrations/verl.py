@@ -76,7 +76,15 @@ import torch
 
 from rlhf_kernels.integrations import _patching
 from rlhf_kernels.ops.logprobs import FLOAT_DTYPES, token_logprobs
-from rlhf_kernels.ops.ppo import gae, grpo_advantages, kl_penalty, masked_whiten, ppo_policy_loss, ppo_value_loss
+from rlhf_kernels.ops.ppo import (
+    gae,
+    grpo_advantages,
+    kl_penalty,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+    sequence_log_ratio,
+)
 from rlhf_kernels.reference import ppo as reference_ppo
 from rlhf_kernels.reference.ppo import LOSS_AGG_MODES
 
@@ -475,8 +483,12 @@ class _ActorConfigProbe:
         return getattr(self, key, default)
 
 
-def _vanilla(a, rules, backend):
-    """``compute_policy_loss_vanilla``'s ``(pg_loss, metrics)`` from the op, or None."""
+def _registry_loss(a, rules, backend, level="token"):
+    """The registry's ``"vanilla"`` (``level="token"``) or ``"gspo"`` (``"sequence"``) policy loss of
+    verl 0.9, ``(pg_loss, metrics)``, from the op, or None. Clip ranges and global-batch sizes come
+    from the actor config. GSPO: verl clamps the log-ratio at 10 from above only, the op at +-20,
+    so the same wherever every sequence's mean log-ratio lies in [-20, 10], which is checked (one
+    host sync; else verl's function runs); it has no dual clip and a clipfrac_lower of 0."""
     config = a.get("config")
     if config is None or a.get("rollout_is_weights") is not None:
         return None
@@ -488,12 +500,21 @@ def _vanilla(a, rules, backend):
     if clip is None or not set(g) <= set(GLOBAL_ARGS):
         return None
     low, high = (low if low is not None else clip), (high if high is not None else clip)
-    out = _policy_loss(a["old_log_prob"], a["log_prob"], a["advantages"], a["response_mask"], low, high, clip,
-                       clip_c, a.get("loss_agg_mode", "token-mean"), g, rules, backend)  # fmt: skip
+    old, logp, mask = a["old_log_prob"], a["log_prob"], a["response_mask"]
+    gspo = level == "sequence"
+    if gspo:
+        if not _rows(old, logp) or not _binary(mask, logp):
+            return None
+        seq = sequence_log_ratio(logp, old, mask)
+        if bool(((seq > 10) | (seq < -20)).any()):
+            return None
+    out = _policy_loss(old, logp, a["advantages"], mask, low, high, clip, None if gspo else clip_c,
+                       a.get("loss_agg_mode", "seq-mean-token-mean" if gspo else "token-mean"), g, rules, backend,
+                       fraction=_float_flags if gspo else None, level=level)  # fmt: skip
     if out is None:
         return None
-    metrics = torch.stack(out[1:]).tolist()  # one device-to-host copy for the three
-    return out[0], dict(zip(VANILLA_METRICS, metrics, strict=True))
+    metrics = torch.stack(out[1:3] if gspo else out[1:]).tolist()  # one device-to-host copy
+    return out[0], dict(zip(VANILLA_METRICS, [*metrics, 0.0] if gspo else metrics, strict=True))
 
 
 def _make_vanilla(original):
@@ -504,7 +525,7 @@ def _make_vanilla(original):
     same loss and metrics, keys included, as the replacement; otherwise None: verl keeps it."""
     if tuple(inspect.signature(original).parameters) != VANILLA_PARAMS:
         return None
-    return _probed(original, _vanilla, clip_ratio_c=3.0, mode="token-mean", make_config=_ActorConfigProbe)
+    return _probed(original, _registry_loss, clip_ratio_c=3.0, mode="token-mean", make_config=_ActorConfigProbe)
 
 
 def _probe_rows():
@@ -580,40 +601,6 @@ def _actor_config_like(cls):
     return make
 
 
-def _gspo(a, rules, backend):
-    """``compute_policy_loss_gspo``'s ``(pg_loss, metrics)`` from the op's sequence level, or None.
-    verl clamps the log-ratio at 10 from above only, the op at +-20: the same wherever every
-    sequence's mean log-ratio lies in [-20, 10], which is checked (one host sync, with the
-    metrics' own); elsewhere verl's function runs."""
-    config = a.get("config")
-    if config is None or a.get("rollout_is_weights") is not None:
-        return None
-    try:
-        clip, low, high, g = config.clip_ratio, config.clip_ratio_low, config.clip_ratio_high, dict(
-            config.global_batch_info
-        )
-    except Exception:  # a config without these fields: verl's own function says what is wrong
-        return None
-    if clip is None or not set(g) <= set(GLOBAL_ARGS):
-        return None
-    old, logp, mask = a["old_log_prob"], a["log_prob"], a["response_mask"]
-    if not _rows(old, logp) or not _binary(mask, logp):
-        return None
-    with torch.no_grad():
-        valid = mask != 0
-        seq = torch.where(valid, logp - old, 0).sum(-1) / valid.sum(-1).clamp(min=1)
-        if bool(((seq > 10) | (seq < -20)).any()):
-            return None
-    low, high = (low if low is not None else clip), (high if high is not None else clip)
-    out = _policy_loss(old, logp, a["advantages"], mask, low, high, clip, None,
-                       a.get("loss_agg_mode", "seq-mean-token-mean"), g, rules, backend, fraction=_float_flags,
-                       level="sequence")  # fmt: skip
-    if out is None:
-        return None
-    metrics = torch.stack(out[1:3]).tolist()
-    return out[0], dict(zip(VANILLA_METRICS, [*metrics, 0.0], strict=True))  # verl's GSPO: clipfrac_lower 0
-
-
 def _make_gspo(original):
     """The registry's ``"gspo"`` policy loss (verl 0.9: GSPO-token, the vanilla loss's parameters),
     replaced, as the vanilla one, only where a probe call gives the replacement's loss and metrics."""
@@ -624,7 +611,7 @@ def _make_gspo(original):
     def body(a, rules, backend):
         if isinstance(config_type, type) and not isinstance(a.get("config"), config_type):
             return None  # verl asserts the type: its own message
-        return _gspo(a, rules, backend)
+        return _registry_loss(a, rules, backend, level="sequence")
 
     return _probed(original, body, clip_ratio_c=3.0, mode="token-mean", make_config=_actor_config_like(config_type),
                    rows=_gspo_probe_rows, clip=(0.02, None, 0.03))  # fmt: skip

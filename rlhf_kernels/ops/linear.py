@@ -249,15 +249,8 @@ class _LinearPPO(torch.autograd.Function):
         return loss, stats
 
     @staticmethod
+    @_dispatch.first_order("linear_ppo_loss", once_differentiable=True)
     def backward(ctx, grad_loss, _grad_stats):
-        # checked here: inside once_differentiable grad mode is off, and it would hand back
-        # constant gradients for a create_graph backward whose upstream needs no grad
-        _dispatch.refuse_double_backward("linear_ppo_loss")
-        return _LinearPPO._backward(ctx, grad_loss, _grad_stats)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def _backward(ctx, grad_loss, _grad_stats):
         if ctx.consumed:
             raise RuntimeError("linear_ppo_loss: backward ran twice (its gradients were consumed in the first)")
         ctx.consumed = True
@@ -380,13 +373,8 @@ class _LinearLogprobs(torch.autograd.Function):
         return logprobs, entropy
 
     @staticmethod
+    @_dispatch.first_order("linear_token_logprobs", once_differentiable=True)
     def backward(ctx, grad_logprobs, grad_entropy):
-        _dispatch.refuse_double_backward("linear_token_logprobs")  # (see _LinearPPO.backward)
-        return _LinearLogprobs._backward(ctx, grad_logprobs, grad_entropy)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def _backward(ctx, grad_logprobs, grad_entropy):
         hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         if not (need_hidden or need_weight or need_bias):

@@ -553,8 +553,8 @@ class _FusedInplace(torch.autograd.Function):
         return loss, stats
 
     @staticmethod
+    @_dispatch.first_order("ppo_loss_from_logits")
     def backward(ctx, grad_loss, _grad_stats):
-        _dispatch.refuse_double_backward("ppo_loss_from_logits")
         grad, ctx.grad = ctx.grad, None
         if grad is None:
             raise RuntimeError("ppo_loss_from_logits: backward ran twice through the in-place fused loss "
@@ -736,16 +736,22 @@ def _check_is_level(level):
         raise ValueError(f"importance_sampling_level: unknown {level!r}; expected one of {', '.join(IS_LEVELS)}")
 
 
-def _sequence_inputs(logprobs, old_logprobs, mask, acc):
-    """GSPO through the token kernels: ``(log pi - sg(log pi), -l_i)`` with ``l_i`` sequence i's mean
-    log-ratio over its valid tokens, so that the kernels' ``log pi - old`` is ``0 + l_i = l_i`` exactly
-    for every token of the sequence (one ratio: the clip binds for all of them or none), with
-    gradient 1 (module docstring). Masked positions are selected away (a NaN there stays out)."""
+def sequence_log_ratio(logprobs, old_logprobs, mask, dtype=None):
+    """GSPO's ``l_i``: each row's mean of ``log pi - log pi_old`` over its valid tokens (0 for a row
+    without one), ``[B, 1]``, in ``dtype`` (default: the inputs' promoted with float32), without
+    gradient. Masked positions are selected away (a NaN there stays out)."""
+    dtype = dtype or torch.promote_types(torch.promote_types(logprobs.dtype, old_logprobs.dtype), torch.float32)
     valid = _nonzero(mask)
-    lp = logprobs.detach().to(acc)
-    diff = torch.where(valid, lp - old_logprobs.to(acc), 0.0)
-    seq = diff.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1).to(acc)
-    return logprobs - logprobs.detach(), (-seq).expand(lp.shape)
+    diff = torch.where(valid, logprobs.detach().to(dtype) - old_logprobs.detach().to(dtype), 0.0)
+    return diff.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1).to(dtype)
+
+
+def _sequence_inputs(logprobs, old_logprobs, mask, acc):
+    """GSPO through the token kernels: ``(log pi - sg(log pi), -l_i)``, so that the kernels'
+    ``log pi - old`` is ``0 + l_i = l_i`` exactly for every token of the sequence (one ratio: the
+    clip binds for all of them or none), with gradient 1 (module docstring)."""
+    seq = sequence_log_ratio(logprobs, old_logprobs, mask, acc)
+    return logprobs - logprobs.detach(), (-seq).expand(logprobs.shape)
 
 
 def _check_agg(mode):
