@@ -170,14 +170,17 @@ def test_bench_times_small_ops_as_cuda_graphs():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
 def test_bench_times_large_ops_with_the_queue_primed():
     """On CUDA the large ops are also timed behind a spin kernel (host enqueueing hidden): that
-    time is set for every provider, and it is not above the wall time's (beyond noise)."""
+    time is set for every provider, and it leaves the spin out. The spin runs for the wall time
+    plus 0.5 ms, so a timing that took it in would exceed twice the wall time plus 0.5 ms; a
+    tighter bound (queued below 1.2x the wall time) failed on an H200 with the GPU tests run by
+    eight pytest workers at once, whose kernels share the device's time."""
     from rlhf_kernels import bench
 
     device = torch.device("cuda")
     problem = bench.token_logprobs_problem(2048, 65536, torch.bfloat16, device)  # 256 MiB of logits
     results = bench.bench_problem(problem, device, include=["native", "triton", "eager"], repeat=3,
                                   log=lambda *a: None)  # fmt: skip
-    assert results and all(r.queued_ms is not None and 0 < r.queued_ms < 1.2 * r.median_ms for r in results)
+    assert results and all(r.queued_ms is not None and 0 < r.queued_ms < 2 * r.median_ms + 0.5 for r in results)
     assert "queued ms" in bench.format_table(results)
 
 

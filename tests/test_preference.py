@@ -810,13 +810,16 @@ def test_infinite_inputs_with_zero_weight_terms(device, backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_log_sigmoid_accuracy_in_the_tail(device, backend, dtype):
     """-log sigmoid(z) for z from 6 to 12 (log1p of 2.5e-3 .. 6e-6) to a few ulp of the dtype, not
-    the 1e-4 relative that log(1 + t) in float32 gives just above the series' range."""
+    the 1e-4 relative that log(1 + t) in float32 gives just above the series' range. Triton's
+    float32 exp on a GPU is ex2.approx of x * log2(e): the product's rounding costs |x| * 2^-24
+    relative besides ex2's 2 ulp, about 8 ulp at z = 12 (an H200 run: 7); 10 ulp there."""
     z = torch.linspace(6.0, 12.0, 301, dtype=torch.float64)
     zeros = torch.zeros_like(z)
     losses = rlhf_kernels.dpo_loss(z.to(dtype).to(device), zeros.to(dtype).to(device), zeros.to(dtype).to(device),
                                    zeros.to(dtype).to(device), beta=1.0, backend=backend).losses  # fmt: skip
     want = torch.nn.functional.softplus(-z.to(dtype).double())
-    tol = 4 * torch.finfo(dtype).eps
+    approx_exp = device == "cuda" and backend == "triton" and dtype == torch.float32
+    tol = (10 if approx_exp else 4) * torch.finfo(dtype).eps
     torch.testing.assert_close(losses.double().cpu(), want, rtol=tol, atol=0)
 
 
