@@ -586,14 +586,157 @@ def test_ppo_missing_eos_penalty(tokenizer, tmp_path):
 
 
 def test_ppo_bad_configuration(tokenizer, tmp_path):
-    with pytest.raises(ValueError, match="rollout_batch_size=8 is not divisible by mini_batch_size=3"):
+    with pytest.raises(ValueError, match=r"8 responses \(rollout_batch_size=8\) are not divisible by mini_batch_size"):
         _ppo(tokenizer, tmp_path, mini_batch_size=3)
     with pytest.raises(ValueError, match="config: loss_agg_mode must be one of"):
         _ppo(tokenizer, tmp_path, loss_agg_mode="seq-mean")
-    with pytest.raises(ValueError, match="gradient_accumulation_steps=5 is more micro-batches than the 4 prompts"):
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=5 is more micro-batches than the 4 responses"):
         _ppo(tokenizer, tmp_path, gradient_accumulation_steps=5)
     with pytest.raises(ValueError, match="missing_eos_penalty: expected a finite number"):
         _ppo(tokenizer, tmp_path, missing_eos_penalty=float("nan"))
+
+
+def _toy_reward(prompts, responses):
+    return [toy.score(p, r) for p, r in zip(prompts, responses, strict=True)]
+
+
+def _grpo(tokenizer, tmp_path, ref=True, **kw):
+    from rlhf_kernels.trainers import GRPOConfig, GRPOTrainer
+
+    policy = toy.build_model(tokenizer, seed=4)
+    base = dict(output_dir=str(tmp_path), max_steps=2, rollout_batch_size=4, num_generations=4, mini_batch_size=8,
+                max_new_tokens=8, learning_rate=1e-4, logging_steps=1, progress=False)  # fmt: skip
+    return GRPOTrainer(policy, copy.deepcopy(policy) if ref else None, tokenizer, toy.prompt_dataset(64),
+                       GRPOConfig(**{**base, **kw}), reward_fn=_toy_reward)  # fmt: skip
+
+
+def test_grpo_runs_and_checkpoints(tokenizer, tmp_path):
+    trainer = _grpo(tokenizer, tmp_path)
+    history = trainer.train()
+    assert len(history) == 2
+    for record in history:
+        for key in ("score", "score_std", "frac_zero_std", "kl", "entropy", "clipfrac", "pg_loss", "loss", "grad_norm"):
+            assert key in record and math.isfinite(record[key]), key
+        assert "value_loss" not in record and "critic_grad_norm" not in record  # no critic
+    state = torch.load(tmp_path / "final" / "trainer_state.pt", weights_only=False)
+    assert set(state["modules"]) == {"model"}
+    resumed = _grpo(tokenizer, tmp_path / "resumed", max_steps=3)
+    resumed.train(resume_from=tmp_path / "final")
+    assert resumed.step == 3 and len(resumed.history) == 1
+
+
+@pytest.mark.parametrize("scale_rewards", [True, False], ids=["std", "dr-grpo"])
+def test_grpo_rollout_groups_and_advantages(tokenizer, tmp_path, scale_rewards):
+    """num_generations responses a prompt, consecutive; each response's advantage is its score
+    against its group's (divided by the group's unbiased std, or not: Dr. GRPO), on all its
+    tokens; the reference's log-probs only where the loss has a KL term."""
+    trainer = _grpo(tokenizer, tmp_path, scale_rewards=scale_rewards, advantage_eps=1e-3)
+    prompts = toy.prompt_dataset(3, seed=2)["prompt"]
+    batch = trainer.rollout(prompts)
+    assert batch["sequences"].shape[0] == 12 and batch["advantages"].shape == batch["old_logprobs"].shape
+    width = int(batch["width"])
+    groups = batch["sequences"][:, :width].view(3, 4, width)
+    assert (groups == groups[:, :1]).all()  # a group's rows share their prompt
+    scores = batch["scores"].double().view(3, 4)
+    want = scores - scores.mean(-1, keepdim=True)
+    if scale_rewards:
+        want = want / (scores.std(-1, keepdim=True) + 1e-3)
+    per_token = want.reshape(12, 1).expand(12, batch["advantages"].shape[1])
+    torch.testing.assert_close(batch["advantages"].double(), per_token, rtol=1e-5, atol=1e-6)
+    assert "ref_logprobs" in batch and batch["ref_logprobs"].shape == batch["old_logprobs"].shape
+    no_kl = _grpo(tokenizer, tmp_path / "no-kl", ref=False, kl_coef=0.0)
+    assert "ref_logprobs" not in no_kl.rollout(prompts)
+    (record,) = no_kl.train()[:1]
+    assert "kl" not in record
+
+
+@pytest.mark.parametrize("mode", ["seq-mean-token-mean", "token-mean"])
+def test_grpo_first_update_is_on_policy(tokenizer, tmp_path, mode):
+    """The first update of a rollout recomputes the sampling policy: ratio 1 (no clipping, approx_kl
+    0), KL 0 to a reference equal to the policy, and a policy loss of -agg(A): 0 for the sequence
+    mean (a group's advantages sum to 0), the advantages' token-weighted mean for token-mean."""
+    trainer = _grpo(tokenizer, tmp_path, learning_rate=0.0, mini_batch_size=16, loss_agg_mode=mode)
+    batch = trainer.rollout(toy.prompt_dataset(4, seed=3)["prompt"])
+    metrics = trainer._update(batch)
+    assert metrics["clipfrac"] == 0.0 and abs(metrics["approx_kl"]) < 1e-6 and abs(metrics["kl"]) < 1e-6
+    mask = batch["response_mask"].double()
+    adv = batch["advantages"][:, 0].double()
+    want = -adv.mean() if mode == "seq-mean-token-mean" else -(adv * mask.sum(-1)).sum() / mask.sum()
+    assert metrics["pg_loss"] == pytest.approx(float(want), abs=1e-6)
+    assert metrics["loss"] == pytest.approx(metrics["pg_loss"], abs=1e-6)
+
+
+def test_grpo_paths_train_alike(tokenizer, tmp_path, monkeypatch):
+    """fused_lm_head (linear_ppo_loss with the KL term), gradient accumulation (micro-batches
+    weighted by their share of the aggregate) and the single-sweep policy step follow the plain
+    run: same samples, metrics and weights."""
+    import rlhf_kernels
+
+    kl_terms, real = [], rlhf_kernels.linear_ppo_loss
+    monkeypatch.setattr(rlhf_kernels, "linear_ppo_loss", lambda *a, **k: kl_terms.append(k["kl_coef"]) or real(*a, **k))
+    runs = []
+    paths = {"plain": {}, "fused-head": dict(fused_lm_head=True), "accum": dict(gradient_accumulation_steps=3),
+             "sweep": dict(grad_in_forward=True)}  # fmt: skip
+    for name, kw in paths.items():
+        trainer = _grpo(tokenizer, tmp_path / name, entropy_coef=0.01, **kw)
+        runs.append((trainer.train(), trainer.model))
+    assert kl_terms == [0.04] * 4  # 2 steps x (16 responses / mini-batches of 8)
+    for other in runs[1:]:
+        for a, b in zip(runs[0][0], other[0], strict=True):
+            for key in ("score", "kl", "pg_loss", "entropy", "clipfrac", "grad_norm"):
+                assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-5), key
+        for p, q in zip(runs[0][1].parameters(), other[1].parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5)
+
+
+def test_grpo_reward_rises(tokenizer, tmp_path):
+    """From a briefly fine-tuned policy, GRPO on the task's scorer raises the mean score of its
+    samples (16 prompts x 8 samples a step, 4 updates a rollout)."""
+    from rlhf_kernels.trainers import GRPOConfig, GRPOTrainer
+
+    policy = toy.build_model(tokenizer, seed=6)
+    SFTTrainer(policy, tokenizer, toy.sft_dataset(800, seed=6), config(tmp_path / "sft", max_steps=100)).train()
+    trainer = GRPOTrainer(
+        policy, copy.deepcopy(policy), tokenizer, toy.prompt_dataset(1024, seed=6),
+        GRPOConfig(output_dir=str(tmp_path / "grpo"), max_steps=60, rollout_batch_size=16, num_generations=8,
+                   mini_batch_size=32, learning_rate=1e-3, kl_coef=0.02, max_new_tokens=10, logging_steps=10,
+                   progress=False),
+        reward_fn=_toy_reward,
+    )  # fmt: skip
+    history = trainer.train()
+    first = sum(h["score"] for h in history[:20]) / 20
+    last = sum(h["score"] for h in history[-20:]) / 20
+    assert last > first + 0.04, (first, last)  # ~0.44 -> ~0.51 here; a 20-step mean of 128 samples a step
+    assert all(math.isfinite(h["kl"]) for h in history)
+
+
+def test_grpo_cli(tmp_path, monkeypatch):
+    """``rlhf-kernels train grpo`` builds GRPOConfig from the flags: the group size, the KL
+    coefficient (0: no reference model), two mini-batches of the rollout's responses."""
+    from rlhf_kernels.trainers import grpo, run
+
+    trainers = []
+    monkeypatch.setattr(grpo.GRPOTrainer, "train", lambda self, resume_from=None: trainers.append(self) or [])
+    argv = ["grpo", "--steps", "1", "--batch-size", "4", "--rows", "16", "--quiet", "--device", "cpu"]
+    assert run.main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert run.main([*argv, "--num-generations", "3", "--kl-coef", "0", "--out", str(tmp_path / "b")]) == 0
+    first, second = (t.config for t in trainers)
+    assert (first.num_generations, first.kl_coef, first.mini_batch_size) == (8, 0.04, 16)
+    assert (second.num_generations, second.kl_coef, second.mini_batch_size) == (3, 0.0, 6)
+    assert trainers[0].ref_model is not None and trainers[1].ref_model is None
+
+
+def test_grpo_bad_configuration(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="num_generations must be an int >= 2"):
+        _grpo(tokenizer, tmp_path, num_generations=1)
+    with pytest.raises(ValueError, match=r"ref_model: None, but kl_coef=0.04"):
+        _grpo(tokenizer, tmp_path, ref=False, kl_coef=0.04)
+    with pytest.raises(ValueError, match=r"16 responses \(rollout_batch_size=4 x 4\) are not divisible by mini_"):
+        _grpo(tokenizer, tmp_path, mini_batch_size=5)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=9 is more micro-batches than the 8 responses"):
+        _grpo(tokenizer, tmp_path, gradient_accumulation_steps=9)
+    with pytest.raises(ValueError, match="scale_rewards must be a bool"):
+        _grpo(tokenizer, tmp_path, scale_rewards="no")
 
 
 def test_pipeline_smoke(tmp_path):

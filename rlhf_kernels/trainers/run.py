@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=2 -m rlhf_kernels.trainers.run dpo --init-from runs/sft/model
     rlhf-kernels train reward --model ./my-model --dataset prefs.jsonl
 
-Stages: ``sft``, ``reward``, ``dpo``, ``ppo``. Without ``--model`` and
+Stages: ``sft``, ``reward``, ``dpo``, ``ppo``, ``grpo``. Without ``--model`` and
 ``--dataset`` it trains on the built-in sorting task (:mod:`toy`) with a tiny
 Llama; ``--model`` takes a directory written by ``save_pretrained`` or a hub
 id, ``--dataset`` a ``save_to_disk`` directory, a ``.jsonl`` / ``.json`` /
@@ -24,9 +24,9 @@ import os
 import sys
 from pathlib import Path
 
-STAGES = ("sft", "reward", "dpo", "ppo")
+STAGES = ("sft", "reward", "dpo", "ppo", "grpo")
 _COLUMNS = {"sft": ("prompt", "completion"), "reward": ("prompt", "chosen", "rejected"),
-            "dpo": ("prompt", "chosen", "rejected"), "ppo": ("prompt",)}  # fmt: skip
+            "dpo": ("prompt", "chosen", "rejected"), "ppo": ("prompt",), "grpo": ("prompt",)}  # fmt: skip
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -54,19 +54,24 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when there is a GPU), cpu or cuda")
     parser.add_argument("--backend", default="auto", help="rlhf_kernels backend for the ops")
     parser.add_argument("--fused-lm-head", action="store_true",
-                        help="sft/dpo/ppo: log-probs and the PPO loss from the last hidden state and the LM head, "
+                        help="sft/dpo/ppo/grpo: log-probs and the PPO loss from the last hidden state and the LM head, "
                         "never holding [B, T, V] logits")  # fmt: skip
     parser.add_argument("--importance-sampling-level", choices=("token", "sequence"), default="token",
-                        help="ppo: the policy ratio per token (PPO) or per sequence (GSPO)")
+                        help="ppo/grpo: the policy ratio per token (PPO) or per sequence (GSPO)")
     parser.add_argument("--missing-eos-penalty", type=float, default=None,
-                        help="ppo: subtracted from the score of a response cut off before its eos (TRL's option)")
+                        help="ppo/grpo: subtracted from the score of a response cut off before its eos (TRL's option)")
     parser.add_argument("--grad-in-forward", action="store_true",
-                        help="ppo: the policy step as one sweep over the logits that writes their gradient "
+                        help="ppo/grpo: the policy step as one sweep over the logits that writes their gradient "
                         "(ppo_loss_from_logits(grad_in_forward=True))")  # fmt: skip
     parser.add_argument("--beta", type=float, default=0.1, help="dpo: beta")
     parser.add_argument("--loss-type", default="sigmoid", help="dpo: loss type")
     parser.add_argument("--rpo-alpha", type=float, default=0.0, help="dpo: weight of the chosen NLL term")
-    parser.add_argument("--reward-model", help="ppo: reward model (save_pretrained directory or hub id); "
+    parser.add_argument("--num-generations", type=int, default=8,
+                        help="grpo: responses sampled a prompt, the group its advantages compare within (default: 8)")
+    parser.add_argument("--kl-coef", type=float,
+                        help="ppo/grpo: the KL coefficient (default: the trainer's, 0.05 for PPO's reward penalty, "
+                        "0.04 for GRPO's loss term)")  # fmt: skip
+    parser.add_argument("--reward-model", help="ppo/grpo: reward model (save_pretrained directory or hub id); "
                                                "default on the toy task: its exact scoring function")  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     return parser
@@ -131,9 +136,9 @@ def run(args: argparse.Namespace):
     model.to(device)
 
     dataset = toy_dataset(stage, args.rows, args.seed) if toy_task else load_data(args.dataset, args.split, stage)
-    defaults = {"sft": 3e-3, "reward": 2e-3, "dpo": 5e-5, "ppo": 1e-4}
+    defaults = {"sft": 3e-3, "reward": 2e-3, "dpo": 5e-5, "ppo": 1e-4, "grpo": 1e-4}
     if model_name is not None:
-        defaults = {"sft": 2e-5, "reward": 1e-5, "dpo": 5e-7, "ppo": 1e-6}  # pretrained models
+        defaults = {"sft": 2e-5, "reward": 1e-5, "dpo": 5e-7, "ppo": 1e-6, "grpo": 1e-6}  # pretrained models
     common = dict(
         output_dir=str(args.out or Path("runs") / stage), learning_rate=args.lr or defaults[stage],
         batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum, max_steps=args.steps,
@@ -156,28 +161,38 @@ def run(args: argparse.Namespace):
         trainer = DPOTrainer(model, copy.deepcopy(model), tokenizer, dataset, TrainerConfig(**common),
                              beta=args.beta, loss_type=args.loss_type, rpo_alpha=args.rpo_alpha)  # fmt: skip
     else:
-        from rlhf_kernels.trainers.ppo import PPOConfig, PPOTrainer
-
         if args.reward_model:
             reward = {"reward_model": load_model(args.reward_model, "reward").to(device)}
         elif toy_task:
             reward = {"reward_fn": lambda ps, rs: [toy.score(p, r) for p, r in zip(ps, rs, strict=True)]}
         else:
-            raise ValueError("ppo: --reward-model is needed with --dataset (the built-in scorer knows the toy task)")
-        if model_name is None:
-            value_model = toy.build_model(tokenizer, kind="value", seed=args.seed + 2)
-        else:
-            value_model = load_model(model_name, "value")
+            raise ValueError(
+                f"{stage}: --reward-model is needed with --dataset (the built-in scorer knows the toy task)"
+            )
         common.pop("batch_size")
-        trainer = PPOTrainer(
-            model, copy.deepcopy(model), value_model.to(device), tokenizer, dataset,
-            # two mini-batches per rollout when the batch splits evenly, else one
-            PPOConfig(**common, rollout_batch_size=args.batch_size, grad_in_forward=args.grad_in_forward,
-                      missing_eos_penalty=args.missing_eos_penalty,
-                      importance_sampling_level=args.importance_sampling_level,
-                      mini_batch_size=args.batch_size // 2 if args.batch_size % 2 == 0 else args.batch_size),
-            **reward,
-        )  # fmt: skip
+        rollout = dict(rollout_batch_size=args.batch_size, grad_in_forward=args.grad_in_forward,
+                       missing_eos_penalty=args.missing_eos_penalty,
+                       importance_sampling_level=args.importance_sampling_level)  # fmt: skip
+        if args.kl_coef is not None:
+            rollout["kl_coef"] = args.kl_coef
+        # two mini-batches per rollout when its responses split evenly, else one
+        rows = args.batch_size * (args.num_generations if stage == "grpo" else 1)
+        rollout["mini_batch_size"] = rows // 2 if rows % 2 == 0 else rows
+        if stage == "ppo":
+            from rlhf_kernels.trainers.ppo import PPOConfig, PPOTrainer
+
+            if model_name is None:
+                value_model = toy.build_model(tokenizer, kind="value", seed=args.seed + 2)
+            else:
+                value_model = load_model(model_name, "value")
+            trainer = PPOTrainer(model, copy.deepcopy(model), value_model.to(device), tokenizer, dataset,
+                                 PPOConfig(**common, **rollout), **reward)  # fmt: skip
+        else:
+            from rlhf_kernels.trainers.grpo import GRPOConfig, GRPOTrainer
+
+            config = GRPOConfig(**common, **rollout, num_generations=args.num_generations)
+            ref_model = copy.deepcopy(model) if config.kl_coef != 0 else None
+            trainer = GRPOTrainer(model, ref_model, tokenizer, dataset, config, **reward)
     trainer.train(resume_from=args.resume_from)
     if args.save_model and trainer.is_main_process:
         trainer.unwrapped_model.save_pretrained(trainer.output_dir / "model")
@@ -334,7 +349,7 @@ def toy_dataset(stage: str, rows: int, seed: int):
     from rlhf_kernels.trainers import toy
 
     make = {"sft": toy.sft_dataset, "reward": toy.preference_dataset, "dpo": toy.preference_dataset,
-            "ppo": toy.prompt_dataset}[stage]  # fmt: skip
+            "ppo": toy.prompt_dataset, "grpo": toy.prompt_dataset}[stage]  # fmt: skip
     return make(rows, seed=seed + STAGES.index(stage))
 
 

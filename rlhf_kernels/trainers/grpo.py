@@ -1,0 +1,110 @@
+"""GRPO: group-relative policy optimisation without a critic (Shao et al. 2024, DeepSeekMath).
+
+One training step is one rollout followed by ``ppo_epochs`` passes over it in
+mini-batches, as in :mod:`ppo` (the sampling and update loop are its
+:class:`~rlhf_kernels.trainers.ppo.RolloutTrainer`):
+
+1. sample ``num_generations`` responses to each of ``rollout_batch_size`` prompts;
+2. score them (a reward model or a Python function); each response's advantage is its
+   score against its group's, ``grpo_advantages``: ``(s - mean) / (std + eps)``, or
+   ``s - mean`` with ``scale_rewards=False`` (Dr. GRPO), the same for all its tokens;
+3. the clipped surrogate from the logits (``ppo_loss_from_logits``; with
+   ``fused_lm_head``, ``linear_ppo_loss``) with the KL to the reference *in the loss*,
+   ``kl_coef * agg(KL)`` with the ``k3`` estimator (not in the reward, as PPO has it),
+   aggregated by ``loss_agg_mode``: ``seq-mean-token-mean`` is the paper's,
+   ``token-mean`` DAPO's, ``seq-mean-token-sum-norm`` with ``scale_rewards=False``
+   Dr. GRPO's. ``kl_coef=0`` skips the reference model altogether.
+
+A group never spans two processes (each rank samples all ``num_generations`` responses of
+its prompts), so the advantages under ``torchrun`` are those of one process; the loss's
+aggregate is per rank as in :mod:`ppo` (exact for the sequence means when every rank
+holds as many sequences).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from collections.abc import Callable
+
+import rlhf_kernels
+from rlhf_kernels.trainers.ppo import RolloutConfig, RolloutTrainer
+
+
+@dataclasses.dataclass
+class GRPOConfig(RolloutConfig):
+    output_dir: str = "runs/grpo"
+    rollout_batch_size: int = 8  # prompts a step, each sampled num_generations times
+    num_generations: int = 8  # the group size G
+    mini_batch_size: int = 32  # responses an optimiser step
+    ppo_epochs: int = 1  # GRPO's mu: passes over each rollout
+    kl_coef: float = 0.04  # beta, the paper's
+    kl_kind: str = "k3"
+    loss_agg_mode: str = "seq-mean-token-mean"
+    scale_rewards: bool = True  # divide by the group's std (False: Dr. GRPO)
+    advantage_eps: float = 1e-6
+
+
+class GRPOTrainer(RolloutTrainer):
+    """``ref_model`` may be ``None`` when ``kl_coef`` is 0."""
+
+    def __init__(
+        self, model, ref_model, tokenizer, dataset, config: GRPOConfig | None = None, *, reward_model=None,
+        reward_fn: Callable[[list[str], list[str]], list[float]] | None = None,
+    ):  # fmt: skip
+        config = config or GRPOConfig()
+        g = config.num_generations
+        if isinstance(g, bool) or not isinstance(g, numbers.Integral) or g < 2:
+            raise ValueError(f"config: num_generations must be an int >= 2 (a group to compare within), got {g!r}")
+        if not isinstance(config.scale_rewards, bool):
+            raise ValueError(f"config: scale_rewards must be a bool, got {config.scale_rewards!r}")
+        if ref_model is None and config.kl_coef != 0:
+            raise ValueError(f"ref_model: None, but kl_coef={config.kl_coef} needs the reference's log-probs")
+        self.rows_per_prompt = int(g)
+        super().__init__(model, ref_model, tokenizer, dataset, config, reward_model=reward_model, reward_fn=reward_fn)
+
+    # --- rollout ---------------------------------------------------------------------------
+    def _rollout(self, prompts, sample):
+        cfg = self.config
+        sequences, attention, width = sample["sequences"], sample["attention"], int(sample["width"])
+        response, response_mask = sample["response"], sample["response_mask"]
+        old_logprobs = self._logprobs(*self._policy(self.model, sequences, attention, width), response, response_mask)
+        batch = {**sample, "old_logprobs": old_logprobs}
+        if cfg.kl_coef != 0:
+            batch["ref_logprobs"] = self._logprobs(*self._policy(self.ref_model, sequences, attention, width),
+                                                   response, response_mask)  # fmt: skip
+        scores = sample["scores"]
+        advantages = rlhf_kernels.grpo_advantages(scores, self.rows_per_prompt, norm_by_std=cfg.scale_rewards,
+                                                  eps=cfg.advantage_eps, backend=cfg.backend)  # fmt: skip
+        batch["advantages"] = advantages[:, None].expand_as(old_logprobs).contiguous()
+        group_std = scores.view(-1, self.rows_per_prompt).std(-1)
+        batch["score_std"] = group_std.mean()
+        batch["frac_zero_std"] = (group_std == 0).float().mean()  # groups that teach nothing
+        return batch
+
+    # --- optimisation ----------------------------------------------------------------------------
+    def _micro_step(self, batch, idx, width, totals):
+        cfg = self.config
+        mask = batch["response_mask"][idx]
+        share, token_share = self._shares(mask, totals)
+        kl = {}
+        if "ref_logprobs" in batch:
+            kl = dict(ref_logprobs=batch["ref_logprobs"][idx], kl_coef=cfg.kl_coef, kl_kind=cfg.kl_kind)
+        with self.autocast():
+            x, head = self._policy(self.model, batch["sequences"][idx], batch["attention"][idx], width)
+            per_token = (batch["response"][idx], batch["old_logprobs"][idx], batch["advantages"][idx], mask)
+            loss, m = self._policy_loss(x, head, per_token, **kl)
+        (loss * share if share != 1.0 else loss).backward()
+        metrics = {"loss": (loss.detach(), share), "pg_loss": (m.pg_loss, share), "entropy": (m.entropy, share),
+                   "clipfrac": (m.clipfrac, token_share), "clipfrac_lower": (m.clipfrac_lower, token_share),
+                   "approx_kl": (m.approx_kl, token_share)}  # fmt: skip
+        if kl:
+            metrics["kl"] = (m.kl, share)  # agg(KL) to the reference, as the loss has it
+        return metrics
+
+    def training_step(self):
+        batch = self.rollout(self.dataset[self._batch_indices(self.step)]["prompt"])
+        metrics = self._update(batch)
+        metrics.update(self._rollout_metrics(batch), score_std=float(batch["score_std"]),
+                       frac_zero_std=float(batch["frac_zero_std"]))  # fmt: skip
+        return metrics
