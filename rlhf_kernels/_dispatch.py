@@ -4,9 +4,10 @@
 ``native`` on CUDA when the extension was built with nvcc (then ``triton``, then
 ``torch``), ``native`` on CPU when the extension is built (else ``torch``). On an
 H200 the CUDA C++ kernels were as fast as or faster than the Triton ones for every
-op (benchmarks/results/bench-NVIDIA_H200-20261126-023316.txt: token_logprobs
-fwd+bwd 3.15 vs 3.49 ms, GAE 0.073 vs 0.188 ms, PPO losses 0.39 vs 1.34 ms), so
-Triton is the default only where the extension is absent or CPU-only. Triton runs
+op's wall time (benchmarks/results/bench-NVIDIA_H200-20261127-115011.txt:
+token_logprobs fwd+bwd 3.09 vs 3.24 ms, GAE 0.073 vs 0.125 ms, ppo_policy_loss
+fwd+bwd 0.35 vs 0.80 ms; the fused-linear ops within 1%), so Triton is the default
+only where the extension is absent or CPU-only. Triton runs
 on CPU tensors only under ``TRITON_INTERPRET=1`` (how CI tests the kernels), and is
 never picked by ``"auto"`` there.
 """

@@ -726,6 +726,25 @@ def test_grpo_cli(tmp_path, monkeypatch):
     assert trainers[0].ref_model is not None and trainers[1].ref_model is None
 
 
+def test_clip_higher_reaches_the_policy_loss(tokenizer, tmp_path, monkeypatch):
+    """clip_ratio_high (DAPO's clip-higher) is passed to the policy-loss op by both trainers, the
+    lower bound staying clip_ratio; a non-finite one is refused."""
+    import rlhf_kernels
+
+    seen, real = [], rlhf_kernels.ppo_loss_from_logits
+
+    def spy(*a, **k):
+        seen.append((k["clip_ratio"], k["clip_ratio_high"]))
+        return real(*a, **k)
+
+    monkeypatch.setattr(rlhf_kernels, "ppo_loss_from_logits", spy)
+    for make in (_ppo, _grpo):
+        make(tokenizer, tmp_path / make.__name__, max_steps=1, clip_ratio=0.2, clip_ratio_high=0.28).train()
+        with pytest.raises(ValueError, match="clip_ratio_high: expected a finite number"):
+            make(tokenizer, tmp_path, clip_ratio_high=float("inf"))
+    assert seen and set(seen) == {(0.2, 0.28)}
+
+
 def test_grpo_bad_configuration(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="num_generations must be an int >= 2"):
         _grpo(tokenizer, tmp_path, num_generations=1)

@@ -302,9 +302,9 @@ def ppo_loss_from_logits(
       ``inplace_backward``) and fused ``O(B T)`` kernels for the PPO, KL and
       aggregation arithmetic. Holds nothing logits-sized between the passes
       except the logits themselves, and differentiates ``ref_logprobs`` too.
-      A whole step at 8 x 2048 x 128256 bf16: on an H200, 3.52 ms (CUDA C++) and
-      4.09 ms (Triton) against 4.52 and 7.22 ms fused (read + write floor 2.03 ms,
-      benchmarks/results/bench-NVIDIA_H200-20261126-024735.txt); on an H100, 4.74
+      A whole step at 8 x 2048 x 128256 bf16: on an H200, 3.35 ms (CUDA C++) and
+      4.30 ms (Triton) against 3.03 and 3.57 ms fused (read + write floor 1.98 ms,
+      benchmarks/results/bench-NVIDIA_H200-20261127-115011.txt); on an H100, 4.74
       and 4.70 ms against 3.53 and 4.75 ms fused (floor 2.80 ms,
       benchmarks/results/bench-NVIDIA_H100_80GB_HBM3-20261126-095459.txt, with
       the sweeps' current defaults); on CPU the two are within 5%.
