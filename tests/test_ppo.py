@@ -1008,6 +1008,19 @@ def test_ppo_from_logits_agg_modes(device, backend, mode, grad_in_forward):
                 entropy_coef=0.01, loss_agg_mode=mode)  # fmt: skip
 
 
+@pytest.mark.parametrize("device,backend", backend_cases(native_op=FUSED))
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("grad_in_forward", [True, False], ids=["fused", "two-pass"])
+def test_ppo_from_logits_metrics_under_autocast(device, backend, mode, grad_in_forward):
+    """Inside a bf16 autocast region (a trainer's mixed-precision step), the loss and metrics are
+    still float32 sums: a weighted sum written as a matrix product ran in bf16 there."""
+    g = torch.Generator().manual_seed(12)
+    logits, labels, old, adv, mask, ref = fused_inputs(4, 7, 1000, g, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        check_fused(logits, labels, old, adv, mask, backend, grad_in_forward=grad_in_forward, ref_logprobs=ref,
+                    kl_coef=0.05, entropy_coef=0.01, loss_agg_mode=mode)  # fmt: skip
+
+
 FUSED_OPTIONS = {
     "symmetric-plain": dict(),
     "clip-higher-k1": dict(clip_ratio_low=0.1, clip_ratio_high=0.3, kl_kind="k1", kl_coef=0.1),
