@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=OPS,
         help="ops to benchmark, repeatable (default: all)",
     )
-    pipe = sub.add_parser("pipeline", help="SFT, reward model, PPO and DPO on the built-in sorting task "
-                                           "(the same four stages for --model and --dataset)")  # fmt: skip
+    pipe = sub.add_parser("pipeline", help="SFT, reward model, PPO, GRPO and DPO on the built-in sorting task "
+                                           "(with --model and --dataset: SFT, reward model, PPO and DPO)")  # fmt: skip
     pipe.add_argument("--out", type=Path, default=Path("pipeline-out"))
     pipe.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     pipe.add_argument("--seed", type=int, default=0)

@@ -7,13 +7,15 @@ mini-batches, as in :mod:`ppo` (the sampling and update loop are its
 1. sample ``num_generations`` responses to each of ``rollout_batch_size`` prompts;
 2. score them (a reward model or a Python function); each response's advantage is its
    score against its group's, ``grpo_advantages``: ``(s - mean) / (std + eps)``, or
-   ``s - mean`` with ``scale_rewards=False`` (Dr. GRPO), the same for all its tokens;
+   ``s - mean`` with ``scale_rewards=False`` (Dr. GRPO), the same for all its tokens, and
+   0 for every response of a group whose scores are all equal;
 3. the clipped surrogate from the logits (``ppo_loss_from_logits``; with
    ``fused_lm_head``, ``linear_ppo_loss``) with the KL to the reference *in the loss*,
    ``kl_coef * agg(KL)`` with the ``k3`` estimator (not in the reward, as PPO has it),
    aggregated by ``loss_agg_mode``: ``seq-mean-token-mean`` is the paper's,
    ``token-mean`` DAPO's, ``seq-mean-token-sum-norm`` with ``scale_rewards=False``
-   Dr. GRPO's. ``kl_coef=0`` skips the reference model altogether.
+   Dr. GRPO's (its token sums divided by ``max_new_tokens``: the rollout is padded to it).
+   ``kl_coef=0`` skips the reference model altogether.
 
 A group never spans two processes (each rank samples all ``num_generations`` responses of
 its prompts), so the advantages under ``torchrun`` are those of one process; the loss's
@@ -76,10 +78,15 @@ class GRPOTrainer(RolloutTrainer):
         scores = sample["scores"]
         advantages = rlhf_kernels.grpo_advantages(scores, self.rows_per_prompt, norm_by_std=cfg.scale_rewards,
                                                   eps=cfg.advantage_eps, backend=cfg.backend)  # fmt: skip
+        # A group of equal scores teaches nothing: its advantages are 0 exactly. (The op gives
+        # (s - mean) / eps there, and a float32 mean of G equal scores need not be the score:
+        # 0.6 x 6 leaves 5.6e-8, which eps = 1e-6 makes a 0.056 advantage for every response.)
+        grouped = scores.view(-1, self.rows_per_prompt)
+        constant = grouped.amax(-1) == grouped.amin(-1)
+        advantages = advantages.masked_fill(constant.repeat_interleave(self.rows_per_prompt), 0.0)
         batch["advantages"] = advantages[:, None].expand_as(old_logprobs).contiguous()
-        group_std = scores.view(-1, self.rows_per_prompt).std(-1)
-        batch["score_std"] = group_std.mean()
-        batch["frac_zero_std"] = (group_std == 0).float().mean()  # groups that teach nothing
+        batch["score_std"] = grouped.double().std(-1).mean()
+        batch["frac_zero_std"] = constant.double().mean()  # groups that teach nothing
         return batch
 
     # --- optimisation ----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The classic RLHF pipeline on one command: SFT, reward model, PPO against it, and DPO.
+"""The classic RLHF pipeline on one command: SFT, reward model, PPO against it, GRPO and DPO.
 
 Default: the built-in sorting task with tiny Llama models on CPU, following
 InstructGPT's recipe at toy scale:
@@ -11,11 +11,13 @@ InstructGPT's recipe at toy scale:
    initialised from the reward model; with ``ppo_rounds > 1`` the reward model is
    refreshed on labelled samples of the current policy between rounds (iterated
    RLHF, Bai et al. 2022), which stops PPO from exploiting its blind spots;
-5. DPO (with an RPO term) from the SFT model on ranked SFT samples.
+5. GRPO from the SFT model on the task's scorer itself (a verifiable reward: no reward
+   model), groups of samples per prompt, KL to the SFT model in the loss;
+6. DPO (with an RPO term) from the SFT model on ranked SFT samples.
 
 Writes a report folder: per-stage metrics (JSON lines), PNG curves,
 ``report.json`` and ``report.md`` with held-out exact-match success (greedy)
-after SFT, PPO and DPO and the reward model's held-out accuracy.
+after SFT, PPO, GRPO and DPO and the reward model's held-out accuracy.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from datasets import concatenate_datasets
 from rlhf_kernels.trainers import toy
 from rlhf_kernels.trainers.base import TrainerConfig
 from rlhf_kernels.trainers.dpo import DPOTrainer
+from rlhf_kernels.trainers.grpo import GRPOConfig, GRPOTrainer
 from rlhf_kernels.trainers.ppo import PPOConfig, PPOTrainer
 from rlhf_kernels.trainers.reward import RewardTrainer
 from rlhf_kernels.trainers.sampling import exact_match, generate, ranked_pairs
@@ -57,6 +60,13 @@ class PipelineConfig:
     ppo_epochs: int = 4
     ppo_kl_coef: float = 0.2
     ppo_learning_rate: float = 1e-4
+    # GRPO on the task's own scorer (0 steps: skip): prompts x generations a rollout
+    grpo_steps: int = 200
+    grpo_prompts: int = 16
+    grpo_generations: int = 8
+    grpo_mini_batch_size: int = 32
+    grpo_kl_coef: float = 0.02
+    grpo_learning_rate: float = 1e-4
     dpo_steps: int = 200
     dpo_beta: float = 0.1
     dpo_rpo_alpha: float = 1.0
@@ -77,7 +87,8 @@ class PipelineConfig:
         """Seconds, for smoke tests: too short to learn much."""
         small = dict(sft_steps=20, eval_prompts=16, batch_size=8, comparison_prompts=64, samples_per_prompt=4,
                      rm_steps=10, rm_update_steps=4, ppo_steps=4, ppo_rounds=2, ppo_rollout_batch_size=8,
-                     ppo_mini_batch_size=4, ppo_epochs=1, dpo_steps=5, sft_control_steps=5)  # fmt: skip
+                     ppo_mini_batch_size=4, ppo_epochs=1, grpo_steps=2, grpo_prompts=4, grpo_generations=4,
+                     grpo_mini_batch_size=8, dpo_steps=5, sft_control_steps=5)  # fmt: skip
         return cls(**{**small, **kw})
 
 
@@ -90,6 +101,7 @@ def _plot(histories: dict[str, list[dict]], path: Path) -> bool:
     except ImportError:
         return False
     keys = {"sft": ["loss"], "reward": ["loss", "accuracy"], "ppo": ["score", "kl", "value_loss"],
+            "grpo": ["score", "kl", "frac_zero_std"],
             "dpo": ["loss", "rewards/accuracies", "rewards/margins"]}  # fmt: skip
     fig, axes = plt.subplots(1, len(histories), figsize=(4.5 * len(histories), 3.4), squeeze=False)
     for ax, (stage, history) in zip(axes[0], histories.items(), strict=True):
@@ -194,6 +206,23 @@ def run(config: PipelineConfig, log=print) -> dict:
     results["success_ppo"] = success(ppo_policy)
     log(f"[pipeline] held-out exact match after PPO: {results['success_ppo']:.3f}")
 
+    if config.grpo_steps:
+        log("[pipeline] GRPO from the SFT model on the task's scorer (a verifiable reward)")
+        grpo_policy = copy.deepcopy(policy)
+        grpo = GRPOTrainer(
+            grpo_policy, copy.deepcopy(policy) if config.grpo_kl_coef else None, tokenizer,
+            toy.prompt_dataset(4000, seed=config.seed + 60_000),  # prompts no other stage saw
+            GRPOConfig(output_dir=str(out / "grpo"), max_steps=config.grpo_steps,
+                       rollout_batch_size=config.grpo_prompts, num_generations=config.grpo_generations,
+                       mini_batch_size=config.grpo_mini_batch_size, learning_rate=config.grpo_learning_rate,
+                       kl_coef=config.grpo_kl_coef, seed=config.seed, progress=config.progress,
+                       logging_steps=max(1, config.grpo_steps // 20)),
+            reward_fn=lambda prompts, responses: [toy.score(p, r) for p, r in zip(prompts, responses, strict=True)],
+        )  # fmt: skip
+        histories["grpo"] = grpo.train()
+        results["success_grpo"] = success(grpo_policy)
+        log(f"[pipeline] held-out exact match after GRPO: {results['success_grpo']:.3f}")
+
     log("[pipeline] DPO from the SFT model on its own ranked samples")
     # chosen: a right answer (the reference when no sample is right); rejected: the worst sample
     preferences = comparisons_from(policy, config.comparison_prompts, config.seed + 3, against="worst",
@@ -228,6 +257,10 @@ def run(config: PipelineConfig, log=print) -> dict:
             f"| reward model (ranked SFT samples, best vs each worse) | pair accuracy | {results['rm_accuracy']:.3f} |",
             f"| PPO (from SFT, against the RM, {config.ppo_rounds} round(s)) | exact match | "
             f"{results['success_ppo']:.3f} |",
+        ]
+        + ([f"| GRPO (from SFT, on the task's scorer, {config.grpo_generations} samples a prompt) | exact match | "
+            f"{results['success_grpo']:.3f} |"] if config.grpo_steps else [])
+        + [
             f"| DPO (from SFT, {config.dpo_loss_type}, rpo_alpha={config.dpo_rpo_alpha}) | exact match | "
             f"{results['success_dpo']:.3f} |",
         ]

@@ -129,8 +129,15 @@ class RolloutTrainer(Trainer):
             check_real("config: missing_eos_penalty", config.missing_eos_penalty, finite=True)
         if config.importance_sampling_level not in rlhf_kernels.ops.ppo.IS_LEVELS:
             raise ValueError(f"config: importance_sampling_level must be one of {rlhf_kernels.ops.ppo.IS_LEVELS}")
+        check_real("config: kl_coef", config.kl_coef, finite=True)
+        if config.kl_coef < 0:
+            raise ValueError(f"config: kl_coef must be >= 0, got {config.kl_coef}")
         if config.clip_ratio_high is not None:
             check_real("config: clip_ratio_high", config.clip_ratio_high, finite=True)
+            if config.clip_ratio_high < 0:
+                raise ValueError(f"config: clip_ratio_high must be >= 0, got {config.clip_ratio_high}")
+        if ref_model is not None and ref_model is model:
+            raise ValueError("ref_model: is the policy itself (it would be frozen); pass a copy (copy.deepcopy(model))")
         config = dataclasses.replace(config, batch_size=config.rollout_batch_size)
         super().__init__(model, tokenizer, dataset, config)
         if config.mini_batch_size % self.world_size:
@@ -213,6 +220,11 @@ class RolloutTrainer(Trainer):
             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **pure_sampling(cfg.temperature),
         )  # fmt: skip
         response = generated[:, width:]
+        if cfg.loss_agg_mode == "seq-mean-token-sum-norm" and response.shape[1] < cfg.max_new_tokens:
+            # Dr. GRPO's normaliser is the generation budget: generate stops when every row has its
+            # eos, and the mode divides by the response width, so that width must not vary
+            response = torch.nn.functional.pad(response, (0, cfg.max_new_tokens - response.shape[1]),
+                                               value=tok.pad_token_id)  # fmt: skip
         # response tokens up to and including the first eos
         is_eos = response == tok.eos_token_id
         after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0
@@ -371,8 +383,9 @@ class PPOTrainer(RolloutTrainer):
     def _policy_and_values(self, sequences, attention, width):
         """The policy's ``(x, head)`` (:meth:`_policy`) and the critic's values: one forward
         with a value head, two with a separate value model."""
-        if self.value_head is None:
-            return self._policy(self.model, sequences, attention, width), self._values(sequences, attention, width)
+        if self.value_head is None:  # the critic first: the order dropout (if on) draws its masks in
+            values = self._values(sequences, attention, width)
+            return self._policy(self.model, sequences, attention, width), values
         inputs = dict(input_ids=sequences, attention_mask=attention, position_ids=self._positions(attention))
         if self.config.fused_lm_head:
             hidden, head = last_hidden_and_head(self.model, **inputs)
