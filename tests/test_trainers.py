@@ -731,6 +731,23 @@ def test_grpo_constant_groups_teach_nothing(tokenizer, tmp_path):
         assert torch.equal(p, b)
 
 
+def test_grpo_mask_truncated_completions(tokenizer, tmp_path):
+    """mask_truncated_completions: responses without an eos within max_new_tokens keep their place
+    in the group's statistics but leave the loss (their mask is 0); a rollout of only those trains
+    on nothing, without NaN."""
+    trainer = _grpo(tokenizer, tmp_path, max_new_tokens=3, mask_truncated_completions=True, kl_coef=0.0, ref=False)
+    batch = trainer.rollout(toy.prompt_dataset(4, seed=3)["prompt"])
+    finished = batch["finished"]
+    assert (~finished).any()  # a random policy rarely ends within 3 tokens
+    assert not batch["response_mask"][~finished].any() and batch["response_mask"][finished, 0].all()
+    plain = _grpo(tokenizer, tmp_path / "plain", max_new_tokens=3, kl_coef=0.0, ref=False)
+    unmasked = plain.rollout(toy.prompt_dataset(4, seed=3)["prompt"])
+    torch.testing.assert_close(batch["advantages"], unmasked["advantages"])  # the same groups, all counted
+    batch["response_mask"][:] = False
+    metrics = trainer._update(batch)
+    assert metrics["pg_loss"] == 0.0 and metrics["grad_norm"] == 0.0
+
+
 def test_dr_grpo_rollout_spans_the_generation_budget(tokenizer, tmp_path, monkeypatch):
     """seq-mean-token-sum-norm divides token sums by the response width: with it, a rollout whose
     responses all end early is padded to max_new_tokens (masked), so the normaliser is the
@@ -914,17 +931,25 @@ def _torchrun(args, out):
     return _metrics(out)
 
 
-def test_ppo_two_processes_accumulate_like_whole_mini_batches(tmp_path):
-    """PPO on two DDP ranks (each samples its own responses): gradient accumulation over
+@pytest.mark.parametrize(
+    "stage,extra,keys",
+    [
+        ("ppo", ["--batch-size", "8"], ("score", "pg_loss", "value_loss", "clipfrac", "grad_norm", "critic_grad_norm")),
+        # 4 prompts x 4 samples, groups whole on each rank; KL in the loss
+        ("grpo", ["--batch-size", "4", "--num-generations", "4", "--kl-coef", "0.1"],
+         ("score", "score_std", "pg_loss", "loss", "kl", "clipfrac", "grad_norm")),
+    ],
+)  # fmt: skip
+def test_rollout_trainers_two_processes_accumulate_like_whole_mini_batches(tmp_path, stage, extra, keys):
+    """PPO and GRPO on two DDP ranks (each samples its own responses): gradient accumulation over
     micro-batches, with DDP's all-reduce only at each mini-batch's last one, gives the updates
     and metrics of whole mini-batches."""
-    args = ["ppo", "--steps", "2", "--batch-size", "8", "--rows", "32", "--logging-steps", "1", "--quiet",
-            "--device", "cpu"]  # fmt: skip
+    args = [stage, *extra, "--steps", "2", "--rows", "32", "--logging-steps", "1", "--quiet", "--device", "cpu"]
     whole = _torchrun(args, tmp_path / "whole")
     accumulated = _torchrun([*args, "--grad-accum", "2"], tmp_path / "accumulated")
     assert [r["step"] for r in whole] == [1, 2]
     for a, b in zip(whole, accumulated, strict=True):
-        for key in ("score", "pg_loss", "value_loss", "clipfrac", "grad_norm", "critic_grad_norm"):
+        for key in keys:
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
 
 

@@ -45,6 +45,10 @@ class GRPOConfig(RolloutConfig):
     loss_agg_mode: str = "seq-mean-token-mean"
     scale_rewards: bool = True  # divide by the group's std (False: Dr. GRPO)
     advantage_eps: float = 1e-6
+    # DAPO's overlong filtering (TRL's mask_truncated_completions): responses cut off by
+    # max_new_tokens before their eos still count in their group's statistics, but their tokens
+    # are left out of the loss (a cut answer is not a wrong one).
+    mask_truncated_completions: bool = False
 
 
 class GRPOTrainer(RolloutTrainer):
@@ -58,8 +62,9 @@ class GRPOTrainer(RolloutTrainer):
         g = config.num_generations
         if isinstance(g, bool) or not isinstance(g, numbers.Integral) or g < 2:
             raise ValueError(f"config: num_generations must be an int >= 2 (a group to compare within), got {g!r}")
-        if not isinstance(config.scale_rewards, bool):
-            raise ValueError(f"config: scale_rewards must be a bool, got {config.scale_rewards!r}")
+        for flag in ("scale_rewards", "mask_truncated_completions"):
+            if not isinstance(getattr(config, flag), bool):
+                raise ValueError(f"config: {flag} must be a bool, got {getattr(config, flag)!r}")
         if ref_model is None and config.kl_coef != 0:
             raise ValueError(f"ref_model: None, but kl_coef={config.kl_coef} needs the reference's log-probs")
         self.rows_per_prompt = int(g)
@@ -85,6 +90,8 @@ class GRPOTrainer(RolloutTrainer):
         constant = grouped.amax(-1) == grouped.amin(-1)
         advantages = advantages.masked_fill(constant.repeat_interleave(self.rows_per_prompt), 0.0)
         batch["advantages"] = advantages[:, None].expand_as(old_logprobs).contiguous()
+        if cfg.mask_truncated_completions:
+            batch["response_mask"] = response_mask & sample["finished"][:, None]
         batch["score_std"] = grouped.double().std(-1).mean()
         batch["frac_zero_std"] = constant.double().mean()  # groups that teach nothing
         return batch

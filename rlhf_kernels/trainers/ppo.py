@@ -240,7 +240,7 @@ class RolloutTrainer(Trainer):
         return {
             "sequences": sequences, "attention": attention, "response": response, "response_mask": response_mask,
             "scores": scores, "width": torch.tensor(width), "response_length": response_mask.sum(-1).float().mean(),
-            "truncated": (~finished).float().mean(),
+            "finished": finished, "truncated": (~finished).float().mean(),
         }  # fmt: skip
 
     def _rollout(self, prompts: list[str], sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
