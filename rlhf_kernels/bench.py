@@ -1035,7 +1035,10 @@ def format_targets(results: list[Result]) -> str:
                 met, text = value >= bound, f"{value:.1f}x {base.provider}"
             else:
                 continue
-            lines.append(f"    {r.provider:<40} {r.shape:>14}  {text}  {'met' if met else 'NOT met'}")
+            verdict = "met" if met else "NOT met"
+            if "(H100)" in what and "H100" not in r.device:  # judged on another card: say which
+                verdict += f" on the {r.device} (the target names an H100)"
+            lines.append(f"    {r.provider:<40} {r.shape:>14}  {text}  {verdict}")
     return ("Against the issues' targets:\n" + "\n".join(lines)) if lines else ""
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -233,6 +234,12 @@ def test_bench_reports_the_issues_targets():
     assert any("0.167 ms (0.073 ms of device time" in ln and ln.endswith("NOT met") for ln in lines)
     assert any("898.2x python_loop  NOT met" in ln for ln in lines)
     assert bench.format_targets(results[1:3]) == ""
+    # on another card the verdict says which, where the target names an H100 (the speedup target names none)
+    other = [dataclasses.replace(r, device="NVIDIA H200") for r in results]
+    text = bench.format_targets(other)
+    assert "3.004 TB/s  met on the NVIDIA H200 (the target names an H100)" in text
+    assert "1.18x the floor's 2.800 ms  met on the NVIDIA H200 (the target names an H100)" in text
+    assert "898.2x python_loop  NOT met\n" in text + "\n"
 
 
 def test_triton_launch_wrapper_forwards_grid_and_arguments():
