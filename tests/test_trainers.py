@@ -748,6 +748,37 @@ def test_grpo_mask_truncated_completions(tokenizer, tmp_path):
     assert metrics["pg_loss"] == 0.0 and metrics["grad_norm"] == 0.0
 
 
+def test_several_reward_functions(tokenizer, tmp_path):
+    """reward_fn as a list: the score is the weighted sum of the functions' scores (reward_weights),
+    each function's mean logged as reward/<name> (lambdas numbered); a function that returns the
+    wrong number of scores or a non-finite one is named in the error."""
+
+    def brevity(prompts, responses):
+        return [-0.1 * len(r.split()) for r in responses]
+
+    trainer = _grpo(tokenizer, tmp_path, reward_fn=[_toy_reward, brevity, lambda p, r: [1.0] * len(r)],
+                    reward_weights=[1.0, 0.5, 2.0], max_steps=1)  # fmt: skip
+    prompts = toy.prompt_dataset(4, seed=3)["prompt"]
+    batch = trainer.rollout(prompts)
+    texts = trainer.tokenizer.batch_decode(torch.where(batch["response_mask"], batch["response"],
+                                                       trainer.tokenizer.pad_token_id), skip_special_tokens=True)
+    rows = [p for p in prompts for _ in range(4)]
+    want = [a + 0.5 * b + 2.0 for a, b in zip(_toy_reward(rows, texts), brevity(rows, texts), strict=True)]
+    torch.testing.assert_close(batch["scores"], torch.tensor(want), rtol=1e-6, atol=1e-6)
+    (record,) = trainer.train()
+    assert {"reward/_toy_reward", "reward/brevity", "reward/reward_2"} <= set(record)
+    assert record["reward/reward_2"] == 1.0 and record["reward/brevity"] < 0
+    with pytest.raises(ValueError, match="reward_weights has 2 weights for 3 reward function"):
+        _grpo(tokenizer, tmp_path, reward_fn=[_toy_reward, brevity, brevity], reward_weights=[1.0, 1.0])
+    with pytest.raises(ValueError, match="reward_fn: expected a callable or a non-empty list"):
+        _grpo(tokenizer, tmp_path, reward_fn=[_toy_reward, 3.0])
+    bad_functions = {"returned 3 scores for 16 responses": lambda p, r: [0.0] * 3,
+                     "returned a non-finite score": lambda p, r: [float("nan")] * len(r)}  # fmt: skip
+    for message, bad in bad_functions.items():
+        with pytest.raises(ValueError, match=f"reward_fn reward_0: {message}"):
+            _grpo(tokenizer, tmp_path, reward_fn=bad).rollout(prompts)
+
+
 def test_dr_grpo_rollout_spans_the_generation_budget(tokenizer, tmp_path, monkeypatch):
     """seq-mean-token-sum-norm divides token sums by the response width: with it, a rollout whose
     responses all end early is padded to max_new_tokens (masked), so the normaliser is the

@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from collections.abc import Callable
+from collections.abc import Sequence
 
 import rlhf_kernels
-from rlhf_kernels.trainers.ppo import RolloutConfig, RolloutTrainer
+from rlhf_kernels.trainers.ppo import RewardFn, RolloutConfig, RolloutTrainer
 
 
 @dataclasses.dataclass
@@ -56,7 +56,7 @@ class GRPOTrainer(RolloutTrainer):
 
     def __init__(
         self, model, ref_model, tokenizer, dataset, config: GRPOConfig | None = None, *, reward_model=None,
-        reward_fn: Callable[[list[str], list[str]], list[float]] | None = None,
+        reward_fn: RewardFn | Sequence[RewardFn] | None = None,
     ):  # fmt: skip
         config = config or GRPOConfig()
         g = config.num_generations

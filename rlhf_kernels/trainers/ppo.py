@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -46,6 +46,9 @@ class RolloutConfig(TrainerConfig):
     kl_kind: str = "k1"
     clip_ratio: float = 0.2
     clip_ratio_high: float | None = None  # DAPO's clip-higher: the upper bound 1 + this (None: clip_ratio)
+    # With several reward functions (reward_fn a list): the score is their weighted sum (None:
+    # weights of 1), as TRL's reward_weights; each function's mean is logged as reward/<name>.
+    reward_weights: list[float] | None = None
     entropy_coef: float = 0.0
     # TRL's missing_eos_penalty: subtracted from the score of a response that ran out of
     # max_new_tokens before its eos (the reward model is still shown it with an eos appended,
@@ -75,6 +78,47 @@ class PPOConfig(RolloutConfig):
     clip_range_value: float = 0.2
     vf_coef: float = 0.5
     whiten_advantages: bool = True
+
+
+RewardFn = Callable[[list[str], list[str]], list[float]]
+
+
+def _reward_functions(reward_fn, weights) -> list[RewardFn]:
+    """``reward_fn`` as a list of callables (empty for none), checked against ``reward_weights``."""
+    if reward_fn is None:
+        fns = []
+    elif callable(reward_fn):
+        fns = [reward_fn]
+    else:
+        fns = list(reward_fn)
+        if not fns or not all(callable(fn) for fn in fns):
+            raise ValueError("reward_fn: expected a callable or a non-empty list of callables")
+    if weights is not None:
+        if len(weights) != len(fns):
+            raise ValueError(f"config: reward_weights has {len(weights)} weights for {len(fns)} reward function(s)")
+        for w in weights:
+            check_real("config: reward_weights", w, finite=True)
+    return fns
+
+
+def _unique_names(fns: list[RewardFn]) -> list[str]:
+    """Metric names of the reward functions: their ``__name__`` (``reward_<i>`` for lambdas), made unique."""
+    names = []
+    for i, fn in enumerate(fns):
+        name = getattr(fn, "__name__", "") or ""
+        name = name if name.isidentifier() else f"reward_{i}"
+        names.append(name if name not in names else f"{name}_{i}")
+    return names
+
+
+def _call_reward(fn: RewardFn, name: str, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    """One reward function's scores, checked: one finite number a response."""
+    scores = torch.as_tensor(fn(prompts, responses), dtype=torch.float32).flatten()
+    if scores.numel() != len(responses):
+        raise ValueError(f"reward_fn {name}: returned {scores.numel()} scores for {len(responses)} responses")
+    if not torch.isfinite(scores).all():
+        raise ValueError(f"reward_fn {name}: returned a non-finite score ({scores[~torch.isfinite(scores)][0]})")
+    return scores
 
 
 def _agg_counts(mask: torch.Tensor) -> tuple[float, float]:
@@ -111,9 +155,10 @@ class RolloutTrainer(Trainer):
     grad_norm_names = ("grad_norm",)  # the logged norm of each clip group
 
     def __init__(self, model, ref_model, tokenizer, dataset, config: RolloutConfig, *, reward_model=None,
-                 reward_fn: Callable[[list[str], list[str]], list[float]] | None = None):  # fmt: skip
+                 reward_fn: RewardFn | Sequence[RewardFn] | None = None):  # fmt: skip
         if (reward_model is None) == (reward_fn is None):
             raise ValueError("reward_model / reward_fn: give exactly one")
+        self.reward_fns = _reward_functions(reward_fn, config.reward_weights)
         rows = config.rollout_batch_size * self.rows_per_prompt
         if config.mini_batch_size < 1 or rows % config.mini_batch_size:
             raise ValueError(
@@ -158,6 +203,7 @@ class RolloutTrainer(Trainer):
                 if module is not None:
                     disable_dropout(module)
         self.reward_fn = reward_fn
+        self.reward_names = _unique_names(self.reward_fns)
 
     def rollout_modules(self) -> list[torch.nn.Module]:
         """The trained modules, put in eval mode while the rollout samples and scores."""
@@ -233,23 +279,29 @@ class RolloutTrainer(Trainer):
         sequences = torch.cat([prompt_ids, torch.where(response_mask, response, tok.pad_token_id)], dim=1)
         texts = tok.batch_decode(torch.where(response_mask, response, tok.pad_token_id), skip_special_tokens=True)
         row_prompts = [p for p in prompts for _ in range(self.rows_per_prompt)]
-        scores = self._scores(row_prompts, texts).to(self.device)
+        scores, per_function = self._scores(row_prompts, texts)
+        scores = scores.to(self.device)
         finished = is_eos.any(-1)
         if cfg.missing_eos_penalty:
             scores = scores - cfg.missing_eos_penalty * (~finished).to(scores.dtype)
         return {
             "sequences": sequences, "attention": attention, "response": response, "response_mask": response_mask,
             "scores": scores, "width": torch.tensor(width), "response_length": response_mask.sum(-1).float().mean(),
-            "finished": finished, "truncated": (~finished).float().mean(),
+            "finished": finished, "truncated": (~finished).float().mean(), "reward_means": per_function.mean(-1),
         }  # fmt: skip
 
     def _rollout(self, prompts: list[str], sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The sample with what the updates need: ``old_logprobs`` and ``advantages`` at least."""
         raise NotImplementedError
 
-    def _scores(self, prompts, responses) -> torch.Tensor:
-        if self.reward_fn is not None:
-            return torch.tensor(self.reward_fn(prompts, responses), dtype=torch.float32)
+    def _scores(self, prompts, responses) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each response's score (on the CPU), and each reward function's scores (``[functions,
+        responses]``; none for a reward model)."""
+        if self.reward_fns:
+            named = zip(self.reward_fns, self.reward_names, strict=True)
+            per_function = torch.stack([_call_reward(fn, name, prompts, responses) for fn, name in named])
+            weights = torch.tensor(self.config.reward_weights or [1.0] * len(self.reward_fns), dtype=torch.float32)
+            return (weights[:, None] * per_function).sum(0), per_function
         tok = self.tokenizer
         bos = [] if tok.bos_token_id is None else [tok.bos_token_id]
         ids = [[*bos, *tok(p, add_special_tokens=False).input_ids,
@@ -263,7 +315,7 @@ class RolloutTrainer(Trainer):
             attention[i, : len(x)] = 1
         with torch.no_grad():
             out = self.reward_model(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device))
-        return out.logits.squeeze(-1).float().cpu()
+        return out.logits.squeeze(-1).float().cpu(), torch.zeros(0, len(prompts))
 
     # --- optimisation ----------------------------------------------------------------------------
     def _shares(self, mask, totals) -> tuple[float, float]:
@@ -323,8 +375,12 @@ class RolloutTrainer(Trainer):
         return {k: v / n_updates for k, v in sums.items()}
 
     def _rollout_metrics(self, batch) -> dict[str, float]:
-        return {"score": float(batch["scores"].mean()), "response_length": float(batch["response_length"]),
-                "truncated": float(batch["truncated"])}  # fmt: skip
+        metrics = {"score": float(batch["scores"].mean()), "response_length": float(batch["response_length"]),
+                   "truncated": float(batch["truncated"])}  # fmt: skip
+        if len(self.reward_names) > 1:
+            metrics.update({f"reward/{name}": float(v) for name, v in zip(self.reward_names, batch["reward_means"],
+                                                                         strict=True)})  # fmt: skip
+        return metrics
 
 
 class PPOTrainer(RolloutTrainer):
@@ -336,7 +392,7 @@ class PPOTrainer(RolloutTrainer):
 
     def __init__(
         self, model, ref_model, value_model, tokenizer, dataset, config: PPOConfig | None = None, *,
-        reward_model=None, reward_fn: Callable[[list[str], list[str]], list[float]] | None = None,
+        reward_model=None, reward_fn: RewardFn | Sequence[RewardFn] | None = None,
     ):  # fmt: skip
         config = config or PPOConfig()
         if ref_model is None:
