@@ -65,6 +65,7 @@ frameworks do).
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from typing import NamedTuple
 
@@ -519,15 +520,19 @@ def _fused_weights(valid, mode, acc):
 
 def _fused_metrics(loss, stats, weights, n_valid, has_ref, mode) -> PPOLossMetrics:
     """The metrics from the fused kernel's per-token stats ([tokens, 7]: weighted loss, pg loss,
-    entropy, kl, clipped, clipped lower, -log ratio), as weighted sums (one for token-mean,
-    whose weights are also the valid tokens' mean). Products and sums, not a matrix product:
-    under autocast (a trainer's bf16 step) a matmul would run, and round, in bf16."""
-    w = weights.flatten()[:, None]
-    if mode == "token-mean":
-        pg, entropy, kl, clip, lower, approx_kl = (w * stats[:, 1:7]).sum(0).unbind()
-    else:
-        pg, entropy, kl = (w * stats[:, 1:4]).sum(0).unbind()
-        clip, lower, approx_kl = (stats[:, 4:7].sum(0) / n_valid).unbind()  # means over the valid tokens
+    entropy, kl, clipped, clipped lower, -log ratio), as weighted sums (one matrix product
+    for token-mean, whose weights are also the valid tokens' mean; one launch, which on a GPU
+    is host time on the step's path). With autocast off: inside a trainer's bf16 step the
+    product would run, and round, in bf16."""
+    w = weights.flatten()
+    device = stats.device.type
+    off = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
+    with torch.autocast(device, enabled=False) if off else contextlib.nullcontext():
+        if mode == "token-mean":
+            pg, entropy, kl, clip, lower, approx_kl = (w @ stats[:, 1:7]).unbind()
+        else:
+            pg, entropy, kl = (w @ stats[:, 1:4]).unbind()
+            clip, lower, approx_kl = (stats[:, 4:7].sum(0) / n_valid).unbind()  # means over the valid tokens
     if not has_ref:
         kl = torch.zeros((), dtype=stats.dtype, device=stats.device)
     return PPOLossMetrics(loss.detach(), pg, clip, lower, approx_kl, entropy, kl)
