@@ -748,6 +748,27 @@ def test_grpo_mask_truncated_completions(tokenizer, tmp_path):
     assert metrics["pg_loss"] == 0.0 and metrics["grad_norm"] == 0.0
 
 
+@pytest.mark.parametrize("mode", ["seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("accum", [1, 3])
+def test_grpo_masked_responses_count_in_the_sequence_mean(tokenizer, tmp_path, mode, accum):
+    """With responses left out of the loss (mask_truncated_completions), a sequence mean still
+    divides by every response of the mini-batch, a left-out one counting as 0, as TRL's: at
+    ratio 1 the policy loss is -sum over kept responses of A_i (x n_i / T for the token-sum
+    norm) / 16, with or without gradient accumulation."""
+    trainer = _grpo(tokenizer, tmp_path, max_new_tokens=8, mask_truncated_completions=True, kl_coef=0.0, ref=False,
+                    learning_rate=0.0, mini_batch_size=16, loss_agg_mode=mode,
+                    gradient_accumulation_steps=accum)  # fmt: skip
+    batch = trainer.rollout(toy.prompt_dataset(4, seed=3)["prompt"])
+    kept = batch["finished"]
+    assert kept.any() and (~kept).any()
+    adv = batch["advantages"][:, 0].double()
+    if mode == "seq-mean-token-mean":
+        want = -adv[kept].sum() / 16
+    else:
+        want = -(adv * batch["response_mask"].sum(-1))[kept].sum() / (16 * batch["response"].shape[1])
+    assert trainer._update(batch)["pg_loss"] == pytest.approx(float(want), abs=1e-6)
+
+
 def test_several_reward_functions(tokenizer, tmp_path):
     """reward_fn as a list: the score is the weighted sum of the functions' scores (reward_weights),
     each function's mean logged as reward/<name> (lambdas numbered); a function that returns the
@@ -773,10 +794,40 @@ def test_several_reward_functions(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="reward_fn: expected a callable or a non-empty list"):
         _grpo(tokenizer, tmp_path, reward_fn=[_toy_reward, 3.0])
     bad_functions = {"returned 3 scores for 16 responses": lambda p, r: [0.0] * 3,
-                     "returned a non-finite score": lambda p, r: [float("nan")] * len(r)}  # fmt: skip
+                     "returned an infinite score": lambda p, r: [float("inf")] * len(r)}  # fmt: skip
     for message, bad in bad_functions.items():
         with pytest.raises(ValueError, match=f"reward_fn reward_0: {message}"):
             _grpo(tokenizer, tmp_path, reward_fn=bad).rollout(prompts)
+
+
+def test_reward_functions_may_skip_responses(tokenizer, tmp_path):
+    """A reward function returns None (or NaN) for a response it does not apply to (TRL's
+    convention): the score is the weighted sum of the others, a response no function scores
+    gets 0 with a warning, the logged means leave the skipped ones out; names stay unique."""
+    from rlhf_kernels.trainers.ppo import _unique_names
+
+    def odd_only(prompts, responses):
+        return [1.0 if i % 2 else None for i in range(len(responses))]
+
+    def never(prompts, responses):
+        return [None] * len(responses)
+
+    trainer = _grpo(tokenizer, tmp_path, reward_fn=[odd_only, lambda p, r: torch.full((len(r),), 0.5)],
+                    reward_weights=[2.0, 1.0])  # fmt: skip
+    batch = trainer.rollout(toy.prompt_dataset(4, seed=3)["prompt"])
+    torch.testing.assert_close(batch["scores"], torch.tensor([0.5, 2.5] * 8))
+    assert batch["reward_means"].tolist() == [1.0, 0.5]
+    alone = _grpo(tokenizer, tmp_path, reward_fn=[never, odd_only])
+    with pytest.warns(UserWarning, match="no reward function scored 8 of 16 responses"):
+        batch = alone.rollout(toy.prompt_dataset(4, seed=3)["prompt"])
+    torch.testing.assert_close(batch["scores"], torch.tensor([0.0, 1.0] * 8))
+    assert _unique_names([lambda: 0, never, never, odd_only]) == ["reward_0", "never", "never_2", "odd_only"]
+
+    def a(p, r): ...
+
+    def a_2(p, r): ...
+
+    assert _unique_names([a_2, a, a]) == ["a_2", "a", "a_3"]
 
 
 def test_dr_grpo_rollout_spans_the_generation_budget(tokenizer, tmp_path, monkeypatch):

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -103,21 +105,29 @@ def _reward_functions(reward_fn, weights) -> list[RewardFn]:
 
 def _unique_names(fns: list[RewardFn]) -> list[str]:
     """Metric names of the reward functions: their ``__name__`` (``reward_<i>`` for lambdas), made unique."""
-    names = []
+    names: list[str] = []
     for i, fn in enumerate(fns):
         name = getattr(fn, "__name__", "") or ""
-        name = name if name.isidentifier() else f"reward_{i}"
-        names.append(name if name not in names else f"{name}_{i}")
+        name = base = name if name.isidentifier() else f"reward_{i}"
+        k = i
+        while name in names:
+            name, k = f"{base}_{k}", k + 1
+        names.append(name)
     return names
 
 
 def _call_reward(fn: RewardFn, name: str, prompts: list[str], responses: list[str]) -> torch.Tensor:
-    """One reward function's scores, checked: one finite number a response."""
-    scores = torch.as_tensor(fn(prompts, responses), dtype=torch.float32).flatten()
+    """One reward function's scores, checked: one a response, each a finite number or ``None``
+    / NaN where the function does not apply to that response (TRL's convention)."""
+    raw = fn(prompts, responses)
+    if isinstance(raw, torch.Tensor):
+        scores = raw.detach().to("cpu", torch.float32).flatten()
+    else:
+        scores = torch.tensor([math.nan if v is None else float(v) for v in raw], dtype=torch.float32)
     if scores.numel() != len(responses):
         raise ValueError(f"reward_fn {name}: returned {scores.numel()} scores for {len(responses)} responses")
-    if not torch.isfinite(scores).all():
-        raise ValueError(f"reward_fn {name}: returned a non-finite score ({scores[~torch.isfinite(scores)][0]})")
+    if torch.isinf(scores).any():
+        raise ValueError(f"reward_fn {name}: returned an infinite score")
     return scores
 
 
@@ -287,7 +297,7 @@ class RolloutTrainer(Trainer):
         return {
             "sequences": sequences, "attention": attention, "response": response, "response_mask": response_mask,
             "scores": scores, "width": torch.tensor(width), "response_length": response_mask.sum(-1).float().mean(),
-            "finished": finished, "truncated": (~finished).float().mean(), "reward_means": per_function.mean(-1),
+            "finished": finished, "truncated": (~finished).float().mean(), "reward_means": per_function.nanmean(-1),
         }  # fmt: skip
 
     def _rollout(self, prompts: list[str], sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -301,7 +311,11 @@ class RolloutTrainer(Trainer):
             named = zip(self.reward_fns, self.reward_names, strict=True)
             per_function = torch.stack([_call_reward(fn, name, prompts, responses) for fn, name in named])
             weights = torch.tensor(self.config.reward_weights or [1.0] * len(self.reward_fns), dtype=torch.float32)
-            return (weights[:, None] * per_function).sum(0), per_function
+            unscored = per_function.isnan().all(0)
+            if unscored.any():  # TRL's convention: such a response scores 0, with a warning
+                warnings.warn(f"reward_fn: no reward function scored {int(unscored.sum())} of {len(responses)} "
+                              "responses (all returned None / NaN); they score 0", stacklevel=3)  # fmt: skip
+            return (weights[:, None] * per_function).nansum(0), per_function
         tok = self.tokenizer
         bos = [] if tok.bos_token_id is None else [tok.bos_token_id]
         ids = [[*bos, *tok(p, add_special_tokens=False).input_ids,
@@ -320,7 +334,9 @@ class RolloutTrainer(Trainer):
     # --- optimisation ----------------------------------------------------------------------------
     def _shares(self, mask, totals) -> tuple[float, float]:
         """A micro-batch's share of its mini-batch's aggregate (``totals``: the mini-batch's
-        (tokens, sequences)), by loss_agg_mode (token-sum: plain sums), and its token share."""
+        (tokens, responses)), by loss_agg_mode (token-sum: plain sums), and its token share.
+        The op's sequence means are over the micro-batch's sequences with a token; weighted by
+        their count over the mini-batch's responses they sum to the mean over all of those."""
         tokens, seqs = _agg_counts(mask)
         share = {"token-mean": tokens / totals[0], "token-sum": 1.0}.get(self.config.loss_agg_mode, seqs / totals[1])
         return share, tokens / totals[0]
@@ -361,7 +377,10 @@ class RolloutTrainer(Trainer):
                 # (tokens or sequences, by loss_agg_mode), so that their sum is the mini-batch's loss.
                 idx = order[start : start + mini_batch]
                 micro_batches = idx.tensor_split(cfg.gradient_accumulation_steps)
-                totals = _agg_counts(batch["response_mask"][idx])
+                # The sequence means' denominator is every response of the mini-batch: a response
+                # with no token left in the loss (mask_truncated_completions) counts as a 0, as in
+                # TRL, and each rank divides by as many (DDP's mean over ranks stays exact).
+                totals = (_agg_counts(batch["response_mask"][idx])[0], float(len(idx)))
                 for j, micro in enumerate(micro_batches):
                     with self._grad_sync(j == len(micro_batches) - 1):  # DDP all-reduces at the last
                         shares = self._micro_step(batch, micro, width, totals)
