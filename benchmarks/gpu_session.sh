@@ -21,8 +21,9 @@
 # (it is the reference, run on CPU by CI; the kernels are what a GPU session must test).
 #
 # Baselines that the machine lacks travel as wheels in .whl/ (ignored by git; name it in
-# the device call's carry): `pip download --no-deps -d .whl liger-kernel cut-cross-entropy`
-# (both pure Python); they are installed into /tmp/site here.
+# the device call's carry): `pip download --no-deps -d .whl liger-kernel cut-cross-entropy trl`
+# (all pure Python; of TRL the bench imports only trl.kernels, which needs torch, transformers
+# and triton); they are installed into /tmp/site here.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu-session}
 PY=${PYTHON:-python3}

@@ -205,6 +205,20 @@ def _liger_cross_entropy():
     return LigerCrossEntropyLoss(reduction="none")
 
 
+@functools.cache
+def _trl_kernel(name: str):
+    """One of TRL's kernels (``trl.kernels``), when TRL is installed: what its trainers run
+    today (trl 1.16: ``selective_log_softmax`` is a fused Triton log-prob + entropy kernel on
+    GPUs, and the DPO / GRPO / RLOO / KTO trainers score tokens with its chunked fused LM head,
+    ``ChunkedLogProbFunction``). Importing ``trl.kernels`` needs only torch, transformers and
+    (for the Triton one) triton."""
+    try:
+        import trl.kernels as kernels
+    except Exception:  # not installed, or an incompatible install: no baseline
+        return None
+    return getattr(kernels, name, None)
+
+
 def token_logprobs_problem(n_tokens, vocab, dtype, device, temperature=1.0) -> Problem:
     g = torch.Generator(device="cpu").manual_seed(0)
     logits = (torch.randn(n_tokens, vocab, generator=g) * 2).to(dtype=dtype, device=device)
@@ -225,6 +239,9 @@ def token_logprobs_problem(n_tokens, vocab, dtype, device, temperature=1.0) -> P
     liger = _liger_cross_entropy() if device.type == "cuda" else None
     if liger is not None and temperature == 1.0:
         provs["liger_kernel"] = lambda i: -liger(i["logits"], i["labels"])
+    trl_fused = _trl_kernel("selective_log_softmax_and_entropy") if device.type == "cuda" else None
+    if trl_fused is not None:  # TRL's selective_log_softmax on a GPU (its CPU path is a row loop, as row_loop)
+        provs["trl"] = lambda i: trl_fused(i["logits"], i["labels"], temperature=temperature)[0]
     if n_tokens <= 4096:
         provs["row_loop"] = lambda i: rowloop_logprobs(i["logits"], i["labels"], temperature)
     size = n_tokens * vocab * logits.element_size()
@@ -278,6 +295,10 @@ def linear_logprobs_problem(n_tokens, hidden_size, vocab, dtype, device) -> Prob
     provs["eager"] = lambda i: eager_linear_logprobs(i["hidden"], i["weight"], i["labels"])
     provs["torch.compile"] = lambda i: _compiled(eager_linear_logprobs)(i["hidden"], i["weight"], i["labels"])
     provs.update(_fused_linear_baselines(device))
+    trl_head = _trl_kernel("ChunkedLogProbFunction")
+    if trl_head is not None:  # TRL's fused LM head (its default 32768-column tiles; log-probs only)
+        provs["trl[fused_lm_head]"] = lambda i: trl_head.apply(i["hidden"], i["weight"], None, i["labels"], 1.0,
+                                                               32768, None, 1.0, ())[0]  # fmt: skip
     mm = 2 * n_tokens * hidden_size * vocab  # one [N, H] x [H, V] product
     inputs = {"hidden": hidden, "weight": weight, "labels": labels}
     return Problem("linear_logprobs", f"{n_tokens}x{hidden_size}x{vocab}", dtype, inputs, ("hidden", "weight"),

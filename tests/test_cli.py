@@ -201,6 +201,29 @@ def test_queued_timing_plumbing_and_table():
     assert "queued ms" in table and "2.00" in table.splitlines()[-1]  # 3 GB in 1.5 ms
 
 
+def test_bench_linear_providers_agree():
+    """Every provider of the fused-linear problem (our backends, eager, torch.compile and, with TRL
+    installed, TRL's fused LM head) computes the same log-probs and gradients: a baseline that
+    computed something else would make the comparison meaningless."""
+    from rlhf_kernels import bench
+
+    problem = bench.linear_logprobs_problem(64, 32, 1000, torch.float32, torch.device("cpu"))
+    if bench._trl_kernel("ChunkedLogProbFunction") is not None:
+        assert "trl[fused_lm_head]" in problem.providers
+    want, grads = None, None
+    for name, provider in problem.providers.items():
+        inputs = {k: v.detach().clone().requires_grad_(k in problem.grad_inputs) for k, v in problem.inputs.items()}
+        out = provider(inputs)
+        out.sum().backward()
+        got = (inputs["hidden"].grad, inputs["weight"].grad)
+        if want is None:
+            want, grads = out.detach(), got
+            continue
+        torch.testing.assert_close(out.detach(), want, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+        for g, w in zip(got, grads, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n} grad: {m}")
+
+
 def test_bench_reports_the_issues_targets():
     """Below the table, the rows an issue's target names, each against it: TB/s, the fused
     step over the floor of the same run, GAE's milliseconds (with its graph replay's) and its
