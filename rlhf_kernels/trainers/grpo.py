@@ -17,6 +17,14 @@ mini-batches, as in :mod:`ppo` (the sampling and update loop are its
    Dr. GRPO's (its token sums divided by ``max_new_tokens``: the rollout is padded to it).
    ``kl_coef=0`` skips the reference model altogether.
 
+TRL's ``GRPOConfig`` in these terms: ``loss_type="grpo"`` is ``seq-mean-token-mean``,
+``"bnpo"`` / ``"dapo"`` are ``token-mean`` (over the mini-batch, as ``dapo``), ``"dr_grpo"`` is
+``seq-mean-token-sum-norm`` with ``scale_rewards=False``; ``beta`` is ``kl_coef``,
+``epsilon`` / ``epsilon_high`` are ``clip_ratio`` / ``clip_ratio_high``, ``num_iterations`` is
+``ppo_epochs``, ``max_completion_length`` is ``max_new_tokens``, ``importance_sampling_level``
+and ``mask_truncated_completions`` keep their names (TRL's batch-level ``scale_rewards="batch"``
+has no counterpart here).
+
 A group never spans two processes (each rank samples all ``num_generations`` responses of
 its prompts), so the advantages under ``torchrun`` are those of one process; the loss's
 aggregate is per rank as in :mod:`ppo` (exact for the sequence means when every rank
