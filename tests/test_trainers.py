@@ -4,6 +4,7 @@ resume is exact, bad configuration fails before training."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -828,6 +829,35 @@ def test_reward_functions_may_skip_responses(tokenizer, tmp_path):
     def a_2(p, r): ...
 
     assert _unique_names([a_2, a, a]) == ["a_2", "a", "a_3"]
+
+
+def test_grpo_with_a_reward_model(tokenizer, tmp_path):
+    """With a reward model instead of functions, each response is scored by it against its own
+    prompt (the rows of a group share the prompt and differ in the response), and training runs;
+    reward_weights need reward functions."""
+    from rlhf_kernels.trainers import GRPOConfig, GRPOTrainer
+
+    policy = toy.build_model(tokenizer, seed=4)
+    reward_model = toy.build_model(tokenizer, kind="reward", seed=5)
+    config = GRPOConfig(output_dir=str(tmp_path), max_steps=1, rollout_batch_size=2, num_generations=3,
+                        mini_batch_size=6, max_new_tokens=6, progress=False)  # fmt: skip
+    trainer = GRPOTrainer(policy, copy.deepcopy(policy), tokenizer, toy.prompt_dataset(16), config,
+                          reward_model=reward_model)  # fmt: skip
+    prompts = toy.prompt_dataset(2, seed=3)["prompt"]
+    batch = trainer.rollout(prompts)
+    texts = tokenizer.batch_decode(torch.where(batch["response_mask"], batch["response"], tokenizer.pad_token_id),
+                                   skip_special_tokens=True)  # fmt: skip
+    for i, (prompt, text) in enumerate(zip([p for p in prompts for _ in range(3)], texts, strict=True)):
+        ids = [tokenizer.bos_token_id, *tokenizer(prompt, add_special_tokens=False).input_ids,
+               *tokenizer(text, add_special_tokens=False).input_ids, tokenizer.eos_token_id]  # fmt: skip
+        with torch.no_grad():
+            want = reward_model(input_ids=torch.tensor([ids])).logits.squeeze()
+        assert float(batch["scores"][i]) == pytest.approx(float(want), rel=1e-4, abs=1e-5), i
+    (record,) = trainer.train()
+    assert math.isfinite(record["pg_loss"]) and not any(k.startswith("reward/") for k in record)
+    with pytest.raises(ValueError, match="reward_weights has 1 weights for 0 reward function"):
+        GRPOTrainer(policy, copy.deepcopy(policy), tokenizer, toy.prompt_dataset(16),
+                    dataclasses.replace(config, reward_weights=[1.0]), reward_model=reward_model)  # fmt: skip
 
 
 def test_dr_grpo_rollout_spans_the_generation_budget(tokenizer, tmp_path, monkeypatch):

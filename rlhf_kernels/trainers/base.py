@@ -35,6 +35,9 @@ optimiser steps as one process with the same config. What is exact:
   losses' token means are per rank (as in most PPO implementations), so a
   multi-process PPO run is the same algorithm but not bit-equal to one
   process. The KL controller sees the KL averaged over ranks.
+- GRPO: a rank samples every response of its prompts' groups, so the group
+  advantages are exact; its sequence means too (every rank divides by as many
+  responses), its token means per rank as PPO's.
 """
 
 from __future__ import annotations

@@ -26,9 +26,9 @@ and ``mask_truncated_completions`` keep their names (TRL's batch-level ``scale_r
 has no counterpart here).
 
 A group never spans two processes (each rank samples all ``num_generations`` responses of
-its prompts), so the advantages under ``torchrun`` are those of one process; the loss's
-aggregate is per rank as in :mod:`ppo` (exact for the sequence means when every rank
-holds as many sequences).
+its prompts), so the advantages under ``torchrun`` are those of one process; the sequence
+means divide by a rank's responses, as many on every rank, so DDP's mean over ranks is the
+global one; a token mean is per rank, as in :mod:`ppo`.
 """
 
 from __future__ import annotations
