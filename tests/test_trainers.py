@@ -350,7 +350,7 @@ def _ppo(tokenizer, tmp_path, value_head=False, policy_config=None, **kw):
                 learning_rate=1e-4, logging_steps=1, progress=False, kl_coef=0.05, kl_target=0.1)  # fmt: skip
     return PPOTrainer(
         policy, copy.deepcopy(policy), value_model, tokenizer, toy.prompt_dataset(64),
-        PPOConfig(**{**base, **kw}), reward_fn=lambda p, r: [toy.score(a, b) for a, b in zip(p, r, strict=True)],
+        PPOConfig(**{**base, **kw}), reward_fn=toy.reward_fn,
     )  # fmt: skip
 
 
@@ -384,11 +384,12 @@ def test_ppo_fused_lm_head_trains_like_logits(tokenizer, tmp_path, value_head, m
     _assert_ppo_runs_alike(*runs, rtol=1e-3, atol=1e-5)
 
 
-def _assert_ppo_runs_alike(run_a, run_b, rtol, atol):
-    """Two (history, model) PPO runs with the same metrics and weights, to rtol / atol."""
+def _assert_ppo_runs_alike(run_a, run_b, rtol, atol, keys=("score", "kl", "pg_loss", "entropy", "value_loss",
+                                                              "grad_norm")):  # fmt: skip
+    """Two (history, model) PPO or GRPO runs with the same metrics and weights, to rtol / atol."""
     (hist_a, model_a), (hist_b, model_b) = run_a, run_b
     for a, b in zip(hist_a, hist_b, strict=True):
-        for key in ("score", "kl", "pg_loss", "entropy", "value_loss", "grad_norm"):
+        for key in keys:
             assert a[key] == pytest.approx(b[key], rel=rtol, abs=atol), key
     for p, q in zip(model_a.parameters(), model_b.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=rtol, atol=atol)
@@ -466,7 +467,7 @@ def test_ppo_reward_rises(tokenizer, tmp_path):
         toy.prompt_dataset(1024, seed=6),
         PPOConfig(output_dir=str(tmp_path / "ppo"), max_steps=30, rollout_batch_size=64, mini_batch_size=16,
                   ppo_epochs=4, learning_rate=3e-4, kl_coef=0.02, max_new_tokens=10, logging_steps=10, progress=False),
-        reward_fn=lambda p, r: [toy.score(a, b) for a, b in zip(p, r, strict=True)],
+        reward_fn=toy.reward_fn,
     )  # fmt: skip
     history = trainer.train()
     first = sum(h["score"] for h in history[:10]) / 10
@@ -597,11 +598,7 @@ def test_ppo_bad_configuration(tokenizer, tmp_path):
         _ppo(tokenizer, tmp_path, missing_eos_penalty=float("nan"))
 
 
-def _toy_reward(prompts, responses):
-    return [toy.score(p, r) for p, r in zip(prompts, responses, strict=True)]
-
-
-def _grpo(tokenizer, tmp_path, ref=True, reward_fn=_toy_reward, **kw):
+def _grpo(tokenizer, tmp_path, ref=True, reward_fn=toy.reward_fn, **kw):
     """A GRPO trainer on the toy task; ``ref``: True (a copy of the policy), False (none) or a model."""
     from rlhf_kernels.trainers import GRPOConfig, GRPOTrainer
 
@@ -611,6 +608,12 @@ def _grpo(tokenizer, tmp_path, ref=True, reward_fn=_toy_reward, **kw):
                 max_new_tokens=8, learning_rate=1e-4, logging_steps=1, progress=False)  # fmt: skip
     return GRPOTrainer(policy, ref_model, tokenizer, toy.prompt_dataset(64), GRPOConfig(**{**base, **kw}),
                        reward_fn=reward_fn)  # fmt: skip
+
+
+def _texts(tokenizer, batch):
+    """A rollout's responses as the reward saw them: decoded up to their eos."""
+    return tokenizer.batch_decode(torch.where(batch["response_mask"], batch["response"], tokenizer.pad_token_id),
+                                  skip_special_tokens=True)  # fmt: skip
 
 
 def test_grpo_runs_and_checkpoints(tokenizer, tmp_path):
@@ -658,10 +661,9 @@ def test_grpo_rollout_groups_and_advantages(tokenizer, tmp_path, scale_rewards):
         want = want / (scores.std(-1, keepdim=True) + 1e-3)
     per_token = want.reshape(12, 1).expand(12, batch["advantages"].shape[1])
     torch.testing.assert_close(batch["advantages"].double(), per_token, rtol=1e-5, atol=1e-6)
-    texts = trainer.tokenizer.batch_decode(torch.where(batch["response_mask"], batch["response"],
-                                                       trainer.tokenizer.pad_token_id), skip_special_tokens=True)
+    texts = _texts(trainer.tokenizer, batch)
     rows = [p for p in prompts for _ in range(4)]  # each row scored against its own prompt
-    torch.testing.assert_close(batch["scores"], torch.tensor(_toy_reward(rows, texts)), rtol=0, atol=0)
+    torch.testing.assert_close(batch["scores"], torch.tensor(toy.reward_fn(rows, texts)), rtol=0, atol=0)
     assert "ref_logprobs" in batch and batch["ref_logprobs"].shape == batch["old_logprobs"].shape
     no_kl = _grpo(tokenizer, tmp_path / "no-kl", ref=False, kl_coef=0.0)
     assert "ref_logprobs" not in no_kl.rollout(prompts)
@@ -778,22 +780,21 @@ def test_several_reward_functions(tokenizer, tmp_path):
     def brevity(prompts, responses):
         return [-0.1 * len(r.split()) for r in responses]
 
-    trainer = _grpo(tokenizer, tmp_path, reward_fn=[_toy_reward, brevity, lambda p, r: [1.0] * len(r)],
+    trainer = _grpo(tokenizer, tmp_path, reward_fn=[toy.reward_fn, brevity, lambda p, r: [1.0] * len(r)],
                     reward_weights=[1.0, 0.5, 2.0], max_steps=1)  # fmt: skip
     prompts = toy.prompt_dataset(4, seed=3)["prompt"]
     batch = trainer.rollout(prompts)
-    texts = trainer.tokenizer.batch_decode(torch.where(batch["response_mask"], batch["response"],
-                                                       trainer.tokenizer.pad_token_id), skip_special_tokens=True)
+    texts = _texts(trainer.tokenizer, batch)
     rows = [p for p in prompts for _ in range(4)]
-    want = [a + 0.5 * b + 2.0 for a, b in zip(_toy_reward(rows, texts), brevity(rows, texts), strict=True)]
+    want = [a + 0.5 * b + 2.0 for a, b in zip(toy.reward_fn(rows, texts), brevity(rows, texts), strict=True)]
     torch.testing.assert_close(batch["scores"], torch.tensor(want), rtol=1e-6, atol=1e-6)
     (record,) = trainer.train()
-    assert {"reward/_toy_reward", "reward/brevity", "reward/reward_2"} <= set(record)
+    assert {"reward/reward_fn", "reward/brevity", "reward/reward_2"} <= set(record)
     assert record["reward/reward_2"] == 1.0 and record["reward/brevity"] < 0
     with pytest.raises(ValueError, match="reward_weights has 2 weights for 3 reward function"):
-        _grpo(tokenizer, tmp_path, reward_fn=[_toy_reward, brevity, brevity], reward_weights=[1.0, 1.0])
+        _grpo(tokenizer, tmp_path, reward_fn=[toy.reward_fn, brevity, brevity], reward_weights=[1.0, 1.0])
     with pytest.raises(ValueError, match="reward_fn: expected a callable or a non-empty list"):
-        _grpo(tokenizer, tmp_path, reward_fn=[_toy_reward, 3.0])
+        _grpo(tokenizer, tmp_path, reward_fn=[toy.reward_fn, 3.0])
     bad_functions = {"returned 3 scores for 16 responses": lambda p, r: [0.0] * 3,
                      "returned an infinite score": lambda p, r: [float("inf")] * len(r)}  # fmt: skip
     for message, bad in bad_functions.items():
@@ -845,8 +846,7 @@ def test_grpo_with_a_reward_model(tokenizer, tmp_path):
                           reward_model=reward_model)  # fmt: skip
     prompts = toy.prompt_dataset(2, seed=3)["prompt"]
     batch = trainer.rollout(prompts)
-    texts = tokenizer.batch_decode(torch.where(batch["response_mask"], batch["response"], tokenizer.pad_token_id),
-                                   skip_special_tokens=True)  # fmt: skip
+    texts = _texts(tokenizer, batch)
     for i, (prompt, text) in enumerate(zip([p for p in prompts for _ in range(3)], texts, strict=True)):
         ids = [tokenizer.bos_token_id, *tokenizer(prompt, add_special_tokens=False).input_ids,
                *tokenizer(text, add_special_tokens=False).input_ids, tokenizer.eos_token_id]  # fmt: skip
@@ -901,11 +901,8 @@ def test_grpo_paths_train_alike(tokenizer, tmp_path, monkeypatch):
         runs.append((trainer.train(), trainer.model))
     assert kl_terms == [0.04] * 4  # 2 steps x (16 responses / mini-batches of 8)
     for other in runs[1:]:
-        for a, b in zip(runs[0][0], other[0], strict=True):
-            for key in ("score", "kl", "pg_loss", "entropy", "clipfrac", "grad_norm"):
-                assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-5), key
-        for p, q in zip(runs[0][1].parameters(), other[1].parameters(), strict=True):
-            torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5)
+        _assert_ppo_runs_alike(runs[0], other, rtol=1e-3, atol=1e-5,
+                               keys=("score", "kl", "pg_loss", "entropy", "clipfrac", "grad_norm"))  # fmt: skip
 
 
 def test_grpo_reward_rises(tokenizer, tmp_path):
@@ -920,7 +917,7 @@ def test_grpo_reward_rises(tokenizer, tmp_path):
         GRPOConfig(output_dir=str(tmp_path / "grpo"), max_steps=60, rollout_batch_size=16, num_generations=8,
                    mini_batch_size=32, learning_rate=1e-3, kl_coef=0.02, max_new_tokens=10, logging_steps=10,
                    progress=False),
-        reward_fn=_toy_reward,
+        reward_fn=toy.reward_fn,
     )  # fmt: skip
     history = trainer.train()
     first = sum(h["score"] for h in history[:20]) / 20
@@ -984,7 +981,7 @@ def test_grpo_bad_configuration(tokenizer, tmp_path):
 
     policy = toy.build_model(tokenizer)
     with pytest.raises(ValueError, match="ref_model: is the policy itself"):
-        GRPOTrainer(policy, policy, tokenizer, toy.prompt_dataset(64), GRPOConfig(), reward_fn=_toy_reward)
+        GRPOTrainer(policy, policy, tokenizer, toy.prompt_dataset(64), GRPOConfig(), reward_fn=toy.reward_fn)
 
 
 def test_pipeline_smoke(tmp_path):

@@ -217,7 +217,7 @@ def run(config: PipelineConfig, log=print) -> dict:
                        mini_batch_size=config.grpo_mini_batch_size, learning_rate=config.grpo_learning_rate,
                        kl_coef=config.grpo_kl_coef, seed=config.seed, progress=config.progress,
                        logging_steps=max(1, config.grpo_steps // 20)),
-            reward_fn=lambda prompts, responses: [toy.score(p, r) for p, r in zip(prompts, responses, strict=True)],
+            reward_fn=toy.reward_fn,
         )  # fmt: skip
         histories["grpo"] = grpo.train()
         results["success_grpo"] = success(grpo_policy)

@@ -212,7 +212,6 @@ class RolloutTrainer(Trainer):
             for module in (self.ref_model, self.reward_model):
                 if module is not None:
                     disable_dropout(module)
-        self.reward_fn = reward_fn
         self.reward_names = _unique_names(self.reward_fns)
 
     def rollout_modules(self) -> list[torch.nn.Module]:
@@ -461,14 +460,12 @@ class PPOTrainer(RolloutTrainer):
         if self.value_head is None:  # the critic first: the order dropout (if on) draws its masks in
             values = self._values(sequences, attention, width)
             return self._policy(self.model, sequences, attention, width), values
-        inputs = dict(input_ids=sequences, attention_mask=attention, position_ids=self._positions(attention))
-        if self.config.fused_lm_head:
-            hidden, head = last_hidden_and_head(self.model, **inputs)
-            x = hidden[:, width - 1 : -1]
-        else:
-            out = self.model(**inputs, output_hidden_states=True)
-            hidden, head, x = out.hidden_states[-1], None, out.logits[:, width - 1 : -1]
-        return (x, head), self.value_head(hidden[:, width - 1 : -1]).float()
+        if self.config.fused_lm_head:  # the response hidden states feed both heads
+            x, head = self._policy(self.model, sequences, attention, width)
+            return (x, head), self.value_head(x).float()
+        out = self.model(input_ids=sequences, attention_mask=attention, position_ids=self._positions(attention),
+                         output_hidden_states=True)  # fmt: skip
+        return (out.logits[:, width - 1 : -1], None), self.value_head(out.hidden_states[-1][:, width - 1 : -1]).float()
 
     def _rollout(self, prompts, sample):
         cfg = self.config

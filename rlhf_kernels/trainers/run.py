@@ -164,7 +164,7 @@ def run(args: argparse.Namespace):
         if args.reward_model:
             reward = {"reward_model": load_model(args.reward_model, "reward").to(device)}
         elif toy_task:
-            reward = {"reward_fn": lambda ps, rs: [toy.score(p, r) for p, r in zip(ps, rs, strict=True)]}
+            reward = {"reward_fn": toy.reward_fn}
         else:
             raise ValueError(
                 f"{stage}: --reward-model is needed with --dataset (the built-in scorer knows the toy task)"

@@ -101,6 +101,11 @@ def score(prompt: str, completion: str) -> float:
     return hits * (0.5 if len(got) != len(right) else 0.9)
 
 
+def reward_fn(prompts: list[str], completions: list[str]) -> list[float]:
+    """:func:`score` of each (prompt, completion): the rollout trainers' ``reward_fn``."""
+    return [score(p, c) for p, c in zip(prompts, completions, strict=True)]
+
+
 def build_tokenizer():
     """A word-level tokenizer over the task's vocabulary, as a ``PreTrainedTokenizerFast``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
