@@ -46,8 +46,24 @@ def problems(device):
     def gae(backend, grad):
         rlhf_kernels.gae(rewards, values, mask, backend=backend)
 
+    # the fused policy step from logits (grad_in_forward): on a GPU, the host time before its sweep's
+    # launch is time the device idles even for large logits (the wall time minus the device time of
+    # bench's ppo_step rows)
+    logits = torch.randn(8, 64, 512, generator=g).to(device=device, dtype=torch.bfloat16)
+    labels = torch.randint(0, 512, (8, 64), generator=g).to(device)
+    ref = old + 0.05
+
+    def ppo_step(backend, grad):
+        x = logits.detach().requires_grad_(grad)
+        loss, _ = rlhf_kernels.ppo_loss_from_logits(x, labels, old, adv, mask, ref_logprobs=ref, kl_coef=0.05,
+                                                    entropy_coef=0.01, check_labels=False, grad_in_forward=True,
+                                                    backend=backend)  # fmt: skip
+        if grad:
+            loss.backward()
+
     return {"dpo_loss[64]": (dpo, "preference_fwd_native"), "ppo_policy_loss[8x64]": (ppo, "ppo_loss_fwd_native"),
-            "gae[8x64]": (gae, "gae_native")}  # fmt: skip
+            "gae[8x64]": (gae, "gae_native"),
+            "ppo_step fused[8x64x512]": (ppo_step, "ppo_logits_fused_native")}  # fmt: skip
 
 
 def per_call_us(fn, device, n=200):

@@ -11,6 +11,7 @@
 
 #include "logprobs.h"
 #include "ppo.h"
+#include "ppo_loss_math.h"
 #include "preference.h"
 
 #ifdef RLHF_WITH_CUDA
@@ -724,6 +725,62 @@ std::tuple<at::Tensor, at::Tensor> ppo_logits_fused_inplace(
   return {stats.select(1, 0).sum(), stats};
 }
 
+// The fused sweep's per-token inputs that depend on the mask (ops/ppo.py: _fused_inputs;
+// its Python twin, _fused_inputs_torch, runs where this op cannot: traced, or without
+// the extension): the labels as flat int64 with every masked token set to ignore_index,
+// the aggregation weights (ops/ppo.py: token_weights; flat, in the accumulation dtype)
+// and the count of valid tokens clamped to >= 1. Plain ATen calls, made here rather
+// than from Python because on a GPU the host time of each call before the sweep's
+// launch is time the device idles (the Python calls took ~2x the host time of this
+// one on the CPU). Autocast is off: the weights keep the accumulation dtype whatever
+// the surrounding region computes in.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_fused_inputs(const at::Tensor& labels, const at::Tensor& mask,
+                                                                int64_t agg, int64_t ignore_index, bool double_acc) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  TORCH_CHECK_VALUE(labels.dim() == 2, "labels: expected shape [B, T], got ", labels.sizes());
+  TORCH_CHECK_TYPE(at::isIntegralType(labels.scalar_type(), /*includeBool=*/false),
+                   "labels: expected an integer tensor, got dtype ", labels.scalar_type());
+  TORCH_CHECK_VALUE(mask.sizes() == labels.sizes() && mask.device() == labels.device(), "mask: expected shape ",
+                    labels.sizes(), " on ", labels.device(), ", got ", mask.sizes(), " on ", mask.device());
+  TORCH_CHECK_VALUE(agg >= ppo_loss::kTokenMean && agg <= ppo_loss::kTokenSum, "agg: unknown loss_agg_mode id ", agg);
+  const auto acc = double_acc ? at::kDouble : at::kFloat;
+  at::Tensor valid = labels.ne(ignore_index);
+  valid.logical_and_(mask);  // any dtype: nonzero is valid
+  at::Tensor flat_labels = at::where(valid, labels.to(at::kLong), ignore_index).view({-1});
+  at::Tensor weights = valid.to(acc);
+  at::Tensor n_valid = weights.sum().clamp_min_(1);
+  if (agg == ppo_loss::kTokenMean) {
+    weights.div_(n_valid);
+  } else if (agg != ppo_loss::kTokenSum) {
+    at::Tensor count = weights.sum(-1, /*keepdim=*/true);
+    at::Tensor seqs = count.gt(0).to(acc).sum().clamp_min_(1);
+    if (agg == ppo_loss::kSeqMeanTokenSumNorm) {
+      weights.div_(seqs.mul(std::max<int64_t>(labels.size(-1), 1)));
+    } else if (agg == ppo_loss::kSeqMeanTokenSum) {
+      weights.div_(seqs);
+    } else {
+      weights.div_(count.clamp_min_(1).mul_(seqs));
+    }
+  }
+  return {flat_labels, weights.view({-1}), n_valid};
+}
+
+// The fused sweep's metrics from its per-token stats ([tokens, 7]: weighted loss, pg loss,
+// entropy, kl, clipped, clipped lower, -log ratio; ops/ppo.py: _fused_metrics), as
+// [pg, entropy, kl, clipfrac, clipfrac_lower, approx_kl]: the first three aggregated with
+// the weights, the last three means over the n_valid valid tokens (for token-mean, whose
+// weights are 1 / n_valid, all six are one product). Autocast off, as above.
+at::Tensor ppo_fused_metrics(const at::Tensor& stats, const at::Tensor& weights, const at::Tensor& n_valid,
+                             int64_t agg) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(1) == kFusedStats, "stats: expected shape [tokens, ",
+                    kFusedStats, "], got ", stats.sizes());
+  TORCH_CHECK_VALUE(weights.dim() == 1 && weights.size(0) == stats.size(0), "weights: expected shape [",
+                    stats.size(0), "], got ", weights.sizes());
+  if (agg == ppo_loss::kTokenMean) return at::mv(stats.narrow(1, 1, 6).t(), weights);
+  return at::cat({at::mv(stats.narrow(1, 1, 3).t(), weights), stats.narrow(1, 4, 3).sum(0).div_(n_valid)});
+}
+
 pybind11::dict build_info() {
   pybind11::dict d;
 #ifdef RLHF_WITH_CUDA
@@ -782,6 +839,10 @@ TORCH_LIBRARY(rlhf_kernels, m) {
       "ppo_logits_fused_inplace_native(Tensor(a!) logits, Tensor labels, Tensor old, Tensor adv, Tensor? ref, "
       "Tensor weights, float temperature, int ignore_index, float low, float high, float clip_c, bool has_dual, "
       "int kl_kind, float kl_coef, float entropy_coef) -> (Tensor, Tensor)");
+  m.def(
+      "ppo_fused_inputs_native(Tensor labels, Tensor mask, int agg, int ignore_index, bool double_acc) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def("ppo_fused_metrics_native(Tensor stats, Tensor weights, Tensor n_valid, int agg) -> Tensor");
 }
 
 // One implementation per op for both dispatch keys: each entry point picks the CPU
@@ -789,6 +850,8 @@ TORCH_LIBRARY(rlhf_kernels, m) {
 static void impl_native_ops(torch::Library& m) {
   m.impl("ppo_logits_fused_native", &rlhf::ppo_logits_fused);
   m.impl("ppo_logits_fused_inplace_native", &rlhf::ppo_logits_fused_inplace);
+  m.impl("ppo_fused_inputs_native", &rlhf::ppo_fused_inputs);
+  m.impl("ppo_fused_metrics_native", &rlhf::ppo_fused_metrics);
   m.impl("token_logprobs_fwd_native", &rlhf::token_logprobs_fwd);
   m.impl("token_logprobs_bwd_native", &rlhf::token_logprobs_bwd);
   m.impl("token_logprobs_bwd_inplace_native", &rlhf::token_logprobs_bwd_inplace);

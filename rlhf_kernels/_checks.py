@@ -16,7 +16,9 @@ def check_flags(**flags: object) -> None:
 def check_real(name: str, value: object, *, finite: bool = False) -> None:
     """``value`` must be a real number (not a bool): TypeError otherwise; NaN (and, with ``finite``,
     an infinity) is a ValueError, as any other out-of-range value."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if type(value) is not float and type(value) is not int and (  # (the common types first: an ABC check is slow)
+        isinstance(value, bool) or not isinstance(value, numbers.Real)
+    ):
         raise TypeError(f"{name}: expected {'a finite' if finite else 'a'} number, got {value!r}")
     if value != value or (finite and not math.isfinite(value)):
         raise ValueError(f"{name}: expected {'a finite' if finite else 'a'} number, got {value!r}")

@@ -53,7 +53,7 @@ def unavailable_reason(backend: str, device: torch.device, native_op: str | None
     if backend == "native":
         if not native.available():
             return f"the rlhf_kernels._C extension is not built ({native.LOAD_ERROR})"
-        if native_op is not None and not hasattr(torch.ops.rlhf_kernels, native_op):
+        if native_op is not None and not _has_native_op(native_op):
             return f"this build of rlhf_kernels._C has no {native_op} (rebuild the extension)"
         if device.type == "cpu":
             return None
@@ -61,6 +61,13 @@ def unavailable_reason(backend: str, device: torch.device, native_op: str | None
             return None if native.has_cuda() else "rlhf_kernels._C was built without CUDA (no nvcc at build time)"
         return f"no native kernels for device {device}"
     raise ValueError(f"backend: unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
+
+
+@functools.cache
+def _has_native_op(name: str) -> bool:
+    """Whether the loaded extension registered ``rlhf_kernels::<name>`` (fixed once it is loaded;
+    a lookup in torch.ops costs microseconds on every call otherwise)."""
+    return hasattr(torch.ops.rlhf_kernels, name)
 
 
 def available_backends(device: torch.device | str) -> list[str]:

@@ -9,6 +9,7 @@ import torch
 from conftest import HAS_CUDA, backend_cases, graph_replay
 
 import rlhf_kernels
+from rlhf_kernels.ops import ppo as ppo_ops
 from rlhf_kernels.reference import ppo as reference
 
 try:
@@ -1195,7 +1196,6 @@ def test_ppo_from_logits_int64_offsets(monkeypatch, device, backend, part_cols):
     torch.empty leaves untouched but for the rows written): the fused sweep (CUDA: the
     cluster kernel where it runs; Triton: rows, or cut into parts) gives what it gives on
     a contiguous copy, for the gradient written to a fresh tensor and in place."""
-    from rlhf_kernels.ops import ppo as ppo_ops
 
     if part_cols != "0" and backend != "triton":
         pytest.skip("the row-cut variant is the Triton fused sweep's")
@@ -1218,9 +1218,8 @@ def test_ppo_from_logits_int64_offsets(monkeypatch, device, backend, part_cols):
     torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(out[1][1], out[0][1], rtol=8e-3, atol=1e-7)
     # in place, through the registered op (the public op would run it on a copy of a leaf)
-    weights, _ = ppo_ops._fused_weights(mask, "token-mean", torch.float32)
-    args = ppo_ops._fused_args(labels, old, adv, mask, ref, weights, 1.0, -100, 0.8, 1.2, None, "k3", 0.05, 0.01,
-                               torch.float32)  # fmt: skip
+    *inputs, weights, _ = ppo_ops._fused_inputs(labels, mask, old, adv, ref, "token-mean", -100, torch.float32)
+    args = (*inputs, weights) + ppo_ops._fused_consts(1.0, -100, 0.8, 1.2, None, "k3", 0.05, 0.01)
     inplace = getattr(torch.ops.rlhf_kernels, f"ppo_logits_fused_inplace_{backend}")
     fresh = getattr(torch.ops.rlhf_kernels, f"ppo_logits_fused_{backend}")
     _, want_stats, want_grad = fresh(logits, *args, True)
@@ -1680,6 +1679,105 @@ def test_ppo_fused_opcheck(device, backend):
     torch.library.opcheck(getattr(ops, f"ppo_logits_fused_inplace_{backend}"), (logits.detach().clone(), *args))
 
 
+NATIVE_INPUTS = backend_cases(["native"], native_op="ppo_fused_inputs_native")
+
+
+@pytest.mark.parametrize("device,backend", NATIVE_INPUTS)
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int32, torch.float32])
+@pytest.mark.parametrize("acc", [torch.float32, torch.float64])
+def test_ppo_fused_inputs_extension_matches_torch(device, backend, mode, mask_dtype, acc):
+    """The extension's one-call inputs of the fused sweep (labels with masked tokens set to
+    ignore_index, rows in the accumulation dtype, weights, valid count) equal the PyTorch
+    composition's bit for bit: same mask semantics (nonzero valid, ignored labels masked), a
+    fully masked sequence, int32 labels, non-contiguous rows, with and without a reference."""
+    g = torch.Generator().manual_seed(31)
+    B, T = 4, 7
+    labels = torch.randint(0, 50, (B, T), generator=g)
+    labels[0, 2] = -7  # an ignore_index inside the mask
+    mask = make_mask(B, T, g, "gaps")
+    mask[2] = False  # a sequence with no valid token
+    mask = mask.to(mask_dtype) * (3 if mask_dtype != torch.bool else 1)  # nonzero, not just 1
+    wide = torch.randn(B, 2 * T, generator=g)
+    old, adv = wide[:, ::2], torch.randn(B, T, generator=g, dtype=torch.float64)  # strided; float64
+    ref = torch.randn(B, T, generator=g)
+    to = lambda t: t.to(device)  # noqa: E731
+    for r in (ref, None):
+        for lab in (labels, labels.int()):
+            args = (to(lab), to(mask), to(old), to(adv), None if r is None else to(r), mode, -7, acc)
+            got = ppo_ops._fused_inputs(*args)
+            want = ppo_ops._fused_inputs_torch(*args)
+            assert (got[3] is None) == (r is None)
+            for name, a, b in zip(("labels", "old", "adv", "ref", "weights", "n_valid"), got, want, strict=True):
+                if b is None:
+                    continue
+                assert a.dtype == b.dtype and a.shape == b.shape and a.is_contiguous(), name
+                torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
+    # and the weights are token_weights (the oracle of every aggregation)
+    valid = (mask != 0) & (labels != -7)
+    torch.testing.assert_close(got[4].cpu(), ppo_ops.token_weights(valid, mode, acc).flatten(), rtol=0, atol=0)
+    torch.testing.assert_close(got[5].cpu(), valid.sum().clamp(min=1).to(acc), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device,backend", NATIVE_INPUTS)
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_ppo_fused_metrics_extension_matches_torch(monkeypatch, device, backend, mode):
+    """The extension's one-call metrics of the fused sweep against the PyTorch composition's, also
+    under a bf16 autocast region (both keep float32), and a fully masked batch (no NaN)."""
+    g = torch.Generator().manual_seed(32)
+    stats = torch.randn(12, 7, generator=g).to(device) * 1.7
+    for valid in (torch.rand(3, 4, generator=g) > 0.3, torch.zeros(3, 4, dtype=torch.bool)):
+        valid = valid.to(device)
+        weights = ppo_ops.token_weights(valid, mode).flatten()
+        n_valid = valid.sum(dtype=torch.float32).clamp(min=1)
+        masked = stats * valid.flatten()[:, None]  # the kernels' stats are 0 on masked tokens
+        loss = masked[:, 0].sum()
+        got = ppo_ops._fused_metrics(loss, masked, weights, n_valid, mode)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            in_autocast = ppo_ops._fused_metrics(loss, masked, weights, n_valid, mode)
+        with monkeypatch.context() as m:
+            m.setattr(ppo_ops, "_NATIVE_METRICS", None)
+            want = ppo_ops._fused_metrics(loss, masked, weights, n_valid, mode)
+        w64, s64 = weights.double(), masked.double()
+        exact = torch.cat((w64 @ s64[:, 1:4], s64[:, 4:7].sum(0) / n_valid.double()))  # pg, entropy, kl; means
+        for name, a, b, c in zip(("loss", "pg_loss", "clipfrac", "clipfrac_lower", "approx_kl", "entropy", "kl"),
+                                 got, want, in_autocast, strict=True):  # fmt: skip
+            assert a.dtype == b.dtype == c.dtype == torch.float32 and a.shape == (), name
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+            torch.testing.assert_close(c, a, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
+            assert torch.isfinite(a), name
+        order = dict(pg_loss=0, entropy=1, kl=2, clipfrac=3, clipfrac_lower=4, approx_kl=5)
+        for name, i in order.items():
+            torch.testing.assert_close(getattr(got, name).double(), exact[i], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("device,backend", NATIVE_INPUTS)
+def test_ppo_fused_inputs_and_metrics_opcheck_and_bad_input(device, backend):
+    g = torch.Generator().manual_seed(33)
+    labels = torch.randint(0, 9, (2, 5), generator=g).to(device)
+    mask = (torch.rand(2, 5, generator=g) > 0.3).to(device)
+    ops = torch.ops.rlhf_kernels
+    for agg in range(len(AGG_MODES)):
+        for double_acc in (False, True):
+            torch.library.opcheck(ops.ppo_fused_inputs_native, (labels, mask, agg, -100, double_acc))
+    stats = torch.randn(10, 7, generator=g).to(device)
+    weights, n = torch.rand(10, generator=g).to(device), torch.tensor(3.0).to(device)
+    for agg in range(len(AGG_MODES)):
+        torch.library.opcheck(ops.ppo_fused_metrics_native, (stats, weights, n, agg))
+    with pytest.raises(ValueError, match="labels: expected shape"):
+        ops.ppo_fused_inputs_native(labels.flatten(), mask.flatten(), 0, -100, False)
+    with pytest.raises(ValueError, match="mask: expected shape"):
+        ops.ppo_fused_inputs_native(labels, mask[:1], 0, -100, False)
+    with pytest.raises(TypeError, match="labels: expected an integer"):
+        ops.ppo_fused_inputs_native(labels.float(), mask, 0, -100, False)
+    with pytest.raises(ValueError, match="agg: unknown"):
+        ops.ppo_fused_inputs_native(labels, mask, 7, -100, False)
+    with pytest.raises(ValueError, match="stats: expected shape"):
+        ops.ppo_fused_metrics_native(stats[:, :6], weights, n, 0)
+    with pytest.raises(ValueError, match="weights: expected shape"):
+        ops.ppo_fused_metrics_native(stats, weights[:9], n, 0)
+
+
 @pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"], native_op=FUSED))
 @pytest.mark.parametrize("grad_in_forward", [True, False], ids=["fused", "two-pass"])
 @pytest.mark.parametrize("inplace", [False, True], ids=["grad", "inplace"])
@@ -1747,12 +1845,20 @@ def _launches(fn):
 
 @pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"], native_op=FUSED))
 @pytest.mark.parametrize("with_ref", [True, False], ids=["ref", "no-ref"])
-def test_ppo_from_logits_fused_launches_around_the_kernel(device, backend, with_ref):
+@pytest.mark.parametrize("inputs", ["extension", "torch"])
+def test_ppo_from_logits_fused_launches_around_the_kernel(monkeypatch, device, backend, with_ref, inputs):
     """The fused step's kernel cannot start before its weights and masked labels exist, and on a
-    GPU every launch before it is host time on the step's path (the device idles meanwhile):
-    token-mean with a bool mask and int64 labels takes at most 7 launches before the kernel
-    (mask & kept labels, the count, its clamp, the weights, the masked labels and the scalar they
-    are filled with) and 2 after it (the metrics' product, a zero KL without a reference)."""
+    GPU every call before it is host time on the step's path (the device idles meanwhile). With
+    the extension the inputs are one call (ppo_fused_inputs_native; its ATen ops are made in
+    C++) and the metrics one more; without it, token-mean with a bool mask and int64 labels
+    takes at most 7 launches before the kernel (mask & kept labels, the count, its clamp, the
+    weights, the masked labels and the scalar they are filled with) and 1 after it (the metrics'
+    product)."""
+    if inputs == "torch":
+        monkeypatch.setattr(ppo_ops, "_NATIVE_INPUTS", None)
+        monkeypatch.setattr(ppo_ops, "_NATIVE_METRICS", None)
+    elif ppo_ops._NATIVE_INPUTS is None:
+        pytest.skip("the extension is not built")
     g = torch.Generator().manual_seed(21)
     logits, labels, old, adv, mask, ref = fused_inputs(2, 5, 40, g, device=device, with_ref=with_ref)
     assert mask.dtype == torch.bool and labels.dtype == torch.int64
@@ -1763,8 +1869,12 @@ def test_ppo_from_logits_fused_launches_around_the_kernel(device, backend, with_
     kernel = f"ppo_logits_fused_{backend}"
     assert kernel in ops, ops
     before, after = ops[:ops.index(kernel)], ops[ops.index(kernel) + 1:]
-    assert len(before) <= 7, before
-    assert len(after) <= (1 if with_ref else 2), after
+    if inputs == "extension":
+        assert before == ["ppo_fused_inputs_native"], before
+        assert after == ["ppo_fused_metrics_native"], after
+    else:
+        assert len(before) <= 7, before
+        assert len(after) <= 1, after
     loss.backward()
     _check_against_oracle(metrics, x.grad, logits, labels, old, adv, mask, ref)
 

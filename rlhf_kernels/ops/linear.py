@@ -200,16 +200,16 @@ def linear_ppo_loss(
         raise ValueError("ref_logprobs: requires grad, but the fused step computes only the policy's gradients; "
                          "detach it")  # fmt: skip
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    weights, n_valid = ppo_ops._fused_weights(valid, loss_agg_mode, acc)
-    args = ppo_ops._fused_args(labels, old_logprobs, advantages, valid, ref_logprobs, weights, float(temperature),
-                              int(ignore_index), low, high, clip_ratio_c, kl_kind, float(kl_coef),
-                              float(entropy_coef), acc)  # fmt: skip
+    *inputs, weights, n_valid = ppo_ops._fused_inputs(labels, valid, old_logprobs, advantages, ref_logprobs,
+                                                      loss_agg_mode, int(ignore_index), acc)  # fmt: skip
+    args = (*inputs, weights) + ppo_ops._fused_consts(float(temperature), int(ignore_index), low, high, clip_ratio_c,
+                                                      kl_kind, float(kl_coef), float(entropy_coef))  # fmt: skip
     if chunk_size is None:
         chunk_size = max(1, DEFAULT_CHUNK_BYTES // (vocab * dtype.itemsize))
     n_rows = labels.numel()
     loss, stats = _LinearPPO.apply(hidden.reshape(n_rows, hidden.shape[-1]), weight, bias, impl, dtype,
                                    int(chunk_size), need_grad, args)  # fmt: skip
-    return loss, ppo_ops._fused_metrics(loss, stats, weights, n_valid, ref_logprobs is not None, loss_agg_mode)
+    return loss, ppo_ops._fused_metrics(loss, stats, weights, n_valid, loss_agg_mode)
 
 
 class _LinearPPO(torch.autograd.Function):

@@ -241,14 +241,18 @@ def _check_labels_and_options(labels, mask, lead, vocab, device, source, tempera
             raise ValueError(f"mask: expected shape {lead} ({source}.shape[:-1]), got {tuple(mask.shape)}")
         if mask.device != device:
             raise ValueError(f"mask: on device {mask.device}, but {source} are on {device}")
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+    if type(temperature) is not float and type(temperature) is not int and (  # (an ABC check is slow)
+        isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
+    ):
         raise TypeError(f"temperature: expected a number, got {type(temperature).__name__}")
     if not (temperature > 0 and math.isfinite(_as_float(temperature))):
         raise ValueError(f"temperature: must be positive and finite, got {temperature}")
     if not TEMPERATURE_RANGE[0] <= temperature <= TEMPERATURE_RANGE[1]:  # the kernels scale by 1 / T in float32
         raise ValueError(f"temperature: must be in [{TEMPERATURE_RANGE[0]:g}, {TEMPERATURE_RANGE[1]:g}] (the kernels "
                          f"scale the logits by 1 / temperature in float32), got {temperature}")  # fmt: skip
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+    if type(ignore_index) is not int and (
+        isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)
+    ):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
     if not -(2**63) <= ignore_index < 2**63:
         raise ValueError(f"ignore_index: must fit in int64, got {ignore_index}")

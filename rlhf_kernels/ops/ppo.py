@@ -74,6 +74,7 @@ import torch
 from rlhf_kernels import _dispatch, native
 from rlhf_kernels._checks import check_flags, check_real
 from rlhf_kernels._layout import row_layout, rows_may_overlap
+from rlhf_kernels.ops import logprobs as logprobs_ops
 from rlhf_kernels.reference import ppo as reference
 from rlhf_kernels.reference.logprobs import kept_labels
 
@@ -351,9 +352,6 @@ def ppo_loss_from_logits(
                                  clip_ratio_c)  # fmt: skip
     check_flags(grad_in_forward=grad_in_forward, inplace_backward=inplace_backward)
     _check_is_level(importance_sampling_level)
-    from rlhf_kernels.ops import logprobs as logprobs_ops
-
-    mask = _valid_tokens(mask, labels, ignore_index)
     # A float16 gradient written in the forward is rounded before the loss scale (a
     # GradScaler's) reaches it, and its small entries underflow: float16 takes the
     # two-pass path, which scales first, whenever a gradient is wanted.
@@ -363,7 +361,9 @@ def ppo_loss_from_logits(
         grad_in_forward = False
     impl = _dispatch.resolve(backend, logits.device, "ppo_logits_fused_native" if grad_in_forward else None)
     if grad_in_forward and impl != "torch":
-        logprobs_ops._check_inputs(logits, labels, mask, temperature, ignore_index, check_labels)
+        # (the valid tokens only for the label check: the sweep's inputs are built in one call below)
+        valid = _valid_tokens(mask, labels, ignore_index) if check_labels else None
+        logprobs_ops._check_inputs(logits, labels, valid, temperature, ignore_index, check_labels)
         if ref_logprobs is not None and ref_logprobs.requires_grad and torch.is_grad_enabled():
             raise ValueError(
                 "ref_logprobs: requires grad, but grad_in_forward=True computes only the logits' gradient; "
@@ -374,6 +374,7 @@ def ppo_loss_from_logits(
             low, high, clip_ratio_c, kl_kind, float(kl_coef), float(entropy_coef), loss_agg_mode, inplace_backward,
         )  # fmt: skip
 
+    mask = _valid_tokens(mask, labels, ignore_index)
     logprobs, entropy = logprobs_ops.token_logprobs(
         logits, labels, mask, temperature=temperature, ignore_index=ignore_index, return_entropy=True,
         inplace_backward=inplace_backward, check_labels=check_labels, backend=backend,
@@ -440,7 +441,7 @@ def _loss_from_logprobs(logprobs, entropy, old_logprobs, advantages, mask, ref_l
     # padding token may be NaN or inf (its reference log-prob): dropped by a select, not
     # multiplied (w is the select's 0).
     valid = _nonzero(mask)
-    weights, _ = _fused_weights(valid, loss_agg_mode, entropy.dtype)
+    weights = token_weights(valid, loss_agg_mode, entropy.dtype)
     entropy_agg = torch.dot(entropy.reshape(-1), weights.reshape(-1))
     loss = pg.loss.add(entropy_agg, alpha=-entropy_coef) if entropy_coef else pg.loss
     if ref_logprobs is not None:
@@ -474,67 +475,86 @@ def token_weights(mask: torch.Tensor, loss_agg_mode: str, dtype: torch.dtype = t
     return m / (count.clamp(min=1) * n_seqs)
 
 
-def _fused_from_logits(impl, logits, labels, old, adv, valid, ref, temperature, ignore_index, low, high, clip_c,
+def _fused_from_logits(impl, logits, labels, old, adv, mask, ref, temperature, ignore_index, low, high, clip_c,
                        kl_kind, kl_coef, entropy_coef, mode, inplace):  # fmt: skip
     """The single-sweep path of ppo_loss_from_logits (grad_in_forward=True) on a kernel backend."""
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     if row_layout(logits) is None:
         logits = logits.contiguous()
-    weights, n_valid = _fused_weights(valid, mode, acc)
-    args = _fused_args(labels, old, adv, valid, ref, weights, temperature, ignore_index, low, high, clip_c, kl_kind,
-                      kl_coef, entropy_coef, acc)  # fmt: skip
+    *inputs, weights, n_valid = _fused_inputs(labels, mask, old, adv, ref, mode, ignore_index, acc)
+    args = (*inputs, weights) + _fused_consts(temperature, ignore_index, low, high, clip_c, kl_kind, kl_coef,
+                                              entropy_coef)  # fmt: skip
     ops = _FUSED_OPS[impl]
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     if need_grad and inplace and not rows_may_overlap(logits):
         loss, stats = _FusedInplace.apply(logits, ops[1], args)
     else:
         loss, stats, _ = _dispatch.call(ops[0], logits, *args, need_grad)
-    return loss, _fused_metrics(loss, stats, weights, n_valid, ref is not None, mode)
+    return loss, _fused_metrics(loss, stats, weights, n_valid, mode)
 
 
-def _fused_args(labels, old, adv, valid, ref, weights, temperature, ignore_index, low, high, clip_c, kl_kind, kl_coef,
-               entropy_coef, acc):  # fmt: skip
-    """The fused kernel's per-token and scalar arguments after the logits (flattened tokens)."""
-    return (
-        torch.where(valid, labels.long(), ignore_index).flatten(),
-        old.detach().to(acc).flatten().contiguous(), adv.detach().to(acc).flatten().contiguous(),
-        None if ref is None else ref.detach().to(acc).flatten().contiguous(), weights.flatten().contiguous(),
-        temperature, ignore_index, low, high, float(clip_c or 0.0), clip_c is not None, _KL_IDS[kl_kind], kl_coef,
-        entropy_coef,
-    )  # fmt: skip
+def _fused_inputs(labels, mask, old, adv, ref, mode, ignore_index, acc):
+    """The fused kernels' per-token inputs as flat contiguous rows: ``(labels, old, adv, ref,
+    weights, n_valid)``, the labels with every masked token set to ``ignore_index`` (int64),
+    old, adv and ref (None stays None) in ``acc``, the :func:`token_weights` of the valid
+    tokens and their count clamped to >= 1 (0-dim, in ``acc``; exact up to 2**24 tokens in
+    float32).
+
+    The sweep cannot start before these exist, and on a GPU each call before its launch is
+    host time while the device idles: eager calls on plain CPU / CUDA tensors make the
+    mask's part (labels, weights, count) in one call into the extension
+    (csrc/bindings.cpp: ppo_fused_inputs, the same ATen ops below Python); traced calls
+    (torch.compile, whose compiler fuses them) and builds without the extension use
+    :func:`_fused_inputs_torch`."""
+    if (_NATIVE_INPUTS is not None and type(labels) is torch.Tensor and type(mask) is torch.Tensor
+            and labels.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling()):  # fmt: skip
+        labels, weights, n_valid = _NATIVE_INPUTS(labels, mask, _AGG_IDS[mode], ignore_index, acc == torch.float64)
+        return labels, _flat_rows(old, acc), _flat_rows(adv, acc), _flat_rows(ref, acc), weights, n_valid
+    return _fused_inputs_torch(labels, mask, old, adv, ref, mode, ignore_index, acc)
 
 
-def _fused_weights(valid, mode, acc):
-    """:func:`token_weights` of the valid tokens and their count clamped to >= 1 (in ``acc``).
-
-    The fused kernel cannot start before these exist, and on a GPU each launch before it is
-    host time on the step's critical path (Python and the launch itself, several us each,
-    while the device idles): token-mean, the common mode, takes three launches (its weights
-    are valid / count). The count is summed in ``acc``: exact up to 2**24 valid tokens in
-    float32."""
+def _fused_inputs_torch(labels, mask, old, adv, ref, mode, ignore_index, acc):
+    """:func:`_fused_inputs` in PyTorch calls."""
+    valid = _valid_tokens(mask, labels, ignore_index)
     n_valid = valid.sum(dtype=acc).clamp_(min=1)
-    if mode == "token-mean":
-        return valid / n_valid, n_valid
-    return token_weights(valid, mode, acc), n_valid
+    weights = valid / n_valid if mode == "token-mean" else token_weights(valid, mode, acc)
+    labels = torch.where(valid, labels.long(), ignore_index).flatten()
+    return labels, _flat_rows(old, acc), _flat_rows(adv, acc), _flat_rows(ref, acc), weights.flatten(), n_valid
 
 
-def _fused_metrics(loss, stats, weights, n_valid, has_ref, mode) -> PPOLossMetrics:
+def _flat_rows(t, acc):
+    """A detached ``[B, T]`` tensor as flat contiguous ``acc`` rows (no call into torch when it is one); None stays."""
+    if t is None:
+        return None
+    t = t.detach()
+    return (t if t.dtype == acc and t.is_contiguous() else t.to(acc).contiguous()).view(-1)
+
+
+def _fused_consts(temperature, ignore_index, low, high, clip_c, kl_kind, kl_coef, entropy_coef):
+    """The fused kernel's scalar arguments (after the logits and the per-token inputs)."""
+    return (temperature, ignore_index, low, high, float(clip_c or 0.0), clip_c is not None, _KL_IDS[kl_kind], kl_coef,
+            entropy_coef)  # fmt: skip
+
+
+def _fused_metrics(loss, stats, weights, n_valid, mode) -> PPOLossMetrics:
     """The metrics from the fused kernel's per-token stats ([tokens, 7]: weighted loss, pg loss,
-    entropy, kl, clipped, clipped lower, -log ratio), as weighted sums (one matrix product
-    for token-mean, whose weights are also the valid tokens' mean; one launch, which on a GPU
-    is host time on the step's path). With autocast off: inside a trainer's bf16 step the
-    product would run, and round, in bf16."""
-    w = weights.flatten()
-    device = stats.device.type
-    off = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
-    with torch.autocast(device, enabled=False) if off else contextlib.nullcontext():
-        if mode == "token-mean":
-            pg, entropy, kl, clip, lower, approx_kl = (w @ stats[:, 1:7]).unbind()
-        else:
-            pg, entropy, kl = (w @ stats[:, 1:4]).unbind()
-            clip, lower, approx_kl = (stats[:, 4:7].sum(0) / n_valid).unbind()  # means over the valid tokens
-    if not has_ref:
-        kl = torch.zeros((), dtype=stats.dtype, device=stats.device)
+    entropy, kl, clipped, clipped lower, -log ratio): pg, entropy and kl aggregated with the
+    weights, the rest means over the valid tokens (for token-mean, whose weights are 1 / n,
+    one matrix product). Without a reference the kernels' kl column is 0, and so is the metric.
+    With autocast off: inside a trainer's bf16 step the product would run, and round, in bf16.
+    Eager calls on plain tensors: one call into the extension (csrc/bindings.cpp:
+    ppo_fused_metrics), the same product."""
+    if _NATIVE_METRICS is not None and type(stats) is torch.Tensor and not torch.compiler.is_compiling():
+        m = _NATIVE_METRICS(stats, weights, n_valid, _AGG_IDS[mode])
+    else:
+        device = stats.device.type
+        off = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
+        with torch.autocast(device, enabled=False) if off else contextlib.nullcontext():
+            if mode == "token-mean":
+                m = weights @ stats[:, 1:7]
+            else:
+                m = torch.cat((weights @ stats[:, 1:4], stats[:, 4:7].sum(0) / n_valid))
+    pg, entropy, kl, clip, lower, approx_kl = m.unbind()
     return PPOLossMetrics(loss.detach(), pg, clip, lower, approx_kl, entropy, kl)
 
 
@@ -876,6 +896,16 @@ def _fake_fused(logits, labels, old, adv, ref, weights, temperature, ignore_inde
     return old.new_empty(()), old.new_empty(labels.shape[0], _FUSED_STATS), grad
 
 
+def _fake_fused_inputs(labels, mask, agg, ignore_index, double_acc):
+    n = labels.numel()
+    acc = torch.float64 if double_acc else torch.float32
+    return labels.new_empty(n, dtype=torch.long), labels.new_empty(n, dtype=acc), labels.new_empty((), dtype=acc)
+
+
+def _fake_fused_metrics(stats, weights, n_valid, agg):
+    return stats.new_empty(6)
+
+
 def _fake_fused_inplace(logits, labels, old, adv, ref, weights, temperature, ignore_index, low, high, clip_c,
                         has_dual, kl_kind, kl_coef, entropy_coef):  # fmt: skip
     return old.new_empty(()), old.new_empty(labels.shape[0], _FUSED_STATS)
@@ -967,7 +997,8 @@ if native.available():
                          ("kl_penalty_fwd", _fake_kl_fwd), ("kl_penalty_bwd", _fake_kl_bwd),
                          ("ppo_logits_fused", _fake_fused),
                          ("ppo_logits_fused_inplace", _fake_fused_inplace), ("masked_whiten", _fake_whiten),
-                         ("grpo_advantages", _fake_grpo)):  # fmt: skip
+                         ("grpo_advantages", _fake_grpo), ("ppo_fused_inputs", _fake_fused_inputs),
+                         ("ppo_fused_metrics", _fake_fused_metrics)):  # fmt: skip
         if hasattr(torch.ops.rlhf_kernels, f"{_name}_native"):
             torch.library.register_fake(f"rlhf_kernels::{_name}_native")(_fake)
 
@@ -1053,6 +1084,13 @@ for _backend, (_w,) in _dispatch.kernel_ops("masked_whiten").items():
 # The fused single sweep: autograd on the out-of-place op hands back the gradient that
 # forward wrote, scaled in place by the upstream gradient (a 0-dim tensor, so no sync).
 _FUSED_OPS = _dispatch.kernel_ops("ppo_logits_fused", "ppo_logits_fused_inplace")
+# The fused sweep's inputs and metrics in one call each (_fused_inputs, _fused_metrics), for every kernel backend.
+_NATIVE_INPUTS = getattr(torch.ops.rlhf_kernels, "ppo_fused_inputs_native", None) if native.available() else None
+_NATIVE_METRICS = getattr(torch.ops.rlhf_kernels, "ppo_fused_metrics_native", None) if native.available() else None
+if _NATIVE_INPUTS is not None and _NATIVE_METRICS is not None:
+    _NATIVE_INPUTS, _NATIVE_METRICS = _NATIVE_INPUTS.default, _NATIVE_METRICS.default
+else:
+    _NATIVE_INPUTS = _NATIVE_METRICS = None
 
 
 def _fused_setup(ctx, inputs, output):
