@@ -7,6 +7,7 @@ import torch
 from conftest import backend_cases
 
 import rlhf_kernels
+from rlhf_kernels.ops import linear as linear_ops
 from rlhf_kernels.reference.logprobs import token_logprobs as reference
 
 # The chunking and recomputation are checked exactly in float64 (the kernels run in
@@ -15,6 +16,13 @@ from rlhf_kernels.reference.logprobs import token_logprobs as reference
 # rounded inputs with a norm-relative tolerance per dtype: forward rows of log-probs
 # and each gradient (hidden, weight, bias) as a whole.
 NORM_TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+@pytest.fixture(params=["rows", "vocab"])
+def cut(request, monkeypatch):
+    """linear_token_logprobs' backward by token chunks or by vocab slices (its "auto" picks by shape)."""
+    monkeypatch.setattr(linear_ops, "BACKWARD_CUT", request.param)
+    return request.param
 
 
 def make_inputs(shape, hidden_size, vocab, dtype, *, seed=0, bias=False, scale=1.0):
@@ -68,7 +76,7 @@ def assert_norm_close(got, want, tol, name):
 @pytest.mark.parametrize("device,backend", backend_cases())
 @pytest.mark.parametrize("chunk_size", [None, 1, 5, 64])
 @pytest.mark.parametrize("options", ["plain", "bias-entropy-temperature"])
-def test_matches_reference_float64(device, backend, chunk_size, options):
+def test_matches_reference_float64(device, backend, chunk_size, options, cut):
     """Chunks that do not divide N (21 tokens), one token per chunk, a single chunk."""
     extra = options != "plain"
     hidden, weight, bias, labels, mask = make_inputs((3, 7), 16, 1000, torch.float64, bias=extra, scale=4.0)
@@ -87,7 +95,7 @@ def test_matches_reference_float64(device, backend, chunk_size, options):
 
 @pytest.mark.parametrize("device,backend", backend_cases())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_low_precision(device, backend, dtype):
+def test_low_precision(device, backend, dtype, cut):
     """Matmul-dtype logits, an awkward vocab (5003), chunks of 8 over 30 tokens, bias and entropy."""
     hidden, weight, bias, labels, mask = make_inputs((3, 10), 64, 5003, dtype, bias=True, scale=3.0)
     to = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -100,7 +108,7 @@ def test_low_precision(device, backend, dtype):
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())
-def test_only_some_inputs_need_grad(device, backend):
+def test_only_some_inputs_need_grad(device, backend, cut):
     """A frozen head (gradient to hidden only), frozen hidden (to the head only), and no grad at all."""
     hidden, weight, _, labels, mask = make_inputs((2, 5), 8, 50, torch.float64)
     hidden, weight, labels, mask = (t.to(device) for t in (hidden, weight, labels, mask))
@@ -118,8 +126,61 @@ def test_only_some_inputs_need_grad(device, backend):
     torch.testing.assert_close(lp.cpu(), reference(torch.nn.functional.linear(hidden, weight), labels, mask).cpu())
 
 
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"]))
+def test_vocab_slices_labels_at_the_edges(device, backend):
+    """Backward by vocab slices (8 words each, the last 2) against by token chunks and the float64
+    oracle: labels on slice boundaries, an ignore_index inside [0, V) (so equal to slice-local
+    columns), entropy and temperature; and, with check_labels=False, a label outside [0, V) gives
+    the same NaN rows either way (its token's log-prob and hidden-state gradient row)."""
+    g = torch.Generator().manual_seed(5)
+    vocab, n = 50, 12
+    hidden = torch.randn(n, 6, generator=g, dtype=torch.float64)
+    weight = torch.randn(vocab, 6, generator=g, dtype=torch.float64)
+    bias = torch.randn(vocab, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 7, 8, 15, 16, 49, 48, 8, 3, 40, 24, 31])
+    kw = dict(ignore_index=8, temperature=0.8, return_entropy=True, chunk_size=2, backend=backend)  # 100 // 12: 8
+    to = lambda t: t.to(device)  # noqa: E731
+    results = {}
+    for how in ("rows", "vocab"):
+        linear_ops.BACKWARD_CUT = how
+        try:
+            results[how] = run(*map(to, (hidden, weight, bias, labels)), None, **kw)
+        finally:
+            linear_ops.BACKWARD_CUT = "auto"
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    out = reference(torch.nn.functional.linear(*leaves), labels, None, temperature=0.8, ignore_index=8,
+                    return_entropy=True)  # fmt: skip
+    want = _loss_and_grads(out, leaves, 1)
+    for how, got in results.items():
+        for name, a, b in zip(("hidden", "weight", "bias"), got[2], want[2], strict=True):
+            torch.testing.assert_close(a.cpu(), b, atol=1e-10, rtol=1e-9,
+                                       msg=lambda m, name=name, how=how: f"{how} {name}: {m}")  # fmt: skip
+    bad = labels.clone()
+    bad[4] = vocab  # outside [0, V): NaN, never an out-of-bounds read
+    nan = {}
+    for how in ("rows", "vocab"):
+        linear_ops.BACKWARD_CUT = how
+        try:
+            nan[how] = run(*map(to, (hidden, weight, bias, bad)), None, check_labels=False, **kw)
+        finally:
+            linear_ops.BACKWARD_CUT = "auto"
+    for how, (lp, _, grads) in nan.items():
+        assert torch.isnan(lp[4]) and torch.isnan(grads[0][4]).all(), how
+        keep = torch.arange(n, device=lp.device) != 4
+        torch.testing.assert_close(grads[0][keep], nan["rows"][2][0][keep], atol=1e-10, rtol=1e-9)
+
+
+def test_backward_cut_choice():
+    """"auto" slices the vocab when fewer tokens than words need a weight gradient (and when only the
+    weight's is wanted), and keeps token chunks otherwise (more tokens than words; a frozen head)."""
+    assert linear_ops._by_vocab(8192, 128256, True, True)
+    assert linear_ops._by_vocab(200000, 128256, False, True)
+    assert not linear_ops._by_vocab(200000, 128256, True, True)
+    assert not linear_ops._by_vocab(100, 128256, True, False)
+
+
 @pytest.mark.parametrize("device,backend", backend_cases())
-def test_gradcheck_float64(device, backend):
+def test_gradcheck_float64(device, backend, cut):
     g = torch.Generator().manual_seed(4)
     hidden = torch.randn(2, 3, 4, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
     weight = torch.randn(7, 4, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
@@ -376,9 +437,10 @@ def test_ppo_bad_input():
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"]))
-def test_weight_gradient_precision_does_not_grow_with_chunks(device, backend):
-    """bf16: the weight gradient summed over 128 chunks is as accurate as over one (the sum
-    is kept in float32, not rounded to bf16 per chunk)."""
+def test_weight_gradient_precision_does_not_grow_with_chunks(device, backend, monkeypatch):
+    """bf16, backward by token chunks: the weight gradient summed over 128 chunks is as accurate
+    as over one (the sum is kept in float32, not rounded to bf16 per chunk)."""
+    monkeypatch.setattr(linear_ops, "BACKWARD_CUT", "rows")
     hidden, weight, _, labels, mask = make_inputs((16, 64), 32, 256, torch.bfloat16, scale=3.0)
     hidden, weight, labels, mask = (t.to(device) for t in (hidden, weight, labels, mask))
     want = oracle(*[t.cpu() for t in (hidden, weight)], None, labels.cpu(), mask.cpu())[2][1]
@@ -387,6 +449,25 @@ def test_weight_gradient_precision_does_not_grow_with_chunks(device, backend):
         got = run(hidden, weight, None, labels, mask, chunk_size=chunk_size, backend=backend)[2][1]
         errors.append(float((got.cpu().double() - want).norm() / want.norm()))
     assert errors[1] < 1.25 * errors[0], errors
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"]))
+def test_hidden_gradient_precision_does_not_grow_with_slices(device, backend, monkeypatch):
+    """bf16, backward by vocab slices: the hidden states' gradient summed over 32 slices is as
+    accurate as over one (kept in float32), and the weight gradient, one product per slice,
+    as accurate as by token chunks."""
+    if device == "cpu" and backend == "triton":
+        pytest.skip("a thousand interpreted programs; the native CPU kernel checks the slicing here, Triton on GPU")
+    monkeypatch.setattr(linear_ops, "BACKWARD_CUT", "vocab")
+    hidden, weight, _, labels, mask = make_inputs((2, 16), 32, 512, torch.bfloat16, scale=3.0)
+    hidden, weight, labels, mask = (t.to(device) for t in (hidden, weight, labels, mask))
+    want = oracle(*[t.cpu() for t in (hidden, weight)], None, labels.cpu(), mask.cpu())[2]
+    errors = []
+    for chunk_size in (labels.numel(), 1):  # slices of 512 and of 16 words
+        got = run(hidden, weight, None, labels, mask, chunk_size=chunk_size, backend=backend)[2]
+        errors.append([float((a.cpu().double() - b).norm() / b.norm()) for a, b in zip(got[:2], want[:2], strict=True)])
+    assert errors[1][0] < 1.25 * errors[0][0], errors
+    assert errors[1][1] < 1.25 * errors[0][1], errors
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())

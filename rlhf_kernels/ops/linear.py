@@ -21,11 +21,19 @@ With :math:`G_t = \partial L / \partial x_t` from :func:`token_logprobs`' backwa
 The tokens are processed in chunks of ``chunk_size`` rows. Forward computes one
 chunk's logits with a matmul, runs the log-prob kernel over it (keeping one
 log-normaliser, and one entropy, per token) and drops the logits. Backward
-recomputes each chunk's logits, overwrites them in place with :math:`G` (the
-log-prob kernel's in-place backward) and multiplies :math:`G` into the hidden
-state and weight gradients. So at most one chunk of logits, ``chunk_size x V``,
-exists at a time, in the matmul's dtype: the ``[N, V]`` logits, their float32
-log-softmax and their gradient are never materialised. The price is one more
+recomputes the logits piece by piece, overwrites each piece in place with
+:math:`G` (the log-prob kernel's in-place backward: with the saved
+log-normalisers and entropies, :math:`G` needs nothing from outside the piece)
+and multiplies :math:`G` into the hidden state and weight gradients. The pieces
+are token chunks (all V words for ``chunk_size`` tokens) or, when there are
+fewer tokens than words, vocab slices (all N tokens for about ``chunk_size * V
+/ N`` words): a token chunk finishes its rows of the hidden-state gradient but
+adds into all of the ``[V, H]`` weight gradient, a vocab slice finishes its rows
+of the weight gradient but adds into all of the ``[N, H]`` hidden-state
+gradient, and the cut that accumulates the smaller one moves less memory (see
+``_by_vocab``). So at most about ``chunk_size x V`` logits exist at a time, in
+the matmul's dtype: the ``[N, V]`` logits, their float32 log-softmax and their
+gradient are never materialised. The price is one more
 ``N x V x H`` matmul (the recomputation), the trade made by Apple's Cut
 Cross-Entropy (Wijmans et al., 2024) and Liger-Kernel's fused linear cross
 entropy (Hsu et al., 2024); unlike a cross-entropy loss, the output here is the
@@ -34,10 +42,11 @@ to a reference) gets the same memory profile.
 
 The matmuls run in the inputs' dtype, or in autocast's where autocast is on (as
 ``F.linear`` would), with the forward's choice reused by the recomputation in
-backward. For bfloat16 / float16 matmuls the weight gradient is accumulated over the
-chunks in float32 (a ``[V, H]`` float32 buffer while the gradient is built; on CUDA
-each chunk's product is added in place by ``addmm(out_dtype=float32)``, elsewhere
-rounded once to 16 bits first) and returned in the weight's dtype.
+backward. For bfloat16 / float16 matmuls the accumulated gradient (the weight's over
+token chunks, the hidden states' over vocab slices) is summed in float32 (a float32
+buffer of its shape while it is built; on CUDA each piece's product is added in place
+by ``addmm(out_dtype=float32)``, elsewhere rounded once to 16 bits first) and returned
+in its input's dtype; the other is one product per piece.
 """
 
 from __future__ import annotations
@@ -83,7 +92,10 @@ def linear_token_logprobs(
         return_entropy: also return each token's entropy.
         chunk_size: tokens per chunk (default: as many as keep one chunk's
             logits near 256 MiB). Peak extra memory is about ``chunk_size * V``
-            elements in the matmul dtype.
+            elements in the matmul dtype (backward's vocab slices hold as many),
+            plus in backward a float32 accumulator for the 16-bit weight gradient
+            (``[V, H]``, token chunks) or hidden-state gradient (``[N, H]``, vocab
+            slices: when ``N < V``).
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``: the
             log-prob kernel used on each chunk. ``"torch"`` is the unchunked
             composition (``hidden @ weight.T``, then the float64-capable reference),
@@ -222,7 +234,7 @@ class _LinearPPO(torch.autograd.Function):
         need_hidden, need_weight, need_bias = (need_grad and n for n in ctx.needs_input_grad[:3])
         w, b = _cast_head(weight, bias, dtype)
         hidden_parts = [] if need_hidden else None
-        grad_weight = _weight_grad_buffer(w) if need_weight else None
+        grad_weight = _grad_accumulator(w) if need_weight else None
         grad_bias = torch.zeros(w.shape[0], dtype=weights.dtype, device=w.device) if need_bias else None
         loss = torch.zeros((), dtype=weights.dtype, device=hidden.device)
         stats = []
@@ -287,9 +299,10 @@ def _cat_rows(parts, hidden, dtype):
     return torch.cat(parts) if parts else hidden.new_zeros(hidden.shape, dtype=dtype)
 
 
-def _weight_grad_buffer(w: torch.Tensor) -> torch.Tensor:
-    """The weight gradient's accumulator: float32 for 16-bit matmuls, so that its rounding
-    does not grow with the number of chunks (a 16-bit sum rounded per chunk did)."""
+def _grad_accumulator(w: torch.Tensor) -> torch.Tensor:
+    """An accumulated gradient's buffer (the weight's over token chunks, the hidden states' over
+    vocab slices): float32 for 16-bit matmuls, so that its rounding does not grow with the number
+    of pieces (a 16-bit sum rounded per chunk did)."""
     return torch.zeros(w.shape, dtype=torch.float32 if w.dtype in (torch.bfloat16, torch.float16) else w.dtype,
                        device=w.device)  # fmt: skip
 
@@ -344,7 +357,8 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
 
 
 class _LinearLogprobs(torch.autograd.Function):
-    """Chunked matmul + log-prob kernel; backward recomputes each chunk's logits.
+    """Chunked matmul + log-prob kernel; backward recomputes the logits by token chunks or
+    vocab slices (_by_vocab).
 
     Every matmul runs with autocast off on inputs cast to ``dtype`` (autocast's dtype
     when it was on in forward), so forward and the recomputation in backward (which
@@ -389,8 +403,16 @@ class _LinearLogprobs(torch.autograd.Function):
         else:
             grad_entropy = None
         w, b = _cast_head(weight, bias, dtype)
+        n_rows, vocab = hidden.shape[0], weight.shape[0]
+        if _by_vocab(n_rows, vocab, need_hidden, need_weight):
+            kernel_args = (grad_logprobs, grad_entropy, labels, lse, entropy, ctx.temperature, ctx.ignore_index)
+            grads = _backprop_by_vocab(hidden, w, b, dtype, kernel_args, bwd_inplace, ctx.chunk_size * vocab,
+                                       need_hidden, need_weight, need_bias)  # fmt: skip
+            inputs = (hidden, weight, bias)
+            return (*(None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs, strict=True)),
+                    None, None, None, None, None, None, None)  # fmt: skip
         hidden_parts = [] if need_hidden else None
-        grad_weight = _weight_grad_buffer(w) if need_weight else None
+        grad_weight = _grad_accumulator(w) if need_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=lse.dtype, device=weight.device) if need_bias else None
         # the forward's logits, recomputed, then overwritten with their gradient (a fresh
         # buffer when traced, so that no in-place write of a custom op is traced)
@@ -409,6 +431,76 @@ class _LinearLogprobs(torch.autograd.Function):
         grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
         grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+# Backward of linear_token_logprobs: "auto" cuts the recomputed logits by rows (token chunks) or
+# by columns (vocab slices), whichever accumulates the smaller gradient (_by_vocab); "rows" or
+# "vocab" forces one (tests).
+BACKWARD_CUT = "auto"
+_SPARE = 8  # spare columns after each vocab slice (16 bytes of a 16-bit row: rows stay aligned)
+
+
+def _by_vocab(n_rows: int, vocab: int, need_hidden: bool, need_weight: bool) -> bool:
+    """Whether backward walks the vocab in slices rather than the tokens in chunks.
+
+    Token chunks (each chunk's logits for all V words) finish each chunk's hidden-state rows
+    but add every chunk's product into the whole ``[V, H]`` weight gradient; vocab slices
+    (all N tokens' logits for a slice of the words) finish each slice's weight rows but add
+    into the whole ``[N, H]`` hidden-state gradient. For the same chunk memory there are as
+    many slices as chunks, so the cut that accumulates the smaller gradient moves less: the
+    vocab's when there are fewer tokens than words (a micro-batch of 8K tokens against a
+    128K vocab: 16x less accumulator traffic, and no ``[V, H]`` float32 accumulator). Traced
+    calls keep the token chunks (the slices write into views, see _backprop_chunk)."""
+    if BACKWARD_CUT != "auto":
+        return BACKWARD_CUT == "vocab" and not torch.compiler.is_compiling()
+    if torch.compiler.is_compiling():
+        return False
+    return need_weight and (not need_hidden or n_rows < vocab)
+
+
+def _backprop_by_vocab(hidden, w, b, dtype, kernel_args, bwd_inplace, budget, need_hidden, need_weight, need_bias):
+    """linear_token_logprobs' gradients (hidden, weight, bias; None where not wanted, in
+    ``dtype`` or float32 accumulators) walking the vocab in slices of about ``budget / N``
+    words: per slice, the N x slice logits are recomputed into a buffer with :data:`_SPARE`
+    spare columns, overwritten with their gradient by the log-prob kernel's in-place backward
+    (with the saved log-normalisers and entropies a row's gradient needs nothing from
+    outside the slice), and multiplied into the slice's weight rows (one product, written
+    once) and the hidden states' accumulator. The kernel's labels are the slice's: a label
+    inside the slice as its column, a valid one outside it pointed at the first spare column
+    (where its one-hot term lands and is dropped), an ignored token at -1 (the slice's
+    ignore_index: no valid column is negative), a label outside [0, V) past the spare
+    columns (its row's gradient is NaN, as in the unsliced kernel)."""
+    grad_logprobs, grad_entropy, labels, lse, entropy, temperature, ignore_index = kernel_args
+    n_rows, vocab = hidden.shape[0], w.shape[0]
+    width = max(_SPARE, min(vocab, budget // max(n_rows, 1)) // _SPARE * _SPARE)
+    h = hidden.to(dtype)
+    grad_hidden = _grad_accumulator(h) if need_hidden else None
+    grad_weight = torch.empty_like(w) if need_weight else None
+    grad_bias = torch.empty(vocab, dtype=lse.dtype, device=w.device) if need_bias else None
+    ignored = labels == ignore_index
+    bad = ~ignored & ((labels < 0) | (labels >= vocab))
+    buf = torch.zeros(n_rows, width + _SPARE, dtype=dtype, device=w.device)
+    with torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, vocab, width):
+            stop = min(vocab, start + width)
+            cols = stop - start
+            logits = buf[:, :cols + _SPARE]
+            if b is None:
+                torch.mm(h, w[start:stop].t(), out=logits[:, :cols])
+            else:
+                torch.addmm(b[start:stop], h, w[start:stop].t(), out=logits[:, :cols])
+            local = labels - start
+            local = torch.where((local >= 0) & (local < cols), local, cols)  # the first spare column
+            local = local.masked_fill_(ignored, -1).masked_fill_(bad, cols + _SPARE)
+            bwd_inplace(logits, grad_logprobs, grad_entropy, local, lse, entropy, temperature, -1)
+            g = logits[:, :cols]
+            if need_weight:
+                torch.mm(g.t(), h, out=grad_weight[start:stop])
+            if need_hidden:
+                _accumulate_product(grad_hidden, g, w[start:stop])
+            if need_bias:
+                grad_bias[start:stop] = g.sum(0, dtype=grad_bias.dtype)
+    return grad_hidden, grad_weight, grad_bias
 
 
 def _check_inputs(hidden, weight, bias, labels, chunk_size) -> None:
