@@ -280,3 +280,27 @@ def test_triton_launch_wrapper_forwards_grid_and_arguments():
     assert _OnTensorDevice(Kernel())[(4, 2)](x, 7, BLOCK=16) == "launched"
     assert calls == [((4, 2), (x, 7), {"BLOCK": 16})]
     assert _OnTensorDevice(Kernel())[(1,)](5) == "launched"  # no tensor argument at all
+
+
+def test_triton_launch_direct_unless_traced_or_watched():
+    """A compiled (not interpreted) kernel is launched directly by an eager call that nothing
+    watches (torch.library.wrap_triton's eager launch costs ~60 us of host time), and through
+    torch's wrap_triton under a dispatch mode (fake tensors, tracers) or the profiler, which
+    need to see it."""
+    triton = pytest.importorskip("triton")
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime.jit import JITFunction
+
+    from rlhf_kernels.triton._common import wrap_triton
+
+    def kernel_fn(x_ptr, n):
+        pass
+
+    kernel = JITFunction(kernel_fn)
+    assert not isinstance(kernel, getattr(triton.runtime.interpreter, "InterpretedFunction", ()))
+    assert wrap_triton(kernel).kernel is kernel
+    with TorchDispatchMode():
+        wrapped = wrap_triton(kernel).kernel
+    assert wrapped is not kernel and type(wrapped).__name__ == "TraceableTritonKernelWrapper"
+    with torch.profiler.profile():
+        assert wrap_triton(kernel).kernel is not kernel

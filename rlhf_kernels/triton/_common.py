@@ -10,6 +10,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton as _torch_wrap_triton
 
+from rlhf_kernels import _dispatch
+
 try:
     from triton.runtime.interpreter import InterpretedFunction
 except ImportError:  # pragma: no cover
@@ -17,13 +19,21 @@ except ImportError:  # pragma: no cover
 
 
 def wrap_triton(kernel):
-    """``torch.library.wrap_triton``, except that a kernel run by the Triton interpreter
-    (``TRITON_INTERPRET=1``) is launched as it is: torch >= 2.12 does the same, older
-    torch (2.11, on the lent GPU machines) refuses interpreted kernels. A GPU launch runs
-    on the device of its first tensor argument (see :class:`_OnTensorDevice`)."""
+    """How a Triton op (``torch.library.triton_op``) launches ``kernel``: through
+    ``torch.library.wrap_triton`` when the call is traced or watched (torch.compile, fake
+    tensors, a dispatch mode or the profiler: ``_dispatch._observed``), which is what lets
+    them see the kernel; launched directly otherwise. wrap_triton's eager launch goes
+    through a higher-order op that flattens the arguments with pytree: about 60 us a launch
+    on this repository's CPU, against under 1 us for the launch itself, host time that on a
+    GPU delays the kernel. A kernel run by the Triton interpreter (``TRITON_INTERPRET=1``)
+    is launched as it is either way: torch >= 2.12 does the same, older torch (2.11, on the
+    lent GPU machines) refuses interpreted kernels. A GPU launch runs on the device of its
+    first tensor argument (see :class:`_OnTensorDevice`)."""
     if isinstance(kernel, InterpretedFunction):
         return kernel
-    return _OnTensorDevice(_torch_wrap_triton(kernel))
+    if torch.compiler.is_compiling() or _dispatch._observed():
+        return _OnTensorDevice(_torch_wrap_triton(kernel))
+    return _OnTensorDevice(kernel)
 
 
 class _OnTensorDevice:
