@@ -1123,7 +1123,11 @@ def _scale_unless_one(grad, scale):
         if scale.numel() != 1 or float(scale) != 1.0:
             grad.mul_(scale)
     elif triton_impl is not None and scale.numel() == 1 and grad.stride(-1) == 1 and row_layout(grad) is not None:
-        torch.ops.rlhf_kernels.scale_unless_one_triton(grad, scale.reshape(1).to(_acc_dtype(grad)))
+        scale = scale.reshape(1).to(_acc_dtype(grad))
+        if _dispatch._observed():  # the registered op, for whatever watches
+            torch.ops.rlhf_kernels.scale_unless_one_triton(grad, scale)
+        else:  # its function, without the dispatcher's ~40 us for an op defined in Python (_dispatch)
+            triton_impl.scale_unless_one_(grad, scale, launch=wrap_triton)
     else:
         grad.mul_(scale)
     torch.autograd.graph.increment_version(grad)  # also when skipped: a second backward must fail
