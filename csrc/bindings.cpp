@@ -744,9 +744,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_fused_inputs(const at::Tensor
                     labels.sizes(), " on ", labels.device(), ", got ", mask.sizes(), " on ", mask.device());
   TORCH_CHECK_VALUE(agg >= ppo_loss::kTokenMean && agg <= ppo_loss::kTokenSum, "agg: unknown loss_agg_mode id ", agg);
   const auto acc = double_acc ? at::kDouble : at::kFloat;
-  at::Tensor valid = labels.ne(ignore_index);
+  // int64 first: compared in a narrower dtype, ignore_index would wrap (uint8: -100 is 156)
+  const at::Tensor wide = labels.to(at::kLong).contiguous();
+  at::Tensor valid = wide.ne(ignore_index);
   valid.logical_and_(mask);  // any dtype: nonzero is valid
-  at::Tensor flat_labels = at::where(valid, labels.to(at::kLong), ignore_index).view({-1});
+  at::Tensor flat_labels = at::where(valid, wide, ignore_index).reshape({-1});
   at::Tensor weights = valid.to(acc);
   at::Tensor n_valid = weights.sum().clamp_min_(1);
   if (agg == ppo_loss::kTokenMean) {
@@ -762,23 +764,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_fused_inputs(const at::Tensor
       weights.div_(count.clamp_min_(1).mul_(seqs));
     }
   }
-  return {flat_labels, weights.view({-1}), n_valid};
+  return {flat_labels, weights.reshape({-1}), n_valid};
 }
 
 // The fused sweep's metrics from its per-token stats ([tokens, 7]: weighted loss, pg loss,
 // entropy, kl, clipped, clipped lower, -log ratio; ops/ppo.py: _fused_metrics), as
 // [pg, entropy, kl, clipfrac, clipfrac_lower, approx_kl]: the first three aggregated with
 // the weights, the last three means over the n_valid valid tokens (for token-mean, whose
-// weights are 1 / n_valid, all six are one product). Autocast off, as above.
+// weights are 1 / n_valid, all six are one product). Without a reference the kl is 0 (a
+// kept token with a label outside [0, V) has a NaN stats row, kl column included).
+// Autocast off, as above.
 at::Tensor ppo_fused_metrics(const at::Tensor& stats, const at::Tensor& weights, const at::Tensor& n_valid,
-                             int64_t agg) {
+                             int64_t agg, bool has_ref) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(1) == kFusedStats, "stats: expected shape [tokens, ",
                     kFusedStats, "], got ", stats.sizes());
   TORCH_CHECK_VALUE(weights.dim() == 1 && weights.size(0) == stats.size(0), "weights: expected shape [",
                     stats.size(0), "], got ", weights.sizes());
-  if (agg == ppo_loss::kTokenMean) return at::mv(stats.narrow(1, 1, 6).t(), weights);
-  return at::cat({at::mv(stats.narrow(1, 1, 3).t(), weights), stats.narrow(1, 4, 3).sum(0).div_(n_valid)});
+  at::Tensor m = agg == ppo_loss::kTokenMean
+                     ? at::mv(stats.narrow(1, 1, 6).t(), weights)
+                     : at::cat({at::mv(stats.narrow(1, 1, 3).t(), weights), stats.narrow(1, 4, 3).sum(0).div_(n_valid)});
+  if (!has_ref) m.select(0, 2).zero_();
+  return m;
 }
 
 pybind11::dict build_info() {
@@ -842,7 +849,7 @@ TORCH_LIBRARY(rlhf_kernels, m) {
   m.def(
       "ppo_fused_inputs_native(Tensor labels, Tensor mask, int agg, int ignore_index, bool double_acc) "
       "-> (Tensor, Tensor, Tensor)");
-  m.def("ppo_fused_metrics_native(Tensor stats, Tensor weights, Tensor n_valid, int agg) -> Tensor");
+  m.def("ppo_fused_metrics_native(Tensor stats, Tensor weights, Tensor n_valid, int agg, bool has_ref) -> Tensor");
 }
 
 // One implementation per op for both dispatch keys: each entry point picks the CPU

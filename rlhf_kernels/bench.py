@@ -26,6 +26,7 @@ import torch
 
 import rlhf_kernels
 from rlhf_kernels import _dispatch
+from rlhf_kernels.ops import linear as linear_ops
 
 # Peak HBM bandwidth by device name fragment, in TB/s (vendor data sheets).
 PEAK_TBPS = {
@@ -292,6 +293,11 @@ def linear_logprobs_problem(n_tokens, hidden_size, vocab, dtype, device) -> Prob
         provs[f"rlhf_kernels[{b}]"] = lambda i, b=b: rlhf_kernels.linear_token_logprobs(
             i["hidden"], i["weight"], i["labels"], check_labels=False, backend=b
         )
+    if "native" in _kernel_backends(device):  # backward by the cut "auto" does not take (ops/linear.py: _by_vocab)
+        auto_vocab = linear_ops._by_vocab(n_tokens, vocab, True, True, dtype)
+        cut = "rows" if auto_vocab else "vocab"
+        provs[f"rlhf_kernels[native,{'token chunks' if auto_vocab else 'vocab slices'}]"] = lambda i: _with_env(
+            {"RLHF_KERNELS_LINEAR_BWD_CUT": cut}, lambda: provs["rlhf_kernels[native]"](i))
     provs["eager"] = lambda i: eager_linear_logprobs(i["hidden"], i["weight"], i["labels"])
     provs["torch.compile"] = lambda i: _compiled(eager_linear_logprobs)(i["hidden"], i["weight"], i["labels"])
     provs.update(_fused_linear_baselines(device))

@@ -21,7 +21,7 @@ NORM_TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 @pytest.fixture(params=["rows", "vocab"])
 def cut(request, monkeypatch):
     """linear_token_logprobs' backward by token chunks or by vocab slices (its "auto" picks by shape)."""
-    monkeypatch.setattr(linear_ops, "BACKWARD_CUT", request.param)
+    monkeypatch.setenv("RLHF_KERNELS_LINEAR_BWD_CUT", request.param)
     return request.param
 
 
@@ -142,11 +142,9 @@ def test_vocab_slices_labels_at_the_edges(device, backend):
     to = lambda t: t.to(device)  # noqa: E731
     results = {}
     for how in ("rows", "vocab"):
-        linear_ops.BACKWARD_CUT = how
-        try:
+        with pytest.MonkeyPatch.context() as m:
+            m.setenv("RLHF_KERNELS_LINEAR_BWD_CUT", how)
             results[how] = run(*map(to, (hidden, weight, bias, labels)), None, **kw)
-        finally:
-            linear_ops.BACKWARD_CUT = "auto"
     leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
     out = reference(torch.nn.functional.linear(*leaves), labels, None, temperature=0.8, ignore_index=8,
                     return_entropy=True)  # fmt: skip
@@ -159,24 +157,31 @@ def test_vocab_slices_labels_at_the_edges(device, backend):
     bad[4] = vocab  # outside [0, V): NaN, never an out-of-bounds read
     nan = {}
     for how in ("rows", "vocab"):
-        linear_ops.BACKWARD_CUT = how
-        try:
+        with pytest.MonkeyPatch.context() as m:
+            m.setenv("RLHF_KERNELS_LINEAR_BWD_CUT", how)
             nan[how] = run(*map(to, (hidden, weight, bias, bad)), None, check_labels=False, **kw)
-        finally:
-            linear_ops.BACKWARD_CUT = "auto"
     for how, (lp, _, grads) in nan.items():
         assert torch.isnan(lp[4]) and torch.isnan(grads[0][4]).all(), how
         keep = torch.arange(n, device=lp.device) != 4
         torch.testing.assert_close(grads[0][keep], nan["rows"][2][0][keep], atol=1e-10, rtol=1e-9)
 
 
-def test_backward_cut_choice():
-    """"auto" slices the vocab when fewer tokens than words need a weight gradient (and when only the
-    weight's is wanted), and keeps token chunks otherwise (more tokens than words; a frozen head)."""
-    assert linear_ops._by_vocab(8192, 128256, True, True)
-    assert linear_ops._by_vocab(200000, 128256, False, True)
-    assert not linear_ops._by_vocab(200000, 128256, True, True)
-    assert not linear_ops._by_vocab(100, 128256, True, False)
+def test_backward_cut_choice(monkeypatch):
+    """"auto" slices the vocab for 32 / 64-bit matmuls when fewer tokens than words need a weight
+    gradient (and when only the weight's is wanted), and keeps token chunks otherwise (more tokens
+    than words; a frozen head; 16-bit matmuls, whose sliced recomputation might round a logit
+    differently); the environment knob forces either."""
+    monkeypatch.delenv("RLHF_KERNELS_LINEAR_BWD_CUT", raising=False)
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert linear_ops._by_vocab(8192, 128256, True, True, f32)
+    assert linear_ops._by_vocab(200000, 128256, False, True, torch.float64)
+    assert not linear_ops._by_vocab(200000, 128256, True, True, f32)
+    assert not linear_ops._by_vocab(100, 128256, True, False, f32)
+    assert not linear_ops._by_vocab(8192, 128256, True, True, bf16)
+    monkeypatch.setenv("RLHF_KERNELS_LINEAR_BWD_CUT", "vocab")
+    assert linear_ops._by_vocab(8192, 128256, True, True, bf16)
+    monkeypatch.setenv("RLHF_KERNELS_LINEAR_BWD_CUT", "rows")
+    assert not linear_ops._by_vocab(8192, 128256, True, True, f32)
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())
@@ -440,7 +445,7 @@ def test_ppo_bad_input():
 def test_weight_gradient_precision_does_not_grow_with_chunks(device, backend, monkeypatch):
     """bf16, backward by token chunks: the weight gradient summed over 128 chunks is as accurate
     as over one (the sum is kept in float32, not rounded to bf16 per chunk)."""
-    monkeypatch.setattr(linear_ops, "BACKWARD_CUT", "rows")
+    monkeypatch.setenv("RLHF_KERNELS_LINEAR_BWD_CUT", "rows")
     hidden, weight, _, labels, mask = make_inputs((16, 64), 32, 256, torch.bfloat16, scale=3.0)
     hidden, weight, labels, mask = (t.to(device) for t in (hidden, weight, labels, mask))
     want = oracle(*[t.cpu() for t in (hidden, weight)], None, labels.cpu(), mask.cpu())[2][1]
@@ -458,7 +463,7 @@ def test_hidden_gradient_precision_does_not_grow_with_slices(device, backend, mo
     as accurate as by token chunks."""
     if device == "cpu" and backend == "triton":
         pytest.skip("a thousand interpreted programs; the native CPU kernel checks the slicing here, Triton on GPU")
-    monkeypatch.setattr(linear_ops, "BACKWARD_CUT", "vocab")
+    monkeypatch.setenv("RLHF_KERNELS_LINEAR_BWD_CUT", "vocab")
     hidden, weight, _, labels, mask = make_inputs((2, 16), 32, 512, torch.bfloat16, scale=3.0)
     hidden, weight, labels, mask = (t.to(device) for t in (hidden, weight, labels, mask))
     want = oracle(*[t.cpu() for t in (hidden, weight)], None, labels.cpu(), mask.cpu())[2]

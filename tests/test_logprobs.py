@@ -518,6 +518,21 @@ def test_ignore_index_outside_the_label_dtype(device, backend, dtype, ignore_ind
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())
+def test_label_check_bound_outside_the_label_dtype(device, backend):
+    """check_labels compares with the vocab in int64: uint8 labels against V = 300 (a bound that
+    wraps to 44 in uint8) and int8 against V = 200 are all in range, and 255 / -3 still are not."""
+    for dtype, vocab, good, bad in ((torch.uint8, 300, [0, 156, 255], None), (torch.int8, 200, [0, 127, 5], -3)):
+        logits = torch.randn(1, 3, vocab, dtype=torch.float64)
+        labels = torch.tensor([good], dtype=dtype)
+        lp = rlhf_kernels.token_logprobs(logits.float().to(device), labels.to(device), backend=backend)
+        torch.testing.assert_close(lp.double().cpu(), reference(logits, labels.long()), atol=1e-5, rtol=1e-5)
+        if bad is not None:
+            labels[0, 2] = bad
+            with pytest.raises(ValueError, match="labels: value -3 is outside"):
+                rlhf_kernels.token_logprobs(logits.float().to(device), labels.to(device), backend=backend)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
 def test_int64_offsets(device, backend):
     """Rows that start past 2**31 elements. torch.empty does not touch pages, so
     the 4 GiB buffer costs only the two rows that are written."""

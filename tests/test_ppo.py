@@ -1703,7 +1703,7 @@ def test_ppo_fused_inputs_extension_matches_torch(device, backend, mode, mask_dt
     ref = torch.randn(B, T, generator=g)
     to = lambda t: t.to(device)  # noqa: E731
     for r in (ref, None):
-        for lab in (labels, labels.int()):
+        for lab in (labels, labels.int(), labels.t().contiguous().t()):  # int64, int32, column-major
             args = (to(lab), to(mask), to(old), to(adv), None if r is None else to(r), mode, -7, acc)
             got = ppo_ops._fused_inputs(*args)
             want = ppo_ops._fused_inputs_torch(*args)
@@ -1720,6 +1720,22 @@ def test_ppo_fused_inputs_extension_matches_torch(device, backend, mode, mask_dt
 
 
 @pytest.mark.parametrize("device,backend", NATIVE_INPUTS)
+def test_ppo_fused_inputs_narrow_labels_compare_in_int64(device, backend):
+    """Labels of a narrow dtype against an ignore_index outside its range: compared in int64, so
+    uint8 156 is not -100 and int32 0 is not 2**32 (wrapped in the labels' dtype, they would be)."""
+    mask = torch.ones(1, 3, dtype=torch.bool, device=device)
+    for labels, ignore_index in ((torch.tensor([[156, 1, 2]], dtype=torch.uint8), -100),
+                                 (torch.tensor([[0, 1, 0]], dtype=torch.int32), 2**32),
+                                 (torch.tensor([[0, 1, 0]], dtype=torch.int32), -(2**63))):  # fmt: skip
+        labels = labels.to(device)
+        got = ppo_ops._fused_inputs(labels, mask, None, None, None, "token-mean", ignore_index, torch.float32)
+        want = ppo_ops._fused_inputs_torch(labels, mask, None, None, None, "token-mean", ignore_index, torch.float32)
+        torch.testing.assert_close(got[0], labels.long().flatten(), rtol=0, atol=0)
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+        assert float(got[5]) == float(want[5]) == 3.0
+
+
+@pytest.mark.parametrize("device,backend", NATIVE_INPUTS)
 @pytest.mark.parametrize("mode", AGG_MODES)
 def test_ppo_fused_metrics_extension_matches_torch(monkeypatch, device, backend, mode):
     """The extension's one-call metrics of the fused sweep against the PyTorch composition's, also
@@ -1732,12 +1748,12 @@ def test_ppo_fused_metrics_extension_matches_torch(monkeypatch, device, backend,
         n_valid = valid.sum(dtype=torch.float32).clamp(min=1)
         masked = stats * valid.flatten()[:, None]  # the kernels' stats are 0 on masked tokens
         loss = masked[:, 0].sum()
-        got = ppo_ops._fused_metrics(loss, masked, weights, n_valid, mode)
+        got = ppo_ops._fused_metrics(loss, masked, weights, n_valid, True, mode)
         with torch.autocast(device, dtype=torch.bfloat16):
-            in_autocast = ppo_ops._fused_metrics(loss, masked, weights, n_valid, mode)
+            in_autocast = ppo_ops._fused_metrics(loss, masked, weights, n_valid, True, mode)
         with monkeypatch.context() as m:
             m.setattr(ppo_ops, "_NATIVE_METRICS", None)
-            want = ppo_ops._fused_metrics(loss, masked, weights, n_valid, mode)
+            want = ppo_ops._fused_metrics(loss, masked, weights, n_valid, True, mode)
         w64, s64 = weights.double(), masked.double()
         exact = torch.cat((w64 @ s64[:, 1:4], s64[:, 4:7].sum(0) / n_valid.double()))  # pg, entropy, kl; means
         for name, a, b, c in zip(("loss", "pg_loss", "clipfrac", "clipfrac_lower", "approx_kl", "entropy", "kl"),
@@ -1749,6 +1765,14 @@ def test_ppo_fused_metrics_extension_matches_torch(monkeypatch, device, backend,
         order = dict(pg_loss=0, entropy=1, kl=2, clipfrac=3, clipfrac_lower=4, approx_kl=5)
         for name, i in order.items():
             torch.testing.assert_close(getattr(got, name).double(), exact[i], rtol=1e-6, atol=1e-7)
+    # without a reference the kl is 0, also when a kept token's row is NaN (a label outside [0, V))
+    masked[3] = float("nan")
+    for native_metrics in (True, False):
+        with monkeypatch.context() as m:
+            if not native_metrics:
+                m.setattr(ppo_ops, "_NATIVE_METRICS", None)
+            got = ppo_ops._fused_metrics(masked[:, 0].sum(), masked, weights, n_valid, False, mode)
+        assert got.kl == 0 and torch.isnan(got.pg_loss), (native_metrics, got)
 
 
 @pytest.mark.parametrize("device,backend", NATIVE_INPUTS)
@@ -1763,7 +1787,8 @@ def test_ppo_fused_inputs_and_metrics_opcheck_and_bad_input(device, backend):
     stats = torch.randn(10, 7, generator=g).to(device)
     weights, n = torch.rand(10, generator=g).to(device), torch.tensor(3.0).to(device)
     for agg in range(len(AGG_MODES)):
-        torch.library.opcheck(ops.ppo_fused_metrics_native, (stats, weights, n, agg))
+        for has_ref in (True, False):
+            torch.library.opcheck(ops.ppo_fused_metrics_native, (stats, weights, n, agg, has_ref))
     with pytest.raises(ValueError, match="labels: expected shape"):
         ops.ppo_fused_inputs_native(labels.flatten(), mask.flatten(), 0, -100, False)
     with pytest.raises(ValueError, match="mask: expected shape"):
@@ -1773,9 +1798,9 @@ def test_ppo_fused_inputs_and_metrics_opcheck_and_bad_input(device, backend):
     with pytest.raises(ValueError, match="agg: unknown"):
         ops.ppo_fused_inputs_native(labels, mask, 7, -100, False)
     with pytest.raises(ValueError, match="stats: expected shape"):
-        ops.ppo_fused_metrics_native(stats[:, :6], weights, n, 0)
+        ops.ppo_fused_metrics_native(stats[:, :6], weights, n, 0, True)
     with pytest.raises(ValueError, match="weights: expected shape"):
-        ops.ppo_fused_metrics_native(stats, weights[:9], n, 0)
+        ops.ppo_fused_metrics_native(stats, weights[:9], n, 0, True)
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"], native_op=FUSED))
@@ -1874,7 +1899,7 @@ def test_ppo_from_logits_fused_launches_around_the_kernel(monkeypatch, device, b
         assert after == ["ppo_fused_metrics_native"], after
     else:
         assert len(before) <= 7, before
-        assert len(after) <= 1, after
+        assert len(after) <= (1 if with_ref else 2), after  # (the product; a zero KL without a reference)
     loss.backward()
     _check_against_oracle(metrics, x.grad, logits, labels, old, adv, mask, ref)
 

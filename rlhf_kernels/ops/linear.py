@@ -25,9 +25,9 @@ recomputes the logits piece by piece, overwrites each piece in place with
 :math:`G` (the log-prob kernel's in-place backward: with the saved
 log-normalisers and entropies, :math:`G` needs nothing from outside the piece)
 and multiplies :math:`G` into the hidden state and weight gradients. The pieces
-are token chunks (all V words for ``chunk_size`` tokens) or, when there are
-fewer tokens than words, vocab slices (all N tokens for about ``chunk_size * V
-/ N`` words): a token chunk finishes its rows of the hidden-state gradient but
+are token chunks (all V words for ``chunk_size`` tokens) or, for 32 / 64-bit
+matmuls when there are fewer tokens than words, vocab slices (all N tokens for
+about ``chunk_size * V / N`` words): a token chunk finishes its rows of the hidden-state gradient but
 adds into all of the ``[V, H]`` weight gradient, a vocab slice finishes its rows
 of the weight gradient but adds into all of the ``[N, H]`` hidden-state
 gradient, and the cut that accumulates the smaller one moves less memory (see
@@ -52,6 +52,7 @@ in its input's dtype; the other is one product per piece.
 from __future__ import annotations
 
 import numbers
+import os
 import warnings
 
 import torch
@@ -95,7 +96,7 @@ def linear_token_logprobs(
             elements in the matmul dtype (backward's vocab slices hold as many),
             plus in backward a float32 accumulator for the 16-bit weight gradient
             (``[V, H]``, token chunks) or hidden-state gradient (``[N, H]``, vocab
-            slices: when ``N < V``).
+            slices: 32 / 64-bit matmuls with ``N < V``).
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``: the
             log-prob kernel used on each chunk. ``"torch"`` is the unchunked
             composition (``hidden @ weight.T``, then the float64-capable reference),
@@ -221,7 +222,7 @@ def linear_ppo_loss(
     n_rows = labels.numel()
     loss, stats = _LinearPPO.apply(hidden.reshape(n_rows, hidden.shape[-1]), weight, bias, impl, dtype,
                                    int(chunk_size), need_grad, args)  # fmt: skip
-    return loss, ppo_ops._fused_metrics(loss, stats, weights, n_valid, loss_agg_mode)
+    return loss, ppo_ops._fused_metrics(loss, stats, weights, n_valid, ref_logprobs is not None, loss_agg_mode)
 
 
 class _LinearPPO(torch.autograd.Function):
@@ -382,6 +383,7 @@ class _LinearLogprobs(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
         ctx.temperature, ctx.ignore_index, ctx.return_entropy = temperature, ignore_index, return_entropy
         ctx.chunk_size, ctx.impl, ctx.dtype = chunk_size, impl, dtype
+        ctx.by_vocab = _by_vocab(n_rows, weight.shape[0], *ctx.needs_input_grad[:2], dtype)  # (decided with forward)
         if not return_entropy:
             ctx.mark_non_differentiable(entropy)
         return logprobs, entropy
@@ -403,10 +405,9 @@ class _LinearLogprobs(torch.autograd.Function):
         else:
             grad_entropy = None
         w, b = _cast_head(weight, bias, dtype)
-        n_rows, vocab = hidden.shape[0], weight.shape[0]
-        if _by_vocab(n_rows, vocab, need_hidden, need_weight):
+        if ctx.by_vocab:
             kernel_args = (grad_logprobs, grad_entropy, labels, lse, entropy, ctx.temperature, ctx.ignore_index)
-            grads = _backprop_by_vocab(hidden, w, b, dtype, kernel_args, bwd_inplace, ctx.chunk_size * vocab,
+            grads = _backprop_by_vocab(hidden, w, b, dtype, kernel_args, bwd_inplace, ctx.chunk_size * weight.shape[0],
                                        need_hidden, need_weight, need_bias)  # fmt: skip
             inputs = (hidden, weight, bias)
             return (*(None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs, strict=True)),
@@ -433,14 +434,7 @@ class _LinearLogprobs(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
-# Backward of linear_token_logprobs: "auto" cuts the recomputed logits by rows (token chunks) or
-# by columns (vocab slices), whichever accumulates the smaller gradient (_by_vocab); "rows" or
-# "vocab" forces one (tests).
-BACKWARD_CUT = "auto"
-_SPARE = 8  # spare columns after each vocab slice (16 bytes of a 16-bit row: rows stay aligned)
-
-
-def _by_vocab(n_rows: int, vocab: int, need_hidden: bool, need_weight: bool) -> bool:
+def _by_vocab(n_rows: int, vocab: int, need_hidden: bool, need_weight: bool, dtype: torch.dtype) -> bool:
     """Whether backward walks the vocab in slices rather than the tokens in chunks.
 
     Token chunks (each chunk's logits for all V words) finish each chunk's hidden-state rows
@@ -449,13 +443,27 @@ def _by_vocab(n_rows: int, vocab: int, need_hidden: bool, need_weight: bool) -> 
     into the whole ``[N, H]`` hidden-state gradient. For the same chunk memory there are as
     many slices as chunks, so the cut that accumulates the smaller gradient moves less: the
     vocab's when there are fewer tokens than words (a micro-batch of 8K tokens against a
-    128K vocab: 16x less accumulator traffic, and no ``[V, H]`` float32 accumulator). Traced
-    calls keep the token chunks (the slices write into views, see _backprop_chunk)."""
-    if BACKWARD_CUT != "auto":
-        return BACKWARD_CUT == "vocab" and not torch.compiler.is_compiling()
+    128K vocab: 16x less accumulator traffic, and no ``[V, H]`` float32 accumulator).
+
+    But a slice's logits come from a matmul of another shape than the forward's chunks, which
+    may sum in another order: in float32 / float64 that moves a logit by an ulp (harmless), in
+    bfloat16 / float16 it can round a logit to the neighbouring 16-bit value, and the gradient
+    would then mix two sets of logits (its softmax uses the forward's log-normaliser). So
+    "auto" slices the vocab for 32 / 64-bit matmuls only, until a GPU run shows the slices'
+    16-bit logits equal the chunks'. RLHF_KERNELS_LINEAR_BWD_CUT=rows or =vocab forces a cut
+    (read in forward; tests and benchmarks). Traced calls keep the token chunks (the slices
+    write into views, see _backprop_chunk)."""
     if torch.compiler.is_compiling():
         return False
+    cut = os.environ.get("RLHF_KERNELS_LINEAR_BWD_CUT", "auto")
+    if cut in ("rows", "vocab"):
+        return cut == "vocab"
+    if dtype in (torch.bfloat16, torch.float16):
+        return False
     return need_weight and (not need_hidden or n_rows < vocab)
+
+
+_SPARE = 8  # spare columns after each vocab slice (16 bytes of a 16-bit row: rows stay aligned)
 
 
 def _backprop_by_vocab(hidden, w, b, dtype, kernel_args, bwd_inplace, budget, need_hidden, need_weight, need_bias):

@@ -260,7 +260,8 @@ def _check_labels_and_options(labels, mask, lead, vocab, device, source, tempera
         kept = reference.kept_labels(labels, ignore_index)
         if mask is not None:
             kept &= mask.bool()
-        bad = kept & ((labels < 0) | (labels >= vocab))
+        wide = labels.long()  # (compared in int64: a narrow dtype would wrap the bound, uint8 256 to 0)
+        bad = kept & ((wide < 0) | (wide >= vocab))
         if bool(bad.any()):  # the one device sync that check_labels=False avoids
             value = int(labels[bad].flatten()[0])
             raise ValueError(

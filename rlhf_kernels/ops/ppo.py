@@ -490,7 +490,7 @@ def _fused_from_logits(impl, logits, labels, old, adv, mask, ref, temperature, i
         loss, stats = _FusedInplace.apply(logits, ops[1], args)
     else:
         loss, stats, _ = _dispatch.call(ops[0], logits, *args, need_grad)
-    return loss, _fused_metrics(loss, stats, weights, n_valid, mode)
+    return loss, _fused_metrics(loss, stats, weights, n_valid, ref is not None, mode)
 
 
 def _fused_inputs(labels, mask, old, adv, ref, mode, ignore_index, acc):
@@ -501,13 +501,12 @@ def _fused_inputs(labels, mask, old, adv, ref, mode, ignore_index, acc):
     float32).
 
     The sweep cannot start before these exist, and on a GPU each call before its launch is
-    host time while the device idles: eager calls on plain CPU / CUDA tensors make the
-    mask's part (labels, weights, count) in one call into the extension
+    host time while the device idles: eager calls on plain tensors on a device the extension
+    was built for make the mask's part (labels, weights, count) in one call into it
     (csrc/bindings.cpp: ppo_fused_inputs, the same ATen ops below Python); traced calls
-    (torch.compile, whose compiler fuses them) and builds without the extension use
-    :func:`_fused_inputs_torch`."""
+    (torch.compile, whose compiler fuses them) and the rest use :func:`_fused_inputs_torch`."""
     if (_NATIVE_INPUTS is not None and type(labels) is torch.Tensor and type(mask) is torch.Tensor
-            and labels.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling()):  # fmt: skip
+            and _native_helpers_on(labels.device) and not torch.compiler.is_compiling()):  # fmt: skip
         labels, weights, n_valid = _NATIVE_INPUTS(labels, mask, _AGG_IDS[mode], ignore_index, acc == torch.float64)
         return labels, _flat_rows(old, acc), _flat_rows(adv, acc), _flat_rows(ref, acc), weights, n_valid
     return _fused_inputs_torch(labels, mask, old, adv, ref, mode, ignore_index, acc)
@@ -536,16 +535,18 @@ def _fused_consts(temperature, ignore_index, low, high, clip_c, kl_kind, kl_coef
             entropy_coef)  # fmt: skip
 
 
-def _fused_metrics(loss, stats, weights, n_valid, mode) -> PPOLossMetrics:
+def _fused_metrics(loss, stats, weights, n_valid, has_ref, mode) -> PPOLossMetrics:
     """The metrics from the fused kernel's per-token stats ([tokens, 7]: weighted loss, pg loss,
     entropy, kl, clipped, clipped lower, -log ratio): pg, entropy and kl aggregated with the
     weights, the rest means over the valid tokens (for token-mean, whose weights are 1 / n,
-    one matrix product). Without a reference the kernels' kl column is 0, and so is the metric.
-    With autocast off: inside a trainer's bf16 step the product would run, and round, in bf16.
-    Eager calls on plain tensors: one call into the extension (csrc/bindings.cpp:
-    ppo_fused_metrics), the same product."""
-    if _NATIVE_METRICS is not None and type(stats) is torch.Tensor and not torch.compiler.is_compiling():
-        m = _NATIVE_METRICS(stats, weights, n_valid, _AGG_IDS[mode])
+    one matrix product); kl is 0 without a reference (the kernels' kl column is 0 there, but
+    a kept token with a label outside [0, V) has a NaN row). With autocast off: inside a
+    trainer's bf16 step the product would run, and round, in bf16. Eager calls on plain
+    tensors: one call into the extension where it was built for the device
+    (csrc/bindings.cpp: ppo_fused_metrics, the same product)."""
+    if (_NATIVE_METRICS is not None and type(stats) is torch.Tensor and _native_helpers_on(stats.device)
+            and not torch.compiler.is_compiling()):  # fmt: skip
+        m = _NATIVE_METRICS(stats, weights, n_valid, _AGG_IDS[mode], has_ref)
     else:
         device = stats.device.type
         off = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
@@ -554,6 +555,8 @@ def _fused_metrics(loss, stats, weights, n_valid, mode) -> PPOLossMetrics:
                 m = weights @ stats[:, 1:7]
             else:
                 m = torch.cat((weights @ stats[:, 1:4], stats[:, 4:7].sum(0) / n_valid))
+        if not has_ref:
+            m.select(0, 2).zero_()
     pg, entropy, kl, clip, lower, approx_kl = m.unbind()
     return PPOLossMetrics(loss.detach(), pg, clip, lower, approx_kl, entropy, kl)
 
@@ -902,7 +905,7 @@ def _fake_fused_inputs(labels, mask, agg, ignore_index, double_acc):
     return labels.new_empty(n, dtype=torch.long), labels.new_empty(n, dtype=acc), labels.new_empty((), dtype=acc)
 
 
-def _fake_fused_metrics(stats, weights, n_valid, agg):
+def _fake_fused_metrics(stats, weights, n_valid, agg, has_ref):
     return stats.new_empty(6)
 
 
@@ -1091,6 +1094,12 @@ if _NATIVE_INPUTS is not None and _NATIVE_METRICS is not None:
     _NATIVE_INPUTS, _NATIVE_METRICS = _NATIVE_INPUTS.default, _NATIVE_METRICS.default
 else:
     _NATIVE_INPUTS = _NATIVE_METRICS = None
+
+
+def _native_helpers_on(device: torch.device) -> bool:
+    """Whether the extension's helper ops run on ``device``: always on CPU, on CUDA only when
+    it was built with nvcc (a CPU-only build with Triton on a GPU has no CUDA kernels)."""
+    return device.type == "cpu" or (device.type == "cuda" and native.has_cuda())
 
 
 def _fused_setup(ctx, inputs, output):

@@ -32,6 +32,7 @@ def token_logprobs(
     valid = kept_labels(labels, ignore_index)
     if mask is not None:
         valid = valid & mask.bool()
+    labels = labels.long()  # (compared with vocab in int64: uint8 would wrap a vocab of 300 to 44)
     in_range = (labels >= 0) & (labels < vocab)
 
     # rows that are not kept read as 0: whatever their logits (inf, NaN), no NaN reaches their gradient
