@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import backend_cases
@@ -166,22 +168,50 @@ def test_vocab_slices_labels_at_the_edges(device, backend):
         torch.testing.assert_close(grads[0][keep], nan["rows"][2][0][keep], atol=1e-10, rtol=1e-9)
 
 
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"]))
+def test_vocab_slices_with_masked_words(device, backend, monkeypatch):
+    """Forward by vocab slices merges each token's log-normaliser and entropy over the slices: a
+    slice whose logits are all -inf (words masked by a -inf bias) adds nothing, and scattered -inf
+    words neither; log-probs, entropies and gradients against the float64 oracle and the token
+    chunks."""
+    g = torch.Generator().manual_seed(6)
+    vocab, n = 40, 10
+    hidden = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    weight = torch.randn(vocab, 5, generator=g, dtype=torch.float64)
+    bias = torch.randn(vocab, generator=g, dtype=torch.float64)
+    bias[8:16] = -math.inf  # the whole second slice (slices of 8: 2 * 40 // 10)
+    bias[[3, 27, 39]] = -math.inf
+    labels = torch.tensor([0, 1, 2, 4, 7, 16, 20, 26, 30, 38])
+    kw = dict(temperature=1.3, return_entropy=True, chunk_size=2, backend=backend)
+    to = lambda t: t.to(device)  # noqa: E731
+    got = {}
+    for how in ("rows", "vocab"):
+        monkeypatch.setenv("RLHF_KERNELS_LINEAR_BWD_CUT", how)
+        got[how] = run(*map(to, (hidden, weight)), to(bias).detach(), to(labels), None, **kw)
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight)]
+    out = reference(torch.nn.functional.linear(*leaves, bias), labels, None, temperature=1.3, return_entropy=True)
+    want = _loss_and_grads(out, leaves, 1)
+    for how, (lp, ent, grads) in got.items():
+        torch.testing.assert_close(lp.cpu(), want[0], atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(ent.cpu(), want[1], atol=1e-10, rtol=1e-10)
+        for name, a, b in zip(("hidden", "weight"), grads[:2], want[2], strict=True):
+            torch.testing.assert_close(a.cpu(), b, atol=1e-10, rtol=1e-9,
+                                       msg=lambda m, name=name, how=how: f"{how} {name}: {m}")  # fmt: skip
+
+
 def test_backward_cut_choice(monkeypatch):
-    """"auto" slices the vocab for 32 / 64-bit matmuls when fewer tokens than words need a weight
-    gradient (and when only the weight's is wanted), and keeps token chunks otherwise (more tokens
-    than words; a frozen head; 16-bit matmuls, whose sliced recomputation might round a logit
-    differently); the environment knob forces either."""
+    """"auto" slices the vocab when fewer tokens than words need a weight gradient (and when only
+    the weight's is wanted), and keeps token chunks otherwise (more tokens than words; a frozen
+    head); the environment knob forces either."""
     monkeypatch.delenv("RLHF_KERNELS_LINEAR_BWD_CUT", raising=False)
-    f32, bf16 = torch.float32, torch.bfloat16
-    assert linear_ops._by_vocab(8192, 128256, True, True, f32)
-    assert linear_ops._by_vocab(200000, 128256, False, True, torch.float64)
-    assert not linear_ops._by_vocab(200000, 128256, True, True, f32)
-    assert not linear_ops._by_vocab(100, 128256, True, False, f32)
-    assert not linear_ops._by_vocab(8192, 128256, True, True, bf16)
+    assert linear_ops._by_vocab(8192, 128256, True, True)
+    assert linear_ops._by_vocab(200000, 128256, False, True)
+    assert not linear_ops._by_vocab(200000, 128256, True, True)
+    assert not linear_ops._by_vocab(100, 128256, True, False)
     monkeypatch.setenv("RLHF_KERNELS_LINEAR_BWD_CUT", "vocab")
-    assert linear_ops._by_vocab(8192, 128256, True, True, bf16)
+    assert linear_ops._by_vocab(200000, 128256, True, True)
     monkeypatch.setenv("RLHF_KERNELS_LINEAR_BWD_CUT", "rows")
-    assert not linear_ops._by_vocab(8192, 128256, True, True, f32)
+    assert not linear_ops._by_vocab(8192, 128256, True, True)
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())

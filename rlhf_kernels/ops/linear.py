@@ -25,9 +25,10 @@ recomputes the logits piece by piece, overwrites each piece in place with
 :math:`G` (the log-prob kernel's in-place backward: with the saved
 log-normalisers and entropies, :math:`G` needs nothing from outside the piece)
 and multiplies :math:`G` into the hidden state and weight gradients. The pieces
-are token chunks (all V words for ``chunk_size`` tokens) or, for 32 / 64-bit
-matmuls when there are fewer tokens than words, vocab slices (all N tokens for
-about ``chunk_size * V / N`` words): a token chunk finishes its rows of the hidden-state gradient but
+are token chunks (all V words for ``chunk_size`` tokens) or, when there are
+fewer tokens than words, vocab slices (all N tokens for about ``chunk_size * V
+/ N`` words; forward then walks the same slices, so that the recomputed logits
+are its own bit for bit): a token chunk finishes its rows of the hidden-state gradient but
 adds into all of the ``[V, H]`` weight gradient, a vocab slice finishes its rows
 of the weight gradient but adds into all of the ``[N, H]`` hidden-state
 gradient, and the cut that accumulates the smaller one moves less memory (see
@@ -51,6 +52,7 @@ in its input's dtype; the other is one product per piece.
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 import warnings
@@ -96,7 +98,7 @@ def linear_token_logprobs(
             elements in the matmul dtype (backward's vocab slices hold as many),
             plus in backward a float32 accumulator for the 16-bit weight gradient
             (``[V, H]``, token chunks) or hidden-state gradient (``[N, H]``, vocab
-            slices: 32 / 64-bit matmuls with ``N < V``).
+            slices: ``N < V``).
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``: the
             log-prob kernel used on each chunk. ``"torch"`` is the unchunked
             composition (``hidden @ weight.T``, then the float64-capable reference),
@@ -129,7 +131,7 @@ def linear_token_logprobs(
         chunk_size = max(1, DEFAULT_CHUNK_BYTES // (vocab * dtype.itemsize))
     logprobs, entropy = _LinearLogprobs.apply(
         hidden.reshape(n_rows, hidden.shape[-1]), weight, bias, labels.reshape(n_rows).contiguous(), float(temperature),
-        int(ignore_index), bool(return_entropy), int(chunk_size), impl, dtype,
+        int(ignore_index), bool(return_entropy), int(chunk_size), impl, dtype, torch.is_grad_enabled(),
     )  # fmt: skip
     logprobs = logprobs.reshape(lead)
     return (logprobs, entropy.reshape(lead)) if return_entropy else logprobs
@@ -358,15 +360,16 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
 
 
 class _LinearLogprobs(torch.autograd.Function):
-    """Chunked matmul + log-prob kernel; backward recomputes the logits by token chunks or
-    vocab slices (_by_vocab).
+    """Chunked matmul + log-prob kernel, by token chunks or vocab slices (_by_vocab); backward
+    recomputes the logits the same way.
 
     Every matmul runs with autocast off on inputs cast to ``dtype`` (autocast's dtype
     when it was on in forward), so forward and the recomputation in backward (which
     autograd runs outside autocast) produce the same logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, return_entropy, chunk_size, impl, dtype):
+    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, return_entropy, chunk_size, impl, dtype,
+                grad_enabled):  # fmt: skip
         fwd = logprobs_ops._FWD_OPS[impl]
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         n_rows = hidden.shape[0]
@@ -374,16 +377,23 @@ class _LinearLogprobs(torch.autograd.Function):
         lse = hidden.new_empty(n_rows, dtype=acc)
         entropy = hidden.new_empty(n_rows if return_entropy else 0, dtype=acc)
         w, b = _cast_head(weight, bias, dtype)
-        for rows, _, logits in _chunk_logits(hidden, w, b, dtype, chunk_size):
-            lp, row_lse, ent = fwd(logits, labels[rows], temperature, ignore_index, return_entropy, False)
-            logprobs[rows], lse[rows] = lp, row_lse
-            if return_entropy:
-                entropy[rows] = ent
-            del logits
+        # backward's cut, decided here: by vocab slices, forward walks the same slices (so that
+        # backward recomputes its logits bit for bit); without a backward, token chunks
+        need_grad = grad_enabled and any(ctx.needs_input_grad[:3])  # (forward itself runs without grad)
+        ctx.by_vocab = need_grad and _by_vocab(n_rows, weight.shape[0], *ctx.needs_input_grad[:2])
+        if ctx.by_vocab:
+            logprobs, lse, entropy = _forward_by_vocab(hidden, w, b, dtype, labels, temperature, ignore_index,
+                                                       return_entropy, fwd, chunk_size * weight.shape[0])  # fmt: skip
+        else:
+            for rows, _, logits in _chunk_logits(hidden, w, b, dtype, chunk_size):
+                lp, row_lse, ent = fwd(logits, labels[rows], temperature, ignore_index, return_entropy, False)
+                logprobs[rows], lse[rows] = lp, row_lse
+                if return_entropy:
+                    entropy[rows] = ent
+                del logits
         ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
         ctx.temperature, ctx.ignore_index, ctx.return_entropy = temperature, ignore_index, return_entropy
         ctx.chunk_size, ctx.impl, ctx.dtype = chunk_size, impl, dtype
-        ctx.by_vocab = _by_vocab(n_rows, weight.shape[0], *ctx.needs_input_grad[:2], dtype)  # (decided with forward)
         if not return_entropy:
             ctx.mark_non_differentiable(entropy)
         return logprobs, entropy
@@ -394,7 +404,7 @@ class _LinearLogprobs(torch.autograd.Function):
         hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         if not (need_hidden or need_weight or need_bias):
-            return (None,) * 10
+            return (None,) * 11
         _, bwd, bwd_inplace = logprobs_ops._OPS[ctx.impl]
         dtype = ctx.dtype
         if grad_logprobs is None:
@@ -411,7 +421,7 @@ class _LinearLogprobs(torch.autograd.Function):
                                        need_hidden, need_weight, need_bias)  # fmt: skip
             inputs = (hidden, weight, bias)
             return (*(None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs, strict=True)),
-                    None, None, None, None, None, None, None)  # fmt: skip
+                    None, None, None, None, None, None, None, None)  # fmt: skip
         hidden_parts = [] if need_hidden else None
         grad_weight = _grad_accumulator(w) if need_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=lse.dtype, device=weight.device) if need_bias else None
@@ -431,10 +441,10 @@ class _LinearLogprobs(torch.autograd.Function):
         grad_hidden = None if grad_hidden is None else grad_hidden.to(hidden.dtype)
         grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
         grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
-def _by_vocab(n_rows: int, vocab: int, need_hidden: bool, need_weight: bool, dtype: torch.dtype) -> bool:
+def _by_vocab(n_rows: int, vocab: int, need_hidden: bool, need_weight: bool) -> bool:
     """Whether backward walks the vocab in slices rather than the tokens in chunks.
 
     Token chunks (each chunk's logits for all V words) finish each chunk's hidden-state rows
@@ -445,69 +455,126 @@ def _by_vocab(n_rows: int, vocab: int, need_hidden: bool, need_weight: bool, dty
     vocab's when there are fewer tokens than words (a micro-batch of 8K tokens against a
     128K vocab: 16x less accumulator traffic, and no ``[V, H]`` float32 accumulator).
 
-    But a slice's logits come from a matmul of another shape than the forward's chunks, which
-    may sum in another order: in float32 / float64 that moves a logit by an ulp (harmless), in
-    bfloat16 / float16 it can round a logit to the neighbouring 16-bit value, and the gradient
-    would then mix two sets of logits (its softmax uses the forward's log-normaliser). So
-    "auto" slices the vocab for 32 / 64-bit matmuls only, until a GPU run shows the slices'
-    16-bit logits equal the chunks'. RLHF_KERNELS_LINEAR_BWD_CUT=rows or =vocab forces a cut
-    (read in forward; tests and benchmarks). Traced calls keep the token chunks (the slices
-    write into views, see _backprop_chunk)."""
+    Forward then walks the same slices (merging each token's log-normaliser and entropy over
+    them, :func:`_forward_by_vocab`): a slice's matmul has another shape than a chunk's and
+    may sum in another order, and in 16 bits round a logit to the other neighbouring value,
+    so that backward would mix two sets of logits (its softmax uses the forward's
+    log-normaliser); made by the same call, the recomputed logits are the forward's bit for
+    bit. RLHF_KERNELS_LINEAR_BWD_CUT=rows or =vocab forces a cut (read in forward; tests and
+    benchmarks). Traced calls keep the token chunks (the slices write into views, see
+    _backprop_chunk)."""
     if torch.compiler.is_compiling():
         return False
     cut = os.environ.get("RLHF_KERNELS_LINEAR_BWD_CUT", "auto")
     if cut in ("rows", "vocab"):
         return cut == "vocab"
-    if dtype in (torch.bfloat16, torch.float16):
-        return False
     return need_weight and (not need_hidden or n_rows < vocab)
 
 
 _SPARE = 8  # spare columns after each vocab slice (16 bytes of a 16-bit row: rows stay aligned)
 
 
+def _vocab_slices(h, w, b, budget):
+    """Yields ``(start, cols, logits)`` slice by slice: ``logits`` the ``[N, cols + _SPARE]``
+    view of one buffer whose first ``cols`` columns hold ``h @ w[start:start + cols].T (+ b)``
+    (autocast off; ``h``, ``w``, ``b`` already in the matmul dtype), for slices of about
+    ``budget / N`` words (a multiple of :data:`_SPARE`). Forward and backward make the slices
+    here, with the same call on the same shapes, so that the recomputed logits are the
+    forward's bit for bit. The spare columns start at 0; the kernels may write into them."""
+    n_rows, vocab = h.shape[0], w.shape[0]
+    width = max(_SPARE, min(vocab, budget // max(n_rows, 1)) // _SPARE * _SPARE)
+    buf = torch.zeros(n_rows, width + _SPARE, dtype=h.dtype, device=h.device)
+    with torch.autocast(h.device.type, enabled=False):
+        for start in range(0, vocab, width):
+            cols = min(vocab, start + width) - start
+            logits = buf[:, :cols + _SPARE]
+            if b is None:
+                torch.mm(h, w[start:start + cols].t(), out=logits[:, :cols])
+            else:
+                torch.addmm(b[start:start + cols], h, w[start:start + cols].t(), out=logits[:, :cols])
+            yield start, cols, logits
+
+
+def _slice_labels(labels, ignored, bad, start, cols, outside):
+    """A slice's labels for the log-prob kernels (ignore_index -1): a label inside the slice as
+    its column, a valid one outside it at column ``outside``, an ignored token at -1 (no valid
+    column is negative, whatever the caller's ignore_index), a label outside [0, V) past the
+    spare columns (the kernels then give its token NaN, as unsliced)."""
+    local = labels - start
+    local = torch.where((local >= 0) & (local < cols), local, outside)
+    return local.masked_fill_(ignored, -1).masked_fill_(bad, cols + _SPARE)
+
+
+def _forward_by_vocab(hidden, w, b, dtype, labels, temperature, ignore_index, return_entropy, fwd, budget):
+    r"""linear_token_logprobs' forward walking the vocab in the slices backward will recompute
+    (:func:`_vocab_slices`): ``(logprobs, lse, entropy)`` from each slice's log-prob kernel
+    outputs (``lse_s``, ``H_s``, and the label's log-prob in its own slice), merged per token:
+
+    .. math::
+
+        \operatorname{lse} = \log \sum_s e^{\operatorname{lse}_s}, \qquad
+        \log p_y = \log p^{(s_y)}_y + (\operatorname{lse}_{s_y} - \operatorname{lse}), \qquad
+        H = \operatorname{lse} - \sum_s e^{\operatorname{lse}_s - \operatorname{lse}}
+            (\operatorname{lse}_s - H_s)
+
+    (:math:`\operatorname{lse}_s - H_s = \sum_{j \in s} p^{(s)}_j z_j`; a slice whose logits
+    are all -inf adds nothing). A token whose label lies outside the slice gets column 0 there
+    (its log-prob is not used); ignored tokens get 0, labels outside [0, V) NaN."""
+    n_rows, vocab = hidden.shape[0], w.shape[0]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    ignored = labels == ignore_index
+    bad = ~ignored & ((labels < 0) | (labels >= vocab))
+    neg_inf = torch.full((n_rows,), -math.inf, dtype=acc, device=w.device)
+    lse, label_lp, label_lse = neg_inf, torch.zeros_like(neg_inf), torch.zeros_like(neg_inf)
+    mean_z = torch.zeros_like(neg_inf)  # sum_j p_j z_j of the slices so far (p under their lse)
+    for start, cols, logits in _vocab_slices(hidden.to(dtype), w, b, budget):
+        local = _slice_labels(labels, ignored, bad, start, cols, 0)
+        lp_s, lse_s, ent_s = fwd(logits[:, :cols], local.masked_fill_(bad, 0), temperature, -1, return_entropy,
+                                 False)  # fmt: skip
+        here = (labels >= start) & (labels < start + cols)
+        label_lp, label_lse = torch.where(here, lp_s, label_lp), torch.where(here, lse_s, label_lse)
+        merged = torch.logaddexp(lse, lse_s)
+        if return_entropy:
+            old = torch.where(lse == -math.inf, 0.0, torch.exp(lse - merged) * mean_z)
+            new = torch.where(lse_s == -math.inf, 0.0, torch.exp(lse_s - merged) * (lse_s - ent_s))
+            mean_z = old + new
+        lse = merged
+    logprobs = (label_lp + (label_lse - lse)).masked_fill_(ignored, 0.0).masked_fill_(bad, math.nan)
+    if return_entropy:
+        entropy = torch.where(lse == -math.inf, math.nan, lse - mean_z).masked_fill_(ignored, 0.0)
+    else:
+        entropy = lse.new_empty(0)
+    return logprobs, lse, entropy
+
+
 def _backprop_by_vocab(hidden, w, b, dtype, kernel_args, bwd_inplace, budget, need_hidden, need_weight, need_bias):
     """linear_token_logprobs' gradients (hidden, weight, bias; None where not wanted, in
-    ``dtype`` or float32 accumulators) walking the vocab in slices of about ``budget / N``
-    words: per slice, the N x slice logits are recomputed into a buffer with :data:`_SPARE`
-    spare columns, overwritten with their gradient by the log-prob kernel's in-place backward
-    (with the saved log-normalisers and entropies a row's gradient needs nothing from
-    outside the slice), and multiplied into the slice's weight rows (one product, written
-    once) and the hidden states' accumulator. The kernel's labels are the slice's: a label
-    inside the slice as its column, a valid one outside it pointed at the first spare column
-    (where its one-hot term lands and is dropped), an ignored token at -1 (the slice's
-    ignore_index: no valid column is negative), a label outside [0, V) past the spare
-    columns (its row's gradient is NaN, as in the unsliced kernel)."""
+    ``dtype`` or float32 accumulators) walking the vocab in the forward's slices
+    (:func:`_vocab_slices`): per slice, the N x slice logits are recomputed, overwritten with
+    their gradient by the log-prob kernel's in-place backward (with the saved
+    log-normalisers and entropies a row's gradient needs nothing from outside the slice),
+    and multiplied into the slice's weight rows (one product, written once) and the hidden
+    states' accumulator. Labels as :func:`_slice_labels` gives them, a valid one outside the
+    slice pointed at the first spare column, where its one-hot term lands and is dropped."""
     grad_logprobs, grad_entropy, labels, lse, entropy, temperature, ignore_index = kernel_args
-    n_rows, vocab = hidden.shape[0], w.shape[0]
-    width = max(_SPARE, min(vocab, budget // max(n_rows, 1)) // _SPARE * _SPARE)
+    vocab = w.shape[0]
     h = hidden.to(dtype)
     grad_hidden = _grad_accumulator(h) if need_hidden else None
     grad_weight = torch.empty_like(w) if need_weight else None
     grad_bias = torch.empty(vocab, dtype=lse.dtype, device=w.device) if need_bias else None
     ignored = labels == ignore_index
     bad = ~ignored & ((labels < 0) | (labels >= vocab))
-    buf = torch.zeros(n_rows, width + _SPARE, dtype=dtype, device=w.device)
     with torch.autocast(hidden.device.type, enabled=False):
-        for start in range(0, vocab, width):
-            stop = min(vocab, start + width)
-            cols = stop - start
-            logits = buf[:, :cols + _SPARE]
-            if b is None:
-                torch.mm(h, w[start:stop].t(), out=logits[:, :cols])
-            else:
-                torch.addmm(b[start:stop], h, w[start:stop].t(), out=logits[:, :cols])
-            local = labels - start
-            local = torch.where((local >= 0) & (local < cols), local, cols)  # the first spare column
-            local = local.masked_fill_(ignored, -1).masked_fill_(bad, cols + _SPARE)
+        for start, cols, logits in _vocab_slices(h, w, b, budget):
+            local = _slice_labels(labels, ignored, bad, start, cols, cols)  # outside: the first spare column
             bwd_inplace(logits, grad_logprobs, grad_entropy, local, lse, entropy, temperature, -1)
             g = logits[:, :cols]
             if need_weight:
-                torch.mm(g.t(), h, out=grad_weight[start:stop])
+                torch.mm(g.t(), h, out=grad_weight[start:start + cols])
             if need_hidden:
-                _accumulate_product(grad_hidden, g, w[start:stop])
+                _accumulate_product(grad_hidden, g, w[start:start + cols])
             if need_bias:
-                grad_bias[start:stop] = g.sum(0, dtype=grad_bias.dtype)
+                grad_bias[start:start + cols] = g.sum(0, dtype=grad_bias.dtype)
     return grad_hidden, grad_weight, grad_bias
 
 
