@@ -294,7 +294,8 @@ def linear_logprobs_problem(n_tokens, hidden_size, vocab, dtype, device) -> Prob
             i["hidden"], i["weight"], i["labels"], check_labels=False, backend=b
         )
     if "native" in _kernel_backends(device):  # backward by the cut "auto" does not take (ops/linear.py: _by_vocab)
-        auto_vocab = linear_ops._by_vocab(n_tokens, vocab, True, True)
+        chunk = linear_ops.DEFAULT_CHUNK_BYTES // (vocab * dtype.itemsize)
+        auto_vocab = linear_ops._by_vocab(n_tokens, vocab, True, True, max(1, chunk))
         cut = "rows" if auto_vocab else "vocab"
         provs[f"rlhf_kernels[native,{'token chunks' if auto_vocab else 'vocab slices'}]"] = lambda i: _with_env(
             {"RLHF_KERNELS_LINEAR_BWD_CUT": cut}, lambda: provs["rlhf_kernels[native]"](i))

@@ -200,18 +200,19 @@ def test_vocab_slices_with_masked_words(device, backend, monkeypatch):
 
 
 def test_backward_cut_choice(monkeypatch):
-    """"auto" slices the vocab when fewer tokens than words need a weight gradient (and when only
-    the weight's is wanted), and keeps token chunks otherwise (more tokens than words; a frozen
-    head); the environment knob forces either."""
+    """"auto" slices the vocab when fewer tokens than words, in more than one chunk, need a weight
+    gradient (and when only the weight's is wanted), and keeps token chunks otherwise (more tokens
+    than words; a frozen head; a single chunk); the environment knob forces either."""
     monkeypatch.delenv("RLHF_KERNELS_LINEAR_BWD_CUT", raising=False)
-    assert linear_ops._by_vocab(8192, 128256, True, True)
-    assert linear_ops._by_vocab(200000, 128256, False, True)
-    assert not linear_ops._by_vocab(200000, 128256, True, True)
-    assert not linear_ops._by_vocab(100, 128256, True, False)
+    assert linear_ops._by_vocab(8192, 128256, True, True, 1024)
+    assert linear_ops._by_vocab(200000, 128256, False, True, 1024)
+    assert not linear_ops._by_vocab(200000, 128256, True, True, 1024)
+    assert not linear_ops._by_vocab(100, 128256, True, False, 10)
+    assert not linear_ops._by_vocab(1024, 128256, True, True, 1024)  # one chunk: nothing is accumulated
     monkeypatch.setenv("RLHF_KERNELS_LINEAR_BWD_CUT", "vocab")
-    assert linear_ops._by_vocab(200000, 128256, True, True)
+    assert linear_ops._by_vocab(200000, 128256, True, True, 1024)
     monkeypatch.setenv("RLHF_KERNELS_LINEAR_BWD_CUT", "rows")
-    assert not linear_ops._by_vocab(8192, 128256, True, True)
+    assert not linear_ops._by_vocab(8192, 128256, True, True, 1024)
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())

@@ -237,7 +237,7 @@ class _LinearPPO(torch.autograd.Function):
         need_hidden, need_weight, need_bias = (need_grad and n for n in ctx.needs_input_grad[:3])
         w, b = _cast_head(weight, bias, dtype)
         hidden_parts = [] if need_hidden else None
-        grad_weight = _grad_accumulator(w) if need_weight else None
+        grad_weight = _grad_accumulator(w, hidden.shape[0] <= chunk_size) if need_weight else None
         grad_bias = torch.zeros(w.shape[0], dtype=weights.dtype, device=w.device) if need_bias else None
         loss = torch.zeros((), dtype=weights.dtype, device=hidden.device)
         stats = []
@@ -302,12 +302,13 @@ def _cat_rows(parts, hidden, dtype):
     return torch.cat(parts) if parts else hidden.new_zeros(hidden.shape, dtype=dtype)
 
 
-def _grad_accumulator(w: torch.Tensor) -> torch.Tensor:
+def _grad_accumulator(w: torch.Tensor, single: bool = False) -> torch.Tensor:
     """An accumulated gradient's buffer (the weight's over token chunks, the hidden states' over
     vocab slices): float32 for 16-bit matmuls, so that its rounding does not grow with the number
-    of pieces (a 16-bit sum rounded per chunk did)."""
-    return torch.zeros(w.shape, dtype=torch.float32 if w.dtype in (torch.bfloat16, torch.float16) else w.dtype,
-                       device=w.device)  # fmt: skip
+    of pieces (a 16-bit sum rounded per chunk did); in ``w``'s dtype when there is a ``single``
+    piece (its one product, accumulated in float32 by the matmul, is rounded once either way)."""
+    wide = w.dtype in (torch.bfloat16, torch.float16) and not single
+    return torch.zeros(w.shape, dtype=torch.float32 if wide else w.dtype, device=w.device)
 
 
 def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -380,7 +381,7 @@ class _LinearLogprobs(torch.autograd.Function):
         # backward's cut, decided here: by vocab slices, forward walks the same slices (so that
         # backward recomputes its logits bit for bit); without a backward, token chunks
         need_grad = grad_enabled and any(ctx.needs_input_grad[:3])  # (forward itself runs without grad)
-        ctx.by_vocab = need_grad and _by_vocab(n_rows, weight.shape[0], *ctx.needs_input_grad[:2])
+        ctx.by_vocab = need_grad and _by_vocab(n_rows, weight.shape[0], *ctx.needs_input_grad[:2], chunk_size)
         if ctx.by_vocab:
             logprobs, lse, entropy = _forward_by_vocab(hidden, w, b, dtype, labels, temperature, ignore_index,
                                                        return_entropy, fwd, chunk_size * weight.shape[0])  # fmt: skip
@@ -423,7 +424,7 @@ class _LinearLogprobs(torch.autograd.Function):
             return (*(None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs, strict=True)),
                     None, None, None, None, None, None, None, None)  # fmt: skip
         hidden_parts = [] if need_hidden else None
-        grad_weight = _grad_accumulator(w) if need_weight else None
+        grad_weight = _grad_accumulator(w, hidden.shape[0] <= ctx.chunk_size) if need_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=lse.dtype, device=weight.device) if need_bias else None
         # the forward's logits, recomputed, then overwritten with their gradient (a fresh
         # buffer when traced, so that no in-place write of a custom op is traced)
@@ -444,7 +445,7 @@ class _LinearLogprobs(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
-def _by_vocab(n_rows: int, vocab: int, need_hidden: bool, need_weight: bool) -> bool:
+def _by_vocab(n_rows: int, vocab: int, need_hidden: bool, need_weight: bool, chunk_size: int) -> bool:
     """Whether backward walks the vocab in slices rather than the tokens in chunks.
 
     Token chunks (each chunk's logits for all V words) finish each chunk's hidden-state rows
@@ -468,7 +469,7 @@ def _by_vocab(n_rows: int, vocab: int, need_hidden: bool, need_weight: bool) -> 
     cut = os.environ.get("RLHF_KERNELS_LINEAR_BWD_CUT", "auto")
     if cut in ("rows", "vocab"):
         return cut == "vocab"
-    return need_weight and (not need_hidden or n_rows < vocab)
+    return need_weight and (not need_hidden or n_rows < vocab) and n_rows > chunk_size  # (one chunk: nothing to add)
 
 
 _SPARE = 8  # spare columns after each vocab slice (16 bytes of a 16-bit row: rows stay aligned)
