@@ -162,8 +162,8 @@ def test_vocab_slices_labels_at_the_edges(device, backend):
         with pytest.MonkeyPatch.context() as m:
             m.setenv("RLHF_KERNELS_LINEAR_BWD_CUT", how)
             nan[how] = run(*map(to, (hidden, weight, bias, bad)), None, check_labels=False, **kw)
-    for how, (lp, _, grads) in nan.items():
-        assert torch.isnan(lp[4]) and torch.isnan(grads[0][4]).all(), how
+    for how, (lp, ent, grads) in nan.items():
+        assert torch.isnan(lp[4]) and torch.isnan(ent[4]) and torch.isnan(grads[0][4]).all(), how
         keep = torch.arange(n, device=lp.device) != 4
         torch.testing.assert_close(grads[0][keep], nan["rows"][2][0][keep], atol=1e-10, rtol=1e-9)
 
@@ -182,6 +182,8 @@ def test_vocab_slices_with_masked_words(device, backend, monkeypatch):
     bias[8:16] = -math.inf  # the whole second slice (slices of 8: 2 * 40 // 10)
     bias[[3, 27, 39]] = -math.inf
     labels = torch.tensor([0, 1, 2, 4, 7, 16, 20, 26, 30, 38])
+    labels_masked = labels.clone()
+    labels_masked[3] = 9  # a masked word (its slice all -inf): log-prob -inf, as unsliced
     kw = dict(temperature=1.3, return_entropy=True, chunk_size=2, backend=backend)
     to = lambda t: t.to(device)  # noqa: E731
     got = {}
@@ -197,6 +199,38 @@ def test_vocab_slices_with_masked_words(device, backend, monkeypatch):
         for name, a, b in zip(("hidden", "weight"), grads[:2], want[2], strict=True):
             torch.testing.assert_close(a.cpu(), b, atol=1e-10, rtol=1e-9,
                                        msg=lambda m, name=name, how=how: f"{how} {name}: {m}")  # fmt: skip
+    want = reference(torch.nn.functional.linear(hidden, weight, bias), labels_masked, None, temperature=1.3,
+                     return_entropy=True)  # fmt: skip
+    assert want[0][3] == -math.inf
+    for how in ("rows", "vocab"):
+        monkeypatch.setenv("RLHF_KERNELS_LINEAR_BWD_CUT", how)
+        lp, ent, _ = run(*map(to, (hidden, weight)), to(bias), to(labels_masked), None, **kw)
+        torch.testing.assert_close(lp.cpu(), want[0], atol=1e-10, rtol=1e-10, msg=how)
+        torch.testing.assert_close(ent.cpu(), want[1], atol=1e-10, rtol=1e-10, msg=how)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"]))
+def test_vocab_slices_entropy_precision_with_large_logits(device, backend, monkeypatch):
+    """float32 logits around 300: the entropy merged over vocab slices keeps the token chunks'
+    precision order (carried under the running log-normaliser; a merge through the mean logit
+    lost ~eps * lse**2, 5e-3 here), and so does the gradient that uses it."""
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(12, 16, generator=g, dtype=torch.float64)
+    weight = torch.randn(64, 16, generator=g, dtype=torch.float64)
+    bias = torch.randn(64, generator=g, dtype=torch.float64) + 300.0
+    labels = torch.randint(0, 64, (12,), generator=g)
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight)]
+    want = _loss_and_grads(reference(torch.nn.functional.linear(*leaves, bias), labels, None, return_entropy=True),
+                           leaves, 1)  # fmt: skip
+    to = lambda t: t.float().to(device)  # noqa: E731
+    errors = {}
+    for how in ("rows", "vocab"):
+        monkeypatch.setenv("RLHF_KERNELS_LINEAR_BWD_CUT", how)
+        lp, ent, grads = run(*map(to, (hidden, weight)), to(bias), labels.to(device), None, return_entropy=True,
+                             chunk_size=3, backend=backend)  # fmt: skip
+        errors[how] = (float((ent.cpu().double() - want[1]).abs().max()),
+                       float((grads[0].cpu().double() - want[2][0]).norm() / want[2][0].norm()))  # fmt: skip
+    assert errors["vocab"][0] < 2e-4 and errors["vocab"][1] < 2e-4, errors
 
 
 def test_backward_cut_choice(monkeypatch):

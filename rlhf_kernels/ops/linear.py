@@ -237,7 +237,8 @@ class _LinearPPO(torch.autograd.Function):
         need_hidden, need_weight, need_bias = (need_grad and n for n in ctx.needs_input_grad[:3])
         w, b = _cast_head(weight, bias, dtype)
         hidden_parts = [] if need_hidden else None
-        grad_weight = _grad_accumulator(w, hidden.shape[0] <= chunk_size) if need_weight else None
+        single = hidden.shape[0] <= chunk_size and w.dtype == weight.dtype  # (autocast: keep a float32 product)
+        grad_weight = _grad_accumulator(w, single) if need_weight else None
         grad_bias = torch.zeros(w.shape[0], dtype=weights.dtype, device=w.device) if need_bias else None
         loss = torch.zeros((), dtype=weights.dtype, device=hidden.device)
         stats = []
@@ -306,7 +307,8 @@ def _grad_accumulator(w: torch.Tensor, single: bool = False) -> torch.Tensor:
     """An accumulated gradient's buffer (the weight's over token chunks, the hidden states' over
     vocab slices): float32 for 16-bit matmuls, so that its rounding does not grow with the number
     of pieces (a 16-bit sum rounded per chunk did); in ``w``'s dtype when there is a ``single``
-    piece (its one product, accumulated in float32 by the matmul, is rounded once either way)."""
+    piece and the gradient is returned in that dtype (its one product, accumulated in float32
+    by the matmul, is rounded once either way)."""
     wide = w.dtype in (torch.bfloat16, torch.float16) and not single
     return torch.zeros(w.shape, dtype=torch.float32 if wide else w.dtype, device=w.device)
 
@@ -424,7 +426,8 @@ class _LinearLogprobs(torch.autograd.Function):
             return (*(None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs, strict=True)),
                     None, None, None, None, None, None, None, None)  # fmt: skip
         hidden_parts = [] if need_hidden else None
-        grad_weight = _grad_accumulator(w, hidden.shape[0] <= ctx.chunk_size) if need_weight else None
+        single = hidden.shape[0] <= ctx.chunk_size and w.dtype == weight.dtype  # (autocast: keep a float32 product)
+        grad_weight = _grad_accumulator(w, single) if need_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=lse.dtype, device=weight.device) if need_bias else None
         # the forward's logits, recomputed, then overwritten with their gradient (a fresh
         # buffer when traced, so that no in-place write of a custom op is traced)
@@ -509,40 +512,40 @@ def _slice_labels(labels, ignored, bad, start, cols, outside):
 def _forward_by_vocab(hidden, w, b, dtype, labels, temperature, ignore_index, return_entropy, fwd, budget):
     r"""linear_token_logprobs' forward walking the vocab in the slices backward will recompute
     (:func:`_vocab_slices`): ``(logprobs, lse, entropy)`` from each slice's log-prob kernel
-    outputs (``lse_s``, ``H_s``, and the label's log-prob in its own slice), merged per token:
+    outputs (``lse_s``, ``H_s``) merged per token, and the label's logit read from its slice:
 
     .. math::
 
         \operatorname{lse} = \log \sum_s e^{\operatorname{lse}_s}, \qquad
-        \log p_y = \log p^{(s_y)}_y + (\operatorname{lse}_{s_y} - \operatorname{lse}), \qquad
-        H = \operatorname{lse} - \sum_s e^{\operatorname{lse}_s - \operatorname{lse}}
-            (\operatorname{lse}_s - H_s)
+        \log p_y = z_y - \operatorname{lse}, \qquad
+        H = \sum_s e^{\operatorname{lse}_s - \operatorname{lse}}
+            \big(H_s + \operatorname{lse} - \operatorname{lse}_s\big)
 
-    (:math:`\operatorname{lse}_s - H_s = \sum_{j \in s} p^{(s)}_j z_j`; a slice whose logits
-    are all -inf adds nothing). A token whose label lies outside the slice gets column 0 there
-    (its log-prob is not used); ignored tokens get 0, labels outside [0, V) NaN."""
+    (the entropy carried under the running lse, slice by slice: each term is the part's
+    entropy plus a non-negative shift, with no cancellation of |lse|-sized terms; a slice whose
+    logits are all -inf adds nothing). A token whose label lies outside the slice gets column 0
+    there; ignored tokens get 0, labels outside [0, V) NaN (log-prob and entropy), as unsliced."""
     n_rows, vocab = hidden.shape[0], w.shape[0]
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     ignored = labels == ignore_index
     bad = ~ignored & ((labels < 0) | (labels >= vocab))
-    neg_inf = torch.full((n_rows,), -math.inf, dtype=acc, device=w.device)
-    lse, label_lp, label_lse = neg_inf, torch.zeros_like(neg_inf), torch.zeros_like(neg_inf)
-    mean_z = torch.zeros_like(neg_inf)  # sum_j p_j z_j of the slices so far (p under their lse)
+    lse = torch.full((n_rows,), -math.inf, dtype=acc, device=w.device)
+    label_z, entropy = torch.zeros_like(lse), torch.zeros_like(lse)
     for start, cols, logits in _vocab_slices(hidden.to(dtype), w, b, budget):
-        local = _slice_labels(labels, ignored, bad, start, cols, 0)
-        lp_s, lse_s, ent_s = fwd(logits[:, :cols], local.masked_fill_(bad, 0), temperature, -1, return_entropy,
-                                 False)  # fmt: skip
+        local = _slice_labels(labels, ignored, bad, start, cols, 0).masked_fill_(bad, 0)
+        _, lse_s, ent_s = fwd(logits[:, :cols], local, temperature, -1, return_entropy, False)
         here = (labels >= start) & (labels < start + cols)
-        label_lp, label_lse = torch.where(here, lp_s, label_lp), torch.where(here, lse_s, label_lse)
+        z = logits[:, :cols].gather(1, local.clamp(min=0)[:, None])[:, 0].to(acc) / temperature
+        label_z = torch.where(here, z, label_z)
         merged = torch.logaddexp(lse, lse_s)
         if return_entropy:
-            old = torch.where(lse == -math.inf, 0.0, torch.exp(lse - merged) * mean_z)
-            new = torch.where(lse_s == -math.inf, 0.0, torch.exp(lse_s - merged) * (lse_s - ent_s))
-            mean_z = old + new
+            old = torch.where(lse == -math.inf, 0.0, torch.exp(lse - merged) * (entropy + (merged - lse)))
+            new = torch.where(lse_s == -math.inf, 0.0, torch.exp(lse_s - merged) * (ent_s + (merged - lse_s)))
+            entropy = old + new
         lse = merged
-    logprobs = (label_lp + (label_lse - lse)).masked_fill_(ignored, 0.0).masked_fill_(bad, math.nan)
+    logprobs = (label_z - lse).masked_fill_(ignored, 0.0).masked_fill_(bad, math.nan)
     if return_entropy:
-        entropy = torch.where(lse == -math.inf, math.nan, lse - mean_z).masked_fill_(ignored, 0.0)
+        entropy = torch.where((lse == -math.inf) | bad, math.nan, entropy).masked_fill_(ignored, 0.0)
     else:
         entropy = lse.new_empty(0)
     return logprobs, lse, entropy
