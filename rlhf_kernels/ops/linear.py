@@ -237,8 +237,7 @@ class _LinearPPO(torch.autograd.Function):
         need_hidden, need_weight, need_bias = (need_grad and n for n in ctx.needs_input_grad[:3])
         w, b = _cast_head(weight, bias, dtype)
         hidden_parts = [] if need_hidden else None
-        single = hidden.shape[0] <= chunk_size and w.dtype == weight.dtype  # (autocast: keep a float32 product)
-        grad_weight = _grad_accumulator(w, single) if need_weight else None
+        grad_weight = _weight_grad_buffer(w, weight, hidden.shape[0], chunk_size) if need_weight else None
         grad_bias = torch.zeros(w.shape[0], dtype=weights.dtype, device=w.device) if need_bias else None
         loss = torch.zeros((), dtype=weights.dtype, device=hidden.device)
         stats = []
@@ -313,6 +312,13 @@ def _grad_accumulator(w: torch.Tensor, single: bool = False) -> torch.Tensor:
     return torch.zeros(w.shape, dtype=torch.float32 if wide else w.dtype, device=w.device)
 
 
+def _weight_grad_buffer(w, weight, n_rows, chunk_size):
+    """The weight gradient's buffer over token chunks: :func:`_grad_accumulator` of the matmul
+    weight ``w``, single when one chunk holds every row and the gradient goes back in ``w``'s
+    dtype (under autocast a float32 ``weight`` keeps its float32 product)."""
+    return _grad_accumulator(w, n_rows <= chunk_size and w.dtype == weight.dtype)
+
+
 def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += a @ b`` with ``acc`` possibly float32 and ``a``, ``b`` 16-bit: CUDA's addmm with
     out_dtype accumulates in place; elsewhere the 16-bit product (rounded once) is added."""
@@ -374,11 +380,7 @@ class _LinearLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, return_entropy, chunk_size, impl, dtype,
                 grad_enabled):  # fmt: skip
         fwd = logprobs_ops._FWD_OPS[impl]
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
         n_rows = hidden.shape[0]
-        logprobs = hidden.new_empty(n_rows, dtype=acc)
-        lse = hidden.new_empty(n_rows, dtype=acc)
-        entropy = hidden.new_empty(n_rows if return_entropy else 0, dtype=acc)
         w, b = _cast_head(weight, bias, dtype)
         # backward's cut, decided here: by vocab slices, forward walks the same slices (so that
         # backward recomputes its logits bit for bit); without a backward, token chunks
@@ -388,6 +390,10 @@ class _LinearLogprobs(torch.autograd.Function):
             logprobs, lse, entropy = _forward_by_vocab(hidden, w, b, dtype, labels, temperature, ignore_index,
                                                        return_entropy, fwd, chunk_size * weight.shape[0])  # fmt: skip
         else:
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            logprobs = hidden.new_empty(n_rows, dtype=acc)
+            lse = hidden.new_empty(n_rows, dtype=acc)
+            entropy = hidden.new_empty(n_rows if return_entropy else 0, dtype=acc)
             for rows, _, logits in _chunk_logits(hidden, w, b, dtype, chunk_size):
                 lp, row_lse, ent = fwd(logits, labels[rows], temperature, ignore_index, return_entropy, False)
                 logprobs[rows], lse[rows] = lp, row_lse
@@ -426,8 +432,7 @@ class _LinearLogprobs(torch.autograd.Function):
             return (*(None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs, strict=True)),
                     None, None, None, None, None, None, None, None)  # fmt: skip
         hidden_parts = [] if need_hidden else None
-        single = hidden.shape[0] <= ctx.chunk_size and w.dtype == weight.dtype  # (autocast: keep a float32 product)
-        grad_weight = _grad_accumulator(w, single) if need_weight else None
+        grad_weight = _weight_grad_buffer(w, weight, hidden.shape[0], ctx.chunk_size) if need_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=lse.dtype, device=weight.device) if need_bias else None
         # the forward's logits, recomputed, then overwritten with their gradient (a fresh
         # buffer when traced, so that no in-place write of a custom op is traced)
@@ -449,7 +454,7 @@ class _LinearLogprobs(torch.autograd.Function):
 
 
 def _by_vocab(n_rows: int, vocab: int, need_hidden: bool, need_weight: bool, chunk_size: int) -> bool:
-    """Whether backward walks the vocab in slices rather than the tokens in chunks.
+    """Whether forward and backward walk the vocab in slices rather than the tokens in chunks.
 
     Token chunks (each chunk's logits for all V words) finish each chunk's hidden-state rows
     but add every chunk's product into the whole ``[V, H]`` weight gradient; vocab slices
@@ -499,6 +504,13 @@ def _vocab_slices(h, w, b, budget):
             yield start, cols, logits
 
 
+def _label_kinds(labels, ignore_index, vocab):
+    """``(ignored, bad)``: the tokens whose label is ``ignore_index``, and the others whose label
+    lies outside [0, vocab)."""
+    ignored = labels == ignore_index
+    return ignored, ~ignored & ((labels < 0) | (labels >= vocab))
+
+
 def _slice_labels(labels, ignored, bad, start, cols, outside):
     """A slice's labels for the log-prob kernels (ignore_index -1): a label inside the slice as
     its column, a valid one outside it at column ``outside``, an ignored token at -1 (no valid
@@ -527,8 +539,7 @@ def _forward_by_vocab(hidden, w, b, dtype, labels, temperature, ignore_index, re
     there; ignored tokens get 0, labels outside [0, V) NaN (log-prob and entropy), as unsliced."""
     n_rows, vocab = hidden.shape[0], w.shape[0]
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    ignored = labels == ignore_index
-    bad = ~ignored & ((labels < 0) | (labels >= vocab))
+    ignored, bad = _label_kinds(labels, ignore_index, vocab)
     lse = torch.full((n_rows,), -math.inf, dtype=acc, device=w.device)
     label_z, entropy = torch.zeros_like(lse), torch.zeros_like(lse)
     for start, cols, logits in _vocab_slices(hidden.to(dtype), w, b, budget):
@@ -566,8 +577,7 @@ def _backprop_by_vocab(hidden, w, b, dtype, kernel_args, bwd_inplace, budget, ne
     grad_hidden = _grad_accumulator(h) if need_hidden else None
     grad_weight = torch.empty_like(w) if need_weight else None
     grad_bias = torch.empty(vocab, dtype=lse.dtype, device=w.device) if need_bias else None
-    ignored = labels == ignore_index
-    bad = ~ignored & ((labels < 0) | (labels >= vocab))
+    ignored, bad = _label_kinds(labels, ignore_index, vocab)
     with torch.autocast(hidden.device.type, enabled=False):
         for start, cols, logits in _vocab_slices(h, w, b, budget):
             local = _slice_labels(labels, ignored, bad, start, cols, cols)  # outside: the first spare column
