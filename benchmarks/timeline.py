@@ -15,7 +15,12 @@ per step the median over runs of:
   * ``span``: from the first kernel's start to the last one's end;
   * ``busy``: the sum of the kernel durations (``span - busy``: idle gaps between kernels);
   * the largest kernel's duration, name and TB/s at the step's bytes (what the kernel alone
-    reaches; the issue's targets are about this rate).
+    reaches; the issue's targets are about this rate);
+  * with ``--host`` (the default; ``--no-host`` leaves it out), for the last run, where the host
+    time went: the step's top-level host ops on each thread (the autograd engine runs backward on
+    a thread of its own) with their start after the step's, own duration and kernels launched,
+    and the CUDA runtime calls (launches, allocations, synchronisations, copies) counted and
+    summed, so that a lead or a gap can be pinned on the calls that make it.
 
 Without CUDA it runs the steps on CPU and reports that no kernels were recorded.
 """
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -70,8 +76,57 @@ def record(case: bench.Case, device, runs: int) -> list[dict]:
         until = marks[n + 1].time_range.start if n + 1 < len(marks) else float("inf")
         kernels = _kernels(events, mark.time_range.start, until)
         result.append({"start": mark.time_range.start, "end": mark.time_range.end,
-                       "kernels": [(k.name, k.time_range.start, k.time_range.end) for k in kernels]})  # fmt: skip
+                       "kernels": [(k.name, k.time_range.start, k.time_range.end) for k in kernels],
+                       "host": _host_ops(events, mark)})  # fmt: skip
     return result
+
+
+# CUDA runtime / driver calls worth counting on the host (prefixes of the profiler's names)
+_RUNTIME = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelEx", "cudaMalloc", "cudaFree", "cudaMemcpy",
+            "cudaMemset", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
+            "cudaEventQuery", "cudaStreamWaitEvent", "cudaFuncSetAttribute", "cudaOccupancy", "cudaGetDevice",
+            "cudaDeviceGetAttribute", "cudaStreamIsCapturing", "cudaPeekAtLastError", "cudaGetLastError")
+
+
+def _host_ops(events, mark) -> dict:
+    """The step's host side: top-level ops per thread inside the step's host range (the mark's
+    children on its thread; ops without a parent on the others: the autograd engine's device
+    thread), as (offset from the step's start, duration, name, kernels launched), and the CUDA
+    runtime calls in that range, {name: (count, total us)}."""
+    start, end = mark.time_range.start, mark.time_range.end
+    inside = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and e is not mark
+              and start <= e.time_range.start <= end]  # fmt: skip
+    tops = []
+    for e in inside:
+        parent = e.cpu_parent
+        if parent is mark or (parent is None and e.thread != mark.thread):
+            tops.append((e.time_range.start - start, e.time_range.end - e.time_range.start, e.name,
+                         len(getattr(e, "kernels", ()))))  # fmt: skip
+    runtime: dict[str, list[float]] = {}
+    for e in inside:
+        if e.name.startswith(_RUNTIME):
+            c = runtime.setdefault(e.name, [0, 0.0])
+            c[0] += 1
+            c[1] += e.time_range.end - e.time_range.start
+    return {"tops": sorted(tops), "runtime": runtime}
+
+
+def print_host(host: dict, limit: int = 24) -> None:
+    """The host breakdown of one run (see _host_ops), longest top-level ops first past ``limit``."""
+    tops = host["tops"]
+    if len(tops) > limit:  # keep the longest, shown in start order
+        keep = sorted(sorted(tops, key=lambda t: -t[1])[:limit])
+        print(f"    host ops ({len(tops)} top-level, the {limit} longest):")
+    else:
+        keep = tops
+        print(f"    host ops ({len(tops)} top-level):")
+    for offset, dur, name, n_kernels in keep:
+        launched = f"  [{n_kernels} kernel{'s' if n_kernels != 1 else ''}]" if n_kernels else ""
+        print(f"      +{offset:8.1f} us {dur:8.1f} us  {name[:70]}{launched}")
+    if host["runtime"]:
+        calls = ", ".join(f"{name} x{n} {us:.0f} us"
+                          for name, (n, us) in sorted(host["runtime"].items(), key=lambda kv: -kv[1][1]))  # fmt: skip
+        print(f"    runtime calls: {calls}")
 
 
 def summarize(runs: list[dict]) -> dict | None:
@@ -99,14 +154,17 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--budget", type=float, default=60.0, help="seconds; later steps are skipped past it")
+    parser.add_argument("--host", action=argparse.BooleanOptionalAction, default=True,
+                        help="print where the host time of each step's last run went")  # fmt: skip
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.time()
     problems = [
         (bench.token_logprobs_problem(args.rows, args.vocab, torch.bfloat16, device), ("fwd", "bwd"),
          ("rlhf_kernels[native]", "rlhf_kernels[triton]")),
-        (bench.ppo_step_problem(8, args.rows // 8, args.vocab, torch.bfloat16, device), ("fwd+bwd",),
-         ("rlhf_kernels[native,fused]", "rlhf_kernels[native,two-pass]", "floor: read+write")),
+        (bench.ppo_step_problem(8, args.rows // 8, args.vocab, torch.bfloat16, device), ("fwd", "bwd", "fwd+bwd"),
+         ("rlhf_kernels[native,fused]", "rlhf_kernels[triton,fused]", "rlhf_kernels[native,two-pass]",
+          "floor: read+write")),
     ]  # fmt: skip
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{name}: kernel timeline of the benchmark's steps (torch {torch.__version__}), medians of {args.runs} runs")
@@ -119,13 +177,17 @@ def main() -> None:
                 print("(budget spent: later steps not recorded)")
                 return
             label = f"{problem.op} {problem.shape} {case.mode} {case.provider}"
-            s = summarize(record(case, device, args.runs))
+            runs = record(case, device, args.runs)
+            s = summarize(runs)
             if s is None:
                 print(f"{label:58s} (no kernels recorded)")
-                continue
-            tbs = problem.bytes_moved[case.mode] / (s["big"] * 1e-6) / 1e12
-            print(f"{label:58s} {s['lead']:8.1f} {s['span']:9.1f} {s['busy']:9.1f} {s['kernels']:3.0f} "
-                  f"{s['big']:10.1f} {tbs:6.2f}  {s['name'][:60]}", flush=True)  # fmt: skip
+            else:
+                tbs = problem.bytes_moved[case.mode] / (s["big"] * 1e-6) / 1e12
+                print(f"{label:58s} {s['lead']:8.1f} {s['span']:9.1f} {s['busy']:9.1f} {s['kernels']:3.0f} "
+                      f"{s['big']:10.1f} {tbs:6.2f}  {s['name'][:60]}")  # fmt: skip
+            if args.host and runs:
+                print_host(runs[-1]["host"])
+            sys.stdout.flush()
 
 
 if __name__ == "__main__":

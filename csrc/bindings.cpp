@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -729,11 +730,27 @@ std::tuple<at::Tensor, at::Tensor> ppo_logits_fused_inplace(
 // its Python twin, _fused_inputs_torch, runs where this op cannot: traced, or without
 // the extension): the labels as flat int64 with every masked token set to ignore_index,
 // the aggregation weights (ops/ppo.py: token_weights; flat, in the accumulation dtype)
-// and the count of valid tokens clamped to >= 1. Plain ATen calls, made here rather
-// than from Python because on a GPU the host time of each call before the sweep's
-// launch is time the device idles (the Python calls took ~2x the host time of this
-// one on the CPU). Autocast is off: the weights keep the accumulation dtype whatever
-// the surrounding region computes in.
+// and the count of valid tokens clamped to >= 1. One kernel (ppo.h: PpoInputsParams) for
+// int32 / int64 labels and masks of the common dtypes, any strides, up to
+// kMaxInputsTokens tokens: on a GPU the host time of each launch before the sweep's is
+// time the device idles, and the ATen composition below (past that bound, or for other
+// dtypes) is ~8 launches. Autocast is off: the weights keep the accumulation dtype
+// whatever the surrounding region computes in.
+std::optional<MaskKind> inputs_mask_kind(at::ScalarType t) {
+  switch (t) {
+    case at::kBool:
+    case at::kByte:
+    case at::kChar: return MaskKind::Byte;
+    case at::kInt: return MaskKind::Int32;
+    case at::kLong: return MaskKind::Int64;
+    case at::kFloat: return MaskKind::Float32;
+    case at::kDouble: return MaskKind::Float64;
+    case at::kHalf:
+    case at::kBFloat16: return MaskKind::Bits16;
+    default: return std::nullopt;
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_fused_inputs(const at::Tensor& labels, const at::Tensor& mask,
                                                                 int64_t agg, int64_t ignore_index, bool double_acc) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
@@ -744,6 +761,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_fused_inputs(const at::Tensor
                     labels.sizes(), " on ", labels.device(), ", got ", mask.sizes(), " on ", mask.device());
   TORCH_CHECK_VALUE(agg >= ppo_loss::kTokenMean && agg <= ppo_loss::kTokenSum, "agg: unknown loss_agg_mode id ", agg);
   const auto acc = double_acc ? at::kDouble : at::kFloat;
+  const auto kind = inputs_mask_kind(mask.scalar_type());
+  const bool narrow = labels.scalar_type() == at::kInt;
+  if (labels.numel() <= kMaxInputsTokens && kind && (narrow || labels.scalar_type() == at::kLong) &&
+      (labels.is_cpu() || labels.is_cuda())) {
+    at::Tensor flat_labels = at::empty({labels.numel()}, labels.options().dtype(at::kLong));
+    at::Tensor weights = at::empty({labels.numel()}, labels.options().dtype(acc));
+    at::Tensor n_valid = at::empty({}, labels.options().dtype(acc));
+    PpoInputsParams p;
+    p.batch = labels.size(0);
+    p.time = labels.size(1);
+    p.labels = labels.data_ptr();
+    p.labels_int32 = narrow;
+    p.labels_stride0 = labels.stride(0);
+    p.labels_stride1 = labels.stride(1);
+    p.mask = mask.data_ptr();
+    p.mask_kind = *kind;
+    p.mask_stride0 = mask.stride(0);
+    p.mask_stride1 = mask.stride(1);
+    p.ignore_index = ignore_index;
+    p.agg = static_cast<int>(agg);
+    p.double_acc = double_acc;
+    p.labels_out = flat_labels.data_ptr<int64_t>();
+    p.weights = weights.data_ptr();
+    p.n_valid = n_valid.data_ptr();
+    run_kernel(labels.device(), p, RLHF_CUDA_FN(ppo_fused_inputs_cuda), &ppo_fused_inputs_cpu);
+    return {flat_labels, weights, n_valid};
+  }
   // int64 first: compared in a narrower dtype, ignore_index would wrap (uint8: -100 is 156)
   const at::Tensor wide = labels.to(at::kLong).contiguous();
   at::Tensor valid = wide.ne(ignore_index);

@@ -165,6 +165,41 @@ void ppo_cluster_layout_cuda(int64_t vocab, int itemsize, int64_t max_smem, int 
 int64_t ppo_cluster_launches_cuda();
 void ppo_logits_fused_cpu(const PpoLogitsParams& p);
 
+// The fused step's per-token inputs that depend on the mask (rlhf_kernels/ops/ppo.py:
+// _fused_inputs; bindings.cpp: ppo_fused_inputs), over [B, T] labels and mask of any
+// strides (in elements). With valid = (mask != 0 and label != ignore_index, compared in
+// int64), per row b:
+//   labels_out[b T + t] = valid ? label : ignore_index          (int64, contiguous)
+//   n_b = #valid t of row b, N = sum n_b, S = #rows with n_b > 0, n = max(N, 1), s = max(S, 1)
+//   weights[b T + t] = valid ? 1 / d_b : 0 (contiguous), d_b = n, s, max(n_b, 1) s,
+//                      s max(T, 1), 1 for agg 0..4 (ppo_loss_math.h: input_denominator)
+//   n_valid[0] = n
+// in the accumulation type A (double when double_acc, else float), formed as the ATen
+// composition forms them, so the bits are the same (its counts are sums of 0 / 1 in A:
+// exact up to 2^24 tokens in float). One launch; the CUDA kernel is one block, so the
+// bindings take the ATen composition past kMaxInputsTokens tokens, where the sweep after
+// it is long enough to hide its host time.
+enum class MaskKind : int { Byte = 0, Int32 = 1, Int64 = 2, Float32 = 3, Float64 = 4, Bits16 = 5 };
+struct PpoInputsParams {
+  int64_t batch = 0;
+  int64_t time = 0;
+  const void* labels = nullptr;
+  bool labels_int32 = false;  // else int64
+  int64_t labels_stride0 = 0, labels_stride1 = 0;
+  const void* mask = nullptr;
+  MaskKind mask_kind = MaskKind::Byte;  // Bits16: float16 / bfloat16 as raw bits
+  int64_t mask_stride0 = 0, mask_stride1 = 0;
+  int64_t ignore_index = -100;
+  int agg = 0;
+  bool double_acc = false;
+  int64_t* labels_out = nullptr;
+  void* weights = nullptr;
+  void* n_valid = nullptr;  // one value of A
+};
+constexpr int64_t kMaxInputsTokens = int64_t(1) << 18;
+void ppo_fused_inputs_cuda(const PpoInputsParams& p, void* stream);
+void ppo_fused_inputs_cpu(const PpoInputsParams& p);
+
 // Masked whitening (rlhf_kernels.ops.ppo.masked_whiten) over n contiguous
 // values x (Float32 / Float16 / BFloat16 / Float64) and a uint8 mask
 // (nonzero = valid), with A the accumulation type (double for Float64, else

@@ -416,6 +416,66 @@ __global__ void __launch_bounds__(kClusterThreads, 2) ppo_logits_cluster_kernel(
 #endif
 }
 
+// --- the sweep's mask-dependent inputs (ppo.h: PpoInputsParams) in one launch ---
+
+// One block: warp w owns rows w, w + 32, ...; lane l its positions l, l + 32, ... of each
+// row (so every thread reads back only what it wrote itself). Pass 1 writes the labels
+// and 0 / 1 weights and counts each row in the warp; the block's totals go through shared
+// memory; pass 2 (not for token-sum) writes 1 / d_b over the 1s, recounting a row from
+// them where d_b needs its count. Small: at most kMaxInputsTokens tokens (the bindings'
+// bound), a few microseconds of one SM, where the ATen composition is ~8 launches.
+constexpr int kInputsThreads = 1024;
+
+template <typename L, typename M, typename A>
+__global__ void __launch_bounds__(kInputsThreads) ppo_fused_inputs_kernel(const PpoInputsParams p) {
+  constexpr int kWarps = kInputsThreads / kWarpSize;
+  __shared__ int64_t warp_totals[kWarps][2];
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  const L* labels = static_cast<const L*>(p.labels);
+  const M* mask = static_cast<const M*>(p.mask);
+  A* w = static_cast<A*>(p.weights);
+  int64_t total = 0, seqs = 0;
+  for (int64_t b = warp; b < p.batch; b += kWarps) {
+    int64_t count = 0;
+    for (int64_t t = lane; t < p.time; t += kWarpSize) {
+      const int64_t y = static_cast<int64_t>(labels[b * p.labels_stride0 + t * p.labels_stride1]);
+      const bool valid = y != p.ignore_index && ppo_loss::mask_nonzero(mask[b * p.mask_stride0 + t * p.mask_stride1]);
+      p.labels_out[b * p.time + t] = valid ? y : p.ignore_index;
+      w[b * p.time + t] = valid ? A(1) : A(0);
+      count += valid;
+    }
+    count = warp_sum(count);  // the same in every lane
+    total += count;
+    seqs += count > 0;
+  }
+  if (lane == 0) {
+    warp_totals[warp][0] = total;
+    warp_totals[warp][1] = seqs;
+  }
+  __syncthreads();
+  total = seqs = 0;
+  for (int i = 0; i < kWarps; ++i) {
+    total += warp_totals[i][0];
+    seqs += warp_totals[i][1];
+  }
+  const int64_t n = total > 1 ? total : 1, s = seqs > 1 ? seqs : 1;
+  if (threadIdx.x == 0) *static_cast<A*>(p.n_valid) = static_cast<A>(n);
+  if (p.agg == ppo_loss::kTokenSum) return;
+  const bool per_row = p.agg == ppo_loss::kSeqMeanTokenMean;
+  const A shared_inv = A(1) / ppo_loss::input_denominator<A>(p.agg, n, s, 0, p.time);
+  for (int64_t b = warp; b < p.batch; b += kWarps) {
+    A* row = w + b * p.time;
+    A inv = shared_inv;
+    if (per_row) {
+      int64_t count = 0;
+      for (int64_t t = lane; t < p.time; t += kWarpSize) count += row[t] != A(0);
+      inv = A(1) / ppo_loss::input_denominator<A>(p.agg, n, s, warp_sum(count), p.time);
+    }
+    for (int64_t t = lane; t < p.time; t += kWarpSize) row[t] = row[t] != A(0) ? inv : A(0);
+  }
+}
+
 void check_launch(const char* what) {
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) {
@@ -667,6 +727,16 @@ void ppo_cluster_layout_cuda(int64_t vocab, int itemsize, int64_t max_smem, int 
 }
 
 int64_t ppo_cluster_launches_cuda() { return gpu::cluster_launches.load(std::memory_order_relaxed); }
+
+void ppo_fused_inputs_cuda(const PpoInputsParams& p, void* stream) {
+  ppo_loss::check_inputs(p, "ppo_fused_inputs_cuda");
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  ppo_loss::visit_inputs(p, [&](auto label_t, auto mask_t, auto acc_t) {
+    gpu::ppo_fused_inputs_kernel<decltype(label_t), decltype(mask_t), decltype(acc_t)>
+        <<<1, gpu::kInputsThreads, 0, s>>>(p);
+  });
+  gpu::check_launch("ppo_fused_inputs_kernel");
+}
 
 void ppo_logits_fused_cuda(const PpoLogitsParams& p, void* stream) {
   if (!ppo_loss::check_fused(p, "ppo_logits_fused_cuda")) return;  // (a 0-block launch is an error)

@@ -26,6 +26,7 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "cpu_simd.h"
 #include "logprobs_cpu.h"
@@ -325,6 +326,43 @@ void ppo_logits_fused_cpu(const PpoLogitsParams& p) {
   // About 64k logits per task, as the log-prob kernels.
   const int64_t grain = std::max<int64_t>(1, 65536 / p.vocab);
   at::parallel_for(0, p.rows, grain, [&](int64_t b, int64_t e) { fn(p, b, e); });
+}
+
+void ppo_fused_inputs_cpu(const PpoInputsParams& p) {
+  ppo_loss::check_inputs(p, "ppo_fused_inputs_cpu");
+  // One thread: at most kMaxInputsTokens tokens (the bindings' bound), a small fraction of the
+  // sweep after it; the per-row counts are kept for the weights' second pass.
+  ppo_loss::visit_inputs(p, [&](auto label_t, auto mask_t, auto acc_t) {
+    using L = decltype(label_t);
+    using M = decltype(mask_t);
+    using A = decltype(acc_t);
+    const L* labels = static_cast<const L*>(p.labels);
+    const M* mask = static_cast<const M*>(p.mask);
+    A* w = static_cast<A*>(p.weights);
+    std::vector<int64_t> counts(static_cast<size_t>(p.batch));
+    int64_t total = 0, seqs = 0;
+    for (int64_t b = 0; b < p.batch; ++b) {
+      int64_t count = 0;
+      for (int64_t t = 0; t < p.time; ++t) {
+        const int64_t y = static_cast<int64_t>(labels[b * p.labels_stride0 + t * p.labels_stride1]);
+        const bool valid = y != p.ignore_index && ppo_loss::mask_nonzero(mask[b * p.mask_stride0 + t * p.mask_stride1]);
+        p.labels_out[b * p.time + t] = valid ? y : p.ignore_index;
+        w[b * p.time + t] = valid ? A(1) : A(0);
+        count += valid;
+      }
+      counts[static_cast<size_t>(b)] = count;
+      total += count;
+      seqs += count > 0;
+    }
+    const int64_t n = std::max<int64_t>(total, 1), s = std::max<int64_t>(seqs, 1);
+    *static_cast<A*>(p.n_valid) = static_cast<A>(n);
+    if (p.agg == ppo_loss::kTokenSum) return;
+    for (int64_t b = 0; b < p.batch; ++b) {
+      const A inv = A(1) / ppo_loss::input_denominator<A>(p.agg, n, s, counts[static_cast<size_t>(b)], p.time);
+      A* row = w + b * p.time;
+      for (int64_t t = 0; t < p.time; ++t) row[t] = row[t] != A(0) ? inv : A(0);
+    }
+  });
 }
 
 void ppo_loss_fwd_cpu(const PpoLossParams& p) {

@@ -50,6 +50,69 @@ constexpr int kSeqMeanTokenMean = 2;
 constexpr int kSeqMeanTokenSumNorm = 3;
 constexpr int kTokenSum = 4;
 
+// The fused step's inputs (ppo.h: PpoInputsParams): the denominator d_b of a valid token's
+// aggregation weight 1 / d_b, in A as the ATen composition forms it (its counts are A
+// values; products of two exact integers are rounded once either way).
+template <typename A>
+RLHF_HD A input_denominator(int agg, int64_t n, int64_t s, int64_t n_b, int64_t time) {
+  switch (agg) {
+    case kTokenMean: return static_cast<A>(n);
+    case kSeqMeanTokenSum: return static_cast<A>(s);
+    case kSeqMeanTokenMean: return static_cast<A>(n_b > 1 ? n_b : 1) * static_cast<A>(s);
+    case kSeqMeanTokenSumNorm: return static_cast<A>(s) * static_cast<A>(time > 1 ? time : 1);
+    default: return A(1);  // kTokenSum
+  }
+}
+
+// A mask element is "valid" when nonzero (NaN included, -0 not), for every mask dtype the
+// inputs take; 16-bit floats as raw bits (Bits16).
+struct Bits16 {
+  uint16_t bits;
+};
+template <typename M>
+RLHF_HD bool mask_nonzero(M m) { return m != M(0); }
+RLHF_HD bool mask_nonzero(Bits16 m) { return (m.bits & 0x7fffu) != 0; }
+
+// Calls f(Label{}, Mask{}, A{}) with the inputs' element types (host code; a generic lambda
+// instantiates the kernel of each combination).
+template <typename F>
+void visit_inputs(const PpoInputsParams& p, F&& f) {
+  const auto with_mask = [&](auto label, auto acc) {
+    switch (p.mask_kind) {
+      case MaskKind::Byte: f(label, uint8_t{}, acc); break;
+      case MaskKind::Int32: f(label, int32_t{}, acc); break;
+      case MaskKind::Int64: f(label, int64_t{}, acc); break;
+      case MaskKind::Float32: f(label, float{}, acc); break;
+      case MaskKind::Float64: f(label, double{}, acc); break;
+      case MaskKind::Bits16: f(label, Bits16{}, acc); break;
+      default: throw std::invalid_argument("rlhf_kernels: ppo_fused_inputs: unsupported mask kind");
+    }
+  };
+  const auto with_acc = [&](auto label) {
+    if (p.double_acc) {
+      with_mask(label, double{});
+    } else {
+      with_mask(label, float{});
+    }
+  };
+  if (p.labels_int32) {
+    with_acc(int32_t{});
+  } else {
+    with_acc(int64_t{});
+  }
+}
+
+// Argument checks shared by both devices.
+inline void check_inputs(const PpoInputsParams& p, const char* who) {
+  if (p.batch < 0 || p.time < 0 || p.agg < kTokenMean || p.agg > kTokenSum) {
+    throw std::invalid_argument(std::string("rlhf_kernels: ") + who + ": bad shape or agg");
+  }
+  if (p.n_valid == nullptr || (p.batch * p.time > 0 && (p.labels == nullptr || p.mask == nullptr ||
+                                                        p.labels_out == nullptr || p.weights == nullptr))) {
+    throw std::invalid_argument(std::string("rlhf_kernels: ") + who + ": missing pointer");
+  }
+}
+
 constexpr int kKlK1 = 0;
 constexpr int kKlAbs = 1;
 constexpr int kKlK2 = 2;

@@ -1720,6 +1720,52 @@ def test_ppo_fused_inputs_extension_matches_torch(device, backend, mode, mask_dt
 
 
 @pytest.mark.parametrize("device,backend", NATIVE_INPUTS)
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_ppo_fused_inputs_kernel_mask_dtypes_and_shapes(device, backend, mode):
+    """The extension's inputs kernel (one block: a warp a row, a lane a position) against the
+    PyTorch composition bit for bit over every mask dtype it reads (bytes, int32 / int64,
+    float32 / float64 with NaN (valid) and -0.0 (not), float16 / bfloat16 as bits) and one it
+    leaves to the ATen composition (int16); more rows than warps and tokens than lanes, empty rows, an
+    expanded (stride 0) mask, a transposed one; and past the kernel's token bound (ATen)."""
+    g = torch.Generator().manual_seed(34)
+    B, T = 70, 100
+    labels = torch.randint(0, 1000, (B, T), generator=g)
+    labels[torch.rand(B, T, generator=g) < 0.1] = -100
+    bits = torch.rand(B, T, generator=g) < 0.6
+    bits[5] = False  # an empty row
+    bits[:, 0] = True
+    acc = torch.float32
+    masks = {}
+    for dtype in (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
+                  torch.bfloat16, torch.float32, torch.float64):  # fmt: skip
+        masks[str(dtype)] = bits.to(dtype) * (-2 if dtype not in (torch.bool, torch.uint8) else 1)
+    nan_zero = bits.double()
+    nan_zero[0, :3] = float("nan")  # valid (nonzero)
+    nan_zero[1, :3] = -0.0  # not
+    masks["nan and -0.0"] = nan_zero
+    masks["nan and -0.0, float16"] = nan_zero.half()
+    masks["expanded"] = bits[0].expand(B, T)
+    masks["transposed"] = bits.t().contiguous().t()
+    for name, mask in masks.items():
+        args = (labels.to(device), mask.to(device), None, None, None, mode, -100, acc)
+        got, want = ppo_ops._fused_inputs(*args), ppo_ops._fused_inputs_torch(*args)
+        for i in (0, 4, 5):
+            torch.testing.assert_close(got[i], want[i], rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            torch.ops.rlhf_kernels.ppo_fused_inputs_native(args[0], args[1], 0, -100, False)
+        composed = {e.name for e in prof.events()} & {"aten::ne", "aten::where", "aten::logical_and_"}
+        assert (not composed) == (name != "torch.int16"), (name, composed)  # the kernel, unless converted
+    # past the one-block kernel's bound (ppo.h: kMaxInputsTokens = 2**18): the ATen composition
+    n = 1 + (1 << 18)
+    big_labels = torch.randint(0, 10, (2, n // 2 + 1), generator=g).to(device)
+    big_mask = (torch.rand(2, n // 2 + 1, generator=g) < 0.5).to(device)
+    args = (big_labels, big_mask, None, None, None, mode, -100, torch.float64)
+    got, want = ppo_ops._fused_inputs(*args), ppo_ops._fused_inputs_torch(*args)
+    for i in (0, 4, 5):
+        torch.testing.assert_close(got[i], want[i], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device,backend", NATIVE_INPUTS)
 def test_ppo_fused_inputs_narrow_labels_compare_in_int64(device, backend):
     """Labels of a narrow dtype against an ignore_index outside its range: compared in int64, so
     uint8 156 is not -100 and int32 0 is not 2**32 (wrapped in the labels' dtype, they would be)."""

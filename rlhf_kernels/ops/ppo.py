@@ -503,8 +503,10 @@ def _fused_inputs(labels, mask, old, adv, ref, mode, ignore_index, acc):
     The sweep cannot start before these exist, and on a GPU each call before its launch is
     host time while the device idles: eager calls on plain tensors on a device the extension
     was built for make the mask's part (labels, weights, count) in one call into it
-    (csrc/bindings.cpp: ppo_fused_inputs, the same ATen ops below Python); traced calls
-    (torch.compile, whose compiler fuses them) and the rest use :func:`_fused_inputs_torch`."""
+    (csrc/bindings.cpp: ppo_fused_inputs; one kernel launch for int32 / int64 labels, masks
+    of the usual dtypes and up to 2**18 tokens, else the same ATen ops below Python);
+    traced calls (torch.compile, whose compiler fuses them) and the rest use
+    :func:`_fused_inputs_torch`."""
     if (_NATIVE_INPUTS is not None and type(labels) is torch.Tensor and type(mask) is torch.Tensor
             and _native_helpers_on(labels.device) and not torch.compiler.is_compiling()):  # fmt: skip
         labels, weights, n_valid = _NATIVE_INPUTS(labels, mask, _AGG_IDS[mode], ignore_index, acc == torch.float64)
