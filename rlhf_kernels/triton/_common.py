@@ -60,6 +60,12 @@ class _OnTensorDevice:
         return run
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for the launchers' grids: ``triton.cdiv`` is a constexpr function in Triton
+    3.8, whose call wrapper costs microseconds of host time per launch."""
+    return -(-a // b)
+
+
 def split_float(value: float) -> tuple[float, float]:
     """``value = hi + lo`` with both parts exact float32, to ~2^-48 relative.
 

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from rlhf_kernels._layout import row_layout, rows_may_overlap
-from rlhf_kernels.triton._common import join_float, split_float, with_ones
+from rlhf_kernels.triton._common import cdiv, join_float, split_float, with_ones
 
 # Kernels may only read globals that are constexpr.
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -717,12 +717,12 @@ def bwd_part_cols() -> int:
 def bwd_parts(rows: int, vocab: int, block: int) -> tuple[int, int]:
     """(parts per row, columns per part) for the backward's launch: whole rows unless
     :func:`bwd_part_cols` asks for parts (rounded up to whole tiles) and the grid fits."""
-    whole = (1, triton.cdiv(max(vocab, 1), block) * block)
+    whole = (1, cdiv(max(vocab, 1), block) * block)
     want = bwd_part_cols()
     if want <= 0:
         return whole
-    part_cols = triton.cdiv(want, block) * block
-    parts = triton.cdiv(vocab, part_cols)
+    part_cols = cdiv(want, block) * block
+    parts = cdiv(vocab, part_cols)
     if parts <= 1 or rows * parts > _MAX_GRID:
         return whole
     return parts, part_cols

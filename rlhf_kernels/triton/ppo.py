@@ -18,7 +18,7 @@ import triton.language as tl
 
 from rlhf_kernels._dispatch import triton_interpreted
 from rlhf_kernels.reference.ppo import LOSS_AGG_MODES
-from rlhf_kernels.triton._common import join_float, split_float, with_ones
+from rlhf_kernels.triton._common import cdiv, join_float, split_float, with_ones
 from rlhf_kernels.triton.logprobs import (
     _LOG2E,
     _align_head,
@@ -216,7 +216,7 @@ def gae(rewards, values, mask, gamma, lam, launch=None):
     if B == 0 or T == 0:
         return advantages, returns
     kernel = _gae_kernel if launch is None else launch(_gae_kernel)
-    kernel[(triton.cdiv(B, GAE_ROWS),)](
+    kernel[(cdiv(B, GAE_ROWS),)](
         rewards, values, values if mask is None else mask, advantages, returns,
         B, T, *(0 if t is None or B == 1 else t.stride(0) for t in (rewards, values, mask)), *split_float(gamma),
         *split_float(gamma * lam),
@@ -461,7 +461,7 @@ def ppo_loss_bwd(kind, x, old, third, mask, rows, metrics, grad_loss, p0, p1, p2
         return grad
     block = _loss_block(T)
     kernel = _ppo_loss_bwd_kernel if launch is None else launch(_ppo_loss_bwd_kernel)
-    kernel[(B, triton.cdiv(T, block))](x, old, third, mask, rows, metrics, grad_loss.to(x.dtype).contiguous(), grad,
+    kernel[(B, cdiv(T, block))](x, old, third, mask, rows, metrics, grad_loss.to(x.dtype).contiguous(), grad,
                                        T, *split_float(p0), *split_float(p1), *split_float(p2), KIND=kind,
                                        HAS_DUAL=has_dual, AGG=agg, BLOCK=block, num_warps=4)  # fmt: skip
     return grad
@@ -516,7 +516,7 @@ def kl_penalty(logp, ref, kind, grad_out=None, launch=None):
     if n == 0:
         return out
     kernel = _kl_kernel if launch is None else launch(_kl_kernel)
-    kernel[(triton.cdiv(n, 1024),)](logp, ref, out, logp if grad_out is None else grad_out, n,
+    kernel[(cdiv(n, 1024),)](logp, ref, out, logp if grad_out is None else grad_out, n,
                                     KIND=KL_KIND_IDS[kind], BACKWARD=grad_out is not None, BLOCK=1024)  # fmt: skip
     return out
 
@@ -1022,7 +1022,7 @@ def fused_parts(vocab: int, rows: int) -> tuple[int, int]:
     if cols <= 0:
         return 0, 0
     cols = min(16384, max(256, triton.next_power_of_2(cols)))
-    parts = triton.cdiv(vocab, cols)
+    parts = cdiv(vocab, cols)
     if parts > MAX_FUSED_PARTS or rows * parts >= 1 << 31:
         return 0, 0
     return cols, parts
@@ -1183,7 +1183,7 @@ def scale_unless_one_(x, scale, launch=None):
     layout = kernel_layout(x, "x")
     vocab = x.shape[-1]
     if x.numel():
-        n_tiles = x.numel() // vocab * triton.cdiv(vocab, _SCALE_BLOCK)
+        n_tiles = x.numel() // vocab * cdiv(vocab, _SCALE_BLOCK)
         programs = min(n_tiles, 4 * _sm_count(x.device))
         kernel = _scale_unless_one_kernel if launch is None else launch(_scale_unless_one_kernel)
         kernel[(programs,)](x, scale, n_tiles, vocab, *layout, BLOCK=_SCALE_BLOCK, num_warps=8)
@@ -1306,7 +1306,7 @@ def masked_whiten(x, mask, shift_mean, eps, launch=None):
     n = x.numel()
     out = torch.empty(x.shape, dtype=acc, device=x.device)
     stats = torch.empty(4, dtype=acc, device=x.device)
-    n_parts = triton.cdiv(n, WHITEN_CHUNK)
+    n_parts = cdiv(n, WHITEN_CHUNK)
     counts = torch.empty(n_parts, dtype=torch.int32, device=x.device)
     means = torch.empty(n_parts, dtype=acc, device=x.device)
     m2s = torch.empty(n_parts, dtype=acc, device=x.device)
@@ -1317,7 +1317,7 @@ def masked_whiten(x, mask, shift_mean, eps, launch=None):
         partial[(n_parts,)](x, mask, counts, means, m2s, n, CHUNK=WHITEN_CHUNK, num_warps=8)
     merge[(1,)](counts, means, m2s, stats, n_parts, *split_float(eps), BLOCK=_MERGE_BLOCK, num_warps=4)
     if n:
-        apply[(triton.cdiv(n, _APPLY_BLOCK),)](x, stats, out, n, SHIFT_MEAN=shift_mean, BLOCK=_APPLY_BLOCK,
+        apply[(cdiv(n, _APPLY_BLOCK),)](x, stats, out, n, SHIFT_MEAN=shift_mean, BLOCK=_APPLY_BLOCK,
                                                num_warps=8)  # fmt: skip
     return out, stats
 

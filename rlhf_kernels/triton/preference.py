@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_kernels.triton._common import join_float, split_float
+from rlhf_kernels.triton._common import cdiv, join_float, split_float
 
 LOSS_IDS = {
     "sigmoid": 0,
@@ -556,7 +556,7 @@ def preference_fwd(loss, n, chosen, rejected, ref_chosen, ref_rejected, margin, 
 
     chunk = FWD_CHUNK
     block, num_warps = _chunk_block(chunk)
-    parts = triton.cdiv(n, chunk)
+    parts = cdiv(n, chunk)
     partials = torch.empty((parts, N_METRICS), dtype=acc, device=ref.device)
     sum_partials = kernel(_pref_sum_partials_kernel)
     if bco_batch_mean:
@@ -588,7 +588,7 @@ def preference_bwd(loss, n, chosen, rejected, ref_chosen, ref_rejected, margin, 
     dummy = like
     block, num_warps = _block(n)
     kernel = _pref_bwd_kernel if launch is None else launch(_pref_bwd_kernel)
-    kernel[(triton.cdiv(n, block),)](
+    kernel[(cdiv(n, block),)](
         dummy if chosen is None else chosen,
         dummy if rejected is None else rejected,
         dummy if ref_chosen is None else ref_chosen,
