@@ -233,7 +233,7 @@ def test_bench_reports_the_issues_targets():
     def row(op, shape, dtype, mode, provider, ms, **kw):
         return bench.Result(op=op, shape=shape, dtype=dtype, device="NVIDIA H100 80GB HBM3", provider=provider,
                             mode=mode, median_ms=ms, p25_ms=ms, p75_ms=ms, min_ms=ms, runs=10, peak_mem_mb=None,
-                            saved_mb=None, bytes_moved=0, **kw)  # fmt: skip
+                            saved_mb=None, **{"bytes_moved": 0, **kw})  # fmt: skip
 
     results = [
         row("token_logprobs", "16384x128256", "bfloat16", "fwd", "rlhf_kernels[native]", 1.4, tbps=3.004),
@@ -263,6 +263,20 @@ def test_bench_reports_the_issues_targets():
     assert "3.004 TB/s  met on the NVIDIA H200 (the target names an H100)" in text
     assert "1.18x the floor's 2.800 ms  met on the NVIDIA H200 (the target names an H100)" in text
     assert "898.2x python_loop  NOT met\n" in text + "\n"
+    # with device (queued) times, each verdict also on those, said where the two disagree
+    queued = [  # (bytes chosen for round rates)
+        row("token_logprobs", "16384x128256", "bfloat16", "bwd", "rlhf_kernels[native]", 3.13, tbps=2.685,
+            queued_ms=2.85, bytes_moved=8_407_500_000),
+        row("token_logprobs", "16384x128256", "bfloat16", "fwd", "rlhf_kernels[native]", 1.2, tbps=3.5,
+            queued_ms=1.1, bytes_moved=4_400_000_000),
+        row("ppo_step", "8x2048x128256", "bfloat16", "fwd+bwd", "rlhf_kernels[native,fused]", 3.5, queued_ms=3.3),
+        row("ppo_step", "8x2048x128256", "bfloat16", "fwd+bwd", "floor: read+write", 2.8, queued_ms=2.79),
+    ]  # fmt: skip
+    text = bench.format_targets(queued)
+    assert "2.685 TB/s (2.950 TB/s in device time, 2.850 ms queued)  NOT met (in device time: met)" in text, text
+    assert "3.500 TB/s (4.000 TB/s in device time, 1.100 ms queued)  met\n" in text + "\n", text
+    assert "1.25x the floor's 2.800 ms (1.18x in device time: 3.300 / 2.790 ms queued)  NOT met (in device time: met)" \
+        in text, text
 
 
 def test_triton_launch_wrapper_forwards_grid_and_arguments():
