@@ -169,6 +169,15 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{name}: kernel timeline of the benchmark's steps (torch {torch.__version__}), medians of {args.runs} runs")
     print(f"{'step':58s} {'lead us':>8s} {'span us':>9s} {'busy us':>9s} {'n':>3s} {'largest us':>10s} {'TB/s':>6s}")
+    # the autograd engine's own lead, for reference: a backward through one PyTorch op on 1024 floats
+    tiny = torch.randn(1024, device=device)
+    engine = bench.Case("torch", "bwd", lambda: tiny.detach().requires_grad_(True).exp().sum(), bench._backward)
+    runs = record(engine, device, args.runs)
+    s = summarize(runs)
+    lead = f"{s['lead']:8.1f} {s['span']:9.1f} {s['busy']:9.1f} {s['kernels']:3.0f}" if s else "(no kernels recorded)"
+    print(f"{'reference: x.exp().sum() backward, 1024 floats':58s} {lead}")
+    if args.host and runs:
+        print_host(runs[-1]["host"])
     for problem, modes, providers in problems:
         for case in bench.cases(problem):
             if case.mode not in modes or case.provider not in providers:
