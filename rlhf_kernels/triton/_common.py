@@ -62,8 +62,14 @@ class _OnTensorDevice:
 
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for the launchers' grids: ``triton.cdiv`` is a constexpr function in Triton
-    3.8, whose call wrapper costs microseconds of host time per launch."""
+    3.8, whose call wrapper costs microseconds of host time per launch (as next_power_of_2's)."""
     return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of two >= ``n`` (0 for 0), as ``triton.next_power_of_2``, without its call
+    wrapper (see :func:`cdiv`)."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
 
 
 def split_float(value: float) -> tuple[float, float]:

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from rlhf_kernels._layout import row_layout, rows_may_overlap
-from rlhf_kernels.triton._common import cdiv, join_float, split_float, with_ones
+from rlhf_kernels.triton._common import cdiv, join_float, next_power_of_2, split_float, with_ones
 
 # Kernels may only read globals that are constexpr.
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -537,7 +537,7 @@ def _block_v(vocab: int, itemsize: int) -> tuple[int, int]:
     are int32, so V is capped (as the CUDA kernels cap it)."""
     if vocab > 1 << 30:
         raise ValueError(f"logits: a vocabulary of {vocab} entries is above the supported 2^30")
-    block = min(triton.next_power_of_2(vocab), 8192 // itemsize)
+    block = min(next_power_of_2(vocab), 8192 // itemsize)
     num_warps = max(1, min(8, block // (16 * 32)))
     return block, num_warps
 

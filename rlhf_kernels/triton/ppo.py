@@ -18,7 +18,7 @@ import triton.language as tl
 
 from rlhf_kernels._dispatch import triton_interpreted
 from rlhf_kernels.reference.ppo import LOSS_AGG_MODES
-from rlhf_kernels.triton._common import cdiv, join_float, split_float, with_ones
+from rlhf_kernels.triton._common import cdiv, join_float, next_power_of_2, split_float, with_ones
 from rlhf_kernels.triton.logprobs import (
     _LOG2E,
     _align_head,
@@ -436,7 +436,7 @@ def _ppo_loss_bwd_kernel(
 
 def _loss_block(T: int) -> int:
     """Up to 512 tokens per step, 4 per thread: five accumulators stay in registers."""
-    return max(16, min(512, triton.next_power_of_2(T)))
+    return max(16, min(512, next_power_of_2(T)))
 
 
 def ppo_loss_fwd(kind, x, old, third, mask, p0, p1, p2, has_dual, agg, launch=None):
@@ -958,7 +958,7 @@ def _ppo_logits_parts(
             logits.shape[-1], *layout, *grad_layout, *split_float(1.0 / temperature), *split_float(low),
             *split_float(high), *split_float(clip_c), *split_float(kl_coef), *split_float(entropy_coef),
             ignore_index, parts, HAS_DUAL=has_dual, HAS_REF=ref is not None, KL_KIND=kl_kind,
-            HAS_ENTROPY_GRAD=entropy_coef != 0, PART=part_cols, MAX_PARTS=triton.next_power_of_2(parts),
+            HAS_ENTROPY_GRAD=entropy_coef != 0, PART=part_cols, MAX_PARTS=next_power_of_2(parts),
             PHASE=phase, ROW_ALIGNED=row_aligned, num_warps=_parts_warps(part_cols, logits.element_size()),
             **parts_maxnreg(row_aligned),
         )  # fmt: skip
@@ -1021,7 +1021,7 @@ def fused_parts(vocab: int, rows: int) -> tuple[int, int]:
         raise ValueError(f"RLHF_KERNELS_FUSED_PART_COLS must be an integer, got {setting!r}") from None
     if cols <= 0:
         return 0, 0
-    cols = min(16384, max(256, triton.next_power_of_2(cols)))
+    cols = min(16384, max(256, next_power_of_2(cols)))
     parts = cdiv(vocab, cols)
     if parts > MAX_FUSED_PARTS or rows * parts >= 1 << 31:
         return 0, 0

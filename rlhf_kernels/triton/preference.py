@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_kernels.triton._common import cdiv, join_float, split_float
+from rlhf_kernels.triton._common import cdiv, join_float, next_power_of_2, split_float
 
 LOSS_IDS = {
     "sigmoid": 0,
@@ -490,7 +490,7 @@ def _pref_bwd_kernel(
 def _block(n: int) -> tuple[int, int]:
     """Tile and warp count: up to 512 elements, 2 per thread (the forward keeps
     seven metric accumulators per element in registers)."""
-    block = max(32, min(512, triton.next_power_of_2(max(n, 1))))
+    block = max(32, min(512, next_power_of_2(max(n, 1))))
     return block, max(1, block // 64)
 
 
