@@ -18,7 +18,7 @@ per step the median over runs of:
     reaches; the issue's targets are about this rate);
   * with ``--host`` (the default; ``--no-host`` leaves it out), for the last run, where the host
     time went: the step's top-level host ops on each thread (the autograd engine runs backward on
-    a thread of its own) with their start after the step's, own duration and kernels launched,
+    a thread of its own) with their start after the step's, duration and kernels launched,
     and the CUDA runtime calls (launches, allocations, synchronisations, copies) counted and
     summed, so that a lead or a gap can be pinned on the calls that make it.
 
@@ -101,7 +101,7 @@ def _host_ops(events, mark) -> dict:
         parent = e.cpu_parent
         if parent is mark or (parent is None and e.thread != mark.thread):
             tops.append((e.time_range.start - start, e.time_range.end - e.time_range.start, e.name,
-                         len(getattr(e, "kernels", ()))))  # fmt: skip
+                         _kernels_under(e)))  # fmt: skip
     runtime: dict[str, list[float]] = {}
     for e in inside:
         if e.name.startswith(_RUNTIME):
@@ -109,6 +109,12 @@ def _host_ops(events, mark) -> dict:
             c[0] += 1
             c[1] += e.time_range.end - e.time_range.start
     return {"tops": sorted(tops), "runtime": runtime}
+
+
+def _kernels_under(event) -> int:
+    """Device kernels launched inside a host op (the profiler attaches each to the innermost op
+    that launched it, so an op's own list misses its children's)."""
+    return len(getattr(event, "kernels", ())) + sum(_kernels_under(c) for c in event.cpu_children)
 
 
 def print_host(host: dict, limit: int = 24) -> None:

@@ -731,7 +731,7 @@ std::tuple<at::Tensor, at::Tensor> ppo_logits_fused_inplace(
 // the extension): the labels as flat int64 with every masked token set to ignore_index,
 // the aggregation weights (ops/ppo.py: token_weights; flat, in the accumulation dtype)
 // and the count of valid tokens clamped to >= 1. One kernel (ppo.h: PpoInputsParams) for
-// int32 / int64 labels and masks of the common dtypes, any strides, up to
+// int32 / int64 labels and masks of the common dtypes, any strides, 1 to
 // kMaxInputsTokens tokens: on a GPU the host time of each launch before the sweep's is
 // time the device idles, and the ATen composition below (past that bound, or for other
 // dtypes) is ~8 launches. Autocast is off: the weights keep the accumulation dtype
@@ -763,7 +763,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppo_fused_inputs(const at::Tensor
   const auto acc = double_acc ? at::kDouble : at::kFloat;
   const auto kind = inputs_mask_kind(mask.scalar_type());
   const bool narrow = labels.scalar_type() == at::kInt;
-  if (labels.numel() <= kMaxInputsTokens && kind && (narrow || labels.scalar_type() == at::kLong) &&
+  if (labels.numel() > 0 && labels.numel() <= kMaxInputsTokens && kind &&
+      (narrow || labels.scalar_type() == at::kLong) &&
       (labels.is_cpu() || labels.is_cuda())) {
     at::Tensor flat_labels = at::empty({labels.numel()}, labels.options().dtype(at::kLong));
     at::Tensor weights = at::empty({labels.numel()}, labels.options().dtype(acc));

@@ -418,61 +418,101 @@ __global__ void __launch_bounds__(kClusterThreads, 2) ppo_logits_cluster_kernel(
 
 // --- the sweep's mask-dependent inputs (ppo.h: PpoInputsParams) in one launch ---
 
-// One block: warp w owns rows w, w + 32, ...; lane l its positions l, l + 32, ... of each
-// row (so every thread reads back only what it wrote itself). Pass 1 writes the labels
-// and 0 / 1 weights and counts each row in the warp; the block's totals go through shared
-// memory; pass 2 (not for token-sum) writes 1 / d_b over the 1s, recounting a row from
-// them where d_b needs its count. Small: at most kMaxInputsTokens tokens (the bindings'
-// bound), a few microseconds of one SM, where the ATen composition is ~8 launches.
+// One block. With at least 32 rows, warp w owns rows w, w + 32, ... (a lane positions
+// l, l + 32, ... of each); with fewer, the whole block takes the rows one at a time (a
+// thread positions tid, tid + 1024, ...), so that a short batch of long rows still spreads
+// over every thread. Either way a thread reads back only what it wrote itself. Pass 1
+// writes the labels and 0 / 1 weights and counts each row; the block's totals go through
+// shared memory; pass 2 (not for token-sum) writes 1 / d_b over the 1s, with a row's count
+// from shared memory (block mode) or recounted from the 1s (warp mode). The label and mask
+// loads of a position are independent (no short-circuit) and the pointers restrict, so
+// that the unrolled loop has several loads in flight. Small: the bindings take it up to
+// kMaxInputsTokens tokens, a few microseconds of one SM; the ATen composition it replaces
+// is ~8 launches.
 constexpr int kInputsThreads = 1024;
+constexpr int kInputsWarps = kInputsThreads / kWarpSize;
+
+// Pass 1 over positions first, first + stride, ... of row b; returns this thread's count.
+template <typename L, typename M, typename A>
+__device__ __forceinline__ int64_t inputs_row_pass(const PpoInputsParams& p, int64_t b, int first, int stride,
+                                                   const L* __restrict__ labels, const M* __restrict__ mask,
+                                                   int64_t* __restrict__ out, A* __restrict__ w) {
+  int64_t count = 0;
+#pragma unroll 4
+  for (int64_t t = first; t < p.time; t += stride) {
+    const int64_t y = static_cast<int64_t>(labels[b * p.labels_stride0 + t * p.labels_stride1]);
+    const bool keep = ppo_loss::mask_nonzero(mask[b * p.mask_stride0 + t * p.mask_stride1]);
+    const bool valid = keep & (y != p.ignore_index);
+    out[b * p.time + t] = valid ? y : p.ignore_index;
+    w[b * p.time + t] = valid ? A(1) : A(0);
+    count += valid;
+  }
+  return count;
+}
 
 template <typename L, typename M, typename A>
 __global__ void __launch_bounds__(kInputsThreads) ppo_fused_inputs_kernel(const PpoInputsParams p) {
-  constexpr int kWarps = kInputsThreads / kWarpSize;
-  __shared__ int64_t warp_totals[kWarps][2];
-  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
-  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
-  const L* labels = static_cast<const L*>(p.labels);
-  const M* mask = static_cast<const M*>(p.mask);
-  A* w = static_cast<A*>(p.weights);
-  int64_t total = 0, seqs = 0;
-  for (int64_t b = warp; b < p.batch; b += kWarps) {
-    int64_t count = 0;
-    for (int64_t t = lane; t < p.time; t += kWarpSize) {
-      const int64_t y = static_cast<int64_t>(labels[b * p.labels_stride0 + t * p.labels_stride1]);
-      const bool valid = y != p.ignore_index && ppo_loss::mask_nonzero(mask[b * p.mask_stride0 + t * p.mask_stride1]);
-      p.labels_out[b * p.time + t] = valid ? y : p.ignore_index;
-      w[b * p.time + t] = valid ? A(1) : A(0);
-      count += valid;
+  __shared__ int64_t warp_totals[kInputsWarps][2];
+  __shared__ int64_t reduce[kInputsWarps][1];
+  __shared__ int64_t row_counts[kInputsWarps];  // block mode: B < kInputsWarps rows
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid % kWarpSize;
+  const int warp = tid / kWarpSize;
+  const L* __restrict__ labels = static_cast<const L*>(p.labels);
+  const M* __restrict__ mask = static_cast<const M*>(p.mask);
+  int64_t* __restrict__ out = p.labels_out;
+  A* __restrict__ w = static_cast<A*>(p.weights);
+  const bool block_rows = p.batch < kInputsWarps;  // uniform over the block
+  int64_t total = 0, seqs = 0;  // warp mode: this warp's (every lane); block mode: thread 0's
+  if (block_rows) {
+    for (int64_t b = 0; b < p.batch; ++b) {
+      int64_t count[1] = {inputs_row_pass<L, M, A>(p, b, tid, kInputsThreads, labels, mask, out, w)};
+      block_sum<kInputsThreads, 1>(count, reduce);  // (ends with a barrier)
+      if (tid == 0) {
+        row_counts[b] = count[0];
+        total += count[0];
+        seqs += count[0] > 0;
+      }
     }
-    count = warp_sum(count);  // the same in every lane
-    total += count;
-    seqs += count > 0;
+  } else {
+    for (int64_t b = warp; b < p.batch; b += kInputsWarps) {
+      const int64_t count = warp_sum(inputs_row_pass<L, M, A>(p, b, lane, kWarpSize, labels, mask, out, w));
+      total += count;
+      seqs += count > 0;
+    }
   }
   if (lane == 0) {
-    warp_totals[warp][0] = total;
+    warp_totals[warp][0] = total;  // block mode: only warp 0's is nonzero
     warp_totals[warp][1] = seqs;
   }
   __syncthreads();
   total = seqs = 0;
-  for (int i = 0; i < kWarps; ++i) {
+  for (int i = 0; i < kInputsWarps; ++i) {
     total += warp_totals[i][0];
     seqs += warp_totals[i][1];
   }
   const int64_t n = total > 1 ? total : 1, s = seqs > 1 ? seqs : 1;
-  if (threadIdx.x == 0) *static_cast<A*>(p.n_valid) = static_cast<A>(n);
+  if (tid == 0) *static_cast<A*>(p.n_valid) = static_cast<A>(n);
   if (p.agg == ppo_loss::kTokenSum) return;
   const bool per_row = p.agg == ppo_loss::kSeqMeanTokenMean;
   const A shared_inv = A(1) / ppo_loss::input_denominator<A>(p.agg, n, s, 0, p.time);
-  for (int64_t b = warp; b < p.batch; b += kWarps) {
+  const int64_t first_row = block_rows ? 0 : warp, row_step = block_rows ? 1 : kInputsWarps;
+  const int first = block_rows ? tid : lane, stride = block_rows ? kInputsThreads : kWarpSize;
+  for (int64_t b = first_row; b < p.batch; b += row_step) {
     A* row = w + b * p.time;
     A inv = shared_inv;
     if (per_row) {
       int64_t count = 0;
-      for (int64_t t = lane; t < p.time; t += kWarpSize) count += row[t] != A(0);
-      inv = A(1) / ppo_loss::input_denominator<A>(p.agg, n, s, warp_sum(count), p.time);
+      if (block_rows) {
+        count = row_counts[b];
+      } else {
+        for (int64_t t = lane; t < p.time; t += kWarpSize) count += row[t] != A(0);
+        count = warp_sum(count);
+      }
+      inv = A(1) / ppo_loss::input_denominator<A>(p.agg, n, s, count, p.time);
     }
-    for (int64_t t = lane; t < p.time; t += kWarpSize) row[t] = row[t] != A(0) ? inv : A(0);
+#pragma unroll 4
+    for (int64_t t = first; t < p.time; t += stride) row[t] = row[t] != A(0) ? inv : A(0);
   }
 }
 

@@ -1719,14 +1719,30 @@ def test_ppo_fused_inputs_extension_matches_torch(device, backend, mode, mask_dt
     torch.testing.assert_close(got[5].cpu(), valid.sum().clamp(min=1).to(acc), rtol=0, atol=0)
 
 
+def _inputs_kernel_ran(labels, mask) -> bool:
+    """Whether ppo_fused_inputs_native took its one-launch kernel (no ATen composition inside)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        torch.ops.rlhf_kernels.ppo_fused_inputs_native(labels, mask, 0, -100, False)
+    return not {e.name for e in prof.events()} & {"aten::ne", "aten::where", "aten::logical_and_"}
+
+
+def _assert_inputs_match(args, what):
+    got, want = ppo_ops._fused_inputs(*args), ppo_ops._fused_inputs_torch(*args)
+    for i, name in ((0, "labels"), (4, "weights"), (5, "n_valid")):
+        assert got[i].dtype == want[i].dtype and got[i].shape == want[i].shape, (what, name)
+        torch.testing.assert_close(got[i], want[i], rtol=0, atol=0, msg=lambda m, n=name: f"{what}, {n}: {m}")
+
+
 @pytest.mark.parametrize("device,backend", NATIVE_INPUTS)
 @pytest.mark.parametrize("mode", AGG_MODES)
 def test_ppo_fused_inputs_kernel_mask_dtypes_and_shapes(device, backend, mode):
-    """The extension's inputs kernel (one block: a warp a row, a lane a position) against the
-    PyTorch composition bit for bit over every mask dtype it reads (bytes, int32 / int64,
-    float32 / float64 with NaN (valid) and -0.0 (not), float16 / bfloat16 as bits) and one it
-    leaves to the ATen composition (int16); more rows than warps and tokens than lanes, empty rows, an
-    expanded (stride 0) mask, a transposed one; and past the kernel's token bound (ATen)."""
+    """The extension's inputs kernel (one block: a warp a row, or the whole block a row under
+    32 rows) against the PyTorch composition bit for bit over every mask dtype it reads (bytes,
+    int32 / int64, float32 / float64 with NaN (valid) and -0.0 (not), float16 / bfloat16 as
+    bits) and one it leaves to the ATen composition (int16); int32 labels and float64
+    weights; more rows than warps and tokens than lanes, empty rows, an expanded (stride 0)
+    mask, a transposed one; few long rows; exactly at the kernel's token bound, past it and
+    empty inputs (the ATen composition)."""
     g = torch.Generator().manual_seed(34)
     B, T = 70, 100
     labels = torch.randint(0, 1000, (B, T), generator=g)
@@ -1734,7 +1750,6 @@ def test_ppo_fused_inputs_kernel_mask_dtypes_and_shapes(device, backend, mode):
     bits = torch.rand(B, T, generator=g) < 0.6
     bits[5] = False  # an empty row
     bits[:, 0] = True
-    acc = torch.float32
     masks = {}
     for dtype in (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
                   torch.bfloat16, torch.float32, torch.float64):  # fmt: skip
@@ -1747,22 +1762,23 @@ def test_ppo_fused_inputs_kernel_mask_dtypes_and_shapes(device, backend, mode):
     masks["expanded"] = bits[0].expand(B, T)
     masks["transposed"] = bits.t().contiguous().t()
     for name, mask in masks.items():
-        args = (labels.to(device), mask.to(device), None, None, None, mode, -100, acc)
-        got, want = ppo_ops._fused_inputs(*args), ppo_ops._fused_inputs_torch(*args)
-        for i in (0, 4, 5):
-            torch.testing.assert_close(got[i], want[i], rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            torch.ops.rlhf_kernels.ppo_fused_inputs_native(args[0], args[1], 0, -100, False)
-        composed = {e.name for e in prof.events()} & {"aten::ne", "aten::where", "aten::logical_and_"}
-        assert (not composed) == (name != "torch.int16"), (name, composed)  # the kernel, unless converted
-    # past the one-block kernel's bound (ppo.h: kMaxInputsTokens = 2**18): the ATen composition
-    n = 1 + (1 << 18)
-    big_labels = torch.randint(0, 10, (2, n // 2 + 1), generator=g).to(device)
-    big_mask = (torch.rand(2, n // 2 + 1, generator=g) < 0.5).to(device)
-    args = (big_labels, big_mask, None, None, None, mode, -100, torch.float64)
-    got, want = ppo_ops._fused_inputs(*args), ppo_ops._fused_inputs_torch(*args)
-    for i in (0, 4, 5):
-        torch.testing.assert_close(got[i], want[i], rtol=0, atol=0)
+        for lab, acc in ((labels, torch.float32), (labels.int(), torch.float64)):
+            lab, m = lab.to(device), mask.to(device)
+            _assert_inputs_match((lab, m, None, None, None, mode, -100, acc), f"{name}, {lab.dtype}, {acc}")
+            assert _inputs_kernel_ran(lab, m) == (name != "torch.int16"), name  # the kernel, unless left to ATen
+    # few rows, longer than the block (the whole block a row), one of them empty; exactly at the
+    # kernel's bound (ppo.h: kMaxInputsTokens = 2**16); past it and empty (the ATen composition)
+    bound = 1 << 16
+    for (b, t), kernel in (((1, 3000), True), ((3, 2500), True), ((31, 97), True), ((2, bound // 2), True),
+                           ((1, bound + 1), False), ((0, 5), False), ((4, 0), False)):  # fmt: skip
+        lab = torch.randint(-1, 10, (b, t), generator=g).to(device)  # -1: ignored
+        m = torch.rand(b, t, generator=g) < 0.5
+        if b > 1:
+            m[1] = False
+        m = m.to(device)
+        for acc in (torch.float32, torch.float64):
+            _assert_inputs_match((lab, m, None, None, None, mode, -1, acc), f"{b} x {t}, {acc}")
+        assert _inputs_kernel_ran(lab, m) == kernel, (b, t)
 
 
 @pytest.mark.parametrize("device,backend", NATIVE_INPUTS)

@@ -504,7 +504,7 @@ def _fused_inputs(labels, mask, old, adv, ref, mode, ignore_index, acc):
     host time while the device idles: eager calls on plain tensors on a device the extension
     was built for make the mask's part (labels, weights, count) in one call into it
     (csrc/bindings.cpp: ppo_fused_inputs; one kernel launch for int32 / int64 labels, masks
-    of the usual dtypes and up to 2**18 tokens, else the same ATen ops below Python);
+    of the usual dtypes and up to 2**16 tokens, else the same ATen ops below Python);
     traced calls (torch.compile, whose compiler fuses them) and the rest use
     :func:`_fused_inputs_torch`."""
     if (_NATIVE_INPUTS is not None and type(labels) is torch.Tensor and type(mask) is torch.Tensor
