@@ -154,6 +154,19 @@ def summarize(runs: list[dict]) -> dict | None:
     return out
 
 
+def _on_calling_thread(case: bench.Case) -> bench.Case:
+    """``case`` with its step under ``torch.autograd.set_multithreading_enabled(False)``: the
+    autograd engine runs a backward on the thread that calls it instead of handing it to its
+    device thread (PyTorch's default for CUDA tensors; the handover's wake-ups are host time
+    before the backward's first kernel)."""
+
+    def step(state, inner=case.step):
+        with torch.autograd.set_multithreading_enabled(False):
+            return inner(state)
+
+    return bench.Case(case.provider, f"{case.mode}, calling thread", case.setup, step)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=16384)
@@ -169,7 +182,8 @@ def main() -> None:
     ppo = bench.ppo_step_problem(8, args.rows // 8, args.vocab, torch.bfloat16, device)
     # (problem, provider, mode) in the order they are recorded, the open targets' first: the
     # budget may stop the run before the end (a Triton kernel's first call compiles it)
-    order = [(tok, "rlhf_kernels[native]", "bwd"), (ppo, "rlhf_kernels[native,fused]", "fwd+bwd"),
+    order = [(tok, "rlhf_kernels[native]", "bwd"), (tok, "rlhf_kernels[native]", "bwd, calling thread"),
+             (ppo, "rlhf_kernels[native,fused]", "fwd+bwd"),
              (ppo, "floor: read+write", "fwd+bwd"), (tok, "rlhf_kernels[native]", "fwd"),
              (tok, "rlhf_kernels[triton]", "fwd"), (tok, "rlhf_kernels[triton]", "bwd"),
              (ppo, "rlhf_kernels[native,fused]", "fwd"), (ppo, "rlhf_kernels[native,fused]", "bwd"),
@@ -177,16 +191,25 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{name}: kernel timeline of the benchmark's steps (torch {torch.__version__}), medians of {args.runs} runs")
     print(f"{'step':58s} {'lead us':>8s} {'span us':>9s} {'busy us':>9s} {'n':>3s} {'largest us':>10s} {'TB/s':>6s}")
-    # the autograd engine's own lead, for reference: a backward through one PyTorch op on 1024 floats
+    # the autograd engine's own lead, for reference: a backward through one PyTorch op on 1024
+    # floats, as it is (the backward of CUDA tensors runs on the engine's device thread, handed
+    # over from the calling one) and with torch.autograd.set_multithreading_enabled(False) (on the
+    # calling thread)
     tiny = torch.randn(1024, device=device)
     engine = bench.Case("torch", "bwd", lambda: tiny.detach().requires_grad_(True).exp().sum(), bench._backward)
-    runs = record(engine, device, args.runs)
-    s = summarize(runs)
-    lead = f"{s['lead']:8.1f} {s['span']:9.1f} {s['busy']:9.1f} {s['kernels']:3.0f}" if s else "(no kernels recorded)"
-    print(f"{'reference: x.exp().sum() backward, 1024 floats':58s} {lead}")
-    if args.host and runs:
-        print_host(runs[-1]["host"])
+    for label, case in (("reference: x.exp().sum() backward, 1024 floats", engine),
+                        ("  the same on the calling thread", _on_calling_thread(engine))):  # fmt: skip
+        runs = record(case, device, args.runs)
+        s = summarize(runs)
+        lead = f"{s['lead']:8.1f} {s['span']:9.1f} {s['busy']:9.1f} {s['kernels']:3.0f}" if s else "(no kernels)"
+        print(f"{label:58s} {lead}")
+        if args.host and runs:
+            print_host(runs[-1]["host"])
     all_cases = {id(p): {(c.provider, c.mode): c for c in bench.cases(p)} for p in (tok, ppo)}
+    for cases in all_cases.values():  # each backward also with the engine on the calling thread
+        for (provider, mode), c in list(cases.items()):
+            if mode == "bwd":
+                cases[(provider, "bwd, calling thread")] = _on_calling_thread(c)
     for problem, provider, mode in order:
         case = all_cases[id(problem)].get((provider, mode))
         if case is None:  # a provider this machine lacks
