@@ -239,10 +239,10 @@ def count_op_calls(monkeypatch):
     return calls
 
 
-def _compare(trainer_cls, config_cls, tokenizer, pairs, tmp_path, calls, with_ref, tol):
+def _compare(trainer_cls, config_cls, tokenizer, pairs, tmp_path, calls, with_ref, tol, fused_lm_head=False):
     plain = _train(trainer_cls, config_cls, tokenizer, pairs, tmp_path / "plain", with_ref)
     assert not calls
-    with rk_trl.patched():
+    with rk_trl.patched(fused_lm_head=fused_lm_head):
         fused = _train(trainer_cls, config_cls, tokenizer, pairs, tmp_path / "patched", with_ref)
     assert len(plain[0]) == 2
     torch.testing.assert_close(fused[0], plain[0], **tol)  # the loss of both steps (step 2 after an update)
@@ -265,3 +265,142 @@ def test_trl_orpo_step_same_with_and_without_patch(tokenizer, pairs, tmp_path, c
 
     _compare(ORPOTrainer, ORPOConfig, tokenizer, pairs, tmp_path, count_op_calls, False, dict(rtol=1e-5, atol=1e-6))
     assert count_op_calls  # this one does go through the op
+
+
+@pytest.fixture
+def count_linear_calls(monkeypatch):
+    from rlhf_kernels.ops import linear
+
+    calls = []
+    op = linear.linear_token_logprobs
+
+    def spy(*args, **kw):
+        calls.append(kw.get("return_entropy", False))
+        return op(*args, **kw)
+
+    monkeypatch.setattr(linear, "linear_token_logprobs", spy)
+    return calls
+
+
+def test_trl_dpo_step_through_the_fused_head_patch(tokenizer, pairs, tmp_path, count_op_calls, count_linear_calls):
+    """patch(fused_lm_head=True): trl 1.16's DPOTrainer scores its tokens through
+    linear_token_logprobs, and both steps' losses, gradient norms and updated weights match
+    TRL's own fused head (float32 sums in another order)."""
+    from trl import DPOConfig, DPOTrainer
+
+    _compare(DPOTrainer, DPOConfig, tokenizer, pairs, tmp_path, count_op_calls, True, dict(rtol=1e-4, atol=1e-5),
+             fused_lm_head=True)  # fmt: skip
+    assert count_linear_calls and not rk_trl.is_head_patched()
+
+
+def _head_inputs(dtype, bias, seed=0, n=37, hidden=24, vocab=301):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, hidden, generator=g).to(dtype)
+    w = (torch.randn(vocab, hidden, generator=g) * 0.3).to(dtype)
+    b = (torch.randn(vocab, generator=g) * 0.1).to(dtype) if bias else None
+    return h, w, b, torch.randint(0, vocab, (n,), generator=g)
+
+
+def _head_run(fn, h, w, b, targets, *args):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (h, w) + ((b,) if b is not None else ())]
+    outs = fn(*leaves[:2], leaves[2] if b is not None else None, targets, *args)
+    g = torch.Generator().manual_seed(1)
+    sum((o.float() * torch.randn(o.shape, generator=g)).sum() for o in outs if o is not None and o.requires_grad
+        ).backward()  # fmt: skip
+    return outs, [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("outputs", [("log_probs",), ("log_probs", "entropy")], ids=["logp", "logp+entropy"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_head_matches_trl(dtype, outputs, temperature, bias):
+    """The replacement of TRL's ChunkedLogProbFunction against TRL's own, outputs and the
+    gradients of hidden states, weight and bias; float32 outputs as TRL's."""
+    original = trl_utils._ChunkedLogProbFunction
+    inputs = _head_inputs(dtype, bias)
+    args = (temperature, 32768, None, 1.0, outputs)
+    want, want_grads = _head_run(original.apply, *inputs, *args)
+    with rk_trl.patched(fused_lm_head=True):
+        replacement = trl_utils._ChunkedLogProbFunction
+        assert replacement is not original and issubclass(replacement, original)
+        got, got_grads = _head_run(replacement.apply, *inputs, *args)
+    assert trl_utils._ChunkedLogProbFunction is original
+    assert len(got) == 5 and all(x is None for x in got[2:]) and (got[1] is None) == ("entropy" not in outputs)
+    assert all(a.dtype == torch.float32 for a in got[:2] if a is not None)
+    assert [a.dtype for a in got_grads] == [a.dtype for a in want_grads]
+    got, want = [x for x in got[:2] if x is not None], [x for x in want[:2] if x is not None]
+    if dtype == torch.float32:  # the same sums in another order
+        for a, b in zip(got + got_grads, want + want_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+        return
+    # bfloat16: both round the logits and their gradient to bfloat16 (each its own way); against
+    # float64 the op is at least as close as TRL's function
+    exact, exact_grads = _head_run(_head_reference, *[None if t is None else t.double() for t in inputs[:3]],
+                                   inputs[3], *args)  # fmt: skip
+    exact = [x for x in exact[:2] if x is not None]
+    names = ("log_probs", "entropy")[: len(got)] + ("hidden", "weight", "bias")[: len(got_grads)]
+    for name, a, b, c in zip(names, got + got_grads, want + want_grads, exact + exact_grads, strict=True):
+        ours, theirs = (a.double() - c).abs().max().item(), (b.double() - c).abs().max().item()
+        assert ours <= 1.25 * theirs + 1e-3 * c.abs().max().item(), (name, ours, theirs)
+
+
+def _head_reference(h, w, b, targets, temperature, chunk_size, softcap, logit_scale, outputs):
+    """TRL's fused head in plain float64 PyTorch: log-probs (and entropy when asked) of
+    softmax((h w^T + b) / T)."""
+    logp = torch.log_softmax((h @ w.T + (0 if b is None else b)) / temperature, -1)
+    entropy = -(logp.exp() * logp).sum(-1) if "entropy" in outputs else None
+    return logp.gather(-1, targets[:, None])[:, 0], entropy, None, None, None
+
+
+def test_fused_head_uncovered_calls_go_to_trl():
+    """Soft-capping, a logit scale, outputs the op does not compute, a DeepSpeed ZeRO-3 weight:
+    TRL's own function (the same results bit for bit); a bad temperature raises as TRL's."""
+    original = trl_utils._ChunkedLogProbFunction
+    h, w, b, targets = _head_inputs(torch.float32, True)
+    cases = [(1.0, 32768, 30.0, 1.0, ("log_probs",)), (1.0, 32768, None, 2.0, ("log_probs",)),
+             (1.0, 32768, None, 1.0, ("log_probs", "mean_logits", "is_top1"))]  # fmt: skip
+    with rk_trl.patched(fused_lm_head=True):
+        replacement = trl_utils._ChunkedLogProbFunction
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for args in cases:
+                got = replacement.apply(h, w, b, targets, *args)
+                want = original.apply(h, w, b, targets, *args)
+                for x, y in zip(got, want, strict=True):
+                    assert (x is None) == (y is None)
+                    if x is not None:
+                        torch.testing.assert_close(x, y, rtol=0, atol=0)
+            zero3 = torch.nn.Parameter(w.clone())
+            zero3.ds_id = 0  # what DeepSpeed ZeRO-3 marks its partitioned parameters with
+            got = replacement.apply(h, zero3, b, targets, 1.0, 32768, None, 1.0, ("log_probs",))
+            torch.testing.assert_close(got[0], original.apply(h, w, b, targets, 1.0, 32768)[0], rtol=0, atol=0)
+        assert not any(e.name.startswith("rlhf_kernels::") for e in prof.events())
+        with pytest.raises(ValueError, match="temperature must be positive"):
+            replacement.apply(h, w, b, targets, 0.0, 32768, None, 1.0, ("log_probs",))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            replacement.apply(h, w, b, targets, 1.0, 32768, None, 1.0, ("log_probs",))
+        assert any(e.name.startswith("rlhf_kernels::") for e in prof.events()) or not native.available()
+
+
+def test_fused_head_patch_is_opt_in_and_restored():
+    original = trl_utils._ChunkedLogProbFunction
+    from trl.kernels import chunked_logprob
+
+    try:
+        rk_trl.patch()
+        assert trl_utils._ChunkedLogProbFunction is original and not rk_trl.is_head_patched()
+        where = rk_trl.patch(fused_lm_head=True)
+        assert "trl.trainer.utils._ChunkedLogProbFunction" in where and rk_trl.is_head_patched()
+        assert chunked_logprob.ChunkedLogProbFunction is trl_utils._ChunkedLogProbFunction is not original
+        with rk_trl.patched(backend="torch"):  # a nested block without the head, then back
+            assert trl_utils._ChunkedLogProbFunction is original
+        assert trl_utils._ChunkedLogProbFunction is not original and rk_trl._head_patcher.backend == "auto"
+        rk_trl.patch()  # again without the flag: the head goes back to TRL's
+        assert trl_utils._ChunkedLogProbFunction is original and rk_trl.is_patched()
+        with pytest.raises(TypeError, match="fused_lm_head: expected a bool"):
+            rk_trl.patch(fused_lm_head="yes")
+    finally:
+        rk_trl.unpatch()
+    assert trl_utils._ChunkedLogProbFunction is chunked_logprob.ChunkedLogProbFunction is original
+    assert not rk_trl.is_patched() and not rk_trl.is_head_patched()
+

@@ -30,14 +30,29 @@ entropy (TRL's ``p * logits`` gives NaN there; telling the rows apart would cost
 Which TRL trainers this reaches: in trl 1.16 ``DPOTrainer``, ``GRPOTrainer``,
 ``RLOOTrainer`` and ``KTOTrainer`` score tokens with TRL's fused LM head
 (``add_fused_lm_head``: hidden states times the LM head in tiles, no logits
-tensor), which does not go through these helpers, so the patch leaves them as
-they are. It reaches the trainers that compute logits and then call the
-helpers (in trl 1.16 the experimental ORPO, CPO, TPO, SDPO, SDFT and A2PO
-trainers) and any user code that calls them.
+tensor), which does not go through these helpers. The helpers' patch reaches
+the trainers that compute logits and then call the helpers (in trl 1.16 the
+experimental ORPO, CPO, TPO, SDPO, SDFT and A2PO trainers) and any user code
+that calls them.
+
+``patch(fused_lm_head=True)`` also routes the fused LM head through
+:func:`rlhf_kernels.linear_token_logprobs` (TRL's ``ChunkedLogProbFunction``,
+wherever ``trl`` holds it, is replaced by a subclass whose ``apply`` takes the
+op): the same chunked scheme (logits a chunk at a time, recomputed in backward),
+on this package's kernels. It covers the heads' usual calls: log-probs, and
+entropy when asked (``outputs`` within ``("log_probs", "entropy")``), no final
+logit soft-capping, a logit scale of 1, real-number temperatures, LM heads that
+are not DeepSpeed ZeRO-3 partitions (TRL's backward gathers those again; the op's
+does not); the rest go to TRL's function. Outputs are float32 as TRL's. Off by
+default: on this repository's CPU the op took 239.5 ms and 94 MiB against TRL's
+527.9 ms and 549 MiB (512 x 256 -> 32000 fp32, fwd+bwd, ``bench-cpu-20261127-133448``);
+on a GPU the two have not yet been timed side by side (``rlhf-kernels bench --op
+linear_logprobs`` does).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import inspect
@@ -79,12 +94,65 @@ def _build():
 _patcher = _patching.Patcher("trl", _build)
 
 
-# patch(backend="auto") -> locations patched; unpatch() -> locations restored; is_patched();
-# ``with patched(backend): ...`` (see _patching.Patcher)
-patch = _patcher.patch
-unpatch = _patcher.unpatch
+def _build_head():
+    utils = _trl_utils()
+    original = getattr(utils, _HEAD, None)
+    if original is None or not hasattr(original, "apply"):
+        raise RuntimeError(f"rlhf_kernels.integrations.trl: trl.trainer.utils has no {_HEAD} to patch "
+                           f"(fused_lm_head=True was written for trl {', '.join(TESTED_TRL_VERSIONS)})")  # fmt: skip
+    _patching.check_params("trl", _HEAD + ".forward", original.forward, _HEAD_PARAMS)
+    return {_HEAD: original}, {_HEAD: _make_fused_head(original)}
+
+
+_head_patcher = _patching.Patcher("trl", _build_head)
+
+
+def patch(backend: str = "auto", *, fused_lm_head: bool = False) -> list[str]:
+    """Put the replacements in place (see the module docstring); returns the locations
+    patched. ``fused_lm_head=True`` also routes TRL's fused LM head through
+    :func:`rlhf_kernels.linear_token_logprobs`; called again, ``patch`` sets the backend,
+    patches modules imported since, and the head as ``fused_lm_head`` says."""
+    if not isinstance(fused_lm_head, bool):
+        raise TypeError(f"fused_lm_head: expected a bool, got {type(fused_lm_head).__name__}")
+    where = _patcher.patch(backend)
+    if fused_lm_head:
+        where = sorted(set(where) | set(_head_patcher.patch(backend)))
+    else:
+        _head_patcher.unpatch()
+    return where
+
+
+def unpatch() -> list[str]:
+    """Put TRL's own functions back everywhere; returns the locations restored."""
+    return sorted(set(_patcher.unpatch()) | set(_head_patcher.unpatch()))
+
+
 is_patched = _patcher.is_patched
-patched = _patcher.patched
+
+
+def is_head_patched() -> bool:
+    """Whether TRL's fused LM head goes through the op (``patch(fused_lm_head=True)``)."""
+    return _head_patcher.is_patched()
+
+
+@contextlib.contextmanager
+def patched(backend: str = "auto", *, fused_lm_head: bool = False):
+    """``with patched(): ...`` patches for the block and then restores the state before it
+    (an enclosing ``patch()`` keeps its backend and its head setting)."""
+    outer = (_patcher.is_patched(), _patcher.backend, _head_patcher.is_patched(), _head_patcher.backend)
+    patch(backend, fused_lm_head=fused_lm_head)
+    try:
+        yield
+    finally:
+        was_patched, outer_backend, head_was_patched, outer_head_backend = outer
+        if not was_patched:
+            unpatch()
+        else:
+            _patcher.patch(outer_backend)
+            if head_was_patched:
+                _head_patcher.patch(outer_head_backend)
+            else:
+                _head_patcher.unpatch()
 
 
 # --- version check ---------------------------------------------------------------------------
@@ -206,3 +274,68 @@ def _make_logprobs_and_entropy(original, utils):
 
     selective_log_softmax_and_entropy.__rlhf_kernels_original__ = original
     return selective_log_softmax_and_entropy
+
+
+# --- the fused LM head (patch(fused_lm_head=True)) --------------------------------------------
+_HEAD = "_ChunkedLogProbFunction"  # trl.trainer.utils' name for trl.kernels.ChunkedLogProbFunction
+_HEAD_PARAMS = ("ctx", "hidden", "weight", "bias", "targets", "temperature", "chunk_size", "final_logit_softcapping",
+                "logit_scale", "outputs")  # fmt: skip
+_HEAD_OUTPUTS = ("log_probs", "entropy")  # what linear_token_logprobs computes
+
+
+def _head_covered(hidden, weight, bias, targets, temperature, final_logit_softcapping, logit_scale, outputs) -> bool:
+    """The fused head's calls the op computes as TRL does (the rest go to TRL's function)."""
+    if final_logit_softcapping is not None:
+        return False
+    for value in (logit_scale, temperature):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return False
+    if logit_scale != 1.0:
+        return False
+    if not set(outputs) <= set(_HEAD_OUTPUTS):
+        return False
+    tensors = (hidden, weight, targets) + (() if bias is None else (bias,))
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        return False
+    if hidden.dim() != 2 or weight.dim() != 2 or targets.dim() != 1 or hidden.shape[1] != weight.shape[1]:
+        return False
+    if targets.shape[0] != hidden.shape[0] or targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        return False
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        return False
+    if hidden.dtype not in FLOAT_DTYPES or weight.dtype != hidden.dtype:
+        return False
+    # DeepSpeed ZeRO-3 partitions: TRL's backward gathers the head again (maybe_gather_lm_head_ctx)
+    return not any(hasattr(p, "ds_id") for p in (weight, bias) if p is not None)
+
+
+def _make_fused_head(original):
+    """A subclass of TRL's ChunkedLogProbFunction whose ``apply`` runs linear_token_logprobs on
+    the calls it covers (:func:`_head_covered`) and TRL's own apply on the rest."""
+
+    def apply(cls, hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
+              logit_scale=1.0, outputs=("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")):  # fmt: skip
+        if not _head_covered(hidden, weight, bias, targets, temperature, final_logit_softcapping, logit_scale,
+                             outputs):  # fmt: skip
+            return original.apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping,
+                                  logit_scale, outputs)  # fmt: skip
+        if temperature <= 0:
+            raise ValueError("temperature must be positive")
+        from rlhf_kernels.ops.linear import linear_token_logprobs
+
+        want_entropy = "entropy" in outputs
+        # TRL's fused forward passes the valid positions' labels (or all labels clamped at 0):
+        # every one in range, so no device sync to check them (one outside [0, V) gives NaN)
+        out = linear_token_logprobs(hidden, weight, targets, bias=bias, temperature=float(temperature),
+                                    return_entropy=want_entropy, check_labels=False,
+                                    backend=_head_patcher.backend)  # fmt: skip
+        logprobs, entropy = out if want_entropy else (out, None)
+        # float32 as TRL's (its running statistics are float32 whatever the inputs)
+        return logprobs.float(), None if entropy is None else entropy.float(), None, None, None
+
+    replacement = type(original.__name__, (original,), {"apply": classmethod(apply),
+                                                        "__doc__": original.__doc__,
+                                                        "__module__": original.__module__,
+                                                        "__rlhf_kernels_original__": original})  # fmt: skip
+    return replacement
+
