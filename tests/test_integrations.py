@@ -353,33 +353,40 @@ def _head_reference(h, w, b, targets, temperature, chunk_size, softcap, logit_sc
     return logp.gather(-1, targets[:, None])[:, 0], entropy, None, None, None
 
 
+def _ran_the_op(fn) -> bool:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return any(e.name.startswith("rlhf_kernels::") for e in prof.events())
+
+
+@pytest.mark.skipif(not native.available(), reason="the head is covered only where a kernel backend runs")
 def test_fused_head_uncovered_calls_go_to_trl():
-    """Soft-capping, a logit scale, outputs the op does not compute, a DeepSpeed ZeRO-3 weight:
-    TRL's own function (the same results bit for bit); a bad temperature raises as TRL's."""
+    """Soft-capping, a logit scale, outputs the op does not compute, a DeepSpeed ZeRO-3 weight,
+    a bias of another dtype, a temperature <= 0, the "torch" backend (which would build the
+    logits): TRL's own function (the same results bit for bit, the same error)."""
     original = trl_utils._ChunkedLogProbFunction
     h, w, b, targets = _head_inputs(torch.float32, True)
-    cases = [(1.0, 32768, 30.0, 1.0, ("log_probs",)), (1.0, 32768, None, 2.0, ("log_probs",)),
-             (1.0, 32768, None, 1.0, ("log_probs", "mean_logits", "is_top1"))]  # fmt: skip
+    zero3 = torch.nn.Parameter(w.clone())
+    zero3.ds_id = 0  # what DeepSpeed ZeRO-3 marks its partitioned parameters with
+    plain = (1.0, 32768, None, 1.0, ("log_probs",))
+    cases = [((h, w, b), (1.0, 32768, 30.0, 1.0, ("log_probs",))), ((h, w, b), (1.0, 32768, None, 2.0, ("log_probs",))),
+             ((h, w, b), (1.0, 32768, None, 1.0, ("log_probs", "mean_logits", "is_top1"))),
+             ((h, zero3, b), plain), ((h, w, b.double()), plain), ((h, w, b), (-0.5, *plain[1:]))]  # fmt: skip
     with rk_trl.patched(fused_lm_head=True):
         replacement = trl_utils._ChunkedLogProbFunction
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            for args in cases:
-                got = replacement.apply(h, w, b, targets, *args)
-                want = original.apply(h, w, b, targets, *args)
-                for x, y in zip(got, want, strict=True):
-                    assert (x is None) == (y is None)
-                    if x is not None:
-                        torch.testing.assert_close(x, y, rtol=0, atol=0)
-            zero3 = torch.nn.Parameter(w.clone())
-            zero3.ds_id = 0  # what DeepSpeed ZeRO-3 marks its partitioned parameters with
-            got = replacement.apply(h, zero3, b, targets, 1.0, 32768, None, 1.0, ("log_probs",))
-            torch.testing.assert_close(got[0], original.apply(h, w, b, targets, 1.0, 32768)[0], rtol=0, atol=0)
-        assert not any(e.name.startswith("rlhf_kernels::") for e in prof.events())
-        with pytest.raises(ValueError, match="temperature must be positive"):
-            replacement.apply(h, w, b, targets, 0.0, 32768, None, 1.0, ("log_probs",))
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            replacement.apply(h, w, b, targets, 1.0, 32768, None, 1.0, ("log_probs",))
-        assert any(e.name.startswith("rlhf_kernels::") for e in prof.events()) or not native.available()
+        for tensors, args in cases:
+            got = []
+            assert not _ran_the_op(lambda t=tensors, a=args, out=got: out.extend(replacement.apply(*t, targets, *a)))
+            want = original.apply(*tensors, targets, *args)
+            for x, y in zip(got, want, strict=True):
+                assert (x is None) == (y is None)
+                if x is not None:
+                    torch.testing.assert_close(x, y, rtol=0, atol=0)
+        with pytest.raises(ZeroDivisionError):  # as TRL's own (1 / temperature)
+            replacement.apply(h, w, b, targets, 0.0, *plain[1:])
+        assert _ran_the_op(lambda: replacement.apply(h, w, b, targets, *plain))
+    with rk_trl.patched(backend="torch", fused_lm_head=True):
+        assert not _ran_the_op(lambda: trl_utils._ChunkedLogProbFunction.apply(h, w, b, targets, *plain))
 
 
 def test_fused_head_patch_is_opt_in_and_restored():
@@ -395,6 +402,8 @@ def test_fused_head_patch_is_opt_in_and_restored():
         with rk_trl.patched(backend="torch"):  # a nested block without the head, then back
             assert trl_utils._ChunkedLogProbFunction is original
         assert trl_utils._ChunkedLogProbFunction is not original and rk_trl._head_patcher.backend == "auto"
+        again = rk_trl.patch(fused_lm_head=True)  # twice: the same places, nothing else swapped
+        assert again == where and trl_utils._ChunkedLogProbFunction.__mro__[1] is original
         rk_trl.patch()  # again without the flag: the head goes back to TRL's
         assert trl_utils._ChunkedLogProbFunction is original and rk_trl.is_patched()
         with pytest.raises(TypeError, match="fused_lm_head: expected a bool"):
@@ -402,5 +411,12 @@ def test_fused_head_patch_is_opt_in_and_restored():
     finally:
         rk_trl.unpatch()
     assert trl_utils._ChunkedLogProbFunction is chunked_logprob.ChunkedLogProbFunction is original
+    assert not rk_trl.is_patched() and not rk_trl.is_head_patched()
+
+
+def test_fused_head_patch_refused_leaves_nothing_patched(monkeypatch):
+    monkeypatch.delattr(trl_utils, "_ChunkedLogProbFunction")
+    with pytest.raises(RuntimeError, match="has no _ChunkedLogProbFunction"):
+        rk_trl.patch(fused_lm_head=True)
     assert not rk_trl.is_patched() and not rk_trl.is_head_patched()
 

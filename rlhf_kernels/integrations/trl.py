@@ -41,9 +41,13 @@ wherever ``trl`` holds it, is replaced by a subclass whose ``apply`` takes the
 op): the same chunked scheme (logits a chunk at a time, recomputed in backward),
 on this package's kernels. It covers the heads' usual calls: log-probs, and
 entropy when asked (``outputs`` within ``("log_probs", "entropy")``), no final
-logit soft-capping, a logit scale of 1, real-number temperatures, LM heads that
-are not DeepSpeed ZeRO-3 partitions (TRL's backward gathers those again; the op's
-does not); the rest go to TRL's function. Outputs are float32 as TRL's. Off by
+logit soft-capping, a logit scale of 1, positive real-number temperatures, LM heads
+that are not DeepSpeed ZeRO-3 partitions (TRL's backward gathers those again; the
+op's does not), on a device with a kernel backend (elsewhere the op would build the
+logits); the rest go to TRL's function. Outputs are float32 as TRL's. Under
+``torch.compile`` the replacement is reached only where TRL's ``forward`` breaks the
+graph (as trl 1.16's does): dynamo traces an ``autograd.Function``'s ``forward``,
+not an ``apply`` that overrides it. Off by
 default: on this repository's CPU the op took 239.5 ms and 94 MiB against TRL's
 527.9 ms and 549 MiB (512 x 256 -> 32000 fp32, fwd+bwd, ``bench-cpu-20261127-133448``);
 on a GPU the two have not yet been timed side by side (``rlhf-kernels bench --op
@@ -61,6 +65,7 @@ import warnings
 
 import torch
 
+from rlhf_kernels import _dispatch
 from rlhf_kernels.integrations import _patching
 from rlhf_kernels.ops.logprobs import FLOAT_DTYPES, token_logprobs
 
@@ -114,12 +119,18 @@ def patch(backend: str = "auto", *, fused_lm_head: bool = False) -> list[str]:
     patches modules imported since, and the head as ``fused_lm_head`` says."""
     if not isinstance(fused_lm_head, bool):
         raise TypeError(f"fused_lm_head: expected a bool, got {type(fused_lm_head).__name__}")
-    where = _patcher.patch(backend)
-    if fused_lm_head:
-        where = sorted(set(where) | set(_head_patcher.patch(backend)))
-    else:
+    # the head first: a trl without it raises before anything is changed
+    head_was_patched = _head_patcher.is_patched()
+    head = _head_patcher.patch(backend) if fused_lm_head else []
+    try:
+        where = _patcher.patch(backend)
+    except Exception:
+        if fused_lm_head and not head_was_patched:
+            _head_patcher.unpatch()
+        raise
+    if not fused_lm_head:
         _head_patcher.unpatch()
-    return where
+    return sorted(set(where) | set(head))
 
 
 def unpatch() -> list[str]:
@@ -301,12 +312,19 @@ def _head_covered(hidden, weight, bias, targets, temperature, final_logit_softca
         return False
     if targets.shape[0] != hidden.shape[0] or targets.dtype.is_floating_point or targets.dtype == torch.bool:
         return False
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+    if bias is not None and (tuple(bias.shape) != (weight.shape[0],) or bias.dtype != weight.dtype):
         return False
-    if hidden.dtype not in FLOAT_DTYPES or weight.dtype != hidden.dtype:
-        return False
+    if hidden.dtype not in FLOAT_DTYPES or weight.dtype != hidden.dtype or temperature <= 0:
+        return False  # (TRL's own function decides what a temperature <= 0 does)
     # DeepSpeed ZeRO-3 partitions: TRL's backward gathers the head again (maybe_gather_lm_head_ctx)
-    return not any(hasattr(p, "ds_id") for p in (weight, bias) if p is not None)
+    if any(hasattr(p, "ds_id") for p in (weight, bias) if p is not None):
+        return False
+    # a kernel backend for the device: the torch composition would build the [N, V] logits that
+    # TRL's chunked head avoids
+    try:
+        return _dispatch.resolve(_head_patcher.backend, hidden.device, "token_logprobs_fwd_native") != "torch"
+    except (ValueError, RuntimeError):
+        return False
 
 
 def _make_fused_head(original):
@@ -319,8 +337,6 @@ def _make_fused_head(original):
                              outputs):  # fmt: skip
             return original.apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping,
                                   logit_scale, outputs)  # fmt: skip
-        if temperature <= 0:
-            raise ValueError("temperature must be positive")
         from rlhf_kernels.ops.linear import linear_token_logprobs
 
         want_entropy = "entropy" in outputs
@@ -333,9 +349,8 @@ def _make_fused_head(original):
         # float32 as TRL's (its running statistics are float32 whatever the inputs)
         return logprobs.float(), None if entropy is None else entropy.float(), None, None, None
 
-    replacement = type(original.__name__, (original,), {"apply": classmethod(apply),
-                                                        "__doc__": original.__doc__,
-                                                        "__module__": original.__module__,
-                                                        "__rlhf_kernels_original__": original})  # fmt: skip
-    return replacement
+    # (no attribute that holds the original: patching finds functions by identity in the
+    # classes of trl's modules, and would swap it for the replacement itself)
+    return type(original.__name__, (original,), {"apply": classmethod(apply), "__doc__": original.__doc__,
+                                                 "__module__": original.__module__})  # fmt: skip
 
