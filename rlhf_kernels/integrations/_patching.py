@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import numbers
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -178,3 +179,88 @@ class Patcher:
 
     def locations(self) -> list[str]:
         return locations(self.package, self.replacements)
+
+
+class WithHead:
+    """An integration's ``patch`` / ``unpatch`` / ``patched`` over its main :class:`Patcher`
+    and an opt-in one for the framework's fused LM head (``fused_lm_head=True``: the head's
+    function routed through :func:`rlhf_kernels.linear_token_logprobs`)."""
+
+    def __init__(self, main: Patcher, head: Patcher):
+        self.main = main
+        self.head = head
+
+    def patch(self, backend: str = "auto", *, fused_lm_head: bool = False) -> list[str]:
+        """Put the replacements in place; returns the locations patched. ``fused_lm_head=True``
+        also patches the fused LM head; called again, ``patch`` sets the backend, patches the
+        modules imported since, and the head as ``fused_lm_head`` says. A refused call changes
+        nothing."""
+        if not isinstance(fused_lm_head, bool):
+            raise TypeError(f"fused_lm_head: expected a bool, got {type(fused_lm_head).__name__}")
+        head_was_patched = self.head.is_patched()
+        head = self.head.patch(backend) if fused_lm_head else []  # first: a refusal changes nothing
+        try:
+            where = self.main.patch(backend)
+        except Exception:
+            if fused_lm_head and not head_was_patched:
+                self.head.unpatch()
+            raise
+        if not fused_lm_head:
+            self.head.unpatch()
+        return sorted(set(where) | set(head))
+
+    def unpatch(self) -> list[str]:
+        """Put the framework's own functions back everywhere; returns the locations restored."""
+        return sorted(set(self.main.unpatch()) | set(self.head.unpatch()))
+
+    def is_head_patched(self) -> bool:
+        return self.head.is_patched()
+
+    @contextmanager
+    def patched(self, backend: str = "auto", *, fused_lm_head: bool = False) -> Iterator[None]:
+        """``with patched(): ...`` patches for the block and then restores the state before it
+        (an enclosing ``patch()`` keeps its backend and its head setting)."""
+        outer = (self.main.is_patched(), self.main.backend, self.head.is_patched(), self.head.backend)
+        self.patch(backend, fused_lm_head=fused_lm_head)
+        try:
+            yield
+        finally:
+            was_patched, outer_backend, head_was_patched, outer_head_backend = outer
+            if not was_patched:
+                self.unpatch()
+            else:
+                self.main.patch(outer_backend)
+                if head_was_patched:
+                    self.head.patch(outer_head_backend)
+                else:
+                    self.head.unpatch()
+
+
+def head_covered(hidden, weight, bias, labels, temperature, backend) -> bool:
+    """Whether a fused LM head's call can go to linear_token_logprobs as the framework computes
+    it: plain tensors (no DTensor / DeepSpeed ZeRO-3 partition, which the frameworks gather
+    themselves, also again in their backward), hidden ``[..., H]`` and a ``[V, H]`` weight (and
+    ``[V]`` bias) of one floating dtype, integer labels of hidden's leading shape, a positive
+    real temperature, and a kernel backend for the device (the torch composition would build
+    the ``[N, V]`` logits the fused head avoids)."""
+    from rlhf_kernels import _dispatch
+    from rlhf_kernels.ops.logprobs import FLOAT_DTYPES
+
+    tensors = (hidden, weight, labels) + (() if bias is None else (bias,))
+    if not all(type(t) in (torch.Tensor, torch.nn.Parameter) and not hasattr(t, "ds_id") for t in tensors):
+        return False
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
+        return False
+    if hidden.dim() < 2 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        return False
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        return False
+    if hidden.dtype not in FLOAT_DTYPES or weight.dtype != hidden.dtype:
+        return False
+    if bias is not None and (tuple(bias.shape) != (weight.shape[0],) or bias.dtype != weight.dtype):
+        return False
+    try:
+        return _dispatch.resolve(backend, hidden.device, "token_logprobs_fwd_native") != "torch"
+    except (ValueError, RuntimeError):
+        return False
+

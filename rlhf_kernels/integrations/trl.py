@@ -56,7 +56,6 @@ linear_logprobs`` does).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import inspect
@@ -65,7 +64,6 @@ import warnings
 
 import torch
 
-from rlhf_kernels import _dispatch
 from rlhf_kernels.integrations import _patching
 from rlhf_kernels.ops.logprobs import FLOAT_DTYPES, token_logprobs
 
@@ -112,58 +110,16 @@ def _build_head():
 _head_patcher = _patching.Patcher("trl", _build_head)
 
 
-def patch(backend: str = "auto", *, fused_lm_head: bool = False) -> list[str]:
-    """Put the replacements in place (see the module docstring); returns the locations
-    patched. ``fused_lm_head=True`` also routes TRL's fused LM head through
-    :func:`rlhf_kernels.linear_token_logprobs`; called again, ``patch`` sets the backend,
-    patches modules imported since, and the head as ``fused_lm_head`` says."""
-    if not isinstance(fused_lm_head, bool):
-        raise TypeError(f"fused_lm_head: expected a bool, got {type(fused_lm_head).__name__}")
-    # the head first: a trl without it raises before anything is changed
-    head_was_patched = _head_patcher.is_patched()
-    head = _head_patcher.patch(backend) if fused_lm_head else []
-    try:
-        where = _patcher.patch(backend)
-    except Exception:
-        if fused_lm_head and not head_was_patched:
-            _head_patcher.unpatch()
-        raise
-    if not fused_lm_head:
-        _head_patcher.unpatch()
-    return sorted(set(where) | set(head))
+_patches = _patching.WithHead(_patcher, _head_patcher)
 
-
-def unpatch() -> list[str]:
-    """Put TRL's own functions back everywhere; returns the locations restored."""
-    return sorted(set(_patcher.unpatch()) | set(_head_patcher.unpatch()))
-
-
+# patch(backend="auto", *, fused_lm_head=False) -> locations patched; unpatch() -> locations
+# restored; is_patched(); is_head_patched(); ``with patched(backend, fused_lm_head=...): ...``
+# (see _patching.WithHead)
+patch = _patches.patch
+unpatch = _patches.unpatch
 is_patched = _patcher.is_patched
-
-
-def is_head_patched() -> bool:
-    """Whether TRL's fused LM head goes through the op (``patch(fused_lm_head=True)``)."""
-    return _head_patcher.is_patched()
-
-
-@contextlib.contextmanager
-def patched(backend: str = "auto", *, fused_lm_head: bool = False):
-    """``with patched(): ...`` patches for the block and then restores the state before it
-    (an enclosing ``patch()`` keeps its backend and its head setting)."""
-    outer = (_patcher.is_patched(), _patcher.backend, _head_patcher.is_patched(), _head_patcher.backend)
-    patch(backend, fused_lm_head=fused_lm_head)
-    try:
-        yield
-    finally:
-        was_patched, outer_backend, head_was_patched, outer_head_backend = outer
-        if not was_patched:
-            unpatch()
-        else:
-            _patcher.patch(outer_backend)
-            if head_was_patched:
-                _head_patcher.patch(outer_head_backend)
-            else:
-                _head_patcher.unpatch()
+is_head_patched = _patches.is_head_patched
+patched = _patches.patched
 
 
 # --- version check ---------------------------------------------------------------------------
@@ -296,35 +252,14 @@ _HEAD_OUTPUTS = ("log_probs", "entropy")  # what linear_token_logprobs computes
 
 def _head_covered(hidden, weight, bias, targets, temperature, final_logit_softcapping, logit_scale, outputs) -> bool:
     """The fused head's calls the op computes as TRL does (the rest go to TRL's function)."""
-    if final_logit_softcapping is not None:
+    if final_logit_softcapping is not None or isinstance(logit_scale, bool):
         return False
-    for value in (logit_scale, temperature):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            return False
-    if logit_scale != 1.0:
+    if not isinstance(logit_scale, numbers.Real) or logit_scale != 1.0 or not set(outputs) <= set(_HEAD_OUTPUTS):
         return False
-    if not set(outputs) <= set(_HEAD_OUTPUTS):
+    if not isinstance(hidden, torch.Tensor):
         return False
-    tensors = (hidden, weight, targets) + (() if bias is None else (bias,))
-    if not all(isinstance(t, torch.Tensor) for t in tensors):
-        return False
-    if hidden.dim() != 2 or weight.dim() != 2 or targets.dim() != 1 or hidden.shape[1] != weight.shape[1]:
-        return False
-    if targets.shape[0] != hidden.shape[0] or targets.dtype.is_floating_point or targets.dtype == torch.bool:
-        return False
-    if bias is not None and (tuple(bias.shape) != (weight.shape[0],) or bias.dtype != weight.dtype):
-        return False
-    if hidden.dtype not in FLOAT_DTYPES or weight.dtype != hidden.dtype or temperature <= 0:
-        return False  # (TRL's own function decides what a temperature <= 0 does)
-    # DeepSpeed ZeRO-3 partitions: TRL's backward gathers the head again (maybe_gather_lm_head_ctx)
-    if any(hasattr(p, "ds_id") for p in (weight, bias) if p is not None):
-        return False
-    # a kernel backend for the device: the torch composition would build the [N, V] logits that
-    # TRL's chunked head avoids
-    try:
-        return _dispatch.resolve(_head_patcher.backend, hidden.device, "token_logprobs_fwd_native") != "torch"
-    except (ValueError, RuntimeError):
-        return False
+    return hidden.dim() == 2 and _patching.head_covered(hidden, weight, bias, targets, temperature,
+                                                        _head_patcher.backend)  # fmt: skip
 
 
 def _make_fused_head(original):
