@@ -365,6 +365,91 @@ def test_verl_logprobs_entropy_whiten(verl, dtype, V):
     assert calls["token_logprobs"] == 2 and calls["masked_whiten"] == 1
 
 
+@pytest.fixture
+def verl_heads(monkeypatch):
+    """verl's two fused LM heads (use_fused_kernels: the Triton linear_cross_entropy and the torch
+    FusedLinearForPPO), captured before patch(fused_lm_head=True), and a count of the op's calls."""
+    lce = pytest.importorskip("verl.utils.kernel.linear_cross_entropy", reason="verl not installed")
+    functional = pytest.importorskip("verl.utils.experimental.torch_functional")
+    from rlhf_kernels.ops import linear
+
+    original = {"lce": lce.linear_cross_entropy, "ppo": functional.FusedLinearForPPOFunction}
+    calls = []
+    op = linear.linear_token_logprobs
+    monkeypatch.setattr(linear, "linear_token_logprobs", lambda *a, **k: calls.append(1) or op(*a, **k))
+    where = rk_verl.patch("auto", fused_lm_head=True)
+    assert {"verl.utils.kernel.linear_cross_entropy.linear_cross_entropy",
+            "verl.utils.experimental.torch_functional.FusedLinearForPPOFunction"} <= set(where)  # fmt: skip
+    try:
+        yield lce, functional, original, calls
+    finally:
+        rk_verl.unpatch()
+        assert lce.linear_cross_entropy is original["lce"]
+        assert functional.FusedLinearForPPOFunction is original["ppo"]
+        assert not rk_verl.is_head_patched()
+
+
+def _head_step(fn, hidden, weight, ids, temperature):
+    h, w = hidden.detach().clone().requires_grad_(True), weight.detach().clone().requires_grad_(True)
+    logp, entropy = fn(h, w, ids, temperature)
+    g = torch.Generator().manual_seed(9)
+    (logp.double() * torch.randn(logp.shape, generator=g, dtype=torch.float64)).sum().add(
+        entropy.double().sum() * 0.3).backward()  # fmt: skip
+    return logp, entropy, h.grad, w.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 9), (13,)], ids=["BxT", "T"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_verl_fused_heads(verl_heads, dtype, shape, temperature):
+    """patch(fused_lm_head=True): verl's FusedLinearForPPO (torch backend) and linear_cross_entropy
+    go through linear_token_logprobs, with verl's outputs (log-probs float32; entropy in the hidden
+    dtype for the former, float32 for the latter; flat for linear_cross_entropy) and gradients;
+    compared with verl's FusedLinearForPPOFunction (float32; bfloat16 against it in float64).
+    verl's Triton linear_cross_entropy itself needs a GPU."""
+    lce, functional, original, calls = verl_heads
+    g = torch.Generator().manual_seed(11)
+    hidden = torch.randn(*shape, 24, generator=g).to(dtype)
+    weight = (torch.randn(301, 24, generator=g) * 0.3).to(dtype)
+    ids = torch.randint(0, 301, shape, generator=g)
+    want = _head_step(lambda *a: original["ppo"].apply(*a, 512), *_wide(dtype, hidden, weight), ids, temperature)
+    got = _head_step(lambda *a: functional.FusedLinearForPPO().forward(*a), hidden, weight, ids, temperature)
+    flat = _head_step(lambda h, w, i, t: lce.linear_cross_entropy(h, w, i, t, "none"), hidden, weight, ids,
+                      temperature)  # fmt: skip
+    assert len(calls) == 2
+    assert got[0].dtype == flat[0].dtype == flat[1].dtype == torch.float32 and got[1].dtype == dtype
+    assert got[0].shape == got[1].shape == ids.shape and flat[0].shape == flat[1].shape == (ids.numel(),)
+    for result in (got, flat):
+        _close([x.reshape(y.shape) for x, y in zip(result[:2], want[:2], strict=True)], want[:2], _tol(dtype))
+        for a, b in zip(result[2:], want[2:], strict=True):  # gradients: bfloat16 matmuls, relative to their scale
+            scale = b.abs().max().item()
+            tol = dict(atol=3e-2 * scale, rtol=3e-2) if dtype == torch.bfloat16 else dict(atol=2e-5 * scale, rtol=2e-5)
+            _close(a, b, tol)
+
+
+def test_verl_fused_heads_uncovered_calls_stay_verls(verl_heads):
+    """A process group (vocab-parallel), another reduction, an int temperature (verl asserts a
+    float), the "torch" backend: verl's own linear_cross_entropy; 4-D hidden states and the
+    "torch" backend: verl's own FusedLinearForPPOFunction."""
+    lce, functional, original, calls = verl_heads
+    seen = []
+    fake = rk_verl._make_linear_cross_entropy(lambda *a: seen.append(a) or "verl's")
+    h, w, ids = torch.randn(2, 3, 8), torch.randn(11, 8), torch.randint(0, 11, (2, 3))
+    assert fake(h, w, ids, 1.0, "none", object()) == "verl's"
+    assert fake(h, w, ids, 1.0, "mean") == "verl's"
+    assert fake(h, w, ids, 1, "none") == "verl's"
+    assert len(seen) == 3 and not calls
+    got = fake(h, w, ids, 1.0, "none")
+    assert len(calls) == 1 and got[0].shape == (6,)
+    with rk_verl.patched("torch", fused_lm_head=True):  # (the torch composition would build the logits)
+        assert fake(h, w, ids, 1.0, "none") == "verl's"
+        got = functional.FusedLinearForPPOFunction.apply(h, w, ids, 1.0, 512)
+    want = original["ppo"].apply(h, w, ids, 1.0, 512)
+    _close(got, want, dict(atol=0, rtol=0))
+    assert len(calls) == 1
+    assert functional.FusedLinearForPPOFunction is not original["ppo"] and rk_verl.is_head_patched()
+
+
 # --- OpenRLHF ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mask_kind", ["ones", "gaps", "prefix"])

@@ -60,6 +60,15 @@ masked positions; verl's product with the mask gives NaN). ``tests/test_framewor
 real verl 0.9.1 (``make test-frameworks``); ``tests/test_integrations_verl.py`` to
 stand-ins for the semantics of other releases.
 
+``patch(fused_lm_head=True)`` also routes verl's fused LM heads (the models' forward with
+``use_fused_kernels``) through :func:`rlhf_kernels.linear_token_logprobs`: the Triton
+``verl.utils.kernel.linear_cross_entropy.linear_cross_entropy`` (``reduction="none"``, no
+process group: a vocab-parallel head stays verl's; float32 log-probs and entropy, flat) and
+``FusedLinearForPPOFunction`` of ``verl.utils.experimental.torch_functional`` (the torch
+backend; a subclass whose ``apply`` takes the op; log-probs float32, entropy in the hidden
+states' dtype, shaped like the ids), for plain-tensor heads of the hidden states' dtype on a
+device with a kernel backend. Off by default until timed on a GPU beside verl's own.
+
 verl is not a dependency: nothing here imports it until :func:`patch`.
 """
 
@@ -125,12 +134,40 @@ def _build():
 _patcher = _patching.Patcher("verl", _build)
 
 
-# patch(backend="auto") -> locations patched; unpatch() -> locations restored; is_patched();
-# ``with patched(backend): ...`` (see _patching.Patcher)
-patch = _patcher.patch
-unpatch = _patcher.unpatch
+def _build_head():
+    originals, replacements = {}, {}
+    for module_name, names in _HEAD_TARGETS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # not in this verl release
+            continue
+        for name, (required, make) in names.items():
+            fn = getattr(module, name, None)
+            if fn is None:
+                continue
+            # (an autograd.Function's forward; linear_cross_entropy is LinearCrossEntropy.apply)
+            owner = getattr(fn, "__self__", None) if not isinstance(fn, type) else fn
+            _patching.check_params("verl", f"{module_name}.{name}",
+                                   owner.forward if isinstance(owner, type) else fn, required)  # fmt: skip
+            originals[f"{module_name}:{name}"] = fn
+            replacements[f"{module_name}:{name}"] = make(fn)
+    if not originals:
+        raise RuntimeError("rlhf_kernels.integrations.verl: this verl has neither fused LM head the patch replaces "
+                           f"({', '.join(f'{m}.{n}' for m, ns in _HEAD_TARGETS.items() for n in ns)})")  # fmt: skip
+    return originals, replacements
+
+
+_head_patcher = _patching.Patcher("verl", _build_head)
+_patches = _patching.WithHead(_patcher, _head_patcher)
+
+# patch(backend="auto", *, fused_lm_head=False) -> locations patched; unpatch() -> locations
+# restored; is_patched(); is_head_patched(); ``with patched(backend, fused_lm_head=...): ...``
+# (see _patching.WithHead)
+patch = _patches.patch
+unpatch = _patches.unpatch
 is_patched = _patcher.is_patched
-patched = _patcher.patched
+is_head_patched = _patches.is_head_patched
+patched = _patches.patched
 
 
 # --- the replacements ------------------------------------------------------------------------------
@@ -721,3 +758,68 @@ _TARGETS = {
         "masked_whiten": (("values", "mask"), _make_masked_whiten),
     },
 }  # fmt: skip
+
+
+# --- the fused LM heads (patch(fused_lm_head=True)) ---------------------------------------------
+def _make_linear_cross_entropy(original):
+    """verl's Triton ``linear_cross_entropy(hidden, weight, labels, temperature, reduction,
+    dist_process_group)`` (the models' forward with ``use_fused_kernels`` and the Triton
+    backend): per-token log-probs and entropy, float32, flat ``[N]``. Covered: ``reduction
+    "none"``, no process group (a vocab-parallel head stays verl's), a float temperature (verl
+    asserts one)."""
+
+    def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="none", dist_process_group=None):
+        covered = (isinstance(temperature, float) and isinstance(reduction, str) and reduction.lower() == "none"
+                   and dist_process_group is None and isinstance(labels, torch.Tensor)
+                   and isinstance(hidden, torch.Tensor) and labels.numel() * max(hidden.shape[-1], 1) == hidden.numel()
+                   and _patching.head_covered(hidden.reshape(-1, hidden.shape[-1]), weight, None, labels.reshape(-1),
+                                              temperature, _head_patcher.backend))  # fmt: skip
+        if not covered:
+            return original(hidden, weight, labels, temperature, reduction, dist_process_group)
+        logprobs, entropy = _head_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                                           temperature)  # fmt: skip
+        return logprobs.float(), entropy.float()
+
+    return linear_cross_entropy
+
+
+def _make_fused_linear_for_ppo(original):
+    """verl's ``FusedLinearForPPOFunction`` (``FusedLinearForPPO`` with the torch backend): a
+    subclass whose ``apply(hidden_states, vocab_weights, input_ids, temperature, chunk_size)``
+    takes the op for ``[B, T, H]`` or ``[T, H]`` hidden states; log-probs in float32 and
+    entropy in the hidden states' dtype, shaped like ``input_ids``, as verl's."""
+
+    def apply(cls, hidden_states, vocab_weights, input_ids, temperature=1.0, chunk_size=512):
+        if not (isinstance(hidden_states, torch.Tensor) and hidden_states.dim() in (2, 3)
+                and _patching.head_covered(hidden_states, vocab_weights, None, input_ids, temperature,
+                                           _head_patcher.backend)):  # fmt: skip
+            return original.apply(hidden_states, vocab_weights, input_ids, temperature, chunk_size)
+        logprobs, entropy = _head_logprobs(hidden_states, vocab_weights, input_ids, temperature)
+        return logprobs.float(), entropy.to(hidden_states.dtype)
+
+    # (no attribute holding the original: patching finds objects by identity in verl's classes)
+    return type(original.__name__, (original,), {"apply": classmethod(apply), "__doc__": original.__doc__,
+                                                 "__module__": original.__module__})  # fmt: skip
+
+
+def _head_logprobs(hidden, weight, labels, temperature):
+    """Log-probs and entropy of softmax(hidden weight^T / temperature) at the labels: verl's labels
+    are rolled input ids, every one in range, so they are not checked (which would wait for the
+    device; one outside [0, V) gives NaN)."""
+    from rlhf_kernels.ops.linear import linear_token_logprobs
+
+    return linear_token_logprobs(hidden, weight, labels, temperature=float(temperature), return_entropy=True,
+                                 check_labels=False, backend=_head_patcher.backend)  # fmt: skip
+
+
+_HEAD_TARGETS = {
+    "verl.utils.kernel.linear_cross_entropy": {
+        "linear_cross_entropy": (("ctx", "hidden", "weight", "labels", "temperature", "reduction",
+                                  "dist_process_group"), _make_linear_cross_entropy),
+    },
+    "verl.utils.experimental.torch_functional": {
+        "FusedLinearForPPOFunction": (("ctx", "hidden_states", "vocab_weights", "input_ids", "temperature",
+                                       "chunk_size"), _make_fused_linear_for_ppo),
+    },
+}  # fmt: skip
+
