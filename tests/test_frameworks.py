@@ -450,6 +450,43 @@ def test_verl_fused_heads_uncovered_calls_stay_verls(verl_heads):
     assert functional.FusedLinearForPPOFunction is not original["ppo"] and rk_verl.is_head_patched()
 
 
+def test_verl_fused_heads_labels_groups_and_refusals(verl_heads, monkeypatch):
+    """No ignore index (a -100 label gives NaN, not a silent 0); a process group of one rank
+    (Megatron's tensor-parallel group without tensor parallelism) is covered; a verl whose head
+    has another parameter list, or an unknown backend, is refused with nothing changed."""
+    import torch.distributed as dist
+
+    lce, functional, original, calls = verl_heads
+    h, w = torch.randn(2, 3, 8), torch.randn(11, 8)
+    ids = torch.randint(0, 11, (2, 3))
+    ids[0, 1] = -100
+    logp, entropy = functional.FusedLinearForPPOFunction.apply(h, w, ids, 1.0, 512)
+    assert torch.isnan(logp[0, 1]) and torch.isfinite(logp[1]).all() and len(calls) == 1
+    ids[0, 1] = 3
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29517", rank=0, world_size=1)
+    try:
+        logp, _ = lce.linear_cross_entropy(h, w, ids, 1.0, "none", dist.group.WORLD)
+        assert len(calls) == 2 and logp.shape == (6,)
+    finally:
+        dist.destroy_process_group()
+    rk_verl.unpatch()
+
+    class Other(original["ppo"]):  # a release that added a parameter
+        @staticmethod
+        def forward(ctx, hidden_states, vocab_weights, input_ids, temperature=1.0, chunk_size=512, extra=None):
+            raise AssertionError("not called")
+
+    monkeypatch.setattr(functional, "FusedLinearForPPOFunction", Other)
+    with pytest.raises(RuntimeError, match="FusedLinearForPPOFunction.*does not have the expected parameters"):
+        rk_verl.patch(fused_lm_head=True)
+    assert not rk_verl.is_patched() and not rk_verl.is_head_patched() and functional.FusedLinearForPPOFunction is Other
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="backend: unknown backend None"):
+        rk_verl.patch(None, fused_lm_head=True)
+    assert not rk_verl.is_patched() and not rk_verl.is_head_patched()
+
+
 # --- OpenRLHF ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mask_kind", ["ones", "gaps", "prefix"])

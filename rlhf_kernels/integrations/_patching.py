@@ -28,14 +28,15 @@ def modules(package: str) -> list[ModuleType]:
     return [m for name, m in list(sys.modules.items()) if m is not None and _inside(name, package)]
 
 
-def check_params(integration: str, where: str, fn, required: tuple[str, ...]) -> None:
-    """Refuse (before anything is changed) a function whose leading parameters are not
-    ``required``: the replacement binds arguments by these names."""
+def check_params(integration: str, where: str, fn, required: tuple[str, ...], *, exact: bool = False) -> None:
+    """Refuse (before anything is changed) a function whose leading parameters (``exact``: all its
+    parameters) are not ``required``: the replacement binds arguments by these names (``exact``:
+    it spells out the whole list, so a release that adds one must not be patched)."""
     params = tuple(inspect.signature(fn).parameters)
-    if params[: len(required)] != required:
+    if (params if exact else params[: len(required)]) != required:
         raise RuntimeError(
-            f"rlhf_kernels.integrations.{integration}: {where}({', '.join(params)}) does not start with the "
-            f"expected parameters ({', '.join(required)}); nothing was changed"
+            f"rlhf_kernels.integrations.{integration}: {where}({', '.join(params)}) does not "
+            f"{'have' if exact else 'start with'} the expected parameters ({', '.join(required)}); nothing was changed"
         )
 
 
@@ -197,6 +198,10 @@ class WithHead:
         nothing."""
         if not isinstance(fused_lm_head, bool):
             raise TypeError(f"fused_lm_head: expected a bool, got {type(fused_lm_head).__name__}")
+        from rlhf_kernels import _dispatch
+
+        if backend != "auto" and backend not in _dispatch.BACKENDS:  # (the replacements read it on every call)
+            raise ValueError(f"backend: unknown backend {backend!r}; expected 'auto' or one of {_dispatch.BACKENDS}")
         head_was_patched = self.head.is_patched()
         head = self.head.patch(backend) if fused_lm_head else []  # first: a refusal changes nothing
         try:
@@ -261,6 +266,6 @@ def head_covered(hidden, weight, bias, labels, temperature, backend) -> bool:
         return False
     try:
         return _dispatch.resolve(backend, hidden.device, "token_logprobs_fwd_native") != "torch"
-    except (ValueError, RuntimeError):
+    except (ValueError, RuntimeError, TypeError):
         return False
 

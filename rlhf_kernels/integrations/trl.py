@@ -103,7 +103,7 @@ def _build_head():
     if original is None or not hasattr(original, "apply"):
         raise RuntimeError(f"rlhf_kernels.integrations.trl: trl.trainer.utils has no {_HEAD} to patch "
                            f"(fused_lm_head=True was written for trl {', '.join(TESTED_TRL_VERSIONS)})")  # fmt: skip
-    _patching.check_params("trl", _HEAD + ".forward", original.forward, _HEAD_PARAMS)
+    _patching.check_params("trl", _HEAD + ".forward", original.forward, _HEAD_PARAMS, exact=True)
     return {_HEAD: original}, {_HEAD: _make_fused_head(original)}
 
 
@@ -276,9 +276,10 @@ def _make_fused_head(original):
 
         want_entropy = "entropy" in outputs
         # TRL's fused forward passes the valid positions' labels (or all labels clamped at 0):
-        # every one in range, so no device sync to check them (one outside [0, V) gives NaN)
+        # every one in range, so no device sync to check them, and no ignore index (a label
+        # outside [0, V), -100 included, gives NaN)
         out = linear_token_logprobs(hidden, weight, targets, bias=bias, temperature=float(temperature),
-                                    return_entropy=want_entropy, check_labels=False,
+                                    ignore_index=_NO_IGNORE_INDEX, return_entropy=want_entropy, check_labels=False,
                                     backend=_head_patcher.backend)  # fmt: skip
         logprobs, entropy = out if want_entropy else (out, None)
         # float32 as TRL's (its running statistics are float32 whatever the inputs)

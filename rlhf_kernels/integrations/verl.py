@@ -63,7 +63,8 @@ stand-ins for the semantics of other releases.
 ``patch(fused_lm_head=True)`` also routes verl's fused LM heads (the models' forward with
 ``use_fused_kernels``) through :func:`rlhf_kernels.linear_token_logprobs`: the Triton
 ``verl.utils.kernel.linear_cross_entropy.linear_cross_entropy`` (``reduction="none"``, no
-process group: a vocab-parallel head stays verl's; float32 log-probs and entropy, flat) and
+process group or one of a single rank, as Megatron models without tensor parallelism pass: a
+vocab-parallel head stays verl's; float32 log-probs and entropy, flat) and
 ``FusedLinearForPPOFunction`` of ``verl.utils.experimental.torch_functional`` (the torch
 backend; a subclass whose ``apply`` takes the op; log-probs float32, entropy in the hidden
 states' dtype, shaped like the ids), for plain-tensor heads of the hidden states' dtype on a
@@ -147,8 +148,8 @@ def _build_head():
                 continue
             # (an autograd.Function's forward; linear_cross_entropy is LinearCrossEntropy.apply)
             owner = getattr(fn, "__self__", None) if not isinstance(fn, type) else fn
-            _patching.check_params("verl", f"{module_name}.{name}",
-                                   owner.forward if isinstance(owner, type) else fn, required)  # fmt: skip
+            _patching.check_params("verl", f"{module_name}.{name}", owner.forward if isinstance(owner, type) else fn,
+                                   required, exact=True)  # fmt: skip
             originals[f"{module_name}:{name}"] = fn
             replacements[f"{module_name}:{name}"] = make(fn)
     if not originals:
@@ -770,7 +771,7 @@ def _make_linear_cross_entropy(original):
 
     def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="none", dist_process_group=None):
         covered = (isinstance(temperature, float) and isinstance(reduction, str) and reduction.lower() == "none"
-                   and dist_process_group is None and isinstance(labels, torch.Tensor)
+                   and _single_rank(dist_process_group) and isinstance(labels, torch.Tensor)
                    and isinstance(hidden, torch.Tensor) and labels.numel() * max(hidden.shape[-1], 1) == hidden.numel()
                    and _patching.head_covered(hidden.reshape(-1, hidden.shape[-1]), weight, None, labels.reshape(-1),
                                               temperature, _head_patcher.backend))  # fmt: skip
@@ -781,6 +782,19 @@ def _make_linear_cross_entropy(original):
         return logprobs.float(), entropy.float()
 
     return linear_cross_entropy
+
+
+def _single_rank(group) -> bool:
+    """No process group, or one of a single rank (verl's Megatron models pass the tensor-parallel
+    group also without tensor parallelism): the head is not split over the vocabulary."""
+    if group is None:
+        return True
+    try:
+        import torch.distributed as dist
+
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) == 1
+    except (RuntimeError, ValueError, TypeError):
+        return False
 
 
 def _make_fused_linear_for_ppo(original):
@@ -805,11 +819,12 @@ def _make_fused_linear_for_ppo(original):
 def _head_logprobs(hidden, weight, labels, temperature):
     """Log-probs and entropy of softmax(hidden weight^T / temperature) at the labels: verl's labels
     are rolled input ids, every one in range, so they are not checked (which would wait for the
-    device; one outside [0, V) gives NaN)."""
+    device) and there is no ignore index (a label outside [0, V), -100 included, gives NaN)."""
     from rlhf_kernels.ops.linear import linear_token_logprobs
 
     return linear_token_logprobs(hidden, weight, labels, temperature=float(temperature), return_entropy=True,
-                                 check_labels=False, backend=_head_patcher.backend)  # fmt: skip
+                                 ignore_index=_NO_IGNORE_INDEX, check_labels=False,
+                                 backend=_head_patcher.backend)  # fmt: skip
 
 
 _HEAD_TARGETS = {
