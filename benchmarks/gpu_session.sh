@@ -4,7 +4,7 @@
 # results in $OUT (at most 8 files come back from a lent machine; this writes 7).
 #
 #   benchmarks/gpu_session.sh [phases]    phases: any of build tests overhead sweep bwdsweep
-#                                         timeline profile bench (default: build tests overhead
+#                                         timeline profile bench (default: build tests timeline
 #                                         bwdsweep bench)
 #
 # Everything runs against one deadline, TOTAL seconds from the start (default 585: the
@@ -27,7 +27,7 @@
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu-session}
 PY=${PYTHON:-python3}
-PHASES=${*:-build tests overhead bwdsweep bench}
+PHASES=${*:-build tests timeline bwdsweep bench}
 # sweep: the Triton log-prob kernels over tile sizes, warp counts and prefetch
 # (benchmarks/triton_sweep.py, into session.log; at most SWEEP_LIMIT, 100 s).
 # bwdsweep: the log-prob backward of both kernel backends with rows cut into column parts
