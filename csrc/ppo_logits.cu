@@ -440,12 +440,7 @@ __device__ __forceinline__ int64_t inputs_row_pass(const PpoInputsParams& p, int
   int64_t count = 0;
 #pragma unroll 4
   for (int64_t t = first; t < p.time; t += stride) {
-    const int64_t y = static_cast<int64_t>(labels[b * p.labels_stride0 + t * p.labels_stride1]);
-    const bool keep = ppo_loss::mask_nonzero(mask[b * p.mask_stride0 + t * p.mask_stride1]);
-    const bool valid = keep & (y != p.ignore_index);
-    out[b * p.time + t] = valid ? y : p.ignore_index;
-    w[b * p.time + t] = valid ? A(1) : A(0);
-    count += valid;
+    count += ppo_loss::input_token<L, M, A>(p, labels, mask, out, w, b, t);
   }
   return count;
 }

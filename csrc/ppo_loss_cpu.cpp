@@ -344,11 +344,7 @@ void ppo_fused_inputs_cpu(const PpoInputsParams& p) {
     for (int64_t b = 0; b < p.batch; ++b) {
       int64_t count = 0;
       for (int64_t t = 0; t < p.time; ++t) {
-        const int64_t y = static_cast<int64_t>(labels[b * p.labels_stride0 + t * p.labels_stride1]);
-        const bool valid = y != p.ignore_index && ppo_loss::mask_nonzero(mask[b * p.mask_stride0 + t * p.mask_stride1]);
-        p.labels_out[b * p.time + t] = valid ? y : p.ignore_index;
-        w[b * p.time + t] = valid ? A(1) : A(0);
-        count += valid;
+        count += ppo_loss::input_token<L, M, A>(p, labels, mask, p.labels_out, w, b, t);
       }
       counts[static_cast<size_t>(b)] = count;
       total += count;

@@ -73,6 +73,20 @@ template <typename M>
 RLHF_HD bool mask_nonzero(M m) { return m != M(0); }
 RLHF_HD bool mask_nonzero(Bits16 m) { return (m.bits & 0x7fffu) != 0; }
 
+// Pass 1 of the inputs at row b, position t (ppo.h: PpoInputsParams): the flat label and the
+// 0 / 1 weight written; returns whether the token is valid. The label and mask loads are
+// independent (no short-circuit), so that a loop over positions keeps several in flight.
+template <typename L, typename M, typename A>
+RLHF_HD bool input_token(const PpoInputsParams& p, const L* labels, const M* mask, int64_t* out, A* w, int64_t b,
+                         int64_t t) {
+  const int64_t y = static_cast<int64_t>(labels[b * p.labels_stride0 + t * p.labels_stride1]);
+  const bool keep = mask_nonzero(mask[b * p.mask_stride0 + t * p.mask_stride1]);
+  const bool valid = keep & (y != p.ignore_index);
+  out[b * p.time + t] = valid ? y : p.ignore_index;
+  w[b * p.time + t] = valid ? A(1) : A(0);
+  return valid;
+}
+
 // Calls f(Label{}, Mask{}, A{}) with the inputs' element types (host code; a generic lambda
 // instantiates the kernel of each combination).
 template <typename F>

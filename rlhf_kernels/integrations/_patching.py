@@ -269,3 +269,12 @@ def head_covered(hidden, weight, bias, labels, temperature, backend) -> bool:
     except (ValueError, RuntimeError, TypeError):
         return False
 
+
+def with_apply(original: type, apply) -> type:
+    """A subclass of the autograd.Function ``original`` whose ``apply`` is ``apply(cls, ...)``
+    (the fused heads' replacements: the op on the calls it covers, ``original.apply`` on the
+    rest). It holds no attribute pointing at ``original``: patching finds objects by identity
+    in the framework's classes too, and would swap that for the replacement itself."""
+    return type(original.__name__, (original,), {"apply": classmethod(apply), "__doc__": original.__doc__,
+                                                 "__module__": original.__module__})  # fmt: skip
+

@@ -285,8 +285,5 @@ def _make_fused_head(original):
         # float32 as TRL's (its running statistics are float32 whatever the inputs)
         return logprobs.float(), None if entropy is None else entropy.float(), None, None, None
 
-    # (no attribute that holds the original: patching finds functions by identity in the
-    # classes of trl's modules, and would swap it for the replacement itself)
-    return type(original.__name__, (original,), {"apply": classmethod(apply), "__doc__": original.__doc__,
-                                                 "__module__": original.__module__})  # fmt: skip
+    return _patching.with_apply(original, apply)
 

@@ -770,15 +770,17 @@ def _make_linear_cross_entropy(original):
     asserts one)."""
 
     def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="none", dist_process_group=None):
-        covered = (isinstance(temperature, float) and isinstance(reduction, str) and reduction.lower() == "none"
-                   and _single_rank(dist_process_group) and isinstance(labels, torch.Tensor)
-                   and isinstance(hidden, torch.Tensor) and labels.numel() * max(hidden.shape[-1], 1) == hidden.numel()
-                   and _patching.head_covered(hidden.reshape(-1, hidden.shape[-1]), weight, None, labels.reshape(-1),
-                                              temperature, _head_patcher.backend))  # fmt: skip
+        flat = None  # verl's kernel takes [N, H] and [N] views of them
+        if (isinstance(hidden, torch.Tensor) and isinstance(labels, torch.Tensor) and hidden.dim() >= 1
+                and labels.numel() * max(hidden.shape[-1], 1) == hidden.numel()):  # fmt: skip
+            flat = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+        covered = (flat is not None and isinstance(temperature, float) and isinstance(reduction, str)
+                   and reduction.lower() == "none" and _single_rank(dist_process_group)
+                   and _patching.head_covered(flat[0], weight, None, flat[1], temperature,
+                                              _head_patcher.backend))  # fmt: skip
         if not covered:
             return original(hidden, weight, labels, temperature, reduction, dist_process_group)
-        logprobs, entropy = _head_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
-                                           temperature)  # fmt: skip
+        logprobs, entropy = _head_logprobs(flat[0], weight, flat[1], temperature)
         return logprobs.float(), entropy.float()
 
     return linear_cross_entropy
@@ -811,9 +813,7 @@ def _make_fused_linear_for_ppo(original):
         logprobs, entropy = _head_logprobs(hidden_states, vocab_weights, input_ids, temperature)
         return logprobs.float(), entropy.to(hidden_states.dtype)
 
-    # (no attribute holding the original: patching finds objects by identity in verl's classes)
-    return type(original.__name__, (original,), {"apply": classmethod(apply), "__doc__": original.__doc__,
-                                                 "__module__": original.__module__})  # fmt: skip
+    return _patching.with_apply(original, apply)
 
 
 def _head_logprobs(hidden, weight, labels, temperature):
