@@ -38,7 +38,9 @@
 // pipelined variant (the default; RLHF_KERNELS_CLUSTER_PIPELINE=0 turns it
 // off) copies the next row while writing this one's gradient; a double-buffered
 // one (RLHF_KERNELS_CLUSTER_PIPELINE=2; not yet measured on a GPU) holds two
-// slices a block and issues the next row's copy when it starts a row. Taken when the
+// slices a block and issues the next row's copy when it starts a row; a staged
+// one (=3; not yet measured either) pipelines as the default does but starts a
+// row's log-sum-exp on the first part of its slice to land. Taken when the
 // rows (logits and grad) start on 16-byte boundaries, T is not double, and
 // C <= 8; else the kernel above runs. Measured (8 x 2048 x 128256 bf16, whole
 // step with backward): on an H200, 5.70 ms with the streaming kernel (its
@@ -231,6 +233,21 @@ template <int kPending>
   cp_async_wait<0>();
 }
 
+// The staged mode's copies of a row: at most kStages groups of vectors, then one more,
+// possibly empty (so that a thread waits with at most kStages groups allowed in flight).
+constexpr int kStages = 4;
+
+// Waits until at most `pending` (0 .. kStages) of this thread's cp.async groups are in flight.
+[[maybe_unused]] __device__ __forceinline__ void cp_async_wait_upto(int pending) {
+  switch (pending) {
+    case 0: cp_async_wait<0>(); break;
+    case 1: cp_async_wait<1>(); break;
+    case 2: cp_async_wait<2>(); break;
+    case 3: cp_async_wait<3>(); break;
+    default: cp_async_wait<kStages>(); break;
+  }
+}
+
 // Grid: clusters of C blocks (C = cluster size, 1 <= C <= 8), cluster k owning
 // rows k, k + #clusters, ... Block r of a cluster owns the row's elements
 // [r S, min(V, (r + 1) S)); S (a multiple of the 16-byte vector) is the
@@ -270,9 +287,17 @@ template <int kPending>
 //     gradient writes, the phases in which the other modes have no read in
 //     flight. Each row's copies are one cp.async group: waiting for all but the
 //     newest group waits for this row's;
+//   * kStaged (RLHF_KERNELS_CLUSTER_PIPELINE=3; not yet measured on a GPU): as
+//     kPipelined, but a thread's copies of a row are committed in up to kStages
+//     groups (its vectors in order, `group` a group) and the log-sum-exp waits for
+//     each group just before it reads that group's first vector, instead of for
+//     the whole slice before it starts: the pipelined mode's last copies of the
+//     next row go out at the end of this row's gradient writes, and their HBM
+//     latency is then waited out with nothing to do; here the log-sum-exp of the
+//     earlier groups runs while they land;
 //   * bcast needs no end-of-row barrier: thread 0 rewrites it only after the
 //     next row's cluster barrier, which each thread reaches after reading it.
-constexpr int kPlain = 0, kPipelined = 1, kDoubleBuffered = 2;
+constexpr int kPlain = 0, kPipelined = 1, kDoubleBuffered = 2, kStaged = 3;
 
 template <typename T, int kMode>
 __global__ void __launch_bounds__(kClusterThreads, 2) ppo_logits_cluster_kernel(const FusedArgs<T> a, int slice) {
@@ -281,8 +306,9 @@ __global__ void __launch_bounds__(kClusterThreads, 2) ppo_logits_cluster_kernel(
   using Acc = acc_t<T>;
   using State = OnlineLSE<Acc, true>;
   constexpr int kN = Vec<T>::kN;
-  constexpr bool kPipe = kMode == kPipelined;
+  constexpr bool kPipe = kMode == kPipelined || kMode == kStaged;
   constexpr bool kDouble = kMode == kDoubleBuffered;
+  constexpr bool kStage = kMode == kStaged;
   extern __shared__ __align__(16) unsigned char dyn_smem[];
   T* const halves = reinterpret_cast<T*>(dyn_smem);
   __shared__ State warp_states[kClusterThreads / kWarpSize];
@@ -299,6 +325,12 @@ __global__ void __launch_bounds__(kClusterThreads, 2) ppo_logits_cluster_kernel(
   const int begin = min(V, rank * slice);
   const int len = min(V, begin + slice) - begin;
   const int nvec = len / kN;
+  // kStaged: this thread's k-th vector of the slice is in copy group k / group; it owns
+  // `owned` vectors, so it commits owned / group + 1 <= kStages + 1 groups a row (the last
+  // one possibly empty).
+  const int group = max(1, ((nvec + kClusterThreads - 1) / kClusterThreads + kStages - 1) / kStages);
+  const int owned = tid < nvec ? (nvec - 1 - tid) / kClusterThreads + 1 : 0;
+  const int n_groups = owned / group + 1;
   const auto kept = [&](int64_t y) { return y != a.ignore_index && y >= 0 && y < V; };
   int parity = 0;  // of part[], flipped by the rows that use it (kept rows)
   int half = 0;  // kDouble: the half of buf that holds this row, flipped by every row
@@ -306,10 +338,19 @@ __global__ void __launch_bounds__(kClusterThreads, 2) ppo_logits_cluster_kernel(
   const int64_t first = blockIdx.x / n_blocks;
   int64_t y_ahead = first < a.rows ? a.labels[first] : 0;
   // This thread's copies of one row's slice into dst (the scalar tail with plain loads).
+  // (kStaged: committed in its groups.)
   const auto copy_row = [&](T* dst, int64_t r) {
     const T* src = a.logits + a.layout.offset(r) + begin;
-    for (int i = tid; i < nvec; i += kClusterThreads) cp_async16(dst + i * kN, src + i * kN);
+    int k = 0;
+    for (int i = tid; i < nvec; i += kClusterThreads) {
+      cp_async16(dst + i * kN, src + i * kN);
+      if (kStage && ++k == group) {
+        cp_async_commit();
+        k = 0;
+      }
+    }
     for (int j = nvec * kN + tid; j < len; j += kClusterThreads) dst[j] = src[j];
+    if (kStage) cp_async_commit();
   };
 
   for (int64_t row = first; row < a.rows; row += n_clusters) {
@@ -346,7 +387,9 @@ __global__ void __launch_bounds__(kClusterThreads, 2) ppo_logits_cluster_kernel(
       z_label = mul_rn(to_acc(a.logits[a.layout.offset(row) + y]), scale);
       scalars = load_row_scalars(a, row);
     }
-    if (!kDouble) {
+    if (kStage) {
+      // (waited for group by group in the log-sum-exp below)
+    } else if (!kDouble) {
       cp_async_wait_all();
     } else if (next_copied) {
       cp_async_wait<1>();  // all but the next row's group: this row's slice is in
@@ -357,7 +400,16 @@ __global__ void __launch_bounds__(kClusterThreads, 2) ppo_logits_cluster_kernel(
 
     State st;
     st.reset();
+    int pending = n_groups - 1;  // kStaged: groups allowed in flight when the next one is waited for
+    int left = 0;  // kStaged: vectors of the current group still to read
     for (int i = tid; i < nvec; i += kClusterThreads) {
+      if (kStage) {
+        if (left == 0) {
+          cp_async_wait_upto(pending--);
+          left = group;
+        }
+        --left;
+      }
       Acc z[kN];
       Vec<T>::load(buf + i * kN, z);
 #pragma unroll
@@ -389,17 +441,25 @@ __global__ void __launch_bounds__(kClusterThreads, 2) ppo_logits_cluster_kernel(
     const bool copy_next = kPipe && next < a.rows && kept(y_ahead);
     const T* src_next = copy_next ? a.logits + a.layout.offset(next) + begin : nullptr;
     const auto write = [&](const auto& op) {
+      int k = 0;  // kStaged: copies in the current group (the groups of copy_row)
       for (int i = tid; i < nvec; i += kClusterThreads) {
         Acc u[kN];
         Vec<T>::load(buf + i * kN, u);
         grad_vec<kN>(op, u, begin + i * kN);
         Vec<T>::store(out + i * kN, u);
-        if (copy_next) cp_async16(buf + i * kN, src_next + i * kN);  // slot i is used: u was consumed above
+        if (copy_next) {
+          cp_async16(buf + i * kN, src_next + i * kN);  // slot i is used: u was consumed above
+          if (kStage && ++k == group) {
+            cp_async_commit();
+            k = 0;
+          }
+        }
       }
       for (int j = nvec * kN + tid; j < len; j += kClusterThreads) {
         out[j] = from_acc<T>(op(to_acc(buf[j]), begin + j));
         if (copy_next) buf[j] = src_next[j];
       }
+      if (kStage && copy_next) cp_async_commit();
     };
     if (bcast[3] != Acc(0)) {
       write(GradOp<Acc, true>::make(bcast[0], bcast[2], bcast[3], bcast[1], a.inv_t, scale, static_cast<int>(y)));
@@ -546,14 +606,15 @@ int64_t cluster_cap() {
 }
 
 // The cluster kernel's mode: pipelined unless RLHF_KERNELS_CLUSTER_PIPELINE is
-// 0 (plain) or 2 (double buffered). On an H100 (8 x 2048 x 128256 bf16, whole
-// step with backward) the pipelined one took 3.60 ms against 3.77 for the plain
-// one (the read + write floor: 2.82 ms); the double-buffered one is not yet
-// measured on a GPU.
+// 0 (plain), 2 (double buffered) or 3 (staged). On an H100 (8 x 2048 x 128256
+// bf16, whole step with backward) the pipelined one took 3.60 ms against 3.77 for
+// the plain one (the read + write floor: 2.82 ms); the double-buffered and staged
+// ones are not yet measured on a GPU.
 int cluster_mode() {
   const char* env = std::getenv("RLHF_KERNELS_CLUSTER_PIPELINE");
   if (env != nullptr && env[0] == '0') return kPlain;
   if (env != nullptr && env[0] == '2') return kDoubleBuffered;
+  if (env != nullptr && env[0] == '3') return kStaged;
   return kPipelined;
 }
 
@@ -684,9 +745,10 @@ bool launch_cluster(const FusedArgs<T>& a, const PpoLogitsParams& p, cudaStream_
       return false;
     }
     const int mode = cluster_mode();
-    const auto kernel = mode == kPlain        ? ppo_logits_cluster_kernel<T, kPlain>
-                        : mode == kPipelined ? ppo_logits_cluster_kernel<T, kPipelined>
-                                             : ppo_logits_cluster_kernel<T, kDoubleBuffered>;
+    const auto kernel = mode == kPlain            ? ppo_logits_cluster_kernel<T, kPlain>
+                        : mode == kPipelined     ? ppo_logits_cluster_kernel<T, kPipelined>
+                        : mode == kDoubleBuffered ? ppo_logits_cluster_kernel<T, kDoubleBuffered>
+                                                 : ppo_logits_cluster_kernel<T, kStaged>;
     const ClusterKernelInfo info = cluster_kernel_info(kernel, dev);
     if (!info.usable) return false;
     const ClusterLayout l = cluster_layout(p.vocab, item, info.max_dynamic_smem, mode == kDoubleBuffered ? 2 : 1);

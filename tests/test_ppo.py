@@ -1471,6 +1471,8 @@ CLUSTER_CASES = {  # (B, T, V, RLHF_KERNELS_CLUSTER_SLICE_BYTES, pad, cluster ke
     "tail": (1, 1, 1003, "512", 0, True),  # one row: aligned, with a scalar tail in the last slice
     "one-element-slice": (1, 1, 33, "32", 0, True),  # fp32: slices 8, 8, 8, 8, 1; bf16: 16, 16, 1 (no vector)
     "padded-tail": (3, 6, 1003, "512", 5, True),  # rows of 1003 spaced 1008 apart, each with a tail (in place)
+    # slices of 1250 vectors: 4 or 5 a thread, copied (staged mode) in groups of 2 (the last one short or empty)
+    "uneven-groups": (2, 3, 20000, "20000", 0, True),
     "too-many-blocks": (2, 2, 1000, "64", 0, False),  # > 8 blocks: the streaming kernel
     "unaligned-rows": (2, 3, 1003, "512", 0, False),  # rows not on 16-byte boundaries: the streaming kernel
 }
@@ -1491,15 +1493,18 @@ def cluster_launches(device) -> int | None:
 @pytest.mark.parametrize("case", list(CLUSTER_CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
-@pytest.mark.parametrize("pipeline,clusters", [("0", "0"), ("1", "0"), ("1", "2"), ("2", "0"), ("2", "2")],
-                         ids=["plain", "pipelined", "pipelined-2-clusters", "double", "double-2-clusters"])  # fmt: skip
+@pytest.mark.parametrize("pipeline,clusters", [("0", "0"), ("1", "0"), ("1", "2"), ("2", "0"), ("2", "2"), ("3", "0"),
+                                               ("3", "2")],
+                         ids=["plain", "pipelined", "pipelined-2-clusters", "double", "double-2-clusters", "staged",
+                              "staged-2-clusters"])  # fmt: skip
 def test_ppo_from_logits_cluster_sweep(monkeypatch, device, backend, case, dtype, inplace, pipeline, clusters):
     """The CUDA gradient sweep that holds each row in the shared memory of a thread-block
     cluster (sm_90), with the row cut into 1 to 8 slices, a scalar tail (one row; padded rows),
     in place, and the cases that fall back to the streaming kernel. (On CPU and before sm_90 this
     runs the other kernels: same expectations.) The pipelined variant copies the next row of
     its cluster while writing this one's gradient, the double-buffered one when it starts this
-    one: with at most 2 clusters each walks many rows, skipped ones among them (the mask's
+    one, the staged one as the pipelined one but waiting for the copies group by group during
+    the log-sum-exp: with at most 2 clusters each walks many rows, skipped ones among them (the mask's
     gaps, an all-masked sequence, an ignored label). On an sm_90 GPU, the cases meant for the
     cluster kernel must have run it (not passed by falling back), the others must not have."""
     B, T, V, budget, pad, clustered = CLUSTER_CASES[case]
@@ -1519,8 +1524,8 @@ def test_ppo_from_logits_cluster_sweep(monkeypatch, device, backend, case, dtype
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(["native"], native_op=FUSED))
-@pytest.mark.parametrize("pipeline,clusters", [("0", "0"), ("1", "2"), ("2", "2")],
-                         ids=["plain", "pipelined-2-clusters", "double-2-clusters"])  # fmt: skip
+@pytest.mark.parametrize("pipeline,clusters", [("0", "0"), ("1", "2"), ("2", "2"), ("3", "2")],
+                         ids=["plain", "pipelined-2-clusters", "double-2-clusters", "staged-2-clusters"])  # fmt: skip
 def test_ppo_from_logits_cluster_llama_vocab(monkeypatch, device, backend, pipeline, clusters):
     """At Llama-3's vocabulary and the default 64 KiB slices (bf16 rows of 250 KiB: 4-block
     clusters), each of 2 clusters walking a dozen rows: the cluster kernel agrees with the
