@@ -40,7 +40,9 @@
 // one (RLHF_KERNELS_CLUSTER_PIPELINE=2; not yet measured on a GPU) holds two
 // slices a block and issues the next row's copy when it starts a row; a staged
 // one (=3; not yet measured either) pipelines as the default does but starts a
-// row's log-sum-exp on the first part of its slice to land. Taken when the
+// row's log-sum-exp on the first part of its slice to land; =4 double-buffers
+// with one bulk (TMA) copy a slice instead of every thread's 16-byte copies (not
+// yet measured either). Taken when the
 // rows (logits and grad) start on 16-byte boundaries, T is not double, and
 // C <= 8; else the kernel above runs. Measured (8 x 2048 x 128256 bf16, whole
 // step with backward): on an H200, 5.70 ms with the streaming kernel (its
@@ -248,6 +250,64 @@ constexpr int kStages = 4;
   }
 }
 
+// Bulk copies (the Tensor Memory Accelerator's 1-D form) into this block's shared memory,
+// completed on an mbarrier: one thread issues a whole slice's copy, and the block waits on
+// the barrier's phase (kBulk below). A wait that has not completed within about 4 s
+// (%globaltimer, read every 1024 tries) traps (a launch error), so that a lost copy fails
+// the kernel instead of hanging the GPU.
+[[maybe_unused]] __device__ __forceinline__ unsigned smem_u32(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+[[maybe_unused]] __device__ __forceinline__ void mbar_init(uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(smem_u32(bar)) : "memory");
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+
+// Copies `bytes` (a multiple of 16; both addresses 16-byte aligned) from global src to
+// shared dst, the barrier's current phase completing when they have landed.
+[[maybe_unused]] __device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes,
+                                                           uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // (The block barrier before the call orders the other threads' reads of dst before the
+  // copy; this fence adds the issuing thread's own generic-proxy accesses, at no cost.)
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
+               : "memory");
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                   smem_u32(dst)),
+               "l"(src), "r"(bytes), "r"(smem_u32(bar))
+               : "memory");
+#endif
+}
+
+// Waits until the barrier's phase of the given parity has completed.
+[[maybe_unused]] __device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint64_t start = 0;
+  for (unsigned tries = 1;; ++tries) {
+    unsigned done = 0;
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_u32(bar)), "r"(parity)
+        : "memory");
+    if (done) return;
+    if (tries % 1024 == 0) {
+      uint64_t now;
+      asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(now));
+      if (start == 0) {
+        start = now;
+      } else if (now - start > 4000000000ull) {
+        __trap();
+      }
+    }
+  }
+#endif
+}
+
 // Grid: clusters of C blocks (C = cluster size, 1 <= C <= 8), cluster k owning
 // rows k, k + #clusters, ... Block r of a cluster owns the row's elements
 // [r S, min(V, (r + 1) S)); S (a multiple of the 16-byte vector) is the
@@ -295,9 +355,18 @@ constexpr int kStages = 4;
 //     next row go out at the end of this row's gradient writes, and their HBM
 //     latency is then waited out with nothing to do; here the log-sum-exp of the
 //     earlier groups runs while they land;
+//   * kBulk (=4; not yet measured on a GPU): double buffered as kDoubleBuffered, but
+//     each slice arrives as one bulk copy that thread 0 issues (full[h] completes
+//     when the bytes of half h have landed; every thread waits on it), not as 16-byte
+//     cp.async copies from every thread: no copy instructions in the threads' loops,
+//     and the copy engine keeps the slice's bytes in flight. Since one thread now
+//     writes every thread's slots, a block barrier at each row's start orders the
+//     other half's last reads (the previous row's gradient) before its next copy;
+//     each copy is waited for exactly once, so full[h]'s parity flips at each wait.
+//     The scalar tail is still copied by its threads with plain loads;
 //   * bcast needs no end-of-row barrier: thread 0 rewrites it only after the
 //     next row's cluster barrier, which each thread reaches after reading it.
-constexpr int kPlain = 0, kPipelined = 1, kDoubleBuffered = 2, kStaged = 3;
+constexpr int kPlain = 0, kPipelined = 1, kDoubleBuffered = 2, kStaged = 3, kBulk = 4;
 
 template <typename T, int kMode>
 __global__ void __launch_bounds__(kClusterThreads, 2) ppo_logits_cluster_kernel(const FusedArgs<T> a, int slice) {
@@ -307,13 +376,15 @@ __global__ void __launch_bounds__(kClusterThreads, 2) ppo_logits_cluster_kernel(
   using State = OnlineLSE<Acc, true>;
   constexpr int kN = Vec<T>::kN;
   constexpr bool kPipe = kMode == kPipelined || kMode == kStaged;
-  constexpr bool kDouble = kMode == kDoubleBuffered;
   constexpr bool kStage = kMode == kStaged;
+  constexpr bool kBulkCopy = kMode == kBulk;
+  constexpr bool kDouble = kMode == kDoubleBuffered || kBulkCopy;  // two halves
   extern __shared__ __align__(16) unsigned char dyn_smem[];
   T* const halves = reinterpret_cast<T*>(dyn_smem);
   __shared__ State warp_states[kClusterThreads / kWarpSize];
   __shared__ State part[2];
   __shared__ Acc bcast[4];
+  __shared__ __align__(8) uint64_t full[2];  // kBulk: half h's copy has landed
 
   const cg::cluster_group cluster = cg::this_cluster();
   const int n_blocks = static_cast<int>(cluster.num_blocks());
@@ -334,6 +405,14 @@ __global__ void __launch_bounds__(kClusterThreads, 2) ppo_logits_cluster_kernel(
   const auto kept = [&](int64_t y) { return y != a.ignore_index && y >= 0 && y < V; };
   int parity = 0;  // of part[], flipped by the rows that use it (kept rows)
   int half = 0;  // kDouble: the half of buf that holds this row, flipped by every row
+  unsigned phases = 0;  // kBulk: bit h, the parity of full[h]'s next phase to wait for
+  if (kBulkCopy) {
+    if (tid == 0) {
+      mbar_init(&full[0]);
+      mbar_init(&full[1]);
+    }
+    __syncthreads();
+  }
   bool in_flight = false;  // this row's slice was copied during the previous row (pipelined modes)
   const int64_t first = blockIdx.x / n_blocks;
   int64_t y_ahead = first < a.rows ? a.labels[first] : 0;
@@ -352,6 +431,13 @@ __global__ void __launch_bounds__(kClusterThreads, 2) ppo_logits_cluster_kernel(
     for (int j = nvec * kN + tid; j < len; j += kClusterThreads) dst[j] = src[j];
     if (kStage) cp_async_commit();
   };
+  // kBulk: row r's slice into half h: one bulk copy from thread 0, the tail as copy_row's.
+  const auto bulk_row = [&](int h, int64_t r) {
+    T* const dst = halves + h * slice;
+    const T* src = a.logits + a.layout.offset(r) + begin;
+    if (tid == 0 && nvec > 0) bulk_copy(dst, src, static_cast<unsigned>(nvec) * 16u, &full[h]);
+    for (int j = nvec * kN + tid; j < len; j += kClusterThreads) dst[j] = src[j];
+  };
 
   for (int64_t row = first; row < a.rows; row += n_clusters) {
     const int64_t y = y_ahead;
@@ -360,15 +446,26 @@ __global__ void __launch_bounds__(kClusterThreads, 2) ppo_logits_cluster_kernel(
     y_ahead = next < a.rows ? a.labels[next] : 0;
     T* const buf = kDouble ? halves + half * slice : halves;
     T* out = a.grad + a.grad_layout.offset(row) + begin;
+    // kBulk: the other half's last reader (the previous row's gradient loop) is done before
+    // thread 0 overwrites it (the other modes' threads overwrite only their own slots).
+    if (kBulkCopy) __syncthreads();
     if (kDouble && kept(y) && !in_flight) {
-      copy_row(buf, row);
-      cp_async_commit();
+      if (kBulkCopy) {
+        bulk_row(half, row);
+      } else {
+        copy_row(buf, row);
+        cp_async_commit();
+      }
     }
     // kDouble: the next row's copies go out before this row's work (or its skip).
     const bool next_copied = kDouble && next < a.rows && kept(y_ahead);
     if (next_copied) {
-      copy_row(halves + (half ^ 1) * slice, next);
-      cp_async_commit();
+      if (kBulkCopy) {
+        bulk_row(half ^ 1, next);
+      } else {
+        copy_row(halves + (half ^ 1) * slice, next);
+        cp_async_commit();
+      }
     }
     if (!kept(y)) {  // (never in flight: only kept rows are copied ahead)
       const Acc v = (y == a.ignore_index) ? Acc(0) : quiet_nan<Acc>();
@@ -389,6 +486,11 @@ __global__ void __launch_bounds__(kClusterThreads, 2) ppo_logits_cluster_kernel(
     }
     if (kStage) {
       // (waited for group by group in the log-sum-exp below)
+    } else if (kBulkCopy) {
+      if (nvec > 0) {  // (uniform over the block: a copy was issued for this row exactly when nvec > 0)
+        mbar_wait(&full[half], (phases >> half) & 1u);
+        phases ^= 1u << half;
+      }
     } else if (!kDouble) {
       cp_async_wait_all();
     } else if (next_copied) {
@@ -606,15 +708,16 @@ int64_t cluster_cap() {
 }
 
 // The cluster kernel's mode: pipelined unless RLHF_KERNELS_CLUSTER_PIPELINE is
-// 0 (plain), 2 (double buffered) or 3 (staged). On an H100 (8 x 2048 x 128256
-// bf16, whole step with backward) the pipelined one took 3.60 ms against 3.77 for
-// the plain one (the read + write floor: 2.82 ms); the double-buffered and staged
-// ones are not yet measured on a GPU.
+// 0 (plain), 2 (double buffered), 3 (staged) or 4 (double buffered, bulk copies).
+// On an H100 (8 x 2048 x 128256 bf16, whole step with backward) the pipelined one
+// took 3.60 ms against 3.77 for the plain one (the read + write floor: 2.82 ms); the
+// other three are not yet measured on a GPU.
 int cluster_mode() {
   const char* env = std::getenv("RLHF_KERNELS_CLUSTER_PIPELINE");
   if (env != nullptr && env[0] == '0') return kPlain;
   if (env != nullptr && env[0] == '2') return kDoubleBuffered;
   if (env != nullptr && env[0] == '3') return kStaged;
+  if (env != nullptr && env[0] == '4') return kBulk;
   return kPipelined;
 }
 
@@ -748,10 +851,12 @@ bool launch_cluster(const FusedArgs<T>& a, const PpoLogitsParams& p, cudaStream_
     const auto kernel = mode == kPlain            ? ppo_logits_cluster_kernel<T, kPlain>
                         : mode == kPipelined     ? ppo_logits_cluster_kernel<T, kPipelined>
                         : mode == kDoubleBuffered ? ppo_logits_cluster_kernel<T, kDoubleBuffered>
-                                                 : ppo_logits_cluster_kernel<T, kStaged>;
+                        : mode == kStaged        ? ppo_logits_cluster_kernel<T, kStaged>
+                                                 : ppo_logits_cluster_kernel<T, kBulk>;
     const ClusterKernelInfo info = cluster_kernel_info(kernel, dev);
     if (!info.usable) return false;
-    const ClusterLayout l = cluster_layout(p.vocab, item, info.max_dynamic_smem, mode == kDoubleBuffered ? 2 : 1);
+    const int buffers = mode == kDoubleBuffered || mode == kBulk ? 2 : 1;
+    const ClusterLayout l = cluster_layout(p.vocab, item, info.max_dynamic_smem, buffers);
     if (l.C == 0) return false;
     const int64_t C = l.C;
     const size_t smem = static_cast<size_t>(l.smem);

@@ -1494,9 +1494,9 @@ def cluster_launches(device) -> int | None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
 @pytest.mark.parametrize("pipeline,clusters", [("0", "0"), ("1", "0"), ("1", "2"), ("2", "0"), ("2", "2"), ("3", "0"),
-                                               ("3", "2")],
+                                               ("3", "2"), ("4", "0"), ("4", "2")],
                          ids=["plain", "pipelined", "pipelined-2-clusters", "double", "double-2-clusters", "staged",
-                              "staged-2-clusters"])  # fmt: skip
+                              "staged-2-clusters", "bulk", "bulk-2-clusters"])  # fmt: skip
 def test_ppo_from_logits_cluster_sweep(monkeypatch, device, backend, case, dtype, inplace, pipeline, clusters):
     """The CUDA gradient sweep that holds each row in the shared memory of a thread-block
     cluster (sm_90), with the row cut into 1 to 8 slices, a scalar tail (one row; padded rows),
@@ -1504,7 +1504,8 @@ def test_ppo_from_logits_cluster_sweep(monkeypatch, device, backend, case, dtype
     runs the other kernels: same expectations.) The pipelined variant copies the next row of
     its cluster while writing this one's gradient, the double-buffered one when it starts this
     one, the staged one as the pipelined one but waiting for the copies group by group during
-    the log-sum-exp: with at most 2 clusters each walks many rows, skipped ones among them (the mask's
+    the log-sum-exp, the bulk one as the double-buffered one with a slice a bulk (TMA) copy on
+    an mbarrier: with at most 2 clusters each walks many rows, skipped ones among them (the mask's
     gaps, an all-masked sequence, an ignored label). On an sm_90 GPU, the cases meant for the
     cluster kernel must have run it (not passed by falling back), the others must not have."""
     B, T, V, budget, pad, clustered = CLUSTER_CASES[case]
@@ -1524,8 +1525,9 @@ def test_ppo_from_logits_cluster_sweep(monkeypatch, device, backend, case, dtype
 
 
 @pytest.mark.parametrize("device,backend", backend_cases(["native"], native_op=FUSED))
-@pytest.mark.parametrize("pipeline,clusters", [("0", "0"), ("1", "2"), ("2", "2"), ("3", "2")],
-                         ids=["plain", "pipelined-2-clusters", "double-2-clusters", "staged-2-clusters"])  # fmt: skip
+@pytest.mark.parametrize("pipeline,clusters", [("0", "0"), ("1", "2"), ("2", "2"), ("3", "2"), ("4", "2")],
+                         ids=["plain", "pipelined-2-clusters", "double-2-clusters", "staged-2-clusters",
+                              "bulk-2-clusters"])  # fmt: skip
 def test_ppo_from_logits_cluster_llama_vocab(monkeypatch, device, backend, pipeline, clusters):
     """At Llama-3's vocabulary and the default 64 KiB slices (bf16 rows of 250 KiB: 4-block
     clusters), each of 2 clusters walking a dozen rows: the cluster kernel agrees with the
