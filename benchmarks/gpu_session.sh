@@ -111,7 +111,7 @@ if has tests; then
   "$PY" -c "import xdist" 2>/dev/null && xdist=(-n "${TEST_WORKERS:-12}")
   "$PY" -c "import pytest_timeout" 2>/dev/null && xdist+=(--timeout 120)  # a hung kernel fails its test only
   timeout -s INT -k 20 "$first" "$PY" -m pytest -m gpu ${k_main:+-k "$k_main"} -v -p no:cacheprovider \
-    "${xdist[@]}" -rfE --maxfail=300 tests >"$OUT/tests.log" 2>&1
+    "${xdist[@]}" -rfE --maxfail=300 --durations=25 tests >"$OUT/tests.log" 2>&1
   log "tests exit code $? (124: cut at the limit)"
   tail -1 "$OUT/tests.log" | tee -a "$OUT/session.log"
   if [[ -n $isolated ]] && (($(left) - reserve > 20)); then
