@@ -118,8 +118,9 @@ struct SeqFwdArgs {
 // of the label's logit, normally an L2 hit) and 8 bytes of label; writes 2 or
 // 3 accumulation-type scalars. Ignored / out-of-range rows read no logits.
 // Each thread streams its share of the row through an OnlineLSE state; the
-// states are merged across the block; thread 0 writes the outputs.
-template <typename T, bool kEntropy>
+// states are merged across the block; thread 0 writes the outputs. kStream: the
+// logits are read with ld_stream16 (RLHF_KERNELS_LOAD_HINT=1; common.cuh).
+template <typename T, bool kEntropy, bool kStream>
 __global__ void __launch_bounds__(kThreads, kFwdMinBlocks<T>)
     logprobs_fwd_kernel(const FwdArgs<T> a) {
   using Acc = acc_t<T>;
@@ -149,7 +150,7 @@ __global__ void __launch_bounds__(kThreads, kFwdMinBlocks<T>)
     Acc z_label = Acc(0);
     if (tid == 0) z_label = mul_rn(to_acc(x[static_cast<int>(y)]), scale);
 
-    const State st = stream_row<kThreads>(x, V, scale, smem);
+    const State st = stream_row<kThreads, T, kEntropy, kStream>(x, V, scale, smem);
 
     if (tid == 0) {
       const RowStats<Acc> r = row_stats(st, z_label);
@@ -337,6 +338,13 @@ BwdParts bwd_parts(int64_t rows, int vocab, int vec_elems) {
   return BwdParts{static_cast<int>(parts), static_cast<int>(pv)};
 }
 
+// RLHF_KERNELS_LOAD_HINT=1: the forward reads the logits with ld_stream16 (common.cuh).
+// Off by default: not yet measured on a GPU.
+bool load_hint() {
+  const char* env = std::getenv("RLHF_KERNELS_LOAD_HINT");
+  return env != nullptr && env[0] == '1';
+}
+
 template <typename T>
 void launch_fwd(const LogprobsFwdParams& p, cudaStream_t stream) {
   using Acc = acc_t<T>;
@@ -352,10 +360,22 @@ void launch_fwd(const LogprobsFwdParams& p, cudaStream_t stream) {
   a.lse = static_cast<Acc*>(p.lse);
   a.entropy = static_cast<Acc*>(p.entropy);
   const dim3 grid(grid_for(p.rows));
-  if (p.entropy != nullptr) {
-    logprobs_fwd_kernel<T, true><<<grid, kThreads, 0, stream>>>(a);
+  const bool entropy = p.entropy != nullptr;
+  if constexpr (sizeof(T) < 8) {  // (double keeps plain loads: gradcheck's dtype, not a bandwidth case)
+    if (load_hint()) {
+      if (entropy) {
+        logprobs_fwd_kernel<T, true, true><<<grid, kThreads, 0, stream>>>(a);
+      } else {
+        logprobs_fwd_kernel<T, false, true><<<grid, kThreads, 0, stream>>>(a);
+      }
+      check_launch("logprobs forward kernel launch");
+      return;
+    }
+  }
+  if (entropy) {
+    logprobs_fwd_kernel<T, true, false><<<grid, kThreads, 0, stream>>>(a);
   } else {
-    logprobs_fwd_kernel<T, false><<<grid, kThreads, 0, stream>>>(a);
+    logprobs_fwd_kernel<T, false, false><<<grid, kThreads, 0, stream>>>(a);
   }
   check_launch("logprobs forward kernel launch");
 }

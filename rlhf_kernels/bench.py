@@ -235,6 +235,12 @@ def token_logprobs_problem(n_tokens, vocab, dtype, device, temperature=1.0) -> P
             lambda: rlhf_kernels.token_logprobs(i["logits"], i["labels"], temperature=temperature,
                                                 check_labels=False, backend="triton"),
         )  # fmt: skip
+    if device.type == "cuda" and "native" in _kernel_backends(device):  # streaming-load hints (common.cuh)
+        provs["rlhf_kernels[native,L2 256B]"] = lambda i: _with_env(
+            {"RLHF_KERNELS_LOAD_HINT": "1"},
+            lambda: rlhf_kernels.token_logprobs(i["logits"], i["labels"], temperature=temperature,
+                                                check_labels=False, backend="native"),
+        )  # fmt: skip
     provs["eager"] = lambda i: eager_logprobs(i["logits"], i["labels"], temperature)
     provs["torch.compile"] = lambda i: _compiled(eager_logprobs)(i["logits"], i["labels"], temperature)
     liger = _liger_cross_entropy() if device.type == "cuda" else None

@@ -306,6 +306,30 @@ def test_forward_prefetch_matches(monkeypatch, device, backend, dtype):
     torch.testing.assert_close(out[0][0].cpu().double(), reference(logits.double(), labels), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("device,backend", backend_cases(["native"]))
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=str)
+def test_forward_load_hint_is_exact(monkeypatch, device, backend, dtype):
+    """The CUDA forward's streaming loads (RLHF_KERNELS_LOAD_HINT=1: non-coherent, no L1
+    allocation, 256-byte L2 fetches) change how the logits are read, not the arithmetic: the
+    same bits, with entropy, an ignored row, a -inf-led row, a row whose start is not 16-byte
+    aligned (scalar head) and a V with a scalar tail. (On CPU, and for float64 on CUDA, the knob
+    is inert: the same check.)"""
+    g = torch.Generator().manual_seed(41)
+    full = (torch.randn(6, 9003, generator=g) * 3).to(dtype)
+    full[3, :5000] = float("-inf")
+    labels = torch.randint(5000, 9001, (6,), generator=g)
+    labels[1] = -100
+    logits = full.to(device)[:, 1:9002]  # rows start one element in: a head, a body, a tail
+    out = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("RLHF_KERNELS_LOAD_HINT", flag)
+        out.append(rlhf_kernels.token_logprobs(logits, labels.to(device), return_entropy=True, backend=backend))
+    for a, b in zip(*out, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    expected = reference(full[:, 1:9002].double(), labels)
+    torch.testing.assert_close(out[1][0].cpu().double(), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("device,backend", backend_cases(["triton", "native"]))
 @pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=str)
 @pytest.mark.parametrize("inplace_backward", [False, True], ids=["grad", "inplace"])
