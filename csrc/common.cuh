@@ -167,7 +167,8 @@ template <typename T> struct Vec;
 template <> struct Vec<float> {
   static constexpr int kN = 4;
   static __device__ __forceinline__ void load(const float* p, float* out) {
-    unpack(*reinterpret_cast<const uint4*>(p), out);
+    const uint4 r = *reinterpret_cast<const uint4*>(p);  // one 16-byte load, then unpacked
+    unpack(r, out);
   }
   static __device__ __forceinline__ void unpack(const uint4& r, float* out) {
     out[0] = __uint_as_float(r.x);
@@ -184,7 +185,8 @@ template <> struct Vec<float> {
 template <> struct Vec<double> {
   static constexpr int kN = 2;
   static __device__ __forceinline__ void load(const double* p, double* out) {
-    unpack(*reinterpret_cast<const uint4*>(p), out);
+    const uint4 r = *reinterpret_cast<const uint4*>(p);  // one 16-byte load, then unpacked
+    unpack(r, out);
   }
   static __device__ __forceinline__ void unpack(const uint4& r, double* out) {
     out[0] = __hiloint2double(static_cast<int>(r.y), static_cast<int>(r.x));
@@ -220,7 +222,8 @@ __device__ __forceinline__ unsigned f16_pack(float lo, float hi) {
 template <> struct Vec<__nv_bfloat16> {
   static constexpr int kN = 8;
   static __device__ __forceinline__ void load(const __nv_bfloat16* p, float* out) {
-    unpack(*reinterpret_cast<const uint4*>(p), out);
+    const uint4 r = *reinterpret_cast<const uint4*>(p);  // one 16-byte load, then unpacked
+    unpack(r, out);
   }
   static __device__ __forceinline__ void unpack(const uint4& r, float* out) {
     out[0] = detail::bf16_lo(r.x); out[1] = detail::bf16_hi(r.x);
@@ -238,7 +241,8 @@ template <> struct Vec<__nv_bfloat16> {
 template <> struct Vec<__half> {
   static constexpr int kN = 8;
   static __device__ __forceinline__ void load(const __half* p, float* out) {
-    unpack(*reinterpret_cast<const uint4*>(p), out);
+    const uint4 r = *reinterpret_cast<const uint4*>(p);  // one 16-byte load, then unpacked
+    unpack(r, out);
   }
   static __device__ __forceinline__ void unpack(const uint4& r, float* out) {
     out[0] = detail::f16_lo(r.x); out[1] = detail::f16_hi(r.x);
