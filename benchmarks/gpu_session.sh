@@ -98,14 +98,15 @@ if has tests; then
   limit=$(min "${TEST_LIMIT:-200}" $(($(left) - reserve)))
   ((limit < 30)) && limit=30
   # Tests of kernels that have never run on a GPU (ISOLATED_K, a -k expression) go in a second
-  # pytest run after the others, with ISOLATED_LIMIT (60 s) of the limit: a kernel fault leaves
-  # its process's CUDA context unusable, which would fail every later test of the same worker.
+  # pytest run after the others, with a quarter of the limit, at most ISOLATED_LIMIT (40 s): a
+  # kernel fault leaves its process's CUDA context unusable, which would fail every later test
+  # of the same worker.
   TEST_K=${TEST_K-not cuda-torch}
   isolated=${ISOLATED_K-bulk}
   k_main=$TEST_K
   [[ -n $isolated ]] && k_main="${TEST_K:+($TEST_K) and }not ($isolated)"
   first=$limit
-  [[ -n $isolated ]] && ((limit > 90)) && first=$((limit - ${ISOLATED_LIMIT:-60}))
+  [[ -n $isolated ]] && first=$((limit - $(min "${ISOLATED_LIMIT:-40}" $((limit / 4)))))
   log "GPU tests (limit $first s, -k '$k_main')"
   xdist=()
   "$PY" -c "import xdist" 2>/dev/null && xdist=(-n "${TEST_WORKERS:-12}")
@@ -116,7 +117,7 @@ if has tests; then
   tail -1 "$OUT/tests.log" | tee -a "$OUT/session.log"
   if [[ -n $isolated ]] && (($(left) - reserve > 20)); then
     k_new="${TEST_K:+($TEST_K) and }($isolated)"
-    second=$(min "${ISOLATED_LIMIT:-60}" $(($(left) - reserve)))
+    second=$(min "${ISOLATED_LIMIT:-40}" $(($(left) - reserve)))
     log "GPU tests of new kernels (limit $second s, -k '$k_new'; appended to tests.log)"
     timeout -s INT -k 20 "$second" "$PY" -m pytest -m gpu -k "$k_new" -v -p no:cacheprovider \
       "${xdist[@]}" -rfE --maxfail=300 tests >>"$OUT/tests.log" 2>&1
