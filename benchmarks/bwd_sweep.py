@@ -49,6 +49,7 @@ from rlhf_kernels import _dispatch, bench
 from rlhf_kernels.bench import _time
 
 PART_COLS = (0, 4096, 8192, 16384, 32768, 65536)
+FWD_PART_COLS = (0, 4096, 8192, 16384, 32768)  # the CUDA forward's (RLHF_KERNELS_FWD_PART_COLS)
 # (slice budget in bytes (per buffer), RLHF_KERNELS_CLUSTER_PIPELINE: 0 plain, 1 pipelined, 2 double
 # buffered, 3 staged, 4 double buffered with bulk copies): the default first, the bulk copies (new,
 # never run: a fault would leave the process's CUDA context unusable) last
@@ -101,6 +102,31 @@ def fused_sweep(args, device, deadline: float) -> None:
             print(f"{label}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})", flush=True)
 
 
+def forward_sweep(logits, labels, device) -> None:
+    """The CUDA forward with its rows cut into column parts, a few seconds: median wall and
+    device (queued) time of each setting, TB/s of the logits read."""
+    nbytes = logits.numel() * logits.element_size()
+
+    def step(_):
+        with torch.no_grad():
+            rlhf_kernels.token_logprobs(logits, labels, check_labels=False, backend="native")
+
+    case = bench.Case("native", "fwd", lambda: None, step)
+    for cols in FWD_PART_COLS:
+        label = f"fwd part cols {cols:6d} ({'a block per row' if cols == 0 else 'parts'}), native"
+
+        def timed():
+            times = sorted(_time(step, lambda: None, device, warmup=2, repeat=10, budget_s=10.0))
+            return times, bench._queued_ms(case, device, times[len(times) // 2])
+
+        try:
+            times, dev_ms = bench._with_env({"RLHF_KERNELS_FWD_PART_COLS": str(cols)}, timed)
+            print(_median_line(f"{label}: fwd", times, nbytes) + f"; queued {dev_ms:.3f} ms, "
+                  f"{nbytes / dev_ms / 1e9:.2f} TB/s", flush=True)  # fmt: skip
+        except Exception as exc:  # a setting that fails: report, go on
+            print(f"{label}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})", flush=True)
+
+
 def main() -> None:
     parser = sweep_parser(__doc__, 60.0)
     parser.add_argument("--backend", action="append", help="default: triton and native where available")
@@ -145,6 +171,8 @@ def main() -> None:
             os.environ.pop("RLHF_KERNELS_BWD_PART_COLS", None)
         else:
             os.environ["RLHF_KERNELS_BWD_PART_COLS"] = before
+    if "native" in backends and device.type == "cuda":
+        forward_sweep(logits, labels, device)
     if fused:
         del logits
         torch.cuda.empty_cache()

@@ -138,6 +138,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(const at::Tens
   p.lse = lse.data_ptr();
   p.entropy = return_entropy ? entropy.data_ptr() : nullptr;
   if (p.rows == 0) return {logprobs, lse, entropy};
+  at::Tensor part_states, part_arrived;  // the CUDA forward's column parts (RLHF_KERNELS_FWD_PART_COLS)
+#ifdef RLHF_WITH_CUDA
+  if (logits.is_cuda()) {
+    logprobs_fwd_parts_cuda(p.rows, p.vocab, static_cast<int>(logits.element_size()), &p.parts, &p.part_vecs);
+    if (p.parts > 1) {
+      part_states = at::empty({p.rows * p.parts * 3}, opts);
+      part_arrived = at::empty({p.rows}, logits.options().dtype(at::kInt));
+      p.part_states = part_states.data_ptr();
+      p.part_arrived = reinterpret_cast<unsigned*>(part_arrived.data_ptr<int32_t>());
+    }
+  }
+#endif
   run_kernel(logits.device(), p, RLHF_CUDA_FN(logprobs_fwd_cuda), &logprobs_fwd_cpu);
   return {logprobs, lse, entropy};
 }
@@ -937,6 +949,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return std::make_pair(parts, part_vecs);
       },
       "(parts per row, vectors per part) of the CUDA log-prob backward (RLHF_KERNELS_BWD_PART_COLS)");
+  m.def(
+      "logprobs_fwd_parts",
+      [](int64_t rows, int64_t vocab, int itemsize) {
+        int parts = 0, part_vecs = 0;
+        rlhf::logprobs_fwd_parts_cuda(rows, vocab, itemsize, &parts, &part_vecs);
+        return std::make_pair(parts, part_vecs);
+      },
+      "(parts per row, vectors per part) of the CUDA log-prob forward (RLHF_KERNELS_FWD_PART_COLS)");
   m.def(
       "ppo_cluster_layout",
       [](int64_t vocab, int itemsize, int64_t max_smem, int buffers) {

@@ -591,15 +591,34 @@ __device__ __forceinline__ void block_sum(T (&v)[N], T (*smem)[N]) {
 // Rows of the log-prob family (logprobs.cu, ppo_logits.cu)
 // ---------------------------------------------------------------------------
 
+// A part of a row, for kernels that cut rows into `parts` pieces (blocks): part
+// p of a row split as split_row does owns the 16-byte body vectors [p * pv,
+// min((p + 1) * pv, nvec)), part 0 also the scalar head and part parts - 1 the
+// scalar tail; rows whose layout allows no vectors are cut into pieces of pv *
+// kN scalars. RowPart{} is the whole row. The launcher keeps parts * pv * kN
+// below 2^31 (and pv >= ceil(V / kN) when parts == 1).
+struct RowPart {
+  int part = 0;
+  int parts = 1;
+  int pv = 0x3fffffff;  // vectors per part (the whole row of any V <= 2^30; no int overflow below)
+  __device__ __forceinline__ bool first() const { return part == 0; }
+  __device__ __forceinline__ bool last() const { return part == parts - 1; }
+  __device__ __forceinline__ int vec_begin() const { return part * pv; }
+  __device__ __forceinline__ int vec_end(int nvec) const { return min(nvec, part * pv + pv); }
+};
+
 // Streams one kept row x[0:V] through the block's kThreads threads: each
 // thread pushes its share of z = x * scale (scale = row_scale(1/T): base-2
 // units) into an OnlineLSE state (scalar head, 16-byte body, scalar tail),
 // then the states are merged across the block. The returned state is valid in
 // thread 0. Reached by every thread (it has block barriers). kStream: the body's
 // loads are ld_stream16 (the row must not be written while the kernel runs).
-template <int kThreads, typename T, bool kEntropy, bool kStream = false>
+// kParts: only the part `rp` of the row (RowPart: its body vectors, the head
+// with the first part, the tail with the last).
+template <int kThreads, typename T, bool kEntropy, bool kStream = false, bool kParts = false>
 __device__ __forceinline__ OnlineLSE<acc_t<T>, kEntropy> stream_row(const T* x, int V, acc_t<T> scale,
-                                                                    OnlineLSE<acc_t<T>, kEntropy>* smem) {
+                                                                    OnlineLSE<acc_t<T>, kEntropy>* smem,
+                                                                    const RowPart* rp = nullptr) {
   using Acc = acc_t<T>;
   constexpr int kN = Vec<T>::kN;
   const int tid = static_cast<int>(threadIdx.x);
@@ -607,7 +626,7 @@ __device__ __forceinline__ OnlineLSE<acc_t<T>, kEntropy> stream_row(const T* x, 
   st.reset();
   const RowSplit sp = split_row(x, V);
 
-  if (tid < sp.head) {  // head < kN <= kThreads
+  if ((!kParts || rp->first()) && tid < sp.head) {  // head < kN <= kThreads
     const Acc z[1] = {mul_rn(to_acc(x[tid]), scale)};
     st.template push<1>(z);
   }
@@ -618,8 +637,9 @@ __device__ __forceinline__ OnlineLSE<acc_t<T>, kEntropy> stream_row(const T* x, 
   // whose hoisted constants leave no registers for a second vector.
   constexpr int kU = sizeof(T) == 8 ? 1 : 2;
   const T* body = x + sp.head;
-  int i = tid;
-  for (; i + (kU - 1) * kThreads < sp.nvec; i += kU * kThreads) {
+  const int end = kParts ? rp->vec_end(sp.nvec) : sp.nvec;
+  int i = (kParts ? rp->vec_begin() : 0) + tid;
+  for (; i + (kU - 1) * kThreads < end; i += kU * kThreads) {
     Acc z[kU * kN];
 #pragma unroll
     for (int u = 0; u < kU; ++u) vec_load<kStream>(body + (i + u * kThreads) * kN, z + u * kN);
@@ -627,7 +647,7 @@ __device__ __forceinline__ OnlineLSE<acc_t<T>, kEntropy> stream_row(const T* x, 
     for (int k = 0; k < kU * kN; ++k) z[k] = mul_rn(z[k], scale);
     st.template push<kU * kN>(z);
   }
-  if (kU > 1 && i < sp.nvec) {
+  if (kU > 1 && i < end) {
     Acc z[kN];
     vec_load<kStream>(body + i * kN, z);
 #pragma unroll
@@ -635,7 +655,7 @@ __device__ __forceinline__ OnlineLSE<acc_t<T>, kEntropy> stream_row(const T* x, 
     st.template push<kN>(z);
   }
 
-  if (tid < V - sp.body_end) {  // tail < kN <= kThreads
+  if ((!kParts || rp->last()) && tid < V - sp.body_end) {  // tail < kN <= kThreads
     const Acc z[1] = {mul_rn(to_acc(x[sp.body_end + tid]), scale)};
     st.template push<1>(z);
   }
@@ -713,22 +733,6 @@ __host__ __device__ __forceinline__ void grad_vec(const Op& op, Acc* u, int j0) 
     for (int k = 0; k < kN; ++k) u[k] = op(u[k]);
   }
 }
-
-// A part of a row, for kernels that cut rows into `parts` pieces (blocks): part
-// p of a row split as split_row does owns the 16-byte body vectors [p * pv,
-// min((p + 1) * pv, nvec)), part 0 also the scalar head and part parts - 1 the
-// scalar tail; rows whose layout allows no vectors are cut into pieces of pv *
-// kN scalars. RowPart{} is the whole row. The launcher keeps parts * pv * kN
-// below 2^31 (and pv >= ceil(V / kN) when parts == 1).
-struct RowPart {
-  int part = 0;
-  int parts = 1;
-  int pv = 0x3fffffff;  // vectors per part (the whole row of any V <= 2^30; no int overflow below)
-  __device__ __forceinline__ bool first() const { return part == 0; }
-  __device__ __forceinline__ bool last() const { return part == parts - 1; }
-  __device__ __forceinline__ int vec_begin() const { return part * pv; }
-  __device__ __forceinline__ int vec_end(int nvec) const { return min(nvec, part * pv + pv); }
-};
 
 // Writes `value` (0 or NaN) to the n elements of a gradient row, or with
 // kParts to those of its part `rp`.

@@ -5,7 +5,8 @@
 //
 // Design:
 //   * One 256-thread block per row (the backward: per part of a row, parts of
-//     kDefaultPartCols columns by default, see bwd_parts), grid-stride over
+//     kDefaultPartCols columns by default, see bwd_parts; the forward with
+//     RLHF_KERNELS_FWD_PART_COLS set too, see fwd_parts), grid-stride over
 //     rows. 256 rather than
 //     512: the row loop is bandwidth bound and gets its memory parallelism
 //     from several resident blocks per SM plus two 16-byte loads in flight
@@ -68,6 +69,12 @@ struct FwdArgs {
   acc_t<T>* logprobs;
   acc_t<T>* lse;
   acc_t<T>* entropy;  // used only when the kernel's kEntropy is true
+  // logprobs_fwd_parts_kernel only:
+  int parts;              // column parts per row (> 1)
+  int part_vecs;          // RowPart::pv
+  FastDivU64 div_parts;   // item / parts
+  acc_t<T>* part_states;  // [rows * parts * 3]: (m, s, w) of each part
+  unsigned* part_arrived; // [rows]: parts done, zeroed before the launch
 };
 
 template <typename T>
@@ -112,6 +119,22 @@ struct SeqFwdArgs {
 // Forward
 // ---------------------------------------------------------------------------
 
+// A row's outputs, written by one thread.
+template <bool kEntropy, typename T>
+__device__ __forceinline__ void write_row(const FwdArgs<T>& a, int64_t row, acc_t<T> logprob, acc_t<T> lse,
+                                          acc_t<T> entropy) {
+  a.logprobs[row] = logprob;
+  a.lse[row] = lse;
+  if (kEntropy) a.entropy[row] = entropy;
+}
+
+// The outputs of a row the kernels skip: 0 for an ignored label, NaN for one outside [0, V).
+template <bool kEntropy, typename T>
+__device__ __forceinline__ void write_skipped_row(const FwdArgs<T>& a, int64_t row, int64_t y) {
+  const acc_t<T> v = (y == a.ignore_index) ? acc_t<T>(0) : quiet_nan<acc_t<T>>();
+  write_row<kEntropy>(a, row, v, v, v);
+}
+
 // Grid: min(rows, 2^31 - 1) blocks of kThreads threads; block b owns rows
 // b, b + gridDim.x, ... and writes logprobs/lse/entropy[row].
 // Per row: reads V * sizeof(T) bytes of logits (once, plus one scalar re-read
@@ -136,12 +159,7 @@ __global__ void __launch_bounds__(kThreads, kFwdMinBlocks<T>)
     // The branch is uniform over the block (same row), so `continue` keeps
     // every thread in step for the barriers of block_reduce.
     if (y == a.ignore_index || y < 0 || y >= V) {
-      if (tid == 0) {
-        const Acc v = (y == a.ignore_index) ? Acc(0) : quiet_nan<Acc>();
-        a.logprobs[row] = v;
-        a.lse[row] = v;
-        if (kEntropy) a.entropy[row] = v;
-      }
+      if (tid == 0) write_skipped_row<kEntropy>(a, row, y);
       continue;
     }
 
@@ -154,9 +172,65 @@ __global__ void __launch_bounds__(kThreads, kFwdMinBlocks<T>)
 
     if (tid == 0) {
       const RowStats<Acc> r = row_stats(st, z_label);
-      a.lse[row] = r.lse;
-      a.logprobs[row] = r.logprob;
-      if (kEntropy) a.entropy[row] = r.entropy;
+      write_row<kEntropy>(a, row, r.logprob, r.lse, r.entropy);
+    }
+  }
+}
+
+// The forward with column parts (RLHF_KERNELS_FWD_PART_COLS; fwd_parts). Grid:
+// min(rows * parts, 2^31 - 1) blocks; item i is part i % parts of row i / parts,
+// so consecutive blocks stream consecutive pieces of one row, as the backward's
+// parts do (which took the H100's backward from 2.61 to 2.77 TB/s). Each part
+// streams its columns into an OnlineLSE state; thread 0 stores it, makes it
+// visible (__threadfence) and counts the part in part_arrived[row]; the block
+// that counts the row's last part merges the row's states in part order (so
+// the bits do not depend on which part finished last), reads the label's
+// logit and writes the row's outputs, then zeroes the count. Ignored and
+// out-of-range rows: part 0 writes the outputs, nothing is counted.
+template <typename T, bool kEntropy>
+__global__ void __launch_bounds__(kThreads, kFwdMinBlocks<T>)
+    logprobs_fwd_parts_kernel(const FwdArgs<T> a) {
+  using Acc = acc_t<T>;
+  using State = OnlineLSE<Acc, kEntropy>;
+  __shared__ State smem[kThreads / kWarpSize];
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int V = a.vocab;
+  const Acc scale = a.scale;
+  const int64_t items = a.rows * a.parts;
+
+  for (int64_t item = static_cast<int64_t>(blockIdx.x); item < items; item += gridDim.x) {
+    const int64_t row = static_cast<int64_t>(a.div_parts.div(static_cast<uint64_t>(item)));
+    RowPart rp;
+    rp.part = static_cast<int>(item - row * a.parts);
+    rp.parts = a.parts;
+    rp.pv = a.part_vecs;
+    const int64_t y = a.labels[row];
+    if (y == a.ignore_index || y < 0 || y >= V) {  // uniform over the block
+      if (tid == 0 && rp.first()) write_skipped_row<kEntropy>(a, row, y);
+      continue;
+    }
+    const T* x = a.logits + a.layout.offset(row);
+    const State st = stream_row<kThreads, T, kEntropy, false, true>(x, V, scale, smem, &rp);
+    if (tid == 0) {
+      Acc* mine = a.part_states + item * 3;
+      mine[0] = st.m;
+      mine[1] = st.s;
+      mine[2] = kEntropy ? st.w : Acc(0);
+      __threadfence();  // the state before the count that announces it
+      if (atomicAdd(a.part_arrived + row, 1u) == static_cast<unsigned>(a.parts - 1)) {
+        __threadfence();  // every part's state after the count that saw them all
+        const Acc* states = a.part_states + row * a.parts * 3;
+        State merged;
+        merged.reset();
+        for (int q = 0; q < a.parts; ++q) {  // (L2 loads: other SMs wrote them)
+          merged.merge(__ldcg(states + 3 * q), __ldcg(states + 3 * q + 1), __ldcg(states + 3 * q + 2));
+        }
+        const Acc z_label = mul_rn(to_acc(x[static_cast<int>(y)]), scale);
+        const RowStats<Acc> r = row_stats(merged, z_label);
+        write_row<kEntropy>(a, row, r.logprob, r.lse, r.entropy);
+        a.part_arrived[row] = 0u;
+      }
     }
   }
 }
@@ -315,17 +389,18 @@ struct BwdParts {
   int pv;
 };
 
-BwdParts bwd_parts(int64_t rows, int vocab, int vec_elems) {
+// Parts of `default_cols` columns, or of the number the environment variable `knob` gives.
+BwdParts column_parts(const char* knob, long long default_cols, int64_t rows, int vocab, int vec_elems) {
   const BwdParts whole{1, RowPart{}.pv};
-  const char* env = std::getenv("RLHF_KERNELS_BWD_PART_COLS");
-  long long want = kDefaultPartCols;
+  const char* env = std::getenv(knob);
+  long long want = default_cols;
   if (env != nullptr && *env != '\0') {
     char* end = nullptr;
     want = std::strtoll(env, &end, 10);
     while (*end == ' ') ++end;
     if (*end != '\0') {
-      throw std::runtime_error(std::string("rlhf_kernels: RLHF_KERNELS_BWD_PART_COLS: expected a number of ") +
-                               "columns, got '" + env + "'");
+      throw std::runtime_error(std::string("rlhf_kernels: ") + knob + ": expected a number of columns, got '" +
+                               env + "'");
     }
   }
   if (want <= 0 || want >= vocab) return whole;
@@ -336,6 +411,19 @@ BwdParts bwd_parts(int64_t rows, int vocab, int vec_elems) {
   const long long parts = (nvec + pv - 1) / pv;
   if (parts <= 1 || rows > kMaxGrid / parts) return whole;
   return BwdParts{static_cast<int>(parts), static_cast<int>(pv)};
+}
+
+BwdParts bwd_parts(int64_t rows, int vocab, int vec_elems) {
+  return column_parts("RLHF_KERNELS_BWD_PART_COLS", kDefaultPartCols, rows, vocab, vec_elems);
+}
+
+// The forward's column parts (logprobs_fwd_parts_kernel): RLHF_KERNELS_FWD_PART_COLS
+// columns a part, rounded as the backward's (stream_row's loop takes the same step);
+// unset or 0: a block per row, the default until a GPU has timed the parts. Not for
+// double (gradcheck's dtype).
+BwdParts fwd_parts(int64_t rows, int vocab, int vec_elems) {
+  if (vec_elems < 4) return BwdParts{1, RowPart{}.pv};
+  return column_parts("RLHF_KERNELS_FWD_PART_COLS", 0, rows, vocab, vec_elems);
 }
 
 // RLHF_KERNELS_LOAD_HINT=1: the forward reads the logits with ld_stream16 (common.cuh).
@@ -359,8 +447,31 @@ void launch_fwd(const LogprobsFwdParams& p, cudaStream_t stream) {
   a.logprobs = static_cast<Acc*>(p.logprobs);
   a.lse = static_cast<Acc*>(p.lse);
   a.entropy = static_cast<Acc*>(p.entropy);
-  const dim3 grid(grid_for(p.rows));
   const bool entropy = p.entropy != nullptr;
+  if constexpr (sizeof(T) == 8) {
+    if (p.parts > 1) throw std::runtime_error("rlhf_kernels: logprobs_fwd_cuda: no column parts for float64");
+  } else if (p.parts > 1) {
+    if (p.part_states == nullptr || p.part_arrived == nullptr) {
+      throw std::runtime_error("rlhf_kernels: logprobs_fwd_cuda: column parts without their workspace");
+    }
+    a.parts = p.parts;
+    a.part_vecs = p.part_vecs;
+    a.div_parts = FastDivU64::make(static_cast<uint64_t>(p.parts));
+    a.part_states = static_cast<Acc*>(p.part_states);
+    a.part_arrived = p.part_arrived;
+    if (cudaMemsetAsync(p.part_arrived, 0, static_cast<size_t>(p.rows) * sizeof(unsigned), stream) != cudaSuccess) {
+      check_launch("logprobs forward: zeroing the part counts");
+    }
+    const dim3 grid(grid_for(p.rows * p.parts));
+    if (entropy) {
+      logprobs_fwd_parts_kernel<T, true><<<grid, kThreads, 0, stream>>>(a);
+    } else {
+      logprobs_fwd_parts_kernel<T, false><<<grid, kThreads, 0, stream>>>(a);
+    }
+    check_launch("logprobs forward (column parts) kernel launch");
+    return;
+  }
+  const dim3 grid(grid_for(p.rows));
   if constexpr (sizeof(T) < 8) {  // (double keeps plain loads: gradcheck's dtype, not a bandwidth case)
     if (load_hint()) {
       if (entropy) {
@@ -454,6 +565,16 @@ void logprobs_fwd_cuda(const LogprobsFwdParams& p, void* stream) {
     case ScalarKind::Float64: gpu::launch_fwd<double>(p, s); break;
     default: throw std::runtime_error("rlhf_kernels: logprobs_fwd_cuda: unsupported dtype");
   }
+}
+
+void logprobs_fwd_parts_cuda(int64_t rows, int64_t vocab, int itemsize, int* parts, int* part_vecs) {
+  if (itemsize != 2 && itemsize != 4 && itemsize != 8) {
+    throw std::runtime_error("rlhf_kernels: logprobs_fwd_parts_cuda: itemsize must be 2, 4 or 8");
+  }
+  gpu::check_shape(rows, vocab, "logprobs_fwd_parts_cuda");
+  const gpu::BwdParts b = gpu::fwd_parts(rows, static_cast<int>(vocab), 16 / itemsize);
+  *parts = b.parts;
+  *part_vecs = b.pv;
 }
 
 void logprobs_bwd_parts_cuda(int64_t rows, int64_t vocab, int itemsize, int* parts, int* part_vecs) {

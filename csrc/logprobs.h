@@ -58,6 +58,13 @@ struct LogprobsFwdParams {
   void* logprobs = nullptr;
   void* lse = nullptr;
   void* entropy = nullptr;  // nullptr: entropy not requested
+  // CUDA only: column parts per row (logprobs_fwd_parts_cuda) and, with parts > 1, their
+  // workspace: 3 accumulation-type partial states per (row, part) and one 32-bit arrival
+  // count per row (zeroed by the launcher).
+  int parts = 1;
+  int part_vecs = 0;
+  void* part_states = nullptr;
+  unsigned* part_arrived = nullptr;
 };
 
 // grad_logits may equal logits (in-place backward, same layout). grad_entropy
@@ -119,6 +126,9 @@ void seq_logprobs_fwd_cuda(const SeqLogprobsFwdParams& p, void* stream);
 // (RLHF_KERNELS_BWD_PART_COLS): *parts per row (1: a block per row) and *part_vecs,
 // the 16-byte vectors of a part. Host code only; for tests.
 void logprobs_bwd_parts_cuda(int64_t rows, int64_t vocab, int itemsize, int* parts, int* part_vecs);
+// The same for the forward (RLHF_KERNELS_FWD_PART_COLS; unset or 0: a block per row).
+// The caller allocates LogprobsFwdParams' workspace for the parts it returns.
+void logprobs_fwd_parts_cuda(int64_t rows, int64_t vocab, int itemsize, int* parts, int* part_vecs);
 
 // CPU kernels (logprobs_cpu.cpp), parallel over rows with OpenMP.
 void logprobs_fwd_cpu(const LogprobsFwdParams& p);

@@ -235,12 +235,15 @@ def token_logprobs_problem(n_tokens, vocab, dtype, device, temperature=1.0) -> P
             lambda: rlhf_kernels.token_logprobs(i["logits"], i["labels"], temperature=temperature,
                                                 check_labels=False, backend="triton"),
         )  # fmt: skip
-    if device.type == "cuda" and "native" in _kernel_backends(device):  # streaming-load hints (common.cuh)
-        provs["rlhf_kernels[native,L2 256B]"] = lambda i: _with_env(
-            {"RLHF_KERNELS_LOAD_HINT": "1"},
-            lambda: rlhf_kernels.token_logprobs(i["logits"], i["labels"], temperature=temperature,
-                                                check_labels=False, backend="native"),
-        )  # fmt: skip
+    if device.type == "cuda" and "native" in _kernel_backends(device):
+        # the CUDA forward's untimed knobs: streaming-load hints (common.cuh) and column parts (logprobs.cu)
+        knobs = {"L2 256B": {"RLHF_KERNELS_LOAD_HINT": "1"}, "fwd parts 8K": {"RLHF_KERNELS_FWD_PART_COLS": "8192"},
+                 "fwd parts 16K": {"RLHF_KERNELS_FWD_PART_COLS": "16384"}}  # fmt: skip
+        for label, env in knobs.items():
+            provs[f"rlhf_kernels[native,{label}]"] = lambda i, env=env: _with_env(
+                env, lambda: rlhf_kernels.token_logprobs(i["logits"], i["labels"], temperature=temperature,
+                                                         check_labels=False, backend="native"),
+            )  # fmt: skip
     provs["eager"] = lambda i: eager_logprobs(i["logits"], i["labels"], temperature)
     provs["torch.compile"] = lambda i: _compiled(eager_logprobs)(i["logits"], i["labels"], temperature)
     liger = _liger_cross_entropy() if device.type == "cuda" else None

@@ -405,6 +405,73 @@ def test_backward_last_part_within_a_rows_head(monkeypatch, device, backend, dty
             torch.testing.assert_close(leaf.grad, want, rtol=0, atol=0)
 
 
+def test_cuda_forward_parts(monkeypatch):
+    """The CUDA forward's cut (RLHF_KERNELS_FWD_PART_COLS; host code, so it runs wherever the
+    extension was built with nvcc): whole rows unless set (the default until a GPU has timed
+    the parts) and for float64; otherwise the backward's rounding (whole rounds of the block's
+    two 16-byte vectors a thread) covering every vector of a row; a malformed setting raises."""
+    native_c = pytest.importorskip("rlhf_kernels._C")
+    if not hasattr(native_c, "logprobs_fwd_parts"):
+        pytest.skip("extension built without CUDA")
+    parts = native_c.logprobs_fwd_parts
+    monkeypatch.delenv("RLHF_KERNELS_FWD_PART_COLS", raising=False)
+    assert parts(16384, 128256, 2)[0] == 1
+    monkeypatch.setenv("RLHF_KERNELS_FWD_PART_COLS", "8192")
+    assert parts(16384, 128256, 2) == (16, 1024)
+    assert parts(16384, 128256, 8)[0] == 1  # float64: whole rows
+    for itemsize in (2, 4):
+        kn = 16 // itemsize
+        for cols, vocab in ((4096, 128256), (1000, 9001), (5000, 5001)):
+            monkeypatch.setenv("RLHF_KERNELS_FWD_PART_COLS", str(cols))
+            n, pv = parts(16384, vocab, itemsize)
+            rounds = math.ceil(cols / (2 * 256 * kn))
+            want = math.ceil(math.ceil(vocab / kn) / (rounds * 2 * 256))
+            assert n == max(want, 1)
+            if n > 1:
+                assert n * pv * kn >= vocab > (n - 1) * pv * kn
+    monkeypatch.setenv("RLHF_KERNELS_FWD_PART_COLS", "8k")
+    with pytest.raises(RuntimeError, match="RLHF_KERNELS_FWD_PART_COLS"):
+        parts(4, 128256, 2)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases(["native"]))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_parts(monkeypatch, device, backend, dtype):
+    """The CUDA forward with rows cut into column parts (RLHF_KERNELS_FWD_PART_COLS; each part's
+    state merged in part order by the block that finishes a row last): within float32 rounding
+    of the whole-row kernel and of the float64 reference, the same bits on every run whatever
+    the parts' order of arrival, with entropy, an ignored row, an out-of-range label (NaN,
+    checks off), a -inf-led row whose first parts hold only -inf, a row of -inf only (NaN, as
+    the whole-row kernel gives), sliced (non-contiguous, unaligned) rows, and 9 to 2 parts.
+    (On CPU the knob is inert: the same check.)"""
+    g = torch.Generator().manual_seed(43)
+    full = (torch.randn(4, 3, 9003, generator=g) * 3).to(dtype)
+    full[1, 0, :6000] = float("-inf")
+    full[3, 2, :] = float("-inf")
+    labels = torch.randint(6000, 9001, (4, 2), generator=g)
+    labels[0, 1], labels[2, 0] = -100, 9001
+    logits = full.to(device)[:, 1:, 1:9002]  # rows 9001 long, starting one element in
+    labels = labels.to(device)
+    runs = {}
+    for cols in ("0", "1000", "4096", "100000"):
+        monkeypatch.setenv("RLHF_KERNELS_FWD_PART_COLS", cols)
+        runs[cols] = [rlhf_kernels.token_logprobs(logits, labels, return_entropy=True, check_labels=False,
+                                                  backend=backend) for _ in range(2)]  # fmt: skip
+    eps = torch.finfo(torch.float32).eps
+    whole = runs["0"][0]
+    for first, again in runs.values():
+        for a, b, w in zip(first, again, whole, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)  # deterministic
+            torch.testing.assert_close(a, w, rtol=16 * eps, atol=64 * eps, equal_nan=True)  # parts vs whole
+    lp, ent = whole
+    assert lp[0, 1] == 0 and ent[0, 1] == 0 and lp[2, 0].isnan() and lp[3, 1].isnan()
+    kept = torch.ones_like(lp, dtype=torch.bool)
+    kept[0, 1] = kept[2, 0] = kept[3, 1] = False
+    want = reference(full[:, 1:, 1:9002].double(), labels.cpu().clamp(max=9000))
+    for first, _ in runs.values():
+        torch.testing.assert_close(first[0].cpu().double()[kept.cpu()], want[kept.cpu()], rtol=1e-5, atol=1e-5)
+
+
 def test_cuda_backward_parts(monkeypatch):
     """The CUDA launcher's cut (host code, so it runs wherever the extension was built with nvcc):
     whole rows for a setting of 0, at or beyond V, or one the grid cannot hold; otherwise
