@@ -436,24 +436,27 @@ def test_cuda_forward_parts(monkeypatch):
 
 @pytest.mark.parametrize("device,backend", backend_cases(["native"]))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_forward_parts(monkeypatch, device, backend, dtype):
+@pytest.mark.parametrize("vocab", [9001, 8193])
+def test_forward_parts(monkeypatch, device, backend, dtype, vocab):
     """The CUDA forward with rows cut into column parts (RLHF_KERNELS_FWD_PART_COLS; each part's
     state merged in part order by the block that finishes a row last): within float32 rounding
     of the whole-row kernel and of the float64 reference, the same bits on every run whatever
     the parts' order of arrival, with entropy, an ignored row, an out-of-range label (NaN,
     checks off), a -inf-led row whose first parts hold only -inf, a row of -inf only (NaN, as
-    the whole-row kernel gives), sliced (non-contiguous, unaligned) rows, and 9 to 2 parts.
-    (On CPU the knob is inert: the same check.)"""
+    the whole-row kernel gives), sliced (non-contiguous, unaligned) rows, and 2 to 5 parts (V =
+    9001: 16-bit rows in 3 parts at 1000 and 4096 columns, 2 at 6000; float32 in 5, 3, 2;
+    V = 8193 at 4096 columns, rows one element off their 16-byte boundary: a last part with no
+    vector, only the tail). (On CPU the knob is inert: the same check.)"""
     g = torch.Generator().manual_seed(43)
-    full = (torch.randn(4, 3, 9003, generator=g) * 3).to(dtype)
-    full[1, 0, :6000] = float("-inf")
+    full = (torch.randn(4, 3, vocab + 2, generator=g) * 3).to(dtype)
+    full[1, 1, : vocab * 2 // 3] = float("-inf")
     full[3, 2, :] = float("-inf")
-    labels = torch.randint(6000, 9001, (4, 2), generator=g)
-    labels[0, 1], labels[2, 0] = -100, 9001
-    logits = full.to(device)[:, 1:, 1:9002]  # rows 9001 long, starting one element in
+    labels = torch.randint(vocab * 2 // 3, vocab, (4, 2), generator=g)
+    labels[0, 1], labels[2, 0] = -100, vocab
+    logits = full.to(device)[:, 1:, 1 : vocab + 1]  # rows `vocab` long, starting one element in
     labels = labels.to(device)
     runs = {}
-    for cols in ("0", "1000", "4096", "100000"):
+    for cols in ("0", "1000", "4096", "6000"):
         monkeypatch.setenv("RLHF_KERNELS_FWD_PART_COLS", cols)
         runs[cols] = [rlhf_kernels.token_logprobs(logits, labels, return_entropy=True, check_labels=False,
                                                   backend=backend) for _ in range(2)]  # fmt: skip
@@ -465,11 +468,17 @@ def test_forward_parts(monkeypatch, device, backend, dtype):
             torch.testing.assert_close(a, w, rtol=16 * eps, atol=64 * eps, equal_nan=True)  # parts vs whole
     lp, ent = whole
     assert lp[0, 1] == 0 and ent[0, 1] == 0 and lp[2, 0].isnan() and lp[3, 1].isnan()
-    kept = torch.ones_like(lp, dtype=torch.bool)
+    assert lp[1, 0].isfinite()
+    kept = torch.ones(lp.shape, dtype=torch.bool)
     kept[0, 1] = kept[2, 0] = kept[3, 1] = False
-    want = reference(full[:, 1:, 1:9002].double(), labels.cpu().clamp(max=9000))
+    want = reference(full[:, 1:, 1 : vocab + 1].double(), labels.cpu().clamp(max=vocab - 1))
     for first, _ in runs.values():
-        torch.testing.assert_close(first[0].cpu().double()[kept.cpu()], want[kept.cpu()], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(first[0].cpu().double()[kept], want[kept], rtol=1e-5, atol=1e-5)
+    native_c = pytest.importorskip("rlhf_kernels._C")
+    if device == "cuda" and hasattr(native_c, "logprobs_fwd_parts"):  # the settings did cut these rows
+        for cols in ("1000", "4096", "6000"):
+            monkeypatch.setenv("RLHF_KERNELS_FWD_PART_COLS", cols)
+            assert native_c.logprobs_fwd_parts(8, vocab, full.element_size())[0] >= 2
 
 
 def test_cuda_backward_parts(monkeypatch):
