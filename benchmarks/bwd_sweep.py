@@ -13,6 +13,9 @@ benchmarks/results/gpu-session-NVIDIA_H100-20261126-1402). This times both backe
 each setting, side by side in one run: one line per setting and backend, median ms of 10
 runs (L2 flushed before each) and TB/s (logits read + gradient written).
 
+Then the forward of both backends with its rows cut into column parts likewise
+(RLHF_KERNELS_FWD_PART_COLS, 0 and 4K-32K columns; wall and device time).
+
 Then (CUDA, with the native extension) the fused PPO step from logits (the bench's ppo_step
 problem, 8 x 2048 x V bf16, forward with the gradient written in it plus backward, as the
 bench's fwd+bwd) over settings of the sm_90 cluster kernel, beside the read + write floor in
@@ -102,29 +105,30 @@ def fused_sweep(args, device, deadline: float) -> None:
             print(f"{label}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})", flush=True)
 
 
-def forward_sweep(logits, labels, device) -> None:
-    """The CUDA forward with its rows cut into column parts, a few seconds: median wall and
-    device (queued) time of each setting, TB/s of the logits read."""
+def forward_sweep(logits, labels, device, backends) -> None:
+    """The forward with its rows cut into column parts (RLHF_KERNELS_FWD_PART_COLS), a few
+    seconds: median wall and device (queued) time of each setting and backend, TB/s of the
+    logits read."""
     nbytes = logits.numel() * logits.element_size()
-
-    def step(_):
-        with torch.no_grad():
-            rlhf_kernels.token_logprobs(logits, labels, check_labels=False, backend="native")
-
-    case = bench.Case("native", "fwd", lambda: None, step)
     for cols in FWD_PART_COLS:
-        label = f"fwd part cols {cols:6d} ({'a block per row' if cols == 0 else 'parts'}), native"
+        for backend in backends:
 
-        def timed():
-            times = sorted(_time(step, lambda: None, device, warmup=2, repeat=10, budget_s=10.0))
-            return times, bench._queued_ms(case, device, times[len(times) // 2])
+            def step(_, backend=backend):
+                with torch.no_grad():
+                    rlhf_kernels.token_logprobs(logits, labels, check_labels=False, backend=backend)
 
-        try:
-            times, dev_ms = bench._with_env({"RLHF_KERNELS_FWD_PART_COLS": str(cols)}, timed)
-            print(_median_line(f"{label}: fwd", times, nbytes) + f"; queued {dev_ms:.3f} ms, "
-                  f"{nbytes / dev_ms / 1e9:.2f} TB/s", flush=True)  # fmt: skip
-        except Exception as exc:  # a setting that fails: report, go on
-            print(f"{label}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})", flush=True)
+            def timed(step=step):
+                times = sorted(_time(step, lambda: None, device, warmup=2, repeat=10, budget_s=10.0))
+                case = bench.Case("fwd part sweep", "fwd", lambda: None, step)
+                return times, bench._queued_ms(case, device, times[len(times) // 2])
+
+            label = f"fwd part cols {cols:6d} ({'a program per row' if cols == 0 else 'parts'}), {backend:6s}"
+            try:
+                times, dev_ms = bench._with_env({"RLHF_KERNELS_FWD_PART_COLS": str(cols)}, timed)
+                print(_median_line(f"{label}: fwd", times, nbytes) + f"; queued {dev_ms:.3f} ms, "
+                      f"{nbytes / dev_ms / 1e9:.2f} TB/s", flush=True)  # fmt: skip
+            except Exception as exc:  # a setting that fails: report, go on
+                print(f"{label}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})", flush=True)
 
 
 def main() -> None:
@@ -171,8 +175,8 @@ def main() -> None:
             os.environ.pop("RLHF_KERNELS_BWD_PART_COLS", None)
         else:
             os.environ["RLHF_KERNELS_BWD_PART_COLS"] = before
-    if "native" in backends and device.type == "cuda":
-        forward_sweep(logits, labels, device)
+    if device.type == "cuda":
+        forward_sweep(logits, labels, device, backends)
     if fused:
         del logits
         torch.cuda.empty_cache()

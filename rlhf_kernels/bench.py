@@ -235,14 +235,17 @@ def token_logprobs_problem(n_tokens, vocab, dtype, device, temperature=1.0) -> P
             lambda: rlhf_kernels.token_logprobs(i["logits"], i["labels"], temperature=temperature,
                                                 check_labels=False, backend="triton"),
         )  # fmt: skip
-    if device.type == "cuda" and "native" in _kernel_backends(device):
-        # the CUDA forward's untimed knobs: streaming-load hints (common.cuh) and column parts (logprobs.cu)
-        knobs = {"L2 256B": {"RLHF_KERNELS_LOAD_HINT": "1"}, "fwd parts 8K": {"RLHF_KERNELS_FWD_PART_COLS": "8192"},
-                 "fwd parts 16K": {"RLHF_KERNELS_FWD_PART_COLS": "16384"}}  # fmt: skip
-        for label, env in knobs.items():
-            provs[f"rlhf_kernels[native,{label}]"] = lambda i, env=env: _with_env(
+    # the forward's untimed knobs on CUDA: column parts (both backends) and the CUDA kernel's
+    # streaming-load hints (common.cuh)
+    knobs = {("native", "L2 256B"): {"RLHF_KERNELS_LOAD_HINT": "1"}}
+    for b in ("native", "triton"):
+        for cols in (8192, 16384):
+            knobs[(b, f"fwd parts {cols // 1024}K")] = {"RLHF_KERNELS_FWD_PART_COLS": str(cols)}
+    for (b, label), env in knobs.items():
+        if device.type == "cuda" and b in _kernel_backends(device):
+            provs[f"rlhf_kernels[{b},{label}]"] = lambda i, b=b, env=env: _with_env(
                 env, lambda: rlhf_kernels.token_logprobs(i["logits"], i["labels"], temperature=temperature,
-                                                         check_labels=False, backend="native"),
+                                                         check_labels=False, backend=b),
             )  # fmt: skip
     provs["eager"] = lambda i: eager_logprobs(i["logits"], i["labels"], temperature)
     provs["torch.compile"] = lambda i: _compiled(eager_logprobs)(i["logits"], i["labels"], temperature)

@@ -56,6 +56,8 @@ def test_gpu_code_compiles_without_spills():
 # helper that took the logits pointer fed the gradient's store addresses.
 KERNEL_OUTPUTS = {
     "_logprobs_fwd_kernel": {"logprobs_ptr", "lse_ptr", "entropy_ptr"},
+    "_logprobs_fwd_part_kernel": {"states_ptr"},
+    "_logprobs_fwd_merge_kernel": {"logprobs_ptr", "lse_ptr", "entropy_ptr"},
     "_seq_logprobs_fwd_kernel": {"partial_ptr", "count_ptr", "lse_ptr"},
     "_logprobs_bwd_kernel": {"grad_ptr"},
     "_pref_fwd_kernel": {"losses_ptr", "metrics_ptr", "chosen_rewards_ptr", "rejected_rewards_ptr"},

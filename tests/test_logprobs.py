@@ -434,19 +434,20 @@ def test_cuda_forward_parts(monkeypatch):
         parts(4, 128256, 2)
 
 
-@pytest.mark.parametrize("device,backend", backend_cases(["native"]))
+@pytest.mark.parametrize("device,backend", backend_cases(["native", "triton"]))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("vocab", [9001, 8193])
 def test_forward_parts(monkeypatch, device, backend, dtype, vocab):
-    """The CUDA forward with rows cut into column parts (RLHF_KERNELS_FWD_PART_COLS; each part's
-    state merged in part order by the block that finishes a row last): within float32 rounding
-    of the whole-row kernel and of the float64 reference, the same bits on every run whatever
-    the parts' order of arrival, with entropy, an ignored row, an out-of-range label (NaN,
-    checks off), a -inf-led row whose first parts hold only -inf, a row of -inf only (NaN, as
-    the whole-row kernel gives), sliced (non-contiguous, unaligned) rows, and 2 to 5 parts (V =
-    9001: 16-bit rows in 3 parts at 1000 and 4096 columns, 2 at 6000; float32 in 5, 3, 2;
-    V = 8193 at 4096 columns, rows one element off their 16-byte boundary: a last part with no
-    vector, only the tail). (On CPU the knob is inert: the same check.)"""
+    """The forward with rows cut into column parts (RLHF_KERNELS_FWD_PART_COLS; CUDA: each
+    part's state merged in part order by the block that finishes a row last; Triton: a second
+    launch merges them): within float32 rounding of the whole-row kernel and of the float64
+    reference, the same bits on every run whatever the parts' order of arrival, with entropy,
+    an ignored row, an out-of-range label (NaN, checks off), a -inf-led row whose first parts
+    hold only -inf, a row of -inf only (NaN, as the whole-row kernel gives), sliced
+    (non-contiguous, unaligned) rows, and 2 to 5 parts (V = 9001: 16-bit rows in 3 parts at
+    1000 and 4096 columns, 2 at 6000; float32 in 5, 3, 2; V = 8193 at 4096 columns, rows one
+    element off their 16-byte boundary: a last part with no CUDA vector, only the tail). (The
+    CPU kernel has no parts: there the knob is inert, the same check.)"""
     g = torch.Generator().manual_seed(43)
     full = (torch.randn(4, 3, vocab + 2, generator=g) * 3).to(dtype)
     full[1, 1, : vocab * 2 // 3] = float("-inf")
@@ -474,11 +475,12 @@ def test_forward_parts(monkeypatch, device, backend, dtype, vocab):
     want = reference(full[:, 1:, 1 : vocab + 1].double(), labels.cpu().clamp(max=vocab - 1))
     for first, _ in runs.values():
         torch.testing.assert_close(first[0].cpu().double()[kept], want[kept], rtol=1e-5, atol=1e-5)
-    native_c = pytest.importorskip("rlhf_kernels._C")
-    if device == "cuda" and hasattr(native_c, "logprobs_fwd_parts"):  # the settings did cut these rows
-        for cols in ("1000", "4096", "6000"):
-            monkeypatch.setenv("RLHF_KERNELS_FWD_PART_COLS", cols)
-            assert native_c.logprobs_fwd_parts(8, vocab, full.element_size())[0] >= 2
+    for cols in ("1000", "4096", "6000"):  # the settings did cut these rows
+        monkeypatch.setenv("RLHF_KERNELS_FWD_PART_COLS", cols)
+        if backend == "triton":
+            assert triton_logprobs.fwd_parts(8, vocab, triton_logprobs._block_v(vocab, full.element_size())[0])[0] >= 2
+        elif device == "cuda":
+            assert pytest.importorskip("rlhf_kernels._C").logprobs_fwd_parts(8, vocab, full.element_size())[0] >= 2
 
 
 def test_cuda_backward_parts(monkeypatch):

@@ -342,6 +342,24 @@ def _grad_consts(g, gh, entropy, inv_temp, acc_ty: tl.constexpr, HAS_ENTROPY: tl
 
 
 @triton.jit
+def _column_part(pid, parts, part_cols):
+    """(row as int64, part, first column) of program pid of a grid of rows * parts programs,
+    parts of part_cols columns (int32 arithmetic: the grid is below 2^31, V below 2^30)."""
+    row32 = pid // parts
+    part = pid - row32 * parts
+    return row32.to(tl.int64), part, part * part_cols
+
+
+@triton.jit
+def _store_row(logprobs_ptr, lse_ptr, entropy_ptr, row, logp, lse, entropy, HAS_ENTROPY: tl.constexpr):
+    """A row's forward outputs."""
+    tl.store(logprobs_ptr + row, logp)
+    tl.store(lse_ptr + row, lse)
+    if HAS_ENTROPY:
+        tl.store(entropy_ptr + row, entropy)
+
+
+@triton.jit
 def _logprobs_fwd_kernel(
     logits_ptr,
     labels_ptr,
@@ -372,25 +390,104 @@ def _logprobs_fwd_kernel(
     # Constants in the accumulation type (a bare float literal would be float32).
     scale2 = (join_float(inv_temp_hi, inv_temp_lo, acc_ty)) * tl.full((), _LOG2E, acc_ty)
     label = tl.load(labels_ptr + row)
-    if label == ignore_index:
-        tl.store(logprobs_ptr + row, 0.0)
-        tl.store(lse_ptr + row, 0.0)
-        if HAS_ENTROPY:
-            tl.store(entropy_ptr + row, 0.0)
-    elif (label < 0) | (label >= V):
-        tl.store(logprobs_ptr + row, float("nan"))
-        tl.store(lse_ptr + row, float("nan"))
-        if HAS_ENTROPY:
-            tl.store(entropy_ptr + row, float("nan"))
+    if (label == ignore_index) | (label < 0) | (label >= V):  # 0 for an ignored label, NaN out of range
+        v = tl.where(label == ignore_index, 0.0, float("nan"))
+        _store_row(logprobs_ptr, lse_ptr, entropy_ptr, row, v, v, v, HAS_ENTROPY)
     else:
         row_ptr = logits_ptr + _row_start(row, size1, size2, stride0, stride1, stride2)
         x_label = tl.load(row_ptr + label).to(acc_ty)
         m, s, w = _online_lse2(row_ptr, V, scale2, acc_ty, HAS_ENTROPY, BLOCK_V, x_label * scale2, PREFETCH)
         _, lse, logp, entropy = _row_results(m, s, w, x_label, scale2, acc_ty)
-        tl.store(lse_ptr + row, lse)
-        tl.store(logprobs_ptr + row, logp)
-        if HAS_ENTROPY:
-            tl.store(entropy_ptr + row, entropy)
+        _store_row(logprobs_ptr, lse_ptr, entropy_ptr, row, logp, lse, entropy, HAS_ENTROPY)
+
+
+@triton.jit
+def _logprobs_fwd_part_kernel(
+    logits_ptr,
+    labels_ptr,
+    states_ptr,
+    V,
+    size1,
+    size2,
+    stride0,
+    stride1,
+    stride2,
+    inv_temp_hi,
+    inv_temp_lo,
+    ignore_index,
+    parts,  # column parts per row (> 1)
+    part_cols,  # columns per part, a multiple of BLOCK_V
+    HAS_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    # The forward with column parts (RLHF_KERNELS_FWD_PART_COLS; fwd_parts), first of two
+    # launches. Grid: (rows * parts,). Program i streams the columns [p * part_cols,
+    # min(V, (p + 1) * part_cols)) of row i // parts (p = i % parts) once and stores their
+    # (m, s, w) at states[3 i]; consecutive programs stream consecutive pieces of one row, as
+    # the backward's parts do. A part starts part_cols * itemsize bytes (a multiple of 16)
+    # after its row: _online_lse2 aligns it as it aligns the row. Skipped rows store nothing
+    # (_logprobs_fwd_merge_kernel writes their outputs). Row and columns in int32, as the
+    # backward's (the grid is below 2^31, V below 2^30).
+    pid = tl.program_id(0)
+    row, part, col0 = _column_part(pid, parts, part_cols)
+    acc_ty = states_ptr.dtype.element_ty
+    scale2 = (join_float(inv_temp_hi, inv_temp_lo, acc_ty)) * tl.full((), _LOG2E, acc_ty)
+    label = tl.load(labels_ptr + row)
+    if (label != ignore_index) & (label >= 0) & (label < V):
+        row_ptr = logits_ptr + _row_start(row, size1, size2, stride0, stride1, stride2)
+        n = tl.minimum(part_cols, V - col0)
+        m, s, w = _online_lse2(row_ptr + col0, n, scale2, acc_ty, HAS_ENTROPY, BLOCK_V,
+                               tl.full((), float("-inf"), acc_ty))  # fmt: skip
+        out = states_ptr + pid.to(tl.int64) * 3
+        tl.store(out, m)
+        tl.store(out + 1, s)
+        tl.store(out + 2, w)
+
+
+@triton.jit
+def _logprobs_fwd_merge_kernel(
+    logits_ptr,
+    labels_ptr,
+    states_ptr,
+    logprobs_ptr,
+    lse_ptr,
+    entropy_ptr,
+    V,
+    size1,
+    size2,
+    stride0,
+    stride1,
+    stride2,
+    inv_temp_hi,
+    inv_temp_lo,
+    ignore_index,
+    parts,
+    HAS_ENTROPY: tl.constexpr,
+    PARTS: tl.constexpr,  # next_power_of_2(parts)
+):
+    # Second launch of the forward with column parts. Grid: (rows,). Program r merges row r's
+    # part states (_merge_lanes: a fixed reduction, the same bits on every run), reads the
+    # label's logit and writes the row's outputs (0 for an ignored label, NaN for one
+    # outside [0, V), as _logprobs_fwd_kernel).
+    row = tl.program_id(0).to(tl.int64)
+    acc_ty = lse_ptr.dtype.element_ty
+    scale2 = (join_float(inv_temp_hi, inv_temp_lo, acc_ty)) * tl.full((), _LOG2E, acc_ty)
+    label = tl.load(labels_ptr + row)
+    if (label == ignore_index) | (label < 0) | (label >= V):  # 0 for an ignored label, NaN out of range
+        v = tl.where(label == ignore_index, 0.0, float("nan"))
+        _store_row(logprobs_ptr, lse_ptr, entropy_ptr, row, v, v, v, HAS_ENTROPY)
+    else:
+        row_ptr = logits_ptr + _row_start(row, size1, size2, stride0, stride1, stride2)
+        x_label = tl.load(row_ptr + label).to(acc_ty)
+        q = tl.arange(0, PARTS)
+        here = states_ptr + (row * parts + q) * 3
+        inside = q < parts
+        m = tl.load(here, mask=inside, other=float("-inf"))
+        s = tl.load(here + 1, mask=inside, other=0.0)
+        w = tl.load(here + 2, mask=inside, other=0.0)
+        m, s, w = _merge_lanes(m, s, w, acc_ty, HAS_ENTROPY)
+        _, lse, logp, entropy = _row_results(m, s, w, x_label, scale2, acc_ty)
+        _store_row(logprobs_ptr, lse_ptr, entropy_ptr, row, logp, lse, entropy, HAS_ENTROPY)
 
 
 @triton.jit
@@ -434,12 +531,8 @@ def _logprobs_bwd_kernel(
     # The grid is below 2^31 (bwd_parts) and V below 2^30 (_block_v): the program's row and
     # columns in int32 (a 64-bit division is a subroutine call; 64-bit columns cost two
     # compares per element for the label test), the row's offset in int64 (_row_start).
-    pid = tl.program_id(0)
-    row32 = pid // parts
-    part = pid - row32 * parts
-    col0 = part * part_cols
+    row, part, col0 = _column_part(tl.program_id(0), parts, part_cols)
     col1 = tl.minimum(col0 + part_cols, V)
-    row = row32.to(tl.int64)
     acc_ty = lse_ptr.dtype.element_ty
     inv_temp = join_float(inv_temp_hi, inv_temp_lo, acc_ty)
     scale2 = inv_temp * tl.full((), _LOG2E, acc_ty)
@@ -549,7 +642,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def logprobs_fwd(
     logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int, return_entropy: bool, launch=None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel. ``labels`` is int64 of the leading shape."""
+    """Launch the forward kernel (with column parts, fwd_parts: the part and merge kernels).
+    ``labels`` is int64 of the leading shape."""
     layout = kernel_layout(logits)
     lead = logits.shape[:-1]
     vocab = logits.shape[-1]
@@ -562,6 +656,21 @@ def logprobs_fwd(
     if rows == 0:
         return logprobs, lse, entropy
     block, num_warps = _block_v(vocab, logits.element_size())
+    parts, part_cols = fwd_parts(rows, vocab, block) if acc == torch.float32 else (1, 0)
+    if parts > 1:
+        states = torch.empty(rows * parts * 3, dtype=acc, device=logits.device)
+        part_kernel = _logprobs_fwd_part_kernel if launch is None else launch(_logprobs_fwd_part_kernel)
+        part_kernel[(rows * parts,)](
+            logits, labels, states, vocab, *layout, *split_float(1.0 / temperature), ignore_index, parts, part_cols,
+            HAS_ENTROPY=return_entropy, BLOCK_V=block, num_warps=num_warps,
+        )  # fmt: skip
+        merge = _logprobs_fwd_merge_kernel if launch is None else launch(_logprobs_fwd_merge_kernel)
+        merge[(rows,)](
+            logits, labels, states, logprobs, lse, entropy if return_entropy else lse, vocab, *layout,
+            *split_float(1.0 / temperature), ignore_index, parts, HAS_ENTROPY=return_entropy,
+            PARTS=next_power_of_2(parts), num_warps=1,
+        )  # fmt: skip
+        return logprobs, lse, entropy
     kernel = _logprobs_fwd_kernel if launch is None else launch(_logprobs_fwd_kernel)
     kernel[(rows,)](
         logits,
@@ -701,6 +810,27 @@ def logprobs_bwd(
 DEFAULT_PART_COLS = 16384
 
 
+def fwd_parts(rows: int, vocab: int, block: int) -> tuple[int, int]:
+    """(parts per row, columns per part) of the forward: RLHF_KERNELS_FWD_PART_COLS columns
+    a part (rounded up to whole tiles), a program per row when it is unset or 0 (the default
+    until a GPU has timed the parts; csrc/logprobs.cu reads the same knob), or when the rows
+    fit in one part or rows * parts would pass the grid limit. Not for float64 (gradcheck's
+    dtype)."""
+    whole = (1, cdiv(max(vocab, 1), block) * block)
+    value = os.environ.get("RLHF_KERNELS_FWD_PART_COLS", "").strip() or "0"
+    try:
+        want = int(value)
+    except ValueError:
+        raise ValueError(f"RLHF_KERNELS_FWD_PART_COLS: expected a number of columns, got {value!r}") from None
+    if want <= 0:
+        return whole
+    part_cols = cdiv(want, block) * block
+    parts = cdiv(vocab, part_cols)
+    if parts <= 1 or rows * parts > _MAX_GRID:
+        return whole
+    return parts, part_cols
+
+
 def bwd_part_cols() -> int:
     """Columns per program of the log-prob backward: RLHF_KERNELS_BWD_PART_COLS (0: a
     program per row), DEFAULT_PART_COLS when unset. The backward only streams (read a logit,
@@ -773,6 +903,19 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], in
                 }
                 for prefetch in (False, True):
                     configs.append((_logprobs_fwd_kernel, fwd_sig, {**const, "PREFETCH": prefetch}, num_warps))
+                part_sig = {"logits_ptr": f"*{ty}", "labels_ptr": "*i64", "states_ptr": "*fp32",
+                            **{n: ints[n] for n in ("V", "size1", "size2", "stride0", "stride1", "stride2")},
+                            "inv_temp_hi": "fp32", "inv_temp_lo": "fp32", "ignore_index": "i64", "parts": "i32",
+                            "part_cols": "i32", "HAS_ENTROPY": "constexpr", "BLOCK_V": "constexpr"}  # fmt: skip
+                configs.append((_logprobs_fwd_part_kernel, part_sig, const, num_warps))
+                merge_sig = {"logits_ptr": f"*{ty}", "labels_ptr": "*i64", "states_ptr": "*fp32",
+                             "logprobs_ptr": "*fp32", "lse_ptr": "*fp32", "entropy_ptr": "*fp32",
+                             **{n: ints[n] for n in ("V", "size1", "size2", "stride0", "stride1", "stride2")},
+                             "inv_temp_hi": "fp32", "inv_temp_lo": "fp32", "ignore_index": "i64", "parts": "i32",
+                             "HAS_ENTROPY": "constexpr", "PARTS": "constexpr"}  # fmt: skip
+                if vocab == 128256:  # (the merge does not depend on V's tile)
+                    merge_const = {"HAS_ENTROPY": has_entropy, "PARTS": 16}
+                    configs.append((_logprobs_fwd_merge_kernel, merge_sig, merge_const, 1))
                 if not has_entropy:
                     seq_sig = {
                         "logits_ptr": f"*{ty}",
@@ -795,10 +938,10 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], in
     # (size1 = 1), one chunk per sequence (n_chunks = 1: [B, V] logits, T = 1, large B), and
     # a one-word vocabulary.
     for entry in list(configs):
-        if entry[1]["logits_ptr"] == "*bf16" and entry[2]["BLOCK_V"] == 4096:
+        if entry[1]["logits_ptr"] == "*bf16" and entry[2].get("BLOCK_V") == 4096:
             configs.append(with_ones(entry, ("size1", "g_size1", "n_chunks", "chunk", "T", "parts")))
     for entry in list(configs):  # the V = 7 configurations, as V = 1
-        if entry[1]["logits_ptr"] in ("*fp32", "*bf16") and entry[2]["BLOCK_V"] == 8:
+        if entry[1]["logits_ptr"] in ("*fp32", "*bf16") and entry[2].get("BLOCK_V") == 8:
             block, num_warps = _block_v(1, 4 if entry[1]["logits_ptr"] == "*fp32" else 2)
             one = (entry[0], entry[1], {**entry[2], "BLOCK_V": block}, num_warps)
             configs.append(with_ones(one, ("V", "size1", "g_size1", "n_chunks", "chunk", "T", "parts", "part_cols")))
