@@ -11,12 +11,10 @@ cuts each row into parts of that many columns, consecutive parts on consecutive 
 (0: a block per row; unset: 8192 for CUDA, 16384 for Triton, the best of the H100 run in
 benchmarks/results/gpu-session-NVIDIA_H100-20261126-1402). This times both backends at
 each setting, side by side in one run: one line per setting and backend, median ms of 10
-runs (L2 flushed before each) and TB/s (logits read + gradient written).
+runs (L2 flushed before each) and TB/s (logits read + gradient written). (The budget's
+share left after the two sweeps below.)
 
-Then the forward of both backends with its rows cut into column parts likewise
-(RLHF_KERNELS_FWD_PART_COLS, 0 and 4K-32K columns; wall and device time).
-
-Then (CUDA, with the native extension) the fused PPO step from logits (the bench's ppo_step
+Then (CUDA, with the native extension; half the budget) the fused PPO step from logits (the bench's ppo_step
 problem, 8 x 2048 x V bf16, forward with the gradient written in it plus backward, as the
 bench's fwd+bwd) over settings of the sm_90 cluster kernel, beside the read + write floor in
 the same run (the issue's target: 1.2x that floor):
@@ -36,6 +34,9 @@ Each fused line gives the median wall time (the table's figure, which the target
 the median device time with the host's enqueueing hidden (bench's queued run), so that a
 setting's kernel can be told from the host time before it.
 
+Last (CUDA; 15% of the budget) the forward of both backends with its rows cut into column
+parts likewise (RLHF_KERNELS_FWD_PART_COLS, 0 and 4K-32K columns; wall and device time).
+
 Stops starting new settings when ``--budget`` seconds have passed.
 """
 
@@ -51,7 +52,7 @@ import rlhf_kernels
 from rlhf_kernels import _dispatch, bench
 from rlhf_kernels.bench import _time
 
-PART_COLS = (0, 4096, 8192, 16384, 32768, 65536)
+PART_COLS = (0, 8192, 16384, 32768)  # (4K and 64K lost on the H100 for both backends)
 FWD_PART_COLS = (0, 4096, 8192, 16384, 32768)  # the CUDA forward's (RLHF_KERNELS_FWD_PART_COLS)
 # (slice budget in bytes (per buffer), RLHF_KERNELS_CLUSTER_PIPELINE: 0 plain, 1 pipelined, 2 double
 # buffered, 3 staged, 4 double buffered with bulk copies): the default first, the bulk copies (new,
@@ -105,12 +106,15 @@ def fused_sweep(args, device, deadline: float) -> None:
             print(f"{label}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})", flush=True)
 
 
-def forward_sweep(logits, labels, device, backends) -> None:
+def forward_sweep(logits, labels, device, backends, deadline: float) -> None:
     """The forward with its rows cut into column parts (RLHF_KERNELS_FWD_PART_COLS), a few
     seconds: median wall and device (queued) time of each setting and backend, TB/s of the
-    logits read."""
+    logits read. Starts no setting after ``deadline`` (but the first)."""
     nbytes = logits.numel() * logits.element_size()
-    for cols in FWD_PART_COLS:
+    for n, cols in enumerate(FWD_PART_COLS):
+        if n and time.time() > deadline:
+            print("(budget spent: later forward settings not run)")
+            break
         for backend in backends:
 
             def step(_, backend=backend):
@@ -134,8 +138,10 @@ def forward_sweep(logits, labels, device, backends) -> None:
 def main() -> None:
     parser = sweep_parser(__doc__, 60.0)
     parser.add_argument("--backend", action="append", help="default: triton and native where available")
-    parser.add_argument("--fused-share", type=float, default=0.4,
+    parser.add_argument("--fused-share", type=float, default=0.5,
                         help="of the budget, kept for the fused sweep where it runs")  # fmt: skip
+    parser.add_argument("--forward-share", type=float, default=0.15,
+                        help="of the budget, kept for the forward's part sweep (after the fused one)")  # fmt: skip
     args = parser.parse_args()
     device, logits, labels = sweep_inputs(args)
     nbytes = 2 * logits.numel() * logits.element_size()
@@ -155,7 +161,8 @@ def main() -> None:
 
     started = time.time()
     fused = device.type == "cuda" and _dispatch.unavailable_reason("native", device, "ppo_logits_fused_native") is None
-    part_budget = args.budget * (1 - args.fused_share) if fused else args.budget
+    forward_budget = args.budget * args.forward_share if device.type == "cuda" else 0.0
+    part_budget = args.budget - forward_budget - (args.budget * args.fused_share if fused else 0.0)
     before = os.environ.get("RLHF_KERNELS_BWD_PART_COLS")
     try:
         for n, cols in enumerate(PART_COLS):
@@ -175,12 +182,10 @@ def main() -> None:
             os.environ.pop("RLHF_KERNELS_BWD_PART_COLS", None)
         else:
             os.environ["RLHF_KERNELS_BWD_PART_COLS"] = before
+    if fused:  # (the logits stay for the forward sweep: 4 GB beside the fused step's 8)
+        fused_sweep(args, device, started + args.budget - forward_budget)
     if device.type == "cuda":
-        forward_sweep(logits, labels, device, backends)
-    if fused:
-        del logits
-        torch.cuda.empty_cache()
-        fused_sweep(args, device, started + args.budget)
+        forward_sweep(logits, labels, device, backends, started + args.budget)
 
 
 if __name__ == "__main__":
