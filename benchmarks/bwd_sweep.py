@@ -28,11 +28,12 @@ the same run (the issue's target: 1.2x that floor):
   * the mode (RLHF_KERNELS_CLUSTER_PIPELINE): plain, pipelined (the next row copied while this
     one's gradient is written), double buffered (two slices a block, the next row's copy
     issued when this one starts; the budget is per buffer: 32 KiB: C = 8 and 36 KiB: C = 7,
-    three blocks an SM; 44 KiB: C = 6, two) or staged (pipelined, with the log-sum-exp
-    waiting for the copies in up to four groups as it reaches them, not for all of them
-    first; 72 registers a thread for 16-bit rows, so at 52 KiB three blocks an SM, not four)
-    or bulk double buffered (as double buffered, each slice one bulk (TMA) copy that one thread
-    issues on an mbarrier instead of every thread's 16-byte copies).
+    three blocks an SM; 44 KiB: C = 6, two; 64 KiB: C = 4, one; on the H200 it lost to the
+    pipelined default at 32-44 KiB, 3.70-3.94 ms against 3.00), staged (pipelined, with the
+    log-sum-exp waiting for the copies in up to four groups as it reaches them, not for all
+    of them first; 72 registers a thread for 16-bit rows, so at 52 KiB three blocks an SM,
+    not four) or bulk double buffered (as double buffered, each slice one bulk (TMA) copy
+    that one thread issues on an mbarrier instead of every thread's 16-byte copies).
 Each fused line gives the median wall time (the table's figure, which the target judges) and
 the median device time with the host's enqueueing hidden (bench's queued run), so that a
 setting's kernel can be told from the host time before it.
@@ -57,9 +58,8 @@ FWD_PART_COLS = (0, 4096, 8192, 16384, 32768)  # the CUDA forward's (RLHF_KERNEL
 # (slice budget in bytes (per buffer), RLHF_KERNELS_CLUSTER_PIPELINE: 0 plain, 1 pipelined, 2 double
 # buffered, 3 staged, 4 double buffered with bulk copies): the default first, the bulk copies (new,
 # never run: a fault would leave the process's CUDA context unusable) last
-CLUSTER_SETTINGS = ((65536, "1"), (65536, "3"), (32768, "2"), (36864, "2"), (45056, "2"), (53248, "3"),
-                    (88064, "3"), (53248, "1"), (88064, "1"), (45056, "1"), (32768, "1"), (65536, "0"),
-                    (32768, "4"), (36864, "4"), (45056, "4"))
+CLUSTER_SETTINGS = ((65536, "1"), (65536, "3"), (53248, "3"), (88064, "3"), (65536, "2"), (32768, "2"),
+                    (53248, "1"), (45056, "1"), (65536, "0"), (65536, "4"), (32768, "4"), (45056, "4"))
 
 _MODES = {"0": "plain", "1": "pipelined", "2": "double buffered", "3": "staged", "4": "bulk double buffered"}
 

@@ -37,7 +37,8 @@
 // shared memory, all of a slice's copies issued at once) keep HBM busy. A
 // pipelined variant (the default; RLHF_KERNELS_CLUSTER_PIPELINE=0 turns it
 // off) copies the next row while writing this one's gradient; a double-buffered
-// one (RLHF_KERNELS_CLUSTER_PIPELINE=2; not yet measured on a GPU) holds two
+// one (RLHF_KERNELS_CLUSTER_PIPELINE=2; on an H200 3.70 - 3.94 ms at 32 - 44 KiB
+// slices against the pipelined one's 3.00) holds two
 // slices a block and issues the next row's copy when it starts a row; a staged
 // one (=3; not yet measured either) pipelines as the default does but starts a
 // row's log-sum-exp on the first part of its slice to land; =4 double-buffers
@@ -710,8 +711,9 @@ int64_t cluster_cap() {
 // The cluster kernel's mode: pipelined unless RLHF_KERNELS_CLUSTER_PIPELINE is
 // 0 (plain), 2 (double buffered), 3 (staged) or 4 (double buffered, bulk copies).
 // On an H100 (8 x 2048 x 128256 bf16, whole step with backward) the pipelined one
-// took 3.60 ms against 3.77 for the plain one (the read + write floor: 2.82 ms); the
-// other three are not yet measured on a GPU.
+// took 3.60 ms against 3.77 for the plain one (the read + write floor: 2.82 ms); on an
+// H200 the double-buffered one lost at 32 - 44 KiB slices (3.70 - 3.94 ms against 3.00);
+// the staged and bulk ones are not yet measured on a GPU.
 int cluster_mode() {
   const char* env = std::getenv("RLHF_KERNELS_CLUSTER_PIPELINE");
   if (env != nullptr && env[0] == '0') return kPlain;
