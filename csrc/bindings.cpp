@@ -941,22 +941,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rlhf_kernels native ops (CPU and, when built with nvcc, CUDA)";
   m.def("build_info", &rlhf::build_info, "How this extension was built");
 #ifdef RLHF_WITH_CUDA
-  m.def(
-      "logprobs_bwd_parts",
-      [](int64_t rows, int64_t vocab, int itemsize) {
-        int parts = 0, part_vecs = 0;
-        rlhf::logprobs_bwd_parts_cuda(rows, vocab, itemsize, &parts, &part_vecs);
-        return std::make_pair(parts, part_vecs);
-      },
-      "(parts per row, vectors per part) of the CUDA log-prob backward (RLHF_KERNELS_BWD_PART_COLS)");
-  m.def(
-      "logprobs_fwd_parts",
-      [](int64_t rows, int64_t vocab, int itemsize) {
-        int parts = 0, part_vecs = 0;
-        rlhf::logprobs_fwd_parts_cuda(rows, vocab, itemsize, &parts, &part_vecs);
-        return std::make_pair(parts, part_vecs);
-      },
-      "(parts per row, vectors per part) of the CUDA log-prob forward (RLHF_KERNELS_FWD_PART_COLS)");
+  // (parts per row, vectors per part) of a CUDA log-prob kernel's column parts
+  const auto parts_of = [](void (*query)(int64_t, int64_t, int, int*, int*)) {
+    return [query](int64_t rows, int64_t vocab, int itemsize) {
+      int parts = 0, part_vecs = 0;
+      query(rows, vocab, itemsize, &parts, &part_vecs);
+      return std::make_pair(parts, part_vecs);
+    };
+  };
+  m.def("logprobs_bwd_parts", parts_of(&rlhf::logprobs_bwd_parts_cuda),
+        "(parts per row, vectors per part) of the CUDA log-prob backward (RLHF_KERNELS_BWD_PART_COLS)");
+  m.def("logprobs_fwd_parts", parts_of(&rlhf::logprobs_fwd_parts_cuda),
+        "(parts per row, vectors per part) of the CUDA log-prob forward (RLHF_KERNELS_FWD_PART_COLS)");
   m.def(
       "ppo_cluster_layout",
       [](int64_t vocab, int itemsize, int64_t max_smem, int buffers) {

@@ -618,7 +618,7 @@ struct RowPart {
 template <int kThreads, typename T, bool kEntropy, bool kStream = false, bool kParts = false>
 __device__ __forceinline__ OnlineLSE<acc_t<T>, kEntropy> stream_row(const T* x, int V, acc_t<T> scale,
                                                                     OnlineLSE<acc_t<T>, kEntropy>* smem,
-                                                                    const RowPart* rp = nullptr) {
+                                                                    const RowPart rp = RowPart{}) {
   using Acc = acc_t<T>;
   constexpr int kN = Vec<T>::kN;
   const int tid = static_cast<int>(threadIdx.x);
@@ -626,7 +626,7 @@ __device__ __forceinline__ OnlineLSE<acc_t<T>, kEntropy> stream_row(const T* x, 
   st.reset();
   const RowSplit sp = split_row(x, V);
 
-  if ((!kParts || rp->first()) && tid < sp.head) {  // head < kN <= kThreads
+  if ((!kParts || rp.first()) && tid < sp.head) {  // head < kN <= kThreads
     const Acc z[1] = {mul_rn(to_acc(x[tid]), scale)};
     st.template push<1>(z);
   }
@@ -637,8 +637,8 @@ __device__ __forceinline__ OnlineLSE<acc_t<T>, kEntropy> stream_row(const T* x, 
   // whose hoisted constants leave no registers for a second vector.
   constexpr int kU = sizeof(T) == 8 ? 1 : 2;
   const T* body = x + sp.head;
-  const int end = kParts ? rp->vec_end(sp.nvec) : sp.nvec;
-  int i = (kParts ? rp->vec_begin() : 0) + tid;
+  const int end = kParts ? rp.vec_end(sp.nvec) : sp.nvec;
+  int i = (kParts ? rp.vec_begin() : 0) + tid;
   for (; i + (kU - 1) * kThreads < end; i += kU * kThreads) {
     Acc z[kU * kN];
 #pragma unroll
@@ -655,7 +655,7 @@ __device__ __forceinline__ OnlineLSE<acc_t<T>, kEntropy> stream_row(const T* x, 
     st.template push<kN>(z);
   }
 
-  if ((!kParts || rp->last()) && tid < V - sp.body_end) {  // tail < kN <= kThreads
+  if ((!kParts || rp.last()) && tid < V - sp.body_end) {  // tail < kN <= kThreads
     const Acc z[1] = {mul_rn(to_acc(x[sp.body_end + tid]), scale)};
     st.template push<1>(z);
   }

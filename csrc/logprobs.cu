@@ -185,7 +185,8 @@ __global__ void __launch_bounds__(kThreads, kFwdMinBlocks<T>)
 // visible (__threadfence) and counts the part in part_arrived[row]; the block
 // that counts the row's last part merges the row's states in part order (so
 // the bits do not depend on which part finished last), reads the label's
-// logit and writes the row's outputs, then zeroes the count. Ignored and
+// logit and writes the row's outputs (the launcher zeroes the counts before
+// each launch). Ignored and
 // out-of-range rows: part 0 writes the outputs, nothing is counted.
 template <typename T, bool kEntropy>
 __global__ void __launch_bounds__(kThreads, kFwdMinBlocks<T>)
@@ -211,7 +212,7 @@ __global__ void __launch_bounds__(kThreads, kFwdMinBlocks<T>)
       continue;
     }
     const T* x = a.logits + a.layout.offset(row);
-    const State st = stream_row<kThreads, T, kEntropy, false, true>(x, V, scale, smem, &rp);
+    const State st = stream_row<kThreads, T, kEntropy, false, true>(x, V, scale, smem, rp);
     if (tid == 0) {
       Acc* mine = a.part_states + item * 3;
       mine[0] = st.m;
@@ -229,7 +230,6 @@ __global__ void __launch_bounds__(kThreads, kFwdMinBlocks<T>)
         const Acc z_label = mul_rn(to_acc(x[static_cast<int>(y)]), scale);
         const RowStats<Acc> r = row_stats(merged, z_label);
         write_row<kEntropy>(a, row, r.logprob, r.lse, r.entropy);
-        a.part_arrived[row] = 0u;
       }
     }
   }
@@ -384,14 +384,14 @@ unsigned grid_for(int64_t rows) {
 // columns against 3.22 ms (2.61 TB/s) for a block per row; 16K and 32K within
 // 1%, 4K and 64K slower.
 constexpr long long kDefaultPartCols = 8192;
-struct BwdParts {
+struct ColumnParts {
   int parts;
   int pv;
 };
 
 // Parts of `default_cols` columns, or of the number the environment variable `knob` gives.
-BwdParts column_parts(const char* knob, long long default_cols, int64_t rows, int vocab, int vec_elems) {
-  const BwdParts whole{1, RowPart{}.pv};
+ColumnParts column_parts(const char* knob, long long default_cols, int64_t rows, int vocab, int vec_elems) {
+  const ColumnParts whole{1, RowPart{}.pv};
   const char* env = std::getenv(knob);
   long long want = default_cols;
   if (env != nullptr && *env != '\0') {
@@ -410,10 +410,10 @@ BwdParts column_parts(const char* knob, long long default_cols, int64_t rows, in
   const long long nvec = (static_cast<long long>(vocab) + vec_elems - 1) / vec_elems;
   const long long parts = (nvec + pv - 1) / pv;
   if (parts <= 1 || rows > kMaxGrid / parts) return whole;
-  return BwdParts{static_cast<int>(parts), static_cast<int>(pv)};
+  return ColumnParts{static_cast<int>(parts), static_cast<int>(pv)};
 }
 
-BwdParts bwd_parts(int64_t rows, int vocab, int vec_elems) {
+ColumnParts bwd_parts(int64_t rows, int vocab, int vec_elems) {
   return column_parts("RLHF_KERNELS_BWD_PART_COLS", kDefaultPartCols, rows, vocab, vec_elems);
 }
 
@@ -421,8 +421,8 @@ BwdParts bwd_parts(int64_t rows, int vocab, int vec_elems) {
 // columns a part, rounded as the backward's (stream_row's loop takes the same step);
 // unset or 0: a block per row, the default until a GPU has timed the parts. Not for
 // double (gradcheck's dtype).
-BwdParts fwd_parts(int64_t rows, int vocab, int vec_elems) {
-  if (vec_elems < 4) return BwdParts{1, RowPart{}.pv};
+ColumnParts fwd_parts(int64_t rows, int vocab, int vec_elems) {
+  if (vec_elems < 4) return ColumnParts{1, RowPart{}.pv};
   return column_parts("RLHF_KERNELS_FWD_PART_COLS", 0, rows, vocab, vec_elems);
 }
 
@@ -509,7 +509,7 @@ void launch_bwd(const LogprobsBwdParams& p, cudaStream_t stream) {
   a.entropy = static_cast<const Acc*>(p.entropy);
   a.grad_logprobs = static_cast<const Acc*>(p.grad_logprobs);
   a.grad_entropy = static_cast<const Acc*>(p.grad_entropy);
-  const BwdParts parts = bwd_parts(p.rows, a.vocab, Vec<T>::kN);
+  const ColumnParts parts = bwd_parts(p.rows, a.vocab, Vec<T>::kN);
   a.parts = parts.parts;
   a.part_vecs = parts.pv;
   a.div_parts = FastDivU64::make(static_cast<uint64_t>(parts.parts));
@@ -567,24 +567,27 @@ void logprobs_fwd_cuda(const LogprobsFwdParams& p, void* stream) {
   }
 }
 
-void logprobs_fwd_parts_cuda(int64_t rows, int64_t vocab, int itemsize, int* parts, int* part_vecs) {
+namespace {
+// The host side of logprobs_{fwd,bwd}_parts_cuda: `cut` (fwd_parts or bwd_parts) for rows
+// of vocab `itemsize`-byte elements.
+void query_parts(gpu::ColumnParts (*cut)(int64_t, int, int), const char* what, int64_t rows, int64_t vocab,
+                 int itemsize, int* parts, int* part_vecs) {
   if (itemsize != 2 && itemsize != 4 && itemsize != 8) {
-    throw std::runtime_error("rlhf_kernels: logprobs_fwd_parts_cuda: itemsize must be 2, 4 or 8");
+    throw std::runtime_error(std::string("rlhf_kernels: ") + what + ": itemsize must be 2, 4 or 8");
   }
-  gpu::check_shape(rows, vocab, "logprobs_fwd_parts_cuda");
-  const gpu::BwdParts b = gpu::fwd_parts(rows, static_cast<int>(vocab), 16 / itemsize);
+  gpu::check_shape(rows, vocab, what);
+  const gpu::ColumnParts b = cut(rows, static_cast<int>(vocab), 16 / itemsize);
   *parts = b.parts;
   *part_vecs = b.pv;
 }
+}  // namespace
+
+void logprobs_fwd_parts_cuda(int64_t rows, int64_t vocab, int itemsize, int* parts, int* part_vecs) {
+  query_parts(&gpu::fwd_parts, "logprobs_fwd_parts_cuda", rows, vocab, itemsize, parts, part_vecs);
+}
 
 void logprobs_bwd_parts_cuda(int64_t rows, int64_t vocab, int itemsize, int* parts, int* part_vecs) {
-  if (itemsize != 2 && itemsize != 4 && itemsize != 8) {
-    throw std::runtime_error("rlhf_kernels: logprobs_bwd_parts_cuda: itemsize must be 2, 4 or 8");
-  }
-  gpu::check_shape(rows, vocab, "logprobs_bwd_parts_cuda");
-  const gpu::BwdParts b = gpu::bwd_parts(rows, static_cast<int>(vocab), 16 / itemsize);
-  *parts = b.parts;
-  *part_vecs = b.pv;
+  query_parts(&gpu::bwd_parts, "logprobs_bwd_parts_cuda", rows, vocab, itemsize, parts, part_vecs);
 }
 
 void logprobs_bwd_cuda(const LogprobsBwdParams& p, void* stream) {

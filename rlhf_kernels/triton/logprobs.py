@@ -429,7 +429,7 @@ def _logprobs_fwd_part_kernel(
     # (_logprobs_fwd_merge_kernel writes their outputs). Row and columns in int32, as the
     # backward's (the grid is below 2^31, V below 2^30).
     pid = tl.program_id(0)
-    row, part, col0 = _column_part(pid, parts, part_cols)
+    row, _, col0 = _column_part(pid, parts, part_cols)
     acc_ty = states_ptr.dtype.element_ty
     scale2 = (join_float(inv_temp_hi, inv_temp_lo, acc_ty)) * tl.full((), _LOG2E, acc_ty)
     label = tl.load(labels_ptr + row)
@@ -810,18 +810,21 @@ def logprobs_bwd(
 DEFAULT_PART_COLS = 16384
 
 
-def fwd_parts(rows: int, vocab: int, block: int) -> tuple[int, int]:
-    """(parts per row, columns per part) of the forward: RLHF_KERNELS_FWD_PART_COLS columns
-    a part (rounded up to whole tiles), a program per row when it is unset or 0 (the default
-    until a GPU has timed the parts; csrc/logprobs.cu reads the same knob), or when the rows
-    fit in one part or rows * parts would pass the grid limit. Not for float64 (gradcheck's
-    dtype)."""
-    whole = (1, cdiv(max(vocab, 1), block) * block)
-    value = os.environ.get("RLHF_KERNELS_FWD_PART_COLS", "").strip() or "0"
+def _part_cols_setting(knob: str, default: int) -> int:
+    """The columns a part that the environment variable ``knob`` asks for (``default`` when
+    unset or empty; 0 or less: whole rows)."""
+    value = os.environ.get(knob, "").strip() or str(default)
     try:
-        want = int(value)
+        return int(value)
     except ValueError:
-        raise ValueError(f"RLHF_KERNELS_FWD_PART_COLS: expected a number of columns, got {value!r}") from None
+        raise ValueError(f"{knob}: expected a number of columns, got {value!r}") from None
+
+
+def _column_parts(rows: int, vocab: int, block: int, want: int) -> tuple[int, int]:
+    """(parts per row, columns per part) for ``want`` columns a part rounded up to whole tiles
+    of ``block``; whole rows when ``want`` <= 0, a row fits in one part, or rows * parts would
+    pass the grid limit."""
+    whole = (1, cdiv(max(vocab, 1), block) * block)
     if want <= 0:
         return whole
     part_cols = cdiv(want, block) * block
@@ -829,6 +832,14 @@ def fwd_parts(rows: int, vocab: int, block: int) -> tuple[int, int]:
     if parts <= 1 or rows * parts > _MAX_GRID:
         return whole
     return parts, part_cols
+
+
+def fwd_parts(rows: int, vocab: int, block: int) -> tuple[int, int]:
+    """(parts per row, columns per part) of the forward: RLHF_KERNELS_FWD_PART_COLS columns
+    a part (:func:`_column_parts`), a program per row when it is unset or 0 (the default
+    until a GPU has timed the parts; csrc/logprobs.cu reads the same knob). Not for float64
+    (gradcheck's dtype: the launcher does not ask)."""
+    return _column_parts(rows, vocab, block, _part_cols_setting("RLHF_KERNELS_FWD_PART_COLS", 0))
 
 
 def bwd_part_cols() -> int:
@@ -837,25 +848,13 @@ def bwd_part_cols() -> int:
     write its gradient), so a row can be cut into parts; with parts, consecutive programs
     cover consecutive pieces of one row and the programs in flight read and write one region
     of memory, as a copy kernel does, instead of one stream per row in flight."""
-    value = os.environ.get("RLHF_KERNELS_BWD_PART_COLS", "").strip() or str(DEFAULT_PART_COLS)
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"RLHF_KERNELS_BWD_PART_COLS: expected a number of columns, got {value!r}") from None
+    return _part_cols_setting("RLHF_KERNELS_BWD_PART_COLS", DEFAULT_PART_COLS)
 
 
 def bwd_parts(rows: int, vocab: int, block: int) -> tuple[int, int]:
     """(parts per row, columns per part) for the backward's launch: whole rows unless
-    :func:`bwd_part_cols` asks for parts (rounded up to whole tiles) and the grid fits."""
-    whole = (1, cdiv(max(vocab, 1), block) * block)
-    want = bwd_part_cols()
-    if want <= 0:
-        return whole
-    part_cols = cdiv(want, block) * block
-    parts = cdiv(vocab, part_cols)
-    if parts <= 1 or rows * parts > _MAX_GRID:
-        return whole
-    return parts, part_cols
+    :func:`bwd_part_cols` asks for parts (:func:`_column_parts`)."""
+    return _column_parts(rows, vocab, block, bwd_part_cols())
 
 
 def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], int]]:
